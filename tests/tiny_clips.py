@@ -15,13 +15,15 @@ def astronaut_face(size: int = 256) -> np.ndarray:
 
 
 def turned(image: np.ndarray, angle_rad: float, shift_px: float = 0.0) -> np.ndarray:
-    """Fake a head turn: the homography of a camera rotating about its vertical axis, plus a shift."""
+    """Fake a head turn: the homography of a camera rotating about its vertical axis, re-centred, plus a shift."""
     H, W = image.shape[:2]
     f = 1.2 * W
     K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
     R = cv2.Rodrigues(np.array([0.0, angle_rad, 0.0]))[0]
     M = K @ R @ np.linalg.inv(K)
-    M = np.array([[1, 0, shift_px], [0, 1, 0], [0, 0, 1]]) @ M
+    c = M @ np.array([W / 2, H / 2, 1.0])
+    # Keep the picture centre in place (a turn, not a pan), then shift.
+    M = np.array([[1, 0, W / 2 - c[0] / c[2] + shift_px], [0, 1, H / 2 - c[1] / c[2]], [0, 0, 1]]) @ M
     return cv2.warpPerspective(image, M, (W, H), borderMode=cv2.BORDER_REFLECT)
 
 
