@@ -271,7 +271,10 @@ class AvatarRunner:
     view, raw, seen). The orbit for flicker renders the reference's own avatar.
     """
 
-    def __init__(self, avatar_config: Any = None, refiner: Any = None, device: str = "cpu", refine_batch: int = 8):
+    def __init__(self, avatar_config: Any = None, refiner: Any = None, device: str = "cpu", refine_batch: int = 8,
+                 seed: int = 0):
+        import inspect
+
         from models import avatar as avatar_mod  # lands with the avatar; imported only when used
 
         self._av = avatar_mod
@@ -279,29 +282,47 @@ class AvatarRunner:
         self.refiner = refiner
         self.device = device
         self.refine_batch = refine_batch
+        self.seed = seed
         self.methods = ("raw", "refined") if refiner is not None else ("raw",)
+        self._render_size_arg = "render_size" in inspect.signature(avatar_mod.build_avatar).parameters
+        self._generator = None
+        if refiner is not None:
+            params = inspect.signature(refiner.refine).parameters
+            self._takes_generator = "generator" in params
+            # A refiner trained without the seen mask refuses one (models.refiner: config.seen_mask).
+            self._use_seen = bool(getattr(getattr(refiner, "config", None), "seen_mask", True))
+
+    def _build(self, frame, obs, size, geometry=None):
+        kwargs = {"render_size": size} if self._render_size_arg else {}
+        return self._av.build_avatar(frame, obs, self.config, device=self.device, geometry=geometry, **kwargs)
 
     def framing(self, ref_frame, ref_obs, size) -> Framing:
-        avatar = self._av.build_avatar(ref_frame, ref_obs, self.config, device=self.device)
-        return AvatarFraming(avatar, size)
+        return AvatarFraming(self._build(ref_frame, ref_obs, size), size)
 
     def _refine(self, ref, views, seen):
-        """ref [3, S, S], views [N, 3, S, S], seen [N, 1, S, S] -> [N, 3, S, S], one view per sample."""
+        """ref [3, S, S], views [N, 3, S, S], seen [N, 1, S, S] -> [N, 3, S, S], one view per sample
+        (as when streaming), in chunks of refine_batch; noise from one seeded generator per run."""
         import torch
 
+        dtype = getattr(self.refiner, "dtype", views.dtype)
+        kwargs = {}
+        if self._takes_generator:
+            if self._generator is None:
+                self._generator = torch.Generator(device=views.device).manual_seed(self.seed)
+            kwargs["generator"] = self._generator
         outs = []
         for i in range(0, views.shape[0], self.refine_batch):
-            v = views[i : i + self.refine_batch]
-            r = ref[None].expand(v.shape[0], -1, -1, -1)
-            outs.append(self.refiner.refine(r, v[:, None], seen[i : i + self.refine_batch, None])[:, 0])
+            v = views[i : i + self.refine_batch].to(dtype)
+            r = ref[None].expand(v.shape[0], -1, -1, -1).to(dtype)
+            sv = seen[i : i + self.refine_batch, None].to(dtype) if self._use_seen else None
+            outs.append(self.refiner.refine(r, v[:, None], sv, **kwargs)[:, 0].float())
         return torch.cat(outs)
 
     def render(self, case: PairCase) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            reenacted = self._av.build_avatar(case.ref_frame, case.ref_obs, self.config, device=self.device,
-                                              geometry=case.tgt_obs)
+            reenacted = self._build(case.ref_frame, case.ref_obs, case.size, geometry=case.tgt_obs)
             out = self._av.render_views(reenacted, [OrbitPose()], case.size)
             result = {"raw": _hwc(out.rgb[0])}
             if self.refiner is not None:

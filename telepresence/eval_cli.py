@@ -52,7 +52,10 @@ def load_refiner(spec: str, device: str = "cpu") -> Any | None:
     if not path.exists():
         raise EvalSetupError(f"refiner weights not found at '{path}'; pass --refiner PATH or --refiner none")
     try:
-        return refiner_mod.Refiner.from_pretrained(path, device=device)
+        refiner = refiner_mod.Refiner.from_pretrained(path, device=device)
+        if hasattr(refiner, "prepare"):
+            refiner.prepare(device=device)  # eval mode, merged adapters, cached prompt
+        return refiner
     except (OSError, ValueError) as exc:
         raise EvalSetupError(f"cannot load the refiner from '{path}': {exc}") from exc
 

@@ -142,3 +142,83 @@ def test_face_box_framing_maps_pixel_centres():
     assert m.shape == (20, 20)
     np.testing.assert_allclose(m[:10], 1.0, atol=1e-6)
     np.testing.assert_allclose(m[10:], 0.0, atol=1e-6)
+
+
+class _FakeAvatar:
+    def __init__(self, image, geometry):
+        self.image, self.geometry = image, geometry
+
+    def crop(self, image, size):
+        import cv2
+        import torch
+
+        arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA)
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+    def source_view(self, size):
+        return self.crop(self.image, size)
+
+
+def _fake_avatar_module():
+    import types
+
+    import torch
+
+    mod = types.ModuleType("models.avatar")
+    mod.AvatarConfig = lambda: "config"
+    mod.calls = []
+
+    def build_avatar(image, obs, config, device="cpu", geometry=None, render_size=512):
+        mod.calls.append((config, device, geometry is not None, render_size))
+        return _FakeAvatar(image, geometry)
+
+    def render_views(avatar, poses, size):
+        rgb = avatar.source_view(size)[None].repeat(len(poses), 1, 1, 1) * 0.9
+        ones = torch.ones(len(poses), 1, size, size)
+        return types.SimpleNamespace(rgb=rgb, alpha=ones, seen=ones, depth=ones)
+
+    mod.build_avatar, mod.render_views = build_avatar, render_views
+    return mod
+
+
+class _FakeRefiner:
+    dtype = None
+    config = type("Cfg", (), {"seen_mask": False})()
+
+    def __init__(self):
+        import torch
+
+        self.dtype = torch.float32
+        self.shapes = []
+
+    def refine(self, ref, views, seen=None, generator=None):
+        assert seen is None and generator is not None  # seen_mask off; seeded noise
+        self.shapes.append((tuple(ref.shape), tuple(views.shape)))
+        return 0.5 * views + 0.5 * ref[:, None]
+
+
+def test_avatar_runner_plumbing_with_a_fake_avatar(clip_dir, monkeypatch, tmp_path):
+    import sys
+
+    from models.evaluation import AvatarRunner
+
+    fake = _fake_avatar_module()
+    monkeypatch.setitem(sys.modules, "models.avatar", fake)
+    refiner = _FakeRefiner()
+    runner = AvatarRunner(refiner=refiner, refine_batch=2)
+    assert runner.methods == ("raw", "refined")
+    config = EvalConfig(size=64, min_gap_frames=1, max_pairs_per_bin=2, identity=False, landmarks=False,
+                        flicker_yaw_deg=1.0, flicker_step_deg=0.5, index=ClipIndexConfig(mask_size=64))
+    res = evaluate([clip_dir / "astronaut_turn.mp4"], runner, config, progress=False)
+    assert res.methods == ("baseline", "raw", "refined") and res.records
+    # One avatar of the reference, then one reenacted avatar per pair, all sized for the crop.
+    assert fake.calls[0] == ("config", "cpu", False, 64)
+    assert all(c[2] and c[3] == 64 for c in fake.calls[1:]) and len(fake.calls) == 1 + len(res.records)
+    # Per pair one view per call; the orbit (5 views) in chunks of 2.
+    assert refiner.shapes[0] == ((1, 3, 64, 64), (1, 1, 3, 64, 64))
+    assert [s[1][0] for s in refiner.shapes[len(res.records):]] == [2, 2, 1]
+    rec = res.records[0]["methods"]
+    assert all(rec[m]["psnr_head"] is not None for m in res.methods)
+    assert set(res.flicker["astronaut_turn"]) == {"raw", "refined", "refined_minus_raw"}
