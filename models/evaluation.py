@@ -58,7 +58,16 @@ from models.metrics import (
     to_uint8,
 )
 from telepresence.camera import OrbitPose
-from telepresence.face import FaceAnalysisError, FaceAnalyzer, FaceConfig, FaceObservation, NoFaceError, head_region_mask
+from telepresence.face import (
+    LEFT_EYE_OUTER,
+    RIGHT_EYE_OUTER,
+    FaceAnalysisError,
+    FaceAnalyzer,
+    FaceConfig,
+    FaceObservation,
+    NoFaceError,
+    head_region_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +405,7 @@ def _score(
         rec["psnr_person"] = masked_psnr(out, target, person)
         rec["ssim_person"] = masked_ssim(out, target, person)
     if scorer.analyzer is not None and tgt_lms is not None:
-        iod = float(np.hypot(*(tgt_lms[263, :2] - tgt_lms[33, :2])))
+        iod = float(np.hypot(*(tgt_lms[LEFT_EYE_OUTER, :2] - tgt_lms[RIGHT_EYE_OUTER, :2])))
         err, lms = output_landmark_error(scorer.analyzer, out, tgt_lms, iod)
         rec["lmk_failed"] = err is None
         if scorer.config.landmarks:

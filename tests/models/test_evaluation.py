@@ -222,3 +222,17 @@ def test_avatar_runner_plumbing_with_a_fake_avatar(clip_dir, monkeypatch, tmp_pa
     rec = res.records[0]["methods"]
     assert all(rec[m]["psnr_head"] is not None for m in res.methods)
     assert set(res.flicker["astronaut_turn"]) == {"raw", "refined", "refined_minus_raw"}
+
+
+@pytest.mark.slow
+def test_real_avatar_on_the_tiny_clip(clip_dir):
+    pytest.importorskip("models.avatar", reason="the avatar lands on main later")
+    from models.evaluation import AvatarRunner
+
+    config = EvalConfig(size=64, min_gap_frames=1, max_pairs_per_bin=2, identity=False, landmarks=False,
+                        flicker_yaw_deg=1.0, flicker_step_deg=1.0, index=ClipIndexConfig(mask_size=64))
+    res = evaluate([clip_dir / "astronaut_turn.mp4"], AvatarRunner(), config, progress=False)
+    assert res.methods == ("baseline", "raw") and res.records
+    for r in res.records:
+        assert r["methods"]["raw"]["psnr_head"] > 10.0
+    assert res.flicker["astronaut_turn"]["raw"] is not None
