@@ -117,6 +117,8 @@ class EvalConfig:
     """Targets whose |yaw difference| is below this are near-duplicates, left out."""
     seed: int | None = None
     """None: deterministic evenly spread pairs; an int: random pairs from that seed."""
+    max_reference_yaw_deg: float = 20.0
+    """A clip whose most frontal frame has |yaw| above this has no near-frontal reference: skipped."""
     index: ClipIndexConfig = ClipIndexConfig()
     """How clips are analysed (stride, max frames, mask size, fov)."""
     identity: bool = True
@@ -450,6 +452,11 @@ def _evaluate_clip(
 
     name = index.name
     ref = reference_frame(index)
+    if abs(index.yaw_deg(ref)) > config.max_reference_yaw_deg:
+        raise NoFaceError(
+            f"no near-frontal reference in '{name}': its most frontal frame {ref} has yaw "
+            f"{index.yaw_deg(ref):+.1f} deg (limit {config.max_reference_yaw_deg:g})"
+        )
     chosen = pairs(index, bins=config.bins, max_per_bin=config.max_pairs_per_bin, min_gap_frames=config.min_gap_frames,
                    min_yaw_diff_deg=config.min_yaw_diff_deg, ref=ref, rng=config.seed)
     if not chosen:

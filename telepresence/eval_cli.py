@@ -79,6 +79,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="side of the scored crop pictures, pixels (default 256)")
     p.add_argument("--stride", type=int, default=1, help="analyse every k-th frame of each clip (default 1)")
     p.add_argument("--max-frames", type=int, default=None, help="analyse at most this many frames per clip")
+    p.add_argument("--max-ref-yaw", type=float, default=20.0, metavar="DEG",
+                   help="skip clips whose most frontal frame has |yaw| above DEG (default 20)")
     p.add_argument("--seed", type=int, default=None, help="random pairs from this seed (default: evenly spread, deterministic)")
     p.add_argument("--cache-dir", default=None,
                    help="clip-index cache (default $TELEPRESENCE_CACHE_DIR/clips or ~/.cache/telepresence/clips)")
@@ -113,6 +115,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             size=args.size,
             max_pairs_per_bin=args.max_pairs,
             seed=args.seed,
+            max_reference_yaw_deg=args.max_ref_yaw,
             index=ClipIndexConfig(stride=args.stride, max_frames=args.max_frames),
             identity=not args.no_identity,
             landmarks=not args.no_landmarks,

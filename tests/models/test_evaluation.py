@@ -236,3 +236,10 @@ def test_real_avatar_on_the_tiny_clip(clip_dir):
     for r in res.records:
         assert r["methods"]["raw"]["psnr_head"] > 10.0
     assert res.flicker["astronaut_turn"]["raw"] is not None
+
+
+def test_clip_without_a_near_frontal_reference_is_skipped(clip_dir):
+    config = EvalConfig(size=64, min_gap_frames=1, identity=False, landmarks=False, max_reference_yaw_deg=0.01,
+                        index=ClipIndexConfig(mask_size=64))
+    res = evaluate([clip_dir / "astronaut_turn.mp4"], CallableRunner(), config, progress=False)
+    assert not res.records and "no near-frontal reference" in res.skipped[0]["reason"]
