@@ -46,7 +46,7 @@ from telepresence.face import NUM_MESH_VERTICES, FaceObservation, face_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AvatarConfig", "Avatar", "RenderOutput", "build_avatar", "render_views", "crop_box"]
+__all__ = ["AvatarConfig", "Avatar", "RenderOutput", "build_avatar", "render_views", "render_cameras", "crop_box"]
 
 # Cranium ellipsoid in the head frame (x right, y down, z into the head; metres),
 # sized for an adult head with some hair around the canonical face model.
@@ -630,9 +630,23 @@ def render_views(avatar: Avatar, poses: Sequence[OrbitPose], size: int) -> Rende
     source saw this surface point: seen points take their projective texture, hidden
     ones the fill texture (and count as unseen in ``seen``).
     """
+    viewmats, Ks = avatar.cameras(poses, size)
+    return render_cameras(avatar, viewmats, Ks, size)
+
+
+def render_cameras(
+    avatar: Avatar,
+    viewmats: torch.Tensor,  # [V, 4, 4] world (= source camera frame) -> camera
+    Ks: torch.Tensor,  # [V, 3, 3] intrinsics for S x S pictures
+    size: int,
+) -> RenderOutput:
+    """Render the avatar at arbitrary cameras (calibrated rigs, synthetic pairs)."""
     if not 16 <= size <= 4096:
         raise ValueError(f"expected size in [16, 4096], got {size}")
-    viewmats, Ks = avatar.cameras(poses, size)
+    if viewmats.ndim != 3 or viewmats.shape[1:] != (4, 4) or Ks.shape != (viewmats.shape[0], 3, 3):
+        raise ValueError(f"expected viewmats [V, 4, 4] and Ks [V, 3, 3], got {tuple(viewmats.shape)}, {tuple(Ks.shape)}")
+    viewmats = viewmats.to(avatar.device, torch.float32)
+    Ks = Ks.to(avatar.device, torch.float32)
     V = viewmats.shape[0]
     pix = project(avatar.verts[None].expand(V, -1, -1), viewmats, Ks)  # [V, N, 3]
     frags = rasterize(pix, avatar.faces, size, size)
