@@ -7,11 +7,12 @@ Convention (used everywhere in the project, written down once here):
 * ``viewmats`` are world->camera rigid transforms [..., 4, 4]; a camera point
   is ``X_c = R @ X_w + t``. ``Ks`` are pinhole intrinsics [..., 3, 3] in pixel
   units, pixel (i, j) having its centre at (x, y) = (j + 0.5, i + 0.5).
-* An orbit camera looks at a pivot (the head centre) from distance ``dist``:
+* An orbit camera is the source camera turned rigidly about a pivot (the head
+  centre); for a pivot on the optical axis at distance d it sits at
 
-      C = pivot + dist * (sin(yaw) cos(pitch), -sin(pitch), -cos(yaw) cos(pitch))
+      C = pivot + d * (sin(yaw) cos(pitch), -sin(pitch), -cos(yaw) cos(pitch))
 
-  yaw = pitch = 0 with dist = the source distance IS the source camera.
+  and yaw = pitch = roll = 0 with dist_scale = 1 IS the source camera.
   **yaw = +30** moves the camera 30 degrees to the viewer's right (towards the
   subject's left ear): on screen the head turns towards the viewer's left and
   shows more of the subject's left cheek. **pitch = +10** raises the camera,
@@ -83,35 +84,39 @@ def intrinsics_from_fov(
 
 def orbit_viewmats(
     pivot: torch.Tensor,  # [3] world point the camera orbits (head centre)
-    dist: torch.Tensor,  # [V] camera distance to the pivot, metres
     yaw_deg: torch.Tensor,  # [V]
     pitch_deg: torch.Tensor,  # [V]
     roll_deg: torch.Tensor | None = None,  # [V]
+    dist_scale: torch.Tensor | None = None,  # [V]
 ) -> torch.Tensor:
-    """World->camera matrices [V, 4, 4] for orbit cameras looking at ``pivot``.
+    """World->camera matrices [V, 4, 4] of the source camera orbited about ``pivot``.
 
-    Camera centre C = pivot + dist * (sin y cos p, -sin p, -cos y cos p); the
-    camera's z axis points at the pivot, its x axis is horizontal (world y is
-    "down" for every camera), then the picture is rolled by ``roll``.
-    With yaw = pitch = roll = 0: R = I and C = pivot - (0, 0, dist), which is the
-    source camera (C = 0) when dist equals the pivot's source depth pivot.z and
-    pivot.xy = 0; for a pivot off the optical axis see models.avatar.
+    The source camera (centre 0, R = I) is rotated rigidly about the pivot by
+    R_orbit = Ry(-yaw) Rx(-pitch), then moved along the pivot ray by
+    ``dist_scale``:
+
+        C = pivot + dist_scale * R_orbit @ (0 - pivot),   R_w2c = Rz(roll) R_orbit^T
+
+    so yaw = pitch = roll = 0, dist_scale = 1 is exactly the source camera, and
+    the pivot keeps its pixel in every view (the head stays where it was framed).
+    For a pivot on the optical axis, C = pivot + d (sin y cos p, -sin p, -cos y cos p).
     """
     yaw = torch.deg2rad(yaw_deg)
     pitch = torch.deg2rad(pitch_deg)
     cy, sy, cp, sp = torch.cos(yaw), torch.sin(yaw), torch.cos(pitch), torch.sin(pitch)
-    # Forward (camera z) points from C to the pivot.
-    z_axis = torch.stack([-sy * cp, sp, cy * cp], dim=-1)  # [V, 3]
-    # Right (camera x) is horizontal: x = normalize(down x z) with down = (0, 1, 0).
-    x_axis = torch.stack([cy, torch.zeros_like(cy), sy], dim=-1)  # [V, 3]
-    y_axis = torch.cross(z_axis, x_axis, dim=-1)  # [V, 3]
+    zero, one = torch.zeros_like(cy), torch.ones_like(cy)
+    # R_w2c = Rx(pitch) Ry(yaw): rows are the camera axes in world coordinates.
+    Ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
+    Rx = torch.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).reshape(-1, 3, 3)
+    R = Rx @ Ry  # [V, 3, 3]
+    centre = pivot[None, :] + (R.transpose(-1, -2) @ (-pivot)[None, :, None])[..., 0]  # [V, 3]
+    if dist_scale is not None:
+        centre = pivot[None, :] + dist_scale[:, None] * (centre - pivot[None, :])
     if roll_deg is not None:
-        roll = torch.deg2rad(roll_deg)[:, None]
+        roll = torch.deg2rad(roll_deg)
         cr, sr = torch.cos(roll), torch.sin(roll)
-        # Rotating the picture clockwise by r rotates the camera axes by -r about z.
-        x_axis, y_axis = cr * x_axis - sr * y_axis, sr * x_axis + cr * y_axis
-    R = torch.stack([x_axis, y_axis, z_axis], dim=-2)  # [V, 3, 3] rows = camera axes in world
-    centre = pivot[None, :] - dist[:, None] * z_axis  # [V, 3]
+        Rz = torch.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+        R = Rz @ R
     t = -(R @ centre[..., None])[..., 0]
     viewmats = torch.zeros(R.shape[:-2] + (4, 4), dtype=R.dtype, device=R.device)
     viewmats[..., :3, :3] = R

@@ -235,10 +235,13 @@ class FaceAnalyzer:
             if config.segmentation
             else None
         )
+        self._window_mesh = None
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self._mesh.close()
+        if self._window_mesh is not None:
+            self._window_mesh.close()
         if self._seg is not None:
             self._seg.close()
 
@@ -254,18 +257,44 @@ class FaceAnalyzer:
         H, W = image.shape[:2]
         with self._lock:
             result = self._mesh.process(image)
-        faces = result.multi_face_landmarks or []
-        if not faces:
+            candidates = [(face, 0, 0, W, H) for face in (result.multi_face_landmarks or [])]
+            if not candidates and max(H, W) > 1.2 * min(H, W):
+                candidates = self._search_square_windows(image)
+        if not candidates:
             raise NoFaceError("no face found in the picture")
         best, best_area = None, -1.0
-        for face in faces:
-            pts = np.array([(p.x * W, p.y * H, p.z * W) for p in face.landmark], np.float32)
+        for face, x0, y0, w, h in candidates:
+            # Landmark coordinates are normalised to the window they were found in.
+            pts = np.array([(x0 + p.x * w, y0 + p.y * h, p.z * w) for p in face.landmark], np.float32)
             area = float(np.ptp(pts[:, 0]) * np.ptp(pts[:, 1]))
             if area > best_area:
                 best, best_area = pts, area
         if best.shape[0] != NUM_LANDMARKS:
             raise FaceAnalysisError(f"expected {NUM_LANDMARKS} landmarks, got {best.shape[0]}")
         return best
+
+    def _search_square_windows(self, image: np.ndarray) -> list:
+        """MediaPipe's detector squeezes the whole picture into a small square, so a
+        face in a tall or wide picture can be missed: look again in square windows
+        along the long side (a static-mode mesh, so video tracking is not disturbed)."""
+        H, W = image.shape[:2]
+        if self._window_mesh is None:
+            import mediapipe as mp
+
+            self._window_mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=self.config.max_faces, refine_landmarks=True,
+                min_detection_confidence=self.config.min_detection_confidence,
+            )
+        side = min(H, W)
+        long_side = max(H, W)
+        starts = sorted({int(round(s)) for s in np.linspace(0, long_side - side, 3)})
+        found = []
+        for start in starts:
+            x0, y0 = (start, 0) if W > H else (0, start)
+            window = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
+            result = self._window_mesh.process(window)
+            found += [(face, x0, y0, side, side) for face in (result.multi_face_landmarks or [])]
+        return found
 
     def person_mask(self, image: np.ndarray) -> np.ndarray:
         """Person mask [H, W] float32 in [0, 1] (hair, face, neck, shoulders)."""
