@@ -284,9 +284,10 @@ class AvatarRunner:
 
     def __init__(self, avatar_config: Any = None, refiner: Any = None, device: str = "cpu", refine_batch: int = 8,
                  seed: int = 0):
+        import importlib
         import inspect
 
-        from models import avatar as avatar_mod  # lands with the avatar; imported only when used
+        avatar_mod = importlib.import_module("models.avatar")  # imported only when used
 
         self._av = avatar_mod
         self.config = avatar_config if avatar_config is not None else avatar_mod.AvatarConfig()

@@ -30,34 +30,28 @@ def _setup_logging(verbose: int) -> None:
 
 
 def load_refiner(spec: str, device: str = "cpu") -> Any | None:
-    """--refiner value -> a loaded refiner, or None for "none".
+    """--refiner value -> a prepared refiner, or None for "none".
 
-    spec: a folder of refiner weights, "default" (models.refiner.default_refiner_path()),
-    or "none". Raises EvalSetupError with the reason when it cannot be loaded.
+    spec: a folder of refiner weights, "default" (models.shipped.default_refiner_path())
+    or "none". Unlike the demo, evaluation never falls back to raw renders
+    silently: missing weights raise EvalSetupError with the reason.
     """
     if spec == "none":
         return None
     try:
-        from models import refiner as refiner_mod
+        from models import shipped
     except ImportError as exc:
-        raise EvalSetupError(f"the refiner (models.refiner) cannot be imported: {exc}; use --refiner none") from exc
-    if spec == "default":
-        default = getattr(refiner_mod, "default_refiner_path", None)
-        if default is None:
-            raise EvalSetupError("models.refiner has no default_refiner_path() in this checkout; "
-                                 "pass --refiner PATH or --refiner none")
-        path = Path(default())
-    else:
-        path = Path(spec)
-    if not path.exists():
+        raise EvalSetupError(f"the refiner loader (models.shipped) cannot be imported: {exc}; use --refiner none") from exc
+    path = shipped.default_refiner_path() if spec == "default" else Path(spec)
+    if not Path(path).exists():
         raise EvalSetupError(f"refiner weights not found at '{path}'; pass --refiner PATH or --refiner none")
     try:
-        refiner = refiner_mod.Refiner.from_pretrained(path, device=device)
-        if hasattr(refiner, "prepare"):
-            refiner.prepare(device=device)  # eval mode, merged adapters, cached prompt
-        return refiner
-    except (OSError, ValueError) as exc:
+        refiner = shipped.load_refiner(str(path), device)
+    except (ImportError, OSError, ValueError) as exc:
         raise EvalSetupError(f"cannot load the refiner from '{path}': {exc}") from exc
+    if refiner is None:
+        raise EvalSetupError(f"no refiner could be loaded from '{path}'; pass --refiner PATH or --refiner none")
+    return refiner
 
 
 def _eval_parser() -> argparse.ArgumentParser:

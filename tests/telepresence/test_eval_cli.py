@@ -99,3 +99,10 @@ def test_timing_stats():
     s = timing_stats([1.0, 2.0, 3.0, 4.0, 100.0])
     assert s["median"] == 3.0 and s["n"] == 5 and s["p90"] == pytest.approx(61.6) and s["p95"] == pytest.approx(80.8)
     assert timing_stats([])["median"] is None
+
+
+def test_missing_refiner_weights_are_an_error_not_a_silent_fallback(clip_dir, tmp_path, capsys):
+    code = eval_main(["--clips", str(clip_dir), "--out", str(tmp_path), "--refiner", str(tmp_path / "nowhere"),
+                      "--no-cache", "-q"])
+    assert code == 2
+    assert "refiner weights not found" in capsys.readouterr().err
