@@ -242,7 +242,12 @@ def run_benchmark(
         })
         log.info("%d viewer(s): total median %.1f ms, p90 %.1f ms", n_view, med or float("nan"),
                  stats["total"]["p90"] or float("nan"))
-    return {"meta": _metadata(config), "config": asdict(config), "runs": runs}
+    meta = _metadata(config)
+    # The demo pipeline falls back to raw renders when the weights are missing: say which ran.
+    meta["refiner_loaded"] = getattr(pipeline, "refiner", None) is not None if hasattr(pipeline, "refiner") else None
+    if hasattr(pipeline, "close"):
+        pipeline.close()
+    return {"meta": meta, "config": asdict(config), "runs": runs}
 
 
 def _ms(stat: Mapping[str, Any] | None) -> str:
@@ -257,7 +262,8 @@ def bench_markdown(doc: Mapping[str, Any]) -> str:
     lines = [
         f"Per frame, milliseconds, median / p95 over {cfg['frames']} frames after {cfg['warmup']} warm-up; "
         f"{cfg['size']}x{cfg['size']} views on {meta['device']} ({meta.get('device_name')}), refiner "
-        f"`{cfg['refiner']}`, commit {meta.get('commit')}, {meta['date'][:10]}.",
+        f"`{cfg['refiner']}`{' (not loaded: raw renders)' if meta.get('refiner_loaded') is False else ''}, "
+        f"commit {meta.get('commit')}, {meta['date'][:10]}.",
         "",
         "| viewers | " + " | ".join(STAGES) + " | fps (median) |",
         "|---|" + "---|" * (len(STAGES) + 1),
