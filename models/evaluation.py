@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "METRICS",
     "EvalConfig",
+    "UnusableClipError",
     "Framing",
     "FaceBoxFraming",
     "AvatarFraming",
@@ -99,6 +100,10 @@ METRICS: dict[str, str] = {
 }
 """Per-pair metrics of every method, with what they mean (higher is better for PSNR/SSIM only)."""
 BASELINE = "baseline"
+
+
+class UnusableClipError(FaceAnalysisError):
+    """The clip has faces but yields no evaluation pair (no near-frontal reference, no target in the bins)."""
 
 
 @dataclass(frozen=True)
@@ -454,14 +459,14 @@ def _evaluate_clip(
     name = index.name
     ref = reference_frame(index)
     if abs(index.yaw_deg(ref)) > config.max_reference_yaw_deg:
-        raise NoFaceError(
+        raise UnusableClipError(
             f"no near-frontal reference in '{name}': its most frontal frame {ref} has yaw "
             f"{index.yaw_deg(ref):+.1f} deg (limit {config.max_reference_yaw_deg:g})"
         )
     chosen = pairs(index, bins=config.bins, max_per_bin=config.max_pairs_per_bin, min_gap_frames=config.min_gap_frames,
                    min_yaw_diff_deg=config.min_yaw_diff_deg, ref=ref, rng=config.seed)
     if not chosen:
-        raise NoFaceError(
+        raise UnusableClipError(
             f"no target frame of '{name}' falls in the yaw bins "
             f"(yaw range {np.nanmin(index.pose_deg[:, 0]):.1f}..{np.nanmax(index.pose_deg[:, 0]):.1f} deg)"
         )
