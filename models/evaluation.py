@@ -758,6 +758,10 @@ def results_markdown(result: EvalResult, summary: Mapping[str, Any] | None = Non
         table("id_dist_ref", "Identity distance to the reference (dlib; no mask: face crop)")
     if result.config.landmarks:
         table("lmk_err_pct", "Landmark error, % of inter-ocular distance (no mask: face mesh)")
+        L.append("The reenacted avatar takes its geometry from the target's own landmarks, so for raw/refined this "
+                 "measures how well the picture keeps that geometry (renderer, refiner), not pose prediction; "
+                 "for the baseline it measures the head motion between the two frames.")
+        L.append("")
         L.append("Face-mesh failures on the output (no face found), share of pairs:")
         L.append("")
         L.append("| method | " + " | ".join(f"{lab} deg" for lab in labels) + " | all |")
