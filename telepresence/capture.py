@@ -164,6 +164,9 @@ class VideoFileSource(FrameSource):
         self._pacer = _Pacer(self.fps)
 
     def _open(self) -> cv2.VideoCapture:
+        # FFmpeg's own messages ("moov atom not found") would precede our one-line SourceError; silence
+        # them unless the user asked for a level. OpenCV reads this variable when it opens a file.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
         capture = cv2.VideoCapture(str(self.path))
         if not capture.isOpened():
             raise SourceError(f"cannot open video file: {self.path}")

@@ -117,7 +117,10 @@ def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pa
 def _check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidFieldError(f"{name}: expected a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer literal beyond float range
+        raise InvalidFieldError(f"{name}: expected a finite number, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise InvalidFieldError(f"{name}: expected a finite number, got {value}")
     return value
