@@ -175,6 +175,7 @@ class Sender:
         self.render_loop: Optional[RenderLoop] = None
         self._tasks: set[asyncio.Task] = set()
         self._closing: set[str] = set()
+        self._closing_pcs: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     # -- lifecycle --
@@ -202,6 +203,7 @@ class Sender:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self.close_viewer(v, "sender stopping") for v in list(self.viewers)))
+        await asyncio.gather(*self._closing_pcs, return_exceptions=True)
         if self.render_loop is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.render_loop.stop)
 
@@ -271,14 +273,23 @@ class Sender:
             if self.render_loop is not None:
                 self.render_loop.remove_view(viewer_id)
             peer.track.stop()
-            try:
-                await peer.pc.close()
-            except Exception as error:
-                logger.warning("viewer %s: error while closing: %s", viewer_id, error)
+            # Shielded: aioice swallows a cancellation that lands inside pc.close() (it awaits a task it
+            # cancelled and ignores CancelledError), which would leave our caller running after Ctrl-C.
+            closing = asyncio.ensure_future(self._close_pc(peer))
+            self._closing_pcs.add(closing)
+            closing.add_done_callback(self._closing_pcs.discard)
+            await asyncio.shield(closing)
             logger.info("viewer %s: closed (%s)", viewer_id, reason)
         finally:
             self.viewers.pop(viewer_id, None)
             self._closing.discard(viewer_id)
+
+    @staticmethod
+    async def _close_pc(peer: ViewerPeer) -> None:
+        try:
+            await peer.pc.close()
+        except Exception as error:
+            logger.warning("viewer %s: error while closing: %s", peer.id, error)
 
     def _send_hello(self, peer: ViewerPeer) -> None:
         peer.send(
