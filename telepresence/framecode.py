@@ -63,11 +63,18 @@ def draw_frame_code(image: np.ndarray, stamp: int) -> None:
         image[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = 255 if bit else 0
 
 
-def read_frame_code(image: np.ndarray) -> Optional[int]:
-    """The stamp painted by draw_frame_code in image [H, W, 3] uint8, or None if none decodes."""
-    cell = cell_px(min(image.shape[:2]))
+def read_frame_code(image: np.ndarray, size: Optional[int] = None) -> Optional[int]:
+    """The stamp painted by draw_frame_code, or None if none decodes.
+
+    image: [H, W, 3] RGB or [H, W] luma (a decoded frame's Y plane; its row
+    padding is harmless), uint8. size: the picture's side, if image is only
+    a crop or padded (default: min(H, W)).
+    """
+    cell = cell_px(size if size is not None else min(image.shape[:2]))
     lo, hi = cell // 4, cell - cell // 4  # centre of each cell: codec ringing stays at the edges
-    corner = image[: ROWS * cell, : COLS * cell].astype(np.float32).mean(axis=2)
+    corner = image[: ROWS * cell, : COLS * cell].astype(np.float32)
+    if corner.ndim == 3:
+        corner = corner.mean(axis=2)
     if corner.shape != (ROWS * cell, COLS * cell):
         return None
     cells = corner.reshape(ROWS, cell, COLS, cell)[:, lo:hi, :, lo:hi].mean(axis=(1, 3))  # [ROWS, COLS]
