@@ -83,9 +83,8 @@ def start_receiver(port=0):
 
 
 def start_sender(port, *extra):
-    sender = Process(
-        "run_sender.py", "--signaling", f"ws://127.0.0.1:{port}/ws", "--source", "sample", "--name", "alice", *extra
-    )
+    name = [] if "--name" in extra else ["--name", "alice"]
+    sender = Process("run_sender.py", "--signaling", f"ws://127.0.0.1:{port}/ws", "--source", "sample", *name, *extra)
     sender.read_until(r"joined room 'demo'", timeout_s=120)  # the real pipeline may take a while to load
     return sender
 
@@ -179,6 +178,33 @@ def test_page_receives_video_orbits_and_shows_stats(page):
         page.wait_for_function("() => document.querySelector('[data-pose=\"yaw\"]').textContent === '+0°'", timeout=3000)
     finally:
         sender.stop()
+        receiver.stop()
+
+
+def test_page_shows_every_sender_with_its_own_orbit(page):
+    receiver, url, port = start_receiver()
+    senders = [start_sender(port, "--pipeline", "tests.fake_pipeline", "--name", name) for name in ("alice", "bob")]
+    try:
+        page.goto(url)
+        page.wait_for_function(
+            "() => { const tiles = [...document.querySelectorAll('.tile')];"
+            " return tiles.length === 2 && tiles.every(t => t.dataset.state === 'live'); }",
+            timeout=30000,
+        )
+        names = sorted(page.eval_on_selector_all(".tile .name", "els => els.map(e => e.textContent)"))
+        assert names == ["alice", "bob"]
+        tiles = page.locator(".tile")
+        box = tiles.nth(0).bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + box["width"] * 0.3, y, steps=8)
+        page.mouse.up()
+        yaws = page.eval_on_selector_all('[data-pose="yaw"]', "els => els.map(e => e.textContent)")
+        assert yaws[0] != "+0°" and yaws[1] == "+0°", yaws
+    finally:
+        for sender in senders:
+            sender.stop()
         receiver.stop()
 
 

@@ -1,6 +1,5 @@
 """In-process aiortc loopback: a Python viewer against a Sender with the fake pipeline."""
 
-import asyncio
 import time
 
 import numpy as np
@@ -160,3 +159,31 @@ async def test_face_lost_keeps_the_last_avatar_and_recovers():
         count = viewer.frames_received
         await wait_until(lambda: viewer.frames_received > count + 3, timeout_s=5)
         await viewer.close()
+
+
+@async_test(timeout_s=30)
+async def test_a_failing_offer_closes_that_viewer_only():
+    async with running_sender(source=still_source(), max_viewers=2) as sender:
+        good = Viewer()
+        await good.connect(sender, "good")
+        await good.next_frame(timeout_s=10)
+        for bad_sdp in ("v=0\r\nthis is not a session description\r\n", "v=0\r\n"):
+            try:
+                await sender.answer("bad", bad_sdp)
+            except Exception:
+                pass
+            else:
+                raise AssertionError("a broken offer was answered")
+            assert "bad" not in sender.viewers and sender.render_loop.view_count == 1
+        extra, spare = Viewer(), Viewer()
+        await extra.connect(sender, "extra")
+        try:
+            await spare.connect(sender, "spare")  # over max_viewers
+        except Exception as error:
+            assert type(error).__name__ == "ViewerLimitError"
+        else:
+            raise AssertionError("max_viewers not enforced")
+        count = good.frames_received
+        await wait_until(lambda: good.frames_received > count + 5, timeout_s=5)
+        for viewer in (good, extra, spare):
+            await viewer.close()

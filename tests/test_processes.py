@@ -1,12 +1,10 @@
 """The command-line processes: clear one-line errors, the demo end to end, restarts."""
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
