@@ -284,6 +284,7 @@ class Tile {
     if (this.channel) { this.channel.onclose = null; this.channel.close(); this.channel = null; }
     if (this.pc) { this.pc.close(); this.pc = null; }
     this.prevStats = null;
+    for (const el of this.element.querySelectorAll("[data-stat], [data-stage]")) el.textContent = "–";  // no stale numbers
   }
 
   destroy() {
