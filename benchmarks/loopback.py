@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from telepresence.capture import open_source  # noqa: E402
 from telepresence.framecode import WRAP, read_frame_code  # noqa: E402
 from telepresence.renderloop import PIPELINE_STAGES  # noqa: E402
-from telepresence.sender import Sender, SenderConfig, load_pipeline  # noqa: E402
+from telepresence.sender import Sender, SenderConfig, load_pipeline, parse_refiner  # noqa: E402
 from telepresence.viewer import Viewer  # noqa: E402
 
 VIEWER_YAWS_DEG = (-24.0, 24.0, -8.0, 8.0, -32.0, 32.0, -16.0, 16.0)
@@ -83,6 +83,20 @@ class FrameRecorder:
         return (len(self.arrivals) - 1) / (self.arrivals[-1] - self.arrivals[0])
 
 
+def sample_stages(sender: Sender) -> dict[str, float]:
+    """The sender's mean ms per stage over the last second, encode averaged over its viewers."""
+    _, stages = sender.render_loop.clock.summary()
+    encodes = [p.track.encode_ms for p in sender.viewers.values() if p.track.encode_ms is not None]
+    if encodes:
+        stages["encode"] = float(np.mean(encodes))
+    return stages
+
+
+def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
+    names = [name for name in ("capture", *PIPELINE_STAGES, "encode") if any(name in s for s in samples)]
+    return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
+
+
 def percentiles(values: list[float]) -> dict[str, Optional[float]]:
     if not values:
         return {"median": None, "p90": None, "n": 0}
@@ -113,12 +127,8 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view
         sender_fps: list[float] = []
         for _ in range(int(args.seconds)):
             await asyncio.sleep(1.0)
-            fps, stages = sender.render_loop.clock.summary()
-            encodes = [p.track.encode_ms for p in sender.viewers.values() if p.track.encode_ms is not None]
-            if encodes:
-                stages["encode"] = float(np.mean(encodes))
-            stage_samples.append(stages)
-            sender_fps.append(fps)
+            stage_samples.append(sample_stages(sender))
+            sender_fps.append(sender.render_loop.clock.summary()[0])
         for recorder in recorders:
             recorder.recording = False
     finally:
@@ -129,18 +139,13 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view
     latencies = [ms for r in recorders for ms in r.latencies_ms]
     fps_per_viewer = [r.fps() for r in recorders]
     frames = sum(len(r.arrivals) for r in recorders)
-    stage_names = ["capture", *PIPELINE_STAGES, "encode"]
     return {
         "viewers": n_viewers,
         "receiver": "aiortc",
         "fps_per_viewer": {"median": round(float(np.median(fps_per_viewer)), 1), "min": round(min(fps_per_viewer), 1)},
         "latency_ms": percentiles(latencies),
         "sender_fps_median": round(float(np.median(sender_fps)), 1) if sender_fps else None,
-        "stages_ms_median": {
-            name: round(float(np.median([s[name] for s in stage_samples if name in s])), 2)
-            for name in stage_names
-            if any(name in s for s in stage_samples)
-        },
+        "stages_ms_median": median_stages(stage_samples),
         "stamps_unreadable": sum(r.unreadable for r in recorders),
         "frames": frames,
     }
@@ -217,11 +222,7 @@ async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: t
             probe = asyncio.ensure_future(page.evaluate(BROWSER_PROBE_JS, args.seconds))
             while not probe.done():
                 await asyncio.sleep(1.0)
-                fps, stages = sender.render_loop.clock.summary()
-                encodes = [p.track.encode_ms for p in sender.viewers.values() if p.track.encode_ms is not None]
-                if encodes:
-                    stages["encode"] = float(np.mean(encodes))
-                stage_samples.append(stages)
+                stage_samples.append(sample_stages(sender))
             measured = probe.result()
             await browser.close()
     finally:
@@ -237,11 +238,7 @@ async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: t
         "fps_per_viewer": {"median": round(fps, 1), "min": round(fps, 1)},
         "latency_ms": percentiles(measured["latencies"]),
         "sender_fps_median": None,
-        "stages_ms_median": {
-            name: round(float(np.median([s[name] for s in stage_samples if name in s])), 2)
-            for name in ["capture", *PIPELINE_STAGES, "encode"]
-            if any(name in s for s in stage_samples)
-        },
+        "stages_ms_median": median_stages(stage_samples),
         "stamps_unreadable": measured["unreadable"],
         "frames": len(presented),
     }
@@ -305,7 +302,7 @@ def main() -> int:
     try:
         pipeline, view_pose = load_pipeline(
             SenderConfig(device=args.device, size=args.size, pipeline_module=args.pipeline,
-                         refiner=None if args.refiner.lower() == "none" else args.refiner)
+                         refiner=parse_refiner(args.refiner))
         )
     except Exception as error:
         print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline)", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Optional
 from .capture import SourceError
 from .console import configure_logging, run_until_stopped
 from .receiver import Receiver, ReceiverConfig, ReceiverError
-from .sender import PipelineUnavailableError, Sender, SenderConfig, SignalingRejectedError
+from .sender import PipelineUnavailableError, Sender, SenderConfig, SignalingRejectedError, parse_refiner
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             source=args.source,
             device=args.device,
             size=args.size,
-            refiner=None if args.refiner.lower() == "none" else args.refiner,
+            refiner=parse_refiner(args.refiner),
             pipeline_module=args.pipeline,
         )
     except ValueError as error:

@@ -482,6 +482,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_refiner(text: str) -> Optional[str]:
+    """--refiner PATH|default|none -> PipelineConfig.refiner (None: no refinement)."""
+    return None if text.lower() == "none" else text
+
+
 def config_from_args(args: argparse.Namespace) -> SenderConfig:
     return SenderConfig(
         signaling_url=args.signaling,
@@ -491,7 +496,7 @@ def config_from_args(args: argparse.Namespace) -> SenderConfig:
         source=args.source,
         device=args.device,
         size=args.size,
-        refiner=None if args.refiner.lower() == "none" else args.refiner,
+        refiner=parse_refiner(args.refiner),
         pipeline_module=args.pipeline,
         codec=args.codec,
         bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
