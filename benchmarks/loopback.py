@@ -117,7 +117,7 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view
         for i, viewer in enumerate(viewers):
             await viewer.connect(sender, f"bench{i}")
         for i, viewer in enumerate(viewers):
-            await viewer.next_frame(timeout_s=120)  # the first frame may wait for model warm-up
+            await viewer.next_frame(timeout_s=300)  # the first frame may wait for model load and compilation
             await viewer.wait_channel_open()
             viewer.set_pose(VIEWER_YAWS_DEG[i % len(VIEWER_YAWS_DEG)], 0.0, 1.0)
         await asyncio.sleep(args.warmup)
