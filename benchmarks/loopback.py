@@ -1,0 +1,344 @@
+"""End-to-end loopback benchmark: frames per second and glass-to-glass latency, 1 and 4 viewers.
+
+One process: a Sender (capture thread + pipeline worker + aiortc) and N
+in-process aiortc viewers (telepresence.viewer.Viewer) over real peer
+connections on this host. The sender paints each frame's capture time into
+the picture's corner (telepresence.framecode); each viewer reads it back from
+the decoded frame's luma plane, so
+
+    latency = t_decoded_at_viewer - t_grabbed_at_capture
+
+covers pipeline, encode, network stack, jitter buffer and decode (not the
+camera's exposure-to-grab time). aiortc's receive jitter buffer releases a
+frame only when the next frame's first packet arrives, so these in-process
+viewers add about one frame interval that a browser does not.
+
+With --browser, one more case puts headless Chromium on the real page (served
+by an in-process receiver) and reads the stamp from each presented frame in
+a requestVideoFrameCallback, against the frame's expected display time: the
+glass-to-glass figure a user sees, on this host.
+
+Warm-up frames are discarded; median and p90 over all viewers' frames are
+reported, with the sender's per-stage milliseconds and the environment
+(commit, versions, device) in a JSON file.
+
+    python benchmarks/loopback.py --device cpu --size 256 --browser         # 2-core CPU
+    python benchmarks/loopback.py --device cuda --size 512                  # GPU machine
+    python benchmarks/loopback.py --pipeline tests.fake_pipeline ...        # streaming cost alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as `python benchmarks/loopback.py`
+
+from telepresence.capture import open_source  # noqa: E402
+from telepresence.framecode import WRAP, read_frame_code  # noqa: E402
+from telepresence.renderloop import PIPELINE_STAGES  # noqa: E402
+from telepresence.sender import Sender, SenderConfig, load_pipeline, parse_refiner  # noqa: E402
+from telepresence.viewer import Viewer  # noqa: E402
+
+VIEWER_YAWS_DEG = (-24.0, 24.0, -8.0, 8.0, -32.0, 32.0, -16.0, 16.0)
+
+
+class FrameRecorder:
+    """Per viewer: arrival times and stamp latencies of decoded frames while recording."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.recording = False
+        self.arrivals: list[float] = []
+        self.latencies_ms: list[float] = []
+        self.unreadable = 0
+
+    def on_frame(self, frame: Any, t_received: float) -> None:
+        if not self.recording:
+            return
+        self.arrivals.append(t_received)
+        plane = frame.planes[0]  # yuv420p luma: no colour conversion on the hot path
+        luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)[:64, :128]
+        stamp = read_frame_code(luma, size=frame.height)
+        if stamp is None:
+            self.unreadable += 1
+            return
+        self.latencies_ms.append(float((int(t_received * 1e3) - stamp) % WRAP))
+
+    def fps(self) -> float:
+        if len(self.arrivals) < 2:
+            return 0.0
+        return (len(self.arrivals) - 1) / (self.arrivals[-1] - self.arrivals[0])
+
+
+def sample_stages(sender: Sender) -> dict[str, float]:
+    """The sender's mean ms per stage over the last second, encode averaged over its viewers."""
+    _, stages = sender.render_loop.clock.summary()
+    encodes = [p.track.encode_ms for p in sender.viewers.values() if p.track.encode_ms is not None]
+    if encodes:
+        stages["encode"] = float(np.mean(encodes))
+    return stages
+
+
+def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
+    names = [name for name in ("capture", *PIPELINE_STAGES, "encode") if any(name in s for s in samples)]
+    return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
+
+
+def percentiles(values: list[float]) -> dict[str, Optional[float]]:
+    if not values:
+        return {"median": None, "p90": None, "n": 0}
+    p50, p90 = np.percentile(values, [50, 90])
+    return {"median": round(float(p50), 1), "p90": round(float(p90), 1), "n": len(values)}
+
+
+async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
+    config = SenderConfig(
+        source=args.source, device=args.device, size=args.size, codec=args.codec,
+        pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
+    )
+    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source))
+    await sender.start()
+    recorders = [FrameRecorder(args.size) for _ in range(n_viewers)]
+    viewers = [Viewer(on_frame=recorder.on_frame) for recorder in recorders]
+    try:
+        for i, viewer in enumerate(viewers):
+            await viewer.connect(sender, f"bench{i}")
+        for i, viewer in enumerate(viewers):
+            await viewer.next_frame(timeout_s=300)  # the first frame may wait for model load and compilation
+            await viewer.wait_channel_open()
+            viewer.set_pose(VIEWER_YAWS_DEG[i % len(VIEWER_YAWS_DEG)], 0.0, 1.0)
+        await asyncio.sleep(args.warmup)
+        for recorder in recorders:
+            recorder.recording = True
+        stage_samples: list[dict[str, float]] = []
+        sender_fps: list[float] = []
+        for _ in range(int(args.seconds)):
+            await asyncio.sleep(1.0)
+            stage_samples.append(sample_stages(sender))
+            sender_fps.append(sender.render_loop.clock.summary()[0])
+        for recorder in recorders:
+            recorder.recording = False
+    finally:
+        for viewer in viewers:
+            await viewer.close()
+        await sender.stop()
+
+    latencies = [ms for r in recorders for ms in r.latencies_ms]
+    fps_per_viewer = [r.fps() for r in recorders]
+    frames = sum(len(r.arrivals) for r in recorders)
+    return {
+        "viewers": n_viewers,
+        "receiver": "aiortc",
+        "fps_per_viewer": {"median": round(float(np.median(fps_per_viewer)), 1), "min": round(min(fps_per_viewer), 1)},
+        "latency_ms": percentiles(latencies),
+        "sender_fps_median": round(float(np.median(sender_fps)), 1) if sender_fps else None,
+        "stages_ms_median": median_stages(stage_samples),
+        "stamps_unreadable": sum(r.unreadable for r in recorders),
+        "frames": frames,
+    }
+
+
+CHROMIUM_FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--autoplay-policy=no-user-gesture-required",
+]
+
+# Reads telepresence.framecode's corner stamp from each presented frame (same layout and checksum).
+BROWSER_PROBE_JS = """async (seconds) => {
+  const video = document.querySelector('.tile video');
+  const canvas = document.createElement('canvas');
+  const g = canvas.getContext('2d', { willReadFrequently: true });
+  const latencies = [], presented = [];
+  let unreadable = 0;
+  const end = performance.now() + seconds * 1000;
+  return await new Promise((resolve) => {
+    const step = (now, meta) => {
+      const cell = Math.max(4, Math.floor(Math.min(video.videoWidth, video.videoHeight) / 32));
+      const w = 7 * cell, h = 4 * cell, lo = Math.floor(cell / 4), hi = cell - Math.floor(cell / 4);
+      canvas.width = w; canvas.height = h;
+      g.drawImage(video, 0, 0, w, h, 0, 0, w, h);
+      const d = g.getImageData(0, 0, w, h).data;
+      let word = 0;
+      for (let r = 0; r < 4; r++) for (let c = 0; c < 7; c++) {
+        let sum = 0, n = 0;
+        for (let y = r * cell + lo; y < r * cell + hi; y++) for (let x = c * cell + lo; x < c * cell + hi; x++) {
+          const i = (y * w + x) * 4; sum += (d[i] + d[i + 1] + d[i + 2]) / 3; n++;
+        }
+        word = word * 2 + (sum / n > 127.5 ? 1 : 0);
+      }
+      const stamp = Math.floor(word / 16);
+      let check = 0b1010;
+      for (let s = 0; s < 24; s += 4) check ^= (stamp >> s) & 15;
+      const shown = performance.timeOrigin + (meta.expectedDisplayTime ?? now);
+      presented.push(shown);
+      if (check === word % 16) latencies.push(((Math.round(shown) - stamp) % 16777216 + 16777216) % 16777216);
+      else unreadable++;
+      if (performance.now() < end) video.requestVideoFrameCallback(step);
+      else resolve({ latencies, presented, unreadable });
+    };
+    video.requestVideoFrameCallback(step);
+  });
+}"""
+
+
+async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: type) -> dict[str, Any]:
+    from playwright.async_api import async_playwright
+
+    from telepresence.receiver import Receiver, ReceiverConfig
+
+    receiver = Receiver(ReceiverConfig(port=0, web_dir=Path(__file__).resolve().parents[1] / "web"))
+    await receiver.start()
+    config = SenderConfig(
+        signaling_url=receiver.signaling_url, source=args.source, device=args.device, size=args.size,
+        codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True,
+    )
+    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source))
+    await sender.start()
+    signaling = asyncio.ensure_future(sender.run_signaling())
+    stage_samples: list[dict[str, float]] = []
+    try:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS, headless=True)
+            page = await browser.new_page(viewport={"width": 900, "height": 900})
+            await page.goto(receiver.url)
+            await page.wait_for_function(
+                "() => { const v = document.querySelector('.tile video'); return v && v.currentTime > 0.2; }",
+                timeout=120_000,
+            )
+            await asyncio.sleep(args.warmup)
+            probe = asyncio.ensure_future(page.evaluate(BROWSER_PROBE_JS, args.seconds))
+            while not probe.done():
+                await asyncio.sleep(1.0)
+                stage_samples.append(sample_stages(sender))
+            measured = probe.result()
+            await browser.close()
+    finally:
+        signaling.cancel()
+        await asyncio.gather(signaling, return_exceptions=True)
+        await sender.stop()
+        await receiver.stop()
+    presented = measured["presented"]
+    fps = (len(presented) - 1) / ((presented[-1] - presented[0]) / 1e3) if len(presented) > 1 else 0.0
+    return {
+        "viewers": 1,
+        "receiver": "chromium",
+        "fps_per_viewer": {"median": round(fps, 1), "min": round(fps, 1)},
+        "latency_ms": percentiles(measured["latencies"]),
+        "sender_fps_median": None,
+        "stages_ms_median": median_stages(stage_samples),
+        "stamps_unreadable": measured["unreadable"],
+        "frames": len(presented),
+    }
+
+
+def git_commit() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict[str, Optional[str]]:
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "aiortc", "av", "websockets", "cv2", "mediapipe", "diffusers"):
+        try:
+            out[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def device_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        info["cpu"] = platform.processor() or None
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        except Exception as error:  # report, do not fail the benchmark over metadata
+            info["gpu"] = f"unknown ({error})"
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, choices=(256, 512), default=None, help="default: 512 on cuda, 256 on cpu")
+    parser.add_argument("--viewers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per case")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds discarded after the first frames")
+    parser.add_argument("--source", default="sample")
+    parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
+    parser.add_argument("--pipeline", default="telepresence.pipeline", help="module with Pipeline/PipelineConfig/ViewPose")
+    parser.add_argument("--refiner", default="default", help="PATH | default | none")
+    parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
+    parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/loopback_<device>_<size>.json)")
+    args = parser.parse_args()
+    args.size = args.size or (512 if args.device.startswith("cuda") else 256)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        pipeline, view_pose = load_pipeline(
+            SenderConfig(device=args.device, size=args.size, pipeline_module=args.pipeline,
+                         refiner=parse_refiner(args.refiner))
+        )
+    except Exception as error:
+        print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline)", file=sys.stderr)
+        return 1
+
+    results = []
+    for n in args.viewers:
+        print(f"running {n} viewer(s): {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
+        results.append(asyncio.run(run_case(args, n, pipeline, view_pose)))
+    if args.browser:
+        print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
+        results.append(asyncio.run(run_browser_case(args, pipeline, view_pose)))
+
+    report = {
+        "benchmark": "loopback",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **git_commit(),
+        "versions": versions(),
+        "device": device_info(args.device),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": results,
+    }
+    out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\nloopback, {args.pipeline}, {args.device}, {args.size}x{args.size}, {args.codec}")
+    print(f"{'receiver':>9} {'viewers':>7} {'fps/viewer':>11} {'latency med':>12} {'p90':>8}  stages ms (median)")
+    for r in results:
+        stages = " ".join(f"{k}={v:g}" for k, v in r["stages_ms_median"].items())
+        lat = r["latency_ms"]
+        print(f"{r['receiver']:>9} {r['viewers']:>7} {r['fps_per_viewer']['median']:>11.1f}"
+              f" {lat['median'] or float('nan'):>10.1f}ms {lat['p90'] or float('nan'):>6.1f}ms  {stages}")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

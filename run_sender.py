@@ -1,0 +1,8 @@
+"""Capture, run the pipeline and stream one view per viewer: python run_sender.py [--source sample] [--room NAME]"""
+
+import sys
+
+from telepresence.sender import main
+
+if __name__ == "__main__":
+    sys.exit(main())

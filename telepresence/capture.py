@@ -1,0 +1,298 @@
+"""Capture sources and the capture thread.
+
+A source follows OpenCV's capture model: `grab()` blocks until the next frame
+is due (a webcam's next exposure, or a file's next frame at its own frame
+rate), `retrieve()` decodes it to RGB. The capture thread stamps the moment
+`grab()` returns as the frame's capture time and hands the frame on through a
+newest-wins slot, so a slow pipeline drops camera frames instead of queueing
+them.
+
+Sources: `WebcamSource` (camera index), `VideoFileSource` (loops),
+`ImageSource` (a still, repeated at a fixed rate) and `SampleSource` (the
+embedded clip, see assets/README.md). `open_source()` parses the command-line
+spelling of each.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import importlib.resources
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from .slot import LatestSlot
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class SourceError(RuntimeError):
+    """A capture source could not be opened or read."""
+
+
+class CameraNotFoundError(SourceError):
+    """No camera answers at the requested index."""
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    """One frame as it left the capture stage."""
+
+    image: np.ndarray = field(repr=False)
+    """[H, W, 3] uint8 RGB; read-only, shared with later stages."""
+    frame_id: int
+    """Counts frames from 0 since the capture thread started."""
+    t_capture: float
+    """Wall-clock time (time.time(), seconds) at which the frame was grabbed."""
+    capture_ms: float
+    """Time spent decoding and converting this frame."""
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(f"expected a [H, W, 3] uint8 image, got {self.image.shape} {self.image.dtype}")
+
+
+class FrameSource(abc.ABC):
+    """A stream of RGB frames."""
+
+    name: str = "source"
+    fps: float = 30.0
+
+    @abc.abstractmethod
+    def grab(self) -> None:
+        """Block until the next frame is available (raises SourceError on failure)."""
+
+    @abc.abstractmethod
+    def retrieve(self) -> np.ndarray:
+        """The grabbed frame as a read-only [H, W, 3] uint8 RGB array."""
+
+    def close(self) -> None:
+        """Release the device or file."""
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Pacer:
+    """Sleeps so that successive calls are 1/fps apart; resyncs instead of bursting after a stall."""
+
+    def __init__(self, fps: float) -> None:
+        self.interval_s = 1.0 / fps
+        self._next = time.monotonic()
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if self._next > now:
+            time.sleep(self._next - now)
+            self._next += self.interval_s
+        else:
+            self._next = now + self.interval_s
+
+
+def _to_rgb(image_bgr: np.ndarray) -> np.ndarray:
+    if image_bgr.ndim == 2:
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2RGB)
+    elif image_bgr.shape[2] == 4:
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGRA2RGB)
+    else:
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    rgb.setflags(write=False)
+    return rgb
+
+
+class WebcamSource(FrameSource):
+    """A local camera by OpenCV index; the camera paces itself."""
+
+    def __init__(self, index: int = 0, width: int = 640, height: int = 480) -> None:
+        self.name = f"webcam {index}"
+        if sys.platform.startswith("linux") and not os.path.exists(f"/dev/video{index}"):
+            # Checked first so that a camera-less server gets one clear line, not OpenCV's warnings.
+            raise CameraNotFoundError(f"no camera at index {index} (/dev/video{index} does not exist)")
+        self._capture = cv2.VideoCapture(index)
+        if not self._capture.isOpened():
+            raise CameraNotFoundError(f"no camera at index {index} (OpenCV could not open it)")
+        self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+        self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+        self._capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest exposure, not a driver backlog
+        self.fps = self._capture.get(cv2.CAP_PROP_FPS) or 30.0
+
+    def grab(self) -> None:
+        if not self._capture.grab():
+            raise SourceError(f"{self.name} stopped delivering frames")
+
+    def retrieve(self) -> np.ndarray:
+        ok, image = self._capture.retrieve()
+        if not ok or image is None:
+            raise SourceError(f"{self.name} returned an empty frame")
+        return _to_rgb(image)
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+class VideoFileSource(FrameSource):
+    """A video file played at its own frame rate, looping at the end."""
+
+    def __init__(self, path: str | os.PathLike, loop: bool = True) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        self.loop = loop
+        if not self.path.is_file():
+            raise SourceError(f"no such video file: {self.path}")
+        self._capture = self._open()
+        if not self._capture.grab():
+            self._capture.release()
+            raise SourceError(f"cannot decode video file: {self.path}")
+        self._grabbed = True  # the check above already holds frame 0
+        self.fps = self._capture.get(cv2.CAP_PROP_FPS) or 25.0
+        if not 1.0 <= self.fps <= 240.0:
+            self.fps = 25.0
+        self._pacer = _Pacer(self.fps)
+
+    def _open(self) -> cv2.VideoCapture:
+        # FFmpeg's own messages ("moov atom not found") would precede our one-line SourceError; silence
+        # them unless the user asked for a level. OpenCV reads this variable when it opens a file.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            raise SourceError(f"cannot open video file: {self.path}")
+        return capture
+
+    def grab(self) -> None:
+        self._pacer.wait()
+        if self._grabbed:
+            self._grabbed = False
+            return
+        if self._capture.grab():
+            return
+        if not self.loop:
+            raise SourceError(f"{self.name} ended")
+        self._capture.release()  # reopening is more robust than seeking across containers
+        self._capture = self._open()
+        if not self._capture.grab():
+            raise SourceError(f"cannot decode video file: {self.path}")
+
+    def retrieve(self) -> np.ndarray:
+        ok, image = self._capture.retrieve()
+        if not ok or image is None:
+            raise SourceError(f"cannot decode a frame of {self.path}")
+        return _to_rgb(image)
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+class ImageSource(FrameSource):
+    """A still image, delivered `fps` times a second (the pipeline re-renders it for new poses)."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 30.0) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        self.fps = fps
+        if not self.path.is_file():
+            raise SourceError(f"no such image file: {self.path}")
+        image = cv2.imread(str(self.path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise SourceError(f"cannot decode image file: {self.path}")
+        self._image = _to_rgb(image)
+        self._pacer = _Pacer(fps)
+
+    def grab(self) -> None:
+        self._pacer.wait()
+
+    def retrieve(self) -> np.ndarray:
+        return self._image
+
+
+class SampleSource(VideoFileSource):
+    """The embedded sample clip (telepresence/assets/sample.mp4), looping."""
+
+    def __init__(self) -> None:
+        self._resources = contextlib.ExitStack()
+        resource = importlib.resources.files("telepresence").joinpath("assets/sample.mp4")
+        path = self._resources.enter_context(importlib.resources.as_file(resource))
+        super().__init__(path, loop=True)
+        self.name = "sample"
+
+    def close(self) -> None:
+        super().close()
+        self._resources.close()
+
+
+def open_source(spec: str) -> FrameSource:
+    """Open a source from its command-line spelling.
+
+    `sample`: the embedded clip. `webcam`: camera 0, or the sample with one
+    warning when there is no camera. `INDEX` (digits): that camera, an error
+    if missing. Anything else is a path: an image by its suffix, else a video.
+    """
+    if spec == "sample":
+        return SampleSource()
+    if spec == "webcam":
+        try:
+            return WebcamSource(0)
+        except CameraNotFoundError as error:
+            logger.warning("%s; using the embedded sample clip instead (--source sample)", error)
+            return SampleSource()
+    if spec.isdigit():
+        return WebcamSource(int(spec))
+    if Path(spec).suffix.lower() in IMAGE_SUFFIXES:
+        return ImageSource(spec)
+    return VideoFileSource(spec)
+
+
+class CaptureThread:
+    """Reads a source on its own thread into a newest-wins slot of CapturedFrame."""
+
+    max_consecutive_errors = 30
+
+    def __init__(self, source: FrameSource, slot: LatestSlot[CapturedFrame]) -> None:
+        self.source = source
+        self.slot = slot
+        self.error: Optional[SourceError] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        frame_id = 0
+        errors = 0
+        while not self._stop.is_set():
+            try:
+                self.source.grab()
+                t_capture = time.time()
+                t0 = time.perf_counter()
+                image = self.source.retrieve()
+                capture_ms = (time.perf_counter() - t0) * 1e3
+            except SourceError as error:
+                errors += 1
+                if errors >= self.max_consecutive_errors:
+                    self.error = error
+                    logger.error("capture stopped: %s", error)
+                    return
+                time.sleep(0.05)
+                continue
+            errors = 0
+            self.slot.put(CapturedFrame(image, frame_id, t_capture, capture_ms))
+            frame_id += 1

@@ -1,0 +1,85 @@
+"""A capture timestamp drawn into the picture, for glass-to-glass latency.
+
+The sender (with `stamp_frames`) paints the frame's capture time into the
+top-left corner of every view after refinement; whoever decodes the video on
+the same host reads it back and subtracts it from its own clock, so the
+measured delay covers capture, pipeline, encode, network, jitter buffer and
+decode without any side channel.
+
+Layout: 28 cells in a 7x4 grid of `cell = max(4, S // 32)` pixels (8 px at
+256, 16 px at 512, aligned to the codec's 8x8 blocks), row-major, most
+significant bit first, white = 1:
+
+    value    = t_capture_ms mod 2**24                 (24 bits, wraps every 4.66 h)
+    checksum = xor of value's six nibbles xor 0b1010  (4 bits; a black or white
+                                                        corner does not decode)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+VALUE_BITS = 24
+CHECK_BITS = 4
+COLS, ROWS = 7, 4
+WRAP = 1 << VALUE_BITS
+
+
+def cell_px(size: int) -> int:
+    """Cell side in pixels for an image of side `size`."""
+    return max(4, size // 32)
+
+
+def _checksum(value: int) -> int:
+    check = 0b1010
+    for shift in range(0, VALUE_BITS, 4):
+        check ^= (value >> shift) & 0xF
+    return check
+
+
+def now_stamp_ms() -> int:
+    """The current wall-clock time in ms, modulo 2**24."""
+    return int(time.time() * 1e3) % WRAP
+
+
+def stamp_age_ms(stamp: int, now_stamp: Optional[int] = None) -> int:
+    """Milliseconds from `stamp` to `now_stamp` (default: now), across the wrap."""
+    now = now_stamp if now_stamp is not None else now_stamp_ms()
+    return (now - stamp) % WRAP
+
+
+def draw_frame_code(image: np.ndarray, stamp: int) -> None:
+    """Paint `stamp` (0 <= stamp < 2**24) into the top-left corner of image [H, W, 3] uint8, in place."""
+    if not 0 <= stamp < WRAP:
+        raise ValueError(f"expected 0 <= stamp < {WRAP}, got {stamp}")
+    cell = cell_px(min(image.shape[:2]))
+    word = (stamp << CHECK_BITS) | _checksum(stamp)
+    for i in range(COLS * ROWS):
+        bit = (word >> (COLS * ROWS - 1 - i)) & 1
+        r, c = divmod(i, COLS)
+        image[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = 255 if bit else 0
+
+
+def read_frame_code(image: np.ndarray, size: Optional[int] = None) -> Optional[int]:
+    """The stamp painted by draw_frame_code, or None if none decodes.
+
+    image: [H, W, 3] RGB or [H, W] luma (a decoded frame's Y plane; its row
+    padding is harmless), uint8. size: the picture's side, if image is only
+    a crop or padded (default: min(H, W)).
+    """
+    cell = cell_px(size if size is not None else min(image.shape[:2]))
+    lo, hi = cell // 4, cell - cell // 4  # centre of each cell: codec ringing stays at the edges
+    corner = image[: ROWS * cell, : COLS * cell].astype(np.float32)
+    if corner.ndim == 3:
+        corner = corner.mean(axis=2)
+    if corner.shape != (ROWS * cell, COLS * cell):
+        return None
+    cells = corner.reshape(ROWS, cell, COLS, cell)[:, lo:hi, :, lo:hi].mean(axis=(1, 3))  # [ROWS, COLS]
+    word = 0
+    for bit in (cells.reshape(-1) > 127.5):
+        word = (word << 1) | int(bit)
+    stamp, check = word >> CHECK_BITS, word & ((1 << CHECK_BITS) - 1)
+    return stamp if _checksum(stamp) == check else None

@@ -1,0 +1,191 @@
+"""The sender's frame loop: capture thread -> one pipeline worker -> one sink per view.
+
+    capture thread --LatestSlot--> worker: pipeline.process(frame, newest pose of every view)
+                                          -> sink(view) for each view (the tracks)
+
+Newest wins at every hop: the worker takes only the newest captured frame
+and renders it at each view's newest pose, with ONE pipeline call for all
+views (one refiner batch); poses are overwritten, never queued. No asyncio
+here: sinks are called on the worker thread and must hand off themselves
+(ViewTrack.deliver does, with call_soon_threadsafe).
+
+The pipeline is duck-typed (telepresence.pipeline.Pipeline or a test double):
+`process(frame_rgb [H, W, 3] uint8, poses) -> result` with `result.views`
+(one [S, S, 3] uint8 RGB image per pose), `result.status` ("ok" |
+"face_lost" | "no_face_yet") and `result.timings_ms` (stage -> ms).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional
+
+import numpy as np
+
+from .capture import CapturedFrame, CaptureThread, FrameSource
+from .framecode import WRAP, draw_frame_code
+from .slot import LatestSlot, SlotClosedError
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_STAGES = ("landmarks", "avatar", "render", "refine")
+"""The pipeline's own stages, as named in result.timings_ms."""
+STATUS_STARTING = "starting"
+STATUS_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class RenderedView:
+    """One view of one captured frame, ready for a track."""
+
+    image: np.ndarray = field(repr=False)
+    """[S, S, 3] uint8 RGB, C-contiguous."""
+    frame_id: int
+    t_capture: float
+    """Wall-clock capture time of the source frame, seconds."""
+    status: str
+
+
+class StageClock:
+    """Per-stage milliseconds of the last `window_s` seconds; thread-safe."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self._records: collections.deque[tuple[float, dict[str, float]]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def record(self, stages_ms: dict[str, float]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._records.append((now, stages_ms))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._records and self._records[0][0] < now - self.window_s:
+            self._records.popleft()
+
+    def summary(self) -> tuple[float, dict[str, float]]:
+        """(records per second, mean ms per stage) over the window."""
+        with self._lock:
+            self._trim(time.monotonic())
+            records = [stages for _, stages in self._records]
+        means: dict[str, float] = {}
+        for name in {key for stages in records for key in stages}:
+            values = [stages[name] for stages in records if name in stages]
+            means[name] = sum(values) / len(values)
+        return len(records) / self.window_s, means
+
+
+class RenderLoop:
+    """Owns the capture thread and the pipeline worker thread."""
+
+    def __init__(
+        self,
+        source: FrameSource,
+        pipeline: Any,
+        *,
+        stamp_frames: bool = False,
+        on_status: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.stamp_frames = stamp_frames
+        self.on_status = on_status
+        self.frames: LatestSlot[CapturedFrame] = LatestSlot()
+        self.capture = CaptureThread(source, self.frames)
+        self.clock = StageClock()
+        self.status = STATUS_STARTING
+        self._views: dict[Hashable, tuple[Any, Callable[[RenderedView], None]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._errors = 0
+
+    # -- views (any thread) --
+
+    def add_view(self, view_id: Hashable, pose: Any, sink: Callable[[RenderedView], None]) -> None:
+        """Render for `view_id` at `pose` from the next frame on, handing each result to `sink`."""
+        with self._lock:
+            self._views[view_id] = (pose, sink)
+
+    def set_pose(self, view_id: Hashable, pose: Any) -> None:
+        """Replace the view's pose; the next processed frame uses it. Unknown ids are ignored."""
+        with self._lock:
+            if view_id in self._views:
+                self._views[view_id] = (pose, self._views[view_id][1])
+
+    def remove_view(self, view_id: Hashable) -> None:
+        with self._lock:
+            self._views.pop(view_id, None)
+
+    @property
+    def view_count(self) -> int:
+        with self._lock:
+            return len(self._views)
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        self.capture.start()
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.capture.stop()
+        self.frames.close()
+        if self._worker.is_alive():
+            self._worker.join(timeout=5.0)
+        self.capture.source.close()
+
+    # -- worker --
+
+    def _set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            if self.on_status is not None:
+                self.on_status(status)
+
+    def _run(self) -> None:
+        version = 0
+        while not self._stop.is_set():
+            try:
+                taken = self.frames.wait_newer(version, timeout=0.25)
+            except SlotClosedError:
+                return
+            if taken is None:
+                continue
+            version, frame = taken
+            with self._lock:
+                views = list(self._views.values())
+            if views:
+                self._process(frame, [pose for pose, _ in views], [sink for _, sink in views])
+
+    def _process(self, frame: CapturedFrame, poses: list[Any], sinks: list[Callable[[RenderedView], None]]) -> None:
+        try:
+            result = self.pipeline.process(frame.image, poses)
+            if len(result.views) != len(poses):
+                raise RuntimeError(f"pipeline returned {len(result.views)} views for {len(poses)} poses")
+            for image in result.views:
+                if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                    raise RuntimeError(f"expected [S, S, 3] uint8 views, got {image.shape} {image.dtype}")
+        except Exception:
+            self._errors += 1
+            if self._errors == 1 or self._errors % 100 == 0:
+                logger.exception("pipeline failed on frame %d (%d failures so far)", frame.frame_id, self._errors)
+            self._set_status(STATUS_ERROR)
+            return
+        self._set_status(result.status)
+        stages = {"capture": frame.capture_ms}
+        stages.update({k: float(v) for k, v in result.timings_ms.items()})
+        self.clock.record(stages)
+        stamp = int(frame.t_capture * 1e3) % WRAP
+        for image, sink in zip(result.views, sinks):
+            if self.stamp_frames:
+                image = image.copy()  # never paint into an array the pipeline may keep
+                draw_frame_code(image, stamp)
+            else:
+                image = np.ascontiguousarray(image)
+            sink(RenderedView(image, frame.frame_id, frame.t_capture, result.status))
