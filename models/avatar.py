@@ -108,6 +108,8 @@ class Avatar:
 
     verts: torch.Tensor  # [N, 3] metres, source camera frame
     faces: torch.Tensor  # [F, 3] int64
+    cull: torch.Tensor  # [F] bool: closed head surface, culled when facing away
+    skip: torch.Tensor  # [F] bool: card triangles with nothing opaque on them (not drawn)
     vattr: torch.Tensor  # [N, 10] per vertex: texture K X (3), fill texture (3), grazing, opacity, solid, head
     texture: torch.Tensor  # [1, 4, Ht, Wt] RGBA in [0, 1] (A = person mask, or 1)
     tex_span: tuple[float, float]  # (H, W) of the source picture space that vattr's texture coords address
@@ -212,7 +214,8 @@ def _to_chw(image: np.ndarray | torch.Tensor, device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Topology:
-    faces: np.ndarray  # [F, 3]
+    faces: np.ndarray  # [F, 3]; head triangles (the first n_head_faces) wound outward
+    n_head_faces: int  # face-mesh and shell triangles: a closed surface, so back faces can be culled
     n_face: int  # face-mesh vertices
     n_shell: int  # shell vertices (rings 1..K and the pole)
     n_card: int
@@ -258,8 +261,12 @@ def _topology(rings: int, card: int, far: bool) -> _Topology:
     if far:
         faces.append(_grid_faces(4, 4, base + n_card))
         n_far = 16
+    faces = np.concatenate(faces).astype(np.int64)
+    n_head_faces = len(model.triangles) + 2 * rings * J + J
+    faces[:n_head_faces] = _orient_outward(faces[:n_head_faces], n_face, ring_ids, pole, rings)
     topo = _Topology(
-        faces=np.concatenate(faces).astype(np.int64),
+        faces=faces,
+        n_head_faces=n_head_faces,
         n_face=n_face,
         n_shell=n_shell,
         n_card=n_card,
@@ -269,6 +276,22 @@ def _topology(rings: int, card: int, far: bool) -> _Topology:
     )
     _TOPOLOGY_CACHE[key] = topo
     return topo
+
+
+def _orient_outward(faces: np.ndarray, n_face: int, ring_ids: np.ndarray, pole: int, rings: int) -> np.ndarray:
+    """Wind every head triangle so that its normal (b - a) x (c - a) points away from
+    the cranium centre, judged on the canonical head (the winding is topological)."""
+    model = face_model()
+    face_head = torch.from_numpy(model.vertices)
+    stub = _Topology(np.zeros((0, 3), np.int64), 0, n_face, rings * len(ring_ids[0]) + 1, 0, 0, ring_ids, pole)
+    verts = torch.cat([face_head, _sweep_shell(face_head, stub, rings, 1.0)]).numpy().astype(np.float64)
+    tri = verts[faces]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    outward = tri.mean(1) - np.array(_CRANIUM_CENTRE)
+    flip = (normal * outward).sum(1) < 0
+    out = faces.copy()
+    out[flip] = out[flip][:, [0, 2, 1]]
+    return out
 
 
 # --------------------------------------------------------------------------- geometry
@@ -304,31 +327,10 @@ def _geometry(
     R = torch.as_tensor(obs.pose.rotation, dtype=dt, device=device)
     t = torch.as_tensor(obs.pose.translation, dtype=dt, device=device)
     face = torch.as_tensor(obs.points_cam[:NUM_MESH_VERTICES], dtype=dt, device=device)  # [468, 3]
-    # Shell: sweep each outline vertex over the ellipsoid to the back pole (head frame).
     face_head = (face - t) @ R  # R^T (X - t): [468, 3]
     c = torch.tensor(_CRANIUM_CENTRE, dtype=dt, device=device)
-    radii = torch.tensor(_CRANIUM_RADII, dtype=dt, device=device) * config.cranium_scale
-    oval = face_head[torch.as_tensor(topo.ring_ids[0], device=device)]  # [J, 3]
-    d0 = oval - c
-    r0 = d0.norm(dim=-1, keepdim=True)
-    d0 = d0 / r0
-    back = torch.tensor([0.0, 0.0, 1.0], dtype=dt, device=device)
-    omega = torch.acos((d0 @ back).clamp(-0.999, 0.999))[:, None]  # [J, 1]
-    K = config.shell_rings
-    s = torch.arange(1, K + 1, dtype=dt, device=device)[None, :] / (K + 1)  # [1, K]
-    # Spherical interpolation from the outline direction to the back direction.
-    wa = torch.sin((1 - s) * omega) / torch.sin(omega)
-    wb = torch.sin(s * omega) / torch.sin(omega)
-    u = wa[..., None] * d0[:, None, :] + wb[..., None] * back  # [J, K, 3]
-    u = u / u.norm(dim=-1, keepdim=True)
-    r_ell = 1.0 / ((u / radii).pow(2).sum(-1)).sqrt()  # [J, K]
-    blend = (s * (K + 1) / 2.5).clamp(max=1.0)  # reach the ellipsoid within ~2.5 rings
-    blend = blend * blend * (3 - 2 * blend)
-    r = r0 * (1 - blend) + r_ell * blend
-    shell = c + u * r[..., None]  # [J, K, 3]
-    shell = shell.transpose(0, 1).reshape(-1, 3)  # ring-major, matching _topology
-    pole = c + back * (1.0 / (back / radii).pow(2).sum().sqrt())
-    shell_cam = torch.cat([shell, pole[None]]) @ R.T + t  # [n_shell, 3]
+    shell = _sweep_shell(face_head, topo, config.shell_rings, config.cranium_scale)
+    shell_cam = shell @ R.T + t  # [n_shell, 3]
     if obs.mask is not None:
         shell_cam = _fit_shell_to_silhouette(shell_cam, R @ c + t, obs, device)
     # Card: a curved sheet over the crop window, depth set by the head centre and the chin.
@@ -338,6 +340,35 @@ def _geometry(
     if topo.n_far:
         parts.append(_far_vertices(obs, config, crop, pivot, device))
     return torch.cat(parts)
+
+
+def _sweep_shell(face_head: torch.Tensor, topo: "_Topology", rings: int, cranium_scale: float) -> torch.Tensor:
+    """Shell vertices [rings * J + 1, 3] in the head frame: each face-outline vertex is
+    swept along a great circle about the cranium centre to the back of the head, its
+    radius blending from the outline's to the cranium ellipsoid's within ~2.5 rings."""
+    dt, device = face_head.dtype, face_head.device
+    c = torch.tensor(_CRANIUM_CENTRE, dtype=dt, device=device)
+    radii = torch.tensor(_CRANIUM_RADII, dtype=dt, device=device) * cranium_scale
+    oval = face_head[torch.as_tensor(topo.ring_ids[0], device=device)]  # [J, 3]
+    d0 = oval - c
+    r0 = d0.norm(dim=-1, keepdim=True)
+    d0 = d0 / r0
+    back = torch.tensor([0.0, 0.0, 1.0], dtype=dt, device=device)
+    omega = torch.acos((d0 @ back).clamp(-0.999, 0.999))[:, None]  # [J, 1]
+    K = rings
+    s = torch.arange(1, K + 1, dtype=dt, device=device)[None, :] / (K + 1)  # [1, K]
+    # Spherical interpolation from the outline direction to the back direction.
+    wa = torch.sin((1 - s) * omega) / torch.sin(omega)
+    wb = torch.sin(s * omega) / torch.sin(omega)
+    u = wa[..., None] * d0[:, None, :] + wb[..., None] * back  # [J, K, 3]
+    u = u / u.norm(dim=-1, keepdim=True)
+    r_ell = 1.0 / ((u / radii).pow(2).sum(-1)).sqrt()  # [J, K]
+    blend = (s * (K + 1) / 2.5).clamp(max=1.0)
+    blend = blend * blend * (3 - 2 * blend)
+    r = r0 * (1 - blend) + r_ell * blend
+    shell = (c + u * r[..., None]).transpose(0, 1).reshape(-1, 3)  # ring-major, matching _topology
+    pole = c + back * (1.0 / (back / radii).pow(2).sum().sqrt())
+    return torch.cat([shell, pole[None]])
 
 
 def _fit_shell_to_silhouette(shell: torch.Tensor, centre: torch.Tensor, obs: FaceObservation, device) -> torch.Tensor:
@@ -493,8 +524,14 @@ def build_avatar(
     N = tex_verts.shape[0]
     Kt = torch.tensor([[f, 0, W / 2.0], [0, f, H / 2.0], [0, 0, 1]], device=device)
     tex_h = tex_verts @ Kt.T  # [N, 3]: (u w, v w, w) with w the source depth
-    vis_size = min(1024, max(config.visibility_size, round(render_size * config.card_extent)))
-    src_depth, src_depth_K = _source_depth(tex_verts, faces, Kt, crop, config.card_extent, vis_size, device)
+    cull = torch.zeros(faces.shape[0], dtype=torch.bool, device=device)
+    cull[: topo.n_head_faces] = True
+    # The depth map frames the head generously (points outside it count as seen).
+    vis_extent = min(config.card_extent, 1.35)
+    vis_size = min(1024, max(config.visibility_size, round(render_size * vis_extent)))
+    src_depth, src_depth_K = _source_depth(
+        tex_verts, faces, cull, topo.n_head_faces, Kt, crop, vis_extent, vis_size, device
+    )
     visible = _vertex_visible(tex_h, src_depth, src_depth_K)  # [N] bool
     grazing = _grazing(tex_verts, faces)  # [N] in [0, 1]
 
@@ -521,6 +558,7 @@ def build_avatar(
             t[far_ids, 0] += W * t[far_ids, 2]
         span_w = 2.0 * W
     texture = torch.from_numpy(rgba).permute(2, 0, 1)[None].to(device)
+    skip = _transparent_card_faces(texture, tex_h, fill, opacity, faces, card, (float(H), span_w), crop)
     alpha_src = obs.mask if (obs.mask is not None and config.background == "remove") else np.ones((H, W), np.float32)
     cx, cy, side = crop
     crop_K = torch.tensor(
@@ -531,6 +569,8 @@ def build_avatar(
     return Avatar(
         verts=verts,
         faces=faces,
+        cull=cull,
+        skip=skip,
         vattr=vattr,
         texture=texture,
         tex_span=(float(H), span_w),
@@ -545,19 +585,51 @@ def build_avatar(
     )
 
 
-def _source_depth(verts, faces, Kt, crop, extent: float, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth map [1, 1, S, S] of the texture-frame mesh seen from the source camera,
-    framing the card (``extent`` crop sides), +inf where empty; and A [3, 3] taking
-    source pixels (u, v, 1) to map pixels. At least as sharp as the renders, so that
-    no visible surface is mistaken for a hidden one at a silhouette."""
+def _transparent_card_faces(texture, tex_h, fill, opacity, faces, card: slice, span, crop) -> torch.Tensor:
+    """[F] bool: card triangles whose three corners see no person within about one card
+    cell (person mask max-pooled over a cell), in either texture. Drawing them would
+    only cost time: with the background removed they are fully transparent."""
+    F_ = faces.shape[0]
+    alpha = texture[:, 3:4]
+    if bool((alpha > 0.99).all()):
+        return torch.zeros(F_, dtype=torch.bool, device=faces.device)
+    H, W = span
+    small = F.adaptive_avg_pool2d(alpha, (96, max(8, round(96 * alpha.shape[-1] / alpha.shape[-2]))))
+    cell_px = crop[2] * AvatarConfig.card_extent / 8.0 * 96.0 / H  # generous: a few cells
+    k = max(3, int(cell_px) | 1)
+    reach = F.max_pool2d(small, k, stride=1, padding=k // 2)
+
+    def sample(h: torch.Tensor) -> torch.Tensor:
+        w = h[:, 2:3].clamp(min=1e-6)
+        grid = torch.cat([2 * h[:, 0:1] / w / W - 1, 2 * h[:, 1:2] / w / H - 1], -1)[None, None]
+        return F.grid_sample(reach, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0, 0]
+
+    vertex = torch.maximum(sample(tex_h), sample(fill)) * opacity  # [N]
+    empty = (vertex[faces] < 0.02).all(-1)
+    is_card = torch.zeros(F_, dtype=torch.bool, device=faces.device)
+    card_faces = (faces >= card.start).all(-1) & (faces < card.stop).all(-1)
+    is_card |= card_faces
+    return empty & is_card
+
+
+def _source_depth(verts, faces, cull, n_head_faces: int, Kt, crop, extent: float, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth map [1, 1, S, S] of the texture-frame head seen from the source camera,
+    framing the head (``extent`` crop sides), +inf where empty; and A [3, 3] taking
+    source pixels (u, v, 1) to map pixels. As sharp as the renders."""
     cx, cy, side = crop
     ext = side * extent
     s = S / ext
     A = torch.tensor([[s, 0, -s * (cx - ext / 2)], [0, s, -s * (cy - ext / 2)], [0, 0, 1]], device=device)
     pix = project(verts[None], torch.eye(4, device=device)[None], (A @ Kt)[None])
-    frags = rasterize(pix, faces, S, S)
+    # Only the head can hide anything: the card and far layer lie behind it.
+    not_head = torch.ones_like(cull)
+    not_head[:n_head_faces] = False
+    frags = rasterize(pix, faces, S, S, cull=cull, skip=not_head)
     depth = torch.where(frags.mask[0], frags.depth[0], torch.full_like(frags.depth[0], float("inf")))
-    return depth[None, None], A
+    # Max-pool 3x3: a point just beside a silhouette counts as seen (its own source pixel is
+    # right there), which keeps fill texture out of what the source camera itself shows.
+    depth = F.max_pool2d(depth[None, None], 3, stride=1, padding=1)
+    return depth, A
 
 
 def _sample_depth(src_depth: torch.Tensor, A: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -649,7 +721,7 @@ def render_cameras(
     Ks = Ks.to(avatar.device, torch.float32)
     V = viewmats.shape[0]
     pix = project(avatar.verts[None].expand(V, -1, -1), viewmats, Ks)  # [V, N, 3]
-    frags = rasterize(pix, avatar.faces, size, size)
+    frags = rasterize(pix, avatar.faces, size, size, cull=avatar.cull, skip=avatar.skip)
     vals = interpolate(avatar.vattr, avatar.faces, frags)  # [V, S, S, 10]
     covered = frags.mask
     w = vals[..., 2].clamp(min=1e-6)

@@ -31,6 +31,9 @@ class Fragments:
     face_id: torch.Tensor  # [V, H, W] int64, -1 where no triangle covers the pixel
     bary: torch.Tensor  # [V, H, W, 3] perspective-correct barycentrics (0 where empty)
     depth: torch.Tensor  # [V, H, W] camera depth z (0 where empty)
+    pixels: torch.Tensor  # [P] flat indices (view, row, col) of the covered pixels
+    winner: torch.Tensor  # [P] view * F + face of each covered pixel
+    bary_px: torch.Tensor  # [P, 3] their perspective-correct barycentrics
 
     @property
     def mask(self) -> torch.Tensor:
@@ -49,12 +52,16 @@ def rasterize(
     height: int,
     width: int,
     near: float = 1e-3,
+    cull: torch.Tensor | None = None,  # [F] bool: faces that may be culled when seen from behind
+    skip: torch.Tensor | None = None,  # [F] bool: faces not to draw at all
 ) -> Fragments:
     """Rasterize V projected copies of one mesh into V depth-tested fragment buffers.
 
     Triangles with a vertex closer than ``near`` are dropped (no clipping), as
-    are degenerate ones. Both windings are drawn (no back-face culling): the
-    depth test resolves closed surfaces.
+    are degenerate ones. Faces flagged in ``cull`` are dropped when they face
+    away: their normal (b - a) x (c - a) points away from the camera, i.e. their
+    screen-space signed area (x right, y down) is positive. Use it for closed
+    surfaces wound outward; the depth test alone would give the same picture.
     """
     if pix.ndim != 3 or pix.shape[-1] != 3:
         raise ValueError(f"expected pix [V, N, 3], got {tuple(pix.shape)}")
@@ -68,6 +75,10 @@ def rasterize(
     x, y, z = tri[..., 0], tri[..., 1], tri[..., 2]  # [V, F, 3]
     area = _edge(x[..., 0], y[..., 0], x[..., 1], y[..., 1], x[..., 2], y[..., 2])  # [V, F]
     ok = (z > near).all(-1) & (area.abs() > 1e-9) & (z < _MAX_DEPTH).all(-1)
+    if cull is not None:
+        ok &= ~(cull[None, :] & (area > 0))
+    if skip is not None:
+        ok &= ~skip[None, :]
     # Pixel columns whose centre j + 0.5 lies in [min x, max x].
     x0 = torch.ceil(x.amin(-1) - 0.5).clamp(min=0)
     x1 = torch.floor(x.amax(-1) - 0.5).clamp(max=width - 1)
@@ -88,61 +99,68 @@ def rasterize(
     # 1/z = w0 iz0 + w1 iz1 + (1 - w0 - w1) iz2
     d0, d1 = iz[..., 0] - iz[..., 2], iz[..., 1] - iz[..., 2]
     iz_a, iz_b, iz_c = w0_a * d0 + w1_a * d1, w0_b * d0 + w1_b * d1, w0_c * d0 + w1_c * d1 + iz[..., 2]
-    planes = torch.stack([w0_a, w0_b, w0_c, w1_a, w1_b, w1_c, iz_a, iz_b, iz_c], -1).reshape(-1, 9)
-    boxes = torch.stack([x0, y0, bw], -1).reshape(-1, 3).to(torch.int64)
+    planes = torch.stack([w0_a, w0_b, w0_c, w1_a, w1_b, w1_c, iz_a, iz_b, iz_c]).reshape(9, -1)  # [9, V*F]
+    # Per triangle: first pixel id of its box (view, y0, x0) and the box width.
+    view_of = torch.arange(V, device=device)[:, None].expand(V, F)
+    base = ((view_of * height + y0.to(torch.int64)) * width + x0.to(torch.int64)).reshape(-1)  # [V*F]
+    box_w = bw.reshape(-1)  # float32 [V*F]
 
     # Enumerate every pixel of every triangle's bounding box: candidate c belongs to
     # triangle tri_of[c] and is its local-th box pixel (row-major within the box).
     n_pix = torch.where(ok, bw * bh, torch.zeros_like(bw)).reshape(-1).to(torch.int64)  # [V*F]
-    total = int(n_pix.sum())  # the one host sync
-    keys = pixel_ids = None
+    total = int(n_pix.sum())  # host sync
+    zbuf = torch.full((V * height * width,), _EMPTY, dtype=torch.int64, device=device)
     if total > 0:
         ids_all = torch.arange(V * F, device=device)
         tri_of = torch.repeat_interleave(ids_all, n_pix, output_size=total)  # [M]
         first = torch.cumsum(n_pix, 0) - n_pix
-        local = torch.arange(total, device=device) - first.index_select(0, tri_of)
-        box = boxes.index_select(0, tri_of)  # [M, 3]
-        row = torch.div(local, box[:, 2], rounding_mode="floor")
-        px = box[:, 0] + (local - row * box[:, 2])
-        py = box[:, 1] + row
-        pl = planes.index_select(0, tri_of)  # [M, 9]
-        cx, cy = px.to(torch.float32) + 0.5, py.to(torch.float32) + 0.5
-        w0 = pl[:, 0] * cx + pl[:, 1] * cy + pl[:, 2]
-        w1 = pl[:, 3] * cx + pl[:, 4] * cy + pl[:, 5]
-        inv_z = pl[:, 6] * cx + pl[:, 7] * cy + pl[:, 8]
+        local = (torch.arange(total, device=device) - first.index_select(0, tri_of)).to(torch.float32)
+        # Row and column inside the box; float32 division is exact here (box area < 2**24).
+        w_c = box_w.index_select(0, tri_of)
+        row = torch.floor((local + 0.5) / w_c)
+        col = local - row * w_c
+        pl = planes.index_select(1, tri_of)  # [9, M], rows contiguous
+        x0c = x0.reshape(-1).index_select(0, tri_of)
+        y0c = y0.reshape(-1).index_select(0, tri_of)
+        cx = x0c.add_(col).add_(0.5)
+        cy = y0c.add_(row).add_(0.5)
+        w0 = torch.addcmul(pl[2], pl[0], cx).addcmul_(pl[1], cy)
+        w1 = torch.addcmul(pl[5], pl[3], cx).addcmul_(pl[4], cy)
+        inv_z = torch.addcmul(pl[8], pl[6], cx).addcmul_(pl[7], cy)
         inside = (w0 >= 0) & (w1 >= 0) & (w0 + w1 <= 1.0 + 1e-6)
-        depth = 1.0 / inv_z.clamp(min=1.0 / _MAX_DEPTH)
-        key = ((depth * _DEPTH_SCALE).to(torch.int64) << 32) | tri_of
-        keys = torch.where(inside, key, torch.full_like(key, _EMPTY))
-        view = torch.div(tri_of, F, rounding_mode="floor")
-        pixel_ids = view * (height * width) + py * width + px
-
-    zbuf = torch.full((V * height * width,), _EMPTY, dtype=torch.int64, device=device)
-    if keys is not None:
+        qdepth = (inv_z.clamp_(min=1.0 / _MAX_DEPTH).reciprocal_().mul_(_DEPTH_SCALE)).to(torch.int64)
+        keys = torch.where(inside, (qdepth << 32) | tri_of, torch.full_like(tri_of, _EMPTY))
+        pixel_ids = base.index_select(0, tri_of) + (row * width + col).to(torch.int64)
         zbuf.scatter_reduce_(0, pixel_ids, keys, reduce="amin", include_self=True)
-    covered = zbuf != _EMPTY
-    flat_face = torch.where(covered, zbuf & 0xFFFFFFFF, torch.zeros_like(zbuf))  # view * F + face
-    # Per-pixel barycentrics from the winning face's planes.
-    H, W = height, width
-    jj = torch.arange(W, device=device, dtype=torch.float32) + 0.5
-    ii = torch.arange(H, device=device, dtype=torch.float32) + 0.5
-    cx = jj[None, None, :].expand(V, H, W).reshape(-1)
-    cy = ii[None, :, None].expand(V, H, W).reshape(-1)
-    pl = planes.index_select(0, flat_face)  # [V*H*W, 9]
-    izc = iz.reshape(-1, 3).index_select(0, flat_face)  # [V*H*W, 3]
-    b0 = (pl[:, 0] * cx + pl[:, 1] * cy + pl[:, 2]).clamp(0, 1)
-    b1 = (pl[:, 3] * cx + pl[:, 4] * cy + pl[:, 5]).clamp(0, 1)
-    b2 = (1.0 - b0 - b1).clamp(min=0)
+
+    # Resolve the covered pixels only: barycentrics from the winning face's planes.
+    pixels = (zbuf != _EMPTY).nonzero()[:, 0]  # [P] flat (view, row, col)
+    winner = zbuf.index_select(0, pixels) & 0xFFFFFFFF  # [P] view * F + face
+    pix32 = pixels.to(torch.int32)
+    col = (pix32 % width).to(torch.float32) + 0.5
+    row = ((pix32 // width) % height).to(torch.float32) + 0.5
+    pl = planes.index_select(1, winner)  # [9, P]
+    b0 = torch.addcmul(pl[2], pl[0], col).addcmul_(pl[1], row).clamp_(0, 1)
+    b1 = torch.addcmul(pl[5], pl[3], col).addcmul_(pl[4], row).clamp_(0, 1)
+    b2 = (1.0 - b0 - b1).clamp_(min=0)
     # Perspective-correct: weight each screen barycentric by that corner's 1/z.
-    persp = torch.stack([b0, b1, b2], -1) * izc
-    inv_z = persp.sum(-1, keepdim=True).clamp(min=1e-12)
-    bary = torch.where(covered[:, None], persp / inv_z, torch.zeros_like(persp))
-    depth = torch.where(covered, 1.0 / inv_z[:, 0], torch.zeros_like(inv_z[:, 0]))
-    face_id = torch.where(covered, flat_face % F, torch.full_like(flat_face, -1))
+    persp = torch.stack([b0, b1, b2], -1) * iz.reshape(-1, 3).index_select(0, winner)  # [P, 3]
+    inv_zp = persp.sum(-1, keepdim=True).clamp_(min=1e-12)
+    bary_p = persp / inv_zp
+    n = V * height * width
+    face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
+    face_id[pixels] = (winner.to(torch.int32) % F).to(torch.int64)
+    bary = torch.zeros((n, 3), dtype=torch.float32, device=device)
+    bary[pixels] = bary_p
+    depth = torch.zeros((n,), dtype=torch.float32, device=device)
+    depth[pixels] = 1.0 / inv_zp[:, 0]
     return Fragments(
-        face_id=face_id.reshape(V, H, W),
-        bary=bary.reshape(V, H, W, 3),
-        depth=depth.reshape(V, H, W),
+        face_id=face_id.reshape(V, height, width),
+        bary=bary.reshape(V, height, width, 3),
+        depth=depth.reshape(V, height, width),
+        pixels=pixels,
+        winner=winner,
+        bary_px=bary_p,
     )
 
 
@@ -157,9 +175,12 @@ def interpolate(
         attrs = attrs[None].expand(V, -1, -1)
     if attrs.ndim != 3 or attrs.shape[0] != V:
         raise ValueError(f"expected attrs [V={V}, N, C] or [N, C], got {tuple(attrs.shape)}")
-    fid = frags.face_id.clamp(min=0).reshape(V, -1)  # [V, P]
-    corner = faces[fid]  # [V, P, 3]
-    C = attrs.shape[-1]
-    vals = torch.gather(attrs, 1, corner.reshape(V, -1, 1).expand(-1, -1, C)).reshape(V, -1, 3, C)
-    out = (vals * frags.bary.reshape(V, -1, 3, 1)).sum(2)
+    N, C = attrs.shape[1], attrs.shape[2]
+    # Covered pixels only: corner vertex rows in the flattened [V * N, C] table.
+    F = faces.shape[0]
+    w32 = frags.winner.to(torch.int32)
+    corner = faces.index_select(0, (w32 % F).long()) + ((w32 // F).long() * N)[:, None]  # [P, 3]
+    vals = attrs.reshape(V * N, C).index_select(0, corner.reshape(-1)).reshape(-1, 3, C)
+    out = torch.zeros((V * H * W, C), dtype=attrs.dtype, device=attrs.device)
+    out[frags.pixels] = (vals * frags.bary_px[:, :, None].to(attrs.dtype)).sum(1)
     return out.reshape(V, H, W, C)

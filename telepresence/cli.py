@@ -61,7 +61,13 @@ def _run_external(target: str, argv: list[str]) -> int:
     return int(getattr(importlib.import_module(module), func)(argv) or 0)
 
 
-EXTERNAL_COMMANDS: list[tuple[str, str, str]] = []
+EXTERNAL_COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "loopback demo: receiver + sender on the embedded sample; prints the URL", "telepresence.demo:main"),
+    ("send", "capture, run the pipeline and stream to the viewers of a room", "telepresence.sender:main"),
+    ("receive", "serve the viewer page and the signaling endpoint", "telepresence.receiver:main"),
+    ("eval", "score raw and refined novel views on a folder of real clips", "telepresence.eval_cli:eval_main"),
+    ("bench", "per-stage pipeline timing (landmarks, avatar, render, refine, encode)", "telepresence.eval_cli:bench_main"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,14 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # External subcommands parse their own arguments (their --help included).
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    rest = argv[1:] if verbose else argv
+    for name, _, target in EXTERNAL_COMMANDS:
+        if rest and rest[0] == name:
+            _configure_logging(verbose)
+            try:
+                return _run_external(target, rest[1:])
+            except FaceAnalysisError as exc:
+                print(f"telepresence {name}: {exc}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except FaceAnalysisError as exc:

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import http
 import logging
+import os
 import mimetypes
 import urllib.parse
 from dataclasses import dataclass, field
@@ -53,6 +54,18 @@ class ReceiverError(RuntimeError):
     """The receiver cannot start (port taken, web directory missing)."""
 
 
+def default_web_dir() -> Path:
+    """$TELEPRESENCE_WEB_DIR, else ./web, else the web/ folder of this checkout
+    (the project is installed in editable mode from its repository)."""
+    env = os.environ.get("TELEPRESENCE_WEB_DIR")
+    if env:
+        return Path(env)
+    here = Path("web")
+    if (here / "index.html").is_file():
+        return here
+    return Path(__file__).resolve().parents[1] / "web"
+
+
 @dataclass(frozen=True)
 class ReceiverConfig:
     """Everything run_receiver.py's flags set."""
@@ -65,7 +78,7 @@ class ReceiverConfig:
     """Shared token required to join rooms; None: open."""
     room: str = "demo"
     """Room named in the printed URL."""
-    web_dir: Path = Path("web")
+    web_dir: Path = field(default_factory=lambda: default_web_dir())
     """The page's files (index.html, app.js, style.css)."""
     limits: RoomLimits = RoomLimits()
     ice: IceConfig = IceConfig()
@@ -186,7 +199,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
     parser.add_argument("--token", default=None, help="shared token required to join rooms")
     parser.add_argument("--room", default=ReceiverConfig.room, help="room named in the printed URL")
-    parser.add_argument("--web-dir", type=Path, default=ReceiverConfig.web_dir)
+    parser.add_argument("--web-dir", type=Path, default=None, help="the page files (default: ./web or this checkout's web/)")
     parser.add_argument("--max-viewers", type=int, default=RoomLimits.max_viewers_per_room, help="browsers per room")
     parser.add_argument("--max-senders", type=int, default=RoomLimits.max_senders_per_room, help="senders per room")
     parser.add_argument("--max-per-ip", type=int, default=RoomLimits.max_connections_per_ip, help="sockets per IP")
@@ -203,7 +216,7 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
         port=args.port,
         token=args.token,
         room=args.room,
-        web_dir=args.web_dir,
+        web_dir=args.web_dir if args.web_dir is not None else default_web_dir(),
         limits=RoomLimits(
             max_viewers_per_room=args.max_viewers,
             max_senders_per_room=args.max_senders,

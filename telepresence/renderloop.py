@@ -57,11 +57,13 @@ class StageClock:
         self.window_s = window_s
         self._records: collections.deque[tuple[float, dict[str, float]]] = collections.deque()
         self._lock = threading.Lock()
+        self._last: Optional[dict[str, float]] = None
 
     def record(self, stages_ms: dict[str, float]) -> None:
         now = time.monotonic()
         with self._lock:
             self._records.append((now, stages_ms))
+            self._last = stages_ms
             self._trim(now)
 
     def _trim(self, now: float) -> None:
@@ -73,11 +75,15 @@ class StageClock:
         with self._lock:
             self._trim(time.monotonic())
             records = [stages for _, stages in self._records]
+            last = self._last
+        rate = len(records) / self.window_s
+        # A pipeline slower than the window still reports its latest stage times.
+        records = records or ([last] if last is not None else [])
         means: dict[str, float] = {}
         for name in {key for stages in records for key in stages}:
             values = [stages[name] for stages in records if name in stages]
             means[name] = sum(values) / len(values)
-        return len(records) / self.window_s, means
+        return rate, means
 
 
 class RenderLoop:
