@@ -50,8 +50,8 @@ __all__ = ["AvatarConfig", "Avatar", "RenderOutput", "build_avatar", "render_vie
 
 # Cranium ellipsoid in the head frame (x right, y down, z into the head; metres),
 # sized for an adult head with some hair around the canonical face model.
-_CRANIUM_CENTRE = (0.0, -0.02, 0.045)
-_CRANIUM_RADII = (0.082, 0.112, 0.100)
+_CRANIUM_CENTRE = (0.0, -0.02, 0.025)
+_CRANIUM_RADII = (0.088, 0.115, 0.120)
 # Landmark ids: forehead top and chin on the face outline.
 _FOREHEAD, _CHIN = 10, 152
 
@@ -110,10 +110,10 @@ class Avatar:
     faces: torch.Tensor  # [F, 3] int64
     cull: torch.Tensor  # [F] bool: closed head surface, culled when facing away
     skip: torch.Tensor  # [F] bool: card triangles with nothing opaque on them (not drawn)
-    vattr: torch.Tensor  # [N, 10] per vertex: texture K X (3), fill texture (3), grazing, opacity, solid, head
+    vattr: torch.Tensor  # [N, 11] per vertex: texture K X (3), fill texture (3), grazing, opacity, solid, head, rim
     texture: torch.Tensor  # [1, 4, Ht, Wt] RGBA in [0, 1] (A = person mask, or 1)
     tex_span: tuple[float, float]  # (H, W) of the source picture space that vattr's texture coords address
-    src_depth: torch.Tensor  # [1, 1, Sv, Sv] source-view depth (min-pooled), +inf where empty
+    src_depth: torch.Tensor  # [1, 2, Sv, Sv] source-view depth of the head (sharp, max-pooled), +inf where empty
     src_depth_K: torch.Tensor  # [3, 3] maps source pixels (u, v, 1) to src_depth pixels
     pivot: torch.Tensor  # [3] head centre: orbit cameras turn about it
     crop_K: torch.Tensor  # [3, 3] intrinsics of the crop camera for a crop of side 1
@@ -332,7 +332,10 @@ def _geometry(
     shell = _sweep_shell(face_head, topo, config.shell_rings, config.cranium_scale)
     shell_cam = shell @ R.T + t  # [n_shell, 3]
     if obs.mask is not None:
-        shell_cam = _fit_shell_to_silhouette(shell_cam, R @ c + t, obs, device)
+        # The rim (first three rings) keeps its shape: it is solid and filled where the
+        # source shows no person (see render_cameras); the rest fits the silhouette.
+        J = topo.ring_ids.shape[1]
+        shell_cam = torch.cat([shell_cam[: 3 * J], _fit_shell_to_silhouette(shell_cam[3 * J :], R @ c + t, obs, device)])
     # Card: a curved sheet over the crop window, depth set by the head centre and the chin.
     pivot = torch.as_tensor(_pivot_cam(obs), dtype=dt, device=device)
     card = _card_vertices(obs, config, crop, pivot, device)
@@ -426,7 +429,7 @@ def _card_vertices(obs, config, crop, pivot, device) -> torch.Tensor:
     rel = (v - chin_v) / face_h  # face heights below the chin
     # Backdrop well behind the head centre above the chin; neck and chest come forward below it.
     knots_x = torch.tensor([-0.3, 0.05, 0.35, 1.2], device=device)
-    knots_y = torch.tensor([0.06, -0.015, -0.03, -0.05], device=device)
+    knots_y = torch.tensor([0.02, -0.015, -0.03, -0.05], device=device)
     delta = _interp(rel, knots_x, knots_y)
     lateral = (u - (f * float(pivot[0]) / zc + W / 2.0)) / f * zc  # metres from the head centre
     z = zc + delta + 1.2 * lateral.pow(2)
@@ -526,13 +529,19 @@ def build_avatar(
     tex_h = tex_verts @ Kt.T  # [N, 3]: (u w, v w, w) with w the source depth
     cull = torch.zeros(faces.shape[0], dtype=torch.bool, device=device)
     cull[: topo.n_head_faces] = True
+    # The first shell rings may fold under the face outline (the cranium is narrower than
+    # the cheeks): draw them from both sides so a turned head shows no seam.
+    n_tri = len(face_model().triangles)
+    J = topo.ring_ids.shape[1]
+    cull[n_tri : n_tri + 2 * 2 * J] = False
     # The depth map frames the head generously (points outside it count as seen).
     vis_extent = min(config.card_extent, 1.35)
     vis_size = min(1024, max(config.visibility_size, round(render_size * vis_extent)))
     src_depth, src_depth_K = _source_depth(
         tex_verts, faces, cull, topo.n_head_faces, Kt, crop, vis_extent, vis_size, device
     )
-    visible = _vertex_visible(tex_h, src_depth, src_depth_K)  # [N] bool
+    card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
+    visible = _vertex_visible(tex_h, src_depth, src_depth_K, card)  # [N] bool
     grazing = _grazing(tex_verts, faces)  # [N] in [0, 1]
 
     # Fill texture for what the source did not see (used per pixel where hidden).
@@ -542,7 +551,10 @@ def build_avatar(
     solid[: topo.n_face] = 1.0
     head = torch.zeros(N, device=device)
     head[: topo.n_face + topo.n_shell] = 1.0
-    card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
+    # The rim (shell rings 1-3: sides of the head, ears) is solid: where its source pixel is
+    # not the person (the cranium is only a guess there), it takes the fill texture.
+    rim = torch.zeros(N, device=device)
+    rim[torch.as_tensor(topo.ring_ids[1:4], device=device).reshape(-1)] = 1.0
     _fill_shell(fill, visible, topo, device)
     _fill_card(fill, opacity, visible, card, config.card_grid, device)
 
@@ -565,7 +577,7 @@ def build_avatar(
         [[f / side, 0, (W / 2.0 - cx) / side + 0.5], [0, f / side, (H / 2.0 - cy) / side + 0.5], [0, 0, 1]],
         device=device,
     )
-    vattr = torch.cat([tex_h, fill, torch.stack([grazing, opacity, solid, head], -1)], -1)
+    vattr = torch.cat([tex_h, fill, torch.stack([grazing, opacity, solid, head, rim], -1)], -1)
     return Avatar(
         verts=verts,
         faces=faces,
@@ -626,19 +638,27 @@ def _source_depth(verts, faces, cull, n_head_faces: int, Kt, crop, extent: float
     not_head[:n_head_faces] = False
     frags = rasterize(pix, faces, S, S, cull=cull, skip=not_head)
     depth = torch.where(frags.mask[0], frags.depth[0], torch.full_like(frags.depth[0], float("inf")))
-    # Max-pool 3x3: a point just beside a silhouette counts as seen (its own source pixel is
-    # right there), which keeps fill texture out of what the source camera itself shows.
-    depth = F.max_pool2d(depth[None, None], 3, stride=1, padding=1)
-    return depth, A
+    # Channel 1, max-pooled 3x3, is for the card: a card point just beside the head's
+    # silhouette counts as seen (its own source pixel is right there), which keeps fill
+    # texture out of what the source camera itself shows. The head keeps the sharp map
+    # (channel 0): its rim folds under the face outline and must stay hidden there.
+    depth = depth[None, None]
+    return torch.cat([depth, F.max_pool2d(depth, 3, stride=1, padding=1)], 1), A
 
 
-def _sample_depth(src_depth: torch.Tensor, A: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Nearest source-depth lookup at source pixels (u, v) (any shape); +inf outside the map."""
+def _sample_depth(
+    src_depth: torch.Tensor, A: torch.Tensor, u: torch.Tensor, v: torch.Tensor, pooled: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Nearest source-depth lookup at source pixels (u, v) (any shape); +inf outside the map.
+    pooled: bool like u, True where the max-pooled map applies (card points)."""
     S = src_depth.shape[-1]
-    mx = (A[0, 0] * u + A[0, 2]).floor().long()
-    my = (A[1, 1] * v + A[1, 2]).floor().long()
+    mx = (A[0, 0] * u + A[0, 2]).floor().long().clamp(-1, S)
+    my = (A[1, 1] * v + A[1, 2]).floor().long().clamp(-1, S)
     inside = (mx >= 0) & (mx < S) & (my >= 0) & (my < S)
-    d = src_depth[0, 0][my.clamp(0, S - 1), mx.clamp(0, S - 1)]
+    flat = my.clamp(0, S - 1) * S + mx.clamp(0, S - 1)
+    if pooled is not None:
+        flat = flat + pooled.long() * (S * S)
+    d = src_depth.reshape(-1)[flat]
     return torch.where(inside, d, torch.full_like(d, float("inf")))
 
 
@@ -647,9 +667,11 @@ def _occluded(z_src: torch.Tensor, depth_at: torch.Tensor) -> torch.Tensor:
     return z_src > depth_at * 1.015 + 2e-3
 
 
-def _vertex_visible(tex_h, src_depth, A) -> torch.Tensor:
+def _vertex_visible(tex_h, src_depth, A, card: slice) -> torch.Tensor:
     w = tex_h[:, 2].clamp(min=1e-6)
-    return ~_occluded(w, _sample_depth(src_depth, A, tex_h[:, 0] / w, tex_h[:, 1] / w))
+    pooled = torch.zeros(len(tex_h), dtype=torch.bool, device=tex_h.device)
+    pooled[card] = True
+    return ~_occluded(w, _sample_depth(src_depth, A, tex_h[:, 0] / w, tex_h[:, 1] / w, pooled))
 
 
 def _grazing(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -726,19 +748,21 @@ def render_cameras(
     covered = frags.mask
     w = vals[..., 2].clamp(min=1e-6)
     u, v = vals[..., 0] / w, vals[..., 1] / w
-    hidden = _occluded(w, _sample_depth(avatar.src_depth, avatar.src_depth_K, u, v))
+    head = vals[..., 9]
+    hidden = _occluded(w, _sample_depth(avatar.src_depth, avatar.src_depth_K, u, v, pooled=head < 0.5))
     fw = vals[..., 5].clamp(min=1e-6)
-    u = torch.where(hidden, vals[..., 3] / fw, u)
-    v = torch.where(hidden, vals[..., 4] / fw, v)
     Ht, Wt = avatar.tex_span
-    grid = torch.stack([2 * u / Wt - 1, 2 * v / Ht - 1], -1)  # [V, S, S, 2]
-    tex = F.grid_sample(
-        avatar.texture.expand(V, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )  # [V, 4, S, S]
-    grazing, opacity, solid, head = vals[..., 6], vals[..., 7], vals[..., 8], vals[..., 9]
-    in_pic = (grid.abs() <= 1).all(-1)
-    # Hidden head surface is solid; seen surface takes the person mask as alpha.
-    solid = torch.maximum(solid, hidden.float() * head)
+    grid = torch.stack([2 * u / Wt - 1, 2 * v / Ht - 1], -1)  # [V, S, S, 2] projective texture
+    grid_fill = torch.stack([2 * vals[..., 3] / fw / Wt - 1, 2 * vals[..., 4] / fw / Ht - 1], -1)
+    texture = avatar.texture.expand(V, -1, -1, -1)
+    tex_p = F.grid_sample(texture, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    tex_f = F.grid_sample(texture, grid_fill, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grazing, opacity, solid, rim = vals[..., 6], vals[..., 7], vals[..., 8], vals[..., 10]
+    use_fill = hidden | ((rim > 0.5) & (tex_p[:, 3] < 0.5))
+    tex = torch.where(use_fill[:, None], tex_f, tex_p)  # [V, 4, S, S]
+    in_pic = (torch.where(use_fill[..., None], grid_fill, grid).abs() <= 1).all(-1)
+    # Hidden head surface and a filled rim are solid; seen surface takes the person mask as alpha.
+    solid = torch.maximum(solid, (use_fill & (head > 0.5)).float())
     alpha = (torch.maximum(tex[:, 3], solid) * opacity * covered * in_pic)[:, None].clamp(0, 1)
     bg = torch.tensor(avatar.config.bg_color, device=avatar.device, dtype=torch.float32)[None, :, None, None]
     rgb = tex[:, :3] * alpha + bg * (1 - alpha)
