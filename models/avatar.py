@@ -102,6 +102,12 @@ class RenderOutput:
     seen: torch.Tensor  # [V, 1, S, S] in [0, 1]: 1 where the texture was visible in the source
 
 
+@dataclass(frozen=True)
+class _Host:
+    crop_K: torch.Tensor  # [3, 3] CPU
+    pivot: torch.Tensor  # [3] CPU
+
+
 @dataclass
 class Avatar:
     """A textured head mesh in the source camera frame (tensors on one device)."""
@@ -121,14 +127,16 @@ class Avatar:
     source_alpha: torch.Tensor  # [1, h, w] its person mask (any resolution), 1 where none
     source_focal_px: float  # focal length of the source camera, source pixels
     config: AvatarConfig
+    host: "_Host | None" = None  # CPU copies of the camera constants (no device round trips)
 
     @property
     def device(self) -> torch.device:
         return self.verts.device
 
     def intrinsics(self, size: int, fov_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Crop-camera intrinsics for an S x S picture: [3, 3], or [V, 3, 3] with fov_scale [V]."""
-        K = self.crop_K.clone()
+        """Crop-camera intrinsics for an S x S picture (CPU): [3, 3], or [V, 3, 3] with fov_scale [V]."""
+        base = self.host.crop_K if self.host is not None else self.crop_K.cpu()
+        K = base.clone()
         K[:2] *= size
         if fov_scale is None:
             return K
@@ -138,24 +146,29 @@ class Avatar:
         return Ks
 
     def cameras(self, poses: Sequence[OrbitPose], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(viewmats [V, 4, 4], Ks [V, 3, 3]) of orbit views about the pivot."""
+        """(viewmats [V, 4, 4], Ks [V, 3, 3]) of orbit views about the pivot, on the avatar's device.
+        Computed on the CPU (a handful of numbers) and uploaded in one go."""
         if len(poses) == 0:
             raise ValueError("expected at least one pose, got none")
-        dev, dt = self.device, self.verts.dtype
-        t = lambda vals: torch.tensor(vals, device=dev, dtype=dt)  # noqa: E731
+        t = lambda vals: torch.tensor(vals, dtype=torch.float32)  # noqa: E731
+        pivot = self.host.pivot if self.host is not None else self.pivot.cpu()
         viewmats = orbit_viewmats(
-            self.pivot,
+            pivot,
             t([p.yaw_deg for p in poses]),
             t([p.pitch_deg for p in poses]),
             t([p.roll_deg for p in poses]),
             t([p.dist_scale for p in poses]),
         )
-        base_fov = 2.0 * math.atan(0.5 / float(self.crop_K[1, 1]))
+        K = self.intrinsics(1)
+        base_fov = 2.0 * math.atan(0.5 / float(K[1, 1]))
         scale = [
             1.0 if p.fov_deg is None else math.tan(math.radians(p.fov_deg) / 2) / math.tan(base_fov / 2)
             for p in poses
         ]
-        return viewmats, self.intrinsics(size, t(scale))
+        Ks = self.intrinsics(size, t(scale))
+        both = torch.cat([viewmats.reshape(-1), Ks.reshape(-1)]).to(self.device)
+        V = len(poses)
+        return both[: V * 16].reshape(V, 4, 4), both[V * 16 :].reshape(V, 3, 3)
 
     def crop(self, image: np.ndarray | torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
         """Warp a picture taken by the SOURCE camera (e.g. a target frame of the
@@ -188,7 +201,7 @@ class Avatar:
         """Pixel positions [V, 468, 2] of the face-mesh vertices in each view."""
         viewmats, Ks = self.cameras(poses, size)
         pts = project(self.verts[None, :NUM_MESH_VERTICES].expand(len(poses), -1, -1), viewmats, Ks)
-        return pts[..., :2]
+        return pts[..., :2].cpu()
 
 
 def _to_chw(image: np.ndarray | torch.Tensor, device) -> torch.Tensor:
@@ -464,33 +477,97 @@ def _vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- build
 
 
-def _prepare_texture(image: np.ndarray, mask: np.ndarray | None, crop, config: AvatarConfig, max_side: int):
-    """Downsample the picture so the crop is at most ``max_side`` pixels; RGBA float [4, h, w]
-    plus the far-layer colour picture (person painted out) when needed."""
-    H, W = image.shape[:2]
+@dataclass(frozen=True)
+class _Statics:
+    """Per-topology constants, built once per device."""
+
+    faces: torch.Tensor  # [F, 3] on the device
+    faces_cpu: torch.Tensor  # [F, 3]
+    cull: torch.Tensor  # [F] bool on the device
+    not_head: torch.Tensor  # [F] bool on the device (source depth draws the head only)
+    card_faces: torch.Tensor  # [F] bool, CPU
+    flags: torch.Tensor  # [N, 3] CPU: solid, head, rim
+
+
+_STATICS: dict[tuple, _Statics] = {}
+
+
+def _statics(topo: _Topology, key: tuple, device: torch.device) -> _Statics:
+    k = key + (str(device),)
+    if k in _STATICS:
+        return _STATICS[k]
+    faces = torch.as_tensor(topo.faces)
+    cull = torch.zeros(len(faces), dtype=torch.bool)
+    cull[: topo.n_head_faces] = True
+    # The first shell rings may fold under the face outline (the cranium is narrower than
+    # the cheeks): draw them from both sides so a turned head shows no seam.
+    n_tri = len(face_model().triangles)
+    J = topo.ring_ids.shape[1]
+    cull[n_tri : n_tri + 2 * 2 * J] = False
+    not_head = torch.ones(len(faces), dtype=torch.bool)
+    not_head[: topo.n_head_faces] = False
+    card = (topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
+    card_faces = ((faces >= card[0]) & (faces < card[1])).all(-1)
+    N = topo.n_face + topo.n_shell + topo.n_card + topo.n_far
+    flags = torch.zeros(N, 3)
+    flags[: topo.n_face, 0] = 1.0  # solid: the face mesh always covers
+    flags[: topo.n_face + topo.n_shell, 1] = 1.0  # head
+    # The rim (shell rings 1-3: sides of the head, ears) is solid: where its source pixel is
+    # not the person (the cranium is only a guess there), it takes the fill texture.
+    flags[torch.as_tensor(topo.ring_ids[1:4]).reshape(-1), 2] = 1.0
+    st = _Statics(faces.to(device), faces, cull.to(device), not_head.to(device), card_faces, flags)
+    _STATICS[k] = st
+    return st
+
+
+def _far_picture(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The background with the person painted out (uint8 [H, W, 3]), for the far layer."""
+    if mask is None:
+        return image
+    small = cv2.resize(image, (max(16, image.shape[1] // 4), max(16, image.shape[0] // 4)), interpolation=cv2.INTER_AREA)
+    hole = cv2.resize((mask > 0.3).astype(np.uint8), small.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    hole = cv2.dilate(hole, np.ones((5, 5), np.uint8))
+    filled = cv2.inpaint(small, hole, 5, cv2.INPAINT_TELEA)
+    return cv2.resize(filled, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+
+
+def _texture(image_t: torch.Tensor, alpha_t: torch.Tensor, crop, max_side: int) -> torch.Tensor:
+    """RGBA texture [1, 4, h, w] in [0, 1] on the device, downsampled (antialiased) so the
+    crop spans at most ``max_side`` texels. image_t [3, H, W], alpha_t [1, H, W] floats."""
+    rgba = torch.cat([image_t, alpha_t])[None]
     scale = min(1.0, max_side / max(crop[2], 1.0))
-    if scale < 0.999:
-        size = (max(16, round(W * scale)), max(16, round(H * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        if mask is not None:
-            mask = cv2.resize(mask, size, interpolation=cv2.INTER_AREA)
-    if mask is None or config.background == "far":
-        alpha = np.ones(image.shape[:2], np.float32)
-    else:
-        alpha = mask.astype(np.float32)
-    rgba = np.concatenate([image.astype(np.float32) / 255.0, alpha[..., None]], -1)
-    far = None
-    if config.background == "far":
-        if mask is not None:
-            small = cv2.resize(image, (max(16, image.shape[1] // 4), max(16, image.shape[0] // 4)), interpolation=cv2.INTER_AREA)
-            hole = cv2.resize((mask > 0.3).astype(np.uint8), small.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-            hole = cv2.dilate(hole, np.ones((5, 5), np.uint8))
-            filled = cv2.inpaint(small, hole, 5, cv2.INPAINT_TELEA)
-            far = cv2.resize(filled, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
-        else:
-            far = image
-        far = np.concatenate([far.astype(np.float32) / 255.0, np.ones(image.shape[:2] + (1,), np.float32)], -1)
-    return rgba, far
+    if scale < 0.8:
+        H, W = rgba.shape[-2:]
+        size = (max(16, round(H * scale)), max(16, round(W * scale)))
+        rgba = F.interpolate(rgba, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return rgba
+
+
+def _transparent_card_faces(mask: np.ndarray | None, tex_h, fill, opacity, st: _Statics, crop) -> torch.Tensor:
+    """[F] bool (CPU): card triangles whose three corners see no person within a few card
+    cells (person mask dilated) in either texture. Drawing them would only cost time:
+    with the background removed they are fully transparent."""
+    F_ = len(st.faces_cpu)
+    if mask is None:
+        return torch.zeros(F_, dtype=torch.bool)
+    H, W = mask.shape
+    s = 96.0 / max(H, W)
+    small = cv2.resize(mask, (max(8, round(W * s)), max(8, round(H * s))), interpolation=cv2.INTER_AREA)
+    k = max(3, int(crop[2] * AvatarConfig.card_extent / 8.0 * s) | 1)
+    reach = cv2.dilate(small, np.ones((k, k), np.uint8))
+    hs, ws = reach.shape
+
+    def sample(h: torch.Tensor) -> np.ndarray:
+        w = h[:, 2].clamp(min=1e-6)
+        u, v = h[:, 0] / w, h[:, 1] / w
+        x = (u * s).long().clamp(0, ws - 1).numpy()
+        y = (v * s).long().clamp(0, hs - 1).numpy()
+        inside = ((u >= 0) & (u < W) & (v >= 0) & (v < H)).numpy()
+        return reach[y, x] * inside
+
+    vertex = torch.from_numpy(np.maximum(sample(tex_h), sample(fill)).astype(np.float32)) * opacity  # [N]
+    empty = (vertex[st.faces_cpu] < 0.02).all(-1)
+    return empty & st.card_faces
 
 
 def build_avatar(
@@ -516,116 +593,87 @@ def build_avatar(
     if geometry is not None and tuple(geometry.image_size) != tuple(obs.image_size):
         raise ValueError(f"expected reenactment frames of one camera ({obs.image_size}), got {geometry.image_size}")
     device = torch.device(device)
-    topo = _topology(config.shell_rings, config.card_grid, config.background == "far")
+    cpu = torch.device("cpu")
+    key = (config.shell_rings, config.card_grid, config.background == "far")
+    topo = _topology(*key)
+    st = _statics(topo, key, device)
     crop = crop or crop_box(obs, config)
     H, W = obs.image_size
     f = obs.focal_px
-    faces = torch.as_tensor(topo.faces, device=device)
 
-    # Texture-frame geometry: projective texture coordinates and what the source saw.
-    tex_verts = _geometry(obs, topo, config, crop, device)  # [N, 3]
+    # Geometry is small (a few thousand vertices): it is made on the CPU and uploaded once;
+    # the device does the rasterizing and texturing.
+    tex_verts = _geometry(obs, topo, config, crop, cpu)  # [N, 3] texture frame
     N = tex_verts.shape[0]
-    Kt = torch.tensor([[f, 0, W / 2.0], [0, f, H / 2.0], [0, 0, 1]], device=device)
+    Kt = torch.tensor([[f, 0, W / 2.0], [0, f, H / 2.0], [0, 0, 1]])
     tex_h = tex_verts @ Kt.T  # [N, 3]: (u w, v w, w) with w the source depth
-    cull = torch.zeros(faces.shape[0], dtype=torch.bool, device=device)
-    cull[: topo.n_head_faces] = True
-    # The first shell rings may fold under the face outline (the cranium is narrower than
-    # the cheeks): draw them from both sides so a turned head shows no seam.
-    n_tri = len(face_model().triangles)
-    J = topo.ring_ids.shape[1]
-    cull[n_tri : n_tri + 2 * 2 * J] = False
-    # The depth map frames the head generously (points outside it count as seen).
+    tex_verts_dev = tex_verts.to(device, non_blocking=True)
+
+    # What the source camera saw: a depth map of the head, and per vertex.
     vis_extent = min(config.card_extent, 1.35)
     vis_size = min(1024, max(config.visibility_size, round(render_size * vis_extent)))
     src_depth, src_depth_K = _source_depth(
-        tex_verts, faces, cull, topo.n_head_faces, Kt, crop, vis_extent, vis_size, device
+        tex_verts_dev, st.faces, st.cull, st.not_head, Kt.to(device), crop, vis_extent, vis_size, device
     )
     card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
-    visible = _vertex_visible(tex_h, src_depth, src_depth_K, card)  # [N] bool
-    grazing = _grazing(tex_verts, faces)  # [N] in [0, 1]
+    visible = _vertex_visible(tex_h.to(device), src_depth, src_depth_K, card).cpu()  # [N] bool
+    grazing = _grazing(tex_verts, st.faces_cpu)  # [N] in [0, 1]
 
     # Fill texture for what the source did not see (used per pixel where hidden).
     fill = tex_h.clone()
-    opacity = torch.ones(N, device=device)
-    solid = torch.zeros(N, device=device)
-    solid[: topo.n_face] = 1.0
-    head = torch.zeros(N, device=device)
-    head[: topo.n_face + topo.n_shell] = 1.0
-    # The rim (shell rings 1-3: sides of the head, ears) is solid: where its source pixel is
-    # not the person (the cranium is only a guess there), it takes the fill texture.
-    rim = torch.zeros(N, device=device)
-    rim[torch.as_tensor(topo.ring_ids[1:4], device=device).reshape(-1)] = 1.0
-    _fill_shell(fill, visible, topo, device)
-    _fill_card(fill, opacity, visible, card, config.card_grid, device)
-
-    verts = tex_verts if geometry is None else _geometry(geometry, topo, config, crop, device)
-
-    rgba, far = _prepare_texture(image, obs.mask, crop, config, int(config.texture_scale * render_size))
-    span_w = float(W)
-    if far is not None:
+    opacity = torch.ones(N)
+    _fill_shell(fill, visible, topo, cpu)
+    _fill_card(fill, opacity, visible, card, config.card_grid, cpu)
+    if topo.n_far:
         # Atlas [picture | far layer]: far-layer vertices address the right half.
-        rgba = np.concatenate([rgba, far], axis=1)
         far_ids = slice(N - topo.n_far, N)
         for t in (tex_h, fill):
             t[far_ids, 0] += W * t[far_ids, 2]
+    mask = obs.mask if (obs.mask is not None and config.background == "remove") else None
+    skip = _transparent_card_faces(mask, tex_h, fill, opacity, st, crop)
+    vattr = torch.cat([tex_h, fill, grazing[:, None], opacity[:, None], st.flags], -1)  # [N, 11]
+    verts = tex_verts_dev if geometry is None else _geometry(geometry, topo, config, crop, cpu).to(device)
+
+    # Texture on the device: the picture, its person mask as alpha (or 1), and the far layer.
+    image_t = torch.from_numpy(image).to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
+    if mask is not None:
+        alpha_t = torch.from_numpy(np.ascontiguousarray(mask, np.float32)).to(device, non_blocking=True)[None]
+    else:
+        alpha_t = torch.ones((1, H, W), device=device)
+    max_side = int(config.texture_scale * render_size)
+    texture = _texture(image_t, alpha_t, crop, max_side)
+    span_w = float(W)
+    if topo.n_far:
+        far = torch.from_numpy(_far_picture(image, obs.mask)).to(device).permute(2, 0, 1).float().div_(255.0)
+        texture = torch.cat([texture, _texture(far, torch.ones_like(alpha_t), crop, max_side)], -1)
         span_w = 2.0 * W
-    texture = torch.from_numpy(rgba).permute(2, 0, 1)[None].to(device)
-    skip = _transparent_card_faces(texture, tex_h, fill, opacity, faces, card, (float(H), span_w), crop)
-    alpha_src = obs.mask if (obs.mask is not None and config.background == "remove") else np.ones((H, W), np.float32)
     cx, cy, side = crop
     crop_K = torch.tensor(
-        [[f / side, 0, (W / 2.0 - cx) / side + 0.5], [0, f / side, (H / 2.0 - cy) / side + 0.5], [0, 0, 1]],
-        device=device,
+        [[f / side, 0, (W / 2.0 - cx) / side + 0.5], [0, f / side, (H / 2.0 - cy) / side + 0.5], [0, 0, 1]]
     )
-    vattr = torch.cat([tex_h, fill, torch.stack([grazing, opacity, solid, head, rim], -1)], -1)
+    pivot = torch.as_tensor(_pivot_cam(geometry or obs), dtype=torch.float32)
     return Avatar(
         verts=verts,
-        faces=faces,
-        cull=cull,
-        skip=skip,
-        vattr=vattr,
+        faces=st.faces,
+        cull=st.cull,
+        skip=skip.to(device),
+        vattr=vattr.to(device),
         texture=texture,
         tex_span=(float(H), span_w),
         src_depth=src_depth,
         src_depth_K=src_depth_K,
-        pivot=torch.as_tensor(_pivot_cam(geometry or obs), dtype=torch.float32, device=device),
-        crop_K=crop_K,
-        source_image=torch.from_numpy(image).to(device).permute(2, 0, 1).float() / 255.0,
-        source_alpha=torch.from_numpy(np.ascontiguousarray(alpha_src, np.float32)).to(device)[None],
+        pivot=pivot.to(device),
+        crop_K=crop_K.to(device),
+        source_image=image_t,
+        source_alpha=alpha_t,
         source_focal_px=f,
         config=config,
+        host=_Host(crop_K=crop_K, pivot=pivot),
     )
 
 
-def _transparent_card_faces(texture, tex_h, fill, opacity, faces, card: slice, span, crop) -> torch.Tensor:
-    """[F] bool: card triangles whose three corners see no person within about one card
-    cell (person mask max-pooled over a cell), in either texture. Drawing them would
-    only cost time: with the background removed they are fully transparent."""
-    F_ = faces.shape[0]
-    alpha = texture[:, 3:4]
-    if bool((alpha > 0.99).all()):
-        return torch.zeros(F_, dtype=torch.bool, device=faces.device)
-    H, W = span
-    small = F.adaptive_avg_pool2d(alpha, (96, max(8, round(96 * alpha.shape[-1] / alpha.shape[-2]))))
-    cell_px = crop[2] * AvatarConfig.card_extent / 8.0 * 96.0 / H  # generous: a few cells
-    k = max(3, int(cell_px) | 1)
-    reach = F.max_pool2d(small, k, stride=1, padding=k // 2)
-
-    def sample(h: torch.Tensor) -> torch.Tensor:
-        w = h[:, 2:3].clamp(min=1e-6)
-        grid = torch.cat([2 * h[:, 0:1] / w / W - 1, 2 * h[:, 1:2] / w / H - 1], -1)[None, None]
-        return F.grid_sample(reach, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0, 0]
-
-    vertex = torch.maximum(sample(tex_h), sample(fill)) * opacity  # [N]
-    empty = (vertex[faces] < 0.02).all(-1)
-    is_card = torch.zeros(F_, dtype=torch.bool, device=faces.device)
-    card_faces = (faces >= card.start).all(-1) & (faces < card.stop).all(-1)
-    is_card |= card_faces
-    return empty & is_card
-
-
-def _source_depth(verts, faces, cull, n_head_faces: int, Kt, crop, extent: float, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth map [1, 1, S, S] of the texture-frame head seen from the source camera,
+def _source_depth(verts, faces, cull, not_head, Kt, crop, extent: float, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth map [1, 2, S, S] of the texture-frame head seen from the source camera,
     framing the head (``extent`` crop sides), +inf where empty; and A [3, 3] taking
     source pixels (u, v, 1) to map pixels. As sharp as the renders."""
     cx, cy, side = crop
@@ -634,8 +682,6 @@ def _source_depth(verts, faces, cull, n_head_faces: int, Kt, crop, extent: float
     A = torch.tensor([[s, 0, -s * (cx - ext / 2)], [0, s, -s * (cy - ext / 2)], [0, 0, 1]], device=device)
     pix = project(verts[None], torch.eye(4, device=device)[None], (A @ Kt)[None])
     # Only the head can hide anything: the card and far layer lie behind it.
-    not_head = torch.ones_like(cull)
-    not_head[:n_head_faces] = False
     frags = rasterize(pix, faces, S, S, cull=cull, skip=not_head)
     depth = torch.where(frags.mask[0], frags.depth[0], torch.full_like(frags.depth[0], float("inf")))
     # Channel 1, max-pooled 3x3, is for the card: a card point just beside the head's

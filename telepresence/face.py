@@ -34,6 +34,7 @@ __all__ = [
     "FaceModel",
     "face_model",
     "read_image",
+    "observation_from_landmarks",
     "face_oval_mask",
     "head_region_mask",
 ]
@@ -214,6 +215,18 @@ def metric_landmarks(
     yaw, pitch, roll = _euler_deg(R)
     pose = HeadPose(R.astype(np.float32), t.astype(np.float32), yaw, pitch, roll, rmse)
     return points, pose
+
+
+def observation_from_landmarks(
+    landmarks_px: np.ndarray, image_size: tuple[int, int], fov_deg: float = 30.0, mask: np.ndarray | None = None
+) -> FaceObservation:
+    """Rebuild a FaceObservation from stored landmarks [478, 3] (no detector needed:
+    for caches, and for machines without MediaPipe)."""
+    landmarks_px = np.asarray(landmarks_px, np.float32)
+    if landmarks_px.shape != (NUM_LANDMARKS, 3):
+        raise ValueError(f"expected landmarks [{NUM_LANDMARKS}, 3], got {landmarks_px.shape}")
+    points, pose = metric_landmarks(landmarks_px, image_size, fov_deg)
+    return FaceObservation(tuple(image_size), landmarks_px, points, pose, fov_deg, mask)
 
 
 class FaceAnalyzer:
