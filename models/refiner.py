@@ -767,6 +767,7 @@ class Refiner(nn.Module):
             model = cls._load_sd_folder(root, str(src), codec, codec_model, prompt, prompt_embeds, local_files_only, config_overrides)
         else:
             raise MissingModelError(str(src), f"{root} holds neither {CONFIG_NAME} nor {UNET_DIR}/config.json")
+        model.eval()  # like diffusers' from_pretrained (train-mode dropout(p=0) kernels differ in the last bits)
         return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
 
     @classmethod

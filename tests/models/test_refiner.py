@@ -10,6 +10,15 @@ from models.refiner import Refiner, RefinerConfig
 H = W = 32
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and it keeps OpenMP from stalling when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(b=1, v=2, seed=0, seen=False):
     g = torch.Generator().manual_seed(seed)
     ref = torch.rand(b, 3, H, W, generator=g)

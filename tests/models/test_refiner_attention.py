@@ -15,6 +15,15 @@ from models.attention import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and it keeps OpenMP from stalling when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _attn(dim=32, heads=2, cross_dim=None):
     torch.manual_seed(0)
     return Attention(query_dim=dim, heads=heads, dim_head=dim // heads, cross_attention_dim=cross_dim).eval()

@@ -7,6 +7,15 @@ from models import architectures
 from models.codecs import PixelUnshuffleCodec, TinyCodec, VAECodec, _skip_channels
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and it keeps OpenMP from stalling when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _codec(kind):
     torch.manual_seed(0)
     if kind == "pixel_unshuffle":
