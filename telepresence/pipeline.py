@@ -1,0 +1,142 @@
+"""Per-frame pipeline: face analysis -> avatar -> renders at every viewer's pose ->
+ONE refiner call over all views. Synchronous and network-free; the streaming
+code runs it on one worker thread and keeps only the newest frame and poses.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from telepresence.camera import OrbitPose
+from telepresence.face import FaceAnalyzer, FaceConfig, NoFaceError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ViewPose", "PipelineConfig", "FrameResult", "Pipeline"]
+
+# One viewer's camera request is an orbit pose (yaw, pitch, dist_scale, ...).
+ViewPose = OrbitPose
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of :class:`Pipeline`."""
+
+    device: str = "cpu"
+    """Torch device for avatar, renders and refiner ("cpu", "cuda", "cuda:1")."""
+    size: int = 256
+    """Views are size x size pixels."""
+    refiner: str | None = "default"
+    """Refiner weights folder, "default" (shipped weights) or None (raw avatar renders)."""
+    background: str = "remove"
+    """Avatar background: "remove" or "far"."""
+    source_fov_deg: float = 30.0
+    """Assumed vertical field of view of the capture camera."""
+    crop_follow: float = 0.35
+    """How fast the framing follows the head (0 = frozen, 1 = no smoothing)."""
+    noise_level: float | None = None
+    """Refiner noise level (None: the value the refiner was trained with)."""
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.size <= 2048 or self.size % 8:
+            raise ValueError(f"expected size a multiple of 8 in [64, 2048], got {self.size}")
+        if not 0.0 < self.crop_follow <= 1.0:
+            raise ValueError(f"expected crop_follow in (0, 1], got {self.crop_follow}")
+
+
+@dataclass
+class FrameResult:
+    views: list[np.ndarray]  # one RGB uint8 [S, S, 3] per requested pose, same order
+    face_found: bool  # False: this frame had no face (views come from the last good avatar)
+    status: str  # "ok" | "face_lost" | "no_face_yet"
+    timings_ms: dict[str, float] = field(default_factory=dict)  # landmarks, avatar, render, refine
+
+
+class Pipeline:
+    """One sender's models, prepared once; ``process`` is the per-frame hot path."""
+
+    def __init__(self, config: PipelineConfig = PipelineConfig()):
+        from models.avatar import AvatarConfig
+        from models.shipped import load_refiner
+
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available")
+        self.analyzer = FaceAnalyzer(FaceConfig(static_image=False, fov_deg=config.source_fov_deg))
+        self.avatar_config = AvatarConfig(background=config.background)
+        self.refiner = load_refiner(config.refiner, self.device)
+        self._avatar = None
+        self._crop: np.ndarray | None = None
+
+    def close(self) -> None:
+        self.analyzer.close()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _follow(self, crop: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Smooth the framing over time: the head may move, the picture should not jitter."""
+        new = np.array(crop, np.float64)
+        if self._crop is None or abs(new[2] / self._crop[2] - 1) > 0.5:
+            self._crop = new
+        else:
+            a = self.config.crop_follow
+            self._crop = (1 - a) * self._crop + a * new
+        return tuple(float(v) for v in self._crop)
+
+    def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose]) -> FrameResult:
+        """Views of the person in ``frame_rgb`` (RGB uint8 [H, W, 3]) at every pose."""
+        from models.avatar import build_avatar, crop_box
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            obs = self.analyzer.analyze(frame_rgb)
+            found = True
+        except NoFaceError:
+            obs, found = None, False
+        timings["landmarks"] = (time.perf_counter() - t0) * 1000.0
+        if found:
+            t0 = time.perf_counter()
+            crop = self._follow(crop_box(obs, self.avatar_config))
+            self._avatar = build_avatar(
+                frame_rgb, obs, self.avatar_config, device=self.device, crop=crop, render_size=self.config.size
+            )
+            self._sync()
+            timings["avatar"] = (time.perf_counter() - t0) * 1000.0
+        status = "ok" if found else ("face_lost" if self._avatar is not None else "no_face_yet")
+        if not poses:
+            return FrameResult([], found, status, timings)
+        if self._avatar is None:
+            blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
+            return FrameResult([blank.copy() for _ in poses], found, status, timings)
+        views = self.render(poses, timings)
+        return FrameResult(views, found, status, timings)
+
+    @torch.no_grad()
+    def render(self, poses: Sequence[OrbitPose], timings: dict[str, float] | None = None) -> list[np.ndarray]:
+        """Render (and refine) the current avatar at ``poses``: RGB uint8 [S, S, 3] each."""
+        from models.avatar import render_views
+
+        timings = {} if timings is None else timings
+        size = self.config.size
+        t0 = time.perf_counter()
+        out = render_views(self._avatar, list(poses), size)
+        self._sync()
+        timings["render"] = (time.perf_counter() - t0) * 1000.0
+        views = out.rgb
+        if self.refiner is not None:
+            t0 = time.perf_counter()
+            ref = self._avatar.source_view(size)[None]
+            views = self.refiner.refine(ref, out.rgb[None], out.seen[None], noise_level=self.config.noise_level)[0]
+            self._sync()
+            timings["refine"] = (time.perf_counter() - t0) * 1000.0
+        pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(pictures)

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from telepresence.pipeline import Pipeline, PipelineConfig, ViewPose
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    p = Pipeline(PipelineConfig(device="cpu", size=128, refiner=None))
+    yield p
+    p.close()
+
+
+def test_views_per_pose_and_pose_changes_the_picture(pipeline, astronaut):
+    poses = [ViewPose(yaw_deg=-25), ViewPose(), ViewPose(yaw_deg=25, pitch_deg=10)]
+    result = pipeline.process(astronaut, poses)
+    assert result.status == "ok" and result.face_found
+    assert len(result.views) == 3
+    assert all(v.shape == (128, 128, 3) and v.dtype == np.uint8 for v in result.views)
+    assert set(result.timings_ms) >= {"landmarks", "avatar", "render"}
+    diff = np.abs(result.views[0].astype(int) - result.views[2].astype(int)).mean()
+    assert diff > 5
+
+
+def test_face_lost_keeps_the_last_avatar_and_recovers(pipeline, astronaut):
+    poses = [ViewPose(yaw_deg=10)]
+    good = pipeline.process(astronaut, poses)
+    blank = np.zeros_like(astronaut)
+    lost = pipeline.process(blank, poses)
+    assert lost.status == "face_lost" and not lost.face_found
+    assert np.array_equal(lost.views[0], good.views[0])
+    back = pipeline.process(astronaut, poses)
+    assert back.status == "ok"
+
+
+def test_no_face_yet_gives_placeholders():
+    p = Pipeline(PipelineConfig(size=64, refiner=None))
+    try:
+        result = p.process(np.zeros((120, 160, 3), np.uint8), [ViewPose(), ViewPose(yaw_deg=5)])
+        assert result.status == "no_face_yet" and len(result.views) == 2
+        assert result.views[0].shape == (64, 64, 3)
+        assert p.process(np.zeros((120, 160, 3), np.uint8), []).views == []
+    finally:
+        p.close()
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        PipelineConfig(size=100)
