@@ -20,8 +20,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 
@@ -90,6 +92,21 @@ class MultiScaleDiscriminator(nn.Module):
             logits.append(out)
             features.append(feats)
         return logits, features
+
+    @torch.no_grad()
+    def power_iteration(self) -> None:
+        """One spectral-norm power iteration on every conv (what a train-mode forward does first).
+
+        The trainer calls this once per optimizer step and runs every pass of the
+        step in eval mode, so the estimate of sigma is the same for all micro-batches
+        and the result does not depend on how the batch is split.
+        """
+        was_training = self.training
+        self.train()
+        for module in self.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                module.weight  # noqa: B018 - the parametrization's forward runs the iteration
+        self.train(was_training)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -345,11 +345,11 @@ class Trainer:
             raise ValueError("expected a refiner with trainable parameters, got none")
         for _, p in self.named_trainable:
             p.requires_grad_(True)
+        self.ddp_model = self._wrap(self.model)  # DDP broadcasts rank 0's weights: the EMA starts from those
         self.ema = EMA(self.named_trainable, config.ema_decay)
         self.optimizer = torch.optim.AdamW(
             [p for _, p in self.named_trainable], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
         )
-        self.ddp_model = self._wrap(self.model)
 
         # ---- discriminator -------------------------------------------------------------------------------
         self.discriminator: MultiScaleDiscriminator | None = None
@@ -458,6 +458,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         logs: dict[str, float] = {}
+        if gan:
+            self.discriminator.power_iteration()  # once per step; every pass below is in eval mode
+            self.discriminator.eval()
         for micro in range(cfg.grad_accum):
             batch = self._next_batch()
             last = micro == cfg.grad_accum - 1
@@ -505,8 +508,7 @@ class Trainer:
         total = cfg.l2_weight * l2 + cfg.ssim_weight * ssim
         logs = {"l2": l2.item(), "ssim": ssim.item()}
         if gan:
-            d = self.discriminator
-            d.eval()  # no spectral-norm power iteration in the generator's pass
+            d = self.discriminator  # the module itself, not DDP: no gradient reaches its weights here
             d.requires_grad_(False)
             with self._autocast():
                 fake_logits, fake_feats = d(y)
@@ -522,7 +524,6 @@ class Trainer:
                     total = total + cfg.feature_matching_weight * fm
                     logs["fm"] = fm.item()
             d.requires_grad_(True)
-            d.train()
         (total / cfg.grad_accum).backward()
         logs["loss"] = total.item()
         if gan:

@@ -39,7 +39,7 @@ def _pairs(n=2, seed=0, views=1, augment=False, **kwargs):
 
 
 class _Recording(Dataset):
-    """Wraps a pair dataset and records which indices were read."""
+    """Wraps a pair dataset and records which indices were read (keeps its seeded sample())."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -49,8 +49,11 @@ class _Recording(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        return self.sample(index, None)
+
+    def sample(self, index, generator):
         self.read.append(index)
-        return self.dataset[index]
+        return self.dataset.sample(index, generator)
 
 
 def _losses(trainer, steps):
