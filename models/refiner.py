@@ -86,11 +86,11 @@ class MissingModelError(FileNotFoundError):
 
     def __init__(self, src: str, reason: str, files: tuple[str, ...] = HUB_FILES):
         name = str(src).rstrip("/").split("/")[-1] or "model"
-        include = " ".join(f"'{f}'" for f in files)
+        include = " ".join(f"--include '{f}'" for f in files)
         super().__init__(
             f"refiner model {src!r} not found: {reason}. "
-            f"On a machine with internet run `hf download {src} --include {include} --local-dir WEIGHTS_DIR/{name}` "
-            f"(older huggingface_hub: `huggingface-cli download` with the same arguments), copy WEIGHTS_DIR/{name} here "
+            f"On a machine with internet run `hf download {src} {include} --local-dir WEIGHTS_DIR/{name}` "
+            f"(patterns that do not exist in the repo are skipped), copy WEIGHTS_DIR/{name} here "
             f"and pass that folder: Refiner.from_pretrained('WEIGHTS_DIR/{name}')."
         )
         self.src = str(src)
