@@ -29,7 +29,10 @@ Fast paths, each with a plain twin (the same processor without the cache):
 - cached prompt keys/values for cross-attention (the prompt embedding is a
   constant); with a 1-token prompt the cross-attention output does not depend
   on the query at all (softmax over one key is 1), so the whole ``attn2`` output
-  is a cached constant.
+  is a cached constant;
+- one fused q/k/v projection for self-attention (one GEMM instead of three).
+The prompt and q/k/v caches are built by ``prepare_caches`` and used when the
+U-Net is called with ``prepared=True`` in its cross_attention_kwargs.
 """
 
 from __future__ import annotations
@@ -77,10 +80,23 @@ class MultiViewSelfAttnProcessor:
         self.mode = mode
         self.ref_k: Tensor | None = None  # [B, heads, N, d] cached reference keys
         self.ref_v: Tensor | None = None  # [B, heads, N, d] cached reference values
+        self.qkv_weight: Tensor | None = None  # [3 heads*d, D] fused projection (prepare_caches)
+        self.qkv_bias: Tensor | None = None  # [3 heads*d] or None
 
     def clear_reference(self) -> None:
         self.ref_k = None
         self.ref_v = None
+
+    def clear(self) -> None:
+        self.clear_reference()
+        self.qkv_weight = self.qkv_bias = None
+
+    @torch.no_grad()
+    def fuse_qkv(self, attn) -> None:
+        """Concatenate to_q/to_k/to_v into one projection (weights must not change afterwards)."""
+        self.qkv_weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()
+        biases = [attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]
+        self.qkv_bias = None if any(b is None for b in biases) else torch.cat(biases).detach()
 
     def _store_reference(self, k: Tensor, v: Tensor) -> None:
         # Copy in place when possible so captured CUDA graphs keep valid addresses.
@@ -100,7 +116,7 @@ class MultiViewSelfAttnProcessor:
         temb: Tensor | None = None,
         num_views: int = 1,
         reference_kv: str | None = None,
-        cached_prompt: bool = False,
+        prepared: bool = False,
     ) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("expected plain self-attention (no encoder states, no mask), got encoder states or a mask")
@@ -116,9 +132,12 @@ class MultiViewSelfAttnProcessor:
         b = bv // views
         heads = attn.heads
 
-        query = attn.to_q(hidden_states)  # [B*V, N, heads*d]
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
+        if prepared and self.qkv_weight is not None:
+            query, key, value = F.linear(hidden_states, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)  # [B*V, N, heads*d]
+            key = attn.to_k(hidden_states)
+            value = attn.to_v(hidden_states)
         # [B*V, N, heads*d] -> [B, heads, V*N, d]: view-major token order
         query = _split_heads(query, b, heads)
         key = _split_heads(key, b, heads)
@@ -165,7 +184,7 @@ class MultiViewSelfAttnProcessor:
 class PromptCrossAttnProcessor:
     """Per-view cross-attention (``attn2``) to the fixed prompt embedding.
 
-    Plain path: the stock computation. With ``cached_prompt=True`` (set by
+    Plain path: the stock computation. With ``prepared=True`` (set by
     ``Refiner.refine`` after ``prepare``) it uses keys/values computed once by
     ``cache_prompt`` (or, for a 1-token prompt, the cached output itself).
         hidden_states: [B*V, N, D]; encoder_hidden_states: [B*V, L, Dc]
@@ -204,12 +223,12 @@ class PromptCrossAttnProcessor:
         temb: Tensor | None = None,
         num_views: int = 1,
         reference_kv: str | None = None,
-        cached_prompt: bool = False,
+        prepared: bool = False,
     ) -> Tensor:
         if hidden_states.ndim != 3:
             raise ValueError(f"expected hidden_states [B*V, N, D], got shape {tuple(hidden_states.shape)}")
         batch, n, dim = hidden_states.shape
-        if cached_prompt and attention_mask is None:
+        if prepared and attention_mask is None:
             if self.key is None:
                 raise RuntimeError("no cached prompt keys/values: call Refiner.prepare first")
             if self.constant is not None:
@@ -283,19 +302,26 @@ def self_attn_processors(unet) -> list[MultiViewSelfAttnProcessor]:
     return [p for p in unet.attn_processors.values() if isinstance(p, MultiViewSelfAttnProcessor)]
 
 
-def cache_prompt(unet, prompt_embeds: Tensor) -> None:
-    """Precompute every cross-attention's prompt keys/values. prompt_embeds: [1, L, Dc]."""
+def prepare_caches(unet, prompt_embeds: Tensor, fuse_qkv: bool = True) -> None:
+    """Precompute every cross-attention's prompt keys/values (prompt_embeds [1, L, Dc])
+    and, with fuse_qkv, every self-attention's fused q/k/v projection. Used by
+    U-Net calls with ``prepared=True``; rebuild after any weight change."""
     for name, module in _attention_modules(unet).items():
+        processor = module.processor
         if name.endswith(".attn2"):
-            if not isinstance(module.processor, PromptCrossAttnProcessor):
-                raise ValueError(f"expected PromptCrossAttnProcessor at {name}, got {type(module.processor).__name__}")
-            module.processor.cache_prompt(module, prompt_embeds)
+            if not isinstance(processor, PromptCrossAttnProcessor):
+                raise ValueError(f"expected PromptCrossAttnProcessor at {name}, got {type(processor).__name__}")
+            processor.cache_prompt(module, prompt_embeds)
+        else:
+            if not isinstance(processor, MultiViewSelfAttnProcessor):
+                raise ValueError(f"expected MultiViewSelfAttnProcessor at {name}, got {type(processor).__name__}")
+            processor.qkv_weight = processor.qkv_bias = None
+            if fuse_qkv:
+                processor.fuse_qkv(module)
 
 
 def clear_caches(unet) -> None:
-    """Drop cached prompt and reference keys/values (weights changed, or device/dtype moved)."""
+    """Drop every cache (prompt and reference keys/values, fused q/k/v)."""
     for processor in unet.attn_processors.values():
-        if isinstance(processor, PromptCrossAttnProcessor):
+        if isinstance(processor, (PromptCrossAttnProcessor, MultiViewSelfAttnProcessor)):
             processor.clear()
-        elif isinstance(processor, MultiViewSelfAttnProcessor):
-            processor.clear_reference()

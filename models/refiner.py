@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import architectures, lora
-from .attention import VIEW_ATTENTION_MODES, cache_prompt, clear_caches, self_attn_processors, set_view_attention
+from .attention import VIEW_ATTENTION_MODES, clear_caches, prepare_caches, self_attn_processors, set_view_attention
 from .codecs import CODEC_KINDS, Codec, PixelUnshuffleCodec, TinyCodec, VAECodec
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,11 @@ class MissingModelError(FileNotFoundError):
 
     def __init__(self, src: str, reason: str, files: tuple[str, ...] = HUB_FILES):
         name = str(src).rstrip("/").split("/")[-1] or "model"
-        include = " ".join(f"'{f}'" for f in files)
+        include = " ".join(f"--include '{f}'" for f in files)
         super().__init__(
             f"refiner model {src!r} not found: {reason}. "
-            f"On a machine with internet run `hf download {src} --include {include} --local-dir WEIGHTS_DIR/{name}` "
-            f"(older huggingface_hub: `huggingface-cli download` with the same arguments), copy WEIGHTS_DIR/{name} here "
+            f"On a machine with internet run `hf download {src} {include} --local-dir WEIGHTS_DIR/{name}` "
+            f"(patterns that do not exist in the repo are skipped), copy WEIGHTS_DIR/{name} here "
             f"and pass that folder: Refiner.from_pretrained('WEIGHTS_DIR/{name}')."
         )
         self.src = str(src)
@@ -440,7 +440,7 @@ class Refiner(nn.Module):
         if self.config.seen_mask:
             z_in = torch.cat([z_in, self._seen_channel(seen, b, v, vn, h, w, dtype)], dim=1)
         prompt = self.prompt_embeds.to(dtype).unsqueeze(0).expand(b * v, -1, -1)  # [B*V, L, D]
-        kwargs = {"num_views": v, "cached_prompt": fast}
+        kwargs = {"num_views": v, "prepared": fast}
         if ref is None:
             kwargs["reference_kv"] = "use"  # v counts the novel views; the reference keys/values are cached
         pred = self.unet(z_in, self._timestep, encoder_hidden_states=prompt, cross_attention_kwargs=kwargs, return_dict=False)[0]
@@ -491,11 +491,13 @@ class Refiner(nn.Module):
         cuda_graphs: bool = False,
         channels_last: bool = True,
         merge_lora: bool = True,
+        fuse_qkv: bool = True,
         compile_mode: str | None = None,
     ) -> "Refiner":
         """One-time work for refine(): device/dtype, eval, merged LoRA, channels_last,
-        cached prompt keys/values, torch.compile and/or CUDA graphs (captured per
-        input shape - i.e. per view count - on first use and reused).
+        cached prompt keys/values, fused self-attention q/k/v, torch.compile and/or
+        CUDA graphs (captured per input shape - i.e. per view count - on first use
+        and reused).
 
         compile + cuda_graphs uses torch.compile(mode="reduce-overhead");
         cuda_graphs alone captures the eager step with torch.cuda.CUDAGraph.
@@ -516,8 +518,9 @@ class Refiner(nn.Module):
             self.codec.to(memory_format=torch.channels_last)
         clear_caches(self.unet)
         self._reference_key = None
-        with torch.no_grad():
-            cache_prompt(self.unet, self.prompt_embeds.to(dtype).unsqueeze(0))
+        # fused q/k/v copies the projection weights: only valid with no adapters or merged ones
+        fuse_qkv = fuse_qkv and (not self.has_lora or lora.is_merged(self.unet))
+        prepare_caches(self.unet, self.prompt_embeds.detach().to(dtype).unsqueeze(0), fuse_qkv=fuse_qkv)
         self._runners = {}
         self._compiled = None
         if compile:
@@ -546,7 +549,7 @@ class Refiner(nn.Module):
         if self.config.seen_mask:
             z = torch.cat([z, self._seen_channel(None, b, 1, 1, h, w, dtype)], dim=1)
         prompt = self.prompt_embeds.to(dtype).unsqueeze(0).expand(b, -1, -1)
-        kwargs = {"num_views": 1, "reference_kv": "record", "cached_prompt": fast}
+        kwargs = {"num_views": 1, "reference_kv": "record", "prepared": fast}
         self.unet(z, self._timestep, encoder_hidden_states=prompt, cross_attention_kwargs=kwargs, return_dict=False)
         key = (b, h, w, dtype)
         if key != self._reference_key:  # cache tensors were reallocated: graphs holding the old ones are stale

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from models.attention import self_attn_processors
 from models.refiner import Refiner, RefinerConfig
 
 H = W = 32
@@ -244,3 +245,17 @@ def test_small_config_size():
     n = sum(p.numel() for p in model.parameters()) / 1e6
     assert 15 < n < 20
     assert model.factor == 8 and model.config.view_attention == "ref_isolated"
+
+
+def test_prepare_merges_lora_and_matches_the_unmerged_forward():
+    model = _model("vae")
+    model.add_lora(rank=4, decoder_rank=2, skip_convs=True)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref, novel, _ = _inputs(v=2)
+    with torch.no_grad():
+        plain = model.eval()(ref, novel)
+    model.prepare("cpu", torch.float32)  # merges adapters, then fuses q/k/v from the merged weights
+    assert all(p.qkv_weight is not None for p in self_attn_processors(model.unet))
+    torch.testing.assert_close(model.refine(ref, novel), plain, rtol=1e-4, atol=1e-4)

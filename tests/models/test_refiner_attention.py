@@ -9,7 +9,7 @@ from models import architectures
 from models.attention import (
     MultiViewSelfAttnProcessor,
     PromptCrossAttnProcessor,
-    cache_prompt,
+    prepare_caches,
     self_attn_processors,
     set_view_attention,
 )
@@ -124,12 +124,24 @@ def test_cached_prompt_equals_plain_cross_attention(tokens):
         plain = proc(attn, x, encoder_hidden_states=prompt.expand(3, -1, -1))
         proc.cache_prompt(attn, prompt)
         assert (proc.constant is not None) == (tokens == 1)
-        cached = proc(attn, x, encoder_hidden_states=None, cached_prompt=True)
+        cached = proc(attn, x, encoder_hidden_states=None, prepared=True)
     assert torch.equal(plain, stock)
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_installed_processors_and_unet_cached_prompt():
+def test_fused_qkv_equals_separate_projections():
+    attn = _attn()
+    x = torch.randn(4, 6, 32)
+    proc = MultiViewSelfAttnProcessor("joint")
+    with torch.no_grad():
+        plain = proc(attn, x, num_views=2)
+        proc.fuse_qkv(attn)
+        fused = proc(attn, x, num_views=2, prepared=True)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_installed_processors_and_prepared_unet(fuse_qkv):
     unet = _unet()
     set_view_attention(unet, "joint")
     procs = unet.attn_processors
@@ -139,8 +151,9 @@ def test_installed_processors_and_unet_cached_prompt():
     prompt = prompt[:1]
     with torch.no_grad():
         plain = unet(z, t, prompt.expand(4, -1, -1), cross_attention_kwargs={"num_views": 2}).sample
-        cache_prompt(unet, prompt)
-        fast = unet(z, t, prompt.expand(4, -1, -1), cross_attention_kwargs={"num_views": 2, "cached_prompt": True}).sample
+        prepare_caches(unet, prompt, fuse_qkv=fuse_qkv)
+        fast = unet(z, t, prompt.expand(4, -1, -1), cross_attention_kwargs={"num_views": 2, "prepared": True}).sample
+    assert all((p.qkv_weight is not None) == fuse_qkv for p in self_attn_processors(unet))
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
 
 
