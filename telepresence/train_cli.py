@@ -34,7 +34,8 @@ _CONFIG_FLAGS = {
     "bf16": "bf16", "seed": "seed", "deterministic": "deterministic", "log_every": "log_every",
     "image_every": "image_every", "ckpt_every": "ckpt_every", "keep_checkpoints": "keep_checkpoints",
     "val_every": "val_every", "val_samples": "val_samples", "identity_metric": "identity_metric",
-    "progress": "progress", "export_base": "export_base",
+    "progress": "progress", "export_base": "export_base", "d_scales": "d_scales", "d_channels": "d_channels",
+    "d_layers": "d_layers",
 }
 # --smoke: a few steps of the tiny model on synthetic 32 x 32 pairs, every feature switched on
 _SMOKE = dict(
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gan", type=float, help="adversarial weight (0: no discriminator)")
     g.add_argument("--fm", type=float, help="discriminator feature-matching weight")
     g.add_argument("--gan-start", type=int, help="step from which the GAN is on")
+    g.add_argument("--d-scales", type=int, help="discriminator image scales")
+    g.add_argument("--d-channels", type=int, help="discriminator base width")
+    g.add_argument("--d-layers", type=int, help="stride-2 layers per discriminator scale (input must be >= ~24 x 2^(layers-1+scales-1) px)")
     g.add_argument("--ema-decay", type=float)
     g.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="float32 on CUDA too")
     g.add_argument("--seed", type=int)

@@ -35,26 +35,29 @@ def build_refiner(config: "TrainConfig") -> Refiner:
     Seed the global RNG first (torch.manual_seed(config.seed)) for a reproducible
     initialisation of new weights.
     """
+    base = config.base
+    if base is not None and Path(base).expanduser().is_dir():
+        base = str(Path(base).expanduser().resolve())  # refiner.json of an adapter export names it: any cwd must find it
     overrides = {"seen_mask": config.seen_mask}
     if config.timestep is not None:
         overrides["timestep"] = config.timestep
     if config.family == "small":
-        if config.base is not None:
-            model = Refiner.from_pretrained(config.base)
+        if base is not None:
+            model = Refiner.from_pretrained(base)
             if model.has_lora:
-                raise ValueError(f"expected a refiner without adapters for the small family, got adapters in {config.base} (use --family lora)")
+                raise ValueError(f"expected a refiner without adapters for the small family, got adapters in {base} (use --family lora)")
             model.requires_grad_(True)
         elif config.model_preset == "tiny":
             model = Refiner.tiny(**overrides)
         else:
             model = Refiner.small(**overrides)
     elif config.family == "lora":
-        if config.base is None:
+        if base is None:
             raise ValueError("expected --base (an SD-Turbo diffusers folder or stabilityai/sd-turbo) for the lora family, got none")
-        if _is_refiner_folder(config.base):
-            model = Refiner.from_pretrained(config.base)
+        if _is_refiner_folder(base):
+            model = Refiner.from_pretrained(base)
         else:
-            model = Refiner.from_pretrained(config.base, codec=config.codec, codec_model=config.codec_model, prompt=config.prompt, **overrides)
+            model = Refiner.from_pretrained(base, codec=config.codec, codec_model=config.codec_model, prompt=config.prompt, **overrides)
         if not model.has_lora:
             model.add_lora(
                 rank=config.lora_rank,
@@ -64,6 +67,6 @@ def build_refiner(config: "TrainConfig") -> Refiner:
     else:
         raise ValueError(f"expected family 'small' or 'lora', got {config.family!r}")
     if model.config.seen_mask != config.seen_mask:
-        raise ValueError(f"expected a refiner with seen_mask={config.seen_mask}, got {model.config.seen_mask} from {config.base}")
+        raise ValueError(f"expected a refiner with seen_mask={config.seen_mask}, got {model.config.seen_mask} from {base}")
     model.train()
     return model

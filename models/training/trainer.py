@@ -1,16 +1,20 @@
 """Refiner training loop: two stages, EMA, checkpoints with exact resume, DDP, logs.
 
-Per optimizer step s (G = batch_size x ranks x grad_accum samples):
+Per optimizer step t (G = batch_size x ranks x grad_accum samples):
 
     for each of grad_accum micro-batches (this rank's B samples):
         s_i ~ U[noise_min, noise_max]                per sample (variable-noise regime;
                                                      the reference latent stays clean)
         y   = refiner(ref, views, seen, s)           [B, V, 3, S, S]
         L_G = w_l2 L2_w(y, target) + w_ssim SSIM_w(y, target)
-              + [s >= gan_start] (w_gan hinge_G(D(y)) + w_fm FM(D(y), D(target)))
+              + [t >= gan_start] (w_gan hinge_G(D(y)) + w_fm FM(D(y), D(target)))
         backward(L_G / grad_accum)
-        [s >= gan_start]: backward(hinge_D(D(target), D(y.detach())) / grad_accum)
+        [t >= gan_start]: backward(hinge_D(D(target), D(y.detach())) / grad_accum)
     clip, AdamW step(s), EMA update
+
+The discriminator does one spectral-norm power iteration at the start of the
+step and runs every pass in eval mode, so splitting the batch over ranks or
+micro-batches changes nothing but float summation order.
 
 (``_w``: per-pixel weighted by the sample's "weight", see models.training.losses.)
 Stage 1 (synthetic pairs) runs steps [0, stage1_steps), stage 2 (real pairs)
@@ -328,7 +332,7 @@ class Trainer:
             if steps and len(ds) == 0:
                 raise ValueError(f"expected a non-empty stage-{i + 1} ({STAGE_NAMES[i]}) dataset, got 0 samples")
             if ds is not None and len(ds):
-                check_sample(ds[0], config.resolution)
+                check_sample(KeyedDataset(ds)[(0, 0)], config.resolution)  # seeded: no global RNG draw
         factor = getattr(refiner, "factor", 1)
         if config.resolution % factor:
             raise ValueError(f"expected a resolution that is a multiple of the codec factor {factor}, got {config.resolution}")
@@ -379,10 +383,11 @@ class Trainer:
             (self.out_dir / CONFIG_NAME).write_text(config.to_json())
         n_train = sum(p.numel() for _, p in self.named_trainable)
         n_all = sum(p.numel() for p in refiner.parameters())
-        logger.info(
-            "trainer: %s family, %.2f M of %.2f M parameters trained, effective batch %d (%d x %d ranks x %d), device %s",
-            config.family, n_train / 1e6, n_all / 1e6, self.effective_batch, config.batch_size, self.ctx.world_size, config.grad_accum, self.device,
-        )
+        if self.ctx.is_main:
+            logger.info(
+                "trainer: %s family, %.2f M of %.2f M parameters trained, effective batch %d (%d x %d ranks x %d), device %s",
+                config.family, n_train / 1e6, n_all / 1e6, self.effective_batch, config.batch_size, self.ctx.world_size, config.grad_accum, self.device,
+            )
 
     # ---- setup helpers -------------------------------------------------------------------------------------
     def _wrap(self, module: nn.Module) -> nn.Module:
