@@ -1,0 +1,251 @@
+"""Refiner speed: encode + U-Net + decode per call, random weights (timing only).
+
+Cases are the product of --configs x --codecs x --variants x --modes x --size x --views:
+- configs: "sdturbo" (SD-Turbo U-Net, 865.9 M) with each of --codecs ("vae": SD VAE,
+  "tiny": TAESD-size AutoencoderTiny); "small" (the from-scratch refiner, its own
+  pixel-unshuffle codec; --codecs does not apply).
+- variants: "stock" = joint attention over all views, 77-token prompt (SD-Turbo) and
+  the reference encoded every call; "fast" = reference attends only to itself, its
+  keys/values cached once (set_reference), 1-token prompt (cross-attention is a
+  cached constant). Both are the same code with different RefinerConfig fields.
+- modes: "eager"; "graphs" (eager step captured as a CUDA graph per view count);
+  "compiled" (torch.compile); "compiled-graphs" (torch.compile mode="reduce-overhead").
+  Graph modes need CUDA and are skipped elsewhere.
+- views: total views V including the reference (2 = ref + 1 novel view).
+
+Each case: warm-up calls (the first one, which compiles/captures, is timed as
+first_call_s), then --iters timed calls with device sync; median and p90 in ms;
+peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS so far).
+Results go to stdout and, after every case, to the --out JSON with commit,
+versions, device and load average. A case that fails is recorded with its error.
+
+Run from the repository root (no install needed):
+  python -m benchmarks.refiner --device cuda --out out/refiner_h100.json
+  python -m benchmarks.refiner --configs small --device cpu --size 256 --views 2 5 --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from models.refiner import Refiner
+
+logger = logging.getLogger("benchmarks.refiner")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MODES = ("eager", "graphs", "compiled", "compiled-graphs")
+VARIANTS = {
+    "stock": {"view_attention": "joint"},
+    "fast": {"view_attention": "ref_isolated", "prompt_tokens": 1},
+}
+
+
+def _git(*args: str) -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(args: argparse.Namespace, device: torch.device) -> dict:
+    import diffusers
+    import peft
+
+    meta = {
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg(),
+    }
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+def build(config: str, codec: str, variant: str, device: torch.device) -> Refiner:
+    overrides = dict(VARIANTS[variant])
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: SD-Turbo size is slow to init on a CPU
+        if config == "sdturbo":
+            return Refiner.sd_turbo_random(codec=codec, **overrides)
+        if config == "small":
+            overrides.pop("prompt_tokens", None)  # the small config has a 1-token prompt already
+            return Refiner.small(**overrides)
+    raise ValueError(f"expected config 'sdturbo' or 'small', got {config!r}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def time_case(model: Refiner, variant: str, views: int, size: int, args, device, dtype) -> dict:
+    g = torch.Generator(device=device).manual_seed(1)
+    ref = torch.rand(1, 3, size, size, generator=g, device=device).to(dtype)
+    novel = torch.rand(1, views - 1, 3, size, size, generator=g, device=device).to(dtype)
+    cached = variant == "fast"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if cached:
+        model.set_reference(ref)  # once per session, not per frame
+
+    def call():
+        return model.refine(None if cached else ref, novel)
+
+    sync(device)
+    start = time.perf_counter()
+    out = call()
+    sync(device)
+    first_call_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        call()
+    sync(device)
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        out = call()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    if not torch.isfinite(out.float()).all():
+        logger.warning("non-finite output (random weights) in this case")
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))],
+        "mean_ms": statistics.fmean(times),
+        "min_ms": times[0],
+        "n": len(times),
+        "first_call_s": first_call_s,
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="sdturbo,small", help="comma list: sdturbo, small")
+    p.add_argument("--codecs", default="vae,tiny", help="comma list for sdturbo: vae, tiny")
+    p.add_argument("--variants", default="stock,fast", help=f"comma list: {', '.join(VARIANTS)}")
+    p.add_argument("--modes", default=None, help=f"comma list of {MODES} (default: all on CUDA, eager on CPU)")
+    p.add_argument("--views", type=int, nargs="+", default=[2, 3, 5], help="total views including the reference")
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="image side(s) in pixels")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls after the first (compiling) call")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per case (>= 20 for a p90)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="JSON results path")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = (args.modes or (",".join(MODES) if device.type == "cuda" else "eager")).split(",")
+    for name, values, allowed in (("mode", modes, MODES), ("variant", args.variants.split(","), VARIANTS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            p.error(f"expected {name}s from {list(allowed)}, got {bad}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    report = {"meta": metadata(args, device), "results": []}
+    print(f"{'config':8} {'codec':15} {'variant':7} {'mode':16} {'V':>2} {'size':>5} {'median':>9} {'p90':>9} {'peak MB':>8} {'first s':>8}")
+    for config in args.configs.split(","):
+        codecs = args.codecs.split(",") if config == "sdturbo" else ["pixel_unshuffle"]
+        for codec in codecs:
+            for variant in args.variants.split(","):
+                for mode in modes:
+                    if mode in ("graphs", "compiled-graphs") and device.type != "cuda":
+                        logger.info("skipping %s on %s (needs CUDA)", mode, device)
+                        continue
+                    model = None
+                    try:
+                        model = build(config, codec, variant, device)
+                        params_m = sum(p.numel() for p in model.parameters()) / 1e6
+                        model.prepare(
+                            device,
+                            dtype,
+                            compile=mode.startswith("compiled"),
+                            cuda_graphs=mode in ("graphs", "compiled-graphs"),
+                        )
+                    except Exception as exc:  # record and go on with the other cases
+                        logger.error("build/prepare failed for %s/%s/%s/%s: %s", config, codec, variant, mode, exc)
+                        report["results"].append(
+                            dict(config=config, codec=codec, variant=variant, mode=mode, error=traceback.format_exc(limit=5))
+                        )
+                        continue
+                    for size in args.size:
+                        for views in args.views:
+                            case = dict(
+                                config=config, codec=codec, variant=variant, mode=mode, views=views, size=size,
+                                dtype=str(dtype).removeprefix("torch."), params_m=round(params_m, 2),
+                            )
+                            try:
+                                case.update(time_case(model, variant, views, size, args, device, dtype))
+                                print(
+                                    f"{config:8} {codec:15} {variant:7} {mode:16} {views:>2} {size:>5} "
+                                    f"{case['median_ms']:8.2f}ms {case['p90_ms']:8.2f}ms {case['peak_mem_mb']:8.0f} {case['first_call_s']:8.1f}",
+                                    flush=True,
+                                )
+                            except Exception:
+                                case["error"] = traceback.format_exc(limit=8)
+                                logger.error("case failed: %s\n%s", {k: case[k] for k in ("config", "codec", "variant", "mode", "views", "size")}, case["error"])
+                            report["results"].append(case)
+                            if args.out:
+                                _write(args.out, report)
+                    del model
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    torch._dynamo.reset()
+    report["meta"]["loadavg_end"] = os.getloadavg()
+    if args.out:
+        _write(args.out, report)
+        logger.info("wrote %s", args.out)
+    return 1 if any("error" in r for r in report["results"]) else 0
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,829 @@
+"""Refiner training loop: two stages, EMA, checkpoints with exact resume, DDP, logs.
+
+Per optimizer step t (G = batch_size x ranks x grad_accum samples):
+
+    for each of grad_accum micro-batches (this rank's B samples):
+        s_i ~ U[noise_min, noise_max]                per sample (variable-noise regime;
+                                                     the reference latent stays clean)
+        y   = refiner(ref, views, seen, s)           [B, V, 3, S, S]
+        L_G = w_l2 L2_w(y, target) + w_ssim SSIM_w(y, target)
+              + [t >= gan_start] (w_gan hinge_G(D(y)) + w_fm FM(D(y), D(target)))
+        backward(L_G / grad_accum)
+        [t >= gan_start]: backward(hinge_D(D(target), D(y.detach())) / grad_accum)
+    clip, AdamW step(s), EMA update
+
+The discriminator does one spectral-norm power iteration at the start of the
+step and runs every pass in eval mode, so splitting the batch over ranks or
+micro-batches changes nothing but float summation order.
+
+(``_w``: per-pixel weighted by the sample's "weight", see models.training.losses.)
+Stage 1 (synthetic pairs) runs steps [0, stage1_steps), stage 2 (real pairs)
+the next stage2_steps, each with its own dataset, learning-rate warm-up and
+scale; the optimizer state carries over. The EMA weights are what gets exported.
+
+Determinism: data order, augmentation, noise levels and noise tensors are
+functions of (seed, stage, step, rank, micro-batch) - no hidden RNG state - so
+a resumed run repeats the uninterrupted one bit for bit on CPU (on CUDA up to
+non-deterministic kernels unless ``deterministic`` is set).
+
+Outputs under ``out_dir``: train_config.json, checkpoints/step_XXXXXXX/
+(trainer.pt), logs/ (TensorBoard events), log.jsonl (the same scalars, one JSON
+object per log step), and whatever export() is pointed at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import losses
+from .data import KeyedDataset, check_sample, collate, draw_generator
+from .discriminator import DiscriminatorConfig, MultiScaleDiscriminator, check_input_size
+from .distributed import DistContext, StepSampler, barrier, mean_over_ranks, mix_seed
+from .ema import EMA
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "train_config.json"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "trainer.pt"
+TRAINING_JSON = "training.json"
+FORMAT_VERSION = 1
+FAMILIES = ("small", "lora")
+PRESETS = ("small", "tiny")
+LR_SCHEDULES = ("constant", "cosine")
+STAGE_NAMES = ("synthetic", "real")
+D_BETAS = (0.5, 0.999)  # pix2pix's Adam betas for the discriminator
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run is made of; saved as train_config.json beside the checkpoints."""
+
+    # ---- model -----------------------------------------------------------------------------------
+    family: str = "small"
+    """"small": the from-scratch refiner, every parameter trained; "lora": SD-Turbo base + LoRA (adapters and skip convs trained)."""
+    base: str | None = None
+    """lora: SD-Turbo-style diffusers folder or hub id (stabilityai/sd-turbo), or a refiner folder to continue; small: optional refiner folder to continue."""
+    model_preset: str = "small"
+    """small family architecture when starting from scratch: "small" (~17 M parameters) or "tiny" (tests, --smoke)."""
+    codec: str = "vae"
+    """lora family on an SD base: "vae" (the SD VAE) or "tiny" (TAESD, from codec_model)."""
+    codec_model: str | None = None
+    """Folder or hub id of the tiny codec (lora family, codec "tiny"); None: madebyollin/taesd."""
+    prompt: str = ""
+    """lora family on an SD base: text of the fixed prompt embedding (needs the base's text encoder once)."""
+    timestep: int | None = None
+    """U-Net timestep T of the single step; None: the family default (small 199, SD-Turbo 999)."""
+    seen_mask: bool = False
+    """Feed the sample's "seen" mask to the refiner as an extra input channel."""
+    lora_rank: int = 8
+    """U-Net LoRA rank (pix2pix-turbo: 8)."""
+    lora_decoder_rank: int = 4
+    """VAE-decoder LoRA rank, 0 for none (pix2pix-turbo: 4; needs a codec with a decoder)."""
+    skip_convs: bool = True
+    """pix2pix-turbo encoder->decoder skip convs (lora family with the "vae" codec only)."""
+    # ---- data and batches ---------------------------------------------------------------------------
+    resolution: int = 256
+    """Side S of the square training samples, pixels (a multiple of the codec factor)."""
+    batch_size: int = 4
+    """Samples per micro-batch per rank (B)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; effective batch = B x ranks x grad_accum."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    # ---- optimisation --------------------------------------------------------------------------------
+    lr: float = 1e-4
+    """Peak AdamW learning rate of the refiner (stage 1)."""
+    lr_d: float = 1e-4
+    """AdamW learning rate of the discriminator (betas 0.5, 0.999), constant."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay of the refiner."""
+    warmup_steps: int = 500
+    """Linear learning-rate warm-up at the start of each stage, optimizer steps."""
+    lr_schedule: str = "constant"
+    """After warm-up: "constant" or "cosine" (to 0 at the end of each stage)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping of the refiner (global L2 norm); 0 disables."""
+    stage1_steps: int = 10_000
+    """Optimizer steps of stage 1 (synthetic pairs)."""
+    stage2_steps: int = 0
+    """Optimizer steps of stage 2 (real pairs); 0: no stage 2."""
+    stage2_lr_scale: float = 0.3
+    """Stage-2 learning rate as a fraction of lr (fine-tuning)."""
+    noise_min: float = 0.0
+    """Lower end of the per-sample noise level s ~ U[noise_min, noise_max] (fraction of T)."""
+    noise_max: float = 0.5
+    """Upper end of the noise level range; noise_min = noise_max = 0 trains without noise."""
+    # ---- losses ----------------------------------------------------------------------------------------
+    l2_weight: float = 1.0
+    """Weight of the masked L2 loss."""
+    ssim_weight: float = 0.5
+    """Weight of the masked (1 - SSIM) / 2 loss."""
+    gan_weight: float = 0.05
+    """Weight of the generator hinge loss; 0 turns the discriminator off (unless feature matching is on)."""
+    feature_matching_weight: float = 0.0
+    """Weight of discriminator feature matching (a perceptual stand-in, not an identity loss)."""
+    gan_start_step: int = 2000
+    """Optimizer step from which the discriminator trains and the adversarial terms count (GAN warm-up)."""
+    d_scales: int = 2
+    """Discriminator image scales."""
+    d_channels: int = 64
+    """Discriminator base width."""
+    d_layers: int = 3
+    """Stride-2 layers per discriminator scale."""
+    # ---- EMA, precision, reproducibility ---------------------------------------------------------------
+    ema_decay: float = 0.999
+    """EMA decay of the exported weights (with a (1 + t) / (10 + t) warm-up)."""
+    bf16: bool = True
+    """bf16 autocast on CUDA devices (ignored on CPU); master weights stay float32."""
+    seed: int = 0
+    """Seed of initialisation, data order, augmentation and noise."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms (exact CUDA resume, slower)."""
+    # ---- logging and checkpoints ---------------------------------------------------------------------------
+    log_every: int = 10
+    """Optimizer steps between scalar logs (averaged over the window and the ranks)."""
+    image_every: int = 500
+    """Steps between image grids (ref | input | output | target) in TensorBoard; 0: never."""
+    ckpt_every: int = 1000
+    """Steps between checkpoints (also written at the end of each stage); 0: only at stage ends."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept (oldest removed first)."""
+    val_every: int = 1000
+    """Steps between validations of the EMA weights (when a validation set is given); 0: at the end only."""
+    val_samples: int = 32
+    """Validation samples evaluated (the first ones of the set)."""
+    identity_metric: bool = True
+    """Report the dlib identity distance in validation (a metric, no gradient; off without dlib)."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    export_base: bool = False
+    """lora family: also write the frozen base (unet/, vae/) into the export; default: adapters on top of base."""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"expected family in {FAMILIES}, got {self.family!r}")
+        if self.model_preset not in PRESETS:
+            raise ValueError(f"expected model_preset in {PRESETS}, got {self.model_preset!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"expected lr_schedule in {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.resolution < 8 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"expected resolution >= 8, batch_size >= 1, grad_accum >= 1, got {self.resolution}, {self.batch_size}, {self.grad_accum}")
+        if self.stage1_steps < 0 or self.stage2_steps < 0 or self.stage1_steps + self.stage2_steps < 1:
+            raise ValueError(f"expected stage steps >= 0 and at least one step in all, got {self.stage1_steps} and {self.stage2_steps}")
+        if not 0.0 <= self.noise_min <= self.noise_max <= 1.0:
+            raise ValueError(f"expected 0 <= noise_min <= noise_max <= 1, got {self.noise_min} and {self.noise_max}")
+        for name in ("lr", "lr_d", "l2_weight", "ssim_weight", "gan_weight", "feature_matching_weight", "weight_decay", "max_grad_norm", "stage2_lr_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"expected {name} >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"expected ema_decay in [0, 1), got {self.ema_decay}")
+        if self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError(f"expected log_every >= 1 and keep_checkpoints >= 1, got {self.log_every} and {self.keep_checkpoints}")
+        if min(self.image_every, self.ckpt_every, self.val_every, self.val_samples, self.gan_start_step, self.warmup_steps, self.num_workers) < 0:
+            raise ValueError("expected image_every, ckpt_every, val_every, val_samples, gan_start_step, warmup_steps, num_workers >= 0")
+
+    # ---- derived ------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.gan_weight > 0 or self.feature_matching_weight > 0
+
+    @property
+    def discriminator(self) -> DiscriminatorConfig:
+        return DiscriminatorConfig(scales=self.d_scales, channels=self.d_channels, layers=self.d_layers)
+
+    def stage_of(self, step: int) -> tuple[int, int, int]:
+        """(stage 0 | 1, step within the stage, stage length) of global optimizer step ``step``."""
+        if step < self.stage1_steps:
+            return 0, step, self.stage1_steps
+        return 1, step - self.stage1_steps, self.stage2_steps
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of lr at ``step``: per-stage linear warm-up, then constant or cosine; x stage2_lr_scale in stage 2."""
+        stage, local, length = self.stage_of(step)
+        factor = min(1.0, (local + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.lr_schedule == "cosine":
+            factor *= 0.5 * (1.0 + math.cos(math.pi * local / max(length, 1)))
+        return factor * (self.stage2_lr_scale if stage == 1 else 1.0)
+
+    # ---- json ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"expected train config format_version {FORMAT_VERSION}, got {version}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"expected train config fields from {sorted(known)}, got unknown {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def image_grid(columns: list[Tensor]) -> Tensor:
+    """Columns of images, each [N, 3, S, S] in [0, 1] -> one picture [3, N S, len(columns) S]."""
+    return torch.cat([torch.cat(list(col.float().clamp(0, 1).cpu()), dim=1) for col in columns], dim=2)
+
+
+def hardware_info(ctx: DistContext) -> dict:
+    info = {
+        "device": str(ctx.device),
+        "world_size": ctx.world_size,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    if ctx.device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(ctx.device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder under out_dir/checkpoints, or None."""
+    found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step_*"))
+    found = [p for p in found if (p / CHECKPOINT_FILE).is_file()]
+    return found[-1] if found else None
+
+
+class _Window:
+    """Running sums of scalars between log steps."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+class Trainer:
+    """Trains a refiner (models.refiner.Refiner) on pair datasets (models.training.data).
+
+    refiner: its trainable_parameters() are trained (all of them for a model
+        without adapters; adapters, skip convs, seen-mask conv_in and a learned
+        prompt with LoRA).
+    stage1 / stage2: datasets of the sample format (stage2 may be None when
+        stage2_steps is 0); val: optional validation pairs.
+    ctx: the data-parallel context (models.training.distributed.init_distributed);
+        None: one process on ``device`` (default cpu).
+    """
+
+    def __init__(
+        self,
+        refiner: nn.Module,
+        config: TrainConfig,
+        out_dir: str | Path,
+        stage1: Dataset | None,
+        stage2: Dataset | None = None,
+        val: Dataset | None = None,
+        ctx: DistContext | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.config = config
+        self.ctx = ctx or DistContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+        self.device = self.ctx.device
+        self.out_dir = Path(out_dir)
+        self.datasets = (stage1, stage2)
+        self.val = val
+        for i, (ds, steps) in enumerate(((stage1, config.stage1_steps), (stage2, config.stage2_steps))):
+            if steps and ds is None:
+                raise ValueError(f"expected a stage-{i + 1} ({STAGE_NAMES[i]}) dataset for stage{i + 1}_steps={steps}, got none")
+            if steps and len(ds) == 0:
+                raise ValueError(f"expected a non-empty stage-{i + 1} ({STAGE_NAMES[i]}) dataset, got 0 samples")
+            if ds is not None and len(ds):
+                check_sample(KeyedDataset(ds)[(0, 0)], config.resolution)  # seeded: no global RNG draw
+        factor = getattr(refiner, "factor", 1)
+        if config.resolution % factor:
+            raise ValueError(f"expected a resolution that is a multiple of the codec factor {factor}, got {config.resolution}")
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+
+        # ---- refiner, EMA, optimizer --------------------------------------------------------------
+        self.model = refiner.to(self.device)
+        self.model.train()
+        trainable = {id(p) for p in refiner.trainable_parameters()}
+        self.named_trainable = [(n, p) for n, p in refiner.named_parameters() if id(p) in trainable]
+        if not self.named_trainable:
+            raise ValueError("expected a refiner with trainable parameters, got none")
+        for _, p in self.named_trainable:
+            p.requires_grad_(True)
+        self.ddp_model = self._wrap(self.model)  # DDP broadcasts rank 0's weights: the EMA starts from those
+        self.ema = EMA(self.named_trainable, config.ema_decay)
+        self.optimizer = torch.optim.AdamW(
+            [p for _, p in self.named_trainable], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+        )
+
+        # ---- discriminator -------------------------------------------------------------------------------
+        self.discriminator: MultiScaleDiscriminator | None = None
+        self.optimizer_d = None
+        self.ddp_discriminator = None
+        if config.uses_discriminator:
+            check_input_size(config.discriminator, config.resolution)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(config.seed, 0xD15C))
+                self.discriminator = MultiScaleDiscriminator(config.discriminator).to(self.device)
+            self.optimizer_d = torch.optim.AdamW(self.discriminator.parameters(), lr=config.lr_d, betas=D_BETAS, weight_decay=0.0)
+            self.ddp_discriminator = self._wrap(self.discriminator)
+
+        self.step = 0
+        self.wall_s = 0.0
+        self.last_losses: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        self._window = _Window()
+        self._loader_stage: int | None = None
+        self._batches = None
+        self._writer = None
+        self._writer_failed = False
+        self._identity = None
+        self._last_images: list[Tensor] | None = None
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / CONFIG_NAME).write_text(config.to_json())
+        n_train = sum(p.numel() for _, p in self.named_trainable)
+        n_all = sum(p.numel() for p in refiner.parameters())
+        if self.ctx.is_main:
+            logger.info(
+                "trainer: %s family, %.2f M of %.2f M parameters trained, effective batch %d (%d x %d ranks x %d), device %s",
+                config.family, n_train / 1e6, n_all / 1e6, self.effective_batch, config.batch_size, self.ctx.world_size, config.grad_accum, self.device,
+            )
+
+    # ---- setup helpers -------------------------------------------------------------------------------------
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.ctx.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.config.batch_size * self.ctx.world_size * self.config.grad_accum
+
+    @property
+    def stage(self) -> int:
+        return self.config.stage_of(self.step)[0]
+
+    @property
+    def gan_active(self) -> bool:
+        return self.discriminator is not None and self.step >= self.config.gan_start_step
+
+    def _loader(self, stage: int, start_local: int, length: int):
+        cfg = self.config
+        sampler = StepSampler(
+            len(self.datasets[stage]), cfg.batch_size, cfg.grad_accum, self.ctx, seed=cfg.seed, stage=stage,
+            start_step=start_local, end_step=length,
+        )
+        loader = DataLoader(
+            KeyedDataset(self.datasets[stage]),
+            batch_sampler=sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def _next_batch(self) -> dict:
+        stage, local, length = self.config.stage_of(self.step)
+        if self._loader_stage != stage or self._batches is None:
+            self._batches = self._loader(stage, local, length)
+            self._loader_stage = stage
+        return next(self._batches)
+
+    def _autocast(self):
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _noise_levels(self, draws: Tensor) -> Tensor | float:
+        """Per-sample noise level s_i ~ U[noise_min, noise_max] from each draw's seed: [B], or 0.0 for none."""
+        lo, hi = self.config.noise_min, self.config.noise_max
+        if hi == 0.0:
+            return 0.0
+        u = torch.stack([torch.rand((), generator=draw_generator(mix_seed(int(d), 2))) for d in draws])
+        return (lo + (hi - lo) * u).to(self.device)
+
+    def _noise_generator(self, micro: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(mix_seed(self.config.seed, self.step, self.ctx.rank, micro, 3))
+        return g
+
+    # ---- one optimizer step --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (grad_accum micro-batches on every rank); returns this rank's losses."""
+        cfg = self.config
+        if self.step >= cfg.total_steps:
+            raise RuntimeError(f"expected a step below total_steps={cfg.total_steps}, got step {self.step} (training is done)")
+        t0 = time.perf_counter()
+        gan = self.gan_active
+        self.model.train()
+        lr = cfg.lr * cfg.lr_factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        logs: dict[str, float] = {}
+        if gan:
+            self.discriminator.power_iteration()  # once per step; every pass below is in eval mode
+            self.discriminator.eval()
+        for micro in range(cfg.grad_accum):
+            batch = self._next_batch()
+            last = micro == cfg.grad_accum - 1
+            with ExitStack() as stack:
+                if not last and self.ctx.distributed:
+                    stack.enter_context(self.ddp_model.no_sync())
+                    if gan:
+                        stack.enter_context(self.ddp_discriminator.no_sync())
+                values = self._micro_step(batch, micro, gan)
+            for k, v in values.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+
+        params = [p for _, p in self.named_trainable]
+        if cfg.max_grad_norm > 0:
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if gan:
+            self.optimizer_d.step()
+            self.optimizer_d.zero_grad(set_to_none=True)
+        self.ema.update(self.step)
+        self.step += 1
+        logs["lr"] = lr
+        dt = time.perf_counter() - t0
+        self.wall_s += dt
+        logs["step_s"] = dt
+        return logs
+
+    def _micro_step(self, batch: dict, micro: int, gan: bool) -> dict[str, float]:
+        cfg = self.config
+        dev = self.device
+        ref = batch["ref"].to(dev, non_blocking=True)  # [B, 3, S, S]
+        views = batch["views"].to(dev, non_blocking=True)  # [B, V, 3, S, S]
+        target = batch["target"].to(dev, non_blocking=True)
+        weight = batch["weight"].to(dev, non_blocking=True)  # [B, V, 1, S, S]
+        seen = batch["seen"].to(dev, non_blocking=True) if self.model.config.seen_mask else None
+        s = self._noise_levels(batch["draw"])
+        with self._autocast():
+            out = self.ddp_model(ref, views, seen, noise_level=s, generator=self._noise_generator(micro))  # [B, V, 3, S, S]
+        y = out.flatten(0, 1).float()  # [B V, 3, S, S]
+        t = target.flatten(0, 1)
+        w = weight.flatten(0, 1)
+        l2 = losses.masked_l2(y, t, w)
+        ssim = losses.masked_ssim_loss(y, t, w)
+        total = cfg.l2_weight * l2 + cfg.ssim_weight * ssim
+        logs = {"l2": l2.item(), "ssim": ssim.item()}
+        if gan:
+            d = self.discriminator  # the module itself, not DDP: no gradient reaches its weights here
+            d.requires_grad_(False)
+            with self._autocast():
+                fake_logits, fake_feats = d(y)
+                g_adv = losses.g_hinge_loss([x.float() for x in fake_logits], w)
+                total = total + cfg.gan_weight * g_adv
+                logs["g_adv"] = g_adv.item()
+                if cfg.feature_matching_weight > 0:
+                    with torch.no_grad():
+                        _, real_feats = d(t)
+                    fm = losses.feature_matching_loss(
+                        [[f.float() for f in fs] for fs in fake_feats], [[f.float() for f in fs] for fs in real_feats], w
+                    )
+                    total = total + cfg.feature_matching_weight * fm
+                    logs["fm"] = fm.item()
+            d.requires_grad_(True)
+        (total / cfg.grad_accum).backward()
+        logs["loss"] = total.item()
+        if gan:
+            with self._autocast():
+                logits, _ = self.ddp_discriminator(torch.cat([t, y.detach()]))  # one pass: real then fake
+            n = t.shape[0]
+            real = [x[:n].float() for x in logits]
+            fake = [x[n:].float() for x in logits]
+            d_loss = losses.d_hinge_loss(real, fake, w)
+            (d_loss / cfg.grad_accum).backward()
+            logs["d_loss"] = d_loss.item()
+            logs["d_real"] = sum(x.detach().mean().item() for x in real) / len(real)
+            logs["d_fake"] = sum(x.detach().mean().item() for x in fake) / len(fake)
+        if self.ctx.is_main and micro == cfg.grad_accum - 1:
+            k = min(4, ref.shape[0])
+            self._last_images = [ref[:k].detach(), views[:k, 0].detach(), out[:k, 0].detach(), target[:k, 0].detach()]
+        return logs
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        """Train from the current step to the end of stage 2; returns the last logged losses."""
+        cfg = self.config
+        bar = None
+        if self.ctx.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
+        try:
+            while self.step < cfg.total_steps:
+                stage, local, length = cfg.stage_of(self.step)
+                if local == 0 and self.ctx.is_main:
+                    logger.info("stage %d (%s): %d steps, %d pairs", stage + 1, STAGE_NAMES[stage], length, len(self.datasets[stage]))
+                values = self.train_step()
+                self._window.add(values)
+                step = self.step
+                stage_end = cfg.stage_of(step - 1)[1] == length - 1
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    self._log_scalars(bar)
+                if self.ctx.is_main and cfg.image_every and step % cfg.image_every == 0:
+                    self._log_images()
+                if self.val is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.total_steps):
+                    self.validate()
+                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stage_end:
+                    self.save_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._writer is not None:
+                self._writer.flush()
+        return dict(self.last_losses)
+
+    # ---- logging ---------------------------------------------------------------------------------------------
+    def _writer_or_none(self):
+        if self._writer is None and not self._writer_failed and self.ctx.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._writer_failed = True
+                logger.info("TensorBoard logs off: tensorboard is not installed (scalars still go to log.jsonl)")
+                return None
+            self._writer = SummaryWriter(str(self.out_dir / "logs"))
+        return self._writer
+
+    def _log_scalars(self, bar) -> None:
+        means = mean_over_ranks(self._window.means(), self.ctx)
+        self._window.clear()
+        if not means:
+            return
+        self.last_losses = {k: v for k, v in means.items() if k not in ("lr", "step_s", "grad_norm")}
+        if not self.ctx.is_main:
+            return
+        stage = self.config.stage_of(self.step - 1)[0]
+        record = {"step": self.step, "stage": stage + 1, "wall_s": round(self.wall_s, 3), **{k: float(v) for k, v in means.items()}}
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._writer_or_none()
+        if writer is not None:
+            for k, v in means.items():
+                group = "lr" if k == "lr" else ("perf" if k in ("step_s", "grad_norm") else "loss")
+                writer.add_scalar(f"{group}/{k}", v, self.step)
+            if "step_s" in means and means["step_s"] > 0:
+                writer.add_scalar("perf/it_per_s", 1.0 / means["step_s"], self.step)
+            writer.add_scalar("stage", stage + 1, self.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", stage=stage + 1)
+        logger.debug("step %d: %s", self.step, record)
+
+    def _log_images(self) -> None:
+        writer = self._writer_or_none()
+        if writer is None or self._last_images is None:
+            return
+        stage = self.config.stage_of(self.step - 1)[0]
+        writer.add_image(f"samples/{STAGE_NAMES[stage]}", image_grid(self._last_images), self.step)
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, max_samples: int | None = None, use_ema: bool = True) -> dict[str, float]:
+        """Masked PSNR / L2 / SSIM of the (EMA) refiner on the first samples of ``dataset``,
+        the same for the unrefined input views (baseline), and the dlib identity distance
+        when available. Runs on this process only (call it on rank 0)."""
+        cfg = self.config
+        n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+        if n < 1:
+            raise ValueError("expected a validation set with at least one sample, got none")
+        keyed = KeyedDataset(dataset)
+        identity = None
+        if cfg.identity_metric:
+            if self._identity is None:
+                from .identity import IdentityMetric
+
+                self._identity = IdentityMetric()
+            identity = self._identity if self._identity.available else None
+        sums: dict[str, float] = {}
+        count = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.ema.swapped() if use_ema else nullcontext():
+                for first in range(0, n, cfg.batch_size):
+                    batch = collate([keyed[(i, mix_seed(cfg.seed, 0x7A1, i))] for i in range(first, min(n, first + cfg.batch_size))])
+                    ref, views = batch["ref"].to(self.device), batch["views"].to(self.device)
+                    seen = batch["seen"].to(self.device) if self.model.config.seen_mask else None
+                    with self._autocast():
+                        out = self.model(ref, views, seen)
+                    y = out.flatten(0, 1).float()
+                    t = batch["target"].flatten(0, 1).to(self.device)
+                    w = batch["weight"].flatten(0, 1).to(self.device)
+                    x = views.flatten(0, 1)
+                    metrics = {
+                        "psnr": losses.masked_psnr(y, t, w),
+                        "psnr_input": losses.masked_psnr(x, t, w),
+                    }
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.sum())
+                    sums["l2"] = sums.get("l2", 0.0) + float(losses.masked_l2(y, t, w)) * y.shape[0]
+                    sums["ssim"] = sums.get("ssim", 0.0) + float(losses.masked_ssim_loss(y, t, w)) * y.shape[0]
+                    if identity is not None:
+                        d = identity.batch_distance(y.cpu(), t.cpu())
+                        sums["identity"] = sums.get("identity", 0.0) + sum(d)
+                    count += y.shape[0]
+        finally:
+            self.model.train(was_training)
+        return {k: v / count for k, v in sums.items()}
+
+    def validate(self) -> dict[str, float]:
+        """evaluate() on the validation set (rank 0), logged under val/; other ranks wait."""
+        metrics: dict[str, float] = {}
+        if self.ctx.is_main and self.val is not None:
+            metrics = self.evaluate(self.val, self.config.val_samples)
+            self.last_val = metrics
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}}) + "\n")
+            writer = self._writer_or_none()
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"val/{k}", v, self.step)
+            logger.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        barrier(self.ctx)
+        return metrics
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "wall_s": self.wall_s,
+            "config": self.config.to_dict(),
+            "model": {n: p.detach().cpu().clone() for n, p in self.named_trainable},
+            "buffers": self._buffers(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
+            "optimizer_d": self.optimizer_d.state_dict() if self.optimizer_d is not None else None,
+            "rng": rng,
+            "last_losses": self.last_losses,
+            "last_val": self.last_val,
+        }
+
+    def _buffers(self) -> dict[str, Tensor]:
+        """The refiner's saved buffers (e.g. a fixed random prompt embedding): not trained, but part of the model."""
+        state = self.model.state_dict()
+        return {n: state[n].detach().cpu().clone() for n, _ in self.model.named_buffers() if n in state}
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step_XXXXXXX/trainer.pt (rank 0; atomically), drop old ones; every rank waits."""
+        path = self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}"
+        if self.ctx.is_main:
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(self.state_dict(), tmp / CHECKPOINT_FILE)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            kept = sorted(p for p in path.parent.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in kept[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            logger.info("checkpoint %s", path)
+        barrier(self.ctx)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from a checkpoint folder (or its trainer.pt); every rank loads it."""
+        path = Path(path)
+        file = path / CHECKPOINT_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"expected a checkpoint folder with {CHECKPOINT_FILE} (or the file), got {path}")
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"expected checkpoint format_version {FORMAT_VERSION}, got {state.get('format_version')}")
+        saved = TrainConfig.from_dict(state["config"])
+        changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(saved, f.name) != getattr(self.config, f.name)}
+        if changed:
+            logger.warning("resuming with changed settings: %s", ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(self.config, k)!r}" for k in sorted(changed)))
+        params = dict(self.named_trainable)
+        if set(state["model"]) != set(params):
+            missing, extra = sorted(set(params) - set(state["model"])), sorted(set(state["model"]) - set(params))
+            raise ValueError(
+                f"expected checkpoint tensors for the {len(params)} trained parameters, got {len(missing)} missing "
+                f"(e.g. {missing[:2]}) and {len(extra)} unknown (e.g. {extra[:2]}): same family/base/LoRA settings?"
+            )
+        with torch.no_grad():
+            for n, t in state["model"].items():
+                if t.shape != params[n].shape:
+                    raise ValueError(f"expected checkpoint tensor {n} of shape {tuple(params[n].shape)}, got {tuple(t.shape)}")
+                params[n].copy_(t)
+            buffers = dict(self.model.named_buffers())
+            for n, t in state.get("buffers", {}).items():
+                if n not in buffers or buffers[n].shape != t.shape:
+                    raise ValueError(f"expected checkpoint buffer {n} to match the refiner's, got shape {tuple(t.shape)}")
+                buffers[n].copy_(t)
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.discriminator is not None:
+            if state["discriminator"] is None:
+                logger.warning("checkpoint has no discriminator: it starts from scratch")
+            else:
+                self.discriminator.load_state_dict(state["discriminator"])
+                self.optimizer_d.load_state_dict(state["optimizer_d"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = int(state["step"])
+        self.wall_s = float(state["wall_s"])
+        self.last_losses = dict(state.get("last_losses", {}))
+        self.last_val = dict(state.get("last_val", {}))
+        self._batches, self._loader_stage = None, None
+        logger.info("resumed from %s at step %d", file, self.step)
+
+    # ---- export -------------------------------------------------------------------------------------------------
+    def export(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """EMA weights -> refiner.save_pretrained(directory) + training.json (rank 0); every rank waits.
+
+        lora family with a named base: only the adapters (lora/) and refiner.json
+        pointing at the base, unless export_base; otherwise the whole refiner.
+        """
+        directory = Path(directory)
+        if self.ctx.is_main:
+            model = self.model
+            include_base = not (model.has_lora and model.config.base_model is not None and not self.config.export_base)
+            with self.ema.swapped():
+                model.save_pretrained(directory, include_base=include_base)
+            stage1_done = min(self.step, self.config.stage1_steps)
+            info = {
+                "format_version": FORMAT_VERSION,
+                "config": self.config.to_dict(),
+                "refiner": json.loads(model.config.to_json()),
+                "steps": {"stage1": stage1_done, "stage2": self.step - stage1_done, "total": self.step},
+                "effective_batch": self.effective_batch,
+                "wall_time_s": round(self.wall_s, 2),
+                "hardware": hardware_info(self.ctx),
+                "datasets": {STAGE_NAMES[i]: (len(d) if d is not None else 0) for i, d in enumerate(self.datasets)},
+                "parameters": {
+                    "trained": sum(p.numel() for _, p in self.named_trainable),
+                    "total": sum(p.numel() for p in model.parameters()),
+                },
+                "final_losses": self.last_losses,
+                "final_validation": self.last_val,
+                "weights": "EMA",
+                "includes_base": include_base,
+                **(extra or {}),
+            }
+            (directory / TRAINING_JSON).write_text(json.dumps(info, indent=2))
+            logger.info("exported EMA refiner to %s", directory)
+        barrier(self.ctx)
+        return directory
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+__all__ = ["TrainConfig", "Trainer", "image_grid", "latest_checkpoint", "hardware_info"]
