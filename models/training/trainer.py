@@ -337,6 +337,7 @@ class Trainer:
         if config.resolution % factor:
             raise ValueError(f"expected a resolution that is a multiple of the codec factor {factor}, got {config.resolution}")
         if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before the model meets the GPU)
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
 
