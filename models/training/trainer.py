@@ -26,7 +26,7 @@ functions of (seed, stage, step, rank, micro-batch) - no hidden RNG state - so
 a resumed run repeats the uninterrupted one bit for bit on CPU (on CUDA up to
 non-deterministic kernels unless ``deterministic`` is set).
 
-Outputs under ``out_dir``: train_config.json, checkpoints/step_XXXXXXX/
+Outputs under ``out_dir``: train_config.json, checkpoints/step_NNNNNNN/
 (trainer.pt), logs/ (TensorBoard events), log.jsonl (the same scalars, one JSON
 object per log step), and whatever export() is pointed at.
 """
@@ -337,6 +337,7 @@ class Trainer:
         if config.resolution % factor:
             raise ValueError(f"expected a resolution that is a multiple of the codec factor {factor}, got {config.resolution}")
         if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before the model meets the GPU)
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
 
@@ -718,7 +719,7 @@ class Trainer:
         return {n: state[n].detach().cpu().clone() for n, _ in self.model.named_buffers() if n in state}
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step_XXXXXXX/trainer.pt (rank 0; atomically), drop old ones; every rank waits."""
+        """Write checkpoints/step_NNNNNNN/trainer.pt (rank 0; atomically), drop old ones; every rank waits."""
         path = self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}"
         if self.ctx.is_main:
             tmp = path.with_name(path.name + ".tmp")

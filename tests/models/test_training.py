@@ -202,3 +202,13 @@ def test_trainer_input_errors(tmp_path):
         Trainer(model, _config(gan_weight=0.1, d_layers=3), tmp_path / "c", _pairs())
     with pytest.raises(ValueError, match="lora family"):
         build_refiner(_config(family="lora"))
+
+
+def test_seen_mask_reaches_the_refiner(tmp_path):
+    config = _config(stage1_steps=2, seen_mask=True)
+    torch.manual_seed(0)
+    model = build_refiner(config)
+    assert model.config.seen_mask and model.unet.conv_in.in_channels == model.codec.latent_channels + 1
+    seen_weights = model.unet.conv_in.weight[:, -1].detach().clone()  # the seen-mask input channel
+    Trainer(model, config, tmp_path / "run", _pairs()).train_step()
+    assert not torch.equal(model.unet.conv_in.weight[:, -1], seen_weights)
