@@ -67,6 +67,8 @@ EXTERNAL_COMMANDS: list[tuple[str, str, str]] = [
     ("receive", "serve the viewer page and the signaling endpoint", "telepresence.receiver:main"),
     ("eval", "score raw and refined novel views on a folder of real clips", "telepresence.eval_cli:eval_main"),
     ("bench", "per-stage pipeline timing (landmarks, avatar, render, refine, encode)", "telepresence.eval_cli:bench_main"),
+    ("pairs", "make stage-1 (synthetic) and stage-2 (real) training pairs from indexed clips", "models.training.pairs:pairs_main"),
+    ("train", "train the refiner (two stages, variable noise, LoRA or from scratch, GAN)", "telepresence.train_cli:train_main"),
 ]
 
 
