@@ -316,7 +316,7 @@ class Refiner(nn.Module):
 
     @classmethod
     def tiny(cls, codec: str = "pixel_unshuffle", **overrides) -> "Refiner":
-        """A few-hundred-thousand-parameter refiner for tests (32x32 images)."""
+        """A ~1 M-parameter refiner for tests (32x32 images)."""
         config = RefinerConfig.tiny(codec=codec, **overrides)
         return cls.build(config, "tiny", "tiny" if codec != "pixel_unshuffle" else None)
 
@@ -469,8 +469,12 @@ class Refiner(nn.Module):
         views [B, V, 3, H, W] in [0, 1]: the avatar's renders at the novel cameras.
         seen [B, V, 1, H, W] in [0, 1] or None (all seen); only with config.seen_mask.
         noise_level: None (config default), a float, or [B] per-sample levels in [0, 1].
-        Returns the refined views [B, V, 3, H, W] in [0, 1] (model dtype).
+        generator: for the noise (on the model's device).
+        Returns the refined views [B, V, 3, H, W] in [0, 1] (model dtype), clamped
+        as pix2pix-turbo does (zero gradient where the prediction leaves [0, 1]).
         """
+        if ref is None:
+            raise ValueError("expected ref [B, 3, H, W], got None (a cached reference is for refine(None, views))")
         b, vn, h, w = self._check_inputs(ref, views, seen)
         s = self._noise_levels(noise_level, b)
         noise, signal, sigma = self._noise(s, b, vn, h, w, generator, self.dtype)

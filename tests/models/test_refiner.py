@@ -156,6 +156,7 @@ def test_forward_is_differentiable_and_trainable_parameters():
         (lambda m, r, v: m(r, v, noise_level=1.5), r"expected noise_level in \[0, 1\], got 1.5"),
         (lambda m, r, v: m(r, v, noise_level=torch.rand(3)), r"expected noise_level \[B\] = \(1,\), got \(3,\)"),
         (lambda m, r, v: m(r, v[:, :0]), r"expected at least one novel view, got V=0"),
+        (lambda m, r, v: m(None, v), r"expected ref \[B, 3, H, W\], got None"),
     ],
 )
 def test_input_errors(call, match):
