@@ -78,7 +78,7 @@ HUB_FILES = (
     "config.json",
     DIFFUSERS_WEIGHTS_NAME,
 )
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "residual")
 
 
 class MissingModelError(FileNotFoundError):
@@ -115,7 +115,9 @@ class RefinerConfig:
     beta_schedule: str = "scaled_linear"
     """diffusers beta schedule name (SD: "scaled_linear")."""
     prediction_type: str = "epsilon"
-    """What the U-Net predicts: "epsilon", "v_prediction" or "sample" (x0 directly)."""
+    """What the U-Net predicts: "epsilon", "v_prediction", "sample" (x0 directly) or
+    "residual" (x0 = z_t - prediction: a correction of the render's own latent; with a
+    zero-initialised output layer a new model starts as the identity)."""
     noise_level: float = 0.0
     """Default noise added to the novel views, a fraction of T in [0, 1] (0: none)."""
     view_attention: str = "joint"
@@ -166,6 +168,7 @@ class RefinerConfig:
             prompt_dim=architectures.SMALL_UNET["cross_attention_dim"],
             learned_prompt=True,
             view_attention="ref_isolated",
+            prediction_type="residual",
         )
         return cls(**{**defaults, **overrides})
 
@@ -300,6 +303,10 @@ class Refiner(nn.Module):
         unet = architectures.build_unet(
             unet_preset, in_channels=codec.latent_channels + int(config.seen_mask), out_channels=codec.latent_channels
         )
+        if config.prediction_type == "residual":
+            # A new residual model starts as the identity: the render passes through unchanged.
+            torch.nn.init.zeros_(unet.conv_out.weight)
+            torch.nn.init.zeros_(unet.conv_out.bias)
         return cls(config, unet, codec)
 
     @classmethod
@@ -397,6 +404,8 @@ class Refiner(nn.Module):
             return (z_t - self._sqrt_1m_a_t * pred) / self._sqrt_a_t
         if kind == "v_prediction":
             return self._sqrt_a_t * z_t - self._sqrt_1m_a_t * pred
+        if kind == "residual":
+            return z_t - pred
         return pred
 
     def _seen_channel(self, seen: Tensor | None, b: int, v: int, vn: int, h: int, w: int, dtype) -> Tensor:

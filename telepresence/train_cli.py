@@ -35,7 +35,7 @@ _CONFIG_FLAGS = {
     "image_every": "image_every", "ckpt_every": "ckpt_every", "keep_checkpoints": "keep_checkpoints",
     "val_every": "val_every", "val_samples": "val_samples", "identity_metric": "identity_metric",
     "progress": "progress", "export_base": "export_base", "d_scales": "d_scales", "d_channels": "d_channels",
-    "d_layers": "d_layers",
+    "d_layers": "d_layers", "max_wall_s": "max_wall_s",
 }
 # --smoke: a few steps of the tiny model on synthetic 32 x 32 pairs, every feature switched on
 _SMOKE = dict(
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-samples", type=int)
     g.add_argument("--no-identity", dest="identity_metric", action="store_false", default=None, help="no dlib identity metric")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--time-budget", dest="max_wall_s", type=float, help="stop early after this many seconds of training (then validate and export)")
     g.add_argument("--export-base", action="store_true", default=None, help="lora: also export the frozen base weights")
     return p
 

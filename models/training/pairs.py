@@ -288,7 +288,7 @@ def plan_tasks(
     stage: int,
     total: int,
     config: PairConfig = PairConfig(),
-    chunk: int = 24,
+    chunk: int = 64,
     seed: int = 0,
 ) -> list[PairTask]:
     """Spread ``total`` samples of one stage evenly over clips [(index .npz, video)] in chunks."""

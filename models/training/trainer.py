@@ -172,6 +172,8 @@ class TrainConfig:
     """Report the dlib identity distance in validation (a metric, no gradient; off without dlib)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    max_wall_s: float = 0.0
+    """Stop early (validate, checkpoint, export as at the end) after this many seconds of training; 0: no limit."""
     export_base: bool = False
     """lora family: also write the frozen base (unet/, vae/) into the export; default: adapters on top of base."""
 
@@ -559,6 +561,13 @@ class Trainer:
             bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
         try:
             while self.step < cfg.total_steps:
+                if cfg.max_wall_s and self.wall_s >= cfg.max_wall_s:
+                    if self.ctx.is_main:
+                        logger.info("time budget of %.0f s reached at step %d: stopping early", cfg.max_wall_s, self.step)
+                    if self.val is not None:
+                        self.validate()
+                    self.save_checkpoint()
+                    break
                 stage, local, length = cfg.stage_of(self.step)
                 if local == 0 and self.ctx.is_main:
                     logger.info("stage %d (%s): %d steps, %d pairs", stage + 1, STAGE_NAMES[stage], length, len(self.datasets[stage]))

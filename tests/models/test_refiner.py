@@ -260,3 +260,16 @@ def test_prepare_merges_lora_and_matches_the_unmerged_forward():
     model.prepare("cpu", torch.float32)  # merges adapters, then fuses q/k/v from the merged weights
     assert all(p.qkv_weight is not None for p in self_attn_processors(model.unet))
     torch.testing.assert_close(model.refine(ref, novel), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_new_residual_refiner_starts_as_the_identity():
+    """prediction_type "residual": x0 = z_t - U(...), with U's output layer zeroed at
+    construction, so an untrained model returns the renders unchanged (no noise)."""
+    torch.manual_seed(0)
+    model = Refiner.tiny(prediction_type="residual").eval()
+    ref = torch.rand(1, 3, 32, 32)
+    views = torch.rand(1, 2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(ref, views, noise_level=0.0)
+    assert torch.allclose(out, views, atol=1e-5)
+    assert Refiner.small().config.prediction_type == "residual"

@@ -212,3 +212,17 @@ def test_seen_mask_reaches_the_refiner(tmp_path):
     seen_weights = model.unet.conv_in.weight[:, -1].detach().clone()  # the seen-mask input channel
     Trainer(model, config, tmp_path / "run", _pairs()).train_step()
     assert not torch.equal(model.unet.conv_in.weight[:, -1], seen_weights)
+
+
+def test_time_budget_stops_early_and_still_exports(tmp_path):
+    from models.training.families import build_refiner
+
+    torch.manual_seed(0)
+    config = TrainConfig(family="small", model_preset="tiny", resolution=32, batch_size=2, stage1_steps=10_000,
+                         stage2_steps=0, num_workers=0, progress=False, gan_weight=0.0, identity_metric=False,
+                         max_wall_s=1e-9, log_every=1, val_every=0, ckpt_every=0, image_every=0)
+    data = synthetic_pairs(4, size=32)
+    trainer = Trainer(build_refiner(config), config, tmp_path / "run", data, device="cpu")
+    trainer.fit()
+    assert 1 <= trainer.step < 10
+    assert (trainer.export(tmp_path / "refiner") / "refiner.json").exists()
