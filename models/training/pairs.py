@@ -55,10 +55,11 @@ class PairConfig:
     """Stage 1: pitch of P."""
     head_weight: float = 1.0
     """Stage 2 loss weight on the target's head region."""
-    person_weight: float = 0.15
-    """Stage 2 loss weight on the rest of the person (torso did not move like a camera orbit)."""
-    background_weight: float = 0.05
-    """Stage 2 loss weight on the background (the flat background colour)."""
+    person_weight: float = 0.5
+    """Stage 2 loss weight on the rest of the person (torso did not move like a camera orbit,
+    but the refiner must not damage it either)."""
+    background_weight: float = 0.25
+    """Stage 2 loss weight on the background (the flat background colour: keep it clean)."""
     stage1_background_weight: float = 0.5
     """Stage 1 loss weight on the background (exact there too, but uninteresting)."""
     avatar: AvatarConfig = AvatarConfig()
