@@ -31,7 +31,7 @@ common=(--family small --data "$WORK/pairs/stage1" --stage2-data "$WORK/pairs/st
 # Step counts come from earlier runs on an H100 (~0.16 s a step for each of two runs,
 # GAN on); --time-budget stops either run early, and it still validates and exports.
 left=$(( BUDGET_S - ($(date +%s) - start) - 60 ))
-s1=${S1:-500}; s2=${S2:-2500}; steps=$(( s1 + s2 ))
+s1=${S1:-400}; s2=${S2:-2000}; steps=$(( s1 + s2 ))
 echo "training: stage 1 ${s1} + stage 2 ${s2} steps, at most ${left} s"
 run() {  # name, extra args
   local name=$1; shift
