@@ -813,4 +813,6 @@ def render_cameras(
     bg = torch.tensor(avatar.config.bg_color, device=avatar.device, dtype=torch.float32)[None, :, None, None]
     rgb = tex[:, :3] * alpha + bg * (1 - alpha)
     seen = ((~hidden & covered & in_pic).float() * grazing).clamp(0, 1)
+    # Where nothing opaque is drawn the picture shows the flat background: nothing was invented.
+    seen = torch.where(alpha[:, 0] < 0.02, torch.ones_like(seen), seen)
     return RenderOutput(rgb=rgb.clamp(0, 1), alpha=alpha, depth=frags.depth[:, None], seen=seen[:, None])

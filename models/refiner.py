@@ -124,6 +124,10 @@ class RefinerConfig:
     """Self-attention across views: "joint" (Difix3D), "ref_isolated" (reference attends to itself only; cacheable) or "per_view"."""
     seen_mask: bool = False
     """Feed the avatar's seen-texture mask as one extra U-Net input channel (reference: all ones)."""
+    edit_unseen_only: bool = False
+    """With "residual" prediction and a seen mask: scale the correction by (1 - seen) per latent
+    cell, so the refiner only repaints what the avatar had to invent and leaves seen texture as
+    rendered (a strong prior when real training data is scarce)."""
     prompt_tokens: int = 77
     """Tokens L of the fixed prompt embedding [L, prompt_dim] (77: full CLIP context; fewer is faster)."""
     prompt_dim: int = 1024
@@ -142,6 +146,8 @@ class RefinerConfig:
             raise ValueError(f"expected pixel_unshuffle_factor >= 1, got {self.pixel_unshuffle_factor}")
         if not 0 <= self.timestep < self.num_train_timesteps:
             raise ValueError(f"expected 0 <= timestep < {self.num_train_timesteps}, got {self.timestep}")
+        if self.edit_unseen_only and (self.prediction_type != "residual" or not self.seen_mask):
+            raise ValueError("expected edit_unseen_only only with prediction_type 'residual' and seen_mask on")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"expected prediction_type in {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if not 0.0 <= self.noise_level <= 1.0:
@@ -454,6 +460,9 @@ class Refiner(nn.Module):
             kwargs["reference_kv"] = "use"  # v counts the novel views; the reference keys/values are cached
         pred = self.unet(z_in, self._timestep, encoder_hidden_states=prompt, cross_attention_kwargs=kwargs, return_dict=False)[0]
         pred = pred.unflatten(0, (b, v))[:, v - vn :]  # novel views only: [B, Vn, C, h, w]
+        if self.config.edit_unseen_only and seen is not None:
+            gate = 1.0 - F.avg_pool2d(seen.to(dtype).flatten(0, 1), self.factor).unflatten(0, (b, vn))  # [B, Vn, 1, h, w]
+            pred = pred * gate
         z0 = self._x0(z_new, pred)
         if skips is not None:
             skips = [s.unflatten(0, (b, v))[:, v - vn :].flatten(0, 1) for s in skips]

@@ -35,7 +35,7 @@ _CONFIG_FLAGS = {
     "image_every": "image_every", "ckpt_every": "ckpt_every", "keep_checkpoints": "keep_checkpoints",
     "val_every": "val_every", "val_samples": "val_samples", "identity_metric": "identity_metric",
     "progress": "progress", "export_base": "export_base", "d_scales": "d_scales", "d_channels": "d_channels",
-    "d_layers": "d_layers", "max_wall_s": "max_wall_s",
+    "d_layers": "d_layers", "max_wall_s": "max_wall_s", "edit_unseen_only": "edit_unseen_only",
 }
 # --smoke: a few steps of the tiny model on synthetic 32 x 32 pairs, every feature switched on
 _SMOKE = dict(
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="lora: text of the fixed prompt embedding")
     g.add_argument("--timestep", type=int, help="U-Net timestep of the single step (default: family's)")
     g.add_argument("--seen-mask", dest="seen_mask", action="store_true", default=None, help="feed the seen mask to the refiner")
+    g.add_argument("--edit-unseen-only", dest="edit_unseen_only", action="store_true", default=None, help="with --seen-mask: repaint only unseen texture")
     g.add_argument("--lora-rank", type=int, help="U-Net LoRA rank")
     g.add_argument("--decoder-rank", type=int, help="VAE decoder LoRA rank (0: none)")
     g.add_argument("--no-skip-convs", dest="skip_convs", action="store_false", default=None, help="no encoder->decoder skip convs")

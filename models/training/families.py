@@ -39,6 +39,8 @@ def build_refiner(config: "TrainConfig") -> Refiner:
     if base is not None and Path(base).expanduser().is_dir():
         base = str(Path(base).expanduser().resolve())  # refiner.json of an adapter export names it: any cwd must find it
     overrides = {"seen_mask": config.seen_mask}
+    if config.edit_unseen_only:
+        overrides["edit_unseen_only"] = True
     if config.timestep is not None:
         overrides["timestep"] = config.timestep
     if config.family == "small":

@@ -91,6 +91,8 @@ class TrainConfig:
     """U-Net timestep T of the single step; None: the family default (small 199, SD-Turbo 999)."""
     seen_mask: bool = False
     """Feed the sample's "seen" mask to the refiner as an extra input channel."""
+    edit_unseen_only: bool = False
+    """small family with the seen mask: the refiner may only repaint unseen texture (RefinerConfig.edit_unseen_only)."""
     lora_rank: int = 8
     """U-Net LoRA rank (pix2pix-turbo: 8)."""
     lora_decoder_rank: int = 4

@@ -273,3 +273,20 @@ def test_new_residual_refiner_starts_as_the_identity():
         out = model(ref, views, noise_level=0.0)
     assert torch.allclose(out, views, atol=1e-5)
     assert Refiner.small().config.prediction_type == "residual"
+
+
+def test_edit_unseen_only_keeps_seen_texture():
+    """With the gate on, fully seen views pass through unchanged whatever the weights."""
+    torch.manual_seed(0)
+    model = Refiner.tiny(prediction_type="residual", seen_mask=True, edit_unseen_only=True).eval()
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)  # a model that does edit
+    ref, views = torch.rand(1, 3, 32, 32), torch.rand(1, 2, 3, 32, 32)
+    seen = torch.ones(1, 2, 1, 32, 32)
+    seen[:, 1, :, :16] = 0.0  # view 2: top half unseen
+    with torch.no_grad():
+        out = model(ref, views, seen, noise_level=0.0)
+    assert torch.allclose(out[:, 0], views[:, 0], atol=1e-5)
+    assert torch.allclose(out[:, 1, :, 16:], views[:, 1, :, 16:], atol=1e-5)
+    assert not torch.allclose(out[:, 1, :, :16], views[:, 1, :, :16], atol=1e-3)
+    with pytest.raises(ValueError, match="edit_unseen_only"):
+        Refiner.tiny(edit_unseen_only=True)
