@@ -60,7 +60,8 @@ def main(argv=None) -> int:
             ref = avatar.source_view(args.size)
             views = out.rgb
             if refiner is not None:
-                views = refiner.refine(ref[None], out.rgb[None], out.seen[None])[0]
+                seen = out.seen[None] if refiner.config.seen_mask else None
+                views = refiner.refine(ref[None], out.rgb[None], seen)[0]
             rows.append([to_uint8(ref)] + [to_uint8(v) for v in views])
             labels.append([f"{name}: source"] + [f"yaw {y:+d}" for y in yaws])
     sheet = contact_sheet(rows, labels)

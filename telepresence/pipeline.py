@@ -135,7 +135,12 @@ class Pipeline:
         if self.refiner is not None:
             t0 = time.perf_counter()
             ref = self._avatar.source_view(size)[None]
-            views = self.refiner.refine(ref, out.rgb[None], out.seen[None], noise_level=self.config.noise_level)[0]
+            seen = out.seen[None] if self.refiner.config.seen_mask else None
+            dtype = self.refiner.dtype
+            views = self.refiner.refine(
+                ref.to(dtype), out.rgb[None].to(dtype), None if seen is None else seen.to(dtype),
+                noise_level=self.config.noise_level,
+            )[0]
             self._sync()
             timings["refine"] = (time.perf_counter() - t0) * 1000.0
         pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

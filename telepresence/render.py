@@ -78,7 +78,9 @@ def render_command(args: argparse.Namespace) -> int:
     views = out.rgb
     if refiner is not None:
         with timer.stage("refine"):
-            views = refiner.refine(reference[None], out.rgb[None], out.seen[None])[0]
+            seen = out.seen[None] if refiner.config.seen_mask else None
+            dt = refiner.dtype
+            views = refiner.refine(reference[None].to(dt), out.rgb[None].to(dt), None if seen is None else seen.to(dt))[0]
     with timer.stage("write"):
         names = []
         for pose, view in zip(poses, views):
