@@ -26,10 +26,13 @@ def default_refiner_path() -> Path:
     return weights_dir() / DEFAULT_REFINER
 
 
-def load_refiner(spec: str | None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+def load_refiner(
+    spec: str | None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, cuda_graphs: bool = False
+):
     """spec: None/"none" -> None; "default" -> the shipped small refiner; else a folder or hub id.
 
-    Returns a prepared ``models.refiner.Refiner`` (inference mode) or None.
+    Returns a prepared ``models.refiner.Refiner`` (inference mode) or None. cuda_graphs:
+    capture one CUDA graph per view count (CUDA only; the eager step is launch-bound).
     """
     if spec is None or str(spec).lower() == "none":
         return None
@@ -45,5 +48,5 @@ def load_refiner(spec: str | None, device: torch.device | str = "cpu", dtype: to
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     refiner = Refiner.from_pretrained(spec, device=device, dtype=dtype)
-    refiner.prepare(device, dtype)
+    refiner.prepare(device, dtype, cuda_graphs=cuda_graphs and device.type == "cuda")
     return refiner

@@ -17,7 +17,7 @@ from telepresence.face import FaceAnalyzer, FaceConfig, NoFaceError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ViewPose", "PipelineConfig", "FrameResult", "Pipeline"]
+__all__ = ["ViewPose", "PipelineConfig", "Analysis", "FrameResult", "Pipeline"]
 
 # One viewer's camera request is an orbit pose (yaw, pitch, dist_scale, ...).
 ViewPose = OrbitPose
@@ -49,6 +49,14 @@ class PipelineConfig:
             raise ValueError(f"expected crop_follow in (0, 1], got {self.crop_follow}")
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """Face analysis of one frame, made by :meth:`Pipeline.analyze` (possibly on another thread)."""
+
+    observation: object | None  # telepresence.face.FaceObservation, None: no face in the frame
+    landmarks_ms: float
+
+
 @dataclass
 class FrameResult:
     views: list[np.ndarray]  # one RGB uint8 [S, S, 3] per requested pose, same order
@@ -70,7 +78,7 @@ class Pipeline:
             raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available")
         self.analyzer = FaceAnalyzer(FaceConfig(static_image=False, fov_deg=config.source_fov_deg))
         self.avatar_config = AvatarConfig(background=config.background)
-        self.refiner = load_refiner(config.refiner, self.device)
+        self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True)
         self._avatar = None
         self._crop: np.ndarray | None = None
 
@@ -91,18 +99,28 @@ class Pipeline:
             self._crop = (1 - a) * self._crop + a * new
         return tuple(float(v) for v in self._crop)
 
-    def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose]) -> FrameResult:
-        """Views of the person in ``frame_rgb`` (RGB uint8 [H, W, 3]) at every pose."""
-        from models.avatar import build_avatar, crop_box
-
-        timings: dict[str, float] = {}
+    def analyze(self, frame_rgb: np.ndarray) -> Analysis:
+        """Landmarks, pose and mask of the frame (CPU). Safe to run on a thread of its own,
+        one frame ahead of :meth:`process`, so analysis overlaps the device work."""
         t0 = time.perf_counter()
         try:
             obs = self.analyzer.analyze(frame_rgb)
-            found = True
         except NoFaceError:
-            obs, found = None, False
-        timings["landmarks"] = (time.perf_counter() - t0) * 1000.0
+            obs = None
+        return Analysis(obs, (time.perf_counter() - t0) * 1000.0)
+
+    def process(
+        self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Analysis | None = None
+    ) -> FrameResult:
+        """Views of the person in ``frame_rgb`` (RGB uint8 [H, W, 3]) at every pose.
+        analysis: this frame's :meth:`analyze` result if already made (else made here)."""
+        from models.avatar import build_avatar, crop_box
+
+        timings: dict[str, float] = {}
+        if analysis is None:
+            analysis = self.analyze(frame_rgb)
+        obs, found = analysis.observation, analysis.observation is not None
+        timings["landmarks"] = analysis.landmarks_ms
         if found:
             t0 = time.perf_counter()
             crop = self._follow(crop_box(obs, self.avatar_config))

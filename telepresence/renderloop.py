@@ -1,6 +1,7 @@
 """The sender's frame loop: capture thread -> one pipeline worker -> one sink per view.
 
-    capture thread --LatestSlot--> worker: pipeline.process(frame, newest pose of every view)
+    capture thread --LatestSlot--> [analysis thread: pipeline.analyze(frame), when the pipeline has it]
+      --LatestSlot--> worker: pipeline.process(frame, newest pose of every view)
                                           -> sink(view) for each view (the tracks)
 
 Newest wins at every hop: the worker takes only the newest captured frame
@@ -102,6 +103,14 @@ class RenderLoop:
         self.on_status = on_status
         self.frames: LatestSlot[CapturedFrame] = LatestSlot()
         self.capture = CaptureThread(source, self.frames)
+        # A pipeline that can analyse frames on its own (CPU face analysis) gets an
+        # analysis thread between capture and the worker: frame k+1 is analysed while
+        # frame k is on the device. Newest frame wins at both hand-offs.
+        self._analyzed: LatestSlot[tuple[CapturedFrame, Any]] | None = None
+        self._analysis_thread: threading.Thread | None = None
+        if callable(getattr(pipeline, "analyze", None)):
+            self._analyzed = LatestSlot()
+            self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self.clock = StageClock()
         self.status = STATUS_STARTING
         self._views: dict[Hashable, tuple[Any, Callable[[RenderedView], None]]] = {}
@@ -136,14 +145,19 @@ class RenderLoop:
 
     def start(self) -> None:
         self.capture.start()
+        if self._analysis_thread is not None:
+            self._analysis_thread.start()
         self._worker.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.capture.stop()
         self.frames.close()
-        if self._worker.is_alive():
-            self._worker.join(timeout=5.0)
+        if self._analyzed is not None:
+            self._analyzed.close()
+        for thread in (self._analysis_thread, self._worker):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout=5.0)
         self.capture.source.close()
 
     # -- worker --
@@ -154,7 +168,7 @@ class RenderLoop:
             if self.on_status is not None:
                 self.on_status(status)
 
-    def _run(self) -> None:
+    def _analyse(self) -> None:
         version = 0
         while not self._stop.is_set():
             try:
@@ -164,14 +178,43 @@ class RenderLoop:
             if taken is None:
                 continue
             version, frame = taken
+            if self.view_count == 0:
+                continue  # nobody watching: no work
+            try:
+                analysis = self.pipeline.analyze(frame.image)
+            except Exception:
+                logger.exception("face analysis failed on frame %d", frame.frame_id)
+                continue
+            try:
+                self._analyzed.put((frame, analysis))
+            except SlotClosedError:
+                return
+
+    def _run(self) -> None:
+        version = 0
+        source = self._analyzed if self._analyzed is not None else self.frames
+        while not self._stop.is_set():
+            try:
+                taken = source.wait_newer(version, timeout=0.25)
+            except SlotClosedError:
+                return
+            if taken is None:
+                continue
+            version, item = taken
+            frame, analysis = item if self._analyzed is not None else (item, None)
             with self._lock:
                 views = list(self._views.values())
             if views:
-                self._process(frame, [pose for pose, _ in views], [sink for _, sink in views])
+                self._process(frame, [pose for pose, _ in views], [sink for _, sink in views], analysis)
 
-    def _process(self, frame: CapturedFrame, poses: list[Any], sinks: list[Callable[[RenderedView], None]]) -> None:
+    def _process(
+        self, frame: CapturedFrame, poses: list[Any], sinks: list[Callable[[RenderedView], None]], analysis: Any = None
+    ) -> None:
         try:
-            result = self.pipeline.process(frame.image, poses)
+            if analysis is None:
+                result = self.pipeline.process(frame.image, poses)
+            else:
+                result = self.pipeline.process(frame.image, poses, analysis=analysis)
             if len(result.views) != len(poses):
                 raise RuntimeError(f"pipeline returned {len(result.views)} views for {len(poses)} poses")
             for image in result.views:
