@@ -296,8 +296,8 @@ def _orient_outward(faces: np.ndarray, n_face: int, ring_ids: np.ndarray, pole: 
     the cranium centre, judged on the canonical head (the winding is topological)."""
     model = face_model()
     face_head = torch.from_numpy(model.vertices)
-    stub = _Topology(np.zeros((0, 3), np.int64), 0, n_face, rings * len(ring_ids[0]) + 1, 0, 0, ring_ids, pole)
-    verts = torch.cat([face_head, _sweep_shell(face_head, stub, rings, 1.0)]).numpy().astype(np.float64)
+    rings_only = _Topology(np.zeros((0, 3), np.int64), 0, n_face, rings * len(ring_ids[0]) + 1, 0, 0, ring_ids, pole)
+    verts = torch.cat([face_head, _sweep_shell(face_head, rings_only, rings, 1.0)]).numpy().astype(np.float64)
     tri = verts[faces]
     normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     outward = tri.mean(1) - np.array(_CRANIUM_CENTRE)

@@ -18,6 +18,7 @@ scaling factor), so noise of unit variance is on the scale the U-Net expects.
 
 from __future__ import annotations
 
+import abc
 import logging
 
 import torch.nn.functional as F
@@ -29,20 +30,20 @@ CODEC_KINDS = ("vae", "tiny", "pixel_unshuffle")
 SKIP_INIT = 1e-5  # pix2pix-turbo's initial skip-conv weight
 
 
-class Codec(nn.Module):
+class Codec(nn.Module, metaclass=abc.ABCMeta):
     """Base class: see the module docstring for the tensor contract."""
 
     kind: str = ""
     factor: int = 1
     latent_channels: int = 0
 
+    @abc.abstractmethod
     def encode(self, x: Tensor, return_skips: bool = False) -> tuple[Tensor, list[Tensor] | None]:
         """x [N, 3, H, W] in [-1, 1] -> (z [N, C, H/f, W/f], skip activations or None)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, z: Tensor, skips: list[Tensor] | None = None) -> Tensor:
         """z [N, C, H/f, W/f] (+ skips from encode of the same images) -> x [N, 3, H, W]."""
-        raise NotImplementedError
 
     @property
     def has_skips(self) -> bool:
