@@ -1,8 +1,11 @@
 """End-to-end loopback benchmark: frames per second and glass-to-glass latency, 1 and 4 viewers.
 
-One process: a Sender (capture thread + pipeline worker + aiortc) and N
-in-process aiortc viewers (telepresence.viewer.Viewer) over real peer
-connections on this host. The sender paints each frame's capture time into
+A Sender (capture thread + pipeline worker + aiortc) and a receiver
+(signaling) run in this process; N aiortc viewers (telepresence.viewer.Viewer)
+run in a child process, as browsers would, and join through the receiver's
+signaling socket: real peer connections on this host, and the viewers'
+decoding does not compete with the sender for this process's interpreter
+(--viewers-in same puts them in this process, as earlier versions did). The sender paints each frame's capture time into
 the picture's corner (telepresence.framecode); each viewer reads it back from
 the decoded frame's luma plane, so
 
@@ -104,6 +107,112 @@ def percentiles(values: list[float]) -> dict[str, Optional[float]]:
     return {"median": round(float(p50), 1), "p90": round(float(p90), 1), "n": len(values)}
 
 
+def viewer_summary(recorders: list["FrameRecorder"]) -> dict[str, Any]:
+    """What the viewers measured: fps per viewer, latencies, frames, unreadable stamps."""
+    fps_per_viewer = [r.fps() for r in recorders]
+    return {
+        "fps_per_viewer": {"median": round(float(np.median(fps_per_viewer)), 1), "min": round(min(fps_per_viewer), 1)},
+        "latency_ms": percentiles([ms for r in recorders for ms in r.latencies_ms]),
+        "stamps_unreadable": sum(r.unreadable for r in recorders),
+        "frames": sum(len(r.arrivals) for r in recorders),
+    }
+
+
+async def start_viewers(n_viewers: int, size: int, connect: Any) -> tuple[list["FrameRecorder"], list[Viewer]]:
+    """N viewers, each connected (connect(viewer, i)), first frame received and orbiting its own yaw."""
+    recorders = [FrameRecorder(size) for _ in range(n_viewers)]
+    viewers = [Viewer(on_frame=recorder.on_frame) for recorder in recorders]
+    for i, viewer in enumerate(viewers):
+        await connect(viewer, i)
+    for i, viewer in enumerate(viewers):
+        await viewer.next_frame(timeout_s=300)  # the first frame may wait for model load and compilation
+        await viewer.wait_channel_open()
+        viewer.set_pose(VIEWER_YAWS_DEG[i % len(VIEWER_YAWS_DEG)], 0.0, 1.0)
+    return recorders, viewers
+
+
+async def viewer_child(args: argparse.Namespace) -> int:
+    """--viewer-child: N viewers join ROOM at --signaling; prints 'recording', then one JSON line."""
+    recorders, viewers = await start_viewers(args.viewers[0], args.size,
+                                             lambda viewer, i: viewer.join(args.signaling, args.room))
+    try:
+        await asyncio.sleep(args.warmup)
+        print("recording", flush=True)
+        for recorder in recorders:
+            recorder.recording = True
+        await asyncio.sleep(args.seconds)
+        for recorder in recorders:
+            recorder.recording = False
+    finally:
+        for viewer in viewers:
+            await viewer.close()
+    print(json.dumps(viewer_summary(recorders)), flush=True)
+    return 0
+
+
+async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
+    """Sender + receiver here, the N viewers in a child process joining through signaling."""
+    from telepresence.receiver import Receiver, ReceiverConfig
+
+    room = "bench"
+    receiver = Receiver(ReceiverConfig(port=0, room=room, web_dir=Path(__file__).resolve().parents[1] / "web"))
+    await receiver.start()
+    config = SenderConfig(
+        signaling_url=receiver.signaling_url, room=room, source=args.source, device=args.device, size=args.size,
+        codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
+    )
+    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source))
+    await sender.start()
+    signaling = asyncio.ensure_future(sender.run_signaling())
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).resolve()), "--viewer-child", "--signaling", receiver.signaling_url,
+        "--room", room, "--viewers", str(n_viewers), "--size", str(args.size), "--warmup", str(args.warmup),
+        "--seconds", str(args.seconds), stdout=asyncio.subprocess.PIPE,
+    )
+    stage_samples: list[dict[str, float]] = []
+    sender_fps: list[float] = []
+    measured = None
+    sampler: Optional[asyncio.Future] = None
+    try:
+        assert child.stdout is not None
+        while True:
+            line = (await child.stdout.readline()).decode().strip()
+            if not line:
+                break
+            if line == "recording":
+                sampler = asyncio.ensure_future(sample_loop(sender, args.seconds, stage_samples, sender_fps))
+            elif line.startswith("{"):
+                measured = json.loads(line)
+        await child.wait()
+        if sampler is not None:
+            await sampler
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        signaling.cancel()
+        await asyncio.gather(signaling, return_exceptions=True)
+        await sender.stop()
+        await receiver.stop()
+    if measured is None:
+        raise RuntimeError(f"the viewer process ended (status {child.returncode}) without results")
+    return {
+        "viewers": n_viewers,
+        "receiver": "aiortc (own process)",
+        **measured,
+        "sender_fps_median": round(float(np.median(sender_fps)), 1) if sender_fps else None,
+        "stages_ms_median": median_stages(stage_samples),
+    }
+
+
+async def sample_loop(sender: Sender, seconds: float, stage_samples: list, sender_fps: list) -> None:
+    """Once a second for ``seconds``: the sender's per-stage ms and its fps."""
+    for _ in range(int(seconds)):
+        await asyncio.sleep(1.0)
+        stage_samples.append(sample_stages(sender))
+        sender_fps.append(sender.render_loop.clock.summary()[0])
+
+
 async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
     config = SenderConfig(
         source=args.source, device=args.device, size=args.size, codec=args.codec,
@@ -111,43 +220,28 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view
     )
     sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source))
     await sender.start()
-    recorders = [FrameRecorder(args.size) for _ in range(n_viewers)]
-    viewers = [Viewer(on_frame=recorder.on_frame) for recorder in recorders]
+    viewers: list[Viewer] = []
+    stage_samples: list[dict[str, float]] = []
+    sender_fps: list[float] = []
     try:
-        for i, viewer in enumerate(viewers):
-            await viewer.connect(sender, f"bench{i}")
-        for i, viewer in enumerate(viewers):
-            await viewer.next_frame(timeout_s=300)  # the first frame may wait for model load and compilation
-            await viewer.wait_channel_open()
-            viewer.set_pose(VIEWER_YAWS_DEG[i % len(VIEWER_YAWS_DEG)], 0.0, 1.0)
+        recorders, viewers = await start_viewers(n_viewers, args.size,
+                                                 lambda viewer, i: viewer.connect(sender, f"bench{i}"))
         await asyncio.sleep(args.warmup)
         for recorder in recorders:
             recorder.recording = True
-        stage_samples: list[dict[str, float]] = []
-        sender_fps: list[float] = []
-        for _ in range(int(args.seconds)):
-            await asyncio.sleep(1.0)
-            stage_samples.append(sample_stages(sender))
-            sender_fps.append(sender.render_loop.clock.summary()[0])
+        await sample_loop(sender, args.seconds, stage_samples, sender_fps)
         for recorder in recorders:
             recorder.recording = False
     finally:
         for viewer in viewers:
             await viewer.close()
         await sender.stop()
-
-    latencies = [ms for r in recorders for ms in r.latencies_ms]
-    fps_per_viewer = [r.fps() for r in recorders]
-    frames = sum(len(r.arrivals) for r in recorders)
     return {
         "viewers": n_viewers,
-        "receiver": "aiortc",
-        "fps_per_viewer": {"median": round(float(np.median(fps_per_viewer)), 1), "min": round(min(fps_per_viewer), 1)},
-        "latency_ms": percentiles(latencies),
+        "receiver": "aiortc (same process)",
+        **viewer_summary(recorders),
         "sender_fps_median": round(float(np.median(sender_fps)), 1) if sender_fps else None,
         "stages_ms_median": median_stages(stage_samples),
-        "stamps_unreadable": sum(r.unreadable for r in recorders),
-        "frames": frames,
     }
 
 
@@ -295,9 +389,16 @@ def main() -> int:
     parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/loopback_<device>_<size>.json)")
+    parser.add_argument("--viewers-in", choices=("process", "same"), default="process",
+                        help="aiortc viewers in a child process (like remote browsers; default) or in this process")
+    parser.add_argument("--viewer-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--signaling", help=argparse.SUPPRESS)
+    parser.add_argument("--room", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.size = args.size or (512 if args.device.startswith("cuda") else 256)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.viewer_child:
+        return asyncio.run(viewer_child(args))
 
     try:
         pipeline, view_pose = load_pipeline(
@@ -311,7 +412,8 @@ def main() -> int:
     results = []
     for n in args.viewers:
         print(f"running {n} viewer(s): {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
-        results.append(asyncio.run(run_case(args, n, pipeline, view_pose)))
+        case = run_case_process if args.viewers_in == "process" else run_case
+        results.append(asyncio.run(case(args, n, pipeline, view_pose)))
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline, view_pose)))
@@ -330,11 +432,11 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"\nloopback, {args.pipeline}, {args.device}, {args.size}x{args.size}, {args.codec}")
-    print(f"{'receiver':>9} {'viewers':>7} {'fps/viewer':>11} {'latency med':>12} {'p90':>8}  stages ms (median)")
+    print(f"{'receiver':>20} {'viewers':>7} {'fps/viewer':>11} {'latency med':>12} {'p90':>8}  stages ms (median)")
     for r in results:
         stages = " ".join(f"{k}={v:g}" for k, v in r["stages_ms_median"].items())
         lat = r["latency_ms"]
-        print(f"{r['receiver']:>9} {r['viewers']:>7} {r['fps_per_viewer']['median']:>11.1f}"
+        print(f"{r['receiver']:>20} {r['viewers']:>7} {r['fps_per_viewer']['median']:>11.1f}"
               f" {lat['median'] or float('nan'):>10.1f}ms {lat['p90'] or float('nan'):>6.1f}ms  {stages}")
     print(f"\nwrote {out}")
     return 0

@@ -5,6 +5,8 @@
 - ``small``: the from-scratch CPU refiner (pixel-unshuffle x8 codec; U-Net
   blocks (64, 128, 256), one layer per block, transformer blocks - hence joint
   attention - only at the two lowest resolutions and the middle; ~17 M params).
+- ``compact``: ``small`` at three quarters of the width (48, 96, 192; ~10 M params):
+  less capacity to memorise the few identities of our training data, and half the weights.
 - ``tiny``: a few-thousand-parameter version of each for tests.
 
 The values are the saved configs (``unet/config.json``, ``vae/config.json``):
@@ -51,6 +53,17 @@ SMALL_UNET = dict(
     norm_num_groups=32,
 )
 
+COMPACT_UNET = dict(
+    sample_size=32,
+    block_out_channels=(48, 96, 192),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 3, 6),  # head counts: 32-dim heads
+    cross_attention_dim=192,
+    use_linear_projection=True,
+    norm_num_groups=16,
+)
 TINY_UNET = dict(
     sample_size=8,
     block_out_channels=(32, 64),
@@ -80,7 +93,7 @@ TINY_TAESD = dict(
     latent_channels=4,
 )
 
-UNET_PRESETS = {"sd_turbo": SD_TURBO_UNET, "small": SMALL_UNET, "tiny": TINY_UNET}
+UNET_PRESETS = {"sd_turbo": SD_TURBO_UNET, "small": SMALL_UNET, "compact": COMPACT_UNET, "tiny": TINY_UNET}
 CODEC_PRESETS = {
     ("sd_turbo", "vae"): SD_VAE,
     ("sd_turbo", "tiny"): TAESD,

@@ -322,6 +322,12 @@ class Refiner(nn.Module):
         return cls.build(config, "small", "small" if config.codec != "pixel_unshuffle" else None)
 
     @classmethod
+    def compact(cls, **overrides) -> "Refiner":
+        """The small refiner at three quarters of the width (~10 M parameters), random weights."""
+        config = RefinerConfig.small(prompt_dim=architectures.COMPACT_UNET["cross_attention_dim"], **overrides)
+        return cls.build(config, "compact", None)
+
+    @classmethod
     def sd_turbo_random(cls, codec: str = "vae", **overrides) -> "Refiner":
         """SD-Turbo architecture with random weights (timing only)."""
         config = RefinerConfig.sd_turbo(codec=codec, **overrides)

@@ -36,6 +36,7 @@ _CONFIG_FLAGS = {
     "val_every": "val_every", "val_samples": "val_samples", "identity_metric": "identity_metric",
     "progress": "progress", "export_base": "export_base", "d_scales": "d_scales", "d_channels": "d_channels",
     "d_layers": "d_layers", "max_wall_s": "max_wall_s", "edit_unseen_only": "edit_unseen_only",
+    "keep_best": "keep_best",
 }
 # --smoke: a few steps of the tiny model on synthetic 32 x 32 pairs, every feature switched on
 _SMOKE = dict(
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--family", choices=("small", "lora"), help="small: from scratch, all weights; lora: SD-Turbo base + LoRA")
     g.add_argument("--base", help="lora: SD-Turbo folder or stabilityai/sd-turbo (or a refiner folder); small: a refiner folder to continue")
-    g.add_argument("--preset", choices=("small", "tiny"), help="small family architecture when starting from scratch")
+    g.add_argument("--preset", choices=("small", "compact", "tiny"), help="small family architecture when starting from scratch")
     g.add_argument("--codec", choices=("vae", "tiny"), help="lora: SD VAE or TAESD")
     g.add_argument("--codec-model", help="lora with --codec tiny: TAESD folder or hub id")
     g.add_argument("--prompt", help="lora: text of the fixed prompt embedding")
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-samples", type=int)
     g.add_argument("--no-identity", dest="identity_metric", action="store_false", default=None, help="no dlib identity metric")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--keep-best", dest="keep_best", action="store_true", default=None,
+                   help="also export the EMA weights of the best validation PSNR to OUT/best (model selection)")
     g.add_argument("--time-budget", dest="max_wall_s", type=float, help="stop early after this many seconds of training (then validate and export)")
     g.add_argument("--export-base", action="store_true", default=None, help="lora: also export the frozen base weights")
     return p

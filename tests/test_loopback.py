@@ -187,3 +187,26 @@ async def test_a_failing_offer_closes_that_viewer_only():
         await wait_until(lambda: good.frames_received > count + 5, timeout_s=5)
         for viewer in (good, extra, spare):
             await viewer.close()
+
+
+def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path):
+    """benchmarks/loopback.py end to end (fake pipeline): the viewers run in a child process,
+    join through the receiver's signaling and read the capture stamps back."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "loopback.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "loopback.py"), "--pipeline", "tests.fake_pipeline", "--device", "cpu",
+         "--size", "256", "--viewers", "2", "--seconds", "2", "--warmup", "1", "--refiner", "none", "--out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["receiver"] == "aiortc (own process)" and result["viewers"] == 2
+    assert result["frames"] > 10 and result["fps_per_viewer"]["min"] > 2
+    assert result["latency_ms"]["n"] > 10 and 0 < result["latency_ms"]["median"] < 2000
+    assert result["stages_ms_median"]  # the sender's per-stage record was sampled while the viewers recorded

@@ -51,6 +51,8 @@ def build_refiner(config: "TrainConfig") -> Refiner:
             model.requires_grad_(True)
         elif config.model_preset == "tiny":
             model = Refiner.tiny(**overrides)
+        elif config.model_preset == "compact":
+            model = Refiner.compact(**overrides)
         else:
             model = Refiner.small(**overrides)
     elif config.family == "lora":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import cv2
@@ -217,7 +217,7 @@ def _pack(samples: list[dict]) -> dict[str, np.ndarray]:
 
 def run_task(task: PairTask) -> dict[str, np.ndarray]:
     """Make ``task.count`` samples (CPU, one thread): used by :func:`generate_pairs` workers."""
-    from dataclasses import replace
+
 
     from models.clips import ClipIndex, near_frontal_frames
 
@@ -354,7 +354,10 @@ def pairs_main(argv: list[str] | None = None) -> int:
     jobs = [("stage1", plan_tasks(train, 1, args.stage1, config, seed=args.seed)),
             ("stage2", plan_tasks(train, 2, args.stage2, config, seed=args.seed + 1))]
     if val and args.val:
-        jobs.append(("val", plan_tasks(val, 2, args.val, config, chunk=8, seed=args.seed + 2)))
+        # Validation pairs weigh the target's head region only: model selection then scores
+        # what `telepresence eval` scores (DESIGN.md section 7: head-turn clips move the head only).
+        val_config = replace(config, person_weight=0.0, background_weight=0.0)
+        jobs.append(("val", plan_tasks(val, 2, args.val, val_config, chunk=8, seed=args.seed + 2)))
     for name, tasks in jobs:
         if not tasks or sum(t.count for t in tasks) == 0:
             continue

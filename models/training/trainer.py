@@ -64,7 +64,7 @@ CHECKPOINT_FILE = "trainer.pt"
 TRAINING_JSON = "training.json"
 FORMAT_VERSION = 1
 FAMILIES = ("small", "lora")
-PRESETS = ("small", "tiny")
+PRESETS = ("small", "compact", "tiny")
 LR_SCHEDULES = ("constant", "cosine")
 STAGE_NAMES = ("synthetic", "real")
 D_BETAS = (0.5, 0.999)  # pix2pix's Adam betas for the discriminator
@@ -80,7 +80,7 @@ class TrainConfig:
     base: str | None = None
     """lora: SD-Turbo-style diffusers folder or hub id (stabilityai/sd-turbo), or a refiner folder to continue; small: optional refiner folder to continue."""
     model_preset: str = "small"
-    """small family architecture when starting from scratch: "small" (~17 M parameters) or "tiny" (tests, --smoke)."""
+    """small family architecture when starting from scratch: "small" (~17 M parameters), "compact" (~10 M) or "tiny" (tests, --smoke)."""
     codec: str = "vae"
     """lora family on an SD base: "vae" (the SD VAE) or "tiny" (TAESD, from codec_model)."""
     codec_model: str | None = None
@@ -175,7 +175,11 @@ class TrainConfig:
     progress: bool = True
     """tqdm progress bar on rank 0."""
     max_wall_s: float = 0.0
-    """Stop early (validate, checkpoint, export as at the end) after this many seconds of training; 0: no limit."""
+    """Stop early (validate, checkpoint, export as at the end) once fit() has run this many seconds
+    (training steps, validations and checkpoints all count); 0: no limit."""
+    keep_best: bool = False
+    """Also export the EMA weights of the best validation (highest val/psnr) to OUT/best: model
+    selection on the validation set (keep its clips out of any later evaluation)."""
     export_base: bool = False
     """lora family: also write the frozen base (unet/, vae/) into the export; default: adapters on top of base."""
 
@@ -376,6 +380,7 @@ class Trainer:
         self.wall_s = 0.0
         self.last_losses: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+        self.best_val: dict[str, float] = {}
         self._window = _Window()
         self._loader_stage: int | None = None
         self._batches = None
@@ -561,9 +566,11 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
+        t0 = time.monotonic()
         try:
             while self.step < cfg.total_steps:
-                if cfg.max_wall_s and self.wall_s >= cfg.max_wall_s:
+                # The budget counts everything this call does (steps, validations, checkpoints).
+                if cfg.max_wall_s and time.monotonic() - t0 >= cfg.max_wall_s:
                     if self.ctx.is_main:
                         logger.info("time budget of %.0f s reached at step %d: stopping early", cfg.max_wall_s, self.step)
                     if self.val is not None:
@@ -700,6 +707,9 @@ class Trainer:
                 for k, v in metrics.items():
                     writer.add_scalar(f"val/{k}", v, self.step)
             logger.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if self.config.keep_best and metrics.get("psnr", -math.inf) > self.best_val.get("psnr", -math.inf):
+                self.best_val = {"step": self.step, **metrics}
+                self._write_export(self.out_dir / "best", {"selected": {"by": "val/psnr", **self.best_val}})
         barrier(self.ctx)
         return metrics
 
@@ -722,6 +732,7 @@ class Trainer:
             "rng": rng,
             "last_losses": self.last_losses,
             "last_val": self.last_val,
+            "best_val": self.best_val,
         }
 
     def _buffers(self) -> dict[str, Tensor]:
@@ -791,6 +802,7 @@ class Trainer:
         self.wall_s = float(state["wall_s"])
         self.last_losses = dict(state.get("last_losses", {}))
         self.last_val = dict(state.get("last_val", {}))
+        self.best_val = dict(state.get("best_val", {}))
         self._batches, self._loader_stage = None, None
         logger.info("resumed from %s at step %d", file, self.step)
 
@@ -803,34 +815,38 @@ class Trainer:
         """
         directory = Path(directory)
         if self.ctx.is_main:
-            model = self.model
-            include_base = not (model.has_lora and model.config.base_model is not None and not self.config.export_base)
-            with self.ema.swapped():
-                model.save_pretrained(directory, include_base=include_base)
-            stage1_done = min(self.step, self.config.stage1_steps)
-            info = {
-                "format_version": FORMAT_VERSION,
-                "config": self.config.to_dict(),
-                "refiner": json.loads(model.config.to_json()),
-                "steps": {"stage1": stage1_done, "stage2": self.step - stage1_done, "total": self.step},
-                "effective_batch": self.effective_batch,
-                "wall_time_s": round(self.wall_s, 2),
-                "hardware": hardware_info(self.ctx),
-                "datasets": {STAGE_NAMES[i]: (len(d) if d is not None else 0) for i, d in enumerate(self.datasets)},
-                "parameters": {
-                    "trained": sum(p.numel() for _, p in self.named_trainable),
-                    "total": sum(p.numel() for p in model.parameters()),
-                },
-                "final_losses": self.last_losses,
-                "final_validation": self.last_val,
-                "weights": "EMA",
-                "includes_base": include_base,
-                **(extra or {}),
-            }
-            (directory / TRAINING_JSON).write_text(json.dumps(info, indent=2))
-            logger.info("exported EMA refiner to %s", directory)
+            self._write_export(directory, extra)
         barrier(self.ctx)
         return directory
+
+    def _write_export(self, directory: Path, extra: dict | None = None) -> None:
+        """Write the EMA refiner and training.json into ``directory`` (this process only)."""
+        model = self.model
+        include_base = not (model.has_lora and model.config.base_model is not None and not self.config.export_base)
+        with self.ema.swapped():
+            model.save_pretrained(directory, include_base=include_base)
+        stage1_done = min(self.step, self.config.stage1_steps)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "refiner": json.loads(model.config.to_json()),
+            "steps": {"stage1": stage1_done, "stage2": self.step - stage1_done, "total": self.step},
+            "effective_batch": self.effective_batch,
+            "wall_time_s": round(self.wall_s, 2),
+            "hardware": hardware_info(self.ctx),
+            "datasets": {STAGE_NAMES[i]: (len(d) if d is not None else 0) for i, d in enumerate(self.datasets)},
+            "parameters": {
+                "trained": sum(p.numel() for _, p in self.named_trainable),
+                "total": sum(p.numel() for p in model.parameters()),
+            },
+            "final_losses": self.last_losses,
+            "final_validation": self.last_val,
+            "weights": "EMA",
+            "includes_base": include_base,
+            **(extra or {}),
+        }
+        (directory / TRAINING_JSON).write_text(json.dumps(info, indent=2))
+        logger.info("exported EMA refiner to %s", directory)
 
     def close(self) -> None:
         if self._writer is not None:

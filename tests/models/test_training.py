@@ -224,5 +224,37 @@ def test_time_budget_stops_early_and_still_exports(tmp_path):
     data = synthetic_pairs(4, size=32)
     trainer = Trainer(build_refiner(config), config, tmp_path / "run", data, device="cpu")
     trainer.fit()
-    assert 1 <= trainer.step < 10
+    assert trainer.step < 10  # the budget counts from the start of fit(): no step fits in it
     assert (trainer.export(tmp_path / "refiner") / "refiner.json").exists()
+
+
+def test_keep_best_exports_the_best_validation_and_records_its_step(tmp_path):
+    torch.manual_seed(0)
+    config = TrainConfig(family="small", model_preset="tiny", resolution=32, batch_size=2, stage1_steps=6,
+                         stage2_steps=0, num_workers=0, progress=False, gan_weight=0.0, identity_metric=False,
+                         log_every=1, val_every=2, val_samples=2, ckpt_every=0, image_every=0, warmup_steps=1,
+                         lr=1e-3, keep_best=True)
+    data = synthetic_pairs(4, size=32)
+    trainer = Trainer(build_refiner(config), config, tmp_path / "run", data, val=synthetic_pairs(2, size=32, seed=5),
+                      device="cpu")
+    trainer.fit()
+    vals = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if "val/psnr" in line]
+    best = max(vals, key=lambda r: r["val/psnr"])
+    info = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
+    assert info["selected"]["step"] == best["step"] and info["selected"]["psnr"] == pytest.approx(best["val/psnr"])
+    assert info["steps"]["total"] == best["step"]
+    # The exported best weights are the EMA weights of that step: they score what was logged.
+    again = Trainer(Refiner.from_pretrained(tmp_path / "run" / "best").train(), config, tmp_path / "again", data,
+                    device="cpu")
+    assert again.evaluate(synthetic_pairs(2, size=32, seed=5), use_ema=False)["psnr"] == pytest.approx(
+        best["val/psnr"], abs=1e-3)
+
+
+def test_compact_preset_is_between_small_and_tiny():
+    torch.manual_seed(0)
+    compact = build_refiner(TrainConfig(family="small", model_preset="compact", seen_mask=True))
+    n = sum(p.numel() for p in compact.parameters())
+    assert 5e6 < n < 15e6
+    assert compact.unet.config.block_out_channels == (48, 96, 192) or list(compact.unet.config.block_out_channels) == [48, 96, 192]
+    out = compact.refine(torch.rand(1, 3, 64, 64), torch.rand(1, 1, 3, 64, 64), torch.ones(1, 1, 1, 64, 64))
+    assert out.shape == (1, 1, 3, 64, 64)
