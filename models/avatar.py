@@ -80,6 +80,10 @@ class AvatarConfig:
     """Least resolution of the source-view depth map (grows with the render size)."""
     cranium_scale: float = 1.0
     """Uniform scale of the cranium ellipsoid (bigger hair: > 1)."""
+    fill_texels: int = 64
+    """Surface the source did not see takes its colour from a low-pass copy of the texture in
+    which the crop spans about this many texels: smooth colour carried round the head instead
+    of stretched streaks of detail. 0: the full-resolution texture."""
 
     def __post_init__(self) -> None:
         if self.background not in ("remove", "far"):
@@ -90,6 +94,8 @@ class AvatarConfig:
             raise ValueError("expected shell_rings >= 2 and card_grid >= 4")
         if not 1.0 <= self.crop_scale <= 8.0:
             raise ValueError(f"expected crop_scale in [1, 8], got {self.crop_scale}")
+        if self.fill_texels != 0 and self.fill_texels < 4:
+            raise ValueError(f"expected fill_texels 0 (off) or >= 4, got {self.fill_texels}")
 
 
 @dataclass
@@ -118,6 +124,7 @@ class Avatar:
     skip: torch.Tensor  # [F] bool: card triangles with nothing opaque on them (not drawn)
     vattr: torch.Tensor  # [N, 11] per vertex: texture K X (3), fill texture (3), grazing, opacity, solid, head, rim
     texture: torch.Tensor  # [1, 4, Ht, Wt] RGBA in [0, 1] (A = person mask, or 1)
+    texture_fill: torch.Tensor  # [1, 4, h, w] low-pass copy (same layout) for unseen surface
     tex_span: tuple[float, float]  # (H, W) of the source picture space that vattr's texture coords address
     src_depth: torch.Tensor  # [1, 2, Sv, Sv] source-view depth of the head (sharp, max-pooled), +inf where empty
     src_depth_K: torch.Tensor  # [3, 3] maps source pixels (u, v, 1) to src_depth pixels
@@ -543,6 +550,23 @@ def _texture(image_t: torch.Tensor, alpha_t: torch.Tensor, crop, max_side: int) 
     return rgba
 
 
+def _fill_texture(texture: torch.Tensor, crop_texels: float, texels: int) -> torch.Tensor:
+    """Low-pass copy of an RGBA texture in which the crop spans about ``texels`` texels (antialiased
+    downsampling; sampled with normalised coordinates, so the layout is unchanged). Colour is
+    averaged with alpha weights, so hair next to the background keeps its own colour."""
+    factor = crop_texels / texels if texels else 1.0
+    if factor <= 1.0:
+        return texture
+    h, w = texture.shape[-2:]
+    size = (max(2, round(h / factor)), max(2, round(w / factor)))
+    rgb, alpha = texture[:, :3], texture[:, 3:]
+    small = F.interpolate(torch.cat([rgb * alpha, alpha, rgb], 1), size=size, mode="bilinear", antialias=True,
+                          align_corners=False)
+    a = small[:, 3:4]
+    colour = torch.where(a > 0.02, small[:, :3] / a.clamp(min=0.02), small[:, 4:])
+    return torch.cat([colour.clamp(0, 1), a], 1)
+
+
 def _transparent_card_faces(mask: np.ndarray | None, tex_h, fill, opacity, st: _Statics, crop) -> torch.Tensor:
     """[F] bool (CPU): card triangles whose three corners see no person within a few card
     cells (person mask dilated) in either texture. Drawing them would only cost time:
@@ -647,6 +671,7 @@ def build_avatar(
         far = torch.from_numpy(_far_picture(image, obs.mask)).to(device).permute(2, 0, 1).float().div_(255.0)
         texture = torch.cat([texture, _texture(far, torch.ones_like(alpha_t), crop, max_side)], -1)
         span_w = 2.0 * W
+    texture_fill = _fill_texture(texture, crop[2] * texture.shape[-1] / span_w, config.fill_texels)
     cx, cy, side = crop
     crop_K = torch.tensor(
         [[f / side, 0, (W / 2.0 - cx) / side + 0.5], [0, f / side, (H / 2.0 - cy) / side + 0.5], [0, 0, 1]]
@@ -659,6 +684,7 @@ def build_avatar(
         skip=skip.to(device),
         vattr=vattr.to(device),
         texture=texture,
+        texture_fill=texture_fill,
         tex_span=(float(H), span_w),
         src_depth=src_depth,
         src_depth_K=src_depth_K,
@@ -802,7 +828,8 @@ def render_cameras(
     grid_fill = torch.stack([2 * vals[..., 3] / fw / Wt - 1, 2 * vals[..., 4] / fw / Ht - 1], -1)
     texture = avatar.texture.expand(V, -1, -1, -1)
     tex_p = F.grid_sample(texture, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    tex_f = F.grid_sample(texture, grid_fill, mode="bilinear", padding_mode="zeros", align_corners=False)
+    tex_f = F.grid_sample(avatar.texture_fill.expand(V, -1, -1, -1), grid_fill, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
     grazing, opacity, solid, rim = vals[..., 6], vals[..., 7], vals[..., 8], vals[..., 10]
     use_fill = hidden | ((rim > 0.5) & (tex_p[:, 3] < 0.5))
     tex = torch.where(use_fill[:, None], tex_f, tex_p)  # [V, 4, S, S]

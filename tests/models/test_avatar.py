@@ -171,3 +171,25 @@ def test_culling_and_skipping_do_not_change_the_picture(analyzer, astronaut):
     x, y = tri[..., 0], tri[..., 1]
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
     assert (area < 0).float().mean() > 0.9
+
+
+def test_fill_texture_is_a_low_pass_copy_that_keeps_the_person_colour():
+    from models.avatar import _fill_texture
+
+    # Left half: red person (alpha 1) with fine stripes; right half: green background (alpha 0).
+    tex = torch.zeros(1, 4, 64, 128)
+    tex[0, 0, :, :64] = 1.0
+    tex[0, 1, :, 64:] = 1.0
+    tex[0, 2, :, :64:2] = 1.0  # one-texel stripes of blue on the person
+    tex[0, 3, :, :64] = 1.0
+    low = _fill_texture(tex, crop_texels=64.0, texels=8)
+    assert low.shape == (1, 4, 8, 16)
+    # The person's colour right at the person/background edge has no green in it: alpha-weighted.
+    edge = low[0, :3, :, 7]
+    assert torch.all(edge[1] < 0.05) and torch.all(edge[0] > 0.95)
+    # The stripes average out to half blue: detail gone, colour kept.
+    assert torch.allclose(low[0, 2, :, :6], torch.full((8, 6), 0.5), atol=0.05)
+    # Background far from the person keeps its own colour; alpha goes from 1 to 0 across the edge.
+    assert torch.all(low[0, 1, :, -4:] > 0.95) and low[0, 3, 0, 0] > 0.95 and low[0, 3, 0, -1] < 0.05
+    # Off (0), or a texture already coarser than asked: the texture itself.
+    assert _fill_texture(tex, 64.0, 0) is tex and _fill_texture(tex, 64.0, 128) is tex
