@@ -53,17 +53,13 @@ SMALL_UNET = dict(
     norm_num_groups=32,
 )
 
-COMPACT_UNET = dict(
-    sample_size=32,
-    block_out_channels=(48, 96, 192),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 3, 6),  # head counts: 32-dim heads
-    cross_attention_dim=192,
-    use_linear_projection=True,
-    norm_num_groups=16,
-)
+COMPACT_UNET = {
+    **SMALL_UNET,
+    "block_out_channels": (48, 96, 192),
+    "attention_head_dim": (2, 3, 6),  # head counts: 32-dim heads
+    "cross_attention_dim": 192,
+    "norm_num_groups": 16,
+}
 TINY_UNET = dict(
     sample_size=8,
     block_out_channels=(32, 64),

@@ -44,6 +44,9 @@ from .track import ViewTrack
 
 logger = logging.getLogger(__name__)
 
+PC_CLOSE_TIMEOUT_S = 5.0
+"""Longest wait for one peer connection to close (viewer gone, sender stopping)."""
+
 STATUS_MESSAGES = {
     "starting": "Starting the pipeline",
     "ok": "",
@@ -203,7 +206,8 @@ class Sender:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self.close_viewer(v, "sender stopping") for v in list(self.viewers)))
-        await asyncio.gather(*self._closing_pcs, return_exceptions=True)
+        if self._closing_pcs:  # bounded: a peer connection stuck in close() must not hold up Ctrl-C
+            await asyncio.wait(list(self._closing_pcs), timeout=PC_CLOSE_TIMEOUT_S)
         if self.render_loop is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.render_loop.stop)
 
@@ -286,10 +290,14 @@ class Sender:
 
     @staticmethod
     async def _close_pc(peer: ViewerPeer) -> None:
-        try:
-            await peer.pc.close()
-        except Exception as error:
-            logger.warning("viewer %s: error while closing: %s", peer.id, error)
+        # asyncio.wait, not wait_for: a timed-out close is left to finish on its own (cancelling it
+        # is what aioice swallows, see close_viewer).
+        closing = asyncio.ensure_future(peer.pc.close())
+        done, _ = await asyncio.wait({closing}, timeout=PC_CLOSE_TIMEOUT_S)
+        if not done:
+            logger.warning("viewer %s: peer connection still closing after %.0f s; going on", peer.id, PC_CLOSE_TIMEOUT_S)
+        elif closing.exception() is not None:
+            logger.warning("viewer %s: error while closing: %s", peer.id, closing.exception())
 
     def _send_hello(self, peer: ViewerPeer) -> None:
         peer.send(
