@@ -75,8 +75,13 @@ def test_demo_serves_the_sample_and_stops_cleanly_on_ctrl_c():
         image = asyncio.run(asyncio.wait_for(watch(), 30))
         assert image.std() > 20
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=15) == 0
-        stderr = process.stderr.read()
+        try:  # communicate() drains both pipes: a chatty child cannot block on a full pipe
+            _, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            pytest.fail(f"the demo did not stop within 20 s of Ctrl-C; its log:\n{stderr[-3000:]}")
+        assert process.returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr and "stopped" in stderr
     finally:
         if process.poll() is None:
