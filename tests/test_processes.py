@@ -57,6 +57,9 @@ def test_demo_serves_the_sample_and_stops_cleanly_on_ctrl_c():
         [sys.executable, "-c", "import sys, telepresence.demo as d; sys.exit(d.main(sys.argv[1:]))",
          "--port", "0", "--pipeline", "tests.fake_pipeline"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal: an ignored SIGINT is inherited through exec, and something earlier in
+        # the test session (a worker pool) leaves it ignored in this process.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = process.stdout.readline()
