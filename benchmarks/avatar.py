@@ -4,13 +4,19 @@ benchmarks/astronaut_face.npz, so the GPU machine needs no MediaPipe).
     python benchmarks/avatar.py --device cpu --sizes 256 512 --views 1 4 --out out/avatar_cpu.json
     python benchmarks/avatar.py --device cuda --sizes 256 512 --views 1 4 --check --out out/avatar_cuda.json
 
---check compares CUDA renders with CPU renders first; --profile prints the top
-torch-profiler rows of one build + render.
+Two paths per row: "eager" (build_avatar + render_views, what training and eval
+use) and, on CUDA, "graphs" (models.engine.AvatarEngine: what the sender runs,
+the build and the render replayed as CUDA graphs; its build+render includes the
+host's framing work and the upload of the frame). --check compares CUDA renders
+(both paths) with CPU renders first; --profile prints the top torch-profiler
+rows of one eager build + render; --breakdown splits the graphs path of the last
+size and view count into its host and device parts.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import metadata, time_ms, write_json  # noqa: E402
 from models.avatar import build_avatar, render_views  # noqa: E402
+from models.engine import AvatarEngine  # noqa: E402
 from telepresence.camera import OrbitPose  # noqa: E402
 from telepresence.face import observation_from_landmarks  # noqa: E402
 
@@ -40,11 +47,71 @@ def load_case():
 def check_cuda(image, obs, size: int = 256) -> None:
     poses = [OrbitPose(yaw_deg=y) for y in YAWS[:4]]
     cpu = render_views(build_avatar(image, obs, render_size=size), poses, size)
-    gpu = render_views(build_avatar(image, obs, device="cuda", render_size=size), poses, size)
-    diff = (cpu.rgb - gpu.rgb.cpu()).abs()
-    frac = float((diff > 0.05).float().mean())
-    print(f"check: CUDA vs CPU renders at {size}: mean |diff| {float(diff.mean()):.5f}, "
-          f"pixels off by > 0.05: {100 * frac:.3f} %  -> {'OK' if frac < 0.002 else 'MISMATCH'}")
+    eager = render_views(build_avatar(image, obs, device="cuda", render_size=size), poses, size)
+    engine = AvatarEngine(device="cuda", render_size=size)
+    engine.build(image, obs)
+    graphs = engine.render(poses)
+    for name, gpu in (("eager", eager), ("graphs", graphs)):
+        diff = (cpu.rgb - gpu.rgb.cpu()).abs()
+        frac = float((diff > 0.05).float().mean())
+        print(f"check: CUDA ({name}) vs CPU renders at {size}: mean |diff| {float(diff.mean()):.5f}, "
+              f"pixels off by > 0.05: {100 * frac:.3f} %  -> {'OK' if frac < 0.002 else 'MISMATCH'}")
+
+
+def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
+    """Median ms of each part of a graphs-path build + render (host work, and the
+    device time of each replay from CUDA events)."""
+    from models.avatar import _prepare
+
+    poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+    engine = AvatarEngine(device="cuda", render_size=size)
+    engine.build(image, obs)
+    engine.render(poses)
+    parts: dict[str, list[float]] = {}
+
+    def add(name, ms):
+        parts.setdefault(name, []).append(ms)
+
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        inputs = _prepare(image, obs, engine.config, None, None, size)
+        t1 = time.perf_counter()
+        graph = engine._builds[inputs.plan]
+        for k, v in inputs.tensors(torch.device("cpu")).items():
+            if v is not None:
+                graph.inputs[k].copy_(v, non_blocking=True)
+        t2 = time.perf_counter()
+        e0, e1, e2, e3 = (torch.cuda.Event(enable_timing=True) for _ in range(4))
+        e0.record()
+        graph.graph.replay()
+        e1.record()
+        t3 = time.perf_counter()
+        viewmats, Ks = engine.avatar.cameras(poses, size)
+        t4 = time.perf_counter()
+        rgraph = engine._renders[(inputs.plan, V)]
+        rgraph.inputs["viewmats"].copy_(viewmats)
+        rgraph.inputs["Ks"].copy_(Ks)
+        e2.record()
+        rgraph.graph.replay()
+        e3.record()
+        t5 = time.perf_counter()
+        torch.cuda.synchronize()
+        t6 = time.perf_counter()
+        add("host: framing, constants, small maps", (t1 - t0) * 1e3)
+        add("host: frame upload (image, mask)", (t2 - t1) * 1e3)
+        add("host: build replay launch", (t3 - t2) * 1e3)
+        add("host: cameras + upload", (t4 - t3) * 1e3)
+        add("host: render replay launch", (t5 - t4) * 1e3)
+        add("wait for the device", (t6 - t5) * 1e3)
+        add("device: build graph", e0.elapsed_time(e1))
+        add("device: render graph", e2.elapsed_time(e3))
+        add("total", (t6 - t0) * 1e3)
+    med = {k: float(np.median(v)) for k, v in parts.items()}
+    print(f"breakdown, graphs path, {V} views at {size} (median ms):")
+    for k, v in med.items():
+        print(f"  {k:<40} {v:7.3f}")
+    return med
 
 
 def main(argv=None) -> int:
@@ -56,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--check", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--breakdown", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -65,29 +133,47 @@ def main(argv=None) -> int:
     if args.check and device.type == "cuda":
         check_cuda(image, obs)
     rows = []
-    print(f"{'size':>5} {'views':>5} {'build ms':>10} {'render ms':>10} {'per view':>9} {'build+render':>13} {'p90':>7}")
-    for size in args.sizes:
-        for V in args.views:
-            poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
-            avatar = build_avatar(image, obs, device=device, render_size=size)
-            build = time_ms(lambda: build_avatar(image, obs, device=device, render_size=size), device, repeats=args.repeats)
-            render = time_ms(lambda: render_views(avatar, poses, size), device, repeats=args.repeats)
-            both = time_ms(lambda: render_views(build_avatar(image, obs, device=device, render_size=size), poses, size),
-                           device, repeats=args.repeats)
-            rows.append({"size": size, "views": V, "build": build, "render": render, "build_render": both})
-            print(f"{size:>5} {V:>5} {build['median_ms']:>10.2f} {render['median_ms']:>10.2f} "
-                  f"{render['median_ms'] / V:>9.2f} {both['median_ms']:>13.2f} {both['p90_ms']:>7.2f}")
+    paths = ["eager", "graphs"] if device.type == "cuda" else ["eager"]
+    print(f"{'path':>6} {'size':>5} {'views':>5} {'build ms':>10} {'render ms':>10} {'per view':>9} "
+          f"{'build+render':>13} {'p90':>7}")
+    for path in paths:
+        for size in args.sizes:
+            for V in args.views:
+                poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+                if path == "eager":
+                    avatar = build_avatar(image, obs, device=device, render_size=size)
+                    build_fn = lambda: build_avatar(image, obs, device=device, render_size=size)  # noqa: E731
+                    render_fn = lambda: render_views(avatar, poses, size)  # noqa: E731
+                else:
+                    engine = AvatarEngine(device=device, render_size=size)
+                    build_fn = lambda: engine.build(image, obs)  # noqa: E731
+                    render_fn = lambda: engine.render(poses)  # noqa: E731
+                    build_fn()
+                build = time_ms(build_fn, device, repeats=args.repeats)
+                render = time_ms(render_fn, device, repeats=args.repeats)
+                both = time_ms(lambda: (build_fn(), render_fn()), device, repeats=args.repeats)
+                rows.append({"path": path, "size": size, "views": V, "build": build, "render": render,
+                             "build_render": both})
+                print(f"{path:>6} {size:>5} {V:>5} {build['median_ms']:>10.2f} {render['median_ms']:>10.2f} "
+                      f"{render['median_ms'] / V:>9.2f} {both['median_ms']:>13.2f} {both['p90_ms']:>7.2f}")
     if args.profile:
+        # The graphs path's maths (fixed shapes) run eagerly, so the profiler sees every kernel.
         size, V = args.sizes[-1], args.views[-1]
         poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+        engine = AvatarEngine(device=device, render_size=size, cuda_graphs=False, fixed_shapes=True)
+        engine.build(image, obs)
+        engine.render(poses)
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(3):
-                render_views(build_avatar(image, obs, device=device, render_size=size), poses, size)
+                engine.build(image, obs)
+                engine.render(poses)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
+    if args.breakdown and device.type == "cuda":
+        rows.append({"breakdown": breakdown(image, obs, args.sizes[-1], args.views[-1], args.repeats)})
     write_json(args.out, {"benchmark": "avatar", "meta": metadata(device), "picture": "skimage astronaut 512x512",
                           "rows": rows})
     return 0

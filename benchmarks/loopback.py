@@ -161,7 +161,7 @@ async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: A
         signaling_url=receiver.signaling_url, room=room, source=args.source, device=args.device, size=args.size,
         codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source))
+    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
     await sender.start()
     signaling = asyncio.ensure_future(sender.run_signaling())
     child = await asyncio.create_subprocess_exec(
@@ -218,7 +218,7 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view
         source=args.source, device=args.device, size=args.size, codec=args.codec,
         pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source))
+    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
     await sender.start()
     viewers: list[Viewer] = []
     stage_samples: list[dict[str, float]] = []
@@ -299,7 +299,7 @@ async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: t
         signaling_url=receiver.signaling_url, source=args.source, device=args.device, size=args.size,
         codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True,
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source))
+    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
     await sender.start()
     signaling = asyncio.ensure_future(sender.run_signaling())
     stage_samples: list[dict[str, float]] = []
@@ -383,6 +383,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per case")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds discarded after the first frames")
     parser.add_argument("--source", default="sample")
+    parser.add_argument("--source-fps", type=float, default=None,
+                        help="pace the source at this rate (the sample clip is 25 fps; a webcam is usually 30)")
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
     parser.add_argument("--pipeline", default="telepresence.pipeline", help="module with Pipeline/PipelineConfig/ViewPose")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")

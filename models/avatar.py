@@ -106,6 +106,7 @@ class RenderOutput:
     alpha: torch.Tensor  # [V, 1, S, S] in [0, 1]
     depth: torch.Tensor  # [V, 1, S, S] camera depth in metres, 0 where empty
     seen: torch.Tensor  # [V, 1, S, S] in [0, 1]: 1 where the texture was visible in the source
+    needed: torch.Tensor | None = None  # 0-d: raster candidates this render needed
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class Avatar:
     source_focal_px: float  # focal length of the source camera, source pixels
     config: AvatarConfig
     host: "_Host | None" = None  # CPU copies of the camera constants (no device round trips)
+    needed: torch.Tensor | None = None  # 0-d: candidates the source-depth raster needed
 
     @property
     def device(self) -> torch.device:
@@ -173,7 +175,10 @@ class Avatar:
             for p in poses
         ]
         Ks = self.intrinsics(size, t(scale))
-        both = torch.cat([viewmats.reshape(-1), Ks.reshape(-1)]).to(self.device)
+        both = torch.cat([viewmats.reshape(-1), Ks.reshape(-1)])
+        if self.device.type == "cuda":  # pinned: the upload need not wait for the device's queue
+            both = both.pin_memory()
+        both = both.to(self.device, non_blocking=True)
         V = len(poses)
         return both[: V * 16].reshape(V, 4, 4), both[V * 16 :].reshape(V, 3, 3)
 
@@ -302,9 +307,11 @@ def _orient_outward(faces: np.ndarray, n_face: int, ring_ids: np.ndarray, pole: 
     """Wind every head triangle so that its normal (b - a) x (c - a) points away from
     the cranium centre, judged on the canonical head (the winding is topological)."""
     model = face_model()
-    face_head = torch.from_numpy(model.vertices)
-    rings_only = _Topology(np.zeros((0, 3), np.int64), 0, n_face, rings * len(ring_ids[0]) + 1, 0, 0, ring_ids, pole)
-    verts = torch.cat([face_head, _sweep_shell(face_head, rings_only, rings, 1.0)]).numpy().astype(np.float64)
+    face_head = torch.from_numpy(model.vertices).double()
+    const = {"centre": torch.tensor(_CRANIUM_CENTRE).double(), "radii": torch.tensor(_CRANIUM_RADII).double(),
+             "back": torch.tensor([0.0, 0.0, 1.0]).double()}
+    shell = _sweep_shell(face_head, torch.as_tensor(ring_ids[0]), rings, 1.0, const)
+    verts = torch.cat([face_head, shell]).numpy().astype(np.float64)
     tri = verts[faces]
     normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     outward = tri.mean(1) - np.array(_CRANIUM_CENTRE)
@@ -335,48 +342,106 @@ def _pivot_cam(obs: FaceObservation) -> np.ndarray:
     return R @ np.array(_CRANIUM_CENTRE) + t
 
 
-def _geometry(
-    obs: FaceObservation,
-    topo: _Topology,
-    config: AvatarConfig,
-    crop: tuple[float, float, float],
-    device,
-) -> torch.Tensor:
-    """Vertex positions [N, 3] in the camera frame for one observation."""
-    dt = torch.float32
-    R = torch.as_tensor(obs.pose.rotation, dtype=dt, device=device)
-    t = torch.as_tensor(obs.pose.translation, dtype=dt, device=device)
-    face = torch.as_tensor(obs.points_cam[:NUM_MESH_VERTICES], dtype=dt, device=device)  # [468, 3]
-    face_head = (face - t) @ R  # R^T (X - t): [468, 3]
-    c = torch.tensor(_CRANIUM_CENTRE, dtype=dt, device=device)
-    shell = _sweep_shell(face_head, topo, config.shell_rings, config.cranium_scale)
-    shell_cam = shell @ R.T + t  # [n_shell, 3]
-    if obs.mask is not None:
+# One observation on the device is a flat float32 vector: face points [468, 3], head
+# rotation [3, 3] and translation [3], pivot [3], face height and chin row (pixels).
+_OBS_POINTS = NUM_MESH_VERTICES * 3
+_OBS_LEN = _OBS_POINTS + 9 + 3 + 3 + 2
+# One frame's camera constants: crop (cx, cy, side), source-depth map A [3, 3],
+# crop intrinsics [3, 3] (crop of side 1), source intrinsics Kt [3, 3], the card's
+# reach radius (cells).
+_FRAME_LEN = 3 + 9 + 9 + 9 + 1
+
+
+@dataclass(frozen=True)
+class _ObsT:
+    """Views into one observation vector (tensors on the device)."""
+
+    points: torch.Tensor  # [468, 3] camera frame
+    R: torch.Tensor  # [3, 3] head -> camera rotation
+    t: torch.Tensor  # [3]
+    pivot: torch.Tensor  # [3]
+    face_h: torch.Tensor  # 0-d, pixels
+    chin_v: torch.Tensor  # 0-d, pixels
+
+    @staticmethod
+    def of(vec: torch.Tensor) -> "_ObsT":
+        o = _OBS_POINTS
+        return _ObsT(vec[:o].view(NUM_MESH_VERTICES, 3), vec[o : o + 9].view(3, 3), vec[o + 9 : o + 12],
+                     vec[o + 12 : o + 15], vec[o + 15], vec[o + 16])
+
+
+def _obs_vector(obs: FaceObservation) -> np.ndarray:
+    lm = obs.landmarks_px
+    face_h = float(np.hypot(*(lm[_CHIN, :2] - lm[_FOREHEAD, :2])))
+    parts = [obs.points_cam[:NUM_MESH_VERTICES].reshape(-1), obs.pose.rotation.reshape(-1),
+             obs.pose.translation.reshape(-1), _pivot_cam(obs), [face_h, float(lm[_CHIN, 1])]]
+    return np.concatenate([np.asarray(p, np.float64) for p in parts]).astype(np.float32)
+
+
+def _map_factor(image_size: tuple[int, int], side: int) -> int:
+    """Integer reduction that brings a picture to at most ``side`` pixels on a side."""
+    return max(1, -(-max(image_size) // side))
+
+
+def _pool(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Area reduction of a mask [H, W] by an integer factor (partial edge cells averaged)."""
+    if factor == 1:
+        return mask
+    return F.avg_pool2d(mask[None, None], factor, ceil_mode=True)[0, 0]
+
+
+def _outline_map(obs: FaceObservation) -> np.ndarray | None:
+    """The face outline filled, float32 at the size of the shell's support map (at most
+    160 px on a side); None without a person mask (the shell is then not fitted)."""
+    if obs.mask is None:
+        return None
+    H, W = obs.image_size
+    f = _map_factor((H, W), 160)
+    hs, ws = -(-H // f), -(-W // f)
+    outline = np.zeros((hs, ws), np.float32)
+    oval = obs.landmarks_px[face_model().face_oval, :2] * np.array([ws / W, hs / H])
+    cv2.fillPoly(outline, [np.round(oval * 4).astype(np.int32)], 1.0, shift=2)
+    return outline
+
+
+def _support(mask: torch.Tensor, outline: torch.Tensor) -> torch.Tensor:
+    """Where the shell may project in the source: the person mask (area-reduced to the
+    outline's size) or the face outline."""
+    return torch.maximum(_pool(mask, _map_factor(mask.shape, 160)), outline)
+
+
+def _geometry(o: _ObsT, support: torch.Tensor | None, crop: torch.Tensor, plan: "_Plan", st: "_Statics") -> torch.Tensor:
+    """Vertex positions [N, 3] in the camera frame for one observation (device maths only).
+    support: :func:`_support` of the observation; None: the shell keeps the cranium's shape."""
+    config = plan.config
+    face_head = (o.points - o.t) @ o.R  # R^T (X - t): [468, 3]
+    shell = _sweep_shell(face_head, st.ring0, config.shell_rings, config.cranium_scale, st.const)
+    shell_cam = shell @ o.R.T + o.t  # [n_shell, 3]
+    if support is not None:
         # The rim (first three rings) keeps its shape: it is solid and filled where the
         # source shows no person (see render_cameras); the rest fits the silhouette.
-        J = topo.ring_ids.shape[1]
-        shell_cam = torch.cat([shell_cam[: 3 * J], _fit_shell_to_silhouette(shell_cam[3 * J :], R @ c + t, obs, device)])
+        J = st.ring0.shape[0]
+        centre = o.R @ st.const["centre"] + o.t
+        fitted = _fit_shell_to_silhouette(shell_cam[3 * J :], centre, support, plan)
+        shell_cam = torch.cat([shell_cam[: 3 * J], fitted])
     # Card: a curved sheet over the crop window, depth set by the head centre and the chin.
-    pivot = torch.as_tensor(_pivot_cam(obs), dtype=dt, device=device)
-    card = _card_vertices(obs, config, crop, pivot, device)
-    parts = [face, shell_cam, card]
-    if topo.n_far:
-        parts.append(_far_vertices(obs, config, crop, pivot, device))
+    parts = [o.points, shell_cam, _card_vertices(o, crop, plan, st)]
+    if config.background == "far":
+        parts.append(_far_vertices(o, crop, plan))
     return torch.cat(parts)
 
 
-def _sweep_shell(face_head: torch.Tensor, topo: "_Topology", rings: int, cranium_scale: float) -> torch.Tensor:
+def _sweep_shell(face_head: torch.Tensor, ring0: torch.Tensor, rings: int, cranium_scale: float,
+                 const: dict[str, torch.Tensor]) -> torch.Tensor:
     """Shell vertices [rings * J + 1, 3] in the head frame: each face-outline vertex is
     swept along a great circle about the cranium centre to the back of the head, its
     radius blending from the outline's to the cranium ellipsoid's within ~2.5 rings."""
     dt, device = face_head.dtype, face_head.device
-    c = torch.tensor(_CRANIUM_CENTRE, dtype=dt, device=device)
-    radii = torch.tensor(_CRANIUM_RADII, dtype=dt, device=device) * cranium_scale
-    oval = face_head[torch.as_tensor(topo.ring_ids[0], device=device)]  # [J, 3]
-    d0 = oval - c
+    c, back = const["centre"], const["back"]
+    radii = const["radii"] * cranium_scale
+    d0 = face_head.index_select(0, ring0) - c  # [J, 3]
     r0 = d0.norm(dim=-1, keepdim=True)
     d0 = d0 / r0
-    back = torch.tensor([0.0, 0.0, 1.0], dtype=dt, device=device)
     omega = torch.acos((d0 @ back).clamp(-0.999, 0.999))[:, None]  # [J, 1]
     K = rings
     s = torch.arange(1, K + 1, dtype=dt, device=device)[None, :] / (K + 1)  # [1, K]
@@ -394,21 +459,17 @@ def _sweep_shell(face_head: torch.Tensor, topo: "_Topology", rings: int, cranium
     return torch.cat([shell, pole[None]])
 
 
-def _fit_shell_to_silhouette(shell: torch.Tensor, centre: torch.Tensor, obs: FaceObservation, device) -> torch.Tensor:
+def _fit_shell_to_silhouette(shell: torch.Tensor, centre: torch.Tensor, support: torch.Tensor, plan: "_Plan") -> torch.Tensor:
     """Shrink shell vertices towards the cranium centre until they project inside the
     person (or the face outline) in the source picture: the cranium never pokes out
     of the real silhouette, so short hair and narrow heads stay their own shape.
 
-    shell [M, 3], centre [3] (camera frame); binary search of a per-vertex scale in [0.55, 1].
+    shell [M, 3], centre [3] (camera frame), support [h, w] (:func:`_support`);
+    binary search of a per-vertex scale in [0.55, 1].
     """
-    H, W = obs.image_size
-    scale_px = min(1.0, 160.0 / max(H, W))
-    size = (max(8, round(W * scale_px)), max(8, round(H * scale_px)))
-    support = cv2.resize(obs.mask, size, interpolation=cv2.INTER_AREA)
-    oval = obs.landmarks_px[face_model().face_oval, :2] * scale_px
-    cv2.fillPoly(support, [np.round(oval * 4).astype(np.int32)], 1.0, shift=2)
-    sup = torch.from_numpy(support).to(device)[None, None]
-    f = obs.focal_px
+    H, W = plan.image_size
+    f = plan.focal_px
+    sup = support[None, None]
 
     def inside(points: torch.Tensor) -> torch.Tensor:
         u = f * points[:, 0] / points[:, 2] + W / 2.0
@@ -418,7 +479,7 @@ def _fit_shell_to_silhouette(shell: torch.Tensor, centre: torch.Tensor, obs: Fac
         return val[0, 0, 0] >= 0.5
 
     off = shell - centre
-    lo = torch.full((shell.shape[0],), 0.55, device=device)
+    lo = torch.full((shell.shape[0],), 0.55, device=shell.device)
     hi = torch.ones_like(lo)
     ok_full = inside(shell)
     for _ in range(7):
@@ -430,54 +491,57 @@ def _fit_shell_to_silhouette(shell: torch.Tensor, centre: torch.Tensor, obs: Fac
     return centre + off * scale[:, None]
 
 
-def _card_pixels(config: AvatarConfig, crop: tuple[float, float, float], n: int, extent: float, device):
-    cx, cy, side = crop
-    g = torch.linspace(-0.5, 0.5, n, device=device) * side * extent
-    yy, xx = torch.meshgrid(cy + g, cx + g, indexing="ij")
+def _card_pixels(crop: torch.Tensor, n: int, extent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source pixels (u, v) [n * n] of an n x n grid spanning ``extent`` crop sides."""
+    g = torch.linspace(-0.5, 0.5, n, device=crop.device) * (crop[2] * extent)
+    yy, xx = torch.meshgrid(crop[1] + g, crop[0] + g, indexing="ij")
     return xx.reshape(-1), yy.reshape(-1)
 
 
-def _card_vertices(obs, config, crop, pivot, device) -> torch.Tensor:
+def _card_vertices(o: _ObsT, crop: torch.Tensor, plan: "_Plan", st: "_Statics") -> torch.Tensor:
     """Card vertices [G*G, 3]: depth = head-centre depth + delta(height below chin) + curvature."""
-    H, W = obs.image_size
-    f = obs.focal_px
-    u, v = _card_pixels(config, crop, config.card_grid, config.card_extent, device)
-    lm = obs.landmarks_px
-    face_h = float(np.hypot(*(lm[_CHIN, :2] - lm[_FOREHEAD, :2])))
-    chin_v = float(lm[_CHIN, 1])
-    zc = float(pivot[2])
-    rel = (v - chin_v) / face_h  # face heights below the chin
+    H, W = plan.image_size
+    f = plan.focal_px
+    u, v = _card_pixels(crop, plan.config.card_grid, plan.config.card_extent)
+    zc = o.pivot[2]
+    rel = (v - o.chin_v) / o.face_h  # face heights below the chin
     # Backdrop well behind the head centre above the chin; neck and chest come forward below it.
-    knots_x = torch.tensor([-0.3, 0.05, 0.35, 1.2], device=device)
-    knots_y = torch.tensor([0.02, -0.015, -0.03, -0.05], device=device)
-    delta = _interp(rel, knots_x, knots_y)
-    lateral = (u - (f * float(pivot[0]) / zc + W / 2.0)) / f * zc  # metres from the head centre
+    delta = _interp(rel, st.const["knots_x"], st.const["knots_y"], _CARD_KNOTS[0])
+    lateral = (u - (f * o.pivot[0] / zc + W / 2.0)) / f * zc  # metres from the head centre
     z = zc + delta + 1.2 * lateral.pow(2)
     X = (u - W / 2.0) / f * z
     Y = (v - H / 2.0) / f * z
     return torch.stack([X, Y, z], -1)
 
 
-def _far_vertices(obs, config, crop, pivot, device) -> torch.Tensor:
-    H, W = obs.image_size
-    f = obs.focal_px
-    u, v = _card_pixels(config, crop, 4, config.card_extent * 2.5, device)
-    z = torch.full_like(u, 3.0 * float(pivot[2]))
+# Card depth offset (metres) against height below the chin (face heights).
+_CARD_KNOTS = ((-0.3, 0.05, 0.35, 1.2), (0.02, -0.015, -0.03, -0.05))
+
+
+def _far_vertices(o: _ObsT, crop: torch.Tensor, plan: "_Plan") -> torch.Tensor:
+    H, W = plan.image_size
+    f = plan.focal_px
+    u, v = _card_pixels(crop, 4, plan.config.card_extent * 2.5)
+    z = (3.0 * o.pivot[2]).expand_as(u)
     return torch.stack([(u - W / 2.0) / f * z, (v - H / 2.0) / f * z, z], -1)
 
 
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation, clamped at the ends (numpy.interp for tensors)."""
-    x = x.clamp(float(xp[0]), float(xp[-1]))
-    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, xp_host: Sequence[float]) -> torch.Tensor:
+    """Piecewise-linear interpolation, clamped at the ends (numpy.interp for tensors);
+    xp_host: the knots xp as numbers (no device round trip for the clamp)."""
+    x = x.clamp(xp_host[0], xp_host[-1])
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp_host) - 1)
     x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
     return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
 
 
-def _vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+def _vertex_normals(verts: torch.Tensor, faces: torch.Tensor, incident: torch.Tensor) -> torch.Tensor:
+    """Area-weighted vertex normals [N, 3]; incident [N, D]: each vertex's faces, padded
+    with F (a zero row). A gather and a sum, so the same bits on every device."""
     tri = verts[faces]
     n = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
-    vn = torch.zeros_like(verts).index_add_(0, faces.reshape(-1), n.repeat_interleave(3, 0))
+    n = torch.cat([n, n.new_zeros(1, 3)])
+    vn = n[incident].sum(1)
     return vn / vn.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
@@ -486,14 +550,18 @@ def _vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Statics:
-    """Per-topology constants, built once per device."""
+    """Per-topology constants, built once per device (outside any CUDA-graph capture)."""
 
     faces: torch.Tensor  # [F, 3] on the device
-    faces_cpu: torch.Tensor  # [F, 3]
     cull: torch.Tensor  # [F] bool on the device
     not_head: torch.Tensor  # [F] bool on the device (source depth draws the head only)
-    card_faces: torch.Tensor  # [F] bool, CPU
-    flags: torch.Tensor  # [N, 3] CPU: solid, head, rim
+    card_faces: torch.Tensor  # [F] bool on the device
+    card_verts: torch.Tensor  # [N] bool on the device
+    flags: torch.Tensor  # [N, 3] on the device: solid, head, rim
+    ring_ids: torch.Tensor  # [K + 1, J] on the device
+    ring0: torch.Tensor  # [J] face outline vertex ids on the device
+    incident: torch.Tensor  # [N, D] faces of each vertex, padded with F
+    const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots
 
 
 _STATICS: dict[tuple, _Statics] = {}
@@ -516,15 +584,48 @@ def _statics(topo: _Topology, key: tuple, device: torch.device) -> _Statics:
     card = (topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
     card_faces = ((faces >= card[0]) & (faces < card[1])).all(-1)
     N = topo.n_face + topo.n_shell + topo.n_card + topo.n_far
+    card_verts = torch.zeros(N, dtype=torch.bool)
+    card_verts[card[0] : card[1]] = True
     flags = torch.zeros(N, 3)
     flags[: topo.n_face, 0] = 1.0  # solid: the face mesh always covers
     flags[: topo.n_face + topo.n_shell, 1] = 1.0  # head
     # The rim (shell rings 1-3: sides of the head, ears) is solid: where its source pixel is
     # not the person (the cranium is only a guess there), it takes the fill texture.
     flags[torch.as_tensor(topo.ring_ids[1:4]).reshape(-1), 2] = 1.0
-    st = _Statics(faces.to(device), faces, cull.to(device), not_head.to(device), card_faces, flags)
+    # Faces of each vertex, padded with the index F.
+    per_vertex = [[] for _ in range(N)]
+    for fi, tri in enumerate(topo.faces.tolist()):
+        for vi in tri:
+            per_vertex[vi].append(fi)
+    D = max(len(p) for p in per_vertex)
+    incident = torch.tensor([p + [len(faces)] * (D - len(p)) for p in per_vertex], dtype=torch.int64)
+    const = {
+        "centre": torch.tensor(_CRANIUM_CENTRE),
+        "radii": torch.tensor(_CRANIUM_RADII),
+        "back": torch.tensor([0.0, 0.0, 1.0]),
+        "knots_x": torch.tensor(_CARD_KNOTS[0]),
+        "knots_y": torch.tensor(_CARD_KNOTS[1]),
+    }
+    ring_ids = torch.as_tensor(topo.ring_ids)
+    st = _Statics(
+        faces.to(device), cull.to(device), not_head.to(device), card_faces.to(device), card_verts.to(device),
+        flags.to(device), ring_ids.to(device), ring_ids[0].to(device), incident.to(device),
+        {name: v.to(device) for name, v in const.items()},
+    )
     _STATICS[k] = st
     return st
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A small float32 constant on the device, uploaded once (CUDA-graph captures may
+    not copy from the host)."""
+    key = (tuple(values), str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32).to(device)
+    return _CONSTANTS[key]
 
 
 def _far_picture(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -538,27 +639,21 @@ def _far_picture(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return cv2.resize(filled, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
 
 
-def _texture(image_t: torch.Tensor, alpha_t: torch.Tensor, crop, max_side: int) -> torch.Tensor:
-    """RGBA texture [1, 4, h, w] in [0, 1] on the device, downsampled (antialiased) so the
-    crop spans at most ``max_side`` texels. image_t [3, H, W], alpha_t [1, H, W] floats."""
+def _texture(image_t: torch.Tensor, alpha_t: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """RGBA texture [1, 4, h, w] in [0, 1] on the device: the picture and its alpha,
+    downsampled (antialiased) to ``size`` (None: as is). image_t [3, H, W], alpha_t [1, H, W]."""
     rgba = torch.cat([image_t, alpha_t])[None]
-    scale = min(1.0, max_side / max(crop[2], 1.0))
-    if scale < 0.8:
-        H, W = rgba.shape[-2:]
-        size = (max(16, round(H * scale)), max(16, round(W * scale)))
+    if size is not None:
         rgba = F.interpolate(rgba, size=size, mode="bilinear", antialias=True, align_corners=False)
     return rgba
 
 
-def _fill_texture(texture: torch.Tensor, crop_texels: float, texels: int) -> torch.Tensor:
-    """Low-pass copy of an RGBA texture in which the crop spans about ``texels`` texels (antialiased
-    downsampling; sampled with normalised coordinates, so the layout is unchanged). Colour is
-    averaged with alpha weights, so hair next to the background keeps its own colour."""
-    factor = crop_texels / texels if texels else 1.0
-    if factor <= 1.0:
+def _fill_texture(texture: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Low-pass copy of an RGBA texture (antialiased downsampling to ``size``, None: the
+    texture itself; sampled with normalised coordinates, so the layout is unchanged).
+    Colour is averaged with alpha weights, so hair next to the background keeps its own colour."""
+    if size is None:
         return texture
-    h, w = texture.shape[-2:]
-    size = (max(2, round(h / factor)), max(2, round(w / factor)))
     rgb, alpha = texture[:, :3], texture[:, 3:]
     small = F.interpolate(torch.cat([rgb * alpha, alpha, rgb], 1), size=size, mode="bilinear", antialias=True,
                           align_corners=False)
@@ -567,31 +662,154 @@ def _fill_texture(texture: torch.Tensor, crop_texels: float, texels: int) -> tor
     return torch.cat([colour.clamp(0, 1), a], 1)
 
 
-def _transparent_card_faces(mask: np.ndarray | None, tex_h, fill, opacity, st: _Statics, crop) -> torch.Tensor:
-    """[F] bool (CPU): card triangles whose three corners see no person within a few card
-    cells (person mask dilated) in either texture. Drawing them would only cost time:
-    with the background removed they are fully transparent."""
-    F_ = len(st.faces_cpu)
-    if mask is None:
-        return torch.zeros(F_, dtype=torch.bool)
-    H, W = mask.shape
-    s = 96.0 / max(H, W)
-    small = cv2.resize(mask, (max(8, round(W * s)), max(8, round(H * s))), interpolation=cv2.INTER_AREA)
-    k = max(3, int(crop[2] * AvatarConfig.card_extent / 8.0 * s) | 1)
-    reach = cv2.dilate(small, np.ones((k, k), np.uint8))
-    hs, ws = reach.shape
+def _reach_radius(image_size: tuple[int, int], crop_side: float, card_extent: float) -> int:
+    """About a card cell, in cells of the reach map (:func:`_transparent_card_faces`)."""
+    k = max(3, int(crop_side * card_extent / 8.0 / _map_factor(image_size, 96)) | 1)
+    return k // 2
 
-    def sample(h: torch.Tensor) -> np.ndarray:
+
+def _transparent_card_faces(mask: torch.Tensor | None, radius: torch.Tensor, tex_h, fill, opacity, st: _Statics,
+                            plan: "_Plan") -> torch.Tensor:
+    """[F] bool: card triangles whose three corners see no person (mask >= 0.02 on the
+    mask area-reduced to at most 96 px) within ``radius`` cells, in either texture.
+    Drawing them would only cost time: with the background removed they are fully
+    transparent. The window test is a box sum on an integral image: fixed shapes for
+    any radius."""
+    if mask is None:
+        return torch.zeros_like(st.card_faces)
+    H, W = plan.image_size
+    f = _map_factor((H, W), 96)
+    hit = (_pool(mask, f) >= 0.02).float()
+    hs, ws = hit.shape
+    integral = F.pad(hit.cumsum(0).cumsum(1), (1, 0, 1, 0))  # [hs + 1, ws + 1]
+    r = radius.long()
+
+    def sample(h: torch.Tensor) -> torch.Tensor:
         w = h[:, 2].clamp(min=1e-6)
         u, v = h[:, 0] / w, h[:, 1] / w
-        x = (u * s).long().clamp(0, ws - 1).numpy()
-        y = (v * s).long().clamp(0, hs - 1).numpy()
-        inside = ((u >= 0) & (u < W) & (v >= 0) & (v < H)).numpy()
-        return reach[y, x] * inside
+        x = (u / f).floor().long().clamp(0, ws - 1)
+        y = (v / f).floor().long().clamp(0, hs - 1)
+        x0, x1 = (x - r).clamp(min=0), (x + r + 1).clamp(max=ws)
+        y0, y1 = (y - r).clamp(min=0), (y + r + 1).clamp(max=hs)
+        count = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        inside = (u >= 0) & (u < W) & (v >= 0) & (v < H)
+        return ((count > 0.5) & inside).float()
 
-    vertex = torch.from_numpy(np.maximum(sample(tex_h), sample(fill)).astype(np.float32)) * opacity  # [N]
-    empty = (vertex[st.faces_cpu] < 0.02).all(-1)
+    vertex = torch.maximum(sample(tex_h), sample(fill)) * opacity  # [N]
+    empty = (vertex[st.faces] < 0.5).all(-1)
     return empty & st.card_faces
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything that fixes the shapes and constants of one build (hashable: with the
+    device it keys a captured CUDA graph). Made on the host by :func:`_prepare`."""
+
+    config: AvatarConfig
+    image_size: tuple[int, int]
+    focal_px: float
+    render_size: int
+    vis_size: int  # source-depth map side
+    tex_size: tuple[int, int] | None  # texture resampled to (h, w) per picture; None: the picture's size
+    fill_size: tuple[int, int] | None  # low-pass fill texture (h, w) of the whole atlas; None: the texture
+    alpha_mask: bool  # the person mask is the texture alpha (background "remove" and a mask)
+    support: bool  # the texture frame has a mask: the shell is fitted to it (and it is uploaded)
+    reenact: bool  # geometry from a second observation
+    geo_support: bool  # ... which has a mask
+
+
+@dataclass
+class _HostInputs:
+    """One build's inputs, made on the host (numbers and pictures)."""
+
+    plan: _Plan
+    image: np.ndarray  # uint8 [H, W, 3]
+    mask: np.ndarray | None  # float32 [H, W] person mask of the texture frame
+    far: np.ndarray | None  # uint8 [H, W, 3], background "far"
+    obs: np.ndarray  # float32 [_OBS_LEN], texture frame
+    outline: np.ndarray | None  # float32 [h, w] (:func:`_outline_map`)
+    geo_obs: np.ndarray | None  # reenactment frame
+    geo_mask: np.ndarray | None
+    geo_outline: np.ndarray | None
+    frame: np.ndarray  # float32 [_FRAME_LEN]
+    host: _Host
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """The inputs of :func:`_build_on_device`, uploaded."""
+        def up(a):
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+        names = ("image", "mask", "far", "obs", "outline", "geo_obs", "geo_mask", "geo_outline", "frame")
+        return {n: up(getattr(self, n)) for n in names}
+
+
+def _levels(crop_side: float, plan_size: tuple[int, int], max_side: float, texels: int, far: bool):
+    """Texture and fill-texture sizes, in powers of two so that they change rarely as the
+    framing follows the head: the crop spans at most 1.25 * max_side texture texels, and
+    about ``texels`` (within a factor sqrt 2) fill texels."""
+    H, W = plan_size
+    k = 0
+    while crop_side / 2**k > 1.25 * max_side:
+        k += 1
+    tex = None if k == 0 else (max(16, round(H / 2**k)), max(16, round(W / 2**k)))
+    th, tw = tex or (H, W)
+    tw = 2 * tw if far else tw
+    fill = None
+    if texels:
+        j = round(math.log2(max(crop_side / 2**k / texels, 1.0)))
+        if j > 0:
+            fill = (max(2, round(th / 2**j)), max(2, round(tw / 2**j)))
+    return tex, fill
+
+
+def _prepare(
+    image: np.ndarray,
+    obs: FaceObservation,
+    config: AvatarConfig,
+    geometry: FaceObservation | None,
+    crop: tuple[float, float, float] | None,
+    render_size: int,
+) -> _HostInputs:
+    """The host's share of a build: framing, camera constants, small CPU pictures."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {getattr(image, 'shape', None)}")
+    if tuple(image.shape[:2]) != tuple(obs.image_size):
+        raise ValueError(f"expected the image of the observation {obs.image_size}, got {image.shape[:2]}")
+    if geometry is not None and tuple(geometry.image_size) != tuple(obs.image_size):
+        raise ValueError(f"expected reenactment frames of one camera ({obs.image_size}), got {geometry.image_size}")
+    crop = crop or crop_box(obs, config)
+    cx, cy, side = crop
+    H, W = obs.image_size
+    f = obs.focal_px
+    far = config.background == "far"
+    # The source-depth map frames the head (extent crop sides), at about the render's resolution.
+    vis_extent = min(config.card_extent, 1.35)
+    vis_size = min(1024, max(config.visibility_size, round(render_size * vis_extent)))
+    tex_size, fill_size = _levels(side, (H, W), config.texture_scale * render_size, config.fill_texels, far)
+    alpha_mask = obs.mask is not None and not far
+    plan = _Plan(config, (H, W), f, render_size, vis_size, tex_size, fill_size, alpha_mask, obs.mask is not None,
+                 geometry is not None, geometry is not None and geometry.mask is not None)
+    ext = side * vis_extent
+    s = vis_size / ext
+    A = np.array([[s, 0, -s * (cx - ext / 2)], [0, s, -s * (cy - ext / 2)], [0, 0, 1]])
+    crop_K = np.array([[f / side, 0, (W / 2.0 - cx) / side + 0.5], [0, f / side, (H / 2.0 - cy) / side + 0.5], [0, 0, 1]])
+    Kt = np.array([[f, 0, W / 2.0], [0, f, H / 2.0], [0, 0, 1]])
+    radius = _reach_radius((H, W), side, config.card_extent)
+    frame = np.concatenate([[cx, cy, side], A.reshape(-1), crop_K.reshape(-1), Kt.reshape(-1), [radius]])
+    frame = frame.astype(np.float32)
+    pivot = _pivot_cam(geometry or obs)
+    return _HostInputs(
+        plan=plan,
+        image=image,
+        mask=None if obs.mask is None else np.asarray(obs.mask, np.float32),
+        far=_far_picture(image, obs.mask) if far else None,
+        obs=_obs_vector(obs),
+        outline=_outline_map(obs),
+        geo_obs=None if geometry is None else _obs_vector(geometry),
+        geo_mask=None if geometry is None or geometry.mask is None else np.asarray(geometry.mask, np.float32),
+        geo_outline=None if geometry is None else _outline_map(geometry),
+        frame=frame,
+        host=_Host(crop_K=torch.from_numpy(crop_K.astype(np.float32)), pivot=torch.from_numpy(pivot.astype(np.float32))),
+    )
 
 
 def build_avatar(
@@ -609,113 +827,107 @@ def build_avatar(
         its landmarks give the geometry, ``image``/``obs`` give the texture.
     crop: (centre x, centre y, side) in source pixels; default :func:`crop_box` of obs.
     render_size: the largest render size planned (sets the texture resolution).
+
+    The host frames the head and packs a few numbers (:func:`_prepare`); the device
+    does the rest without waiting on the host except to size the source-depth raster
+    (models.engine.AvatarEngine runs that part as a CUDA graph instead).
     """
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {getattr(image, 'shape', None)}")
-    if tuple(image.shape[:2]) != tuple(obs.image_size):
-        raise ValueError(f"expected the image of the observation {obs.image_size}, got {image.shape[:2]}")
-    if geometry is not None and tuple(geometry.image_size) != tuple(obs.image_size):
-        raise ValueError(f"expected reenactment frames of one camera ({obs.image_size}), got {geometry.image_size}")
+    inputs = _prepare(image, obs, config, geometry, crop, render_size)
     device = torch.device(device)
-    cpu = torch.device("cpu")
+    avatar = _build_on_device(inputs.plan, inputs.tensors(device), device)
+    avatar.host = inputs.host
+    return avatar
+
+
+def _build_on_device(plan: _Plan, t: dict[str, torch.Tensor | None], device: torch.device,
+                     capacity: int | None = None) -> Avatar:
+    """The device's share of a build: tensor maths only, fixed shapes for a fixed plan.
+    capacity: candidate count of the source-depth raster (fixed: CUDA-graph safe; None:
+    exact, one host sync). The Avatar's ``host`` field is left for the caller."""
+    config = plan.config
     key = (config.shell_rings, config.card_grid, config.background == "far")
     topo = _topology(*key)
     st = _statics(topo, key, device)
-    crop = crop or crop_box(obs, config)
-    H, W = obs.image_size
-    f = obs.focal_px
-
-    # Geometry is small (a few thousand vertices): it is made on the CPU and uploaded once;
-    # the device does the rasterizing and texturing.
-    tex_verts = _geometry(obs, topo, config, crop, cpu)  # [N, 3] texture frame
+    H, W = plan.image_size
+    frame = t["frame"]
+    crop, A, crop_K, Kt = frame[:3], frame[3:12].view(3, 3), frame[12:21].view(3, 3), frame[21:30].view(3, 3)
+    o = _ObsT.of(t["obs"])
+    mask = t["mask"]
+    support = None if mask is None else _support(mask, t["outline"])
+    tex_verts = _geometry(o, support, crop, plan, st)  # [N, 3] texture frame
     N = tex_verts.shape[0]
-    Kt = torch.tensor([[f, 0, W / 2.0], [0, f, H / 2.0], [0, 0, 1]])
     tex_h = tex_verts @ Kt.T  # [N, 3]: (u w, v w, w) with w the source depth
-    tex_verts_dev = tex_verts.to(device, non_blocking=True)
 
     # What the source camera saw: a depth map of the head, and per vertex.
-    vis_extent = min(config.card_extent, 1.35)
-    vis_size = min(1024, max(config.visibility_size, round(render_size * vis_extent)))
-    src_depth, src_depth_K = _source_depth(
-        tex_verts_dev, st.faces, st.cull, st.not_head, Kt.to(device), crop, vis_extent, vis_size, device
-    )
-    card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
-    visible = _vertex_visible(tex_h.to(device), src_depth, src_depth_K, card).cpu()  # [N] bool
-    grazing = _grazing(tex_verts, st.faces_cpu)  # [N] in [0, 1]
+    src_depth, frags = _source_depth(tex_verts, st, A @ Kt, plan.vis_size, capacity)
+    visible = _vertex_visible(tex_h, src_depth, A, st.card_verts)  # [N] bool
+    grazing = _grazing(tex_verts, st)  # [N] in [0, 1]
 
     # Fill texture for what the source did not see (used per pixel where hidden).
     fill = tex_h.clone()
-    opacity = torch.ones(N)
-    _fill_shell(fill, visible, topo, cpu)
-    _fill_card(fill, opacity, visible, card, config.card_grid, cpu)
+    opacity = torch.ones(N, device=device)
+    _fill_shell(fill, visible, st, topo.pole)
+    card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
+    opacity = _fill_card(fill, opacity, visible, card, config.card_grid)
     if topo.n_far:
         # Atlas [picture | far layer]: far-layer vertices address the right half.
-        far_ids = slice(N - topo.n_far, N)
-        for t in (tex_h, fill):
-            t[far_ids, 0] += W * t[far_ids, 2]
-    mask = obs.mask if (obs.mask is not None and config.background == "remove") else None
-    skip = _transparent_card_faces(mask, tex_h, fill, opacity, st, crop)
+        for h in (tex_h, fill):
+            h[N - topo.n_far :, 0] += W * h[N - topo.n_far :, 2]
+    skip = _transparent_card_faces(mask if plan.alpha_mask else None, frame[30], tex_h, fill, opacity, st, plan)
     vattr = torch.cat([tex_h, fill, grazing[:, None], opacity[:, None], st.flags], -1)  # [N, 11]
-    verts = tex_verts_dev if geometry is None else _geometry(geometry, topo, config, crop, cpu).to(device)
+    if plan.reenact:
+        geo_mask = t["geo_mask"]
+        geo_support = None if geo_mask is None else _support(geo_mask, t["geo_outline"])
+        verts = _geometry(_ObsT.of(t["geo_obs"]), geo_support, crop, plan, st)
+        pivot = _ObsT.of(t["geo_obs"]).pivot
+    else:
+        verts, pivot = tex_verts, o.pivot
 
     # Texture on the device: the picture, its person mask as alpha (or 1), and the far layer.
-    image_t = torch.from_numpy(image).to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
-    if mask is not None:
-        alpha_t = torch.from_numpy(np.ascontiguousarray(mask, np.float32)).to(device, non_blocking=True)[None]
-    else:
-        alpha_t = torch.ones((1, H, W), device=device)
-    max_side = int(config.texture_scale * render_size)
-    texture = _texture(image_t, alpha_t, crop, max_side)
+    image_t = t["image"].permute(2, 0, 1).float().div_(255.0)
+    alpha_t = mask[None] if plan.alpha_mask else torch.ones((1, H, W), device=device)
+    texture = _texture(image_t, alpha_t, plan.tex_size)
     span_w = float(W)
     if topo.n_far:
-        far = torch.from_numpy(_far_picture(image, obs.mask)).to(device).permute(2, 0, 1).float().div_(255.0)
-        texture = torch.cat([texture, _texture(far, torch.ones_like(alpha_t), crop, max_side)], -1)
+        far = t["far"].permute(2, 0, 1).float().div_(255.0)
+        texture = torch.cat([texture, _texture(far, torch.ones_like(alpha_t), plan.tex_size)], -1)
         span_w = 2.0 * W
-    texture_fill = _fill_texture(texture, crop[2] * texture.shape[-1] / span_w, config.fill_texels)
-    cx, cy, side = crop
-    crop_K = torch.tensor(
-        [[f / side, 0, (W / 2.0 - cx) / side + 0.5], [0, f / side, (H / 2.0 - cy) / side + 0.5], [0, 0, 1]]
-    )
-    pivot = torch.as_tensor(_pivot_cam(geometry or obs), dtype=torch.float32)
     return Avatar(
         verts=verts,
         faces=st.faces,
         cull=st.cull,
-        skip=skip.to(device),
-        vattr=vattr.to(device),
+        skip=skip,
+        vattr=vattr,
         texture=texture,
-        texture_fill=texture_fill,
+        texture_fill=_fill_texture(texture, plan.fill_size),
         tex_span=(float(H), span_w),
         src_depth=src_depth,
-        src_depth_K=src_depth_K,
-        pivot=pivot.to(device),
-        crop_K=crop_K.to(device),
+        src_depth_K=A,
+        pivot=pivot,
+        crop_K=crop_K,
         source_image=image_t,
         source_alpha=alpha_t,
-        source_focal_px=f,
+        source_focal_px=plan.focal_px,
         config=config,
-        host=_Host(crop_K=crop_K, pivot=pivot),
+        needed=frags.needed,
     )
 
 
-def _source_depth(verts, faces, cull, not_head, Kt, crop, extent: float, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _source_depth(verts, st: _Statics, AK: torch.Tensor, S: int, capacity: int | None):
     """Depth map [1, 2, S, S] of the texture-frame head seen from the source camera,
-    framing the head (``extent`` crop sides), +inf where empty; and A [3, 3] taking
-    source pixels (u, v, 1) to map pixels. As sharp as the renders."""
-    cx, cy, side = crop
-    ext = side * extent
-    s = S / ext
-    A = torch.tensor([[s, 0, -s * (cx - ext / 2)], [0, s, -s * (cy - ext / 2)], [0, 0, 1]], device=device)
-    pix = project(verts[None], torch.eye(4, device=device)[None], (A @ Kt)[None])
+    framing the head (AK = A @ Kt maps the camera frame to map pixels), +inf where
+    empty, and the raster's fragments. As sharp as the renders."""
+    eye = torch.eye(4, device=verts.device)
+    pix = project(verts[None], eye[None], AK[None])
     # Only the head can hide anything: the card and far layer lie behind it.
-    frags = rasterize(pix, faces, S, S, cull=cull, skip=not_head)
+    frags = rasterize(pix, st.faces, S, S, cull=st.cull, skip=st.not_head, capacity=capacity)
     depth = torch.where(frags.mask[0], frags.depth[0], torch.full_like(frags.depth[0], float("inf")))
     # Channel 1, max-pooled 3x3, is for the card: a card point just beside the head's
     # silhouette counts as seen (its own source pixel is right there), which keeps fill
     # texture out of what the source camera itself shows. The head keeps the sharp map
     # (channel 0): its rim folds under the face outline and must stay hidden there.
     depth = depth[None, None]
-    return torch.cat([depth, F.max_pool2d(depth, 3, stride=1, padding=1)], 1), A
+    return torch.cat([depth, F.max_pool2d(depth, 3, stride=1, padding=1)], 1), frags
 
 
 def _sample_depth(
@@ -739,39 +951,38 @@ def _occluded(z_src: torch.Tensor, depth_at: torch.Tensor) -> torch.Tensor:
     return z_src > depth_at * 1.015 + 2e-3
 
 
-def _vertex_visible(tex_h, src_depth, A, card: slice) -> torch.Tensor:
+def _vertex_visible(tex_h, src_depth, A, pooled: torch.Tensor) -> torch.Tensor:
     w = tex_h[:, 2].clamp(min=1e-6)
-    pooled = torch.zeros(len(tex_h), dtype=torch.bool, device=tex_h.device)
-    pooled[card] = True
     return ~_occluded(w, _sample_depth(src_depth, A, tex_h[:, 0] / w, tex_h[:, 1] / w, pooled))
 
 
-def _grazing(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+def _grazing(verts: torch.Tensor, st: _Statics) -> torch.Tensor:
     """Per vertex [N] in [0, 1]: 0 where the surface is seen edge-on from the source
     camera (texture stretched), 1 where it faces it (|cos| >= 0.25)."""
-    normals = _vertex_normals(verts, faces)
+    normals = _vertex_normals(verts, st.faces, st.incident)
     view = verts / verts.norm(dim=-1, keepdim=True)
     facing = (normals * view).sum(-1).abs()
     return ((facing - 0.08) / 0.17).clamp(0, 1)
 
 
-def _fill_shell(fill, visible, topo: _Topology, device) -> None:
+def _fill_shell(fill, visible, st: _Statics, pole: int) -> None:
     """Hidden shell vertices take the texture of the last visible vertex of their
     sweep from the face outline (hair colour continues round the back of the head)."""
-    ring_ids = torch.as_tensor(topo.ring_ids, device=device)  # [K + 1, J]
-    k_idx = torch.arange(ring_ids.shape[0], device=device)[:, None].expand_as(ring_ids)
+    ring_ids = st.ring_ids  # [K + 1, J]
+    k_idx = torch.arange(ring_ids.shape[0], device=fill.device)[:, None].expand_as(ring_ids)
     last = torch.where(visible[ring_ids], k_idx, torch.zeros_like(k_idx)).cummax(0).values
     src = torch.gather(ring_ids, 0, last).reshape(-1)
     dst = ring_ids.reshape(-1)
     fill[dst] = fill[src] / fill[src, 2:3] * fill[dst, 2:3]
-    fill[topo.pole] = fill[ring_ids[-1]].mean(0)
+    fill[pole] = fill[ring_ids[-1]].mean(0)
 
 
-def _fill_card(fill, opacity, visible, card: slice, G: int, device) -> None:
+def _fill_card(fill, opacity, visible, card: slice, G: int) -> torch.Tensor:
     """Card vertices hidden by the head in the source would show a ghost of the face
     when the head turns; give each the texture of the nearest visible card vertex of
     its row, searching away from the head (hair or background continues behind the
-    head). Rows with none become transparent there."""
+    head). Rows with none become transparent there: returns the new opacity."""
+    device = fill.device
     ids = torch.arange(card.start, card.stop, device=device).reshape(G, G)  # [row, col]
     vis = visible[ids]
     col = torch.arange(G, device=device)[None, :].expand(G, G)
@@ -783,10 +994,12 @@ def _fill_card(fill, opacity, visible, card: slice, G: int, device) -> None:
     src = torch.where(src < 0, torch.where(col < centre_col, right, left), src)
     has = src >= 0
     src_ids = torch.gather(ids, 1, src.clamp(min=0))
-    move = ~vis & has
-    s_ids, d_ids = src_ids[move], ids[move]
-    fill[d_ids] = fill[s_ids] / fill[s_ids, 2:3] * fill[d_ids, 2:3]
-    opacity[ids[~vis & ~has]] = 0.0
+    move = (~vis & has)[..., None]
+    moved = fill[src_ids] / fill[src_ids][..., 2:3] * fill[ids][..., 2:3]
+    fill[ids] = torch.where(move, moved, fill[ids])
+    clear = torch.zeros(len(opacity), dtype=torch.bool, device=device)
+    clear[ids] = ~vis & ~has
+    return torch.where(clear, torch.zeros_like(opacity), opacity)
 
 
 def render_views(avatar: Avatar, poses: Sequence[OrbitPose], size: int) -> RenderOutput:
@@ -805,8 +1018,11 @@ def render_cameras(
     viewmats: torch.Tensor,  # [V, 4, 4] world (= source camera frame) -> camera
     Ks: torch.Tensor,  # [V, 3, 3] intrinsics for S x S pictures
     size: int,
+    capacity: int | None = None,
 ) -> RenderOutput:
-    """Render the avatar at arbitrary cameras (calibrated rigs, synthetic pairs)."""
+    """Render the avatar at arbitrary cameras (calibrated rigs, synthetic pairs).
+    capacity: fixed raster candidate count (no host sync: CUDA-graph safe; the output's
+    ``needed`` tells whether it sufficed); None: exact."""
     if not 16 <= size <= 4096:
         raise ValueError(f"expected size in [16, 4096], got {size}")
     if viewmats.ndim != 3 or viewmats.shape[1:] != (4, 4) or Ks.shape != (viewmats.shape[0], 3, 3):
@@ -815,7 +1031,7 @@ def render_cameras(
     Ks = Ks.to(avatar.device, torch.float32)
     V = viewmats.shape[0]
     pix = project(avatar.verts[None].expand(V, -1, -1), viewmats, Ks)  # [V, N, 3]
-    frags = rasterize(pix, avatar.faces, size, size, cull=avatar.cull, skip=avatar.skip)
+    frags = rasterize(pix, avatar.faces, size, size, cull=avatar.cull, skip=avatar.skip, capacity=capacity)
     vals = interpolate(avatar.vattr, avatar.faces, frags)  # [V, S, S, 10]
     covered = frags.mask
     w = vals[..., 2].clamp(min=1e-6)
@@ -837,9 +1053,10 @@ def render_cameras(
     # Hidden head surface and a filled rim are solid; seen surface takes the person mask as alpha.
     solid = torch.maximum(solid, (use_fill & (head > 0.5)).float())
     alpha = (torch.maximum(tex[:, 3], solid) * opacity * covered * in_pic)[:, None].clamp(0, 1)
-    bg = torch.tensor(avatar.config.bg_color, device=avatar.device, dtype=torch.float32)[None, :, None, None]
+    bg = _constant(avatar.config.bg_color, avatar.device)[None, :, None, None]
     rgb = tex[:, :3] * alpha + bg * (1 - alpha)
     seen = ((~hidden & covered & in_pic).float() * grazing).clamp(0, 1)
     # Where nothing opaque is drawn the picture shows the flat background: nothing was invented.
     seen = torch.where(alpha[:, 0] < 0.02, torch.ones_like(seen), seen)
-    return RenderOutput(rgb=rgb.clamp(0, 1), alpha=alpha, depth=frags.depth[:, None], seen=seen[:, None])
+    return RenderOutput(rgb=rgb.clamp(0, 1), alpha=alpha, depth=frags.depth[:, None], seen=seen[:, None],
+                        needed=frags.needed)

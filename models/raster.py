@@ -10,6 +10,13 @@ deterministic on every device.
 
 Pixel (i, j) has its centre at (x, y) = (j + 0.5, i + 0.5); a pixel is covered
 when its centre lies inside the triangle or on its edge.
+
+Two modes. By default the candidate list is exactly as long as needed (one host
+sync to read its length) and only covered pixels are resolved. With
+``capacity=C`` every shape is fixed (C candidates, every pixel resolved) and
+nothing waits for the device, so the call can be captured in a CUDA graph;
+``Fragments.needed`` then says how many candidates the frame had, and a frame
+with more than C loses the excess (the caller checks and grows C).
 """
 from __future__ import annotations
 
@@ -31,9 +38,10 @@ class Fragments:
     face_id: torch.Tensor  # [V, H, W] int64, -1 where no triangle covers the pixel
     bary: torch.Tensor  # [V, H, W, 3] perspective-correct barycentrics (0 where empty)
     depth: torch.Tensor  # [V, H, W] camera depth z (0 where empty)
-    pixels: torch.Tensor  # [P] flat indices (view, row, col) of the covered pixels
-    winner: torch.Tensor  # [P] view * F + face of each covered pixel
-    bary_px: torch.Tensor  # [P, 3] their perspective-correct barycentrics
+    pixels: torch.Tensor | None  # [P] flat indices (view, row, col) of the covered pixels; None: all (dense)
+    winner: torch.Tensor  # [P] view * F + face of each covered pixel (0 where empty when dense)
+    bary_px: torch.Tensor  # [P, 3] their perspective-correct barycentrics (0 where empty when dense)
+    needed: torch.Tensor | None = None  # 0-d int64 on the device: candidates this frame needed
 
     @property
     def mask(self) -> torch.Tensor:
@@ -54,6 +62,7 @@ def rasterize(
     near: float = 1e-3,
     cull: torch.Tensor | None = None,  # [F] bool: faces that may be culled when seen from behind
     skip: torch.Tensor | None = None,  # [F] bool: faces not to draw at all
+    capacity: int | None = None,  # fixed candidate count (CUDA-graph safe); None: exact, one host sync
 ) -> Fragments:
     """Rasterize V projected copies of one mesh into V depth-tested fragment buffers.
 
@@ -108,13 +117,21 @@ def rasterize(
     # Enumerate every pixel of every triangle's bounding box: candidate c belongs to
     # triangle tri_of[c] and is its local-th box pixel (row-major within the box).
     n_pix = torch.where(ok, bw * bh, torch.zeros_like(bw)).reshape(-1).to(torch.int64)  # [V*F]
-    total = int(n_pix.sum())  # host sync
+    ends = torch.cumsum(n_pix, 0)
+    first = ends - n_pix
+    needed = ends[-1]
     zbuf = torch.full((V * height * width,), _EMPTY, dtype=torch.int64, device=device)
-    if total > 0:
-        ids_all = torch.arange(V * F, device=device)
-        tri_of = torch.repeat_interleave(ids_all, n_pix, output_size=total)  # [M]
-        first = torch.cumsum(n_pix, 0) - n_pix
-        local = (torch.arange(total, device=device) - first.index_select(0, tri_of)).to(torch.float32)
+    if capacity is None:
+        total = int(needed)  # host sync
+        tri_of = torch.repeat_interleave(torch.arange(V * F, device=device), n_pix, output_size=total)  # [M]
+        cand = torch.arange(total, device=device)
+        valid = None
+    else:
+        cand = torch.arange(capacity, device=device)
+        tri_of = torch.searchsorted(ends, cand, right=True).clamp_(max=V * F - 1)
+        valid = cand < needed
+    if cand.numel() > 0:
+        local = (cand - first.index_select(0, tri_of)).to(torch.float32)
         # Row and column inside the box; float32 division is exact here (box area < 2**24).
         w_c = box_w.index_select(0, tri_of)
         row = torch.floor((local + 0.5) / w_c)
@@ -128,15 +145,28 @@ def rasterize(
         w1 = torch.addcmul(pl[5], pl[3], cx).addcmul_(pl[4], cy)
         inv_z = torch.addcmul(pl[8], pl[6], cx).addcmul_(pl[7], cy)
         inside = (w0 >= 0) & (w1 >= 0) & (w0 + w1 <= 1.0 + 1e-6)
+        if valid is not None:
+            inside &= valid
         qdepth = (inv_z.clamp_(min=1.0 / _MAX_DEPTH).reciprocal_().mul_(_DEPTH_SCALE)).to(torch.int64)
         keys = torch.where(inside, (qdepth << 32) | tri_of, torch.full_like(tri_of, _EMPTY))
         pixel_ids = base.index_select(0, tri_of) + (row * width + col).to(torch.int64)
+        if valid is not None:  # spare candidates carry an empty key (a no-op), spread over all
+            pixel_ids = torch.where(valid, pixel_ids, cand % (V * height * width))  # pixels: no atomic contention
         zbuf.scatter_reduce_(0, pixel_ids, keys, reduce="amin", include_self=True)
 
-    # Resolve the covered pixels only: barycentrics from the winning face's planes.
-    pixels = (zbuf != _EMPTY).nonzero()[:, 0]  # [P] flat (view, row, col)
-    winner = zbuf.index_select(0, pixels) & 0xFFFFFFFF  # [P] view * F + face
-    pix32 = pixels.to(torch.int32)
+    # Resolve: barycentrics from the winning face's planes; the covered pixels only, or
+    # every pixel (fixed shapes) in capacity mode.
+    n = V * height * width
+    if capacity is None:
+        pixels = (zbuf != _EMPTY).nonzero()[:, 0]  # [P] flat (view, row, col)
+        winner = zbuf.index_select(0, pixels) & 0xFFFFFFFF  # [P] view * F + face
+        pix32 = pixels.to(torch.int32)
+        hit = None
+    else:
+        pixels = None
+        hit = zbuf != _EMPTY
+        winner = torch.where(hit, zbuf & 0xFFFFFFFF, torch.zeros_like(zbuf))
+        pix32 = torch.arange(n, device=device, dtype=torch.int32)
     col = (pix32 % width).to(torch.float32) + 0.5
     row = ((pix32 // width) % height).to(torch.float32) + 0.5
     pl = planes.index_select(1, winner)  # [9, P]
@@ -147,13 +177,19 @@ def rasterize(
     persp = torch.stack([b0, b1, b2], -1) * iz.reshape(-1, 3).index_select(0, winner)  # [P, 3]
     inv_zp = persp.sum(-1, keepdim=True).clamp_(min=1e-12)
     bary_p = persp / inv_zp
-    n = V * height * width
-    face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
-    face_id[pixels] = (winner.to(torch.int32) % F).to(torch.int64)
-    bary = torch.zeros((n, 3), dtype=torch.float32, device=device)
-    bary[pixels] = bary_p
-    depth = torch.zeros((n,), dtype=torch.float32, device=device)
-    depth[pixels] = 1.0 / inv_zp[:, 0]
+    face_px = (winner.to(torch.int32) % F).to(torch.int64)
+    if hit is None:
+        face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
+        face_id[pixels] = face_px
+        bary = torch.zeros((n, 3), dtype=torch.float32, device=device)
+        bary[pixels] = bary_p
+        depth = torch.zeros((n,), dtype=torch.float32, device=device)
+        depth[pixels] = 1.0 / inv_zp[:, 0]
+    else:
+        bary_p = bary_p * hit[:, None]
+        face_id = torch.where(hit, face_px, torch.full_like(face_px, -1))
+        bary = bary_p
+        depth = torch.where(hit, 1.0 / inv_zp[:, 0], torch.zeros_like(inv_zp[:, 0]))
     return Fragments(
         face_id=face_id.reshape(V, height, width),
         bary=bary.reshape(V, height, width, 3),
@@ -161,6 +197,7 @@ def rasterize(
         pixels=pixels,
         winner=winner,
         bary_px=bary_p,
+        needed=needed,
     )
 
 
@@ -181,6 +218,9 @@ def interpolate(
     w32 = frags.winner.to(torch.int32)
     corner = faces.index_select(0, (w32 % F).long()) + ((w32 // F).long() * N)[:, None]  # [P, 3]
     vals = attrs.reshape(V * N, C).index_select(0, corner.reshape(-1)).reshape(-1, 3, C)
+    px = (vals * frags.bary_px[:, :, None].to(attrs.dtype)).sum(1)
+    if frags.pixels is None:  # dense: every pixel resolved, empty ones with zero weights
+        return px.reshape(V, H, W, C)
     out = torch.zeros((V * H * W, C), dtype=attrs.dtype, device=attrs.device)
-    out[frags.pixels] = (vals * frags.bary_px[:, :, None].to(attrs.dtype)).sum(1)
+    out[frags.pixels] = px
     return out.reshape(V, H, W, C)

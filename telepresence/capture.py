@@ -145,9 +145,10 @@ class WebcamSource(FrameSource):
 
 
 class VideoFileSource(FrameSource):
-    """A video file played at its own frame rate, looping at the end."""
+    """A video file played at its own frame rate (or ``fps``), looping at the end."""
 
-    def __init__(self, path: str | os.PathLike, loop: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, loop: bool = True, fps: float | None = None) -> None:
+        fps = None if fps is None else _check_fps(fps)
         self.path = Path(path)
         self.name = self.path.name
         self.loop = loop
@@ -161,6 +162,8 @@ class VideoFileSource(FrameSource):
         self.fps = self._capture.get(cv2.CAP_PROP_FPS) or 25.0
         if not 1.0 <= self.fps <= 240.0:
             self.fps = 25.0
+        if fps is not None:
+            self.fps = fps
         self._pacer = _Pacer(self.fps)
 
     def _open(self) -> cv2.VideoCapture:
@@ -202,7 +205,7 @@ class ImageSource(FrameSource):
     def __init__(self, path: str | os.PathLike, fps: float = 30.0) -> None:
         self.path = Path(path)
         self.name = self.path.name
-        self.fps = fps
+        self.fps = fps = _check_fps(fps)
         if not self.path.is_file():
             raise SourceError(f"no such image file: {self.path}")
         image = cv2.imread(str(self.path), cv2.IMREAD_COLOR)
@@ -221,11 +224,11 @@ class ImageSource(FrameSource):
 class SampleSource(VideoFileSource):
     """The embedded sample clip (telepresence/assets/sample.mp4), looping."""
 
-    def __init__(self) -> None:
+    def __init__(self, fps: float | None = None) -> None:
         self._resources = contextlib.ExitStack()
         resource = importlib.resources.files("telepresence").joinpath("assets/sample.mp4")
         path = self._resources.enter_context(importlib.resources.as_file(resource))
-        super().__init__(path, loop=True)
+        super().__init__(path, loop=True, fps=fps)
         self.name = "sample"
 
     def close(self) -> None:
@@ -233,26 +236,36 @@ class SampleSource(VideoFileSource):
         self._resources.close()
 
 
-def open_source(spec: str) -> FrameSource:
+def _check_fps(fps: float) -> float:
+    if not 1.0 <= fps <= 240.0:
+        raise SourceError(f"expected a frame rate in [1, 240], got {fps}")
+    return float(fps)
+
+
+def open_source(spec: str, fps: float | None = None) -> FrameSource:
     """Open a source from its command-line spelling.
 
     `sample`: the embedded clip. `webcam`: camera 0, or the sample with one
     warning when there is no camera. `INDEX` (digits): that camera, an error
     if missing. Anything else is a path: an image by its suffix, else a video.
+    fps: play files, images and the sample at this rate (default: a file's own
+    rate, 30 for images); a camera paces itself.
     """
+    if fps is not None:
+        _check_fps(fps)
     if spec == "sample":
-        return SampleSource()
+        return SampleSource(fps)
     if spec == "webcam":
         try:
             return WebcamSource(0)
         except CameraNotFoundError as error:
             logger.warning("%s; using the embedded sample clip instead (--source sample)", error)
-            return SampleSource()
+            return SampleSource(fps)
     if spec.isdigit():
         return WebcamSource(int(spec))
     if Path(spec).suffix.lower() in IMAGE_SUFFIXES:
-        return ImageSource(spec)
-    return VideoFileSource(spec)
+        return ImageSource(spec, 30.0 if fps is None else fps)
+    return VideoFileSource(spec, fps=fps)
 
 
 class CaptureThread:

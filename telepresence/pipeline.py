@@ -70,6 +70,7 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig = PipelineConfig()):
         from models.avatar import AvatarConfig
+        from models.engine import AvatarEngine
         from models.shipped import load_refiner
 
         self.config = config
@@ -78,8 +79,11 @@ class Pipeline:
             raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available")
         self.analyzer = FaceAnalyzer(FaceConfig(static_image=False, fov_deg=config.source_fov_deg))
         self.avatar_config = AvatarConfig(background=config.background)
+        # On CUDA the avatar build and render replay CUDA graphs (models.engine).
+        self.engine = AvatarEngine(self.avatar_config, self.device, config.size)
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True)
         self._avatar = None
+        self._reference: torch.Tensor | None = None  # the refiner's reference view of the current avatar
         self._crop: np.ndarray | None = None
 
     def close(self) -> None:
@@ -114,7 +118,7 @@ class Pipeline:
     ) -> FrameResult:
         """Views of the person in ``frame_rgb`` (RGB uint8 [H, W, 3]) at every pose.
         analysis: this frame's :meth:`analyze` result if already made (else made here)."""
-        from models.avatar import build_avatar, crop_box
+        from models.avatar import crop_box
 
         timings: dict[str, float] = {}
         if analysis is None:
@@ -124,9 +128,8 @@ class Pipeline:
         if found:
             t0 = time.perf_counter()
             crop = self._follow(crop_box(obs, self.avatar_config))
-            self._avatar = build_avatar(
-                frame_rgb, obs, self.avatar_config, device=self.device, crop=crop, render_size=self.config.size
-            )
+            self._avatar = self.engine.build(frame_rgb, obs, crop=crop)
+            self._reference = None
             self._sync()
             timings["avatar"] = (time.perf_counter() - t0) * 1000.0
         status = "ok" if found else ("face_lost" if self._avatar is not None else "no_face_yet")
@@ -141,18 +144,18 @@ class Pipeline:
     @torch.no_grad()
     def render(self, poses: Sequence[OrbitPose], timings: dict[str, float] | None = None) -> list[np.ndarray]:
         """Render (and refine) the current avatar at ``poses``: RGB uint8 [S, S, 3] each."""
-        from models.avatar import render_views
-
         timings = {} if timings is None else timings
         size = self.config.size
         t0 = time.perf_counter()
-        out = render_views(self._avatar, list(poses), size)
+        out = self.engine.render(list(poses))
         self._sync()
         timings["render"] = (time.perf_counter() - t0) * 1000.0
         views = out.rgb
         if self.refiner is not None:
             t0 = time.perf_counter()
-            ref = self._avatar.source_view(size)[None]
+            if self._reference is None:
+                self._reference = self._avatar.source_view(size)[None]
+            ref = self._reference
             seen = out.seen[None] if self.refiner.config.seen_mask else None
             dtype = self.refiner.dtype
             views = self.refiner.refine(

@@ -82,6 +82,8 @@ class SenderConfig:
     """Shared room token, if the receiver requires one."""
     source: str = "webcam"
     """webcam | INDEX | FILE.mp4 | IMAGE | sample (see capture.open_source)."""
+    source_fps: Optional[float] = None
+    """Play files, images and the sample at this rate (None: a file's own, 30 for images)."""
     device: str = "cpu"
     """Torch device for the pipeline."""
     size: Optional[int] = None
@@ -188,7 +190,7 @@ class Sender:
         self._loop = asyncio.get_running_loop()
         apply_bitrate(self.config.bitrate)
         if self._source is None:
-            self._source = await self._loop.run_in_executor(None, open_source, self.config.source)
+            self._source = await self._loop.run_in_executor(None, open_source, self.config.source, self.config.source_fps)
         logger.info("capture source: %s (%.0f fps)", self._source.name, self._source.fps)
         if self._pipeline is None:
             logger.info("loading the pipeline (%s, device %s, %d px)", self.config.pipeline_module,
@@ -473,6 +475,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="label shown to viewers (default: this host's name)")
     parser.add_argument("--token", default=None, help="shared room token, if the receiver needs one")
     parser.add_argument("--source", default=SenderConfig.source, help="webcam | INDEX | FILE.mp4 | IMAGE | sample")
+    parser.add_argument("--source-fps", type=float, default=None,
+                        help="play a file, image or the sample at this rate (default: a file's own, 30 for images)")
     parser.add_argument("--device", default=SenderConfig.device, help="cuda | cpu")
     parser.add_argument("--size", type=int, choices=(256, 512), default=None, help="default: 512 on cuda, 256 on cpu")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
@@ -502,6 +506,7 @@ def config_from_args(args: argparse.Namespace) -> SenderConfig:
         name=(args.name or socket.gethostname())[:40],
         token=args.token,
         source=args.source,
+        source_fps=args.source_fps,
         device=args.device,
         size=args.size,
         refiner=parse_refiner(args.refiner),

@@ -156,3 +156,19 @@ def test_plain_pictures_do_not_decode_as_stamps():
         assert read_frame_code(np.full((256, 256, 3), value, np.uint8)) is None
     assert read_frame_code(card_image()) is None
     assert stamp_age_ms(5, now_stamp=2) == (1 << 24) - 3  # across the wrap
+
+
+def test_source_fps_overrides_the_pacing(tmp_path):
+    """--source-fps plays the sample, a file or a still at another rate (a 30 fps webcam's, say)."""
+    with open_source("sample", fps=50.0) as source:
+        assert source.fps == 50.0
+        t0 = time.monotonic()
+        for _ in range(26):
+            source.grab()
+        assert 0.4 <= time.monotonic() - t0 < 1.5  # 25 intervals at 50 fps, not at the clip's 25
+    path = tmp_path / "still.png"
+    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+    assert open_source(str(path), fps=12.0).fps == 12.0
+    assert open_source(str(path)).fps == 30.0
+    with pytest.raises(SourceError, match="frame rate"):
+        open_source("sample", fps=0.0)

@@ -174,7 +174,7 @@ def test_culling_and_skipping_do_not_change_the_picture(analyzer, astronaut):
 
 
 def test_fill_texture_is_a_low_pass_copy_that_keeps_the_person_colour():
-    from models.avatar import _fill_texture
+    from models.avatar import _fill_texture, _levels
 
     # Left half: red person (alpha 1) with fine stripes; right half: green background (alpha 0).
     tex = torch.zeros(1, 4, 64, 128)
@@ -182,7 +182,7 @@ def test_fill_texture_is_a_low_pass_copy_that_keeps_the_person_colour():
     tex[0, 1, :, 64:] = 1.0
     tex[0, 2, :, :64:2] = 1.0  # one-texel stripes of blue on the person
     tex[0, 3, :, :64] = 1.0
-    low = _fill_texture(tex, crop_texels=64.0, texels=8)
+    low = _fill_texture(tex, (8, 16))
     assert low.shape == (1, 4, 8, 16)
     # The person's colour right at the person/background edge has no green in it: alpha-weighted.
     edge = low[0, :3, :, 7]
@@ -191,5 +191,11 @@ def test_fill_texture_is_a_low_pass_copy_that_keeps_the_person_colour():
     assert torch.allclose(low[0, 2, :, :6], torch.full((8, 6), 0.5), atol=0.05)
     # Background far from the person keeps its own colour; alpha goes from 1 to 0 across the edge.
     assert torch.all(low[0, 1, :, -4:] > 0.95) and low[0, 3, 0, 0] > 0.95 and low[0, 3, 0, -1] < 0.05
-    # Off (0), or a texture already coarser than asked: the texture itself.
-    assert _fill_texture(tex, 64.0, 0) is tex and _fill_texture(tex, 64.0, 128) is tex
+    assert _fill_texture(tex, None) is tex
+    # Sizes come in powers of two: a 64-px crop wants 8 fill texels across it -> 1/8 of the picture;
+    # off (0), or a texture already coarser than asked: the texture itself.
+    assert _levels(64.0, (64, 128), 512, 8, far=False) == (None, (8, 16))
+    assert _levels(64.0, (64, 128), 512, 0, far=False) == (None, None)
+    assert _levels(64.0, (64, 128), 512, 128, far=False) == (None, None)
+    # A crop much larger than the render: the texture halves until the crop spans <= 1.25 * max_side.
+    assert _levels(2000.0, (1000, 3000), 512, 0, far=False) == ((250, 750), None)
