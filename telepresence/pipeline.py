@@ -41,12 +41,17 @@ class PipelineConfig:
     """How fast the framing follows the head (0 = frozen, 1 = no smoothing)."""
     noise_level: float | None = None
     """Refiner noise level (None: the value the refiner was trained with)."""
+    warm_views: int = 4
+    """On CUDA, capture the render and refiner graphs for 1..warm_views views on the first
+    frame with a face (about 0.4 s each), so a viewer joining later does not stall the others."""
 
     def __post_init__(self) -> None:
         if not 64 <= self.size <= 2048 or self.size % 8:
             raise ValueError(f"expected size a multiple of 8 in [64, 2048], got {self.size}")
         if not 0.0 < self.crop_follow <= 1.0:
             raise ValueError(f"expected crop_follow in (0, 1], got {self.crop_follow}")
+        if self.warm_views < 0:
+            raise ValueError(f"expected warm_views >= 0, got {self.warm_views}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Pipeline:
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True)
         self._avatar = None
         self._reference: torch.Tensor | None = None  # the refiner's reference view of the current avatar
+        self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
         self._crop: np.ndarray | None = None
 
     def close(self) -> None:
@@ -132,6 +138,8 @@ class Pipeline:
             self._reference = None
             self._sync()
             timings["avatar"] = (time.perf_counter() - t0) * 1000.0
+            if not self._warm:
+                self._warm_up()
         status = "ok" if found else ("face_lost" if self._avatar is not None else "no_face_yet")
         if not poses:
             return FrameResult([], found, status, timings)
@@ -140,6 +148,15 @@ class Pipeline:
             return FrameResult([blank.copy() for _ in poses], found, status, timings)
         views = self.render(poses, timings)
         return FrameResult(views, found, status, timings)
+
+    def _warm_up(self) -> None:
+        """Capture the graphs of every view count up to warm_views now, while nobody waits
+        on a second viewer (a first render at a new view count captures them otherwise)."""
+        t0 = time.perf_counter()
+        for n in range(1, self.config.warm_views + 1):
+            self.render([OrbitPose()] * n)
+        self._warm = True
+        log.info("CUDA graphs ready for 1-%d views (%.1f s)", self.config.warm_views, time.perf_counter() - t0)
 
     @torch.no_grad()
     def render(self, poses: Sequence[OrbitPose], timings: dict[str, float] | None = None) -> list[np.ndarray]:

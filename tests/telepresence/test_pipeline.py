@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from telepresence.pipeline import Pipeline, PipelineConfig, ViewPose
 
@@ -47,3 +48,27 @@ def test_no_face_yet_gives_placeholders():
 def test_config_validates():
     with pytest.raises(ValueError, match="multiple of 8"):
         PipelineConfig(size=100)
+    with pytest.raises(ValueError, match="warm_views"):
+        PipelineConfig(warm_views=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_cuda_graphs_for_up_to_warm_views_are_captured_on_the_first_face(astronaut):
+    """A viewer joining later (a new view count) finds its graphs ready: no capture, no stall."""
+    p = Pipeline(PipelineConfig(device="cuda", size=128, refiner=None, warm_views=3))
+    try:
+        first = p.process(astronaut, [ViewPose(yaw_deg=10)])
+        assert first.status == "ok"
+        captured = p.engine.captures
+        assert captured == 1 + 3  # the build, and the render of 1, 2 and 3 views
+        result = p.process(astronaut, [ViewPose(yaw_deg=y) for y in (-20, 0, 20)])
+        assert p.engine.captures == captured and len(result.views) == 3
+        eager = Pipeline(PipelineConfig(device="cuda", size=128, refiner=None, warm_views=0))
+        eager.engine.cuda_graphs = eager.engine.fixed_shapes = False
+        eager.process(astronaut, [ViewPose(yaw_deg=10)])  # the same frames: face tracking and framing follow them
+        reference = eager.process(astronaut, [ViewPose(yaw_deg=y) for y in (-20, 0, 20)])
+        eager.close()
+        for a, b in zip(result.views, reference.views):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    finally:
+        p.close()
