@@ -1,6 +1,6 @@
-"""Make docs/avatar_views.png: source | yaw -30 | -15 | 0 | +15 | +30 for three people.
+"""Make docs/avatar_views.jpg: source | yaw -30 | -15 | 0 | +15 | +30 for three people.
 
-    python docs/make_avatar_figure.py [--refiner default|none|PATH] [--size 256] [--out docs/avatar_views.png]
+    python docs/make_avatar_figure.py [--refiner default|none|PATH] [--size 256] [--out docs/avatar_views.jpg]
 
 Pictures: skimage's astronaut (public domain), Vermeer's "Girl with a Pearl
 Earring" (public domain, from the development data) and a frame of the
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--refiner", default="none")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("avatar_views.png"))
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("avatar_views.jpg"))
     args = p.parse_args(argv)
     refiner = load_refiner(args.refiner, "cpu")
     yaws = (-30, -15, 0, 15, 30)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
             rows.append([to_uint8(ref)] + [to_uint8(v) for v in views])
             labels.append([f"{name}: source"] + [f"yaw {y:+d}" for y in yaws])
     sheet = contact_sheet(rows, labels)
-    cv2.imwrite(str(args.out), sheet[:, :, ::-1])
+    cv2.imwrite(str(args.out), sheet[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
     print(f"wrote {args.out}")
     return 0
 
