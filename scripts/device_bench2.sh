@@ -14,7 +14,7 @@ python3 -c "from models.refiner import Refiner; Refiner.small(seen_mask=True, ed
 filter() { grep -v -E "^[WI]0000|absl|INFO: Created|UserWarning|image_t =" ; }
 echo "== GPU tests"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_raster.py tests/models/test_engine.py \
-  tests/models/test_refiner_gpu.py tests/models/test_avatar.py 2>&1 | tail -4
+  tests/models/test_refiner_gpu.py tests/models/test_avatar.py tests/telepresence/test_pipeline.py 2>&1 | tail -4
 echo "== avatar"
 timeout 120 python3 benchmarks/avatar.py --device cuda --sizes 256 512 --views 1 4 --check --breakdown \
   --out "$OUT/avatar_cuda.json" 2>&1 | grep -v Warning
