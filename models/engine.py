@@ -49,6 +49,10 @@ _GROWTH = 1.5  # capacity after an overflow: this times what the frame needed
 _ROUND = 1 << 16
 
 
+class _Fallback(Exception):
+    """A graph could not be set up: the engine now runs eagerly."""
+
+
 def _round_up(n: float) -> int:
     return int(-(-int(n) // _ROUND) * _ROUND)
 
@@ -113,7 +117,8 @@ class AvatarEngine:
 
     The avatar and the render output of the graph path live in the graphs'
     buffers: the next build or render overwrites them. Copy what must outlive
-    the frame.
+    the frame. If a capture fails (an old driver, an operation a graph cannot
+    hold), the engine says so once in the log and runs eagerly from then on.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class AvatarEngine:
         self.max_plans = max_plans
         self.avatar: Avatar | None = None
         self.captures = 0  # graphs captured so far (a steady stream captures a handful)
+        self.fell_back = False  # a capture failed: eager from then on
         self._plan: _Plan | None = None
         self._inputs: _HostInputs | None = None
         self._builds: OrderedDict[_Plan, _Graph] = OrderedDict()
@@ -147,10 +153,14 @@ class AvatarEngine:
     def build(self, image: np.ndarray, obs: FaceObservation, crop: tuple[float, float, float] | None = None) -> Avatar:
         """The avatar of the face in ``image`` (RGB uint8 [H, W, 3]); becomes :attr:`avatar`."""
         inputs = _prepare(image, obs, self.config, None, crop, self.render_size)
-        if not self.fixed_shapes:
+        avatar = None
+        if self.fixed_shapes:
+            try:
+                avatar = self._replay_build(inputs)
+            except _Fallback:
+                pass
+        if avatar is None:
             avatar = _build_on_device(inputs.plan, inputs.tensors(self.device), self.device)
-        else:
-            avatar = self._replay_build(inputs)
         avatar = dataclasses.replace(avatar, host=inputs.host)
         self.avatar, self._plan, self._inputs = avatar, inputs.plan, inputs
         return avatar
@@ -164,9 +174,8 @@ class AvatarEngine:
                 self._build_capacity[plan] = _round_up(max(_HEADROOM * int(first.needed), _BUILD_PER_PIXEL * plan.vis_size**2))
             capacity = self._build_capacity[plan]
             log.info("capturing the avatar build for %s (raster capacity %d)", _describe(plan), capacity)
-            graph = _Graph(lambda t: _build_on_device(plan, t, self.device, capacity), inputs.tensors(self.device),
-                           capture=self.cuda_graphs)
-            self.captures += 1
+            graph = self._new_graph(lambda t: _build_on_device(plan, t, self.device, capacity),
+                                    inputs.tensors(self.device))
             self._builds[plan] = graph
             while len(self._builds) > self.max_plans:
                 old, _ = self._builds.popitem(last=False)
@@ -184,24 +193,50 @@ class AvatarEngine:
         if self.avatar is None:
             raise RuntimeError("no avatar yet: call build() first")
         viewmats, Ks = self.avatar.cameras(poses, self.render_size)
-        if not self.fixed_shapes:
-            return render_cameras(self.avatar, viewmats, Ks, self.render_size)
+        if self.fixed_shapes:
+            try:
+                return self._render_fixed(viewmats, Ks, len(poses))
+            except _Fallback:
+                pass
+        return render_cameras(self.avatar, viewmats, Ks, self.render_size)
+
+    def _render_fixed(self, viewmats: torch.Tensor, Ks: torch.Tensor, n_views: int) -> RenderOutput:
         for _ in range(4):
             out = self._replay_render(viewmats, Ks)
             build_needed, render_needed = torch.stack([self.avatar.needed, out.needed]).tolist()  # waits for the frame
-            key = (self._plan, len(poses))
+            key = (self._plan, n_views)
             redo = False
             if build_needed > self._build_capacity[self._plan]:
                 self._grow_build(build_needed)
                 redo = True
             if render_needed > self._render_capacity[key]:
                 self._render_capacity[key] = _round_up(_GROWTH * render_needed)
-                log.info("render raster capacity for %d views grown to %d", len(poses), self._render_capacity[key])
+                log.info("render raster capacity for %d views grown to %d", n_views, self._render_capacity[key])
                 self._renders.pop(key, None)
                 redo = True
             if not redo:
                 return out
         raise RuntimeError("avatar raster capacity kept overflowing")
+
+    def _new_graph(self, fn: Callable[[dict], object], inputs: dict[str, torch.Tensor | None]) -> _Graph:
+        try:
+            graph = _Graph(fn, inputs, capture=self.cuda_graphs)
+        except Exception as error:  # noqa: BLE001 - whatever stops a capture, the eager path still works
+            self._fall_back(error)
+            raise _Fallback from error
+        self.captures += 1
+        return graph
+
+    def _fall_back(self, error: Exception) -> None:
+        log.warning("could not set up the avatar's CUDA graphs (%s: %s); running it eagerly from now on",
+                    type(error).__name__, error)
+        self.cuda_graphs = self.fixed_shapes = False
+        self.fell_back = True
+        self._builds.clear()
+        self._renders.clear()
+        if self._inputs is not None:  # the current avatar may come from a half-grown graph: make it again
+            avatar = _build_on_device(self._plan, self._inputs.tensors(self.device), self.device)
+            self.avatar = dataclasses.replace(avatar, host=self._inputs.host)
 
     def _grow_build(self, needed: int) -> None:
         """Capture the build again with more raster room and rebuild the current frame."""
@@ -224,9 +259,8 @@ class AvatarEngine:
             capacity = self._render_capacity[key]
             log.info("capturing the avatar render for %d views at %d (raster capacity %d)", V, S, capacity)
             # The avatar's tensors are the build graph's outputs: the same for every build of this plan.
-            graph = _Graph(lambda t: render_cameras(self.avatar, t["viewmats"], t["Ks"], S, capacity),
-                           {"viewmats": viewmats, "Ks": Ks}, capture=self.cuda_graphs)
-            self.captures += 1
+            graph = self._new_graph(lambda t: render_cameras(self.avatar, t["viewmats"], t["Ks"], S, capacity),
+                                    {"viewmats": viewmats, "Ks": Ks})
             self._renders[key] = graph
             return graph.out
         return graph({"viewmats": viewmats, "Ks": Ks})

@@ -199,3 +199,14 @@ def test_fill_texture_is_a_low_pass_copy_that_keeps_the_person_colour():
     assert _levels(64.0, (64, 128), 512, 128, far=False) == (None, None)
     # A crop much larger than the render: the texture halves until the crop spans <= 1.25 * max_side.
     assert _levels(2000.0, (1000, 3000), 512, 0, far=False) == ((250, 750), None)
+
+
+def test_separable_max_filter_equals_max_pool():
+    import torch.nn.functional as F
+
+    from models.avatar import _max3x3
+
+    torch.manual_seed(0)
+    depth = torch.rand(1, 1, 37, 51)
+    depth[depth > 0.7] = float("inf")
+    assert torch.equal(_max3x3(depth), F.max_pool2d(depth, 3, stride=1, padding=1))

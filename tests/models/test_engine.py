@@ -110,3 +110,41 @@ def test_cuda_graphs_match_eager_cuda(case):
     eager_flipped = render_views(build_avatar(flipped, obs, device="cuda", render_size=512), POSES, 512)
     assert max_diff(out, eager_flipped) < 1e-4
     assert engine.captures == 2
+
+
+def test_a_failed_capture_falls_back_to_the_eager_path(case, monkeypatch, caplog):
+    image, obs = case
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine_mod, "_Graph", Broken)
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True)
+    with caplog.at_level("WARNING", logger="models.engine"):
+        engine.build(image, obs)
+        out = engine.render(POSES[:2])
+    assert engine.fell_back and not engine.fixed_shapes
+    assert sum("running it eagerly" in r.message for r in caplog.records) == 1
+    eager = render_views(build_avatar(image, obs, render_size=128), POSES[:2], 128)
+    assert max_diff(out, eager) == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_cuda_capture_failure_leaves_a_working_eager_engine(case, monkeypatch):
+    """A host sync inside the build (illegal while capturing) makes the capture fail for real."""
+    image, obs = case
+    real = engine_mod._build_on_device
+
+    def syncing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    monkeypatch.setattr(engine_mod, "_build_on_device", syncing)
+    engine = AvatarEngine(AvatarConfig(), "cuda", render_size=256)
+    engine.build(image, obs)
+    out = engine.render(POSES)
+    assert engine.fell_back
+    eager = render_views(build_avatar(image, obs, device="cuda", render_size=256), POSES, 256)
+    assert max_diff(out, eager) < 1e-4
