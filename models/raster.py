@@ -40,6 +40,7 @@ class Fragments:
     depth: torch.Tensor  # [V, H, W] camera depth z (0 where empty)
     pixels: torch.Tensor | None  # [P] flat indices (view, row, col) of the covered pixels; None: all (dense)
     winner: torch.Tensor  # [P] view * F + face of each covered pixel (0 where empty when dense)
+    face_px: torch.Tensor  # [P] int64 face of each (winner mod F)
     bary_px: torch.Tensor  # [P, 3] their perspective-correct barycentrics (0 where empty when dense)
     needed: torch.Tensor | None = None  # 0-d int64 on the device: candidates this frame needed
 
@@ -47,6 +48,14 @@ class Fragments:
     def mask(self) -> torch.Tensor:
         """[V, H, W] bool, covered pixels."""
         return self.face_id >= 0
+
+
+def _divmod(a: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a // d, a % d) of non-negative integers as float64 (exact below 2**53): vectorised
+    float maths instead of integer division, which the CPU does one element at a time."""
+    af = a.to(torch.float64)
+    q = torch.floor(af / d)
+    return q, af - q * d
 
 
 def _edge(ax, ay, bx, by, px, py):
@@ -160,15 +169,17 @@ def rasterize(
     if capacity is None:
         pixels = (zbuf != _EMPTY).nonzero()[:, 0]  # [P] flat (view, row, col)
         winner = zbuf.index_select(0, pixels) & 0xFFFFFFFF  # [P] view * F + face
-        pix32 = pixels.to(torch.int32)
+        flat = pixels
         hit = None
     else:
         pixels = None
         hit = zbuf != _EMPTY
         winner = torch.where(hit, zbuf & 0xFFFFFFFF, torch.zeros_like(zbuf))
-        pix32 = torch.arange(n, device=device, dtype=torch.int32)
-    col = (pix32 % width).to(torch.float32) + 0.5
-    row = ((pix32 // width) % height).to(torch.float32) + 0.5
+        flat = torch.arange(n, device=device)
+    view_row, col = _divmod(flat, width)
+    row = view_row - torch.floor(view_row / height) * height
+    col = col.to(torch.float32) + 0.5
+    row = row.to(torch.float32) + 0.5
     pl = planes.index_select(1, winner)  # [9, P]
     b0 = torch.addcmul(pl[2], pl[0], col).addcmul_(pl[1], row).clamp_(0, 1)
     b1 = torch.addcmul(pl[5], pl[3], col).addcmul_(pl[4], row).clamp_(0, 1)
@@ -177,7 +188,7 @@ def rasterize(
     persp = torch.stack([b0, b1, b2], -1) * iz.reshape(-1, 3).index_select(0, winner)  # [P, 3]
     inv_zp = persp.sum(-1, keepdim=True).clamp_(min=1e-12)
     bary_p = persp / inv_zp
-    face_px = (winner.to(torch.int32) % F).to(torch.int64)
+    face_px = _divmod(winner, F)[1].to(torch.int64)
     if hit is None:
         face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
         face_id[pixels] = face_px
@@ -196,6 +207,7 @@ def rasterize(
         depth=depth.reshape(V, height, width),
         pixels=pixels,
         winner=winner,
+        face_px=face_px,
         bary_px=bary_p,
         needed=needed,
     )
@@ -208,19 +220,20 @@ def interpolate(
 ) -> torch.Tensor:
     """Perspective-correct interpolation of vertex attributes: returns [V, H, W, C] (0 where empty)."""
     V, H, W = frags.face_id.shape
-    if attrs.ndim == 2:
-        attrs = attrs[None].expand(V, -1, -1)
-    if attrs.ndim != 3 or attrs.shape[0] != V:
+    if attrs.ndim not in (2, 3) or (attrs.ndim == 3 and attrs.shape[0] != V):
         raise ValueError(f"expected attrs [V={V}, N, C] or [N, C], got {tuple(attrs.shape)}")
-    N, C = attrs.shape[1], attrs.shape[2]
-    # Covered pixels only: corner vertex rows in the flattened [V * N, C] table.
-    F = faces.shape[0]
-    w32 = frags.winner.to(torch.int32)
-    corner = faces.index_select(0, (w32 % F).long()) + ((w32 // F).long() * N)[:, None]  # [P, 3]
-    vals = attrs.reshape(V * N, C).index_select(0, corner.reshape(-1)).reshape(-1, 3, C)
+    N, C = attrs.shape[-2], attrs.shape[-1]
+    # Covered pixels only: each corner's row in the [N, C] table (or the flattened [V * N, C] one).
+    corner = faces.index_select(0, frags.face_px).t()  # [3, P]
+    table = attrs
+    if attrs.ndim == 3:
+        view = _divmod(frags.winner, faces.shape[0])[0].to(torch.int64)
+        corner = corner + view * N
+        table = attrs.reshape(V * N, C)
+    vals = [table.index_select(0, corner[k]) for k in range(3)]  # 3 x [P, C], contiguous
     b = frags.bary_px.to(attrs.dtype)
     # Three fused multiply-adds over [P, C] (3x faster on the CPU than a product and a sum over corners).
-    px = torch.addcmul(torch.addcmul(vals[:, 0] * b[:, 0:1], vals[:, 1], b[:, 1:2]), vals[:, 2], b[:, 2:3])
+    px = torch.addcmul(torch.addcmul(vals[0] * b[:, 0:1], vals[1], b[:, 1:2]), vals[2], b[:, 2:3])
     if frags.pixels is None:  # dense: every pixel resolved, empty ones with zero weights
         return px.reshape(V, H, W, C)
     out = torch.zeros((V * H * W, C), dtype=attrs.dtype, device=attrs.device)
