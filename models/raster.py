@@ -51,10 +51,15 @@ class Fragments:
 
 
 def _divmod(a: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a // d, a % d) of non-negative integers as float64 (exact below 2**53): vectorised
-    float maths instead of integer division, which the CPU does one element at a time."""
+    """(a // d, a % d) of non-negative integers below 2**52, as exact float64: vectorised
+    float maths instead of integer division, which the CPU does one element at a time.
+    The quotient is corrected by one where the division rounded across an integer
+    (CUDA divides by a scalar as a multiplication by its reciprocal)."""
     af = a.to(torch.float64)
     q = torch.floor(af / d)
+    r = af - q * d
+    over, under = r >= d, r < 0
+    q = q + over.to(q.dtype) - under.to(q.dtype)
     return q, af - q * d
 
 

@@ -93,3 +93,16 @@ def test_cuda_matches_cpu():
     assert (a.face_id == b.face_id.cpu()).float().mean() > 0.999
     same = a.face_id == b.face_id.cpu()
     assert torch.allclose(a.depth[same], b.depth.cpu()[same], rtol=1e-5)
+
+
+def test_float_divmod_is_exact_where_the_quotient_is_an_integer():
+    """Multiples of d are where a reciprocal-multiply division can land just below an integer."""
+    from models.raster import _divmod
+
+    for d in (3, 7, 10, 4591, 13463, 262144):
+        a = torch.cat([torch.arange(0, 40 * d, d), torch.arange(0, 40 * d, d) + d - 1, torch.arange(5000)])
+        q, r = _divmod(a, d)
+        assert torch.equal(q.long(), a // d) and torch.equal(r.long(), a % d)
+        if torch.cuda.is_available():
+            qc, rc = _divmod(a.cuda(), d)
+            assert torch.equal(qc.long().cpu(), a // d) and torch.equal(rc.long().cpu(), a % d)
