@@ -230,6 +230,8 @@ class AvatarEngine:
     def _fall_back(self, error: Exception) -> None:
         log.warning("could not set up the avatar's CUDA graphs (%s: %s); running it eagerly from now on",
                     type(error).__name__, error)
+        if self.cuda_graphs:
+            _end_aborted_capture(self.device)
         self.cuda_graphs = self.fixed_shapes = False
         self.fell_back = True
         self._builds.clear()
@@ -264,6 +266,20 @@ class AvatarEngine:
             self._renders[key] = graph
             return graph.out
         return graph({"viewmats": viewmats, "Ks": Ks})
+
+
+def _end_aborted_capture(device: torch.device) -> None:
+    """An aborted capture leaves the CUDA random generator in capture mode: every later
+    random draw on the device fails ("Offset increment outside graph capture"). A small
+    capture that completes, drawing one random number, ends that mode (measured on the
+    H100 machine with torch 2.11)."""
+    try:
+        with torch.cuda.device(device):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                torch.rand(1, device=device)
+    except Exception as error:  # noqa: BLE001
+        log.warning("the CUDA random generator may be unusable after the failed capture: %s", error)
 
 
 def _describe(plan: _Plan) -> str:

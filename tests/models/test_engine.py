@@ -148,3 +148,7 @@ def test_cuda_capture_failure_leaves_a_working_eager_engine(case, monkeypatch):
     assert engine.fell_back
     eager = render_views(build_avatar(image, obs, device="cuda", render_size=256), POSES, 256)
     assert max_diff(out, eager) < 1e-4
+    # The aborted capture must not leave the device's random generator in capture mode
+    # (the refiner draws its noise there, and the next graphs capture it).
+    torch.nn.init.normal_(torch.empty(8, device="cuda"))
+    assert torch.randn(8, device="cuda").std() > 0
