@@ -178,9 +178,7 @@ class AvatarEngine:
                                     inputs.tensors(self.device))
             self._builds[plan] = graph
             while len(self._builds) > self.max_plans:
-                old, _ = self._builds.popitem(last=False)
-                for key in [k for k in self._renders if k[0] == old]:
-                    del self._renders[key]
+                self._drop_renders(self._builds.popitem(last=False)[0])
         else:
             self._builds.move_to_end(plan)
             graph(inputs.tensors(torch.device("cpu")))
@@ -240,14 +238,18 @@ class AvatarEngine:
             avatar = _build_on_device(self._plan, self._inputs.tensors(self.device), self.device)
             self.avatar = dataclasses.replace(avatar, host=self._inputs.host)
 
+    def _drop_renders(self, plan: _Plan) -> None:
+        """Forget the render graphs that read the outputs of this plan's build graph."""
+        for key in [k for k in self._renders if k[0] == plan]:
+            del self._renders[key]
+
     def _grow_build(self, needed: int) -> None:
         """Capture the build again with more raster room and rebuild the current frame."""
         plan, inputs = self._plan, self._inputs
         self._build_capacity[plan] = _round_up(_GROWTH * needed)
         log.info("build raster capacity grown to %d", self._build_capacity[plan])
         del self._builds[plan]
-        for key in [k for k in self._renders if k[0] == plan]:
-            del self._renders[key]
+        self._drop_renders(plan)
         self.avatar = dataclasses.replace(self._replay_build(inputs), host=inputs.host)
 
     def _replay_render(self, viewmats: torch.Tensor, Ks: torch.Tensor) -> RenderOutput:
