@@ -80,13 +80,14 @@ def ssim_map(pred: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5)
     pad = window // 2
     if min(pred.shape[-2:]) <= pad:
         raise ValueError(f"expected images larger than {pad} pixels for an SSIM window of {window}, got {tuple(pred.shape[-2:])}")
-    kx, ky = _gaussian_window(window, sigma, c, pred)
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # at least float32 (bf16 outputs are upcast)
+    x, y = pred.to(dtype), target.to(dtype)
+    kx, ky = _gaussian_window(window, sigma, c, x)
 
     def blur(x: Tensor) -> Tensor:
         x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         return F.conv2d(F.conv2d(x, kx, groups=c), ky, groups=c)
 
-    x, y = pred.float(), target.float()
     mu_x, mu_y = blur(x), blur(y)
     sxx = blur(x * x) - mu_x.square()
     syy = blur(y * y) - mu_y.square()

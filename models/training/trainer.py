@@ -351,6 +351,9 @@ class Trainer:
 
         # ---- refiner, EMA, optimizer --------------------------------------------------------------
         self.model = refiner.to(self.device)
+        # Master weights' dtype (float32 unless the caller built the model otherwise): inputs and losses use it,
+        # so bf16 autocast outputs are upcast and a float64 model (the DDP test) stays float64 throughout.
+        self.dtype = next(self.model.parameters()).dtype
         self.model.train()
         trainable = {id(p) for p in refiner.trainable_parameters()}
         self.named_trainable = [(n, p) for n, p in refiner.named_parameters() if id(p) in trainable]
@@ -507,15 +510,16 @@ class Trainer:
     def _micro_step(self, batch: dict, micro: int, gan: bool) -> dict[str, float]:
         cfg = self.config
         dev = self.device
-        ref = batch["ref"].to(dev, non_blocking=True)  # [B, 3, S, S]
-        views = batch["views"].to(dev, non_blocking=True)  # [B, V, 3, S, S]
-        target = batch["target"].to(dev, non_blocking=True)
-        weight = batch["weight"].to(dev, non_blocking=True)  # [B, V, 1, S, S]
-        seen = batch["seen"].to(dev, non_blocking=True) if self.model.config.seen_mask else None
+        dt = self.dtype
+        ref = batch["ref"].to(dev, dt, non_blocking=True)  # [B, 3, S, S]
+        views = batch["views"].to(dev, dt, non_blocking=True)  # [B, V, 3, S, S]
+        target = batch["target"].to(dev, dt, non_blocking=True)
+        weight = batch["weight"].to(dev, dt, non_blocking=True)  # [B, V, 1, S, S]
+        seen = batch["seen"].to(dev, dt, non_blocking=True) if self.model.config.seen_mask else None
         s = self._noise_levels(batch["draw"])
         with self._autocast():
             out = self.ddp_model(ref, views, seen, noise_level=s, generator=self._noise_generator(micro))  # [B, V, 3, S, S]
-        y = out.flatten(0, 1).float()  # [B V, 3, S, S]
+        y = out.flatten(0, 1).to(dt)  # [B V, 3, S, S]
         t = target.flatten(0, 1)
         w = weight.flatten(0, 1)
         l2 = losses.masked_l2(y, t, w)
@@ -527,14 +531,14 @@ class Trainer:
             d.requires_grad_(False)
             with self._autocast():
                 fake_logits, fake_feats = d(y)
-                g_adv = losses.g_hinge_loss([x.float() for x in fake_logits], w)
+                g_adv = losses.g_hinge_loss([x.to(dt) for x in fake_logits], w)
                 total = total + cfg.gan_weight * g_adv
                 logs["g_adv"] = g_adv.item()
                 if cfg.feature_matching_weight > 0:
                     with torch.no_grad():
                         _, real_feats = d(t)
                     fm = losses.feature_matching_loss(
-                        [[f.float() for f in fs] for fs in fake_feats], [[f.float() for f in fs] for fs in real_feats], w
+                        [[f.to(dt) for f in fs] for fs in fake_feats], [[f.to(dt) for f in fs] for fs in real_feats], w
                     )
                     total = total + cfg.feature_matching_weight * fm
                     logs["fm"] = fm.item()
@@ -545,8 +549,8 @@ class Trainer:
             with self._autocast():
                 logits, _ = self.ddp_discriminator(torch.cat([t, y.detach()]))  # one pass: real then fake
             n = t.shape[0]
-            real = [x[:n].float() for x in logits]
-            fake = [x[n:].float() for x in logits]
+            real = [x[:n].to(dt) for x in logits]
+            fake = [x[n:].to(dt) for x in logits]
             d_loss = losses.d_hinge_loss(real, fake, w)
             (d_loss / cfg.grad_accum).backward()
             logs["d_loss"] = d_loss.item()
@@ -670,13 +674,14 @@ class Trainer:
             with self.ema.swapped() if use_ema else nullcontext():
                 for first in range(0, n, cfg.batch_size):
                     batch = collate([keyed[(i, mix_seed(cfg.seed, 0x7A1, i))] for i in range(first, min(n, first + cfg.batch_size))])
-                    ref, views = batch["ref"].to(self.device), batch["views"].to(self.device)
-                    seen = batch["seen"].to(self.device) if self.model.config.seen_mask else None
+                    dev, dt = self.device, self.dtype
+                    ref, views = batch["ref"].to(dev, dt), batch["views"].to(dev, dt)
+                    seen = batch["seen"].to(dev, dt) if self.model.config.seen_mask else None
                     with self._autocast():
                         out = self.model(ref, views, seen)
-                    y = out.flatten(0, 1).float()
-                    t = batch["target"].flatten(0, 1).to(self.device)
-                    w = batch["weight"].flatten(0, 1).to(self.device)
+                    y = out.flatten(0, 1).to(dt)
+                    t = batch["target"].flatten(0, 1).to(dev, dt)
+                    w = batch["weight"].flatten(0, 1).to(dev, dt)
                     x = views.flatten(0, 1)
                     metrics = {
                         "psnr": losses.masked_psnr(y, t, w),

@@ -1,4 +1,10 @@
-"""Data parallelism on CPU: two gloo processes (what torchrun starts), compared with one process."""
+"""Data parallelism on CPU: two gloo processes (what torchrun starts), compared with one process.
+
+Everything runs in float64: the two layouts sum the same gradients in a different order, and Adam's
+normalisation turns float32 rounding of near-zero gradients into differences of a few percent of an update
+(how large depends on the CPU's reduction order). In float64 that legitimate difference is ~1e-12 of an
+update, so a tight bound still separates "same effective batch" from "half the batch" (~100 % of an update).
+"""
 
 import os
 import socket
@@ -29,6 +35,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank, set up the way torchrun sets it up (environment variables)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
     ctx = init_distributed("cpu")
     try:
         torch.manual_seed(rank)  # different initial weights per rank: DDP must start everyone from rank 0's
@@ -66,7 +73,16 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
+@pytest.fixture
+def _float64():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("_float64")
 def test_two_ranks_match_each_other_and_one_rank_with_the_same_effective_batch(tmp_path):
     torch.set_num_threads(1)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -82,8 +98,8 @@ def test_two_ranks_match_each_other_and_one_rank_with_the_same_effective_batch(t
         assert not set(r0["read"][2 * step : 2 * step + 2]) & set(r1["read"][2 * step : 2 * step + 2])
 
     # effective batch = the sum of the ranks' batches: one process with batch 4, or batch 2 x 2 accumulation,
-    # reads the same samples per step and ends with the same weights (up to float summation order,
-    # which Adam's normalisation amplifies a little): far closer than a run with effective batch 2
+    # reads the same samples per step and ends with the same weights up to float64 summation order
+    # (bound: 1e-6 of an update, ~1e5 above what that order costs), while effective batch 2 differs by ~1 update
     big, read_big, initial = _single(tmp_path, "big", batch_size=4)
     accum, read_accum, _ = _single(tmp_path, "accum", batch_size=2, grad_accum=2)
     half, _, _ = _single(tmp_path, "half", batch_size=2)
@@ -91,10 +107,13 @@ def test_two_ranks_match_each_other_and_one_rank_with_the_same_effective_batch(t
         both = r0["read"][2 * step : 2 * step + 2] + r1["read"][2 * step : 2 * step + 2]
         assert read_big[4 * step : 4 * step + 4] == both == read_accum[4 * step : 4 * step + 4]
     params = {n: p.detach() for n, p in big.model.named_parameters()}
+    assert all(p.dtype == torch.float64 for p in params.values())
     update = _max_diff(params, initial)
     wrong = _max_diff({n: p.detach() for n, p in half.model.named_parameters()}, r0["params"])
     for trainer in (big, accum):
         assert trainer.effective_batch == 4
         diff = _max_diff({n: p.detach() for n, p in trainer.model.named_parameters()}, r0["params"])
-        assert diff < 0.01 * update and diff < 0.01 * wrong, (diff, update, wrong)
-        assert _max_diff(trainer.ema.state_dict(), r0["ema"]) < 0.01 * update
+        assert wrong > 0.1 * update, (wrong, update)
+        assert diff < 1e-6 * update, (diff, update, wrong)
+        # EMA shadows are float32 by design: equal to float32 rounding of weights of size ~1
+        assert _max_diff(trainer.ema.state_dict(), r0["ema"]) < 1e-3 * update
