@@ -1,5 +1,6 @@
-"""Shared fixtures. Development data (real photos and clips) is read from
-../shared/data beside the checkout, or from $TELEPRESENCE_SHARED_DATA."""
+"""Shared fixtures. The product's tests read only the repository: small real pictures in
+tests/data (see its README). Development data (../shared/data beside the checkout, or
+$TELEPRESENCE_SHARED_DATA) is for tests whose whole point is that data."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_DATA = REPO / "tests" / "data"
 
 
 def shared_data_dir() -> Path:
@@ -24,6 +26,12 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def test_data() -> Path:
+    """tests/data: stills and a few frames of a head-turn clip, with their licence."""
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
 def astronaut() -> np.ndarray:
     from skimage import data
 
@@ -36,3 +44,29 @@ def analyzer():
 
     with FaceAnalyzer(FaceConfig(static_image=True)) as fa:
         yield fa
+
+
+# ---- GPU-only tests: marked `gpu`, skipped without CUDA, counted in one line at the end ----------------------
+GPU_SKIP = "needs a CUDA device (runs on the GPU machine)"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    gpu = [r for r in skipped if GPU_SKIP in str(r.longrepr)]
+    if gpu:
+        terminalreporter.write_line(f"{len(gpu)} GPU-only tests skipped: no CUDA device on this machine")
+    for report in skipped:
+        if report not in gpu:  # any other skip is listed with its reason
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}")

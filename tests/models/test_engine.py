@@ -94,7 +94,7 @@ def test_new_frames_and_new_framing(case):
     assert width < 512 and 512 % width == 0  # a power-of-two reduction
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.gpu
 def test_cuda_graphs_match_eager_cuda(case):
     image, obs = case
     eager = render_views(build_avatar(image, obs, device="cuda", render_size=512), POSES, 512)
@@ -130,7 +130,7 @@ def test_a_failed_capture_falls_back_to_the_eager_path(case, monkeypatch, caplog
     assert max_diff(out, eager) == 0.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.gpu
 def test_cuda_capture_failure_leaves_a_working_eager_engine(case, monkeypatch):
     """A host sync inside the build (illegal while capturing) makes the capture fail for real."""
     image, obs = case

@@ -226,7 +226,6 @@ def test_avatar_runner_plumbing_with_a_fake_avatar(clip_dir, monkeypatch, tmp_pa
 
 @pytest.mark.slow
 def test_real_avatar_on_the_tiny_clip(clip_dir):
-    pytest.importorskip("models.avatar", reason="the avatar lands on main later")
     from models.evaluation import AvatarRunner
 
     config = EvalConfig(size=64, min_gap_frames=1, max_pairs_per_bin=2, identity=False, landmarks=False,

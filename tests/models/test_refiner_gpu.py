@@ -5,10 +5,7 @@ import torch
 
 from models.refiner import Refiner
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = pytest.mark.gpu
 H = W = 64
 
 

@@ -230,7 +230,7 @@ def test_pair_format_errors_are_clear(tmp_path):
 
 
 # ---- identity metric ----------------------------------------------------------------------------------------------------
-def test_identity_metric_separates_people(astronaut, shared_data):
+def test_identity_metric_separates_people(astronaut, test_data):
     pytest.importorskip("dlib", reason="dlib (the eval extra) is not installed")
     import cv2
 
@@ -242,7 +242,7 @@ def test_identity_metric_separates_people(astronaut, shared_data):
     face = np.ascontiguousarray(cv2.resize(astronaut[0:300, 80:380], (256, 256), interpolation=cv2.INTER_AREA))
     assert metric.distance(face, face) < 1e-4
     assert metric.distance(cv2.GaussianBlur(face, (0, 0), 2.0), face) < SAME_PERSON_THRESHOLD
-    other = read_image(shared_data / "images" / "lp_s42.jpg")  # another person, each face in its own box
+    other = read_image(test_data / "lp_s42.jpg")  # another person, each face in its own box
     assert np.linalg.norm(metric.embed(other) - metric.embed(face)) > SAME_PERSON_THRESHOLD
     # tensors [3, H, W] in [0, 1] work too
     as_tensor = torch.from_numpy(face).permute(2, 0, 1).float() / 255

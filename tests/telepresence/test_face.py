@@ -27,16 +27,16 @@ def test_landmarks_pose_and_mask_on_astronaut(analyzer, astronaut):
     assert 40 < obs.iod_px < 120
 
 
-def test_head_yaw_sign_follows_the_orbit_convention(analyzer, shared_data):
+def test_head_yaw_sign_follows_the_orbit_convention(analyzer, test_data):
     # lp_s10 (Vermeer) turns to show her left cheek: like a camera orbiting to the viewer's right.
-    obs = analyzer.analyze(read_image(shared_data / "images" / "lp_s10.jpg"))
+    obs = analyzer.analyze(read_image(test_data / "lp_s10.jpg"))
     assert obs.pose.yaw_deg > 15
 
 
-def test_largest_face_wins(analyzer, shared_data):
+def test_largest_face_wins(analyzer, test_data):
     import cv2
 
-    face = read_image(shared_data / "images" / "lp_s42.jpg")
+    face = read_image(test_data / "lp_s42.jpg")
     canvas = np.full((512, 512, 3), 128, np.uint8)
     canvas[128:384, :256] = cv2.resize(face, (256, 256))  # larger copy on the left
     canvas[156:356, 312:512] = cv2.resize(face, (200, 200))  # smaller copy on the right
@@ -46,8 +46,8 @@ def test_largest_face_wins(analyzer, shared_data):
     assert obs.landmarks_px[:, 0].mean() < 256
 
 
-def test_no_face_is_a_clear_error(analyzer, shared_data):
-    dog = read_image(shared_data / "images" / "lp_s33.jpg")
+def test_no_face_is_a_clear_error(analyzer, test_data):
+    dog = read_image(test_data / "lp_s33.jpg")
     with pytest.raises(NoFaceError, match="no face"):
         analyzer.analyze(dog)
 

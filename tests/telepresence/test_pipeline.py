@@ -52,7 +52,7 @@ def test_config_validates():
         PipelineConfig(warm_views=-1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.gpu
 def test_cuda_graphs_for_up_to_warm_views_are_captured_on_the_first_face(astronaut):
     """A viewer joining later (a new view count) finds its graphs ready: no capture, no stall."""
     p = Pipeline(PipelineConfig(device="cuda", size=128, refiner=None, warm_views=3))
