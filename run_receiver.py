@@ -2,7 +2,7 @@
 
 import sys
 
-from telepresence.receiver import main
+from telepresence.stream.receiver import main
 
 if __name__ == "__main__":
     sys.exit(main())

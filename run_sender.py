@@ -2,7 +2,7 @@
 
 import sys
 
-from telepresence.sender import main
+from telepresence.stream.sender import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ benchmarks/astronaut_face.npz, so the GPU machine needs no MediaPipe).
     python benchmarks/avatar.py --device cuda --sizes 256 512 --views 1 4 --check --out out/avatar_cuda.json
 
 Two paths per row: "eager" (build_avatar + render_views, what training and eval
-use) and, on CUDA, "graphs" (models.engine.AvatarEngine: what the sender runs,
+use) and, on CUDA, "graphs" (models.avatar.engine.AvatarEngine: what the sender runs,
 the build and the render replayed as CUDA graphs; its build+render includes the
 host's framing work and the upload of the frame). --check compares CUDA renders
 (both paths) with CPU renders first; --profile prints the top torch-profiler
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import metadata, time_ms, write_json  # noqa: E402
 from models.avatar import build_avatar, render_views  # noqa: E402
-from models.engine import AvatarEngine  # noqa: E402
-from telepresence.camera import OrbitPose  # noqa: E402
-from telepresence.face import observation_from_landmarks  # noqa: E402
+from models.avatar.engine import AvatarEngine  # noqa: E402
+from models.geometry.camera import OrbitPose  # noqa: E402
+from models.face.analysis import observation_from_landmarks  # noqa: E402
 
 YAWS = [-30.0, -10.0, 10.0, 30.0, 20.0, -20.0, 0.0, 5.0]
 
@@ -61,7 +61,7 @@ def check_cuda(image, obs, size: int = 256) -> None:
 def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
     """Median ms of each part of a graphs-path build + render (host work, and the
     device time of each replay from CUDA events)."""
-    from models.avatar import _prepare
+    from models.avatar.core import _prepare
 
     poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
     engine = AvatarEngine(device="cuda", render_size=size)

@@ -1,12 +1,12 @@
 """End-to-end loopback benchmark: frames per second and glass-to-glass latency, 1 and 4 viewers.
 
 A Sender (capture thread + pipeline worker + aiortc) and a receiver
-(signaling) run in this process; N aiortc viewers (telepresence.viewer.Viewer)
+(signaling) run in this process; N aiortc viewers (telepresence.stream.viewer.Viewer)
 run in a child process, as browsers would, and join through the receiver's
 signaling socket: real peer connections on this host, and the viewers'
 decoding does not compete with the sender for this process's interpreter
 (--viewers-in same puts them in this process, as earlier versions did). The sender paints each frame's capture time into
-the picture's corner (telepresence.framecode); each viewer reads it back from
+the picture's corner (telepresence.stream.framecode); each viewer reads it back from
 the decoded frame's luma plane, so
 
     latency = t_decoded_at_viewer - t_grabbed_at_capture
@@ -49,11 +49,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as `python benchmarks/loopback.py`
 
-from telepresence.capture import open_source  # noqa: E402
-from telepresence.framecode import WRAP, read_frame_code  # noqa: E402
-from telepresence.renderloop import PIPELINE_STAGES  # noqa: E402
-from telepresence.sender import Sender, SenderConfig, load_pipeline, parse_refiner  # noqa: E402
-from telepresence.viewer import Viewer  # noqa: E402
+from telepresence.stream.capture import open_source  # noqa: E402
+from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
+from telepresence.stream.renderloop import PIPELINE_STAGES  # noqa: E402
+from telepresence.stream.sender import Sender, SenderConfig, load_pipeline, parse_refiner  # noqa: E402
+from telepresence.stream.viewer import Viewer  # noqa: E402
 
 VIEWER_YAWS_DEG = (-24.0, 24.0, -8.0, 8.0, -32.0, 32.0, -16.0, 16.0)
 
@@ -152,7 +152,7 @@ async def viewer_child(args: argparse.Namespace) -> int:
 
 async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
     """Sender + receiver here, the N viewers in a child process joining through signaling."""
-    from telepresence.receiver import Receiver, ReceiverConfig
+    from telepresence.stream.receiver import Receiver, ReceiverConfig
 
     room = "bench"
     receiver = Receiver(ReceiverConfig(port=0, room=room, web_dir=Path(__file__).resolve().parents[1] / "web"))
@@ -250,7 +250,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update", "--autoplay-policy=no-user-gesture-required",
 ]
 
-# Reads telepresence.framecode's corner stamp from each presented frame (same layout and checksum).
+# Reads telepresence.stream.framecode's corner stamp from each presented frame (same layout and checksum).
 BROWSER_PROBE_JS = """async (seconds) => {
   const video = document.querySelector('.tile video');
   const canvas = document.createElement('canvas');
@@ -291,7 +291,7 @@ BROWSER_PROBE_JS = """async (seconds) => {
 async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: type) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
-    from telepresence.receiver import Receiver, ReceiverConfig
+    from telepresence.stream.receiver import Receiver, ReceiverConfig
 
     receiver = Receiver(ReceiverConfig(port=0, web_dir=Path(__file__).resolve().parents[1] / "web"))
     await receiver.start()

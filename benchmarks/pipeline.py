@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from telepresence.eval_cli import bench_main  # noqa: E402
+from telepresence.cli.eval import bench_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(bench_main(sys.argv[1:]))

@@ -18,9 +18,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.avatar import build_avatar, render_views  # noqa: E402
-from models.shipped import load_refiner  # noqa: E402
-from telepresence.camera import OrbitPose  # noqa: E402
-from telepresence.face import FaceAnalyzer, read_image  # noqa: E402
+from models.refiner.shipped import load_refiner  # noqa: E402
+from models.geometry.camera import OrbitPose  # noqa: E402
+from models.face.analysis import FaceAnalyzer, read_image  # noqa: E402
 from telepresence.sheets import contact_sheet, to_uint8  # noqa: E402
 
 

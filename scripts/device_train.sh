@@ -4,7 +4,7 @@
 # validation checkpoint, and bring both back (fp16) in $OUT.
 #
 #   carry: .whl         diffusers wheel set (../shared/tools/gpu-wheels.sh models .whl)
-#          .carry/train index/<clip>.npz (models.clips) and videos/<clip>.mp4 of the
+#          .carry/train index/<clip>.npz (models.evaluation.clips) and videos/<clip>.mp4 of the
 #                       training clips and of the selection clips (VAL_CLIPS below);
 #                       the four evaluation clips (models.training.pairs.VALIDATION_CLIPS)
 #                       are NOT carried: they stay untouched for `telepresence eval`.

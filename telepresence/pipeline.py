@@ -12,8 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from telepresence.camera import OrbitPose
-from telepresence.face import FaceAnalyzer, FaceConfig, NoFaceError
+from models.geometry.camera import OrbitPose
+from models.face.analysis import FaceAnalyzer, FaceConfig, NoFaceError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class PipelineConfig:
 class Analysis:
     """Face analysis of one frame, made by :meth:`Pipeline.analyze` (possibly on another thread)."""
 
-    observation: object | None  # telepresence.face.FaceObservation, None: no face in the frame
+    observation: object | None  # models.face.analysis.FaceObservation, None: no face in the frame
     landmarks_ms: float
 
 
@@ -75,8 +75,8 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig = PipelineConfig()):
         from models.avatar import AvatarConfig
-        from models.engine import AvatarEngine
-        from models.shipped import load_refiner
+        from models.avatar.engine import AvatarEngine
+        from models.refiner.shipped import load_refiner
 
         self.config = config
         self.device = torch.device(config.device)
@@ -84,7 +84,7 @@ class Pipeline:
             raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available")
         self.analyzer = FaceAnalyzer(FaceConfig(static_image=False, fov_deg=config.source_fov_deg))
         self.avatar_config = AvatarConfig(background=config.background)
-        # On CUDA the avatar build and render replay CUDA graphs (models.engine).
+        # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size)
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True)
         self._avatar = None

@@ -38,9 +38,20 @@ def astronaut() -> np.ndarray:
     return data.astronaut()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and it keeps OpenMP from stalling when other jobs share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def analyzer():
-    from telepresence.face import FaceAnalyzer, FaceConfig
+    from models.face.analysis import FaceAnalyzer, FaceConfig
 
     with FaceAnalyzer(FaceConfig(static_image=True)) as fa:
         yield fa

@@ -10,8 +10,8 @@ from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
-from telepresence.capture import FrameSource, SampleSource
-from telepresence.sender import Sender, SenderConfig
+from telepresence.stream.capture import FrameSource, SampleSource
+from telepresence.stream.sender import Sender, SenderConfig
 from tests import fake_pipeline
 
 

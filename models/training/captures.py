@@ -21,7 +21,7 @@ cameras.json::
       }
     }
 
-OpenCV convention (the project's, telepresence.camera): x right, y down, z
+OpenCV convention (the project's, models.geometry.camera): x right, y down, z
 forward; world->camera X_c = R X_w + t; pixel (i, j) has its centre at
 (x, y) = (j + 0.5, i + 0.5) in the intrinsics' pixel units. Translations may
 be in any unit: by default the rig is rescaled to the avatar's metric scale
@@ -161,7 +161,7 @@ class Capture:
 
     def image(self, frame: str, camera: str) -> np.ndarray:
         """RGB uint8 [H, W, 3], checked against cameras.json."""
-        from telepresence.face import read_image
+        from models.face.analysis import read_image
 
         path = self.images.get((frame, camera))
         if path is None:
@@ -354,12 +354,12 @@ def _normalised_reference(image: np.ndarray, mask: np.ndarray | None, cam: Captu
 def build_capture_samples(capture: Capture, analyzer, config: CaptureSampleConfig = CaptureSampleConfig(), device="cpu") -> list[dict]:
     """Pairs (the sample format, V = 1) for every (frame, target camera); see the module docstring.
 
-    analyzer: a telepresence.face.FaceAnalyzer (MediaPipe; not on the GPU machine:
+    analyzer: a models.face.analysis.FaceAnalyzer (MediaPipe; not on the GPU machine:
     build the pairs where MediaPipe runs and carry them as a TensorPairDataset file).
     Frames whose reference picture shows no face are skipped with a log line.
     """
     from models.avatar import AvatarConfig, build_avatar, render_cameras
-    from telepresence.face import FaceAnalysisError, FaceObservation, metric_landmarks
+    from models.face.analysis import FaceAnalysisError, FaceObservation, metric_landmarks
 
     ref_name = config.reference_camera or capture.reference_camera or sorted(capture.cameras)[0]
     if ref_name not in capture.cameras:

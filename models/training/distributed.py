@@ -1,7 +1,7 @@
 """Multi-process data parallelism (torch DDP launched by torchrun) and the step sampler.
 
-The same script runs on one device or on N: ``python -m telepresence.train_cli``
-or ``torchrun --nproc_per_node N -m telepresence.train_cli``. torchrun sets
+The same script runs on one device or on N: ``python -m telepresence.cli.train``
+or ``torchrun --nproc_per_node N -m telepresence.cli.train``. torchrun sets
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; :func:`init_distributed`
 reads them and starts the process group (NCCL on CUDA, gloo on CPU).
 

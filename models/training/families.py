@@ -1,6 +1,6 @@
 """The two refiner families a TrainConfig can train.
 
-* ``small``: the from-scratch refiner (pixel-unshuffle codec, models.architectures
+* ``small``: the from-scratch refiner (pixel-unshuffle codec, models.refiner.presets
   SMALL_UNET; or the "tiny" preset for tests), every parameter trained. With
   ``base`` = a refiner folder it continues from those weights (e.g. stage 2
   from a stage-1 export).

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from models.avatar import Avatar, AvatarConfig, build_avatar, crop_box, render_cameras, render_views
-from telepresence.camera import OrbitPose, orbit_viewmats
-from telepresence.face import FaceObservation, HeadPose, _euler_deg, head_region_mask
+from models.geometry.camera import OrbitPose, orbit_viewmats
+from models.face.analysis import FaceObservation, HeadPose, _euler_deg, head_region_mask
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ SAMPLE_KEYS = ("ref", "views", "seen", "target", "weight")
 class PairTask:
     """A chunk of samples from one clip, made by one worker process."""
 
-    index_path: str  # a saved models.clips.ClipIndex (.npz)
+    index_path: str  # a saved models.evaluation.clips.ClipIndex (.npz)
     video_path: str  # the clip it describes
     stage: int  # 1 or 2
     count: int  # samples to make
@@ -219,7 +219,7 @@ def run_task(task: PairTask) -> dict[str, np.ndarray]:
     """Make ``task.count`` samples (CPU, one thread): used by :func:`generate_pairs` workers."""
 
 
-    from models.clips import ClipIndex, near_frontal_frames
+    from models.evaluation.clips import ClipIndex, near_frontal_frames
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(task.seed)
@@ -321,7 +321,7 @@ def pairs_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="telepresence pairs",
         description="Make stage-1 (synthetic) and stage-2 (real) training pairs from clips indexed with "
-        "models.clips (landmarks, poses, masks; MediaPipe is not needed here).",
+        "models.evaluation.clips (landmarks, poses, masks; MediaPipe is not needed here).",
     )
     p.add_argument("--index", type=Path, required=True, help="folder of <clip>.npz clip indexes")
     p.add_argument("--videos", type=Path, required=True, help="folder of the <clip>.mp4 videos")

@@ -1,0 +1,289 @@
+"""The per-frame avatar work of a sender, with fixed shapes: CUDA graphs on CUDA.
+
+Eager torch spends most of a build + render on the host: about 1,400 small
+kernel launches for 4 views at 512, while the GPU itself works for about
+2.4 ms of it (torch profiler on an H100). With fixed shapes the build and the
+render can each be captured once as a CUDA graph and replayed per frame, which
+leaves the host a few numbers to prepare and two replays to launch.
+
+Fixed shapes come from two changes against the eager path (same maths, same
+pictures, see tests/models/test_engine.py):
+
+- the rasterizer works through a fixed number of candidate pixels
+  (``capacity``) and resolves every pixel instead of the covered ones, so it
+  never asks the device how many there are;
+- texture sizes come in powers of two of the picture size (``_Plan``), so they
+  change only when the framing changes a lot; a new plan is a new capture.
+
+Each replay reports how many raster candidates it needed. The render checks
+both counts once its result is ready (the caller reads the pictures then
+anyway); a frame that needed more than its capacity is captured again with
+room to spare and redone, so no picture ever comes out with holes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from models.avatar.core import Avatar, AvatarConfig, RenderOutput, _build_on_device, _HostInputs, _Plan, _prepare, render_cameras
+from models.geometry.camera import OrbitPose
+from models.face.analysis import FaceObservation
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AvatarEngine"]
+
+# Raster room: the first frame of a shape is rasterized exactly, and the captured graph
+# gets _HEADROOM times what it needed (new poses draw different amounts), at least
+# these many candidates per pixel (the head is about a quarter of the source-depth map;
+# a 4-view render needs about 2 per pixel, mostly for the card behind the head).
+_HEADROOM = 1.4
+_BUILD_PER_PIXEL = 0.25
+_RENDER_PER_PIXEL = 1.5
+_GROWTH = 1.5  # capacity after an overflow: this times what the frame needed
+_ROUND = 1 << 16
+
+
+class _Fallback(Exception):
+    """A graph could not be set up: the engine now runs eagerly."""
+
+
+def _round_up(n: float) -> int:
+    return int(-(-int(n) // _ROUND) * _ROUND)
+
+
+class _Graph:
+    """fn(inputs) captured once as a CUDA graph; each call copies new inputs into the
+    captured ones, replays, and returns the captured outputs (overwritten next call).
+    capture=False runs fn eagerly on the same fixed inputs instead (CPU, tests)."""
+
+    def __init__(self, fn: Callable[[dict], object], inputs: dict[str, torch.Tensor | None], capture: bool = True,
+                 warmup: int = 2):
+        self.inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}
+        self.fn, self.graph = fn, None
+        # Host-side inputs go through pinned buffers made once: a copy from pageable memory
+        # waits for the device's queue, and pin_memory() per frame sometimes costs 1-4 ms
+        # (a new page-locked allocation; measured on the H100 machine).
+        self._staging: dict[str, torch.Tensor] = {}
+        self._uploaded: torch.cuda.Event | None = None
+        if not capture:
+            self.out = fn(self.inputs)
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # fills every lazily made constant before the capture
+                fn(self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(self.inputs)
+        self.graph.replay()  # a capture records the kernels without running them
+
+    def __call__(self, inputs: dict[str, torch.Tensor | None]):
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # the previous frame's uploads have left the pinned buffers
+        for k, v in inputs.items():
+            if v is None:
+                continue
+            if self.graph is not None and v.device.type == "cpu":
+                if k not in self._staging:
+                    self._staging[k] = torch.empty_like(self.inputs[k], device="cpu").pin_memory()
+                v = self._staging[k].copy_(v)
+            self.inputs[k].copy_(v, non_blocking=True)
+        if self.graph is not None and self._staging:
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+        if self.graph is None:
+            self.out = self.fn(self.inputs)
+        else:
+            self.graph.replay()
+        return self.out
+
+
+class AvatarEngine:
+    """Builds the avatar of each new frame and renders it at the viewers' poses.
+
+    On CUDA (``cuda_graphs``, the default there) both steps replay captured CUDA
+    graphs: one per build plan (picture size, texture sizes) and one per view
+    count. Elsewhere they run eagerly, exactly as :func:`models.avatar.build_avatar`
+    and :func:`models.avatar.render_cameras`; ``fixed_shapes=True`` without graphs
+    runs the graph path's fixed-shape maths eagerly (what the CPU tests check).
+
+    The avatar and the render output of the graph path live in the graphs'
+    buffers: the next build or render overwrites them. Copy what must outlive
+    the frame. If a capture fails (an old driver, an operation a graph cannot
+    hold), the engine says so once in the log and runs eagerly from then on.
+    """
+
+    def __init__(
+        self,
+        config: AvatarConfig = AvatarConfig(),
+        device: str | torch.device = "cpu",
+        render_size: int = 512,
+        cuda_graphs: bool | None = None,
+        fixed_shapes: bool | None = None,
+        max_plans: int = 3,
+    ):
+        self.config = config
+        self.device = torch.device(device)
+        self.render_size = render_size
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"expected a CUDA device for cuda_graphs, got {self.device}")
+        self.fixed_shapes = self.cuda_graphs if fixed_shapes is None else (fixed_shapes or self.cuda_graphs)
+        self.max_plans = max_plans
+        self.avatar: Avatar | None = None
+        self.captures = 0  # graphs captured so far (a steady stream captures a handful)
+        self.fell_back = False  # a capture failed: eager from then on
+        self._plan: _Plan | None = None
+        self._inputs: _HostInputs | None = None
+        self._builds: OrderedDict[_Plan, _Graph] = OrderedDict()
+        self._renders: dict[tuple[_Plan, int], _Graph] = {}
+        self._build_capacity: dict[_Plan, int] = {}
+        self._render_capacity: dict[tuple[_Plan, int], int] = {}
+
+    # -- build --
+
+    def build(self, image: np.ndarray, obs: FaceObservation, crop: tuple[float, float, float] | None = None) -> Avatar:
+        """The avatar of the face in ``image`` (RGB uint8 [H, W, 3]); becomes :attr:`avatar`."""
+        inputs = _prepare(image, obs, self.config, None, crop, self.render_size)
+        avatar = None
+        if self.fixed_shapes:
+            try:
+                avatar = self._replay_build(inputs)
+            except _Fallback:
+                pass
+        if avatar is None:
+            avatar = _build_on_device(inputs.plan, inputs.tensors(self.device), self.device)
+        avatar = dataclasses.replace(avatar, host=inputs.host)
+        self.avatar, self._plan, self._inputs = avatar, inputs.plan, inputs
+        return avatar
+
+    def _replay_build(self, inputs: _HostInputs) -> Avatar:
+        plan = inputs.plan
+        graph = self._builds.get(plan)
+        if graph is None:
+            if plan not in self._build_capacity:
+                first = _build_on_device(plan, inputs.tensors(self.device), self.device)  # exact: sizes the raster
+                self._build_capacity[plan] = _round_up(max(_HEADROOM * int(first.needed), _BUILD_PER_PIXEL * plan.vis_size**2))
+            capacity = self._build_capacity[plan]
+            log.info("capturing the avatar build for %s (raster capacity %d)", _describe(plan), capacity)
+            graph = self._new_graph(lambda t: _build_on_device(plan, t, self.device, capacity),
+                                    inputs.tensors(self.device))
+            self._builds[plan] = graph
+            while len(self._builds) > self.max_plans:
+                self._drop_renders(self._builds.popitem(last=False)[0])
+        else:
+            self._builds.move_to_end(plan)
+            graph(inputs.tensors(torch.device("cpu")))
+        return graph.out
+
+    # -- render --
+
+    def render(self, poses: Sequence[OrbitPose]) -> RenderOutput:
+        """Render the current avatar at ``poses`` (size x size pixels each)."""
+        if self.avatar is None:
+            raise RuntimeError("no avatar yet: call build() first")
+        viewmats, Ks = self.avatar.cameras(poses, self.render_size)
+        if self.fixed_shapes:
+            try:
+                return self._render_fixed(viewmats, Ks, len(poses))
+            except _Fallback:
+                pass
+        return render_cameras(self.avatar, viewmats, Ks, self.render_size)
+
+    def _render_fixed(self, viewmats: torch.Tensor, Ks: torch.Tensor, n_views: int) -> RenderOutput:
+        for _ in range(4):
+            out = self._replay_render(viewmats, Ks)
+            build_needed, render_needed = torch.stack([self.avatar.needed, out.needed]).tolist()  # waits for the frame
+            key = (self._plan, n_views)
+            redo = False
+            if build_needed > self._build_capacity[self._plan]:
+                self._grow_build(build_needed)
+                redo = True
+            if render_needed > self._render_capacity[key]:
+                self._render_capacity[key] = _round_up(_GROWTH * render_needed)
+                log.info("render raster capacity for %d views grown to %d", n_views, self._render_capacity[key])
+                self._renders.pop(key, None)
+                redo = True
+            if not redo:
+                return out
+        raise RuntimeError("avatar raster capacity kept overflowing")
+
+    def _new_graph(self, fn: Callable[[dict], object], inputs: dict[str, torch.Tensor | None]) -> _Graph:
+        try:
+            graph = _Graph(fn, inputs, capture=self.cuda_graphs)
+        except Exception as error:  # noqa: BLE001 - whatever stops a capture, the eager path still works
+            self._fall_back(error)
+            raise _Fallback from error
+        self.captures += 1
+        return graph
+
+    def _fall_back(self, error: Exception) -> None:
+        log.warning("could not set up the avatar's CUDA graphs (%s: %s); running it eagerly from now on",
+                    type(error).__name__, error)
+        if self.cuda_graphs:
+            _end_aborted_capture(self.device)
+        self.cuda_graphs = self.fixed_shapes = False
+        self.fell_back = True
+        self._builds.clear()
+        self._renders.clear()
+        if self._inputs is not None:  # the current avatar may come from a half-grown graph: make it again
+            avatar = _build_on_device(self._plan, self._inputs.tensors(self.device), self.device)
+            self.avatar = dataclasses.replace(avatar, host=self._inputs.host)
+
+    def _drop_renders(self, plan: _Plan) -> None:
+        """Forget the render graphs that read the outputs of this plan's build graph."""
+        for key in [k for k in self._renders if k[0] == plan]:
+            del self._renders[key]
+
+    def _grow_build(self, needed: int) -> None:
+        """Capture the build again with more raster room and rebuild the current frame."""
+        plan, inputs = self._plan, self._inputs
+        self._build_capacity[plan] = _round_up(_GROWTH * needed)
+        log.info("build raster capacity grown to %d", self._build_capacity[plan])
+        del self._builds[plan]
+        self._drop_renders(plan)
+        self.avatar = dataclasses.replace(self._replay_build(inputs), host=inputs.host)
+
+    def _replay_render(self, viewmats: torch.Tensor, Ks: torch.Tensor) -> RenderOutput:
+        key = (self._plan, viewmats.shape[0])
+        graph = self._renders.get(key)
+        if graph is None:
+            V, S = viewmats.shape[0], self.render_size
+            if key not in self._render_capacity:
+                first = render_cameras(self.avatar, viewmats, Ks, S)  # exact: sizes the raster
+                self._render_capacity[key] = _round_up(max(_HEADROOM * int(first.needed), _RENDER_PER_PIXEL * V * S * S))
+            capacity = self._render_capacity[key]
+            log.info("capturing the avatar render for %d views at %d (raster capacity %d)", V, S, capacity)
+            # The avatar's tensors are the build graph's outputs: the same for every build of this plan.
+            graph = self._new_graph(lambda t: render_cameras(self.avatar, t["viewmats"], t["Ks"], S, capacity),
+                                    {"viewmats": viewmats, "Ks": Ks})
+            self._renders[key] = graph
+            return graph.out
+        return graph({"viewmats": viewmats, "Ks": Ks})
+
+
+def _end_aborted_capture(device: torch.device) -> None:
+    """An aborted capture leaves the CUDA random generator in capture mode: every later
+    random draw on the device fails ("Offset increment outside graph capture"). A small
+    capture that completes, drawing one random number, ends that mode (measured on the
+    H100 machine with torch 2.11)."""
+    try:
+        with torch.cuda.device(device):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                torch.rand(1, device=device)
+    except Exception as error:  # noqa: BLE001
+        log.warning("the CUDA random generator may be unusable after the failed capture: %s", error)
+
+
+def _describe(plan: _Plan) -> str:
+    H, W = plan.image_size
+    return f"{W}x{H} pictures, texture {plan.tex_size or 'full'}, fill {plan.fill_size or 'texture'}"

@@ -1,0 +1,52 @@
+"""Where the weights this project ships (and trains) live, and how a CLI spec
+("default" | "none" | a folder) becomes a ready refiner.
+
+One setting: the environment variable TELEPRESENCE_WEIGHTS overrides the
+weights folder (default: models/weights inside the installed package).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REFINER = "refiner-small"
+
+
+def weights_dir() -> Path:
+    env = os.environ.get("TELEPRESENCE_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parent / "weights"
+
+
+def default_refiner_path() -> Path:
+    return weights_dir() / DEFAULT_REFINER
+
+
+def load_refiner(
+    spec: str | None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, cuda_graphs: bool = False
+):
+    """spec: None/"none" -> None; "default" -> the shipped small refiner; else a folder or hub id.
+
+    Returns a prepared ``models.refiner.Refiner`` (inference mode) or None. cuda_graphs:
+    capture one CUDA graph per view count (CUDA only; the eager step is launch-bound).
+    """
+    if spec is None or str(spec).lower() == "none":
+        return None
+    device = torch.device(device)
+    if str(spec) == "default":
+        path = default_refiner_path()
+        if not (path / "refiner.json").exists():
+            log.warning("no shipped refiner weights at %s: showing raw avatar renders", path)
+            return None
+        spec = str(path)
+    from models.refiner.model import Refiner
+
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    refiner = Refiner.from_pretrained(spec, device=device, dtype=dtype)
+    refiner.prepare(device, dtype, cuda_graphs=cuda_graphs and device.type == "cuda")
+    return refiner

@@ -1,0 +1,240 @@
+"""The receiver: one port serving the web page (web/) and the signaling socket (/ws).
+
+websockets answers the plain HTTP GETs through its `process_request` hook,
+so the page and the socket share one origin and one port with no web
+framework. Only regular files under the web directory are served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import http
+import logging
+import os
+import mimetypes
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from telepresence.cli.console import configure_logging, run_until_stopped
+from .messages import ROOM_PATTERN
+from .rtc import IceConfig
+from .signaling import RoomLimits, SignalingServer
+
+logger = logging.getLogger(__name__)
+
+SIGNALING_PATH = "/ws"
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; media-src 'self' blob:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+}
+
+
+class ReceiverError(RuntimeError):
+    """The receiver cannot start (port taken, web directory missing)."""
+
+
+def default_web_dir() -> Path:
+    """$TELEPRESENCE_WEB_DIR, else ./web, else the web/ folder of this checkout
+    (the project is installed in editable mode from its repository)."""
+    env = os.environ.get("TELEPRESENCE_WEB_DIR")
+    if env:
+        return Path(env)
+    here = Path("web")
+    if (here / "index.html").is_file():
+        return here
+    return Path(__file__).resolve().parents[2] / "web"
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    """Everything run_receiver.py's flags set."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 for the LAN)."""
+    port: int = 8080
+    """TCP port for the page and the signaling socket; 0 picks a free one."""
+    token: Optional[str] = field(default=None, repr=False)
+    """Shared token required to join rooms; None: open."""
+    room: str = "demo"
+    """Room named in the printed URL."""
+    web_dir: Path = field(default_factory=lambda: default_web_dir())
+    """The page's files (index.html, app.js, style.css)."""
+    limits: RoomLimits = RoomLimits()
+    ice: IceConfig = IceConfig()
+    """STUN/TURN servers handed to browsers."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: expected 0..65535, got {self.port}")
+        if not ROOM_PATTERN.fullmatch(self.room):
+            raise ValueError(f"room: expected {ROOM_PATTERN.pattern}, got {self.room!r}")
+
+
+class Receiver:
+    """Serves web/ and /ws until stopped."""
+
+    def __init__(self, config: ReceiverConfig) -> None:
+        self.config = config
+        self.web_root = config.web_dir.resolve()
+        self.signaling = SignalingServer(config.limits, config.token, config.ice)
+        self.server: Optional[Server] = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None, "call start() first"
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        """The page to open, with room (and token) in the query."""
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        query = {"room": self.config.room}
+        if self.config.token:
+            query["token"] = self.config.token
+        return f"http://{host}:{self.port}/?{urllib.parse.urlencode(query)}"
+
+    @property
+    def signaling_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1).split("/?", 1)[0] + SIGNALING_PATH
+
+    async def start(self) -> None:
+        if not (self.web_root / "index.html").is_file():
+            raise ReceiverError(f"web directory not found: {self.web_root} (run from the repository root or pass --web-dir)")
+        try:
+            self.server = await serve(
+                self._handle,
+                self.config.host,
+                self.config.port,
+                process_request=self._process_request,
+                compression=None,
+                max_size=2**20,  # above this websockets closes the socket (1009); below, messages.py caps at 64 kB with an error reply
+                ping_interval=10,
+                ping_timeout=10,
+                server_header="telepresence",
+            )
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ReceiverError(f"cannot listen on {self.config.host}:{self.config.port}: address already in use") from None
+            raise ReceiverError(f"cannot listen on {self.config.host}:{self.config.port}: {error.strerror}") from None
+        logger.info("serving %s and %s on port %d", self.web_root, SIGNALING_PATH, self.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await self.signaling.handle(ws)
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Optional[Response]:
+        path = urllib.parse.urlsplit(request.path).path
+        if path == SIGNALING_PATH:
+            return None  # go on with the websocket handshake
+        return self._static_response(path)
+
+    def _static_response(self, url_path: str) -> Response:
+        relative = urllib.parse.unquote(url_path).lstrip("/") or "index.html"
+        if "\x00" in relative or "\\" in relative or any(part in ("..", ".") for part in relative.split("/")):
+            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+        path = (self.web_root / relative).resolve()
+        if not path.is_relative_to(self.web_root) or not path.is_file():
+            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+        content_type = CONTENT_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return _response(http.HTTPStatus.OK, path.read_bytes(), content_type)
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        {
+            "Content-Type": content_type,
+            "Content-Length": str(len(body)),
+            "Cache-Control": "no-cache",
+            "Connection": "close",
+            **SECURITY_HEADERS,
+        }
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+async def run(config: ReceiverConfig, on_ready: Optional[Callable[[Receiver], None]] = None) -> None:
+    """Serve until cancelled; `on_ready(receiver)` once listening."""
+    receiver = Receiver(config)
+    await receiver.start()
+    if on_ready is not None:
+        on_ready(receiver)
+    try:
+        await asyncio.Future()
+    finally:
+        await receiver.stop()
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Serve the viewer page and the signaling endpoint on one port.")
+    parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to accept the LAN")
+    parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
+    parser.add_argument("--token", default=None, help="shared token required to join rooms")
+    parser.add_argument("--room", default=ReceiverConfig.room, help="room named in the printed URL")
+    parser.add_argument("--web-dir", type=Path, default=None, help="the page files (default: ./web or this checkout's web/)")
+    parser.add_argument("--max-viewers", type=int, default=RoomLimits.max_viewers_per_room, help="browsers per room")
+    parser.add_argument("--max-senders", type=int, default=RoomLimits.max_senders_per_room, help="senders per room")
+    parser.add_argument("--max-per-ip", type=int, default=RoomLimits.max_connections_per_ip, help="sockets per IP")
+    parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL for browsers")
+    parser.add_argument("--ice-username", default=None)
+    parser.add_argument("--ice-credential", default=None)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
+    return ReceiverConfig(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        room=args.room,
+        web_dir=args.web_dir if args.web_dir is not None else default_web_dir(),
+        limits=RoomLimits(
+            max_viewers_per_room=args.max_viewers,
+            max_senders_per_room=args.max_senders,
+            max_connections_per_ip=args.max_per_ip,
+        ),
+        ice=IceConfig(tuple(args.ice_server), args.ice_username, args.ice_credential),
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+    return run_until_stopped(
+        run(config, on_ready=lambda receiver: print(f"Receiver ready. Open {receiver.url}", flush=True)),
+        expected=(ReceiverError,),
+    )

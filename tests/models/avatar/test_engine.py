@@ -1,0 +1,154 @@
+"""AvatarEngine: the fixed-shape path (what CUDA graphs replay) gives the eager
+path's pictures, grows its raster room when a frame needs more, and follows new
+frames; on CUDA the captured graphs match eager CUDA renders."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import models.avatar.engine as engine_mod
+from models.avatar import AvatarConfig, build_avatar, crop_box, render_views
+from models.avatar.engine import AvatarEngine
+from models.geometry.raster import rasterize
+from models.geometry.camera import OrbitPose
+
+POSES = [OrbitPose(yaw_deg=y, pitch_deg=p) for y, p in [(-30, 0), (0, 0), (25, 10), (60, -5)]]
+FIELDS = ("rgb", "alpha", "depth", "seen")
+
+
+def max_diff(a, b) -> float:
+    return max(float((getattr(a, k).cpu() - getattr(b, k).cpu()).abs().max()) for k in FIELDS)
+
+
+@pytest.fixture(scope="module")
+def case(analyzer, astronaut):
+    return astronaut, analyzer.analyze(astronaut)
+
+
+def test_fixed_capacity_raster_equals_the_exact_one():
+    torch.manual_seed(0)
+    pix = torch.rand(3, 200, 3) * torch.tensor([64, 48, 1.0]) + torch.tensor([-5, -5, 0.5])
+    faces = torch.randint(0, 200, (300, 3))
+    exact = rasterize(pix, faces, 40, 50)
+    fixed = rasterize(pix, faces, 40, 50, capacity=700_000)
+    assert int(fixed.needed) <= 700_000
+    assert torch.equal(exact.face_id, fixed.face_id)
+    assert torch.equal(exact.bary, fixed.bary) and torch.equal(exact.depth, fixed.depth)
+    # Too little room: fewer pixels drawn, and `needed` says so.
+    short = rasterize(pix, faces, 40, 50, capacity=int(fixed.needed) // 2)
+    assert int(short.needed) == int(fixed.needed)
+    assert (short.face_id >= 0).sum() < (exact.face_id >= 0).sum()
+
+
+@pytest.mark.parametrize("background", ["remove", "far"])
+def test_fixed_shapes_give_the_eager_pictures(case, background):
+    image, obs = case
+    config = AvatarConfig(background=background)
+    eager = render_views(build_avatar(image, obs, config, render_size=256), POSES, 256)
+    engine = AvatarEngine(config, "cpu", render_size=256, fixed_shapes=True)
+    engine.build(image, obs)
+    assert max_diff(engine.render(POSES), eager) == 0.0
+    assert max_diff(engine.render(POSES[:1]), render_views(engine.avatar, POSES[:1], 256)) == 0.0
+
+
+def test_overflowing_raster_room_grows_and_the_frame_is_redone(case, monkeypatch):
+    image, obs = case
+    monkeypatch.setattr(engine_mod, "_HEADROOM", 0.5)  # half of what the first frame needed: overflow
+    monkeypatch.setattr(engine_mod, "_RENDER_PER_PIXEL", 0.0)
+    monkeypatch.setattr(engine_mod, "_BUILD_PER_PIXEL", 0.0)
+    monkeypatch.setattr(engine_mod, "_ROUND", 1024)
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=256, fixed_shapes=True)
+    engine.build(image, obs)
+    (plan, first_build_cap), = engine._build_capacity.items()
+    out = engine.render(POSES)
+    eager = render_views(build_avatar(image, obs, render_size=256), POSES, 256)
+    assert max_diff(out, eager) == 0.0  # the overflowing frame was redone
+    (key, render_cap), = engine._render_capacity.items()
+    build_cap = engine._build_capacity[plan]
+    assert first_build_cap < int(engine.avatar.needed) <= build_cap
+    assert int(out.needed) <= render_cap
+    assert engine.captures == 4  # build and render, each set up twice
+
+
+def test_new_frames_and_new_framing(case):
+    """A second frame replaces the first (same plan, same buffers); a much larger
+    framing picks a coarser texture (a new plan)."""
+    image, obs = case
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True)
+    engine.build(image, obs)
+    a = engine.render(POSES[:2]).rgb.clone()
+    flipped = np.ascontiguousarray(image[:, :, ::-1])  # same face, other colours
+    engine.build(flipped, dataclasses.replace(obs))
+    b = engine.render(POSES[:2]).rgb.clone()
+    assert (a - b).abs().mean() > 0.01
+    eager = render_views(build_avatar(flipped, obs, render_size=128), POSES[:2], 128)
+    assert float((b - eager.rgb).abs().max()) == 0.0
+    plans = set(engine._builds)
+    assert len(plans) == 1
+    cx, cy, side = crop_box(obs)
+    assert side < 1.25 * 256  # the usual framing keeps the full-size texture
+    engine.build(image, obs, crop=(cx, cy, side * 3.5))  # now the crop spans > 1.25 * 256 texels
+    assert len(engine._builds) == 2
+    width = engine.avatar.texture.shape[-1]
+    assert width < 512 and 512 % width == 0  # a power-of-two reduction
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager_cuda(case):
+    image, obs = case
+    eager = render_views(build_avatar(image, obs, device="cuda", render_size=512), POSES, 512)
+    engine = AvatarEngine(AvatarConfig(), "cuda", render_size=512)
+    assert engine.cuda_graphs
+    for _ in range(3):  # capture, then replays
+        engine.build(image, obs)
+        out = engine.render(POSES)
+        assert max_diff(out, eager) < 1e-4
+    flipped = np.ascontiguousarray(image[:, :, ::-1])
+    engine.build(flipped, obs)
+    out = engine.render(POSES)
+    eager_flipped = render_views(build_avatar(flipped, obs, device="cuda", render_size=512), POSES, 512)
+    assert max_diff(out, eager_flipped) < 1e-4
+    assert engine.captures == 2
+
+
+def test_a_failed_capture_falls_back_to_the_eager_path(case, monkeypatch, caplog):
+    image, obs = case
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine_mod, "_Graph", Broken)
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True)
+    with caplog.at_level("WARNING", logger="models.avatar.engine"):
+        engine.build(image, obs)
+        out = engine.render(POSES[:2])
+    assert engine.fell_back and not engine.fixed_shapes
+    assert sum("running it eagerly" in r.message for r in caplog.records) == 1
+    eager = render_views(build_avatar(image, obs, render_size=128), POSES[:2], 128)
+    assert max_diff(out, eager) == 0.0
+
+
+@pytest.mark.gpu
+def test_cuda_capture_failure_leaves_a_working_eager_engine(case, monkeypatch):
+    """A host sync inside the build (illegal while capturing) makes the capture fail for real."""
+    image, obs = case
+    real = engine_mod._build_on_device
+
+    def syncing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    monkeypatch.setattr(engine_mod, "_build_on_device", syncing)
+    engine = AvatarEngine(AvatarConfig(), "cuda", render_size=256)
+    engine.build(image, obs)
+    out = engine.render(POSES)
+    assert engine.fell_back
+    eager = render_views(build_avatar(image, obs, device="cuda", render_size=256), POSES, 256)
+    assert max_diff(out, eager) < 1e-4
+    # The aborted capture must not leave the device's random generator in capture mode
+    # (the refiner draws its noise there, and the next graphs capture it).
+    torch.nn.init.normal_(torch.empty(8, device="cuda"))
+    assert torch.randn(8, device="cuda").std() > 0

@@ -1,0 +1,123 @@
+"""The command-line processes: clear one-line errors, the demo end to end, restarts."""
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from telepresence.stream.receiver import Receiver, ReceiverConfig
+from telepresence.stream.viewer import Viewer
+from tests.helpers import async_test, running_sender, wait_until
+
+from tests.conftest import REPO as ROOT
+URL_PATTERN = re.compile(r"Open (http://\S+)")
+
+
+def run_cli(*args, timeout_s=30):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [("no/such/clip.mp4", "no such video file"), ("57", "no camera at index 57"), ("pyproject.toml", "cannot (open|decode) video")],
+)
+def test_sender_bad_source_is_one_clear_line(source, message):
+    result = run_cli("run_sender.py", "--source", source, "--signaling", "ws://127.0.0.1:9/ws")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
+
+
+def test_sender_missing_pipeline_is_one_clear_line():
+    result = run_cli("run_sender.py", "--source", "sample", "--pipeline", "no_such_pipeline_module")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot import the pipeline module 'no_such_pipeline_module'" in result.stderr
+
+
+def test_receiver_port_in_use_is_one_clear_line():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("run_receiver.py", "--port", str(port))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "address already in use" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_serves_the_sample_and_stops_cleanly_on_ctrl_c():
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys, telepresence.cli.demo as d; sys.exit(d.main(sys.argv[1:]))",
+         "--port", "0", "--pipeline", "tests.fake_pipeline"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal: an ignored SIGINT is inherited through exec, and something earlier in
+        # the test session (a worker pool) leaves it ignored in this process.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        line = process.stdout.readline()
+        match = URL_PATTERN.search(line)
+        assert match, line
+        url = match.group(1)
+        signaling_url = url.replace("http://", "ws://").split("/?")[0] + "/ws"
+
+        async def watch():
+            viewer = Viewer()
+            await viewer.join(signaling_url, "demo")
+            image = await viewer.next_frame(timeout_s=15)
+            await viewer.close()
+            return image
+
+        image = asyncio.run(asyncio.wait_for(watch(), 30))
+        assert image.std() > 20
+        process.send_signal(signal.SIGINT)
+        try:  # communicate() drains both pipes: a chatty child cannot block on a full pipe
+            _, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            pytest.fail(f"the demo did not stop within 20 s of Ctrl-C; its log:\n{stderr[-3000:]}")
+        assert process.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr and "stopped" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+@async_test(timeout_s=60)
+async def test_sender_rejoins_a_restarted_receiver():
+    receiver = Receiver(ReceiverConfig(port=0, web_dir=ROOT / "web"))
+    await receiver.start()
+    port = receiver.port
+    async with running_sender(signaling_url=receiver.signaling_url) as sender:
+        signaling = asyncio.ensure_future(sender.run_signaling())
+        try:
+            viewer = Viewer()
+            await viewer.join(receiver.signaling_url, "demo")
+            await viewer.next_frame(timeout_s=10)
+
+            await receiver.stop()  # the receiver goes away: the sender drops its calls and retries
+            await wait_until(lambda: not sender.viewers, timeout_s=5)
+            await viewer.close()
+            await asyncio.sleep(1.0)
+            receiver = Receiver(ReceiverConfig(port=port, web_dir=ROOT / "web"))
+            await receiver.start()
+            await wait_until(lambda: receiver.signaling.registry.rooms.get("demo"), timeout_s=10)
+
+            viewer = Viewer()
+            await viewer.join(receiver.signaling_url, "demo")
+            assert (await viewer.next_frame(timeout_s=10)).std() > 20
+            await viewer.close()
+        finally:
+            signaling.cancel()
+            await asyncio.gather(signaling, return_exceptions=True)
+            await receiver.stop()

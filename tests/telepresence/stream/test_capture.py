@@ -1,0 +1,174 @@
+"""Capture sources, newest-wins slots and the frame stamp."""
+
+import threading
+import time
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from telepresence.stream import capture
+from telepresence.stream.capture import (
+    CameraNotFoundError,
+    CapturedFrame,
+    CaptureThread,
+    ImageSource,
+    SampleSource,
+    SourceError,
+    VideoFileSource,
+    open_source,
+)
+from telepresence.stream.framecode import draw_frame_code, read_frame_code, stamp_age_ms
+from telepresence.stream.slot import LatestSlot, SlotClosedError
+from tests.helpers import ScriptedSource, card_image
+
+
+def test_sample_source_is_embedded_and_loops():
+    with SampleSource() as source:
+        source.fps = 1000.0  # no pacing in the test
+        source._pacer.interval_s = 0.0
+        shapes = set()
+        for _ in range(160):  # the clip has 154 frames
+            source.grab()
+            frame = source.retrieve()
+            shapes.add(frame.shape)
+        assert shapes == {(384, 384, 3)}
+        assert frame.dtype == np.uint8 and not frame.flags.writeable
+
+
+def test_image_source_repeats_the_still(tmp_path):
+    path = tmp_path / "card.png"
+    cv2.imwrite(str(path), cv2.cvtColor(card_image(), cv2.COLOR_RGB2BGR))
+    source = open_source(str(path))
+    assert isinstance(source, ImageSource)
+    source.grab()
+    np.testing.assert_array_equal(source.retrieve(), card_image())
+
+
+@pytest.mark.parametrize("spec, message", [("missing.mp4", "no such video file"), ("missing.png", "no such image file")])
+def test_missing_files_give_a_clear_error(tmp_path, spec, message):
+    with pytest.raises(SourceError, match=message):
+        open_source(str(tmp_path / spec))
+
+
+def test_unreadable_files_give_a_clear_error(tmp_path):
+    bad_video = tmp_path / "bad.mp4"
+    bad_video.write_bytes(b"this is not a video")
+    with pytest.raises(SourceError, match="cannot (open|decode) video file"):
+        open_source(str(bad_video))
+    bad_image = tmp_path / "bad.jpg"
+    bad_image.write_bytes(b"nor an image")
+    with pytest.raises(SourceError, match="cannot decode image"):
+        open_source(str(bad_image))
+
+
+def test_missing_camera_index_is_an_error():
+    with pytest.raises(CameraNotFoundError, match="no camera at index 57"):
+        open_source("57")
+
+
+def test_webcam_falls_back_to_the_sample_with_one_warning(monkeypatch, caplog):
+    def no_camera(index=0, **kwargs):
+        raise CameraNotFoundError(f"no camera at index {index}")
+
+    monkeypatch.setattr(capture, "WebcamSource", no_camera)
+    with caplog.at_level("WARNING", logger="telepresence.stream.capture"):
+        source = open_source("webcam")
+    assert isinstance(source, SampleSource)
+    assert len(caplog.records) == 1 and "embedded sample" in caplog.records[0].getMessage()
+    source.close()
+
+
+def test_video_file_plays_at_its_frame_rate(tmp_path):
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=50)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(10):
+            image = np.full((64, 64, 3), i * 20, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    source = VideoFileSource(path)
+    assert source.fps == pytest.approx(50)
+    t0 = time.monotonic()
+    for _ in range(25):  # loops past the end (10 frames)
+        source.grab()
+        assert source.retrieve().shape == (64, 64, 3)
+    assert 0.4 <= time.monotonic() - t0 < 1.5  # 25 frames at 50 fps
+    source.close()
+
+
+def test_capture_thread_keeps_only_the_newest_frame():
+    slot: LatestSlot[CapturedFrame] = LatestSlot()
+    source = ScriptedSource(lambda i: np.full((8, 8, 3), i % 256, np.uint8), fps=200)
+    thread = CaptureThread(source, slot)
+    thread.start()
+    time.sleep(0.3)  # nobody reads: frames pile onto the one slot
+    version, frame = slot.wait_newer(0, timeout=1.0)
+    thread.stop()
+    assert frame.frame_id == version - 1 and frame.frame_id > 20
+    assert slot.dropped >= frame.frame_id - 1
+    assert abs(frame.t_capture - time.time()) < 1.0
+
+
+def test_latest_slot_wait_and_close():
+    slot: LatestSlot[int] = LatestSlot()
+    assert slot.wait_newer(0, timeout=0.01) is None
+    slot.put(1)
+    slot.put(2)
+    assert slot.wait_newer(0) == (2, 2) and slot.dropped == 1
+    threading.Timer(0.05, slot.close).start()
+    with pytest.raises(SlotClosedError):
+        slot.wait_newer(2, timeout=2.0)
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_frame_code_round_trips_through_vp8(size):
+    image = card_image(size)
+    stamps = [0, 1, 0xABCDEF, (1 << 24) - 1, 123456]
+    encoder = av.CodecContext.create("libvpx", "w")
+    encoder.width = encoder.height = size
+    encoder.pix_fmt = "yuv420p"
+    encoder.bit_rate = 800_000  # the floor of BitrateConfig
+    decoder = av.CodecContext.create("libvpx", "r")
+    decoded = []
+    for i, stamp in enumerate(stamps + [None]):
+        if stamp is not None:
+            frame_image = image.copy()
+            draw_frame_code(frame_image, stamp)
+            assert read_frame_code(frame_image) == stamp
+            frame = av.VideoFrame.from_ndarray(frame_image, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+        for packet in encoder.encode(frame if stamp is not None else None):
+            decoded += decoder.decode(packet)
+    assert [read_frame_code(d.to_ndarray(format="rgb24")) for d in decoded] == stamps
+    # the benchmark reads the luma plane directly (rows padded to line_size)
+    luma = [np.frombuffer(d.planes[0], np.uint8).reshape(d.height, d.planes[0].line_size) for d in decoded]
+    assert [read_frame_code(y[:64, :128], size=size) for y in luma] == stamps
+
+
+def test_plain_pictures_do_not_decode_as_stamps():
+    for value in (0, 255, 128):
+        assert read_frame_code(np.full((256, 256, 3), value, np.uint8)) is None
+    assert read_frame_code(card_image()) is None
+    assert stamp_age_ms(5, now_stamp=2) == (1 << 24) - 3  # across the wrap
+
+
+def test_source_fps_overrides_the_pacing(tmp_path):
+    """--source-fps plays the sample, a file or a still at another rate (a 30 fps webcam's, say)."""
+    with open_source("sample", fps=50.0) as source:
+        assert source.fps == 50.0
+        t0 = time.monotonic()
+        for _ in range(26):
+            source.grab()
+        assert 0.4 <= time.monotonic() - t0 < 1.5  # 25 intervals at 50 fps, not at the clip's 25
+    path = tmp_path / "still.png"
+    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+    assert open_source(str(path), fps=12.0).fps == 12.0
+    assert open_source(str(path)).fps == 30.0
+    with pytest.raises(SourceError, match="frame rate"):
+        open_source("sample", fps=0.0)

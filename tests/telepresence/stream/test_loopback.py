@@ -1,0 +1,212 @@
+"""In-process aiortc loopback: a Python viewer against a Sender with the fake pipeline."""
+
+import time
+
+import numpy as np
+
+from telepresence.stream.viewer import Viewer
+from tests.helpers import ScriptedSource, async_test, card_image, mean_abs_diff, running_sender, wait_until
+
+
+def still_source():
+    image = card_image()
+    return ScriptedSource(lambda i: image, fps=30)
+
+
+def first_video_codec(sdp):
+    """The codec the answer puts first on its m=video line (the one the sender encodes with)."""
+    lines = sdp.splitlines()
+    payload_type = next(line for line in lines if line.startswith("m=video")).split()[3]
+    rtpmap = next(line for line in lines if line.startswith(f"a=rtpmap:{payload_type} "))
+    return rtpmap.split()[1].split("/")[0]
+
+
+async def settled_frame(viewer, frames=4):
+    """A frame after `frames` more have arrived (lets a pose change reach the picture)."""
+    for _ in range(frames):
+        image = await viewer.next_frame()
+    return image
+
+
+@async_test(timeout_s=40)
+async def test_frames_arrive_and_a_pose_change_changes_them():
+    async with running_sender(source=still_source()) as sender:
+        viewer = Viewer()
+        await viewer.connect(sender, "v1")
+        first = await viewer.next_frame(timeout_s=10)
+        assert first.shape == (256, 256, 3) and first.std() > 20  # a picture, not a blank
+        assert first_video_codec(viewer.pc.remoteDescription.sdp) == "VP8"
+        await viewer.wait_channel_open()
+
+        viewer.set_pose(0, 0, 1.0)
+        a = await settled_frame(viewer)
+        b = await settled_frame(viewer)
+        viewer.set_pose(30, 10, 1.0)
+        c = await settled_frame(viewer, frames=8)
+        still, moved = mean_abs_diff(a, b), mean_abs_diff(a, c)
+        assert still < 4 and moved > 20, (still, moved)
+
+        await wait_until(lambda: viewer.stats is not None, timeout_s=3)
+        assert viewer.hello["limits"]["yaw"] == 40
+        assert set(viewer.stats["stages_ms"]) >= {"capture", "landmarks", "avatar", "refine", "encode"}
+        assert viewer.stats["status"] == "ok" and viewer.stats["fps"] > 5
+        await viewer.close()
+
+
+@async_test(timeout_s=30)
+async def test_h264_is_negotiated_when_preferred():
+    async with running_sender(source=still_source(), codec="h264") as sender:
+        viewer = Viewer()
+        await viewer.connect(sender, "v1")
+        image = await viewer.next_frame(timeout_s=10)
+        assert image.std() > 20
+        assert first_video_codec(viewer.pc.remoteDescription.sdp) == "H264"
+        await viewer.close()
+
+
+@async_test(timeout_s=30)
+async def test_one_pipeline_call_serves_every_viewer_and_poses_are_clamped():
+    async with running_sender(source=still_source()) as sender:
+        viewers = [Viewer() for _ in range(3)]
+        for i, viewer in enumerate(viewers):
+            await viewer.connect(sender, f"v{i}")
+        for viewer in viewers:
+            await viewer.next_frame(timeout_s=10)
+            await viewer.wait_channel_open()
+        viewers[0].set_pose(1000, -1000, 99)
+        await wait_until(lambda: 3 in sender._pipeline.view_counts[-3:], timeout_s=5)
+        await settled_frame(viewers[0])
+        poses = {vid: pose for vid, (pose, _) in sender.render_loop._views.items()}
+        assert (poses["v0"].yaw_deg, poses["v0"].pitch_deg, poses["v0"].dist_scale) == (40, -25, 1.6)
+        assert sender._pipeline.view_counts[-1] == 3  # one call, three views
+        for viewer in viewers:
+            await viewer.close()
+
+
+@async_test(timeout_s=30)
+async def test_bad_pose_messages_get_an_error_and_the_viewer_stays():
+    async with running_sender(source=still_source()) as sender:
+        viewer = Viewer()
+        await viewer.connect(sender, "v1")
+        await viewer.next_frame(timeout_s=10)
+        await viewer.wait_channel_open()
+        for raw in ["garbage", '{"type":"pose","seq":1,"t":0,"yaw":NaN,"pitch":0,"dist":1}', '{"type":"exec"}', "x" * 5000]:
+            viewer.send_raw(raw)
+        await wait_until(lambda: len(viewer.errors) >= 4, timeout_s=5)
+        assert {e["code"] for e in viewer.errors} == {"bad-json", "unknown-type", "too-large"}
+        count = viewer.frames_received
+        await wait_until(lambda: viewer.frames_received > count + 5, timeout_s=5)
+        assert "v1" in sender.viewers
+        await viewer.close()
+
+
+@async_test(timeout_s=30)
+async def test_a_viewer_disconnect_frees_its_track():
+    async with running_sender(source=still_source()) as sender:
+        stay, leave = Viewer(), Viewer()
+        await stay.connect(sender, "stay")
+        await leave.connect(sender, "leave")
+        await leave.next_frame(timeout_s=10)
+        track = sender.viewers["leave"].track
+        assert sender.render_loop.view_count == 2
+        await leave.close()
+        await wait_until(lambda: "leave" not in sender.viewers, timeout_s=5)
+        assert track.readyState == "ended"
+        assert sender.render_loop.view_count == 1
+        count = stay.frames_received
+        await wait_until(lambda: stay.frames_received > count + 5, timeout_s=5)  # the other viewer is unaffected
+        await stay.close()
+        await wait_until(lambda: not sender.viewers, timeout_s=5)
+        assert sender.render_loop.view_count == 0
+
+
+@async_test(timeout_s=30)
+async def test_a_vanished_viewer_is_dropped_within_five_seconds():
+    async with running_sender(source=still_source()) as sender:
+        viewer = Viewer(heartbeat=False)
+        await viewer.connect(sender, "ghost")
+        await viewer.next_frame(timeout_s=10)
+        await viewer.wait_channel_open()
+        viewer.send_raw('{"type":"ping","t":0}')  # last sign of life; then silence, connection left open
+        t_silent = time.monotonic()
+        await wait_until(lambda: sender.viewers.get("ghost") is not None and sender.viewers["ghost"].last_seen, 3)
+        await wait_until(lambda: "ghost" not in sender.viewers, timeout_s=8)
+        assert time.monotonic() - t_silent < 5.0
+        assert sender.render_loop.view_count == 0
+        await viewer.close()
+
+
+@async_test(timeout_s=40)
+async def test_face_lost_keeps_the_last_avatar_and_recovers():
+    bright = card_image()
+    dark = np.zeros_like(bright)
+    t0 = time.monotonic()
+    # no face until 0.6 s, face 0.6-1.6 s, lost 1.6-2.6 s, then back
+    phases = lambda: int((time.monotonic() - t0 - 0.6) // 1.0)  # noqa: E731
+    source = ScriptedSource(lambda i: dark if phases() < 0 or phases() == 1 else bright, fps=30)
+    async with running_sender(source=source) as sender:
+        viewer = Viewer()
+        await viewer.connect(sender, "v1")
+        seen = []
+
+        def record_status():
+            if viewer.status and (not seen or seen[-1] != viewer.status):
+                seen.append(viewer.status)
+            return seen[-3:] == ["ok", "face_lost", "ok"]
+
+        await wait_until(record_status, timeout_s=10, interval_s=0.02)
+        assert "face_lost" in seen
+        count = viewer.frames_received
+        await wait_until(lambda: viewer.frames_received > count + 3, timeout_s=5)
+        await viewer.close()
+
+
+@async_test(timeout_s=30)
+async def test_a_failing_offer_closes_that_viewer_only():
+    async with running_sender(source=still_source(), max_viewers=2) as sender:
+        good = Viewer()
+        await good.connect(sender, "good")
+        await good.next_frame(timeout_s=10)
+        for bad_sdp in ("v=0\r\nthis is not a session description\r\n", "v=0\r\n"):
+            try:
+                await sender.answer("bad", bad_sdp)
+            except Exception:
+                pass
+            else:
+                raise AssertionError("a broken offer was answered")
+            assert "bad" not in sender.viewers and sender.render_loop.view_count == 1
+        extra, spare = Viewer(), Viewer()
+        await extra.connect(sender, "extra")
+        try:
+            await spare.connect(sender, "spare")  # over max_viewers
+        except Exception as error:
+            assert type(error).__name__ == "ViewerLimitError"
+        else:
+            raise AssertionError("max_viewers not enforced")
+        count = good.frames_received
+        await wait_until(lambda: good.frames_received > count + 5, timeout_s=5)
+        for viewer in (good, extra, spare):
+            await viewer.close()
+
+
+def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path):
+    """benchmarks/loopback.py end to end (fake pipeline): the viewers run in a child process,
+    join through the receiver's signaling and read the capture stamps back."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO as root
+    out = tmp_path / "loopback.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "loopback.py"), "--pipeline", "tests.fake_pipeline", "--device", "cpu",
+         "--size", "256", "--viewers", "2", "--seconds", "2", "--warmup", "1", "--refiner", "none", "--out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["receiver"] == "aiortc (own process)" and result["viewers"] == 2
+    assert result["frames"] > 10 and result["fps_per_viewer"]["min"] > 2
+    assert result["latency_ms"]["n"] > 10 and 0 < result["latency_ms"]["median"] < 2000
+    assert result["stages_ms_median"]  # the sender's per-stage record was sampled while the viewers recorded

@@ -1,0 +1,128 @@
+"""Wire schema: JSON only, whitelisted types, size caps, finite and clamped numbers."""
+
+import json
+
+import pytest
+
+from telepresence.stream.messages import (
+    CHANNEL_MAX_BYTES,
+    SIGNALING_MAX_BYTES,
+    InvalidFieldError,
+    JoinMessage,
+    MalformedMessageError,
+    MessageError,
+    MessageTooLargeError,
+    OfferMessage,
+    PingMessage,
+    PoseLimits,
+    PoseMessage,
+    UnknownMessageTypeError,
+    encode_message,
+    parse_channel_message,
+    parse_signaling_message,
+)
+
+
+def pose(**fields):
+    return json.dumps({"type": "pose", "seq": 1, "t": 0.0, "yaw": 0, "pitch": 0, "dist": 1.0, **fields})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "{", "not json", "[1, 2]", '"join"', "42", "{}", '{"type": 7}', b'{"type": "join"}', "[" * 5000 + "]" * 5000],
+)
+def test_malformed_messages_are_rejected(raw):
+    with pytest.raises(MalformedMessageError) as info:
+        parse_signaling_message(raw)
+    assert info.value.code == "bad-json"
+
+
+def test_unknown_types_are_rejected():
+    with pytest.raises(UnknownMessageTypeError) as info:
+        parse_signaling_message('{"type": "shutdown"}')
+    assert info.value.code == "unknown-type"
+    with pytest.raises(UnknownMessageTypeError):
+        parse_channel_message('{"type": "join", "room": "demo", "role": "viewer"}')  # a signaling type on the channel
+
+
+def test_huge_messages_are_rejected_before_parsing():
+    with pytest.raises(MessageTooLargeError):
+        parse_signaling_message(json.dumps({"type": "join", "room": "demo", "role": "viewer", "pad": "x" * SIGNALING_MAX_BYTES}))
+    with pytest.raises(MessageTooLargeError):
+        parse_channel_message(pose(pad="x" * CHANNEL_MAX_BYTES))
+    with pytest.raises(MessageTooLargeError):  # counted in bytes, not characters
+        parse_channel_message(pose(pad="é" * (CHANNEL_MAX_BYTES // 2)))
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999", "-1e400"])
+def test_non_finite_pose_numbers_are_rejected(literal):
+    raw = pose().replace('"yaw": 0', f'"yaw": {literal}')
+    with pytest.raises((MalformedMessageError, InvalidFieldError)):
+        parse_channel_message(raw)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"yaw": "10"}, {"yaw": None}, {"yaw": True}, {"seq": -1}, {"seq": 1.5}, {"seq": 2**60}, {"dist": [1]}],
+)
+def test_mistyped_pose_fields_are_rejected(fields):
+    with pytest.raises(InvalidFieldError):
+        parse_channel_message(pose(**fields))
+
+
+@pytest.mark.parametrize("digits", [400, 900])
+def test_huge_integer_literals_are_rejected_not_a_crash(digits):
+    with pytest.raises(InvalidFieldError):
+        parse_channel_message('{"type": "ping", "t": ' + "9" * digits + "}")
+    with pytest.raises(MessageError):  # beyond Python's int-parsing limit: malformed, still no crash
+        parse_signaling_message('{"type": "join", "room": "demo", "role": "viewer", "x": ' + "9" * 5000 + "}")
+
+
+def test_pose_is_clamped_to_limits():
+    limits = PoseLimits(yaw_deg=40, pitch_deg=25, dist_min=0.6, dist_max=1.6)
+    message = parse_channel_message(pose(yaw=1000, pitch=-90, dist=0.01)).clamped(limits)
+    assert (message.yaw, message.pitch, message.dist) == (40, -25, 0.6)
+    message = parse_channel_message(pose(yaw=-12.5, pitch=3, dist=5)).clamped(limits)
+    assert (message.yaw, message.pitch, message.dist) == (-12.5, 3, 1.6)
+
+
+def test_missing_fields_are_named():
+    with pytest.raises(InvalidFieldError, match="missing field 'dist'"):
+        parse_channel_message('{"type": "pose", "seq": 1, "t": 0, "yaw": 0, "pitch": 0}')
+
+
+def test_valid_messages_parse_to_value_objects():
+    assert parse_signaling_message('{"type": "join", "room": "demo", "role": "viewer"}') == JoinMessage("demo", "viewer")
+    offer = parse_signaling_message(json.dumps({"type": "offer", "to": "abc123", "sdp": "v=0\r\n"}))
+    assert isinstance(offer, OfferMessage) and offer.to == "abc123"
+    assert parse_channel_message('{"type": "ping", "t": 12}') == PingMessage(12.0)
+    assert isinstance(parse_channel_message(pose()), PoseMessage)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"room": "../etc"},
+        {"room": ""},
+        {"room": "x" * 65},
+        {"role": "admin"},
+        {"name": "bell\x07"},
+        {"name": "n" * 41},
+        {"token": 5},
+    ],
+)
+def test_join_fields_are_checked(fields):
+    with pytest.raises(InvalidFieldError):
+        parse_signaling_message(json.dumps({"type": "join", "room": "demo", "role": "viewer", **fields}))
+
+
+def test_offer_needs_a_session_description():
+    with pytest.raises(InvalidFieldError):
+        parse_signaling_message(json.dumps({"type": "offer", "to": "abc", "sdp": "hello"}))
+    with pytest.raises(InvalidFieldError):
+        parse_signaling_message(json.dumps({"type": "offer", "to": "a b", "sdp": "v=0"}))
+
+
+def test_outbound_messages_refuse_nan():
+    with pytest.raises(ValueError):
+        encode_message("stats", fps=float("nan"))
