@@ -49,14 +49,13 @@ from models.evaluation.clips import (
 )
 from models.evaluation.figures import contact_sheet, label_tile, save_png, scatter_plot, series_from_records
 from models.evaluation.metrics import (
-    IdentityEmbedder,
-    identity_distance,
     masked_psnr,
     masked_ssim,
     output_landmark_error,
     temporal_flicker,
     to_uint8,
 )
+from models.face.identity import IdentityEmbedder, identity_distance
 from models.geometry.camera import OrbitPose
 from models.face.analysis import (
     LEFT_EYE_OUTER,

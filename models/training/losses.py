@@ -15,7 +15,7 @@ need pretrained networks that cannot be obtained offline. The differentiable
 stand-in offered is feature matching in the discriminator's feature space
 (pix2pixHD, Wang et al. 2018): it compares mid-level statistics of output and
 target as the discriminator learns them - a perceptual loss, NOT an identity
-loss. Identity is measured (not trained) by models.training.identity.
+loss. Identity is measured (not trained) by models.face.identity.
 """
 
 from __future__ import annotations

@@ -662,10 +662,10 @@ class Trainer:
         identity = None
         if cfg.identity_metric:
             if self._identity is None:
-                from .identity import IdentityMetric
+                from models.face.identity import IdentityEmbedder
 
-                self._identity = IdentityMetric()
-            identity = self._identity if self._identity.available else None
+                self._identity = IdentityEmbedder.optional() or False  # False: dlib missing, said once
+            identity = self._identity or None
         sums: dict[str, float] = {}
         count = 0
         was_training = self.model.training
