@@ -20,6 +20,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+
+from models.geometry.camera import rotation_to_euler_deg
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +185,6 @@ def _umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray) -> tuple[flo
     return s, R, t
 
 
-def _euler_deg(R: np.ndarray) -> tuple[float, float, float]:
-    """R = Rz(roll) Rx(pitch) Ry(yaw), see models.geometry.camera.rotation_to_euler_deg."""
-    pitch = math.degrees(math.asin(float(np.clip(R[2, 1], -1.0, 1.0))))
-    yaw = math.degrees(math.atan2(-R[2, 0], R[2, 2]))
-    roll = math.degrees(math.atan2(-R[0, 1], R[1, 1]))
-    return yaw, pitch, roll
-
-
 def metric_landmarks(
     landmarks_px: np.ndarray, image_size: tuple[int, int], fov_deg: float
 ) -> tuple[np.ndarray, HeadPose]:
@@ -212,7 +207,7 @@ def metric_landmarks(
     t = t / s
     fitted = (R @ model.vertices[ids].T).T + t
     rmse = float(np.sqrt(((fitted - points[ids]) ** 2).sum(1).mean()))
-    yaw, pitch, roll = _euler_deg(R)
+    yaw, pitch, roll = rotation_to_euler_deg(torch.from_numpy(R)).tolist()
     pose = HeadPose(R.astype(np.float32), t.astype(np.float32), yaw, pitch, roll, rmse)
     return points, pose
 

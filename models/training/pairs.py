@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from models.avatar import Avatar, AvatarConfig, build_avatar, crop_box, render_cameras, render_views
-from models.geometry.camera import OrbitPose, orbit_viewmats
-from models.face.analysis import FaceObservation, HeadPose, _euler_deg, head_region_mask
+from models.geometry.camera import OrbitPose, orbit_viewmats, rotation_to_euler_deg
+from models.face.analysis import FaceObservation, HeadPose, head_region_mask
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def synthetic_observation(
     rel = (z / z0 - 1.0) * focal_px  # MediaPipe-style relative depth in pixels
     rot = R @ obs.pose.rotation.astype(np.float64)
     trans = R @ obs.pose.translation.astype(np.float64) + t
-    yaw, pitch, roll = _euler_deg(rot)
+    yaw, pitch, roll = rotation_to_euler_deg(torch.from_numpy(rot)).tolist()
     pose = HeadPose(rot.astype(np.float32), trans.astype(np.float32), yaw, pitch, roll, obs.pose.fit_rmse_m)
     fov = math.degrees(2.0 * math.atan((size / 2.0) / focal_px))
     return FaceObservation(
