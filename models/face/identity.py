@@ -204,19 +204,25 @@ def align_faces(
     ij = torch.arange(size, dtype=torch.float64, device=images.device)
     grid_rc = torch.stack(torch.meshgrid(ij, ij, indexing="xy"), dim=-1)  # [size, size, 2] (x = column, y = row)
     crops, depths, affines = _chip_geometry(points.to(torch.float64), size, padding, (H, W))
-    chips = []
-    for image, crop, depth, affine in zip(images, crops, depths, affines):
-        level = image[None, :, crop[1]:crop[3] + 1, crop[0]:crop[2] + 1]
+    groups: dict[tuple, list[int]] = {}  # faces sharing a crop and a depth are sampled in one batch
+    for i, (crop, depth) in enumerate(zip(crops, depths)):
+        groups.setdefault((*crop, depth), []).append(i)
+    chips = [None] * len(crops)
+    for (l, t, r, b, depth), idx in groups.items():
+        level = images[idx, :, t:b + 1, l:r + 1]
         for _ in range(depth):
             if min(level.shape[2:]) <= 8:
                 raise ValueError(f"expected a face of at least a few pixels, got a pyramid level of {tuple(level.shape[2:])}")
             level = _pyramid_down(level)
         h, w = level.shape[2:]
-        xy = grid_rc @ affine[:, :2].T + affine[:, 2]  # [size, size, 2] level px
+        A = affines[idx]  # [G, 2, 3]
+        xy = grid_rc[None] @ A[:, None, :, :2].transpose(-1, -2) + A[:, None, None, :, 2]  # [G, size, size, 2] level px
         inside = (xy[..., 0] >= 0) & (xy[..., 1] >= 0) & (xy[..., 0] < w - 1) & (xy[..., 1] < h - 1)
         norm = torch.stack([2 * xy[..., 0] / max(w - 1, 1) - 1, 2 * xy[..., 1] / max(h - 1, 1) - 1], dim=-1)
-        chip = F.grid_sample(level, norm[None].to(level.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
-        chips.append(chip[0] * inside.to(chip.dtype))
+        out = F.grid_sample(level, norm.to(level.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = out * inside[:, None].to(out.dtype)
+        for j, i in enumerate(idx):
+            chips[i] = out[j]
     return torch.stack(chips)
 
 

@@ -50,6 +50,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from models.face.identity import IdentityEmbedder, load_face_net
+
 from . import losses
 from .data import KeyedDataset, check_sample, collate, draw_generator
 from .discriminator import DiscriminatorConfig, MultiScaleDiscriminator, check_input_size
@@ -140,6 +142,10 @@ class TrainConfig:
     """Weight of the generator hinge loss; 0 turns the discriminator off (unless feature matching is on)."""
     feature_matching_weight: float = 0.0
     """Weight of discriminator feature matching (a perceptual stand-in, not an identity loss)."""
+    identity_weight: float = 0.0
+    """Weight of the identity loss: dlib face-descriptor distance of refined view and target (models.face.identity)."""
+    face_feature_weight: float = 0.0
+    """Weight of feature matching in dlib's face network (a face-specific perceptual loss)."""
     gan_start_step: int = 2000
     """Optimizer step from which the discriminator trains and the adversarial terms count (GAN warm-up)."""
     d_scales: int = 2
@@ -196,7 +202,8 @@ class TrainConfig:
             raise ValueError(f"expected stage steps >= 0 and at least one step in all, got {self.stage1_steps} and {self.stage2_steps}")
         if not 0.0 <= self.noise_min <= self.noise_max <= 1.0:
             raise ValueError(f"expected 0 <= noise_min <= noise_max <= 1, got {self.noise_min} and {self.noise_max}")
-        for name in ("lr", "lr_d", "l2_weight", "ssim_weight", "gan_weight", "feature_matching_weight", "weight_decay", "max_grad_norm", "stage2_lr_scale"):
+        for name in ("lr", "lr_d", "l2_weight", "ssim_weight", "gan_weight", "feature_matching_weight", "identity_weight",
+                     "face_feature_weight", "weight_decay", "max_grad_norm", "stage2_lr_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"expected {name} >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -390,6 +397,7 @@ class Trainer:
         self._writer = None
         self._writer_failed = False
         self._identity = None
+        self._face_net = load_face_net(device=self.device) if config.identity_weight or config.face_feature_weight else None
         self._last_images: list[Tensor] | None = None
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -526,6 +534,10 @@ class Trainer:
         ssim = losses.masked_ssim_loss(y, t, w)
         total = cfg.l2_weight * l2 + cfg.ssim_weight * ssim
         logs = {"l2": l2.item(), "ssim": ssim.item()}
+        if self._face_net is not None:
+            id_loss, face_fm = losses.face_prior_losses(self._face_net, y, t)
+            total = total + cfg.identity_weight * id_loss + cfg.face_feature_weight * face_fm
+            logs.update(id=id_loss.item(), face_fm=face_fm.item())
         if gan:
             d = self.discriminator  # the module itself, not DDP: no gradient reaches its weights here
             d.requires_grad_(False)
@@ -662,8 +674,6 @@ class Trainer:
         identity = None
         if cfg.identity_metric:
             if self._identity is None:
-                from models.face.identity import IdentityEmbedder
-
                 self._identity = IdentityEmbedder.optional() or False  # False: dlib missing, said once
             identity = self._identity or None
         sums: dict[str, float] = {}
