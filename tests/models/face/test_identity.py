@@ -30,8 +30,8 @@ def face_net(weights_path):
 
 @pytest.fixture(scope="module")
 def faces(test_data, astronaut, weights_path):
-    """23 faces of 7 people from the repository alone (the stills, the head-turn frames, the
-    sample clip), each with dlib's own results: (RGB uint8 picture, 5 points [5, 2],
+    """23 faces from the repository alone (7 stills, 8 head-turn frames, 8 frames of the sample
+    clip), each with dlib's own results: (RGB uint8 picture, 5 points [5, 2],
     compute_face_descriptor [128], get_face_chip [150, 150, 3])."""
     dlib = pytest.importorskip("dlib", reason="the reference is dlib itself (the eval extra)")
     import cv2
