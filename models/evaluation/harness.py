@@ -55,9 +55,9 @@ from models.evaluation.metrics import (
     masked_ssim,
     output_landmark_error,
     temporal_flicker,
-    to_uint8,
 )
 from models.geometry.camera import OrbitPose
+from models.pictures import to_uint8
 from models.face.analysis import (
     LEFT_EYE_OUTER,
     RIGHT_EYE_OUTER,

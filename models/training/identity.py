@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.pictures import to_rgb_uint8
+
 logger = logging.getLogger(__name__)
 
 EMBEDDING_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -72,7 +74,7 @@ class IdentityMetric:
         if isinstance(image, Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"expected an image [3, H, W], got {tuple(image.shape)}")
-            image = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            image = to_rgb_uint8(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image.shape} {image.dtype}")
         return np.ascontiguousarray(image)

@@ -37,6 +37,7 @@ import torch
 from models.avatar import Avatar, AvatarConfig, build_avatar, crop_box, render_cameras, render_views
 from models.geometry.camera import OrbitPose, orbit_viewmats
 from models.face.analysis import FaceObservation, HeadPose, _euler_deg, head_region_mask
+from models.pictures import to_rgb_uint8, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,6 @@ def synthetic_observation(
     )
 
 
-def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
-    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
 def _composite(picture: torch.Tensor, alpha: torch.Tensor, bg: Sequence[float]) -> torch.Tensor:
     bgt = torch.tensor(bg, device=picture.device, dtype=picture.dtype)[:, None, None]
     return picture * alpha + bgt * (1 - alpha)
@@ -141,7 +138,7 @@ def stage1_sample(
     f = float(K_A[0, 0])
     K_c = torch.tensor([[f, 0, S / 2.0], [0, f, S / 2.0], [0, 0, 1.0]], device=A.device)
     shot = render_cameras(A, vm[None], K_c[None], S)
-    x_p = _to_uint8(shot.rgb[0])
+    x_p = to_rgb_uint8(shot.rgb[0])
     obs_p = synthetic_observation(obs, vm.cpu().numpy(), f, S, shot.alpha[0, 0].cpu().numpy())
     B = build_avatar(x_p, obs_p, config.avatar, device=device, render_size=S)
     back = torch.linalg.inv(vm)  # B's world is P's camera frame; x's camera there
@@ -210,8 +207,7 @@ def _pack(samples: list[dict]) -> dict[str, np.ndarray]:
     """Stack samples into uint8 arrays [N, V, C, S, S] (ref: [N, C, S, S])."""
     out = {}
     for key in SAMPLE_KEYS:
-        arr = torch.stack([s[key] for s in samples]).clamp(0, 1)
-        out[key] = (arr * 255 + 0.5).to(torch.uint8).numpy()
+        out[key] = to_uint8(torch.stack([s[key] for s in samples])).numpy()
     return out
 
 

@@ -14,7 +14,8 @@ import torch
 
 from models.geometry.camera import OrbitPose
 from models.face.analysis import FaceAnalyzer, FaceConfig, read_image
-from telepresence.sheets import contact_sheet, to_uint8
+from models.evaluation.figures import contact_sheet
+from models.pictures import to_rgb_uint8
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,14 @@ def render_command(args: argparse.Namespace) -> int:
         names = []
         for pose, view in zip(poses, views):
             name = f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png"
-            cv2.imwrite(str(out_dir / name), to_uint8(view)[:, :, ::-1])
+            cv2.imwrite(str(out_dir / name), to_rgb_uint8(view)[:, :, ::-1])
             names.append(name)
         labels = ["source"] + [f"yaw {p.yaw_deg:+g}  pitch {p.pitch_deg:+g}" for p in poses]
-        pictures = [to_uint8(reference)] + [to_uint8(v) for v in views]
+        pictures = [to_rgb_uint8(reference)] + [to_rgb_uint8(v) for v in views]
         rows = [pictures]
         row_labels = [labels]
         if refiner is not None:
-            rows.append([np.zeros_like(pictures[0])] + [to_uint8(v) for v in out.rgb])
+            rows.append([np.zeros_like(pictures[0])] + [to_rgb_uint8(v) for v in out.rgb])
             row_labels.append(["raw avatar"] + [""] * len(poses))
         sheet = contact_sheet(rows, row_labels)
         cv2.imwrite(str(out_dir / "contact_sheet.png"), sheet[:, :, ::-1])
