@@ -23,17 +23,13 @@ Methods: "baseline" always; the others come from a :class:`MethodRunner`
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import platform
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from models.evaluation.aggregate import aggregate
@@ -53,6 +49,7 @@ from models.evaluation.runners import BASELINE, CallableRunner, Framing, MethodR
 from models.evaluation.scoring import Scorer, score
 from models.face.analysis import FaceAnalysisError, NoFaceError, head_region_mask
 from models.geometry.camera import OrbitPose
+from models.runinfo import run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +108,7 @@ class EvalConfig:
 
 @dataclass
 class EvalResult:
-    """Everything :func:`write_results` writes."""
+    """Everything models.evaluation.report.write_results writes."""
 
     config: EvalConfig
     methods: tuple[str, ...]
@@ -270,8 +267,8 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate every clip; clips that cannot be read, hold no face or yield no
     pair are logged, listed in ``skipped`` and left out. With ``out_dir``,
-    contact sheets are written there as the run goes (see :func:`write_results`
-    for the rest)."""
+    contact sheets are written there as the run goes (see models.evaluation.report.write_results
+    for the rest). The result's meta is models.runinfo.run_metadata on the runner's device, plus ``meta``."""
     from tqdm.auto import tqdm
 
     runner = runner if runner is not None else CallableRunner()
@@ -304,30 +301,5 @@ def evaluate(
                 sheets[path.stem] = sheet
     finally:
         scorer.close()
-    full_meta = _run_metadata()
-    full_meta.update(meta or {})
+    full_meta = run_metadata(getattr(runner, "device", "cpu"), **(meta or {}))
     return EvalResult(config, methods, records, flicker, skipped, evaluated, full_meta, sheets)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _run_metadata() -> dict[str, Any]:
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__}
-    for mod in ("torch", "mediapipe", "dlib"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional modules; absent or broken means "not reported"
-            versions[mod] = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
