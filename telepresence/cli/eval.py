@@ -164,6 +164,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+main = eval_main  # the dispatcher's entry (telepresence.cli)
+
+
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="telepresence bench",
