@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 
 from telepresence.pipeline import FramePipeline, PipelineConfig, open_pipeline
@@ -11,9 +12,10 @@ from telepresence.stream.sender import SenderConfig
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help="auto (cuda when this machine has it, else cpu) | cpu | cuda | cuda:N")
     parser.add_argument("--size", type=int, default=None,
-                        help="views are SIZE x SIZE pixels (default: 512 on cuda, 256 on cpu)")
+                        help="views are SIZE x SIZE pixels, a multiple of 8 (default: 512 on cuda, 256 on cpu, "
+                        "where 512 would run at a few frames per second)")
     parser.add_argument("--refiner", default="default",
                         help="refiner weights folder, 'default' (the shipped weights) or 'none' (raw avatar renders)")
     # tests and the streaming-only benchmark swap the pipeline for a cheap double ("module:function")
@@ -25,7 +27,20 @@ def parse_refiner(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (logged: the user sees which and why)."""
+    if name != "auto":
+        return name
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logging.getLogger("telepresence").info("device: %s (%s)", device,
+                                           "CUDA available" if device == "cuda" else "no CUDA device: the CPU path")
+    return device
+
+
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    args.device = resolve_device(args.device)
     return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner))
 
 

@@ -137,7 +137,11 @@ class Receiver:
             )
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise ReceiverError(f"cannot listen on {self.config.host}:{self.config.port}: address already in use") from None
+                raise ReceiverError(
+                    f"cannot listen on {self.config.host}:{self.config.port}: address already in use "
+                    f"(another program has that port: pick another with --port, e.g. --port {self.config.port + 1}, "
+                    f"or `make demo ARGS=\"--port {self.config.port + 1}\"`)"
+                ) from None
             raise ReceiverError(f"cannot listen on {self.config.host}:{self.config.port}: {error.strerror}") from None
         logger.info("serving %s and %s on port %d", self.web_root, SIGNALING_PATH, self.port)
 
