@@ -62,7 +62,7 @@ def check_cuda(image, obs, size: int = 256) -> None:
 def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
     """timing_stats (ms) of each part of a graphs-path build + render (host work, and the
     device time of each replay from CUDA events)."""
-    from models.avatar.core import _prepare
+    from models.avatar.plan import prepare_build
 
     poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
     engine = AvatarEngine(device="cuda", render_size=size)
@@ -76,7 +76,7 @@ def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
     for _ in range(repeats):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        inputs = _prepare(image, obs, engine.config, None, None, size)
+        inputs = prepare_build(image, obs, engine.config, None, None, size)
         t1 = time.perf_counter()
         graph = engine._builds[inputs.plan]
         for k, v in inputs.tensors(torch.device("cpu")).items():

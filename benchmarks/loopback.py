@@ -27,7 +27,7 @@ benchmarks.common layout (meta: commit, versions, device, host).
 
     python benchmarks/loopback.py --device cpu --size 256 --browser         # 2-core CPU
     python benchmarks/loopback.py --device cuda --size 512                  # GPU machine
-    python benchmarks/loopback.py --pipeline tests.fake_pipeline ...        # streaming cost alone
+    python benchmarks/loopback.py --pipeline tests.fake_pipeline:build_pipeline ...        # streaming cost alone
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from models.runinfo import run_metadata  # noqa: E402
 from telepresence.stream.capture import open_source  # noqa: E402
 from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
 from telepresence.stream.renderloop import PIPELINE_STAGES  # noqa: E402
-from telepresence.stream.sender import Sender, SenderConfig, load_pipeline, parse_refiner  # noqa: E402
+from telepresence.pipeline import PipelineConfig, open_pipeline  # noqa: E402
+from telepresence.stream.sender import Sender, SenderConfig  # noqa: E402
 from telepresence.stream.viewer import Viewer  # noqa: E402
 
 VIEWER_YAWS_DEG = (-24.0, 24.0, -8.0, 8.0, -32.0, 32.0, -16.0, 16.0)
@@ -140,7 +141,7 @@ async def viewer_child(args: argparse.Namespace) -> int:
     return 0
 
 
-async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
+async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> dict[str, Any]:
     """Sender + receiver here, the N viewers in a child process joining through signaling."""
     from telepresence.stream.receiver import Receiver, ReceiverConfig
 
@@ -148,10 +149,10 @@ async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: A
     receiver = Receiver(ReceiverConfig(port=0, room=room, web_dir=Path(__file__).resolve().parents[1] / "web"))
     await receiver.start()
     config = SenderConfig(
-        signaling_url=receiver.signaling_url, room=room, source=args.source, device=args.device, size=args.size,
-        codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
+        signaling_url=receiver.signaling_url, room=room, source=args.source,
+        codec=args.codec, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
+    sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     signaling = asyncio.ensure_future(sender.run_signaling())
     child = await asyncio.create_subprocess_exec(
@@ -203,12 +204,11 @@ async def sample_loop(sender: Sender, seconds: float, stage_samples: list, sende
         sender_fps.append(sender.render_loop.clock.summary()[0])
 
 
-async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
+async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> dict[str, Any]:
     config = SenderConfig(
-        source=args.source, device=args.device, size=args.size, codec=args.codec,
-        pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
+        source=args.source, codec=args.codec, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
+    sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     viewers: list[Viewer] = []
     stage_samples: list[dict[str, float]] = []
@@ -278,7 +278,7 @@ BROWSER_PROBE_JS = """async (seconds) => {
 }"""
 
 
-async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: type) -> dict[str, Any]:
+async def run_browser_case(args: argparse.Namespace, pipeline: Any) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
     from telepresence.stream.receiver import Receiver, ReceiverConfig
@@ -286,10 +286,10 @@ async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: t
     receiver = Receiver(ReceiverConfig(port=0, web_dir=Path(__file__).resolve().parents[1] / "web"))
     await receiver.start()
     config = SenderConfig(
-        signaling_url=receiver.signaling_url, source=args.source, device=args.device, size=args.size,
-        codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True,
+        signaling_url=receiver.signaling_url, source=args.source,
+        codec=args.codec, stamp_frames=True,
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
+    sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     signaling = asyncio.ensure_future(sender.run_signaling())
     stage_samples: list[dict[str, float]] = []
@@ -339,7 +339,8 @@ def main() -> int:
     parser.add_argument("--source-fps", type=float, default=None,
                         help="pace the source at this rate (the sample clip is 25 fps; a webcam is usually 30)")
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
-    parser.add_argument("--pipeline", default="telepresence.pipeline", help="module with Pipeline/PipelineConfig/ViewPose")
+    parser.add_argument("--pipeline", default=None,
+                        help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
     parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
@@ -356,22 +357,22 @@ def main() -> int:
         return asyncio.run(viewer_child(args))
 
     try:
-        pipeline, view_pose = load_pipeline(
-            SenderConfig(device=args.device, size=args.size, pipeline_module=args.pipeline,
-                         refiner=parse_refiner(args.refiner))
+        pipeline = open_pipeline(
+            PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner),
+            factory=args.pipeline,
         )
     except Exception as error:
-        print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline)", file=sys.stderr)
+        print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline:build_pipeline)", file=sys.stderr)
         return 1
 
     results = []
     for n in args.viewers:
         print(f"running {n} viewer(s): {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         case = run_case_process if args.viewers_in == "process" else run_case
-        results.append(asyncio.run(case(args, n, pipeline, view_pose)))
+        results.append(asyncio.run(case(args, n, pipeline)))
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
-        results.append(asyncio.run(run_browser_case(args, pipeline, view_pose)))
+        results.append(asyncio.run(run_browser_case(args, pipeline)))
 
     config = {k: v for k, v in vars(args).items() if k != "out"}
     out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"

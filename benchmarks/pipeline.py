@@ -132,9 +132,9 @@ def _view_poses(n: int) -> list[Any]:
 
 
 def _default_pipeline(config: BenchConfig) -> Any:
-    from telepresence.pipeline import Pipeline, PipelineConfig
+    from telepresence.pipeline import PipelineConfig, open_pipeline
 
-    return Pipeline(PipelineConfig(device=config.device, size=config.size, refiner=config.refiner))
+    return open_pipeline(PipelineConfig(device=config.device, size=config.size, refiner=config.refiner))
 
 
 def run_benchmark(
@@ -317,9 +317,11 @@ def main(argv: Sequence[str] | None = None, pipeline_factory: Callable[[BenchCon
         except (ValueError, BenchSetupError, FaceAnalysisError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        from telepresence.pipeline import PipelineUnavailableError
+
         try:
             doc = run_benchmark(config, frames, pipeline_factory=pipeline_factory, progress=not args.quiet)
-        except ImportError as exc:
+        except (ImportError, PipelineUnavailableError) as exc:
             print(f"error: the pipeline (telepresence.pipeline) is not available: {exc}", file=sys.stderr)
             return 2
         out = write_json(args.out or f"bench-{args.device}-{args.size}.json", doc)

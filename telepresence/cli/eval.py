@@ -162,5 +162,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+main = eval_main  # the dispatcher's entry (telepresence.cli)
+
+
 if __name__ == "__main__":
     sys.exit(eval_main())
