@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; on a CUDA machine use e.g. `make TORCH=torch demo`.
 TORCH ?= torch==2.13.0
+# Options for the demo, e.g. `make demo ARGS="--port 9000"` (see `.venv/bin/telepresence demo --help`).
+ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/telepresence demo
+	$(BIN)/telepresence demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,7 +2,7 @@
 
 import sys
 
-from telepresence.stream.receiver import main
+from telepresence.cli.receive import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from telepresence.stream.sender import main
+from telepresence.cli.send import main
 
 if __name__ == "__main__":
     sys.exit(main())

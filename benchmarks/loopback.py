@@ -21,26 +21,21 @@ by an in-process receiver) and reads the stamp from each presented frame in
 a requestVideoFrameCallback, against the frame's expected display time: the
 glass-to-glass figure a user sees, on this host.
 
-Warm-up frames are discarded; median and p90 over all viewers' frames are
-reported, with the sender's per-stage milliseconds and the environment
-(commit, versions, device) in a JSON file.
+Warm-up frames are discarded; latency statistics (benchmarks.common.timing_stats) over all
+viewers' frames are reported, with the sender's per-stage milliseconds, in a JSON file of the
+benchmarks.common layout (meta: commit, versions, device, host).
 
     python benchmarks/loopback.py --device cpu --size 256 --browser         # 2-core CPU
     python benchmarks/loopback.py --device cuda --size 512                  # GPU machine
-    python benchmarks/loopback.py --pipeline tests.fake_pipeline ...        # streaming cost alone
+    python benchmarks/loopback.py --pipeline tests.fake_pipeline:build_pipeline ...        # streaming cost alone
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import importlib
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -49,10 +44,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as `python benchmarks/loopback.py`
 
+from benchmarks.common import document, timing_stats, write_json  # noqa: E402
+from models.runinfo import run_metadata  # noqa: E402
 from telepresence.stream.capture import open_source  # noqa: E402
 from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
 from telepresence.stream.renderloop import PIPELINE_STAGES  # noqa: E402
-from telepresence.stream.sender import Sender, SenderConfig, load_pipeline, parse_refiner  # noqa: E402
+from telepresence.pipeline import PipelineConfig, open_pipeline  # noqa: E402
+from telepresence.stream.sender import Sender, SenderConfig  # noqa: E402
 from telepresence.stream.viewer import Viewer  # noqa: E402
 
 VIEWER_YAWS_DEG = (-24.0, 24.0, -8.0, 8.0, -32.0, 32.0, -16.0, 16.0)
@@ -100,19 +98,12 @@ def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
     return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
 
 
-def percentiles(values: list[float]) -> dict[str, Optional[float]]:
-    if not values:
-        return {"median": None, "p90": None, "n": 0}
-    p50, p90 = np.percentile(values, [50, 90])
-    return {"median": round(float(p50), 1), "p90": round(float(p90), 1), "n": len(values)}
-
-
 def viewer_summary(recorders: list["FrameRecorder"]) -> dict[str, Any]:
     """What the viewers measured: fps per viewer, latencies, frames, unreadable stamps."""
     fps_per_viewer = [r.fps() for r in recorders]
     return {
         "fps_per_viewer": {"median": round(float(np.median(fps_per_viewer)), 1), "min": round(min(fps_per_viewer), 1)},
-        "latency_ms": percentiles([ms for r in recorders for ms in r.latencies_ms]),
+        "latency_ms": timing_stats([ms for r in recorders for ms in r.latencies_ms]),
         "stamps_unreadable": sum(r.unreadable for r in recorders),
         "frames": sum(len(r.arrivals) for r in recorders),
     }
@@ -150,7 +141,7 @@ async def viewer_child(args: argparse.Namespace) -> int:
     return 0
 
 
-async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
+async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> dict[str, Any]:
     """Sender + receiver here, the N viewers in a child process joining through signaling."""
     from telepresence.stream.receiver import Receiver, ReceiverConfig
 
@@ -158,10 +149,10 @@ async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: A
     receiver = Receiver(ReceiverConfig(port=0, room=room, web_dir=Path(__file__).resolve().parents[1] / "web"))
     await receiver.start()
     config = SenderConfig(
-        signaling_url=receiver.signaling_url, room=room, source=args.source, device=args.device, size=args.size,
-        codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
+        signaling_url=receiver.signaling_url, room=room, source=args.source,
+        codec=args.codec, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
+    sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     signaling = asyncio.ensure_future(sender.run_signaling())
     child = await asyncio.create_subprocess_exec(
@@ -213,12 +204,11 @@ async def sample_loop(sender: Sender, seconds: float, stage_samples: list, sende
         sender_fps.append(sender.render_loop.clock.summary()[0])
 
 
-async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any, view_pose: type) -> dict[str, Any]:
+async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> dict[str, Any]:
     config = SenderConfig(
-        source=args.source, device=args.device, size=args.size, codec=args.codec,
-        pipeline_module=args.pipeline, stamp_frames=True, max_viewers=max(8, n_viewers),
+        source=args.source, codec=args.codec, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
+    sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     viewers: list[Viewer] = []
     stage_samples: list[dict[str, float]] = []
@@ -288,7 +278,7 @@ BROWSER_PROBE_JS = """async (seconds) => {
 }"""
 
 
-async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: type) -> dict[str, Any]:
+async def run_browser_case(args: argparse.Namespace, pipeline: Any) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
     from telepresence.stream.receiver import Receiver, ReceiverConfig
@@ -296,10 +286,10 @@ async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: t
     receiver = Receiver(ReceiverConfig(port=0, web_dir=Path(__file__).resolve().parents[1] / "web"))
     await receiver.start()
     config = SenderConfig(
-        signaling_url=receiver.signaling_url, source=args.source, device=args.device, size=args.size,
-        codec=args.codec, pipeline_module=args.pipeline, stamp_frames=True,
+        signaling_url=receiver.signaling_url, source=args.source,
+        codec=args.codec, stamp_frames=True,
     )
-    sender = Sender(config, pipeline=pipeline, view_pose=view_pose, source=open_source(args.source, args.source_fps))
+    sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     signaling = asyncio.ensure_future(sender.run_signaling())
     stage_samples: list[dict[str, float]] = []
@@ -330,49 +320,12 @@ async def run_browser_case(args: argparse.Namespace, pipeline: Any, view_pose: t
         "viewers": 1,
         "receiver": "chromium",
         "fps_per_viewer": {"median": round(fps, 1), "min": round(fps, 1)},
-        "latency_ms": percentiles(measured["latencies"]),
+        "latency_ms": timing_stats(measured["latencies"]),
         "sender_fps_median": None,
         "stages_ms_median": median_stages(stage_samples),
         "stamps_unreadable": measured["unreadable"],
         "frames": len(presented),
     }
-
-
-def git_commit() -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip())
-        return {"commit": commit, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def versions() -> dict[str, Optional[str]]:
-    out: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "aiortc", "av", "websockets", "cv2", "mediapipe", "diffusers"):
-        try:
-            out[name] = getattr(importlib.import_module(name), "__version__", "?")
-        except ImportError:
-            out[name] = None
-    return out
-
-
-def device_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        info["cpu"] = platform.processor() or None
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        except Exception as error:  # report, do not fail the benchmark over metadata
-            info["gpu"] = f"unknown ({error})"
-    return info
 
 
 def main() -> int:
@@ -386,7 +339,8 @@ def main() -> int:
     parser.add_argument("--source-fps", type=float, default=None,
                         help="pace the source at this rate (the sample clip is 25 fps; a webcam is usually 30)")
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
-    parser.add_argument("--pipeline", default="telepresence.pipeline", help="module with Pipeline/PipelineConfig/ViewPose")
+    parser.add_argument("--pipeline", default=None,
+                        help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
     parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
@@ -403,35 +357,26 @@ def main() -> int:
         return asyncio.run(viewer_child(args))
 
     try:
-        pipeline, view_pose = load_pipeline(
-            SenderConfig(device=args.device, size=args.size, pipeline_module=args.pipeline,
-                         refiner=parse_refiner(args.refiner))
+        pipeline = open_pipeline(
+            PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner),
+            factory=args.pipeline,
         )
     except Exception as error:
-        print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline)", file=sys.stderr)
+        print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline:build_pipeline)", file=sys.stderr)
         return 1
 
     results = []
     for n in args.viewers:
         print(f"running {n} viewer(s): {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         case = run_case_process if args.viewers_in == "process" else run_case
-        results.append(asyncio.run(case(args, n, pipeline, view_pose)))
+        results.append(asyncio.run(case(args, n, pipeline)))
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
-        results.append(asyncio.run(run_browser_case(args, pipeline, view_pose)))
+        results.append(asyncio.run(run_browser_case(args, pipeline)))
 
-    report = {
-        "benchmark": "loopback",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **git_commit(),
-        "versions": versions(),
-        "device": device_info(args.device),
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": results,
-    }
+    config = {k: v for k, v in vars(args).items() if k != "out"}
     out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, document(run_metadata(args.device, benchmark="loopback"), config, results))
 
     print(f"\nloopback, {args.pipeline}, {args.device}, {args.size}x{args.size}, {args.codec}")
     print(f"{'receiver':>20} {'viewers':>7} {'fps/viewer':>11} {'latency med':>12} {'p90':>8}  stages ms (median)")

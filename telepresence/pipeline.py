@@ -1,13 +1,17 @@
-"""Per-frame pipeline: face analysis -> avatar -> renders at every viewer's pose ->
-ONE refiner call over all views. Synchronous and network-free; the streaming
-code runs it on one worker thread and keeps only the newest frame and poses.
+"""The per-frame pipeline and its contract with the streaming code: face analysis ->
+avatar -> renders at every viewer's pose -> ONE refiner call over all views.
+
+Synchronous and network-free: telepresence.stream runs any :class:`FramePipeline`
+on its worker threads and keeps only the newest frame and poses. This module owns
+the output size (one check, one default per device).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -17,10 +21,27 @@ from models.face.analysis import FaceAnalyzer, FaceConfig, NoFaceError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ViewPose", "PipelineConfig", "Analysis", "FrameResult", "Pipeline"]
+__all__ = [
+    "ViewPose", "PipelineConfig", "Analysis", "FrameResult", "FramePipeline", "Pipeline", "PipelineUnavailableError",
+    "default_size", "open_pipeline", "STATUS_OK", "STATUS_FACE_LOST", "STATUS_NO_FACE_YET",
+]
 
 # One viewer's camera request is an orbit pose (yaw, pitch, dist_scale, ...).
 ViewPose = OrbitPose
+
+STATUS_OK = "ok"
+STATUS_FACE_LOST = "face_lost"
+STATUS_NO_FACE_YET = "no_face_yet"
+SIZE_MIN, SIZE_MAX = 64, 2048
+
+
+def default_size(device: str) -> int:
+    """Views' side in pixels when none is asked for: 512 on CUDA, 256 on the CPU (4x fewer pixels)."""
+    return 512 if str(device).startswith("cuda") else 256
+
+
+class PipelineUnavailableError(RuntimeError):
+    """The pipeline could not be built (no CUDA, weights unreadable, a test double missing)."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +50,8 @@ class PipelineConfig:
 
     device: str = "cpu"
     """Torch device for avatar, renders and refiner ("cpu", "cuda", "cuda:1")."""
-    size: int = 256
-    """Views are size x size pixels."""
+    size: int | None = None
+    """Views are size x size pixels, a multiple of 8 in [64, 2048]; None: default_size(device)."""
     refiner: str | None = "default"
     """Refiner weights folder, "default" (shipped weights) or None (raw avatar renders)."""
     background: str = "remove"
@@ -46,8 +67,11 @@ class PipelineConfig:
     frame with a face (about 0.4 s each), so a viewer joining later does not stall the others."""
 
     def __post_init__(self) -> None:
-        if not 64 <= self.size <= 2048 or self.size % 8:
-            raise ValueError(f"expected size a multiple of 8 in [64, 2048], got {self.size}")
+        if self.size is None:
+            object.__setattr__(self, "size", default_size(self.device))
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not SIZE_MIN <= self.size <= SIZE_MAX \
+                or self.size % 8:
+            raise ValueError(f"size: expected a multiple of 8 in [{SIZE_MIN}, {SIZE_MAX}], got {self.size}")
         if not 0.0 < self.crop_follow <= 1.0:
             raise ValueError(f"expected crop_follow in (0, 1], got {self.crop_follow}")
         if self.warm_views < 0:
@@ -66,8 +90,46 @@ class Analysis:
 class FrameResult:
     views: list[np.ndarray]  # one RGB uint8 [S, S, 3] per requested pose, same order
     face_found: bool  # False: this frame had no face (views come from the last good avatar)
-    status: str  # "ok" | "face_lost" | "no_face_yet"
+    status: str  # STATUS_OK | STATUS_FACE_LOST | STATUS_NO_FACE_YET
     timings_ms: dict[str, float] = field(default_factory=dict)  # landmarks, avatar, render, refine
+
+
+@runtime_checkable
+class FramePipeline(Protocol):
+    """What the streaming code runs (telepresence.stream.renderloop): :class:`Pipeline`, or a test double.
+
+    analyze() may run on its own thread, one frame ahead of process() (CPU work overlapping device work).
+    """
+
+    size: int
+    """Side of every view, pixels."""
+    refiner_name: str | None
+    """What refines the views (shown to viewers), None: raw avatar renders."""
+
+    def analyze(self, frame_rgb: np.ndarray) -> Analysis:
+        """Face analysis of one frame: RGB uint8 [H, W, 3]."""
+
+    def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Analysis | None = None) -> FrameResult:
+        """One RGB uint8 [size, size, 3] view of the frame's person per pose."""
+
+    def close(self) -> None:
+        """Free what the pipeline holds (threads, device memory)."""
+
+
+def open_pipeline(config: PipelineConfig, factory: str | None = None) -> FramePipeline:
+    """Pipeline(config); or, for tests and for benchmarks of the streaming path alone, the pipeline
+    made by ``factory`` ("module:function", called with the config)."""
+    if factory is None:
+        try:
+            return Pipeline(config)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise PipelineUnavailableError(str(error)) from error
+    module_name, _, function = factory.partition(":")
+    try:
+        make = getattr(importlib.import_module(module_name), function or "build_pipeline")
+    except (ImportError, AttributeError) as error:
+        raise PipelineUnavailableError(f"cannot load the pipeline factory {factory!r}: {error}") from error
+    return make(config)
 
 
 class Pipeline:
@@ -87,6 +149,8 @@ class Pipeline:
         # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size)
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True)
+        self.size: int = config.size
+        self.refiner_name: str | None = None if self.refiner is None else str(config.refiner)
         self._avatar = None
         self._reference: torch.Tensor | None = None  # the refiner's reference view of the current avatar
         self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
@@ -140,7 +204,7 @@ class Pipeline:
             timings["avatar"] = (time.perf_counter() - t0) * 1000.0
             if not self._warm:
                 self._warm_up()
-        status = "ok" if found else ("face_lost" if self._avatar is not None else "no_face_yet")
+        status = STATUS_OK if found else (STATUS_FACE_LOST if self._avatar is not None else STATUS_NO_FACE_YET)
         if not poses:
             return FrameResult([], found, status, timings)
         if self._avatar is None:

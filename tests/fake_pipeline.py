@@ -1,4 +1,4 @@
-"""Test double for telepresence.pipeline (the lead's module): same names, cheap, pose-dependent.
+"""A cheap, pose-dependent FramePipeline (telepresence.pipeline) for streaming tests and benchmarks.
 
 Each view is the input frame, resized to S x S, shifted by the camera orbit
 (yaw moves the picture sideways, pitch up/down, dist scales it) with a red
@@ -6,63 +6,69 @@ marker whose position encodes the pose, so tests can see a pose change in
 the decoded video. A frame darker than `dark_level` counts as "no face":
 views then come from the last good frame (status "face_lost"), or a grey
 placeholder before any (status "no_face_yet").
+
+    telepresence send --pipeline tests.fake_pipeline:build_pipeline ...   (hidden flag, tests only)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
 from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 
-
-@dataclass(frozen=True)
-class ViewPose:
-    yaw_deg: float = 0.0
-    pitch_deg: float = 0.0
-    dist_scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    device: str = "cpu"
-    size: int = 256
-    refiner: Optional[str] = "default"
+from models.geometry.camera import OrbitPose
+from telepresence.pipeline import (
+    STATUS_FACE_LOST,
+    STATUS_NO_FACE_YET,
+    STATUS_OK,
+    Analysis,
+    FrameResult,
+    PipelineConfig,
+)
 
 
-@dataclass
-class FrameResult:
-    views: list[np.ndarray]
-    face_found: bool
-    status: str
-    timings_ms: dict[str, float] = field(default_factory=dict)
+def build_pipeline(config: PipelineConfig) -> "Pipeline":
+    return Pipeline(config)
 
 
 class Pipeline:
     dark_level = 8.0
+    refiner_name: Optional[str] = None
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig = PipelineConfig()) -> None:
         self.config = config
-        self.size = config.size
+        self.size: int = config.size
         self._last: Optional[np.ndarray] = None
         self.calls = 0
         self.view_counts: list[int] = []
+        self.closed = False
 
-    def process(self, frame_rgb: np.ndarray, poses: Sequence[ViewPose]) -> FrameResult:
+    def analyze(self, frame_rgb: np.ndarray) -> Analysis:
+        t0 = time.perf_counter()
+        face = float(frame_rgb.mean()) > self.dark_level
+        return Analysis(True if face else None, (time.perf_counter() - t0) * 1e3)
+
+    def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Optional[Analysis] = None) -> FrameResult:
         self.calls += 1
         self.view_counts.append(len(poses))
-        face = float(frame_rgb.mean()) > self.dark_level
+        if analysis is None:
+            analysis = self.analyze(frame_rgb)
+        face = analysis.observation is not None
         if face:
             self._last = cv2.resize(frame_rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
-            status = "ok"
+            status = STATUS_OK
         else:
-            status = "face_lost" if self._last is not None else "no_face_yet"
+            status = STATUS_FACE_LOST if self._last is not None else STATUS_NO_FACE_YET
         base = self._last if self._last is not None else np.full((self.size, self.size, 3), 96, np.uint8)
         views = [self._view(base, pose) for pose in poses]
-        return FrameResult(views, face, status, {"landmarks": 0.1, "avatar": 0.1, "render": 0.2, "refine": 0.3})
+        return FrameResult(views, face, status, {"landmarks": analysis.landmarks_ms, "avatar": 0.1, "render": 0.2, "refine": 0.3})
 
-    def _view(self, base: np.ndarray, pose: ViewPose) -> np.ndarray:
+    def close(self) -> None:
+        self.closed = True
+
+    def _view(self, base: np.ndarray, pose: OrbitPose) -> np.ndarray:
         s = self.size
         dx = -pose.yaw_deg / 100.0 * s  # camera to the right: the head moves left in the picture
         dy = pose.pitch_deg / 100.0 * s

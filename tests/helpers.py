@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 
 from telepresence.stream.capture import FrameSource, SampleSource
+from telepresence.pipeline import PipelineConfig
 from telepresence.stream.sender import Sender, SenderConfig
 from tests import fake_pipeline
 
@@ -61,12 +62,10 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 @contextlib.asynccontextmanager
 async def running_sender(source: FrameSource | None = None, **config: Any) -> AsyncIterator[Sender]:
-    """A started in-process Sender with the fake pipeline (size 256 unless given)."""
-    config.setdefault("size", 256)
-    sender_config = SenderConfig(**config)
-    pipeline = fake_pipeline.Pipeline(fake_pipeline.PipelineConfig(size=sender_config.resolved_size))
-    sender = Sender(sender_config, pipeline=pipeline, view_pose=fake_pipeline.ViewPose,
-                    source=source if source is not None else SampleSource())
+    """A started in-process Sender with the fake pipeline (views of `size`=256 px unless given)."""
+    size = config.pop("size", 256)
+    pipeline = fake_pipeline.Pipeline(PipelineConfig(size=size))
+    sender = Sender(SenderConfig(**config), pipeline, source=source if source is not None else SampleSource())
     await sender.start()
     try:
         yield sender

@@ -18,12 +18,7 @@ const ANSWER_TIMEOUT_MS = 15000;
 const OFFLINE_TILE_MS = 30000;     // a departed sender's tile waits this long for it to come back
 const DEFAULT_LIMITS = { yaw: 40, pitch: 25, distMin: 0.6, distMax: 1.6 };
 
-const STATUS_TEXT = {
-  starting: "Sender is starting its pipeline…",
-  no_face_yet: "No face yet — waiting for the sender to look at the camera",
-  face_lost: "Face lost — showing the last good avatar",
-  error: "The sender's pipeline reported an error",
-};
+// What each sender status means is said by the sender itself (its `status` messages carry the text).
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const clamp = (x, lo, hi) => Math.min(hi, Math.max(lo, x));
@@ -155,6 +150,7 @@ class Tile {
     this.seq = 0;
     this.poseDirty = true;
     this.senderStatus = null;
+    this.statusTexts = {};  // status -> the text the sender sent with it
     this.lastMessageAt = 0;
     this.pingRttMs = null;
     this.prevStats = null;
@@ -243,6 +239,7 @@ class Tile {
         if (Number.isFinite(message.t)) this.pingRttMs = performance.now() - message.t;
         break;
       case "status":
+        if (typeof message.message === "string") this.statusTexts[message.status] = message.message;
         this.setSenderStatus(message.status);
         break;
       case "stats":
@@ -336,7 +333,7 @@ class Tile {
 
   setSenderStatus(status) {
     this.senderStatus = status;
-    const text = STATUS_TEXT[status];
+    const text = this.statusTexts[status] || "";
     this.element.dataset.sender = status || "";
     if (this.state === "live" || this.state === "degraded") {
       if (text) this.setState("degraded", text);

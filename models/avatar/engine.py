@@ -7,12 +7,12 @@ render can each be captured once as a CUDA graph and replayed per frame, which
 leaves the host a few numbers to prepare and two replays to launch.
 
 Fixed shapes come from two changes against the eager path (same maths, same
-pictures, see tests/models/test_engine.py):
+pictures, see tests/models/avatar/test_engine.py):
 
 - the rasterizer works through a fixed number of candidate pixels
   (``capacity``) and resolves every pixel instead of the covered ones, so it
   never asks the device how many there are;
-- texture sizes come in powers of two of the picture size (``_Plan``), so they
+- texture sizes come in powers of two of the picture size (``BuildPlan``), so they
   change only when the framing changes a lot; a new plan is a new capture.
 
 Each replay reports how many raster candidates it needed. The render checks
@@ -30,7 +30,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from models.avatar.core import Avatar, AvatarConfig, RenderOutput, _build_on_device, _HostInputs, _Plan, _prepare, render_cameras
+from models.avatar.build import build_on_device
+from models.avatar.plan import BuildInputs, BuildPlan, prepare_build
+from models.avatar.render import render_cameras
+from models.avatar.types import Avatar, AvatarConfig, RenderOutput
 from models.geometry.camera import OrbitPose
 from models.face.analysis import FaceObservation
 
@@ -141,18 +144,18 @@ class AvatarEngine:
         self.avatar: Avatar | None = None
         self.captures = 0  # graphs captured so far (a steady stream captures a handful)
         self.fell_back = False  # a capture failed: eager from then on
-        self._plan: _Plan | None = None
-        self._inputs: _HostInputs | None = None
-        self._builds: OrderedDict[_Plan, _Graph] = OrderedDict()
-        self._renders: dict[tuple[_Plan, int], _Graph] = {}
-        self._build_capacity: dict[_Plan, int] = {}
-        self._render_capacity: dict[tuple[_Plan, int], int] = {}
+        self._plan: BuildPlan | None = None
+        self._inputs: BuildInputs | None = None
+        self._builds: OrderedDict[BuildPlan, _Graph] = OrderedDict()
+        self._renders: dict[tuple[BuildPlan, int], _Graph] = {}
+        self._build_capacity: dict[BuildPlan, int] = {}
+        self._render_capacity: dict[tuple[BuildPlan, int], int] = {}
 
     # -- build --
 
     def build(self, image: np.ndarray, obs: FaceObservation, crop: tuple[float, float, float] | None = None) -> Avatar:
         """The avatar of the face in ``image`` (RGB uint8 [H, W, 3]); becomes :attr:`avatar`."""
-        inputs = _prepare(image, obs, self.config, None, crop, self.render_size)
+        inputs = prepare_build(image, obs, self.config, None, crop, self.render_size)
         avatar = None
         if self.fixed_shapes:
             try:
@@ -160,21 +163,21 @@ class AvatarEngine:
             except _Fallback:
                 pass
         if avatar is None:
-            avatar = _build_on_device(inputs.plan, inputs.tensors(self.device), self.device)
+            avatar = build_on_device(inputs.plan, inputs.tensors(self.device), self.device)
         avatar = dataclasses.replace(avatar, host=inputs.host)
         self.avatar, self._plan, self._inputs = avatar, inputs.plan, inputs
         return avatar
 
-    def _replay_build(self, inputs: _HostInputs) -> Avatar:
+    def _replay_build(self, inputs: BuildInputs) -> Avatar:
         plan = inputs.plan
         graph = self._builds.get(plan)
         if graph is None:
             if plan not in self._build_capacity:
-                first = _build_on_device(plan, inputs.tensors(self.device), self.device)  # exact: sizes the raster
+                first = build_on_device(plan, inputs.tensors(self.device), self.device)  # exact: sizes the raster
                 self._build_capacity[plan] = _round_up(max(_HEADROOM * int(first.needed), _BUILD_PER_PIXEL * plan.vis_size**2))
             capacity = self._build_capacity[plan]
             log.info("capturing the avatar build for %s (raster capacity %d)", _describe(plan), capacity)
-            graph = self._new_graph(lambda t: _build_on_device(plan, t, self.device, capacity),
+            graph = self._new_graph(lambda t: build_on_device(plan, t, self.device, capacity),
                                     inputs.tensors(self.device))
             self._builds[plan] = graph
             while len(self._builds) > self.max_plans:
@@ -235,10 +238,10 @@ class AvatarEngine:
         self._builds.clear()
         self._renders.clear()
         if self._inputs is not None:  # the current avatar may come from a half-grown graph: make it again
-            avatar = _build_on_device(self._plan, self._inputs.tensors(self.device), self.device)
+            avatar = build_on_device(self._plan, self._inputs.tensors(self.device), self.device)
             self.avatar = dataclasses.replace(avatar, host=self._inputs.host)
 
-    def _drop_renders(self, plan: _Plan) -> None:
+    def _drop_renders(self, plan: BuildPlan) -> None:
         """Forget the render graphs that read the outputs of this plan's build graph."""
         for key in [k for k in self._renders if k[0] == plan]:
             del self._renders[key]
@@ -284,6 +287,6 @@ def _end_aborted_capture(device: torch.device) -> None:
         log.warning("the CUDA random generator may be unusable after the failed capture: %s", error)
 
 
-def _describe(plan: _Plan) -> str:
+def _describe(plan: BuildPlan) -> str:
     H, W = plan.image_size
     return f"{W}x{H} pictures, texture {plan.tex_size or 'full'}, fill {plan.fill_size or 'texture'}"

@@ -22,6 +22,7 @@ import numpy as np
 
 from models.face.analysis import NUM_MESH_VERTICES, FaceAnalyzer, NoFaceError
 from models.face.identity import MissingEvalExtraError  # raised by the harness's identity metric; the eval CLI catches it from here
+from models.pictures import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ __all__ = [
     "optical_flow",
     "warp_error",
     "temporal_flicker",
-    "to_uint8",
 ]
 
 PSNR_MAX_DB = 100.0
@@ -129,13 +129,6 @@ def masked_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = 
     smap = ssim_map(pred, target)
     w = _weights(mask, pred.shape)
     return float((w * smap).sum() / w.sum())
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float [H, W, 3] in [0, 1] -> uint8 [H, W, 3] (rounded); uint8 passes through."""
-    if image.dtype == np.uint8:
-        return image
-    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- landmarks

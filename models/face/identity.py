@@ -34,6 +34,7 @@ from torch import Tensor
 
 from models.face.analysis import NUM_MESH_VERTICES, NoFaceError
 from models.face.identity_net import CHIP_SIZE, FaceRecognitionNet
+from models.pictures import to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ def _to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an image [3, H, W], got {tuple(image.shape)}")
-        image = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        image = to_rgb_uint8(image)
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {getattr(image, 'shape', None)} "
                          f"{getattr(image, 'dtype', type(image).__name__)}")

@@ -37,6 +37,7 @@ import torch
 from models.avatar import Avatar, AvatarConfig, build_avatar, crop_box, render_cameras, render_views
 from models.geometry.camera import OrbitPose, orbit_viewmats, rotation_to_euler_deg
 from models.face.analysis import FaceObservation, HeadPose, head_region_mask
+from models.pictures import to_rgb_uint8, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,6 @@ def synthetic_observation(
     )
 
 
-def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
-    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
 def _composite(picture: torch.Tensor, alpha: torch.Tensor, bg: Sequence[float]) -> torch.Tensor:
     bgt = torch.tensor(bg, device=picture.device, dtype=picture.dtype)[:, None, None]
     return picture * alpha + bgt * (1 - alpha)
@@ -141,7 +138,7 @@ def stage1_sample(
     f = float(K_A[0, 0])
     K_c = torch.tensor([[f, 0, S / 2.0], [0, f, S / 2.0], [0, 0, 1.0]], device=A.device)
     shot = render_cameras(A, vm[None], K_c[None], S)
-    x_p = _to_uint8(shot.rgb[0])
+    x_p = to_rgb_uint8(shot.rgb[0])
     obs_p = synthetic_observation(obs, vm.cpu().numpy(), f, S, shot.alpha[0, 0].cpu().numpy())
     B = build_avatar(x_p, obs_p, config.avatar, device=device, render_size=S)
     back = torch.linalg.inv(vm)  # B's world is P's camera frame; x's camera there
@@ -210,8 +207,7 @@ def _pack(samples: list[dict]) -> dict[str, np.ndarray]:
     """Stack samples into uint8 arrays [N, V, C, S, S] (ref: [N, C, S, S])."""
     out = {}
     for key in SAMPLE_KEYS:
-        arr = torch.stack([s[key] for s in samples]).clamp(0, 1)
-        out[key] = (arr * 255 + 0.5).to(torch.uint8).numpy()
+        out[key] = to_uint8(torch.stack([s[key] for s in samples])).numpy()
     return out
 
 
@@ -305,66 +301,6 @@ def plan_tasks(
     return tasks
 
 
-# ----------------------------------------------------------------------------- command line
-
 VALIDATION_CLIPS = ("lp_d3", "lp_d9", "lp_s29", "lp_s32")
 """Clips of ../shared/data/videos held out of training entirely (lp_s29 and lp_s32 may
 show the same person, so both are out)."""
-
-
-def pairs_main(argv: list[str] | None = None) -> int:
-    """`telepresence pairs`: make training pairs from indexed clips into .safetensors files."""
-    import argparse
-    import time
-    from pathlib import Path
-
-    p = argparse.ArgumentParser(
-        prog="telepresence pairs",
-        description="Make stage-1 (synthetic) and stage-2 (real) training pairs from clips indexed with "
-        "models.evaluation.clips (landmarks, poses, masks; MediaPipe is not needed here).",
-    )
-    p.add_argument("--index", type=Path, required=True, help="folder of <clip>.npz clip indexes")
-    p.add_argument("--videos", type=Path, required=True, help="folder of the <clip>.mp4 videos")
-    p.add_argument("--val-clips", nargs="*", default=list(VALIDATION_CLIPS), help="clip names kept out of training")
-    p.add_argument("--stage1", type=int, default=2000, help="synthetic pairs (training clips)")
-    p.add_argument("--stage2", type=int, default=2000, help="real pairs (training clips)")
-    p.add_argument("--val", type=int, default=64, help="real pairs from the validation clips")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output folder (stage1/, stage2/, val/ .safetensors)")
-    args = p.parse_args(argv)
-    from models.training.data import TensorPairDataset
-
-    clips = []
-    for npz in sorted(args.index.glob("*.npz")):
-        video = args.videos / f"{npz.stem}.mp4"
-        if not video.exists():
-            p.error(f"no video {video} for the clip index {npz}")
-        clips.append((npz.stem, str(npz), str(video)))
-    if not clips:
-        p.error(f"no clip indexes (*.npz) in {args.index}")
-    unknown = [v for v in args.val_clips if v not in {c[0] for c in clips}]
-    if unknown:
-        p.error(f"validation clips not among the indexed clips: {unknown}")
-    train = [(i, v) for n, i, v in clips if n not in args.val_clips]
-    val = [(i, v) for n, i, v in clips if n in args.val_clips]
-    log.info("pairs: %d training clips, %d validation clips (%s)", len(train), len(val), ", ".join(args.val_clips))
-    config = PairConfig(size=args.size)
-    jobs = [("stage1", plan_tasks(train, 1, args.stage1, config, seed=args.seed)),
-            ("stage2", plan_tasks(train, 2, args.stage2, config, seed=args.seed + 1))]
-    if val and args.val:
-        # Validation pairs weigh the target's head region only: model selection then scores
-        # what `telepresence eval` scores (DESIGN.md section 7: head-turn clips move the head only).
-        val_config = replace(config, person_weight=0.0, background_weight=0.0)
-        jobs.append(("val", plan_tasks(val, 2, args.val, val_config, chunk=8, seed=args.seed + 2)))
-    for name, tasks in jobs:
-        if not tasks or sum(t.count for t in tasks) == 0:
-            continue
-        start = time.perf_counter()
-        arrays = generate_pairs(tasks, workers=args.workers)
-        data = TensorPairDataset(**{k: torch.from_numpy(v) for k, v in arrays.items()}, augment=False)
-        path = args.out / name / f"{name}.safetensors"
-        data.save(path)
-        print(f"{name}: {len(data)} pairs of {args.size}x{args.size} -> {path} ({time.perf_counter() - start:.0f} s)")
-    return 0

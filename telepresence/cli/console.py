@@ -1,29 +1,44 @@
-"""Process plumbing shared by the command-line entry points (receiver, sender, demo).
-
-Logging setup, and running one coroutine until it ends, Ctrl-C or SIGTERM,
-with the expected failures turned into one log line and an exit status.
+"""Process plumbing shared by every command: the one logging setup, and running one coroutine
+until it ends, Ctrl-C or SIGTERM, with the expected failures turned into one line and an exit status.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import signal
 from typing import Any, Coroutine
 
 logger = logging.getLogger("telepresence")
 
+PROJECT_LOGGERS = ("telepresence", "models", "benchmarks", "__main__")
+"""Loggers whose INFO lines a user sees by default; everything else speaks from WARNING, or with -v."""
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug lines, and the libraries' own (MediaPipe/TFLite, aiortc, warnings)")
+
 
 def configure_logging(verbose: bool = False) -> None:
-    """One line per event; aiortc/aioice/websockets only from WARNING unless verbose."""
+    """One line per event. By default only the project's own lines (INFO and up) and other libraries'
+    warnings; the native libraries' chatter (TFLite/absl `W0000` lines) and Python warnings are quiet."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if not verbose:
-        for noisy in ("aiortc", "aioice", "websockets"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:
+        return
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    # glog / TFLite inside MediaPipe read these before their first line (set before mediapipe is imported)
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 async def _cancel_on_sigterm(coro: Coroutine[Any, Any, Any]) -> Any:

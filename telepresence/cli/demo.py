@@ -1,78 +1,80 @@
-"""The loopback demo: receiver and sender (embedded sample by default) in one process.
-
-    python -m telepresence.cli.demo [--port 8080] [--source sample]   (the CLI wires `telepresence demo`)
-
-Prints the URL to open; Ctrl-C (or SIGTERM) stops both cleanly.
-"""
+"""`telepresence demo` (what `make demo` runs): receiver and sender in one process, on the
+embedded sample clip by default. Prints the URL to open; Ctrl-C (or SIGTERM) stops both cleanly."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import asyncio
 import logging
-from typing import Optional
 
+from telepresence.cli.console import add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.options import (
+    add_pipeline_arguments,
+    add_sender_arguments,
+    open_pipeline_from_args,
+    pipeline_config_from_args,
+    sender_config_from_args,
+)
+from telepresence.pipeline import PipelineUnavailableError
 from telepresence.stream.capture import SourceError
-from telepresence.cli.console import configure_logging, run_until_stopped
 from telepresence.stream.receiver import Receiver, ReceiverConfig, ReceiverError
-from telepresence.stream.sender import PipelineUnavailableError, Sender, SenderConfig, SignalingRejectedError, parse_refiner
+from telepresence.stream.sender import Sender
+from telepresence.stream.signaling_client import SignalingRejectedError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("telepresence")
 
 
-async def run(receiver_config: ReceiverConfig, sender_config: SenderConfig) -> None:
-    receiver = Receiver(receiver_config)
-    await receiver.start()
-    print(f"Demo running. Open {receiver.url}   (Ctrl-C to stop)", flush=True)
-    sender = Sender(
-        dataclasses.replace(
-            sender_config, signaling_url=receiver.signaling_url, room=receiver_config.room, token=receiver_config.token
-        )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="telepresence demo", description="Receiver + sender on this machine; open the printed URL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    try:
-        await sender.start()
-        await sender.run_signaling()
-    finally:
-        await sender.stop()
-        await receiver.stop()
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Receiver + sender on this machine; open the printed URL.")
     parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to let the LAN watch")
     parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
-    parser.add_argument("--room", default=ReceiverConfig.room)
+    parser.add_argument("--room", default=ReceiverConfig.room, help="room named in the URL")
     parser.add_argument("--token", default=None, help="require this token to join")
-    parser.add_argument("--source", default="sample", help="sample | webcam | INDEX | FILE.mp4 | IMAGE")
-    parser.add_argument("--device", default=SenderConfig.device, help="cuda | cpu")
-    parser.add_argument("--size", type=int, choices=(256, 512), default=None, help="default: 512 on cuda, 256 on cpu")
-    parser.add_argument("--refiner", default="default", help="PATH | default | none")
-    parser.add_argument("--pipeline", default=SenderConfig.pipeline_module, help=argparse.SUPPRESS)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--source", default="sample",
+                        help="sample (the embedded clip) | webcam | camera INDEX | FILE.mp4 | IMAGE")
+    parser.add_argument("--source-fps", type=float, default=None, help="play a file, image or the sample at this rate")
+    add_pipeline_arguments(parser)
+    add_sender_arguments(parser)
+    add_verbosity(parser)
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+async def _run(args: argparse.Namespace, receiver_config: ReceiverConfig) -> None:
+    pipeline_config = pipeline_config_from_args(args)
+    receiver = Receiver(receiver_config)
+    await receiver.start()
+    try:
+        logger.info("loading the pipeline (device %s, %d px)", pipeline_config.device, pipeline_config.size)
+        pipeline = await asyncio.get_running_loop().run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
+        try:
+            sender = Sender(sender_config_from_args(args, name="demo", signaling_url=receiver.signaling_url,
+                                                    room=receiver_config.room, token=receiver_config.token), pipeline)
+            print(f"Demo running. Open {receiver.url}   (Ctrl-C to stop)", flush=True)
+            await sender.start()
+            try:
+                await sender.run_signaling()
+            finally:
+                await sender.stop()
+        finally:
+            pipeline.close()
+    finally:
+        await receiver.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
         receiver_config = ReceiverConfig(host=args.host, port=args.port, room=args.room, token=args.token)
-        sender_config = SenderConfig(
-            name="demo",
-            source=args.source,
-            device=args.device,
-            size=args.size,
-            refiner=parse_refiner(args.refiner),
-            pipeline_module=args.pipeline,
-        )
+        sender_config_from_args(args, name="demo")
+        pipeline_config_from_args(args)
     except ValueError as error:
         logger.error("%s", error)
         return 2
     return run_until_stopped(
-        run(receiver_config, sender_config),
+        _run(args, receiver_config),
         expected=(ReceiverError, SourceError, PipelineUnavailableError, SignalingRejectedError),
     )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,11 @@
-"""`telepresence eval` and `telepresence bench`: argument parsing and clear
-one-line errors around models.evaluation and benchmarks.pipeline_bench.
+"""`telepresence eval`: argument parsing and clear one-line errors around models.evaluation.
 
-Both return a process exit status: 0 done, 1 nothing could be evaluated /
-failed at run time, 2 bad arguments or a missing component.
+Returns a process exit status: 0 done, 1 nothing could be evaluated, 2 bad arguments or a
+missing component. (The pipeline benchmark is `python -m benchmarks.pipeline`.)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["eval_main", "bench_main", "load_refiner", "EvalSetupError"]
+__all__ = ["eval_main", "load_refiner", "EvalSetupError"]
 
 METHODS = ("baseline", "raw", "refined")
 
@@ -140,7 +138,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             notes.append("raw, refined: not run (--methods baseline)")
         cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
         result = evaluate(clips, runner, config, out_dir=args.out, cache_dir=cache_dir, progress=not args.quiet,
-                          meta={"argv": list(argv) if argv is not None else sys.argv[1:], "device": args.device,
+                          meta={"argv": list(argv) if argv is not None else sys.argv[1:],
                                 "refiner": args.refiner if "refined" in methods else None, "notes": notes})
     except (EvalSetupError, MissingEvalExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -164,108 +162,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="telepresence bench",
-        description="Per-stage timing of the frame pipeline (landmarks, avatar, render, refine, VP8 encode): "
-        "median / p90 / p95 ms per viewer count, written as JSON; optionally regenerates the README table.",
-    )
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--size", type=int, default=256, choices=(256, 512))
-    p.add_argument("--viewers", type=int, nargs="+", default=[1, 4], help="viewer counts to time (default 1 4)")
-    p.add_argument("--frames", type=int, default=30, help="timed frames per viewer count (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed frames first (default 5)")
-    p.add_argument("--refiner", default="default", metavar="PATH|default|none")
-    p.add_argument("--input", default=None, metavar="IMAGE|VIDEO",
-                   help="portrait picture or video to feed (default: scikit-image's astronaut)")
-    p.add_argument("--out", default=None, metavar="JSON",
-                   help="JSON file to write (default bench-<device>-<size>.json in the current folder)")
-    p.add_argument("--readme", default=None, metavar="README.md",
-                   help="regenerate the table between the bench markers of this file")
-    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
-                   help="do not run: regenerate the README table from these JSON files")
-    p.add_argument("--quiet", "-q", action="store_true")
-    p.add_argument("--verbose", "-v", action="count", default=0)
-    return p
+main = eval_main  # the dispatcher's entry (telepresence.cli)
 
 
-def _bench_frames(spec: str | None, max_frames: int = 60) -> list:
-    import numpy as np
-
-    from models.face.analysis import read_image
-
-    if spec is None:
-        try:
-            import skimage.data
-        except ImportError as exc:
-            raise EvalSetupError("no --input given and scikit-image (for its astronaut picture) is missing") from exc
-        return [np.ascontiguousarray(skimage.data.astronaut())]
-    path = Path(spec)
-    if path.suffix.lower() in (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"):
-        import cv2
-
-        cap = cv2.VideoCapture(str(path))
-        frames = []
-        while len(frames) < max_frames:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
-        cap.release()
-        if not frames:
-            raise EvalSetupError(f"cannot read video '{path}'")
-        return frames
-    return [read_image(path)]
-
-
-def bench_main(argv: Sequence[str] | None = None, pipeline_factory: Any = None) -> int:
-    """`telepresence bench ...`; returns the exit status. pipeline_factory: see run_benchmark (tests)."""
-    args = _bench_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    from benchmarks.pipeline_bench import BenchConfig, bench_markdown, load_docs, run_benchmark, update_readme
-    from models.face.analysis import FaceAnalysisError
-
-    if args.from_json:
-        docs = load_docs(args.from_json)
-    else:
-        try:
-            config = BenchConfig(device=args.device, size=args.size, viewers=tuple(args.viewers), frames=args.frames,
-                                 warmup=args.warmup, refiner=args.refiner)
-            frames = _bench_frames(args.input)
-        except (ValueError, EvalSetupError, FaceAnalysisError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        try:
-            doc = run_benchmark(config, frames, pipeline_factory=pipeline_factory, progress=not args.quiet)
-        except ImportError as exc:
-            print(f"error: the pipeline (telepresence.pipeline) is not available: {exc}", file=sys.stderr)
-            return 2
-        out = Path(args.out or f"bench-{args.device}-{args.size}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1))
-        print(f"wrote {out}")
-        docs = [doc]
-    tables = [bench_markdown(d) for d in docs]
-    print("\n\n".join(tables))
-    if args.readme:
-        if not update_readme(args.readme, tables):
-            print(f"error: {args.readme} has no bench markers; add the two lines\n{_markers()}", file=sys.stderr)
-            return 1
-        print(f"updated {args.readme}")
-    return 0
-
-
-def _markers() -> str:
-    from benchmarks.pipeline_bench import README_BEGIN, README_END
-
-    return f"{README_BEGIN}\n{README_END}"
-
-
-if __name__ == "__main__":  # python -m telepresence.cli.eval eval|bench ...
-    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    if command == "eval":
-        sys.exit(eval_main(rest))
-    if command == "bench":
-        sys.exit(bench_main(rest))
-    print("usage: python -m telepresence.cli.eval eval|bench ...", file=sys.stderr)
-    sys.exit(2)
+if __name__ == "__main__":
+    sys.exit(eval_main())

@@ -14,7 +14,9 @@ import torch
 
 from models.geometry.camera import OrbitPose
 from models.face.analysis import FaceAnalyzer, FaceConfig, read_image
-from telepresence.sheets import contact_sheet, to_uint8
+from models.evaluation.figures import contact_sheet
+from models.pictures import to_rgb_uint8
+from telepresence.cli.console import add_verbosity, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +87,14 @@ def render_command(args: argparse.Namespace) -> int:
         names = []
         for pose, view in zip(poses, views):
             name = f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png"
-            cv2.imwrite(str(out_dir / name), to_uint8(view)[:, :, ::-1])
+            cv2.imwrite(str(out_dir / name), to_rgb_uint8(view)[:, :, ::-1])
             names.append(name)
         labels = ["source"] + [f"yaw {p.yaw_deg:+g}  pitch {p.pitch_deg:+g}" for p in poses]
-        pictures = [to_uint8(reference)] + [to_uint8(v) for v in views]
+        pictures = [to_rgb_uint8(reference)] + [to_rgb_uint8(v) for v in views]
         rows = [pictures]
         row_labels = [labels]
         if refiner is not None:
-            rows.append([np.zeros_like(pictures[0])] + [to_uint8(v) for v in out.rgb])
+            rows.append([np.zeros_like(pictures[0])] + [to_rgb_uint8(v) for v in out.rgb])
             row_labels.append(["raw avatar"] + [""] * len(poses))
         sheet = contact_sheet(rows, row_labels)
         cv2.imwrite(str(out_dir / "contact_sheet.png"), sheet[:, :, ::-1])
@@ -100,3 +102,34 @@ def render_command(args: argparse.Namespace) -> int:
     print(f"head pose yaw {obs.pose.yaw_deg:+.1f}  pitch {obs.pose.pitch_deg:+.1f}  roll {obs.pose.roll_deg:+.1f}")
     print(f"timings ({device.type}): {timer.summary()}")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="telepresence render",
+        description="Build the avatar from IMAGE and write one PNG per view plus a contact sheet. "
+        "Views are every (yaw, pitch) combination. yaw +30 moves the camera 30 degrees to the "
+        "viewer's right; pitch +10 raises it. --yaw 0 --pitch 0 reproduces the input camera.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--image", required=True, help="input picture (jpg/png/...)")
+    p.add_argument("--yaw", type=float, nargs="+", default=[-30, -15, 0, 15, 30], help="degrees")
+    p.add_argument("--pitch", type=float, nargs="+", default=[0], help="degrees")
+    p.add_argument("--roll", type=float, default=0.0, help="degrees, clockwise on screen")
+    p.add_argument("--dist", type=float, default=1.0, help="camera distance, multiple of the source's")
+    p.add_argument("--fov", type=float, default=None, help="vertical field of view of the views (default: source's)")
+    p.add_argument("--source-fov", type=float, default=30.0, help="assumed field of view of the input camera")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--size", type=int, default=512, help="output views are SIZE x SIZE pixels")
+    p.add_argument("--background", choices=("remove", "far"), default="remove", help="remove it, or keep it as a far layer")
+    p.add_argument("--refiner", default="default",
+                   help="refiner weights folder, 'default' (the shipped weights) or 'none' (raw avatar renders)")
+    add_verbosity(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return render_command(args)

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from telepresence.cli.console import add_verbosity, configure_logging
+
 log = logging.getLogger("telepresence.train")
 
 PROG = "telepresence train"
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the one-step refiner: stage 1 on synthetic pairs (--data), stage 2 on real pairs "
         "(--stage2-data, --captures). Effective batch = --batch x GPUs x --grad-accum. For several GPUs launch "
         "with `torchrun --standalone --nproc_per_node N -m telepresence.cli.train ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--family", choices=("small", "lora"), help="small: from scratch, all weights; lora: SD-Turbo base + LoRA")
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export the EMA weights of the best validation PSNR to OUT/best (model selection)")
     g.add_argument("--time-budget", dest="max_wall_s", type=float, help="stop early after this many seconds of training (then validate and export)")
     g.add_argument("--export-base", action="store_true", default=None, help="lora: also export the frozen base weights")
+    add_verbosity(p)
     return p
 
 
@@ -267,15 +271,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of `telepresence train` (argv without the subcommand). Returns the exit status."""
     from models.refiner import MissingModelError
     from models.training.captures import CaptureFormatError
     from models.training.data import PairFormatError
 
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.verbose)
     try:
         return _run(args)
     except (TrainInputError, MissingModelError, PairFormatError, CaptureFormatError, FileNotFoundError, ValueError) as exc:
@@ -288,4 +291,4 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(main())

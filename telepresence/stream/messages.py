@@ -1,9 +1,11 @@
-"""Wire messages: the JSON schema of the signaling socket and the pose channel.
+"""Wire messages: the JSON schema of the signaling socket and the pose channel, both ways.
 
-Every inbound message is a JSON object with a whitelisted `type`, at most a
-fixed number of bytes, with typed, finite, range-checked fields. Parsing
-either returns a frozen dataclass or raises a `MessageError` whose `code`
-goes back to the peer in an `error` reply; the connection stays up.
+Every message that crosses a wire, in or out, is a frozen dataclass here. Every
+inbound message is a JSON object with a whitelisted `type`, at most a fixed
+number of bytes, with typed, finite, range-checked fields. Parsing either
+returns a dataclass or raises a `MessageError` whose `code` goes back to the
+peer in an `error` reply; the connection stays up. Outbound messages are built
+as dataclasses and written with `to_json()`.
 
 Signaling (websocket /ws), client -> server:
     join    {room, role: "viewer"|"sender", token?, name?}
@@ -19,7 +21,7 @@ Pose channel (RTCDataChannel "pose", unordered, maxRetransmits 0), viewer -> sen
     pose {seq, t, yaw, pitch, dist}     degrees, degrees, distance scale (1 = source camera)
     ping {t}                            heartbeat, once a second
 sender -> viewer:
-    hello {name, size, codec, limits}, pong {t}, status {status, message},
+    hello {name, size, codec, limits, refiner}, pong {t}, status {status, message},
     stats {status, fps, stages_ms: {capture, landmarks, avatar, render, refine, encode}}, error
 """
 
@@ -134,8 +136,20 @@ def _check_printable(name: str, value: str) -> None:
 # -- signaling messages ---------------------------------------------------------------------------
 
 
+class Outgoing:
+    """A message this side writes: `to_json()` is its wire text. Fields that are None are left out;
+    `_WIRE_NAMES` maps a Python field name to its wire name (`from` is a keyword)."""
+
+    type: ClassVar[str]
+    _WIRE_NAMES: ClassVar[dict[str, str]] = {"from_id": "from", "ice_servers": "iceServers"}
+
+    def to_json(self) -> str:
+        values = {self._WIRE_NAMES.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return encode_message(self.type, **{k: v for k, v in values.items() if v is not None})
+
+
 @dataclass(frozen=True)
-class JoinMessage:
+class JoinMessage(Outgoing):
     """Enter a room as a viewer (browser) or a sender."""
 
     type: ClassVar[str] = "join"
@@ -156,7 +170,7 @@ class JoinMessage:
 
 
 @dataclass(frozen=True)
-class _SessionDescriptionMessage:
+class _SessionDescriptionMessage(Outgoing):
     to: str
     sdp: str
 
@@ -182,7 +196,7 @@ class AnswerMessage(_SessionDescriptionMessage):
 
 
 @dataclass(frozen=True)
-class DeclineMessage:
+class DeclineMessage(Outgoing):
     """A sender cannot serve a viewer's offer."""
 
     type: ClassVar[str] = "decline"
@@ -224,7 +238,7 @@ class PoseLimits:
 
 
 @dataclass(frozen=True)
-class PoseMessage:
+class PoseMessage(Outgoing):
     """A viewer's newest camera request; seq orders it against reordered older ones."""
 
     type: ClassVar[str] = "pose"
@@ -252,7 +266,7 @@ class PoseMessage:
 
 
 @dataclass(frozen=True)
-class PingMessage:
+class PingMessage(Outgoing):
     """Viewer heartbeat; answered with pong {t}."""
 
     type: ClassVar[str] = "ping"
@@ -260,6 +274,123 @@ class PingMessage:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t", _check_number("t", self.t))
+
+
+# -- server -> client, sender -> viewer ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorMessage(Outgoing):
+    """Why a message or request was refused (either channel)."""
+
+    type: ClassVar[str] = "error"
+    code: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class JoinedMessage(Outgoing):
+    """Server -> the member who joined: its id, the other role's members, the ICE servers to use."""
+
+    type: ClassVar[str] = "joined"
+    id: str
+    room: str
+    role: str
+    peers: list
+    """[{id, role, name}] of the other role in the room."""
+    ice_servers: list
+
+
+@dataclass(frozen=True)
+class PeerJoinedMessage(Outgoing):
+    type: ClassVar[str] = "peer-joined"
+    peer: dict
+    """{id, role, name}"""
+
+
+@dataclass(frozen=True)
+class PeerLeftMessage(Outgoing):
+    type: ClassVar[str] = "peer-left"
+    id: str
+    role: str
+
+
+@dataclass(frozen=True)
+class RelayedOfferMessage(Outgoing):
+    """A viewer's offer as the server hands it to the sender."""
+
+    type: ClassVar[str] = "offer"
+    from_id: str
+    sdp: str
+
+
+@dataclass(frozen=True)
+class RelayedAnswerMessage(Outgoing):
+    type: ClassVar[str] = "answer"
+    from_id: str
+    sdp: str
+
+
+@dataclass(frozen=True)
+class RelayedDeclineMessage(Outgoing):
+    type: ClassVar[str] = "decline"
+    from_id: str
+    reason: str
+
+
+STATUS_TEXT: dict[str, str] = {
+    "starting": "Sender is starting its pipeline…",
+    "ok": "",
+    "no_face_yet": "No face yet: waiting for the sender to look at the camera",
+    "face_lost": "Face lost: showing the last good avatar",
+    "error": "The sender's pipeline reported an error (see its log)",
+}
+"""What a viewer is told for each pipeline status (the page shows the text it receives)."""
+
+
+@dataclass(frozen=True)
+class HelloMessage(Outgoing):
+    """Sender -> viewer once its pose channel opens: who is sending, what, and the orbit allowed."""
+
+    type: ClassVar[str] = "hello"
+    name: str
+    size: int
+    """Side of the video in pixels."""
+    codec: str
+    limits: dict
+    """PoseLimits.to_json()"""
+    refiner: Optional[str] = None
+    """What refines the views, None: raw avatar renders."""
+
+
+@dataclass(frozen=True)
+class StatusMessage(Outgoing):
+    type: ClassVar[str] = "status"
+    status: str
+    message: str = ""
+
+    @classmethod
+    def of(cls, status: str) -> "StatusMessage":
+        return cls(status, STATUS_TEXT.get(status, status))
+
+
+@dataclass(frozen=True)
+class StatsMessage(Outgoing):
+    """Once a second per viewer: frame rate and per-stage milliseconds of the sender."""
+
+    type: ClassVar[str] = "stats"
+    status: str
+    fps: float
+    stages_ms: dict
+    viewers: int
+    dropped: int
+    capture_to_encoder_ms: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class PongMessage(Outgoing):
+    type: ClassVar[str] = "pong"
+    t: float
 
 
 SignalingMessage = Union[JoinMessage, OfferMessage, AnswerMessage, DeclineMessage]
@@ -290,3 +421,26 @@ def parse_signaling_message(raw: Union[str, bytes]) -> SignalingMessage:
 def parse_channel_message(raw: Union[str, bytes]) -> ChannelMessage:
     """One pose-channel message -> a validated PoseMessage or PingMessage, or MessageError."""
     return _build(decode_json_object(raw, CHANNEL_MAX_BYTES), CHANNEL_TYPES)
+
+
+SERVER_TYPES: dict[str, type] = {
+    cls.type: cls
+    for cls in (JoinedMessage, PeerJoinedMessage, PeerLeftMessage, RelayedOfferMessage, RelayedAnswerMessage,
+                RelayedDeclineMessage, ErrorMessage)
+}
+SENDER_TYPES: dict[str, type] = {cls.type: cls for cls in (HelloMessage, StatusMessage, StatsMessage, PongMessage, ErrorMessage)}
+
+
+def _from_wire(obj: dict[str, Any]) -> dict[str, Any]:
+    names = {wire: name for name, wire in Outgoing._WIRE_NAMES.items()}
+    return {names.get(k, k): v for k, v in obj.items()}
+
+
+def parse_server_message(raw: Union[str, bytes]) -> Outgoing:
+    """What a signaling client (sender, Python viewer) receives from the server -> its dataclass."""
+    return _build(_from_wire(decode_json_object(raw, SIGNALING_MAX_BYTES)), SERVER_TYPES)
+
+
+def parse_sender_message(raw: Union[str, bytes]) -> Outgoing:
+    """What a viewer receives on the pose channel from its sender -> its dataclass."""
+    return _build(_from_wire(decode_json_object(raw, SIGNALING_MAX_BYTES)), SENDER_TYPES)

@@ -7,7 +7,6 @@ framework. Only regular files under the web directory are served.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import http
@@ -23,7 +22,6 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from telepresence.cli.console import configure_logging, run_until_stopped
 from .messages import ROOM_PATTERN
 from .rtc import IceConfig
 from .signaling import RoomLimits, SignalingServer
@@ -139,7 +137,11 @@ class Receiver:
             )
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise ReceiverError(f"cannot listen on {self.config.host}:{self.config.port}: address already in use") from None
+                raise ReceiverError(
+                    f"cannot listen on {self.config.host}:{self.config.port}: address already in use "
+                    f"(another program has that port: pick another with --port, e.g. --port {self.config.port + 1}, "
+                    f"or `make demo ARGS=\"--port {self.config.port + 1}\"`)"
+                ) from None
             raise ReceiverError(f"cannot listen on {self.config.host}:{self.config.port}: {error.strerror}") from None
         logger.info("serving %s and %s on port %d", self.web_root, SIGNALING_PATH, self.port)
 
@@ -191,50 +193,3 @@ async def run(config: ReceiverConfig, on_ready: Optional[Callable[[Receiver], No
         await asyncio.Future()
     finally:
         await receiver.stop()
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Serve the viewer page and the signaling endpoint on one port.")
-    parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to accept the LAN")
-    parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
-    parser.add_argument("--token", default=None, help="shared token required to join rooms")
-    parser.add_argument("--room", default=ReceiverConfig.room, help="room named in the printed URL")
-    parser.add_argument("--web-dir", type=Path, default=None, help="the page files (default: ./web or this checkout's web/)")
-    parser.add_argument("--max-viewers", type=int, default=RoomLimits.max_viewers_per_room, help="browsers per room")
-    parser.add_argument("--max-senders", type=int, default=RoomLimits.max_senders_per_room, help="senders per room")
-    parser.add_argument("--max-per-ip", type=int, default=RoomLimits.max_connections_per_ip, help="sockets per IP")
-    parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL for browsers")
-    parser.add_argument("--ice-username", default=None)
-    parser.add_argument("--ice-credential", default=None)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
-    return ReceiverConfig(
-        host=args.host,
-        port=args.port,
-        token=args.token,
-        room=args.room,
-        web_dir=args.web_dir if args.web_dir is not None else default_web_dir(),
-        limits=RoomLimits(
-            max_viewers_per_room=args.max_viewers,
-            max_senders_per_room=args.max_senders,
-            max_connections_per_ip=args.max_per_ip,
-        ),
-        ice=IceConfig(tuple(args.ice_server), args.ice_username, args.ice_credential),
-    )
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        logger.error("%s", error)
-        return 2
-    return run_until_stopped(
-        run(config, on_ready=lambda receiver: print(f"Receiver ready. Open {receiver.url}", flush=True)),
-        expected=(ReceiverError,),
-    )

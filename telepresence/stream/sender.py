@@ -1,4 +1,4 @@
-"""The sender: capture + pipeline, answering each viewer with its own track.
+"""The sender: one capture and one FramePipeline, answering each viewer with its own track.
 
     signaling (websocket) --offer--> Sender.answer() --answer--> viewer
     RenderLoop (threads) --newest frame--> ViewTrack per viewer --> RTCPeerConnection
@@ -13,12 +13,8 @@ failure in one viewer's connection closes that viewer only, logged with its id.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import importlib
-import json
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,20 +22,29 @@ from typing import Any, Optional
 import websockets
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from .capture import FrameSource, SourceError, open_source
-from telepresence.cli.console import configure_logging, run_until_stopped
+from models.geometry.camera import OrbitPose
+from telepresence.pipeline import FramePipeline
+
+from .capture import FrameSource, open_source
 from .messages import (
     AnswerMessage,
     DeclineMessage,
+    ErrorMessage,
+    HelloMessage,
     MessageError,
+    PeerLeftMessage,
     PingMessage,
+    PongMessage,
     PoseLimits,
     PoseMessage,
-    encode_message,
+    RelayedOfferMessage,
+    StatsMessage,
+    StatusMessage,
     parse_channel_message,
 )
 from .renderloop import PIPELINE_STAGES, RenderLoop
 from .rtc import BitrateConfig, IceConfig, apply_bitrate, video_codec_preferences
+from .signaling_client import SignalingClient, SignalingRejectedError
 from .track import ViewTrack
 
 logger = logging.getLogger(__name__)
@@ -47,30 +52,15 @@ logger = logging.getLogger(__name__)
 PC_CLOSE_TIMEOUT_S = 5.0
 """Longest wait for one peer connection to close (viewer gone, sender stopping)."""
 
-STATUS_MESSAGES = {
-    "starting": "Starting the pipeline",
-    "ok": "",
-    "face_lost": "Face lost: showing the last good avatar",
-    "no_face_yet": "No face yet: look at the camera",
-    "error": "Pipeline error: see the sender's log",
-}
-
-
-class PipelineUnavailableError(RuntimeError):
-    """The pipeline module could not be imported or built."""
 
 
 class ViewerLimitError(RuntimeError):
     """The sender already serves its maximum number of viewers."""
 
 
-class SignalingRejectedError(RuntimeError):
-    """The signaling server refused to let this sender join (token, room full, ...)."""
-
-
 @dataclass(frozen=True)
 class SenderConfig:
-    """Everything run_sender.py's flags set."""
+    """How the sender streams (the pipeline's own settings are telepresence.pipeline.PipelineConfig)."""
 
     signaling_url: str = "ws://127.0.0.1:8080/ws"
     """The receiver's signaling endpoint."""
@@ -84,14 +74,6 @@ class SenderConfig:
     """webcam | INDEX | FILE.mp4 | IMAGE | sample (see capture.open_source)."""
     source_fps: Optional[float] = None
     """Play files, images and the sample at this rate (None: a file's own, 30 for images)."""
-    device: str = "cpu"
-    """Torch device for the pipeline."""
-    size: Optional[int] = None
-    """Output side in pixels; None: 512 on CUDA, 256 on CPU."""
-    refiner: Optional[str] = "default"
-    """Refiner weights: a path, "default" (shipped weights) or None (no refinement)."""
-    pipeline_module: str = "telepresence.pipeline"
-    """Module providing Pipeline, PipelineConfig and ViewPose."""
     codec: str = "vp8"
     """Preferred video codec, vp8 or h264 (the other stays as a fallback)."""
     bitrate: BitrateConfig = BitrateConfig()
@@ -109,8 +91,6 @@ class SenderConfig:
     """Paint the capture time into each view's corner (benchmarks/loopback.py reads it)."""
 
     def __post_init__(self) -> None:
-        if self.size is not None and self.size not in (256, 512):
-            raise ValueError(f"size: expected 256 or 512, got {self.size}")
         if self.codec not in ("vp8", "h264"):
             raise ValueError(f"codec: expected vp8 or h264, got {self.codec!r}")
         if not self.signaling_url.startswith(("ws://", "wss://")):
@@ -120,23 +100,6 @@ class SenderConfig:
         if not 0.5 <= self.heartbeat_timeout_s <= 60.0:
             raise ValueError(f"heartbeat_timeout_s: expected 0.5..60, got {self.heartbeat_timeout_s}")
 
-    @property
-    def resolved_size(self) -> int:
-        if self.size is not None:
-            return self.size
-        return 512 if self.device.startswith("cuda") else 256
-
-
-def load_pipeline(config: SenderConfig) -> tuple[Any, type]:
-    """Build the pipeline named by config.pipeline_module; returns (pipeline, its ViewPose class)."""
-    try:
-        module = importlib.import_module(config.pipeline_module)
-        pipeline_config = module.PipelineConfig(device=config.device, size=config.resolved_size, refiner=config.refiner)
-        return module.Pipeline(pipeline_config), module.ViewPose
-    except ImportError as error:
-        raise PipelineUnavailableError(f"cannot import the pipeline module {config.pipeline_module!r}: {error}") from error
-    except AttributeError as error:
-        raise PipelineUnavailableError(f"{config.pipeline_module} lacks Pipeline/PipelineConfig/ViewPose: {error}") from error
 
 
 class ViewerPeer:
@@ -164,18 +127,10 @@ class ViewerPeer:
 class Sender:
     """Serves any number of viewers (up to max_viewers) from one capture + pipeline."""
 
-    def __init__(
-        self,
-        config: SenderConfig,
-        *,
-        pipeline: Any = None,
-        view_pose: Optional[type] = None,
-        source: Optional[FrameSource] = None,
-    ) -> None:
+    def __init__(self, config: SenderConfig, pipeline: FramePipeline, source: Optional[FrameSource] = None) -> None:
         self.config = config
+        self.pipeline = pipeline
         self.viewers: dict[str, ViewerPeer] = {}
-        self._pipeline = pipeline
-        self._view_pose = view_pose
         self._source = source
         self.render_loop: Optional[RenderLoop] = None
         self._tasks: set[asyncio.Task] = set()
@@ -186,18 +141,14 @@ class Sender:
     # -- lifecycle --
 
     async def start(self) -> None:
-        """Open the source, build the pipeline (off the event loop) and start the frame loop."""
+        """Open the source (off the event loop) and start the frame loop."""
         self._loop = asyncio.get_running_loop()
         apply_bitrate(self.config.bitrate)
         if self._source is None:
             self._source = await self._loop.run_in_executor(None, open_source, self.config.source, self.config.source_fps)
         logger.info("capture source: %s (%.0f fps)", self._source.name, self._source.fps)
-        if self._pipeline is None:
-            logger.info("loading the pipeline (%s, device %s, %d px)", self.config.pipeline_module,
-                        self.config.device, self.config.resolved_size)
-            self._pipeline, self._view_pose = await self._loop.run_in_executor(None, load_pipeline, self.config)
         self.render_loop = RenderLoop(
-            self._source, self._pipeline, stamp_frames=self.config.stamp_frames, on_status=self._on_status_threadsafe
+            self._source, self.pipeline, stamp_frames=self.config.stamp_frames, on_status=self._on_status_threadsafe
         )
         self.render_loop.start()
         self._spawn(self._watchdog())
@@ -220,10 +171,6 @@ class Sender:
         return task
 
     # -- viewers --
-
-    def _default_pose(self) -> Any:
-        assert self._view_pose is not None
-        return self._view_pose()
 
     async def answer(self, viewer_id: str, offer_sdp: str) -> str:
         """Accept one viewer's offer; returns the answer SDP (ICE candidates included).
@@ -262,7 +209,7 @@ class Sender:
 
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
-            self.render_loop.add_view(viewer_id, self._default_pose(), peer.track.deliver)
+            self.render_loop.add_view(viewer_id, OrbitPose(), peer.track.deliver)
             logger.info("viewer %s: answered (%d viewers)", viewer_id, len(self.viewers))
             return pc.localDescription.sdp
         except Exception:
@@ -302,15 +249,8 @@ class Sender:
             logger.warning("viewer %s: error while closing: %s", peer.id, closing.exception())
 
     def _send_hello(self, peer: ViewerPeer) -> None:
-        peer.send(
-            encode_message(
-                "hello",
-                name=self.config.name,
-                size=self.config.resolved_size,
-                codec=self.config.codec,
-                limits=self.config.pose_limits.to_json(),
-            )
-        )
+        peer.send(HelloMessage(self.config.name, self.pipeline.size, self.config.codec, self.config.pose_limits.to_json(),
+                               self.pipeline.refiner_name).to_json())
         if self.render_loop is not None:
             self._send_status(peer, self.render_loop.status)
 
@@ -322,17 +262,17 @@ class Sender:
             peer.bad_messages += 1
             if peer.bad_messages <= 3 or peer.bad_messages % 100 == 0:
                 logger.warning("viewer %s: rejected message (%s): %s", peer.id, error.code, error)
-            peer.send(encode_message("error", code=error.code, message=str(error)))
+            peer.send(ErrorMessage(error.code, str(error)).to_json())
             return
         if isinstance(message, PingMessage):
-            peer.send(encode_message("pong", t=message.t))
+            peer.send(PongMessage(message.t).to_json())
         elif isinstance(message, PoseMessage):
             if message.seq <= peer.pose_seq:
                 return  # reordered or repeated: an older pose than the one in use
             peer.pose_seq = message.seq
             pose = message.clamped(self.config.pose_limits)
-            assert self.render_loop is not None and self._view_pose is not None
-            self.render_loop.set_pose(peer.id, self._view_pose(yaw_deg=pose.yaw, pitch_deg=pose.pitch, dist_scale=pose.dist))
+            assert self.render_loop is not None
+            self.render_loop.set_pose(peer.id, OrbitPose(yaw_deg=pose.yaw, pitch_deg=pose.pitch, dist_scale=pose.dist))
 
     # -- status and stats --
 
@@ -352,31 +292,24 @@ class Sender:
             self._send_status(peer, status)
 
     def _send_status(self, peer: ViewerPeer, status: str) -> None:
-        peer.send(encode_message("status", status=status, message=STATUS_MESSAGES.get(status, status)))
+        peer.send(StatusMessage.of(status).to_json())
 
-    def stats_record(self, peer: ViewerPeer) -> dict[str, Any]:
+    def stats_record(self, peer: ViewerPeer) -> StatsMessage:
         """The once-a-second timing record for one viewer."""
         assert self.render_loop is not None
         fps, stages = self.render_loop.clock.summary()
         stages_ms = {name: round(stages[name], 2) for name in ("capture", *PIPELINE_STAGES) if name in stages}
         if (encode := peer.track.encode_ms) is not None:
             stages_ms["encode"] = round(encode, 2)
-        record: dict[str, Any] = {
-            "status": self.render_loop.status,
-            "fps": round(fps, 1),
-            "stages_ms": stages_ms,
-            "viewers": len(self.viewers),
-            "dropped": peer.track.frames_dropped,
-        }
-        if (latency := peer.track.capture_to_encoder_ms) is not None:
-            record["capture_to_encoder_ms"] = round(latency, 1)
-        return record
+        latency = peer.track.capture_to_encoder_ms
+        return StatsMessage(self.render_loop.status, round(fps, 1), stages_ms, len(self.viewers), peer.track.frames_dropped,
+                            None if latency is None else round(latency, 1))
 
     async def _stats_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             for peer in list(self.viewers.values()):
-                peer.send(encode_message("stats", **self.stats_record(peer)))
+                peer.send(self.stats_record(peer).to_json())
 
     async def _watchdog(self) -> None:
         while True:
@@ -393,138 +326,56 @@ class Sender:
 
     async def run_signaling(self) -> None:
         """Join the room and answer offers; reconnects with backoff. Returns only by cancellation or error."""
+        config = self.config
         backoff_s = 0.5
         while True:
+            client = SignalingClient(config.signaling_url, config.room, "sender", config.name, config.token)
             try:
-                async with websockets.connect(
-                    self.config.signaling_url, open_timeout=5, max_size=2**20, compression=None
-                ) as ws:
-                    await ws.send(
-                        encode_message("join", room=self.config.room, role="sender", name=self.config.name,
-                                       **({"token": self.config.token} if self.config.token else {}))
-                    )
-                    async for raw in ws:
-                        if await self._on_signaling_message(ws, raw):
-                            backoff_s = 0.5
+                joined = await client.connect()
+                logger.info("joined room %r as sender %s", joined.room, joined.id)
+                backoff_s = 0.5
+                async for message in client.messages():
+                    await self._on_server_message(client, message)
             except SignalingRejectedError:
                 raise
-            except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as error:
+            except (OSError, asyncio.TimeoutError, RuntimeError, websockets.exceptions.WebSocketException) as error:
                 logger.warning("signaling %s unavailable (%s); retrying in %.1f s",
-                               self.config.signaling_url, error or type(error).__name__, backoff_s)
+                               config.signaling_url, error or type(error).__name__, backoff_s)
             finally:
                 # Peer ids are per signaling session: viewers re-offer after both sides rejoin.
                 await asyncio.gather(*(self.close_viewer(v, "signaling connection lost") for v in list(self.viewers)))
+                await client.close()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
 
-    async def _on_signaling_message(self, ws: Any, raw: Any) -> bool:
-        """Handle one server message; returns True once joined."""
-        try:
-            message = json.loads(raw)
-            kind = message["type"]
-        except (ValueError, TypeError, KeyError):
-            logger.warning("signaling: ignoring a malformed server message")
-            return False
-        if kind == "joined":
-            logger.info("joined room %r as sender %s", message.get("room"), message.get("id"))
-            return True
-        if kind == "error":
-            code = message.get("code")
-            if code in ("bad-token", "room-full", "bad-field"):
-                raise SignalingRejectedError(f"signaling server refused to join: {message.get('message', code)}")
-            logger.warning("signaling error: %s", message.get("message", code))
-        elif kind == "offer":
-            self._spawn(self._answer_offer(ws, str(message.get("from", "")), message.get("sdp")))
-        elif kind == "peer-left":
-            viewer_id = str(message.get("id", ""))
-            if viewer_id in self.viewers:
-                await self.close_viewer(viewer_id, "left the room")
-        return False
+    async def _on_server_message(self, client: SignalingClient, message: Any) -> None:
+        if isinstance(message, ErrorMessage):
+            logger.warning("signaling error: %s", message.message or message.code)
+        elif isinstance(message, RelayedOfferMessage):
+            self._spawn(self._answer_offer(client, message.from_id, message.sdp))
+        elif isinstance(message, PeerLeftMessage):
+            if message.id in self.viewers:
+                await self.close_viewer(message.id, "left the room")
 
-    async def _answer_offer(self, ws: Any, viewer_id: str, sdp: Any) -> None:
+    async def _answer_offer(self, client: SignalingClient, viewer_id: str, sdp: Any) -> None:
         try:
             if not isinstance(sdp, str):
                 raise ValueError("offer without sdp")
             answer_sdp = await self.answer(viewer_id, sdp)
-            reply = AnswerMessage(to=viewer_id, sdp=answer_sdp)
-            await ws.send(encode_message(reply.type, to=reply.to, sdp=reply.sdp))
+            await client.send(AnswerMessage(to=viewer_id, sdp=answer_sdp))
         except Exception as error:
             reason = "sender is full" if isinstance(error, ViewerLimitError) else "sender could not answer the offer"
             logger.warning("viewer %s: %s: %s", viewer_id, reason, error)
             try:
-                decline = DeclineMessage(to=viewer_id, reason=reason)
-                await ws.send(encode_message(decline.type, to=decline.to, reason=decline.reason))
+                await client.send(DeclineMessage(to=viewer_id, reason=reason))
             except Exception:
                 pass
 
 
-async def run(config: SenderConfig) -> None:
+async def serve(sender: Sender) -> None:
     """Start, serve until cancelled, stop."""
-    sender = Sender(config)
     await sender.start()
     try:
         await sender.run_signaling()
     finally:
         await sender.stop()
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Capture, build the avatar and stream one view per viewer.")
-    parser.add_argument("--signaling", default=SenderConfig.signaling_url, help="receiver's signaling URL")
-    parser.add_argument("--room", default=SenderConfig.room)
-    parser.add_argument("--name", default=None, help="label shown to viewers (default: this host's name)")
-    parser.add_argument("--token", default=None, help="shared room token, if the receiver needs one")
-    parser.add_argument("--source", default=SenderConfig.source, help="webcam | INDEX | FILE.mp4 | IMAGE | sample")
-    parser.add_argument("--source-fps", type=float, default=None,
-                        help="play a file, image or the sample at this rate (default: a file's own, 30 for images)")
-    parser.add_argument("--device", default=SenderConfig.device, help="cuda | cpu")
-    parser.add_argument("--size", type=int, choices=(256, 512), default=None, help="default: 512 on cuda, 256 on cpu")
-    parser.add_argument("--refiner", default="default", help="PATH | default | none")
-    parser.add_argument("--pipeline", default=SenderConfig.pipeline_module, help="module with Pipeline/PipelineConfig/ViewPose")
-    parser.add_argument("--codec", choices=("vp8", "h264"), default=SenderConfig.codec)
-    parser.add_argument("--min-kbps", type=int, default=BitrateConfig.min_kbps)
-    parser.add_argument("--start-kbps", type=int, default=BitrateConfig.start_kbps)
-    parser.add_argument("--max-kbps", type=int, default=BitrateConfig.max_kbps)
-    parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL (repeatable)")
-    parser.add_argument("--ice-username", default=None)
-    parser.add_argument("--ice-credential", default=None)
-    parser.add_argument("--max-viewers", type=int, default=SenderConfig.max_viewers)
-    parser.add_argument("--stamp-frames", action="store_true", help="paint capture time into each view (latency tests)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser
-
-
-def parse_refiner(text: str) -> Optional[str]:
-    """--refiner PATH|default|none -> PipelineConfig.refiner (None: no refinement)."""
-    return None if text.lower() == "none" else text
-
-
-def config_from_args(args: argparse.Namespace) -> SenderConfig:
-    return SenderConfig(
-        signaling_url=args.signaling,
-        room=args.room,
-        name=(args.name or socket.gethostname())[:40],
-        token=args.token,
-        source=args.source,
-        source_fps=args.source_fps,
-        device=args.device,
-        size=args.size,
-        refiner=parse_refiner(args.refiner),
-        pipeline_module=args.pipeline,
-        codec=args.codec,
-        bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
-        ice=IceConfig(tuple(args.ice_server), args.ice_username, args.ice_credential),
-        max_viewers=args.max_viewers,
-        stamp_frames=args.stamp_frames,
-    )
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        logger.error("%s", error)
-        return 2
-    return run_until_stopped(run(config), expected=(SourceError, PipelineUnavailableError, SignalingRejectedError))

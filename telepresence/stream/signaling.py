@@ -30,11 +30,17 @@ from websockets.exceptions import ConnectionClosed
 from .messages import (
     AnswerMessage,
     DeclineMessage,
+    ErrorMessage,
+    JoinedMessage,
     JoinMessage,
     MessageError,
     OfferMessage,
+    PeerJoinedMessage,
+    PeerLeftMessage,
+    RelayedAnswerMessage,
+    RelayedDeclineMessage,
+    RelayedOfferMessage,
     SignalingMessage,
-    encode_message,
     parse_signaling_message,
 )
 from .rtc import IceConfig
@@ -192,8 +198,7 @@ class SignalingServer:
         ip = _remote_ip(ws)
         if self.connections_per_ip[ip] >= self.limits.max_connections_per_ip:
             logger.warning("refusing a signaling connection from %s: %d already open", ip, self.connections_per_ip[ip])
-            await self._send_quietly(ws, encode_message("error", code="too-many-connections",
-                                                        message="too many connections from your address"))
+            await self._send_quietly(ws, ErrorMessage("too-many-connections", "too many connections from your address").to_json())
             await ws.close(1008, "too many connections")
             return
         self.connections_per_ip[ip] += 1
@@ -206,18 +211,18 @@ class SignalingServer:
                     if time.monotonic() - last_rate_error >= 1.0:  # one reply per flooded second, not per message
                         last_rate_error = time.monotonic()
                         error = RateLimitedError(f"more than {self.limits.messages_per_s:g} messages per second")
-                        await self._send_quietly(ws, encode_message("error", code=error.code, message=str(error)))
+                        await self._send_quietly(ws, ErrorMessage(error.code, str(error)).to_json())
                     continue
                 try:
                     message = parse_signaling_message(raw)
                     member = await self._dispatch(ws, member, message)
                 except (MessageError, SignalingError) as error:
-                    await self._send_quietly(ws, encode_message("error", code=error.code, message=str(error)))
+                    await self._send_quietly(ws, ErrorMessage(error.code, str(error)).to_json())
                 except ConnectionClosed:
                     raise
                 except Exception:
                     logger.exception("peer %s: unexpected error handling a message", member.id if member else ip)
-                    await self._send_quietly(ws, encode_message("error", code="internal", message="internal error"))
+                    await self._send_quietly(ws, ErrorMessage("internal", "internal error").to_json())
         except ConnectionClosed:
             pass
         finally:
@@ -237,15 +242,15 @@ class SignalingServer:
         if isinstance(message, OfferMessage):
             self._require_role(member, "viewer", message.type)
             peer = self.registry.find(member, message.to, "sender")
-            await self._relay(peer, encode_message("offer", **{"from": member.id, "sdp": message.sdp}))
+            await self._relay(peer, RelayedOfferMessage(member.id, message.sdp).to_json())
         elif isinstance(message, AnswerMessage):
             self._require_role(member, "sender", message.type)
             peer = self.registry.find(member, message.to, "viewer")
-            await self._relay(peer, encode_message("answer", **{"from": member.id, "sdp": message.sdp}))
+            await self._relay(peer, RelayedAnswerMessage(member.id, message.sdp).to_json())
         elif isinstance(message, DeclineMessage):
             self._require_role(member, "sender", message.type)
             peer = self.registry.find(member, message.to, "viewer")
-            await self._relay(peer, encode_message("decline", **{"from": member.id, "reason": message.reason}))
+            await self._relay(peer, RelayedDeclineMessage(member.id, message.reason).to_json())
         return member
 
     @staticmethod
@@ -260,25 +265,17 @@ class SignalingServer:
         member = self.registry.join(message.room, message.role, name, lambda text: ws.send(text))
         logger.info("%s %s (%s) joined room %r from %s", member.role, member.id, name, member.room, _remote_ip(ws))
         peers = self.registry.peers(member)
-        await self._send_quietly(
-            ws,
-            encode_message(
-                "joined",
-                id=member.id,
-                room=member.room,
-                role=member.role,
-                peers=[p.describe() for p in peers],
-                iceServers=self.ice.browser_ice_servers(),
-            ),
-        )
-        text = encode_message("peer-joined", peer=member.describe())
+        joined = JoinedMessage(member.id, member.room, member.role, [p.describe() for p in peers],
+                               self.ice.browser_ice_servers())
+        await self._send_quietly(ws, joined.to_json())
+        text = PeerJoinedMessage(member.describe()).to_json()
         await asyncio.gather(*(self._relay(p, text) for p in peers))
         return member
 
     async def _leave(self, member: Member) -> None:
         self.registry.leave(member)
         logger.info("%s %s left room %r", member.role, member.id, member.room)
-        text = encode_message("peer-left", id=member.id, role=member.role)
+        text = PeerLeftMessage(member.id, member.role).to_json()
         await asyncio.gather(*(self._relay(p, text) for p in self.registry.peers(member)))
 
     async def _relay(self, peer: Member, text: str) -> None:

@@ -10,7 +10,6 @@ kept.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -21,8 +20,22 @@ import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from .messages import encode_message
+from .messages import (
+    ErrorMessage,
+    HelloMessage,
+    MessageError,
+    OfferMessage,
+    PeerJoinedMessage,
+    PingMessage,
+    PoseMessage,
+    RelayedAnswerMessage,
+    RelayedDeclineMessage,
+    StatsMessage,
+    StatusMessage,
+    parse_sender_message,
+)
 from .rtc import IceConfig
+from .signaling_client import SignalingClient
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +64,16 @@ class Viewer:
         self.on_frame = on_frame
         self.heartbeat = heartbeat
         self.frames_received = 0
-        self.hello: Optional[dict[str, Any]] = None
+        self.hello: Optional[HelloMessage] = None
         self.status: Optional[str] = None
-        self.stats: Optional[dict[str, Any]] = None
-        self.errors: list[dict[str, Any]] = []
+        self.stats: Optional[StatsMessage] = None
+        self.errors: list[ErrorMessage] = []
         self._latest: Optional[av.VideoFrame] = None
         self._new_frame = asyncio.Event()
         self._channel_open = asyncio.Event()
         self._seq = 0
         self._tasks: set[asyncio.Task] = set()
-        self._ws: Any = None
+        self._signaling: Optional[SignalingClient] = None
 
     # -- connection --
 
@@ -81,38 +94,39 @@ class Viewer:
 
         The signaling socket stays open until close(): leaving the room ends the session.
         """
-        self._ws = await websockets.connect(signaling_url, open_timeout=timeout_s, compression=None)
-        join = {"room": room, "role": "viewer", "name": "python-viewer"}
-        if token is not None:
-            join["token"] = token
-        await self._ws.send(encode_message("join", **join))
         deadline = time.monotonic() + timeout_s
+        client = self._signaling = SignalingClient(signaling_url, room, "viewer", "python-viewer", token,
+                                                   open_timeout_s=timeout_s)
+        try:
+            joined = await client.connect()
+        except RuntimeError as error:
+            raise ViewerError(str(error)) from error
         sender_id: Optional[str] = None
+        if joined.peers:
+            sender_id = joined.peers[0]["id"]
+            await client.send(OfferMessage(to=sender_id, sdp=await self.create_offer()))
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ViewerError(f"no answer from a sender in room {room!r} within {timeout_s:.0f} s")
-            message = json.loads(await asyncio.wait_for(self._ws.recv(), remaining))
-            kind = message.get("type")
-            if kind == "error":
-                raise ViewerError(f"signaling error {message.get('code')}: {message.get('message')}")
-            if kind == "decline":
-                raise ViewerError(f"sender declined: {message.get('reason')}")
+            message = await client.recv(remaining)
+            if isinstance(message, ErrorMessage):
+                raise ViewerError(f"signaling error {message.code}: {message.message}")
+            if isinstance(message, RelayedDeclineMessage):
+                raise ViewerError(f"sender declined: {message.reason}")
             if sender_id is None:
-                if kind == "joined" and message["peers"]:
-                    sender_id = message["peers"][0]["id"]
-                elif kind == "peer-joined" and message["peer"]["role"] == "sender":
-                    sender_id = message["peer"]["id"]
-                if sender_id is not None:
-                    await self._ws.send(encode_message("offer", to=sender_id, sdp=await self.create_offer()))
-            elif kind == "answer" and message.get("from") == sender_id:
-                await self.accept_answer(message["sdp"])
+                if isinstance(message, PeerJoinedMessage) and message.peer.get("role") == "sender":
+                    sender_id = message.peer["id"]
+                    await client.send(OfferMessage(to=sender_id, sdp=await self.create_offer()))
+            elif isinstance(message, RelayedAnswerMessage) and message.from_id == sender_id:
+                await self.accept_answer(message.sdp)
                 self._spawn(self._drain_signaling())
                 return sender_id
 
     async def _drain_signaling(self) -> None:
+        assert self._signaling is not None
         try:
-            async for _ in self._ws:
+            async for _ in self._signaling.messages():
                 pass
         except websockets.exceptions.ConnectionClosed:
             pass
@@ -121,8 +135,8 @@ class Viewer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._ws is not None:
-            await self._ws.close()
+        if self._signaling is not None:
+            await self._signaling.close()
         await self.pc.close()
 
     def _spawn(self, coro: Any) -> None:
@@ -142,7 +156,7 @@ class Viewer:
 
     async def _heartbeat(self) -> None:
         while self.channel.readyState == "open":
-            self.send_raw(encode_message("ping", t=time.time() * 1e3))
+            self.send_raw(PingMessage(t=time.time() * 1e3).to_json())
             await asyncio.sleep(self.heartbeat_interval_s)
 
     def send_raw(self, text: str) -> None:
@@ -153,22 +167,22 @@ class Viewer:
     def set_pose(self, yaw: float, pitch: float = 0.0, dist: float = 1.0) -> None:
         """Ask for a camera orbit: degrees, degrees, distance scale."""
         self._seq += 1
-        self.send_raw(encode_message("pose", seq=self._seq, t=time.time() * 1e3, yaw=yaw, pitch=pitch, dist=dist))
+        self.send_raw(PoseMessage(seq=self._seq, t=time.time() * 1e3, yaw=yaw, pitch=pitch, dist=dist).to_json())
 
     def _on_message(self, raw: Any) -> None:
         try:
-            message = json.loads(raw)
-        except (TypeError, ValueError):
+            message = parse_sender_message(raw)
+        except MessageError as error:
+            logger.warning("viewer: ignoring a malformed message from the sender (%s)", error)
             return
-        kind = message.get("type")
-        if kind == "hello":
+        if isinstance(message, HelloMessage):
             self.hello = message
-        elif kind == "status":
-            self.status = message.get("status")
-        elif kind == "stats":
+        elif isinstance(message, StatusMessage):
+            self.status = message.status
+        elif isinstance(message, StatsMessage):
             self.stats = message
-            self.status = message.get("status", self.status)
-        elif kind == "error":
+            self.status = message.status
+        elif isinstance(message, ErrorMessage):
             self.errors.append(message)
 
     # -- video --

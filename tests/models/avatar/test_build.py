@@ -133,7 +133,6 @@ def test_bad_inputs(analyzer, astronaut):
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
 def test_cuda_matches_cpu(analyzer, astronaut):
     obs = analyzer.analyze(astronaut)
     poses = [OrbitPose(yaw_deg=y) for y in (-25, 0, 25)]
@@ -141,65 +140,3 @@ def test_cuda_matches_cpu(analyzer, astronaut):
     gpu = render_views(build_avatar(astronaut, obs, device="cuda", render_size=256), poses, 256)
     diff = (cpu.rgb - gpu.rgb.cpu()).abs()
     assert (diff > 0.05).float().mean() < 0.002
-
-
-def test_culling_and_skipping_do_not_change_the_picture(analyzer, astronaut):
-    """Back-face culling of the (outward-wound, closed) head and skipping fully
-    transparent card cells are pure speed-ups: the plain twin draws everything."""
-    from models.geometry.raster import rasterize
-    from models.geometry.camera import project
-
-    avatar = build_avatar(astronaut, analyzer.analyze(astronaut), render_size=128)
-    assert avatar.cull.sum() > 1000 and avatar.skip.sum() > 0
-    poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y, p in ((-35, 0), (0, 0), (30, 10))]
-    fast = render_views(avatar, poses, 128)
-    avatar.cull[:] = False
-    avatar.skip[:] = False
-    plain = render_views(avatar, poses, 128)
-    assert (fast.rgb - plain.rgb).abs().mean() < 1e-3
-    assert ((fast.rgb - plain.rgb).abs() > 0.1).float().mean() < 0.002
-    # Outward winding: the face seen from the front has negative screen area everywhere but the edges.
-    viewmats, Ks = avatar.cameras([OrbitPose()], 128)
-    tri = project(avatar.verts[None], viewmats, Ks)[0][avatar.faces[:898]]
-    x, y = tri[..., 0], tri[..., 1]
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
-    assert (area < 0).float().mean() > 0.9
-
-
-def test_fill_texture_is_a_low_pass_copy_that_keeps_the_person_colour():
-    from models.avatar.core import _fill_texture, _levels
-
-    # Left half: red person (alpha 1) with fine stripes; right half: green background (alpha 0).
-    tex = torch.zeros(1, 4, 64, 128)
-    tex[0, 0, :, :64] = 1.0
-    tex[0, 1, :, 64:] = 1.0
-    tex[0, 2, :, :64:2] = 1.0  # one-texel stripes of blue on the person
-    tex[0, 3, :, :64] = 1.0
-    low = _fill_texture(tex, (8, 16))
-    assert low.shape == (1, 4, 8, 16)
-    # The person's colour right at the person/background edge has no green in it: alpha-weighted.
-    edge = low[0, :3, :, 7]
-    assert torch.all(edge[1] < 0.05) and torch.all(edge[0] > 0.95)
-    # The stripes average out to half blue: detail gone, colour kept.
-    assert torch.allclose(low[0, 2, :, :6], torch.full((8, 6), 0.5), atol=0.05)
-    # Background far from the person keeps its own colour; alpha goes from 1 to 0 across the edge.
-    assert torch.all(low[0, 1, :, -4:] > 0.95) and low[0, 3, 0, 0] > 0.95 and low[0, 3, 0, -1] < 0.05
-    assert _fill_texture(tex, None) is tex
-    # Sizes come in powers of two: a 64-px crop wants 8 fill texels across it -> 1/8 of the picture;
-    # off (0), or a texture already coarser than asked: the texture itself.
-    assert _levels(64.0, (64, 128), 512, 8, far=False) == (None, (8, 16))
-    assert _levels(64.0, (64, 128), 512, 0, far=False) == (None, None)
-    assert _levels(64.0, (64, 128), 512, 128, far=False) == (None, None)
-    # A crop much larger than the render: the texture halves until the crop spans <= 1.25 * max_side.
-    assert _levels(2000.0, (1000, 3000), 512, 0, far=False) == ((250, 750), None)
-
-
-def test_separable_max_filter_equals_max_pool():
-    import torch.nn.functional as F
-
-    from models.avatar.core import _max3x3
-
-    torch.manual_seed(0)
-    depth = torch.rand(1, 1, 37, 51)
-    depth[depth > 0.7] = float("inf")
-    assert torch.equal(_max3x3(depth), F.max_pool2d(depth, 3, stride=1, padding=1))

@@ -134,14 +134,14 @@ def test_a_failed_capture_falls_back_to_the_eager_path(case, monkeypatch, caplog
 def test_cuda_capture_failure_leaves_a_working_eager_engine(case, monkeypatch):
     """A host sync inside the build (illegal while capturing) makes the capture fail for real."""
     image, obs = case
-    real = engine_mod._build_on_device
+    real = engine_mod.build_on_device
 
     def syncing(*args, **kwargs):
         out = real(*args, **kwargs)
         torch.cuda.synchronize()
         return out
 
-    monkeypatch.setattr(engine_mod, "_build_on_device", syncing)
+    monkeypatch.setattr(engine_mod, "build_on_device", syncing)
     engine = AvatarEngine(AvatarConfig(), "cuda", render_size=256)
     engine.build(image, obs)
     out = engine.render(POSES)

@@ -94,7 +94,7 @@ def test_capture_round_trip_gives_pairs_whose_renders_match_the_targets(tmp_path
 
 
 def test_prepare_only_writes_capture_pairs(tmp_path, astronaut_avatar):
-    from telepresence.cli.train import train_main
+    from telepresence.cli.train import main as train_main
 
     root = _make_capture(tmp_path / "cap", astronaut_avatar)
     out = tmp_path / "pairs.safetensors"

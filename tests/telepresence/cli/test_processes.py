@@ -36,7 +36,7 @@ def test_sender_bad_source_is_one_clear_line(source, message):
 def test_sender_missing_pipeline_is_one_clear_line():
     result = run_cli("run_sender.py", "--source", "sample", "--pipeline", "no_such_pipeline_module")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "cannot import the pipeline module 'no_such_pipeline_module'" in result.stderr
+    assert "cannot load the pipeline factory 'no_such_pipeline_module'" in result.stderr
 
 
 def test_receiver_port_in_use_is_one_clear_line():

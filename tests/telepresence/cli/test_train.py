@@ -1,4 +1,4 @@
-"""`telepresence train` (train_main): smoke runs of both families, pair files, resume, one-line errors."""
+"""`telepresence train` (telepresence.cli.train.main): smoke runs of both families, pair files, resume, one-line errors."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 
 from models.refiner import Refiner
 from models.training.data import TensorPairDataset, synthetic_pairs
-from telepresence.cli.train import train_main
+from telepresence.cli.train import main as train_main
 
 FAST = ["--no-progress", "--no-identity", "--workers", "0"]
 

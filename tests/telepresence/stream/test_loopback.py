@@ -47,9 +47,9 @@ async def test_frames_arrive_and_a_pose_change_changes_them():
         assert still < 4 and moved > 20, (still, moved)
 
         await wait_until(lambda: viewer.stats is not None, timeout_s=3)
-        assert viewer.hello["limits"]["yaw"] == 40
-        assert set(viewer.stats["stages_ms"]) >= {"capture", "landmarks", "avatar", "refine", "encode"}
-        assert viewer.stats["status"] == "ok" and viewer.stats["fps"] > 5
+        assert viewer.hello.limits["yaw"] == 40
+        assert set(viewer.stats.stages_ms) >= {"capture", "landmarks", "avatar", "refine", "encode"}
+        assert viewer.stats.status == "ok" and viewer.stats.fps > 5
         await viewer.close()
 
 
@@ -74,11 +74,11 @@ async def test_one_pipeline_call_serves_every_viewer_and_poses_are_clamped():
             await viewer.next_frame(timeout_s=10)
             await viewer.wait_channel_open()
         viewers[0].set_pose(1000, -1000, 99)
-        await wait_until(lambda: 3 in sender._pipeline.view_counts[-3:], timeout_s=5)
+        await wait_until(lambda: 3 in sender.pipeline.view_counts[-3:], timeout_s=5)
         await settled_frame(viewers[0])
         poses = {vid: pose for vid, (pose, _) in sender.render_loop._views.items()}
         assert (poses["v0"].yaw_deg, poses["v0"].pitch_deg, poses["v0"].dist_scale) == (40, -25, 1.6)
-        assert sender._pipeline.view_counts[-1] == 3  # one call, three views
+        assert sender.pipeline.view_counts[-1] == 3  # one call, three views
         for viewer in viewers:
             await viewer.close()
 
@@ -93,7 +93,7 @@ async def test_bad_pose_messages_get_an_error_and_the_viewer_stays():
         for raw in ["garbage", '{"type":"pose","seq":1,"t":0,"yaw":NaN,"pitch":0,"dist":1}', '{"type":"exec"}', "x" * 5000]:
             viewer.send_raw(raw)
         await wait_until(lambda: len(viewer.errors) >= 4, timeout_s=5)
-        assert {e["code"] for e in viewer.errors} == {"bad-json", "unknown-type", "too-large"}
+        assert {e.code for e in viewer.errors} == {"bad-json", "unknown-type", "too-large"}
         count = viewer.frames_received
         await wait_until(lambda: viewer.frames_received > count + 5, timeout_s=5)
         assert "v1" in sender.viewers

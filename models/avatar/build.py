@@ -1,0 +1,118 @@
+"""Building an avatar: build_avatar (the host's share, then the device's) and
+build_on_device, the device's share with fixed shapes for a fixed plan."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.avatar.geometry import mesh_vertices, shell_support
+from models.avatar.plan import BuildPlan, ObservationView, prepare_build
+from models.avatar.texture import (fill_hidden_card, fill_hidden_shell, fill_texture, rgba_texture,
+                                   transparent_card_faces)
+from models.avatar.topology import mesh_constants, mesh_topology
+from models.avatar.types import Avatar, AvatarConfig
+from models.avatar.visibility import facing_source, source_depth_map, vertex_visible
+from models.face.analysis import FaceObservation
+
+__all__ = ["build_avatar", "build_on_device"]
+
+
+def build_avatar(
+    image: np.ndarray,
+    obs: FaceObservation,
+    config: AvatarConfig = AvatarConfig(),
+    device: str | torch.device = "cpu",
+    geometry: FaceObservation | None = None,
+    crop: tuple[float, float, float] | None = None,
+    render_size: int = 512,
+) -> Avatar:
+    """Build the avatar of the face in ``image`` (RGB uint8 [H, W, 3]) in one pass.
+
+    geometry: reenactment, another frame of the same camera (same picture size):
+        its landmarks give the geometry, ``image``/``obs`` give the texture.
+    crop: (centre x, centre y, side) in source pixels; default :func:`models.avatar.plan.crop_box` of obs.
+    render_size: the largest render size planned (sets the texture resolution).
+
+    The host frames the head and packs a few numbers (:func:`prepare_build`); the device
+    does the rest without waiting on the host except to size the source-depth raster
+    (models.avatar.engine.AvatarEngine runs that part as a CUDA graph instead).
+    """
+    inputs = prepare_build(image, obs, config, geometry, crop, render_size)
+    device = torch.device(device)
+    avatar = build_on_device(inputs.plan, inputs.tensors(device), device)
+    avatar.host = inputs.host
+    return avatar
+
+
+def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: torch.device,
+                    capacity: int | None = None) -> Avatar:
+    """The device's share of a build: tensor maths only, fixed shapes for a fixed plan.
+    capacity: candidate count of the source-depth raster (fixed: CUDA-graph safe; None:
+    exact, one host sync). The Avatar's ``host`` field is left for the caller."""
+    config = plan.config
+    key = (config.shell_rings, config.card_grid, config.background == "far")
+    topo = mesh_topology(*key)
+    st = mesh_constants(topo, key, device)
+    H, W = plan.image_size
+    frame = t["frame"]
+    crop, A, crop_K, Kt = frame[:3], frame[3:12].view(3, 3), frame[12:21].view(3, 3), frame[21:30].view(3, 3)
+    o = ObservationView.of(t["obs"])
+    mask = t["mask"]
+    support = None if mask is None else shell_support(mask, t["outline"])
+    tex_verts = mesh_vertices(o, support, crop, plan, st)  # [N, 3] texture frame
+    N = tex_verts.shape[0]
+    tex_h = tex_verts @ Kt.T  # [N, 3]: (u w, v w, w) with w the source depth
+
+    # What the source camera saw: a depth map of the head, and per vertex.
+    src_depth, frags = source_depth_map(tex_verts, st, A @ Kt, plan.vis_size, capacity)
+    visible = vertex_visible(tex_h, src_depth, A, st.card_verts)  # [N] bool
+    grazing = facing_source(tex_verts, st)  # [N] in [0, 1]
+
+    # Fill texture for what the source did not see (used per pixel where hidden).
+    fill = tex_h.clone()
+    opacity = torch.ones(N, device=device)
+    fill_hidden_shell(fill, visible, st, topo.pole)
+    card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
+    opacity = fill_hidden_card(fill, opacity, visible, card, config.card_grid)
+    if topo.n_far:
+        # Atlas [picture | far layer]: far-layer vertices address the right half.
+        for h in (tex_h, fill):
+            h[N - topo.n_far :, 0] += W * h[N - topo.n_far :, 2]
+    skip = transparent_card_faces(mask if plan.alpha_mask else None, frame[30], tex_h, fill, opacity, st, plan)
+    vattr = torch.cat([tex_h, fill, grazing[:, None], opacity[:, None], st.flags], -1)  # [N, 11]
+    if plan.reenact:
+        geo_mask = t["geo_mask"]
+        geo_support = None if geo_mask is None else shell_support(geo_mask, t["geo_outline"])
+        verts = mesh_vertices(ObservationView.of(t["geo_obs"]), geo_support, crop, plan, st)
+        pivot = ObservationView.of(t["geo_obs"]).pivot
+    else:
+        verts, pivot = tex_verts, o.pivot
+
+    # Texture on the device: the picture, its person mask as alpha (or 1), and the far layer.
+    image_t = t["image"].permute(2, 0, 1).float().div_(255.0)
+    alpha_t = mask[None] if plan.alpha_mask else torch.ones((1, H, W), device=device)
+    texture = rgba_texture(image_t, alpha_t, plan.tex_size)
+    span_w = float(W)
+    if topo.n_far:
+        far = t["far"].permute(2, 0, 1).float().div_(255.0)
+        texture = torch.cat([texture, rgba_texture(far, torch.ones_like(alpha_t), plan.tex_size)], -1)
+        span_w = 2.0 * W
+    return Avatar(
+        verts=verts,
+        faces=st.faces,
+        cull=st.cull,
+        skip=skip,
+        vattr=vattr,
+        texture=texture,
+        texture_fill=fill_texture(texture, plan.fill_size),
+        tex_span=(float(H), span_w),
+        src_depth=src_depth,
+        src_depth_K=A,
+        pivot=pivot,
+        crop_K=crop_K,
+        source_image=image_t,
+        source_alpha=alpha_t,
+        source_focal_px=plan.focal_px,
+        config=config,
+        needed=frags.needed,
+    )

@@ -1,0 +1,207 @@
+"""The mesh's fixed part: the canonical head (cranium ellipsoid, shell sweep), the topology
+(which vertex is which; head triangles wound outward) and its constants on each device."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.face.analysis import NUM_MESH_VERTICES, face_model
+
+__all__ = ["CARD_KNOTS", "CRANIUM_CENTRE", "CRANIUM_RADII", "MeshConstants", "Topology", "mesh_constants",
+           "mesh_topology", "sweep_shell"]
+
+
+# Cranium ellipsoid in the head frame (x right, y down, z into the head; metres),
+# sized for an adult head with some hair around the canonical face model.
+CRANIUM_CENTRE = (0.0, -0.02, 0.025)
+CRANIUM_RADII = (0.088, 0.115, 0.120)
+# Card depth offset (metres) against height below the chin (face heights).
+CARD_KNOTS = ((-0.3, 0.05, 0.35, 1.2), (0.02, -0.015, -0.03, -0.05))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Vertex ids and triangles of one mesh layout. Vertex order: face mesh, shell (ring-major,
+    then the pole), card (row-major), far layer."""
+
+    faces: np.ndarray  # [F, 3]; head triangles (the first n_head_faces) wound outward
+    n_head_faces: int  # face-mesh and shell triangles: a closed surface, so back faces can be culled
+    n_face: int  # face-mesh vertices
+    n_shell: int  # shell vertices (rings 1..K and the pole)
+    n_card: int
+    n_far: int
+    ring_ids: np.ndarray  # [K + 1, J] vertex ids per ring (ring 0 = face outline)
+    pole: int
+
+
+_TOPOLOGY_CACHE: dict[tuple[int, int, bool], Topology] = {}
+
+
+def _grid_faces(rows: int, cols: int, base: int) -> np.ndarray:
+    idx = np.arange(rows * cols).reshape(rows, cols) + base
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
+    return np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([b, c, d], -1).reshape(-1, 3)])
+
+
+def mesh_topology(rings: int, card: int, far: bool) -> Topology:
+    """The mesh layout for ``rings`` shell rings, a ``card`` x ``card`` card and an optional
+    far layer (made once per setting)."""
+    key = (rings, card, far)
+    if key in _TOPOLOGY_CACHE:
+        return _TOPOLOGY_CACHE[key]
+    model = face_model()
+    oval = model.face_oval  # [J]
+    J = len(oval)
+    n_face = NUM_MESH_VERTICES
+    ring_ids = [oval]
+    for k in range(1, rings + 1):
+        ring_ids.append(n_face + (k - 1) * J + np.arange(J))
+    ring_ids = np.stack(ring_ids)  # [K + 1, J]
+    pole = n_face + rings * J
+    faces = [model.triangles]
+    for k in range(rings):
+        a, b = ring_ids[k], ring_ids[k + 1]
+        a2, b2 = np.roll(a, -1), np.roll(b, -1)
+        faces += [np.stack([a, b, a2], -1), np.stack([a2, b, b2], -1)]
+    last = ring_ids[-1]
+    faces.append(np.stack([last, np.full(J, pole), np.roll(last, -1)], -1))
+    n_shell = rings * J + 1
+    base = n_face + n_shell
+    faces.append(_grid_faces(card, card, base))
+    n_card = card * card
+    n_far = 0
+    if far:
+        faces.append(_grid_faces(4, 4, base + n_card))
+        n_far = 16
+    faces = np.concatenate(faces).astype(np.int64)
+    n_head_faces = len(model.triangles) + 2 * rings * J + J
+    faces[:n_head_faces] = _orient_outward(faces[:n_head_faces], n_face, ring_ids, pole, rings)
+    topo = Topology(
+        faces=faces,
+        n_head_faces=n_head_faces,
+        n_face=n_face,
+        n_shell=n_shell,
+        n_card=n_card,
+        n_far=n_far,
+        ring_ids=ring_ids,
+        pole=pole,
+    )
+    _TOPOLOGY_CACHE[key] = topo
+    return topo
+
+
+def _orient_outward(faces: np.ndarray, n_face: int, ring_ids: np.ndarray, pole: int, rings: int) -> np.ndarray:
+    """Wind every head triangle so that its normal (b - a) x (c - a) points away from
+    the cranium centre, judged on the canonical head (the winding is topological)."""
+    model = face_model()
+    face_head = torch.from_numpy(model.vertices).double()
+    const = {"centre": torch.tensor(CRANIUM_CENTRE).double(), "radii": torch.tensor(CRANIUM_RADII).double(),
+             "back": torch.tensor([0.0, 0.0, 1.0]).double()}
+    shell = sweep_shell(face_head, torch.as_tensor(ring_ids[0]), rings, 1.0, const)
+    verts = torch.cat([face_head, shell]).numpy().astype(np.float64)
+    tri = verts[faces]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    outward = tri.mean(1) - np.array(CRANIUM_CENTRE)
+    flip = (normal * outward).sum(1) < 0
+    out = faces.copy()
+    out[flip] = out[flip][:, [0, 2, 1]]
+    return out
+
+
+def sweep_shell(face_head: torch.Tensor, ring0: torch.Tensor, rings: int, cranium_scale: float,
+                 const: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Shell vertices [rings * J + 1, 3] in the head frame: each face-outline vertex is
+    swept along a great circle about the cranium centre to the back of the head, its
+    radius blending from the outline's to the cranium ellipsoid's within ~2.5 rings."""
+    dt, device = face_head.dtype, face_head.device
+    c, back = const["centre"], const["back"]
+    radii = const["radii"] * cranium_scale
+    d0 = face_head.index_select(0, ring0) - c  # [J, 3]
+    r0 = d0.norm(dim=-1, keepdim=True)
+    d0 = d0 / r0
+    omega = torch.acos((d0 @ back).clamp(-0.999, 0.999))[:, None]  # [J, 1]
+    K = rings
+    s = torch.arange(1, K + 1, dtype=dt, device=device)[None, :] / (K + 1)  # [1, K]
+    # Spherical interpolation from the outline direction to the back direction.
+    wa = torch.sin((1 - s) * omega) / torch.sin(omega)
+    wb = torch.sin(s * omega) / torch.sin(omega)
+    u = wa[..., None] * d0[:, None, :] + wb[..., None] * back  # [J, K, 3]
+    u = u / u.norm(dim=-1, keepdim=True)
+    r_ell = 1.0 / ((u / radii).pow(2).sum(-1)).sqrt()  # [J, K]
+    blend = (s * (K + 1) / 2.5).clamp(max=1.0)
+    blend = blend * blend * (3 - 2 * blend)
+    r = r0 * (1 - blend) + r_ell * blend
+    shell = (c + u * r[..., None]).transpose(0, 1).reshape(-1, 3)  # ring-major, matching mesh_topology
+    pole = c + back * (1.0 / (back / radii).pow(2).sum().sqrt())
+    return torch.cat([shell, pole[None]])
+
+
+@dataclass(frozen=True)
+class MeshConstants:
+    """Per-topology constants, built once per device (outside any CUDA-graph capture)."""
+
+    faces: torch.Tensor  # [F, 3] on the device
+    cull: torch.Tensor  # [F] bool on the device
+    not_head: torch.Tensor  # [F] bool on the device (source depth draws the head only)
+    card_faces: torch.Tensor  # [F] bool on the device
+    card_verts: torch.Tensor  # [N] bool on the device
+    flags: torch.Tensor  # [N, 3] on the device: solid, head, rim
+    ring_ids: torch.Tensor  # [K + 1, J] on the device
+    ring0: torch.Tensor  # [J] face outline vertex ids on the device
+    incident: torch.Tensor  # [N, D] faces of each vertex, padded with F
+    const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots
+
+
+_MESH_CONSTANTS: dict[tuple, MeshConstants] = {}
+
+
+def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshConstants:
+    """The constants of ``topo`` (made by :func:`mesh_topology` from ``key``) on ``device``, made once."""
+    k = key + (str(device),)
+    if k in _MESH_CONSTANTS:
+        return _MESH_CONSTANTS[k]
+    faces = torch.as_tensor(topo.faces)
+    cull = torch.zeros(len(faces), dtype=torch.bool)
+    cull[: topo.n_head_faces] = True
+    # The first shell rings may fold under the face outline (the cranium is narrower than
+    # the cheeks): draw them from both sides so a turned head shows no seam.
+    n_tri = len(face_model().triangles)
+    J = topo.ring_ids.shape[1]
+    cull[n_tri : n_tri + 2 * 2 * J] = False
+    not_head = torch.ones(len(faces), dtype=torch.bool)
+    not_head[: topo.n_head_faces] = False
+    card = (topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
+    card_faces = ((faces >= card[0]) & (faces < card[1])).all(-1)
+    N = topo.n_face + topo.n_shell + topo.n_card + topo.n_far
+    card_verts = torch.zeros(N, dtype=torch.bool)
+    card_verts[card[0] : card[1]] = True
+    flags = torch.zeros(N, 3)
+    flags[: topo.n_face, 0] = 1.0  # solid: the face mesh always covers
+    flags[: topo.n_face + topo.n_shell, 1] = 1.0  # head
+    # The rim (shell rings 1-3: sides of the head, ears) is solid: where its source pixel is
+    # not the person (the cranium is only a guess there), it takes the fill texture.
+    flags[torch.as_tensor(topo.ring_ids[1:4]).reshape(-1), 2] = 1.0
+    # Faces of each vertex, padded with the index F.
+    per_vertex = [[] for _ in range(N)]
+    for fi, tri in enumerate(topo.faces.tolist()):
+        for vi in tri:
+            per_vertex[vi].append(fi)
+    D = max(len(p) for p in per_vertex)
+    incident = torch.tensor([p + [len(faces)] * (D - len(p)) for p in per_vertex], dtype=torch.int64)
+    const = {
+        "centre": torch.tensor(CRANIUM_CENTRE),
+        "radii": torch.tensor(CRANIUM_RADII),
+        "back": torch.tensor([0.0, 0.0, 1.0]),
+        "knots_x": torch.tensor(CARD_KNOTS[0]),
+        "knots_y": torch.tensor(CARD_KNOTS[1]),
+    }
+    ring_ids = torch.as_tensor(topo.ring_ids)
+    st = MeshConstants(
+        faces.to(device), cull.to(device), not_head.to(device), card_faces.to(device), card_verts.to(device),
+        flags.to(device), ring_ids.to(device), ring_ids[0].to(device), incident.to(device),
+        {name: v.to(device) for name, v in const.items()},
+    )
+    _MESH_CONSTANTS[k] = st
+    return st

@@ -1,0 +1,74 @@
+"""Command-line flags shared by several commands (the pipeline's, the streaming settings'), defined once."""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+from telepresence.pipeline import FramePipeline, PipelineConfig, open_pipeline
+from telepresence.stream.messages import MAX_NAME_CHARS
+from telepresence.stream.rtc import BitrateConfig, IceConfig
+from telepresence.stream.sender import SenderConfig
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (cuda when this machine has it, else cpu) | cpu | cuda | cuda:N")
+    parser.add_argument("--size", type=int, default=None,
+                        help="views are SIZE x SIZE pixels, a multiple of 8 (default: 512 on cuda, 256 on cpu, "
+                        "where 512 would run at a few frames per second)")
+    parser.add_argument("--refiner", default="default",
+                        help="refiner weights folder, 'default' (the shipped weights) or 'none' (raw avatar renders)")
+    # tests and the streaming-only benchmark swap the pipeline for a cheap double ("module:function")
+    parser.add_argument("--pipeline", default=None, help=argparse.SUPPRESS)
+
+
+def parse_refiner(text: str) -> str | None:
+    """--refiner PATH|default|none -> PipelineConfig.refiner (None: no refinement)."""
+    return None if text.lower() == "none" else text
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (logged: the user sees which and why)."""
+    if name != "auto":
+        return name
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logging.getLogger("telepresence").info("device: %s (%s)", device,
+                                           "CUDA available" if device == "cuda" else "no CUDA device: the CPU path")
+    return device
+
+
+def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    args.device = resolve_device(args.device)
+    return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner))
+
+
+def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) -> FramePipeline:
+    return open_pipeline(config, factory=args.pipeline)
+
+
+def add_sender_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a sender streams: codec, bitrate, ICE, viewers."""
+    parser.add_argument("--codec", choices=("vp8", "h264"), default=SenderConfig.codec, help="preferred video codec")
+    parser.add_argument("--min-kbps", type=int, default=BitrateConfig.min_kbps, help="video bitrate floor")
+    parser.add_argument("--start-kbps", type=int, default=BitrateConfig.start_kbps, help="video bitrate at the start")
+    parser.add_argument("--max-kbps", type=int, default=BitrateConfig.max_kbps, help="video bitrate ceiling")
+    parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL (repeatable)")
+    parser.add_argument("--ice-username", default=None, help="TURN user name")
+    parser.add_argument("--ice-credential", default=None, help="TURN password")
+    parser.add_argument("--max-viewers", type=int, default=SenderConfig.max_viewers, help="viewers served at once")
+
+
+def sender_config_from_args(args: argparse.Namespace, **overrides) -> SenderConfig:
+    values = dict(
+        name=(getattr(args, "name", None) or socket.gethostname())[:MAX_NAME_CHARS],
+        source=args.source,
+        source_fps=args.source_fps,
+        codec=args.codec,
+        bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
+        ice=IceConfig(tuple(args.ice_server), args.ice_username, args.ice_credential),
+        max_viewers=args.max_viewers,
+    )
+    values.update(overrides)
+    return SenderConfig(**values)

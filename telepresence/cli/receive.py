@@ -1,0 +1,63 @@
+"""`telepresence receive`: serve the viewer page and the signaling endpoint on one port."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from telepresence.cli.console import add_verbosity, configure_logging, run_until_stopped
+from telepresence.stream.receiver import ReceiverConfig, ReceiverError, default_web_dir, run
+from telepresence.stream.rtc import IceConfig
+from telepresence.stream.signaling import RoomLimits
+
+logger = logging.getLogger("telepresence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="telepresence receive", description="Serve the viewer page and the signaling endpoint on one port.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to accept the LAN")
+    parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
+    parser.add_argument("--token", default=None, help="shared token required to join rooms")
+    parser.add_argument("--room", default=ReceiverConfig.room, help="room named in the printed URL")
+    parser.add_argument("--web-dir", type=Path, default=None, help="the page files (default: this checkout's web/)")
+    parser.add_argument("--max-viewers", type=int, default=RoomLimits.max_viewers_per_room, help="browsers per room")
+    parser.add_argument("--max-senders", type=int, default=RoomLimits.max_senders_per_room, help="senders per room")
+    parser.add_argument("--max-per-ip", type=int, default=RoomLimits.max_connections_per_ip, help="sockets per IP")
+    parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL for browsers")
+    parser.add_argument("--ice-username", default=None, help="TURN user name for browsers")
+    parser.add_argument("--ice-credential", default=None, help="TURN password for browsers")
+    add_verbosity(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
+    return ReceiverConfig(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        room=args.room,
+        web_dir=args.web_dir if args.web_dir is not None else default_web_dir(),
+        limits=RoomLimits(
+            max_viewers_per_room=args.max_viewers,
+            max_senders_per_room=args.max_senders,
+            max_connections_per_ip=args.max_per_ip,
+        ),
+        ice=IceConfig(tuple(args.ice_server), args.ice_username, args.ice_credential),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+    return run_until_stopped(
+        run(config, on_ready=lambda receiver: print(f"Receiver ready. Open {receiver.url}", flush=True)),
+        expected=(ReceiverError,),
+    )

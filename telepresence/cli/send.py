@@ -1,0 +1,66 @@
+"""`telepresence send`: capture, run the pipeline, stream one view per viewer of a room."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from telepresence.cli.console import add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.options import (
+    add_pipeline_arguments,
+    add_sender_arguments,
+    open_pipeline_from_args,
+    pipeline_config_from_args,
+    sender_config_from_args,
+)
+from telepresence.pipeline import PipelineUnavailableError
+from telepresence.stream.capture import SourceError
+from telepresence.stream.sender import Sender, SenderConfig, serve
+from telepresence.stream.signaling_client import SignalingRejectedError
+
+logger = logging.getLogger("telepresence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="telepresence send", description="Capture, build the avatar and stream one view per viewer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--signaling", default=SenderConfig.signaling_url, help="the receiver's signaling URL")
+    parser.add_argument("--room", default=SenderConfig.room, help="room to publish into")
+    parser.add_argument("--name", default=None, help="label shown to viewers (default: this host's name)")
+    parser.add_argument("--token", default=None, help="shared room token, if the receiver needs one")
+    parser.add_argument("--source", default=SenderConfig.source,
+                        help="webcam | camera INDEX (0, 1, ...) | FILE.mp4 | IMAGE | sample (the embedded clip)")
+    parser.add_argument("--source-fps", type=float, default=None,
+                        help="play a file, image or the sample at this rate (default: a file's own, 30 for images)")
+    add_pipeline_arguments(parser)
+    add_sender_arguments(parser)
+    parser.add_argument("--stamp-frames", action="store_true", help="paint capture time into each view (latency tests)")
+    add_verbosity(parser)
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    import asyncio
+
+    config = sender_config_from_args(args, signaling_url=args.signaling, room=args.room, token=args.token,
+                                     stamp_frames=args.stamp_frames)
+    pipeline_config = pipeline_config_from_args(args)
+    logger.info("loading the pipeline (device %s, %d px)", pipeline_config.device, pipeline_config.size)
+    pipeline = await asyncio.get_running_loop().run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
+    try:
+        await serve(Sender(config, pipeline))
+    finally:
+        pipeline.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        sender_config_from_args(args, signaling_url=args.signaling, room=args.room, token=args.token)
+        pipeline_config_from_args(args)
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+    return run_until_stopped(_run(args), expected=(SourceError, PipelineUnavailableError, SignalingRejectedError))

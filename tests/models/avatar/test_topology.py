@@ -1,0 +1,24 @@
+"""The mesh topology: the head is wound outward, and culling it (and skipping transparent
+card cells) changes no picture."""
+from models.avatar import build_avatar, render_views
+from models.geometry.camera import OrbitPose, project
+
+
+def test_culling_and_skipping_do_not_change_the_picture(analyzer, astronaut):
+    """Back-face culling of the (outward-wound, closed) head and skipping fully
+    transparent card cells are pure speed-ups: the plain twin draws everything."""
+    avatar = build_avatar(astronaut, analyzer.analyze(astronaut), render_size=128)
+    assert avatar.cull.sum() > 1000 and avatar.skip.sum() > 0
+    poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y, p in ((-35, 0), (0, 0), (30, 10))]
+    fast = render_views(avatar, poses, 128)
+    avatar.cull[:] = False
+    avatar.skip[:] = False
+    plain = render_views(avatar, poses, 128)
+    assert (fast.rgb - plain.rgb).abs().mean() < 1e-3
+    assert ((fast.rgb - plain.rgb).abs() > 0.1).float().mean() < 0.002
+    # Outward winding: the face seen from the front has negative screen area everywhere but the edges.
+    viewmats, Ks = avatar.cameras([OrbitPose()], 128)
+    tri = project(avatar.verts[None], viewmats, Ks)[0][avatar.faces[:898]]
+    x, y = tri[..., 0], tri[..., 1]
+    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
+    assert (area < 0).float().mean() > 0.9
