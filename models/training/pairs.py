@@ -28,13 +28,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
-from models.avatar import Avatar, AvatarConfig, build_avatar, crop_box, render_cameras, render_views
+from models.avatar import AvatarConfig, build_avatar, crop_box, render_cameras, render_views
 from models.geometry.camera import OrbitPose, orbit_viewmats, rotation_to_euler_deg
 from models.face.analysis import FaceObservation, HeadPose, head_region_mask
 from models.pictures import to_rgb_uint8, to_uint8
