@@ -325,8 +325,6 @@ def refine_views(
     time (one refine call per chunk, in order, so a generator draws the same noise as one
     loop would). noise_level and generator go to refine() only when given (None: its defaults).
     """
-    if views.ndim != 5:
-        raise ValueError(f"expected views [B, V, 3, H, W], got {tuple(views.shape)}")
     if reference.ndim not in (3, 4):
         raise ValueError(f"expected reference [B, 3, H, W] or [3, H, W], got {tuple(reference.shape)}")
     if batch is not None and batch < 1:
@@ -340,12 +338,24 @@ def refine_views(
     if generator is not None:
         kwargs["generator"] = generator
     n = views.shape[0]
-    step = n if batch is None else batch
-    outs = []
-    for i in range(0, n, step):
-        v = views[i : i + step].to(dtype)  # [b, V, 3, H, W]
-        r = reference[None].expand(v.shape[0], -1, -1, -1) if reference.ndim == 3 else reference[i : i + step]
-        s = None if seen is None else seen[i : i + step].to(dtype)
-        outs.append(refiner.refine(r.to(dtype), v, s, **kwargs))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if batch is None or batch >= n:  # one call (the streaming path): no slicing
+        return _refine_chunk(refiner, reference, views, seen, dtype, kwargs)
+    chunks = [
+        _refine_chunk(
+            refiner,
+            reference if reference.ndim == 3 else reference[i : i + batch],
+            views[i : i + batch],
+            None if seen is None else seen[i : i + batch],
+            dtype,
+            kwargs,
+        )
+        for i in range(0, n, batch)
+    ]
+    return torch.cat(chunks)
 
+
+def _refine_chunk(refiner, reference, views, seen, dtype, kwargs) -> Tensor:
+    """One refine call: reference [b, 3, H, W] or [3, H, W] (expanded to b), everything cast to dtype."""
+    if reference.ndim == 3:
+        reference = reference[None].expand(views.shape[0], -1, -1, -1)
+    return refiner.refine(reference.to(dtype), views.to(dtype), None if seen is None else seen.to(dtype), **kwargs)
