@@ -170,8 +170,6 @@ class AvatarRunner:
         if refiner is not None:
             params = inspect.signature(refiner.refine).parameters
             self._takes_generator = "generator" in params
-            # A refiner trained without the seen mask refuses one (models.refiner: config.seen_mask).
-            self._use_seen = bool(getattr(getattr(refiner, "config", None), "seen_mask", True))
 
     def _build(self, frame, obs, size, geometry=None):
         kwargs = {"render_size": size} if self._render_size_arg else {}
@@ -185,19 +183,12 @@ class AvatarRunner:
         (as when streaming), in chunks of refine_batch; noise from one seeded generator per run."""
         import torch
 
-        dtype = getattr(self.refiner, "dtype", views.dtype)
-        kwargs = {}
-        if self._takes_generator:
-            if self._generator is None:
-                self._generator = torch.Generator(device=views.device).manual_seed(self.seed)
-            kwargs["generator"] = self._generator
-        outs = []
-        for i in range(0, views.shape[0], self.refine_batch):
-            v = views[i : i + self.refine_batch].to(dtype)
-            r = ref[None].expand(v.shape[0], -1, -1, -1).to(dtype)
-            sv = seen[i : i + self.refine_batch, None].to(dtype) if self._use_seen else None
-            outs.append(self.refiner.refine(r, v[:, None], sv, **kwargs)[:, 0].float())
-        return torch.cat(outs)
+        from models.refiner import refine_views
+
+        if self._takes_generator and self._generator is None:
+            self._generator = torch.Generator(device=views.device).manual_seed(self.seed)
+        out = refine_views(self.refiner, ref, views[:, None], seen[:, None], batch=self.refine_batch, generator=self._generator)
+        return out[:, 0].float()
 
     def render(self, case: PairCase) -> dict[str, np.ndarray]:
         import torch

@@ -55,6 +55,7 @@ def resolve_device(name: str) -> torch.device:
 
 def render_command(args: argparse.Namespace) -> int:
     from models.avatar import AvatarConfig, build_avatar, render_views
+    from models.refiner import refine_views
     from models.refiner.shipped import load_refiner
 
     device = resolve_device(args.device)
@@ -80,9 +81,7 @@ def render_command(args: argparse.Namespace) -> int:
     views = out.rgb
     if refiner is not None:
         with timer.stage("refine"):
-            seen = out.seen[None] if refiner.config.seen_mask else None
-            dt = refiner.dtype
-            views = refiner.refine(reference[None].to(dt), out.rgb[None].to(dt), None if seen is None else seen.to(dt))[0]
+            views = refine_views(refiner, reference, out.rgb[None], out.seen[None])[0]
     with timer.stage("write"):
         names = []
         for pose, view in zip(poses, views):
