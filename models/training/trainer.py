@@ -70,6 +70,9 @@ from .ema import EMA
 
 logger = logging.getLogger(__name__)
 
+PERF_KEYS = ("lr", "step_s", "data_s", "samples_per_s", "grad_norm")
+"""Logged per step beside the losses: learning rate, seconds per step, seconds waiting for data, throughput."""
+
 # ---- helpers -------------------------------------------------------------------------------------------
 def image_grid(columns: list[Tensor]) -> Tensor:
     """Columns of images, each [N, 3, S, S] in [0, 1] -> one picture [3, N S, len(columns) S]."""
@@ -283,8 +286,11 @@ class Trainer:
         if gan:
             self.discriminator.power_iteration()  # once per step; every pass below is in eval mode
             self.discriminator.eval()
+        data_s = 0.0
         for micro in range(cfg.grad_accum):
+            t_data = time.perf_counter()
             batch = self._next_batch()
+            data_s += time.perf_counter() - t_data  # waiting for the loader: the share data loading costs
             last = micro == cfg.grad_accum - 1
             with ExitStack() as stack:
                 if not last and self.ctx.distributed:
@@ -309,6 +315,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.wall_s += dt
         logs["step_s"] = dt
+        logs["data_s"] = data_s
+        logs["samples_per_s"] = self.effective_batch / dt
         return logs
 
     def _micro_step(self, batch: dict, micro: int, gan: bool) -> dict[str, float]:
@@ -430,7 +438,7 @@ class Trainer:
         self._window.clear()
         if not means:
             return
-        self.last_losses = {k: v for k, v in means.items() if k not in ("lr", "step_s", "grad_norm")}
+        self.last_losses = {k: v for k, v in means.items() if k not in PERF_KEYS}
         if not self.ctx.is_main:
             return
         stage = self.config.stage_of(self.step - 1)[0]
@@ -440,7 +448,7 @@ class Trainer:
         writer = self._writer_or_none()
         if writer is not None:
             for k, v in means.items():
-                group = "lr" if k == "lr" else ("perf" if k in ("step_s", "grad_norm") else "loss")
+                group = "lr" if k == "lr" else ("perf" if k in PERF_KEYS else "loss")
                 writer.add_scalar(f"{group}/{k}", v, self.step)
             if "step_s" in means and means["step_s"] > 0:
                 writer.add_scalar("perf/it_per_s", 1.0 / means["step_s"], self.step)
