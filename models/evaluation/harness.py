@@ -337,6 +337,7 @@ def _evaluate_set(
             skipped.append({"set": name, "view": tgt, "reason": f"view angle {angle.angle_deg:.1f} deg is in no bin"})
             continue
         frame, obs = align_to_reference(analysis.images[tgt], analysis.observations[tgt], ref_obs)
+        # A set's pair holds view indices where a clip's holds frame ids.
         case = PairCase(name, Pair(files.index(ref), files.index(tgt), angle.yaw_diff_deg, b), ref_frame, ref_obs,
                         frame, obs, framing)
         try:
