@@ -1,5 +1,5 @@
-"""Aggregation of pair records: pair-weighted mean, median, std and n of every metric, per yaw
-bin, per clip and overall."""
+"""Aggregation of pair records: pair-weighted mean, median, std and n of every metric, per
+angle bin, per clip (or set) and overall."""
 from __future__ import annotations
 
 import math
@@ -33,18 +33,22 @@ def _group(records: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> dict
 
 
 def aggregate(
-    records: Sequence[Mapping[str, Any]], methods: Sequence[str], bins: Sequence[tuple[float, float]] = DEFAULT_BINS
+    records: Sequence[Mapping[str, Any]],
+    methods: Sequence[str],
+    bins: Sequence[tuple[float, float]] = DEFAULT_BINS,
+    group_key: str = "clip",
 ) -> dict[str, Any]:
     """Pair-weighted statistics (mean, median, std, n) of every metric:
-    {"per_bin": {bin: {method: ...}}, "per_clip": {clip: {"all": ..., bin: ...}}, "overall": {method: ...}}."""
+    {"per_bin": {bin: {method: ...}}, "per_<group_key>": {group: {"all": ..., bin: ...}}, "overall": {method: ...}},
+    groups being the records' values of ``group_key`` ("clip", or "set" for multi-camera sets)."""
     labels = [bin_label(b) for b in bins]
     per_bin = {lab: _group([r for r in records if r["bin"] == lab], methods) for lab in labels}
-    per_clip: dict[str, Any] = {}
-    for clip in dict.fromkeys(r["clip"] for r in records):
-        rows = [r for r in records if r["clip"] == clip]
-        per_clip[clip] = {"all": _group(rows, methods)}
+    per_group: dict[str, Any] = {}
+    for group in dict.fromkeys(r[group_key] for r in records):
+        rows = [r for r in records if r[group_key] == group]
+        per_group[group] = {"all": _group(rows, methods)}
         for lab in labels:
             sub = [r for r in rows if r["bin"] == lab]
             if sub:
-                per_clip[clip][lab] = _group(sub, methods)
-    return {"per_bin": per_bin, "per_clip": per_clip, "overall": _group(records, methods)}
+                per_group[group][lab] = _group(sub, methods)
+    return {"per_bin": per_bin, f"per_{group_key}": per_group, "overall": _group(records, methods)}

@@ -412,8 +412,8 @@ class Pair(NamedTuple):
 
 
 def bin_label(b: tuple[float, float]) -> str:
-    """(10.0, 20.0) -> '10-20'."""
-    return f"{b[0]:g}-{b[1]:g}"
+    """(10.0, 20.0) -> '10-20'; an open-ended bin (hi >= 180 degrees) -> '60+'."""
+    return f"{b[0]:g}+" if b[1] >= 180.0 else f"{b[0]:g}-{b[1]:g}"
 
 
 def frontality_score(index: ClipIndex, pitch_weight: float = 0.5) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Evaluation harness: the protocol and the run (EvalConfig, evaluate): self-reenactment pairs
-from head-turn clips, each method's picture scored per pair, contact sheets as the run goes.
-The methods are in runners.py, the metrics in scoring.py, the statistics in aggregate.py and
-results.json / results.md / plots in report.py.
+from head-turn clips and targets from synchronized multi-camera sets, each method's picture scored
+per pair, contact sheets as the run goes. The methods are in runners.py, the metrics in scoring.py,
+the statistics in aggregate.py and results.json / results.md / plots in report.py.
 
-Protocol (DESIGN.md section 7):
+Protocol for clips, "reenactment (other frame of a clip)" (DESIGN.md section 7):
 
 * Pairs: per clip, the most frontal frame is the reference s; targets t are
   other frames binned by |yaw(t) - yaw(s)| (models.evaluation.clips.pairs), with
@@ -16,6 +16,15 @@ Protocol (DESIGN.md section 7):
   hair, intersected with the person mask; models.face.analysis.head_region_mask)
   and, for comparison, the whole person mask. In a head-turn clip only the
   head rotates; the torso and background do not move like a camera orbit.
+
+Protocol for sets, "multi-camera (same moment)" (models.evaluation.multiview):
+
+* The reference is the set's most frontal view (or the one it names); the targets are every other
+  view with a face (views without one are listed as skipped, with the reason), binned by the angle
+  between the two view directions, from the cameras where the set gives them, else measured.
+* Each target is first mapped into the reference camera (multiview.align_to_reference: its head
+  origin where the reference's is, at the same pixels per metre); from there on it is scored
+  exactly like a clip pair: same crop camera, methods, head and person masks, metrics.
 
 Methods: "baseline" always; the others come from a :class:`MethodRunner`
 (:class:`AvatarRunner` gives "raw" and, with a refiner, "refined";
@@ -40,14 +49,25 @@ from models.evaluation.clips import (
     VideoReadError,
     bin_label,
     index_clip,
+    Pair,
     pairs,
     reference_frame,
 )
 from models.evaluation.figures import contact_sheet, label_tile, save_png
 from models.evaluation.metrics import temporal_flicker
+from models.evaluation.multiview import (
+    MultiviewConfig,
+    MultiviewSet,
+    UnusableSetError,
+    align_to_reference,
+    analyse_set,
+    read_set,
+    reference_view,
+    target_angles,
+)
 from models.evaluation.runners import BASELINE, CallableRunner, Framing, MethodRunner, PairCase
 from models.evaluation.scoring import Scorer, score
-from models.face.analysis import FaceAnalysisError, NoFaceError, head_region_mask
+from models.face.analysis import FaceAnalysisError, FaceAnalyzer, FaceConfig, NoFaceError, head_region_mask
 from models.geometry.camera import OrbitPose
 from models.runinfo import run_metadata
 
@@ -92,6 +112,8 @@ class EvalConfig:
     """... in steps of this many degrees (one frame each)."""
     sheet_pairs_per_bin: int = 1
     """Rows per bin in each clip's contact sheet."""
+    multiview: MultiviewConfig = MultiviewConfig()
+    """How multi-camera sets are analysed and binned (their own angle bins, up to 60+ degrees)."""
 
     def __post_init__(self) -> None:
         if not 32 <= self.size <= 2048:
@@ -118,14 +140,68 @@ class EvalResult:
     clips: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     sheets: dict[str, str] = field(default_factory=dict)
+    sets: list[str] = field(default_factory=list)
+    """Multi-camera sets evaluated (their records are ``set_records``, kept apart from the clips' ``records``)."""
+    set_records: list[dict[str, Any]] = field(default_factory=list)
+    set_skipped: list[dict[str, str]] = field(default_factory=list)
+    """Sets left out whole: {"set", "path", "reason"}."""
+    skipped_views: list[dict[str, str]] = field(default_factory=list)
+    """Views of evaluated sets that are not targets: {"set", "view", "reason"}."""
+    set_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per set: its reference view, view counts and where its angles come from."""
+    set_sheets: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        """Statistics of the clip pairs (reenactment)."""
         return aggregate(self.records, self.methods, self.config.bins)
+
+    def set_summary(self) -> dict[str, Any]:
+        """Statistics of the multi-camera targets, per angle bin and per set ("per_set")."""
+        return aggregate(self.set_records, self.methods, self.config.multiview.bins, group_key="set")
 
 
 def _reference_view(framing: Framing, scorer: Scorer) -> tuple[np.ndarray, np.ndarray | None]:
     view = framing.source_view()
     return view, scorer.embed(view, scorer.face(view)) if scorer.embedder is not None else None
+
+
+@dataclass(frozen=True)
+class _Scored:
+    outputs: dict[str, np.ndarray]  # method -> [S, S, 3] float in [0, 1]
+    target: np.ndarray  # [S, S, 3] float in [0, 1]
+    head: np.ndarray  # [S, S] float32 in {0, 1}
+    fields: dict[str, Any]  # the record's head_px, person_px, target_face_found and methods
+
+
+def _score_case(case: PairCase, runner: MethodRunner, scorer: Scorer, ref_view: np.ndarray,
+                ref_emb: np.ndarray | None) -> _Scored:
+    """Every method's picture of one case, scored against the target in the reference's crop camera,
+    inside the target's head region and person mask. Raises FaceAnalysisError when a method cannot render it."""
+    framing, obs = case.framing, case.tgt_obs
+    target = framing.crop(case.tgt_frame)
+    head_full = head_region_mask(obs.landmarks_px, obs.image_size, obs.mask)
+    head = (framing.crop(head_full) > 0.5).astype(np.float32)
+    person = (framing.crop(obs.mask) > 0.5).astype(np.float32)
+    tgt_lms = scorer.face(target)
+    tgt_emb = scorer.embed(target, tgt_lms)
+    outputs = {BASELINE: ref_view, **runner.render(case)}
+    fields = {
+        "head_px": int(head.sum()),
+        "person_px": int(person.sum()),
+        "target_face_found": tgt_lms is not None if scorer.analyzer is not None else None,
+        "methods": {m: score(pic, target, head, person, scorer, tgt_lms, tgt_emb, ref_emb) for m, pic in outputs.items()},
+    }
+    return _Scored(outputs, target, head, fields)
+
+
+def _write_sheet(out_dir: Path | None, name: str, rows: list, titles: list[str]) -> str | None:
+    """Contact sheet out_dir/sheets/<name> of the rows, if any; its path."""
+    if not rows or out_dir is None:
+        return None
+    path = out_dir / "sheets" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(path, contact_sheet(rows, row_titles=titles))
+    return str(path)
 
 
 def _evaluate_clip(
@@ -157,21 +233,10 @@ def _evaluate_clip(
 
     sheet_rows, sheet_titles, per_bin_rows = [], [], {}
     records = []
-    target_cache: dict[int, tuple] = {}
     for pair in tqdm(chosen, desc=f"pairs {name}", unit="pair", disable=not progress, leave=False):
-        tgt_obs = index.observation(pair.tgt)
-        target = framing.crop(frames[pair.tgt])
-        head_full = head_region_mask(tgt_obs.landmarks_px, index.image_size, tgt_obs.mask)
-        head = (framing.crop(head_full) > 0.5).astype(np.float32)
-        person = (framing.crop(tgt_obs.mask) > 0.5).astype(np.float32)
-        if pair.tgt not in target_cache:
-            tgt_lms = scorer.face(target)
-            target_cache[pair.tgt] = (tgt_lms, scorer.embed(target, tgt_lms))
-        tgt_lms, tgt_emb = target_cache[pair.tgt]
-
-        case = PairCase(name, pair, frames[ref], ref_obs, frames[pair.tgt], tgt_obs, framing)
+        case = PairCase(name, pair, frames[ref], ref_obs, frames[pair.tgt], index.observation(pair.tgt), framing)
         try:
-            outputs = {BASELINE: ref_view, **runner.render(case)}
+            scored = _score_case(case, runner, scorer, ref_view, ref_emb)
         except FaceAnalysisError as exc:
             log.warning("clip '%s' pair %d->%d skipped: %s", name, pair.ref, pair.tgt, exc)
             continue
@@ -185,34 +250,25 @@ def _evaluate_clip(
             "yaw_diff_deg": pair.yaw_diff_deg,
             "abs_yaw_diff_deg": abs(pair.yaw_diff_deg),
             "pitch_diff_deg": float(index.pose_deg[index.position(pair.tgt), 1]) - pitch_ref,
-            "head_px": int(head.sum()),
-            "person_px": int(person.sum()),
-            "target_face_found": tgt_lms is not None if scorer.analyzer is not None else None,
-            "methods": {},
+            **scored.fields,
         }
-        for method, picture in outputs.items():
-            rec["methods"][method] = score(picture, target, head, person, scorer, tgt_lms, tgt_emb, ref_emb)
         records.append(rec)
 
         rows_in_bin = per_bin_rows.setdefault(pair.bin, 0)
         if rows_in_bin < config.sheet_pairs_per_bin and out_dir is not None:
             per_bin_rows[pair.bin] = rows_in_bin + 1
-            sheet_rows.append(_sheet_row(outputs, target, head, rec, runner.methods))
+            sheet_rows.append(_sheet_row(scored.outputs, scored.target, scored.head, rec, runner.methods))
             sheet_titles.append(
                 f"bin {rec['bin']} deg: ref frame {pair.ref} (yaw {yaw_ref:+.1f}) -> target frame {pair.tgt} "
                 f"(yaw {rec['yaw_tgt_deg']:+.1f}), diff {pair.yaw_diff_deg:+.1f} deg"
             )
 
-    sheet_path = None
-    if sheet_rows and out_dir is not None:
-        sheet_path = out_dir / "sheets" / f"{name}.png"
-        sheet_path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(sheet_path, contact_sheet(sheet_rows, sheet_titles))
+    sheet_path = _write_sheet(out_dir, f"{name}.png", sheet_rows, sheet_titles)
 
     flicker = None
     if config.flicker:
         flicker = _clip_flicker(runner, framing, config)
-    return records, flicker, str(sheet_path) if sheet_path else None
+    return records, flicker, sheet_path
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
@@ -256,6 +312,72 @@ def _clip_flicker(runner: MethodRunner, framing: Framing, config: EvalConfig) ->
     return out
 
 
+def _evaluate_set(
+    mvset: MultiviewSet, analyzer: FaceAnalyzer, runner: MethodRunner, config: EvalConfig, scorer: Scorer,
+    out_dir: Path | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any], str | None]:
+    """Records of one multi-camera set, its skipped views, its description and contact sheet path
+    (or raises FaceAnalysisError to skip the whole set)."""
+    mv = config.multiview
+    name = mvset.name
+    analysis = analyse_set(mvset, analyzer)
+    ref = reference_view(analysis, mv.pitch_weight)
+    skipped = [{"set": name, "view": f, "reason": reason} for f, reason in analysis.missing.items()]
+    angles, angle_note = target_angles(analysis, ref, mv.max_angle_disagreement_deg)
+    if not angles:
+        raise UnusableSetError(f"only one view of set '{name}' has a face ({ref})")
+    ref_frame, ref_obs = analysis.images[ref], analysis.observations[ref]
+    framing = runner.framing(ref_frame, ref_obs, config.size)
+    ref_view, ref_emb = _reference_view(framing, scorer)
+    files = [v.file for v in mvset.views]
+    records, sheet_rows, sheet_titles = [], [], []
+    for tgt, angle in sorted(angles.items(), key=lambda kv: kv[1].angle_deg):
+        b = next((b for b in mv.bins if b[0] <= angle.angle_deg < b[1]), None)
+        if b is None:
+            skipped.append({"set": name, "view": tgt, "reason": f"view angle {angle.angle_deg:.1f} deg is in no bin"})
+            continue
+        frame, obs = align_to_reference(analysis.images[tgt], analysis.observations[tgt], ref_obs)
+        # A set's pair holds view indices where a clip's holds frame ids.
+        case = PairCase(name, Pair(files.index(ref), files.index(tgt), angle.yaw_diff_deg, b), ref_frame, ref_obs,
+                        frame, obs, framing)
+        try:
+            scored = _score_case(case, runner, scorer, ref_view, ref_emb)
+        except FaceAnalysisError as exc:
+            log.warning("set '%s' view %s skipped: %s", name, tgt, exc)
+            skipped.append({"set": name, "view": tgt, "reason": f"not rendered: {exc}"})
+            continue
+        r_pose, t_pose = ref_obs.pose, analysis.observations[tgt].pose
+        rec: dict[str, Any] = {
+            "set": name,
+            "ref": ref,
+            "tgt": tgt,
+            "bin": bin_label(b),
+            "angle_deg": angle.angle_deg,
+            "yaw_diff_deg": angle.yaw_diff_deg,
+            "pitch_diff_deg": angle.pitch_diff_deg,
+            "abs_yaw_diff_deg": abs(angle.yaw_diff_deg),
+            "yaw_source": angle.yaw_source,
+            "pitch_source": angle.pitch_source,
+            "yaw_diff_measured_deg": angle.yaw_diff_measured_deg,
+            "pitch_diff_measured_deg": angle.pitch_diff_measured_deg,
+            "yaw_ref_deg": r_pose.yaw_deg,
+            "pitch_ref_deg": r_pose.pitch_deg,
+            "yaw_tgt_deg": t_pose.yaw_deg,
+            "pitch_tgt_deg": t_pose.pitch_deg,
+            **scored.fields,
+        }
+        records.append(rec)
+        if out_dir is not None:
+            sheet_rows.append(_sheet_row(scored.outputs, scored.target, scored.head, rec, runner.methods))
+            sheet_titles.append(
+                f"{tgt}: {angle.angle_deg:.0f} deg from {ref} (yaw {angle.yaw_diff_deg:+.0f} {angle.yaw_source}, "
+                f"pitch {angle.pitch_diff_deg:+.0f} {angle.pitch_source})"
+            )
+    info = {"path": str(mvset.path), "views": len(mvset.views), "views_with_face": len(analysis.observations),
+            "reference": ref, "reference_named_by_set": mvset.reference is not None, "angles": angle_note}
+    return records, skipped, info, _write_sheet(out_dir, f"multiview/{name}.png", sheet_rows, sheet_titles)
+
+
 def evaluate(
     clips: Sequence[str | Path],
     runner: MethodRunner | None = None,
@@ -264,21 +386,19 @@ def evaluate(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
+    sets: Sequence[str | Path] = (),
 ) -> EvalResult:
-    """Evaluate every clip; clips that cannot be read, hold no face or yield no
-    pair are logged, listed in ``skipped`` and left out. With ``out_dir``,
-    contact sheets are written there as the run goes (see models.evaluation.report.write_results
-    for the rest). The result's meta is models.runinfo.run_metadata on the runner's device, plus ``meta``."""
+    """Evaluate every clip and every multi-camera set folder (models.evaluation.multiview); clips and
+    sets that cannot be read, hold no face or yield no pair are logged, listed in ``skipped`` /
+    ``set_skipped`` and left out. With ``out_dir``, contact sheets are written there as the run goes
+    (see models.evaluation.report.write_results for the rest). The result's meta is
+    models.runinfo.run_metadata on the runner's device, plus ``meta``."""
     from tqdm.auto import tqdm
 
     runner = runner if runner is not None else CallableRunner()
     methods = (BASELINE,) + tuple(runner.methods)
     out_path = Path(out_dir) if out_dir is not None else None
-    records: list[dict[str, Any]] = []
-    flicker: dict[str, dict[str, float | None]] = {}
-    skipped: list[dict[str, str]] = []
-    sheets: dict[str, str] = {}
-    evaluated: list[str] = []
+    result = EvalResult(config, methods, [], {}, [], [])
     scorer = Scorer(identity=config.identity, landmarks=config.landmarks)
     try:
         for path in tqdm(list(clips), desc="clips", unit="clip", disable=not progress):
@@ -291,15 +411,40 @@ def evaluate(
             except (FaceAnalysisError, VideoReadError) as exc:
                 reason = str(exc)
                 log.warning("skipping clip '%s': %s", path.name, reason)
-                skipped.append({"clip": path.stem, "path": str(path), "reason": reason})
+                result.skipped.append({"clip": path.stem, "path": str(path), "reason": reason})
                 continue
-            records.extend(clip_records)
-            evaluated.append(path.stem)
+            result.records.extend(clip_records)
+            result.clips.append(path.stem)
             if clip_flicker is not None:
-                flicker[path.stem] = clip_flicker
+                result.flicker[path.stem] = clip_flicker
             if sheet:
-                sheets[path.stem] = sheet
+                result.sheets[path.stem] = sheet
+        if sets:
+            _evaluate_sets(sets, runner, config, scorer, out_path, progress, result)
     finally:
         scorer.close()
-    full_meta = run_metadata(getattr(runner, "device", "cpu"), **(meta or {}))
-    return EvalResult(config, methods, records, flicker, skipped, evaluated, full_meta, sheets)
+    result.meta = run_metadata(getattr(runner, "device", "cpu"), **(meta or {}))
+    return result
+
+
+def _evaluate_sets(sets: Sequence[str | Path], runner: MethodRunner, config: EvalConfig, scorer: Scorer,
+                   out_dir: Path | None, progress: bool, result: EvalResult) -> None:
+    from tqdm.auto import tqdm
+
+    face = FaceConfig(static_image=True, max_faces=1, segmentation=True, fov_deg=config.multiview.fov_deg)
+    with FaceAnalyzer(face) as analyzer:
+        for path in tqdm(list(sets), desc="sets", unit="set", disable=not progress):
+            path = Path(path)
+            try:
+                records, skipped_views, info, sheet = _evaluate_set(read_set(path), analyzer, runner, config, scorer,
+                                                                    out_dir)
+            except FaceAnalysisError as exc:
+                log.warning("skipping set '%s': %s", path.name, exc)
+                result.set_skipped.append({"set": path.name, "path": str(path), "reason": str(exc)})
+                continue
+            result.sets.append(path.name)
+            result.set_records.extend(records)
+            result.skipped_views.extend(skipped_views)
+            result.set_info[path.name] = info
+            if sheet:
+                result.set_sheets[path.name] = sheet

@@ -1,9 +1,13 @@
-"""`telepresence eval` argument handling, on tiny clips."""
+"""`telepresence eval` argument handling, on tiny clips and multi-camera sets."""
 import json
+import logging
 import sys
+
 import pytest
 
 from telepresence.cli.eval import eval_main
+from tests.fake_avatar import fake_avatar_module
+from tests.multiview_sets import write_photo_set
 from tests.tiny_clips import write_face_clip, write_faceless_clip
 
 
@@ -49,8 +53,51 @@ def test_eval_rejects_bad_arguments(tmp_path, capsys):
     assert "no video files" in capsys.readouterr().err
 
 
-def test_missing_refiner_weights_are_an_error_not_a_silent_fallback(clip_dir, tmp_path, capsys):
+def test_a_refiner_path_that_does_not_exist_is_an_error(clip_dir, tmp_path, capsys):
     code = eval_main(["--clips", str(clip_dir), "--out", str(tmp_path), "--refiner", str(tmp_path / "nowhere"),
                       "--no-cache", "-q"])
     assert code == 2
     assert "refiner weights not found" in capsys.readouterr().err
+
+
+def test_default_refiner_with_nothing_shipped_falls_back_to_the_raw_avatar_like_the_demo(
+        clip_dir, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("TELEPRESENCE_WEIGHTS", str(tmp_path / "no-weights"))  # nothing shipped here
+    monkeypatch.setitem(sys.modules, "models.avatar", fake_avatar_module())
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.INFO):
+        code = eval_main(["--clips", str(clip_dir), "--out", str(out), "--size", "64", "--max-pairs", "2",
+                          "--methods", "baseline", "raw,refined",  # space- and comma-separated alike
+                          "--no-identity", "--no-landmarks", "--no-flicker", "--no-cache", "-q"])
+    assert code == 0, capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if "refine" in r.getMessage()]
+    assert len(said) == 1 and "no shipped refiner weights" in said[0] and "raw avatar" in said[0]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["methods"] == ["baseline", "raw"] and doc["meta"]["refiner"] is None
+    assert "refined: not run (no refiner weights shipped" in (out / "results.md").read_text()
+    assert "raw       PSNR head [dB]" in capsys.readouterr().out
+
+
+def test_eval_multiview_sets_beside_clips(clip_dir, tmp_path, capsys):
+    sets = tmp_path / "sets"
+    write_photo_set(sets / "astronaut")
+    out = tmp_path / "eval"
+    code = eval_main(["--clips", str(clip_dir / "face.mp4"), "--multiview", str(sets), "--out", str(out),
+                      "--methods", "baseline", "--size", "96", "--no-identity", "--no-cache", "-q", "--max-pairs", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "reenactment (other frame of a clip): 1 clip(s)" in printed
+    assert "multi-camera (same moment): 1 set(s), 2 targets" in printed and "60+:" in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["clips"] == ["face"] and doc["multiview"]["sets"] == ["astronaut"]
+
+
+def test_eval_multiview_argument_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert eval_main(["--out", str(tmp_path / "o")]) == 2
+    assert "--clips PATH ... and/or --multiview DIR" in capsys.readouterr().err
+    assert eval_main(["--multiview", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert eval_main(["--multiview", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no multi-camera sets" in capsys.readouterr().err
+    assert eval_main(["--multiview", str(tmp_path), "--out", str(tmp_path / "o"), "--methods", "raw", "magic"]) == 2
