@@ -53,14 +53,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _sheet_rows(source: np.ndarray, poses: list[OrbitPose], views: list[np.ndarray], raw: list[np.ndarray] | None,
+                per_row: int) -> tuple[list[list[np.ndarray]], list[list[str]]]:
+    """One row per pitch (views in yaw order), the source picture first in the first row; with a refiner,
+    each refined row is followed by the raw avatar's. Returns (rows, labels) for contact_sheet."""
+    blank = np.full_like(source, 255)
+    rows, labels = [], []
+    for start in range(0, len(poses), per_row):
+        chunk = range(start, start + per_row)
+        first = start == 0
+        rows.append([source if first else blank] + [views[i] for i in chunk])
+        labels.append(["source" if first else ""] + [f"yaw {poses[i].yaw_deg:+g}  pitch {poses[i].pitch_deg:+g}" for i in chunk])
+        if raw is not None:
+            rows.append([blank] + [raw[i] for i in chunk])
+            labels.append([""] + ["raw avatar"] * per_row)
+    return rows, labels
+
+
 def render_command(args: argparse.Namespace) -> int:
     from models.avatar import AvatarConfig, build_avatar, render_views
     from models.refiner import refine_views
     from models.refiner.shipped import load_refiner
 
     device = resolve_device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)  # made only once there is something to write: a failed run leaves nothing behind
     timer = StageTimer(device)
     with timer.stage("read"):
         image = read_image(args.image)
@@ -83,19 +99,13 @@ def render_command(args: argparse.Namespace) -> int:
         with timer.stage("refine"):
             views = refine_views(refiner, reference, out.rgb[None], out.seen[None])[0]
     with timer.stage("write"):
-        names = []
+        out_dir.mkdir(parents=True, exist_ok=True)
         for pose, view in zip(poses, views):
             name = f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png"
             cv2.imwrite(str(out_dir / name), to_rgb_uint8(view)[:, :, ::-1])
-            names.append(name)
-        labels = ["source"] + [f"yaw {p.yaw_deg:+g}  pitch {p.pitch_deg:+g}" for p in poses]
-        pictures = [to_rgb_uint8(reference)] + [to_rgb_uint8(v) for v in views]
-        rows = [pictures]
-        row_labels = [labels]
-        if refiner is not None:
-            rows.append([np.zeros_like(pictures[0])] + [to_rgb_uint8(v) for v in out.rgb])
-            row_labels.append(["raw avatar"] + [""] * len(poses))
-        sheet = contact_sheet(rows, row_labels)
+        sheet = contact_sheet(*_sheet_rows(to_rgb_uint8(reference), poses, [to_rgb_uint8(v) for v in views],
+                                           None if refiner is None else [to_rgb_uint8(v) for v in out.rgb],
+                                           len(args.yaw)))
         cv2.imwrite(str(out_dir / "contact_sheet.png"), sheet[:, :, ::-1])
     print(f"{len(poses)} views of {args.size}x{args.size} written to {out_dir} (contact_sheet.png)")
     print(f"head pose yaw {obs.pose.yaw_deg:+.1f}  pitch {obs.pose.pitch_deg:+.1f}  roll {obs.pose.roll_deg:+.1f}")
