@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from models.face.native_log import native_logs_to_debug
 from models.geometry.camera import rotation_to_euler_deg
 
 log = logging.getLogger(__name__)
@@ -228,23 +229,34 @@ class FaceAnalyzer:
     """MediaPipe face mesh + selfie segmentation. One instance per thread."""
 
     def __init__(self, config: FaceConfig = FaceConfig()):
-        import mediapipe as mp  # heavy import: only when an analyzer is made
+        with native_logs_to_debug():
+            import mediapipe as mp  # heavy import: only when an analyzer is made
 
-        self.config = config
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=config.static_image,
-            max_num_faces=config.max_faces,
-            refine_landmarks=True,
-            min_detection_confidence=config.min_detection_confidence,
-            min_tracking_confidence=config.min_tracking_confidence,
-        )
-        self._seg = (
-            mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
-            if config.segmentation
-            else None
-        )
+            self.config = config
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=config.static_image,
+                max_num_faces=config.max_faces,
+                refine_landmarks=True,
+                min_detection_confidence=config.min_detection_confidence,
+                min_tracking_confidence=config.min_tracking_confidence,
+            )
+            self._seg = (
+                mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+                if config.segmentation
+                else None
+            )
         self._window_mesh = None
         self._lock = threading.Lock()
+        self._first_runs: set[str] = set()  # graphs that have run once (their first run logs natively)
+
+    def _process(self, name: str, graph, image: np.ndarray):
+        """graph.process(image); a graph's first run (when MediaPipe logs natively) under native_logs_to_debug."""
+        if name in self._first_runs:
+            return graph.process(image)
+        with native_logs_to_debug():
+            result = graph.process(image)
+        self._first_runs.add(name)
+        return result
 
     def close(self) -> None:
         self._mesh.close()
@@ -264,7 +276,7 @@ class FaceAnalyzer:
         _check_image(image)
         H, W = image.shape[:2]
         with self._lock:
-            result = self._mesh.process(image)
+            result = self._process("mesh", self._mesh, image)
             candidates = [(face, 0, 0, W, H) for face in (result.multi_face_landmarks or [])]
             if not candidates and max(H, W) > 1.2 * min(H, W):
                 candidates = self._search_square_windows(image)
@@ -289,10 +301,11 @@ class FaceAnalyzer:
         if self._window_mesh is None:
             import mediapipe as mp
 
-            self._window_mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, max_num_faces=self.config.max_faces, refine_landmarks=True,
-                min_detection_confidence=self.config.min_detection_confidence,
-            )
+            with native_logs_to_debug():
+                self._window_mesh = mp.solutions.face_mesh.FaceMesh(
+                    static_image_mode=True, max_num_faces=self.config.max_faces, refine_landmarks=True,
+                    min_detection_confidence=self.config.min_detection_confidence,
+                )
         side = min(H, W)
         long_side = max(H, W)
         starts = sorted({int(round(s)) for s in np.linspace(0, long_side - side, 3)})
@@ -300,7 +313,7 @@ class FaceAnalyzer:
         for start in starts:
             x0, y0 = (start, 0) if W > H else (0, start)
             window = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
-            result = self._window_mesh.process(window)
+            result = self._process("window", self._window_mesh, window)
             found += [(face, x0, y0, side, side) for face in (result.multi_face_landmarks or [])]
         return found
 
@@ -310,7 +323,7 @@ class FaceAnalyzer:
         if self._seg is None:
             raise FaceAnalysisError("segmentation is off in this FaceConfig")
         with self._lock:
-            result = self._seg.process(image)
+            result = self._process("segmentation", self._seg, image)
         return np.clip(result.segmentation_mask.astype(np.float32), 0.0, 1.0)
 
     def analyze(self, image: np.ndarray, with_mask: bool | None = None) -> FaceObservation:

@@ -25,3 +25,21 @@ def test_a_failed_render_leaves_no_output_folder(tmp_path, test_data, capsys):
     assert code == 2  # a dog: no face
     assert "no face" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_user_sees_only_the_projects_lines(tmp_path, test_data):
+    """No TFLite/absl lines, no warnings: the one clear error is all that is printed (-v shows the rest)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = subprocess.run([sys.executable, "-m", "telepresence.cli", "render", "--image", str(test_data / "lp_s33.jpg"),
+                          "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["telepresence render: no face found in the picture"], run.stderr
+    verbose = subprocess.run([sys.executable, "-m", "telepresence.cli", "-v", "render", "--image",
+                              str(test_data / "lp_s33.jpg"), "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 2 and len(verbose.stderr.splitlines()) > 1  # the native lines are there with -v
