@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[all]"
+	# setuptools warns about editable installs of a flat layout: noise to a newcomer (install-time only)
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e ".[all]"
 	touch $(STAMP)
 
 install: $(STAMP)
