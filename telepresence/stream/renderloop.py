@@ -132,9 +132,12 @@ class RenderLoop:
             if view_id in self._views:
                 self._views[view_id] = (pose, self._views[view_id][1])
 
-    def remove_view(self, view_id: Hashable) -> None:
+    def remove_view(self, view_id: Hashable, sink: Optional[Callable[[RenderedView], None]] = None) -> None:
+        """Stop rendering for `view_id` (only if it still feeds `sink`, when given: a view added again
+        under the same id by someone else stays)."""
         with self._lock:
-            self._views.pop(view_id, None)
+            if view_id in self._views and (sink is None or self._views[view_id][1] == sink):
+                del self._views[view_id]
 
     @property
     def view_count(self) -> int:
