@@ -355,6 +355,7 @@ STATUS_TEXT: dict[str, str] = {
     "no_face_yet": "No face yet: waiting for the sender to look at the camera",
     "face_lost": "Face lost: showing the last good avatar",
     "error": "The sender's pipeline reported an error (see its log)",
+    "source_error": "The sender's camera or video source cannot be used (see its log)",
 }
 """What a viewer is told for each pipeline status (the page shows the text it receives)."""
 

@@ -24,7 +24,7 @@ def run_cli(*args, timeout_s=30):
 )
 def test_sender_bad_source_is_one_clear_line(source, message):
     result = run_cli("run_sender.py", "--source", source, "--signaling", "ws://127.0.0.1:9/ws")
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input, as for `render` (tests/telepresence/cli/test_inputs.py)
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and re.search(message, errors[0]), result.stderr

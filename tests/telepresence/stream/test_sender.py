@@ -1,5 +1,5 @@
 """The sender under attack and fault: offer bursts, offers aiortc must not see, answers it cannot send,
-a receiver that refuses or restarts."""
+a receiver that refuses or restarts, a source that cannot be used."""
 
 import asyncio
 import contextlib
@@ -8,6 +8,8 @@ import json
 import logging
 import re
 import time
+
+import numpy as np
 
 from telepresence.stream import messages
 from telepresence.stream.signaling import RoomLimits
@@ -188,3 +190,17 @@ async def test_calls_survive_a_receiver_restart_and_ids_stay_the_same():
                 await newcomer.close()
             await viewer.close()
 
+
+@async_test(timeout_s=40)
+async def test_a_source_the_pipeline_cannot_use_is_a_status_for_viewers_not_tracebacks(caplog):
+    tiny = np.full((8, 8, 3), 200, np.uint8)
+    with caplog.at_level(logging.WARNING):
+        async with running_sender(source=ScriptedSource(lambda i: tiny, fps=60)) as sender:
+            viewer = Viewer()
+            await viewer.connect(sender, "v1")
+            await viewer.wait_channel_open()
+            await wait_until(lambda: viewer.status == "source_error", timeout_s=10)
+            assert "source" in viewer.status_text
+            await viewer.close()
+    assert sum(r.exc_info is not None for r in caplog.records) == 0
+    assert sum("too small" in r.getMessage() for r in caplog.records) <= 2
