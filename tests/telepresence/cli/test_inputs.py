@@ -49,6 +49,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow  # two processes per case
 @pytest.mark.parametrize("name, message", CASES)
 def test_send_and_render_reject_a_bad_picture_alike(bad_pictures, tmp_path, name, message):
     path = str(bad_pictures / name)
@@ -62,6 +63,7 @@ def test_send_and_render_reject_a_bad_picture_alike(bad_pictures, tmp_path, name
         assert len(errors) == 1 and path in errors[0], (command, lines)
 
 
+@pytest.mark.slow
 def test_a_directory_is_named_as_one_for_send(bad_pictures):
     result = telepresence("send", "--source", str(bad_pictures), "--signaling", "ws://127.0.0.1:9/ws",
                           "--pipeline", "tests.fake_pipeline")
