@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from models.geometry.camera import OrbitPose
-from models.face.analysis import FaceAnalyzer, FaceConfig, read_image
+from models.face.analysis import FaceAnalyzer, FaceConfig
 from telepresence.cli.console import add_verbosity, configure_logging
 from telepresence.sheets import contact_sheet, to_uint8
-from telepresence.stream.capture import MAX_SOURCE_SIDE
+from telepresence.stream.capture import read_still
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def render_command(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = StageTimer(device)
     with timer.stage("read"):
-        image = read_image(args.image, max_side=MAX_SOURCE_SIDE)  # the cap `send` applies to its source
+        image = read_still(args.image)  # the checks and size cap `send --source IMAGE` applies
     with timer.stage("landmarks"):
         with FaceAnalyzer(FaceConfig(static_image=True, fov_deg=args.source_fov)) as analyzer:
             obs = analyzer.analyze(image)

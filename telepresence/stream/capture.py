@@ -13,10 +13,10 @@ embedded clip, see assets/README.md). `open_source()` parses the command-line
 spelling of each.
 
 Frames reach the pipeline between MIN_SOURCE_SIDE and MAX_SOURCE_SIDE pixels a
-side: a still is read by models.face.analysis.read_image (the same checks and
-messages as `telepresence render`) and downscaled once on load; a larger video
-or camera frame is downscaled by the capture thread (said once in the log); a
-source whose frames are too small stops the capture thread, which reports it.
+side: a still is read by `read_still` (also `telepresence render`'s reader: the same
+checks and messages) and downscaled once on load; a larger video or camera frame
+is downscaled by the capture thread (said once in the log); a source whose frames
+are too small stops the capture thread, which reports it.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class ImageSource(FrameSource):
         self.name = self.path.name
         self.fps = fps = _check_fps(fps)
         try:
-            self._image = read_image(self.path, max_side=MAX_SOURCE_SIDE)
+            self._image = read_still(self.path)
         except ImageReadError as error:
             raise SourceError(str(error)) from None
         self._image.setflags(write=False)
@@ -280,6 +280,13 @@ def open_source(spec: str, fps: float | None = None) -> FrameSource:
     if Path(spec).suffix.lower() in IMAGE_SUFFIXES:
         return ImageSource(spec, 30.0 if fps is None else fps)
     return VideoFileSource(spec, fps=fps)
+
+
+def read_still(path: str | os.PathLike) -> np.ndarray:
+    """A picture file as the pipeline takes it: RGB uint8 [H, W, 3], at least MIN_SOURCE_SIDE and at
+    most MAX_SOURCE_SIDE pixels a side (downscaled on load, said in one log line); ImageReadError
+    otherwise, with the message `telepresence render` and `send --source` both print."""
+    return read_image(path, min_side=MIN_SOURCE_SIDE, max_side=MAX_SOURCE_SIDE)
 
 
 def fit_frame(image: np.ndarray) -> np.ndarray:

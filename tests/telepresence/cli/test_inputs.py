@@ -88,9 +88,17 @@ def test_a_huge_still_is_downscaled_on_load_for_send(huge_picture, caplog):
 
 
 @pytest.mark.slow
-def test_a_huge_still_renders_in_bounded_memory(huge_picture, tmp_path):
-    result = telepresence("render", "--image", str(huge_picture), "--out", str(tmp_path), "--refiner", "none",
-                          "--size", "128", "--yaw", "0", "20", timeout_s=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len(re.findall(r"downscaled .*10000x10000 to 1920x1920", result.stderr)) == 1, result.stderr[-2000:]
-    assert peak_rss_mb(result) < 1500, f"render peaked at {peak_rss_mb(result):.0f} MB"
+def test_a_huge_still_renders_in_about_the_memory_of_a_capped_one(huge_picture, tmp_path):
+    """Peak memory of `render` on the 10000 px still against the same still at the 1920 px cap: the
+    only extra is decoding the file once (10000 x 10000 x 3 bytes = 286 MB) before it is downscaled."""
+    capped = tmp_path / "capped.jpg"
+    cv2.imwrite(str(capped), cv2.resize(cv2.imread(str(TEST_DATA / "lp_s10.jpg")), (MAX_SOURCE_SIDE, MAX_SOURCE_SIDE)))
+    peaks = {}
+    for name, path in (("huge", huge_picture), ("capped", capped)):
+        result = telepresence("render", "--image", str(path), "--out", str(tmp_path / name), "--refiner", "none",
+                              "--size", "128", "--yaw", "0", "20", timeout_s=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks[name] = peak_rss_mb(result)
+        if name == "huge":
+            assert len(re.findall(r"downscaled .*10000x10000 to 1920x1920", result.stderr)) == 1, result.stderr[-2000:]
+    assert peaks["huge"] < peaks["capped"] + 450, peaks
