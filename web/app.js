@@ -5,6 +5,10 @@
 // no-retransmit "pose" data channel, ICE gathered before sending: aiortc does
 // not trickle), and sends {type: "pose", seq, t, yaw, pitch, dist} at most once
 // per animation frame plus {type: "ping", t} once a second. No build step.
+//
+// Calls outlive the signaling socket (media flows peer to peer): when the socket
+// drops, or the receiver restarts, the page rejoins with the `resume` token of its
+// last `joined`, keeps its id, and keeps every live call.
 
 const params = new URLSearchParams(location.search);
 const ROOM = params.get("room") || "demo";
@@ -254,6 +258,7 @@ class Tile {
 
   scheduleReconnect(reason, delayMs = 1000) {
     if (this.retryTimer !== null || this.offlineTimer !== null) return;
+    if (this.app.joined && !this.app.roomSenders.has(this.senderId)) { this.senderLeft(); return; }  // gone: wait for it
     this.teardown();
     this.setState("reconnecting", `${reason} — reconnecting…`);
     this.retryTimer = setTimeout(() => { this.retryTimer = null; this.connect(); }, delayMs);
@@ -271,6 +276,8 @@ class Tile {
     this.senderId = peer.id;
     this.connect();
   }
+
+  get inCall() { return this.state === "live" || this.state === "degraded" || this.state === "waiting-video"; }
 
   teardown() {
     this.generation++;
@@ -413,6 +420,7 @@ class Signaling {
     this.ws = null;
     this.backoffMs = 500;
     this.stopped = false;
+    this.resume = null;  // the last `joined`'s token: rejoin under the same id
   }
 
   connect() {
@@ -421,6 +429,7 @@ class Signaling {
     ws.onopen = () => {
       const join = { type: "join", room: ROOM, role: "viewer", name: navigator.userAgent.includes("Firefox") ? "Firefox" : "Browser" };
       if (TOKEN) join.token = TOKEN;
+      if (this.resume) join.resume = this.resume;
       ws.send(JSON.stringify(join));
     };
     ws.onmessage = (e) => {
@@ -438,7 +447,7 @@ class Signaling {
     };
   }
 
-  joined() { this.backoffMs = 500; }
+  joined(resume) { this.backoffMs = 500; if (typeof resume === "string") this.resume = resume; }
 
   stop() { this.stopped = true; this.ws?.close(); }
 
@@ -453,6 +462,7 @@ class Signaling {
 class App {
   constructor() {
     this.tiles = new Map();           // sender id -> Tile
+    this.roomSenders = new Set();     // sender ids in the room, as the server last said
     this.activeTile = null;
     this.iceServers = [];
     this.joined = false;
@@ -485,16 +495,28 @@ class App {
 
   onSignalingMessage(message) {
     switch (message.type) {
-      case "joined":
+      case "joined": {
         this.joined = true;
-        this.signaling.joined();
+        this.signaling.joined(message.resume);
         this.iceServers = Array.isArray(message.iceServers) ? message.iceServers : [];
-        for (const peer of message.peers || []) this.addSender(peer);
+        const peers = (message.peers || []).filter((peer) => peer.role === "sender");
+        this.roomSenders = new Set(peers.map((peer) => peer.id));
+        // A live call whose sender has not rejoined yet goes on (it may be rejoining too); a tile
+        // without a call and without its sender waits for it, offline.
+        for (const tile of [...this.tiles.values()]) {
+          if (!this.roomSenders.has(tile.senderId) && !tile.inCall && tile.state !== "offline") tile.senderLeft();
+        }
+        for (const peer of peers) this.addSender(peer);
         break;
+      }
       case "peer-joined":
-        if (message.peer?.role === "sender") this.addSender(message.peer);
+        if (message.peer?.role === "sender") {
+          this.roomSenders.add(message.peer.id);
+          this.addSender(message.peer);
+        }
         break;
       case "peer-left": {
+        this.roomSenders.delete(message.id);
         const tile = this.tiles.get(message.id);
         if (tile) tile.senderLeft();
         break;
@@ -505,7 +527,7 @@ class App {
         if (message.code === "bad-token") {
           this.fatal = TOKEN ? "Wrong room token." : "This room needs a token: open the URL the receiver printed (…?token=…).";
           this.signaling.stop();
-        } else if (message.code === "room-full" || message.code === "too-many-connections") {
+        } else if (["room-full", "too-many-connections", "address-limit"].includes(message.code)) {
           this.fatal = `Cannot join: ${message.message}.`;
           this.signaling.stop();
         } else {
@@ -517,23 +539,26 @@ class App {
   }
 
   onSignalingLost() {
+    // Calls go on peer to peer; the page rejoins under the same id (Signaling.resume) and reconciles.
     this.joined = false;
-    // Peer ids belong to one signaling session: close every call, re-offer after rejoining.
-    for (const tile of [...this.tiles.values()]) this.removeTile(tile);
     this.refreshConnection();
   }
 
   addSender(peer) {
-    // A sender that comes back under the same name keeps its tile (and the viewer's orbit).
+    const known = this.tiles.get(peer.id);
+    if (known) {  // the same sender (ids survive its reconnects): keep a live call, else call again
+      if (known.state === "offline") known.senderReturned(peer);
+      return;
+    }
+    // A sender that comes back under a new id and the same name keeps its tile (and the viewer's orbit).
     for (const tile of this.tiles.values()) {
-      if (tile.state === "offline" && tile.name === peer.name) {
+      if (tile.name === peer.name && (tile.state === "offline" || !this.roomSenders.has(tile.senderId))) {
         this.tiles.delete(tile.senderId);
         this.tiles.set(peer.id, tile);
         tile.senderReturned(peer);
         return;
       }
     }
-    if (this.tiles.has(peer.id)) return;
     const tile = new Tile(this, peer);
     this.tiles.set(peer.id, tile);
     this.stage.appendChild(tile.element);

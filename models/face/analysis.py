@@ -62,8 +62,14 @@ class ImageReadError(FaceAnalysisError):
     """The file is missing, not an image, or corrupt."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 [H, W, 3]; raises ImageReadError."""
+MIN_IMAGE_SIDE = 16
+"""Smallest picture side face analysis takes, pixels."""
+
+
+def read_image(path: str | Path, min_side: int | None = None, max_side: int | None = None) -> np.ndarray:
+    """Read an image file as RGB uint8 [H, W, 3]; raises ImageReadError (a truncated file too).
+    min_side: refuse a picture whose shorter side is under it. max_side: downscale (INTER_AREA)
+    a picture whose longer side exceeds it, saying so in one log line."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"cannot read image '{path}': no such file")
@@ -73,6 +79,15 @@ def read_image(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ImageReadError(f"cannot read image '{path}': not an image file, or corrupt")
+    H, W = image.shape[:2]
+    if min_side is not None and min(H, W) < min_side:
+        raise ImageReadError(f"cannot read image '{path}': {W}x{H} pixels is too small "
+                             f"(expected at least {min_side}x{min_side})")
+    if max_side is not None and max(H, W) > max_side:
+        scale = max_side / max(H, W)
+        size = (max(1, round(W * scale)), max(1, round(H * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        log.info("downscaled %s from %dx%d to %dx%d (longer side capped at %d px)", path.name, W, H, *size, max_side)
     return np.ascontiguousarray(image[:, :, ::-1])
 
 

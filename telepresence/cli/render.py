@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from models.geometry.camera import OrbitPose
-from models.face.analysis import FaceAnalyzer, FaceConfig, read_image
+from models.face.analysis import FaceAnalyzer, FaceConfig
 from models.evaluation.figures import contact_sheet
 from models.pictures import to_rgb_uint8
 from telepresence.cli.console import add_verbosity, configure_logging
+from telepresence.stream.capture import read_still
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def render_command(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)  # made only once there is something to write: a failed run leaves nothing behind
     timer = StageTimer(device)
     with timer.stage("read"):
-        image = read_image(args.image)
+        image = read_still(args.image)  # the checks and size cap `send --source IMAGE` applies
     with timer.stage("landmarks"):
         with FaceAnalyzer(FaceConfig(static_image=True, fov_deg=args.source_fov)) as analyzer:
             obs = analyzer.analyze(image)

@@ -8,12 +8,12 @@ peer in an `error` reply; the connection stays up. Outbound messages are built
 as dataclasses and written with `to_json()`.
 
 Signaling (websocket /ws), client -> server:
-    join    {room, role: "viewer"|"sender", token?, name?}
+    join    {room, role: "viewer"|"sender", token?, name?, resume?}   resume: the token of an earlier `joined`
     offer   {to, sdp}          viewer -> sender (the browser offers, the sender answers)
     answer  {to, sdp}          sender -> viewer
     decline {to, reason}       sender -> viewer (full, or the offer could not be answered)
 server -> client:
-    joined {id, room, role, peers: [{id, role, name}], iceServers}
+    joined {id, room, role, peers: [{id, role, name}], iceServers, resume}   rejoining with `resume` keeps `id`
     peer-joined {peer: {id, role, name}}, peer-left {id}
     offer/answer/decline relayed with `from` instead of `to`; error {code, message}
 
@@ -40,6 +40,7 @@ CHANNEL_MAX_BYTES = 1024
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PEER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
+RESUME_PATTERN = re.compile(r"[0-9a-f]{32}")
 MAX_NAME_CHARS = 40
 MAX_TOKEN_CHARS = 256
 MAX_SDP_CHARS = 60_000
@@ -112,6 +113,10 @@ def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pa
         raise InvalidFieldError(f"{name}: expected a string, got {type(value).__name__}")
     if len(value) > max_chars:
         raise InvalidFieldError(f"{name}: expected at most {max_chars} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not valid text
+        raise InvalidFieldError(f"{name}: expected valid Unicode text, got a lone surrogate") from None
     if pattern is not None and not pattern.fullmatch(value):
         raise InvalidFieldError(f"{name}: expected {pattern.pattern}, got {value[:40]!r}")
 
@@ -157,6 +162,8 @@ class JoinMessage(Outgoing):
     role: str
     token: Optional[str] = None
     name: Optional[str] = None
+    resume: Optional[str] = None
+    """The `resume` token of this client's earlier `joined`: rejoin under the same id."""
 
     def __post_init__(self) -> None:
         _check_str("room", self.room, max_chars=64, pattern=ROOM_PATTERN)
@@ -167,6 +174,8 @@ class JoinMessage(Outgoing):
         if self.name is not None:
             _check_str("name", self.name, max_chars=MAX_NAME_CHARS)
             _check_printable("name", self.name)
+        if self.resume is not None:
+            _check_str("resume", self.resume, max_chars=32, pattern=RESUME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -299,6 +308,8 @@ class JoinedMessage(Outgoing):
     peers: list
     """[{id, role, name}] of the other role in the room."""
     ice_servers: list
+    resume: Optional[str] = None
+    """Secret token to rejoin under this id after the socket drops (or the server restarts)."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +355,7 @@ STATUS_TEXT: dict[str, str] = {
     "no_face_yet": "No face yet: waiting for the sender to look at the camera",
     "face_lost": "Face lost: showing the last good avatar",
     "error": "The sender's pipeline reported an error (see its log)",
+    "source_error": "The sender's camera or video source cannot be used (see its log)",
 }
 """What a viewer is told for each pipeline status (the page shows the text it receives)."""
 

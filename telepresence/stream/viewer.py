@@ -66,6 +66,8 @@ class Viewer:
         self.frames_received = 0
         self.hello: Optional[HelloMessage] = None
         self.status: Optional[str] = None
+        self.status_text = ""
+        """What the sender says about its status (shown by the page)."""
         self.stats: Optional[StatsMessage] = None
         self.errors: list[ErrorMessage] = []
         self._latest: Optional[av.VideoFrame] = None
@@ -179,6 +181,7 @@ class Viewer:
             self.hello = message
         elif isinstance(message, StatusMessage):
             self.status = message.status
+            self.status_text = message.message
         elif isinstance(message, StatsMessage):
             self.stats = message
             self.status = message.status

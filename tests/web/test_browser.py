@@ -216,7 +216,7 @@ def test_page_shows_every_sender_with_its_own_orbit(page):
         receiver.stop()
 
 
-def test_page_reconnects_when_the_sender_and_the_receiver_restart(page):
+def test_page_reconnects_when_the_sender_restarts_and_keeps_its_call_when_the_receiver_does(page):
     receiver, url, port = start_receiver()
     sender = start_sender(port, "--pipeline", "tests.fake_pipeline")
     try:
@@ -231,8 +231,13 @@ def test_page_reconnects_when_the_sender_and_the_receiver_restart(page):
 
         receiver.stop()
         page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'reconnecting'", timeout=10000)
+        t0 = video_time(page)  # the call goes on without the receiver: media flows peer to peer
+        time.sleep(1.5)
+        assert video_time(page) > t0 + 1.0
+        assert page.eval_on_selector(".tile", "t => t.dataset.state") in ("live", "degraded")
         receiver, _, _ = start_receiver(port)
-        wait_live(page, timeout_s=30)  # page and sender both rejoin on their own
+        page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'live'", timeout=30000)
+        assert page.locator(".tile").count() == 1  # page and sender rejoined under their ids: the same call, one tile
         t0 = video_time(page)
         time.sleep(1.0)
         assert video_time(page) > t0 + 0.5

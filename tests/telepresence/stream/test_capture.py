@@ -46,7 +46,7 @@ def test_image_source_repeats_the_still(tmp_path):
     np.testing.assert_array_equal(source.retrieve(), card_image())
 
 
-@pytest.mark.parametrize("spec, message", [("missing.mp4", "no such video file"), ("missing.png", "no such image file")])
+@pytest.mark.parametrize("spec, message", [("missing.mp4", "no such video file"), ("missing.png", "cannot read image .*: no such file")])
 def test_missing_files_give_a_clear_error(tmp_path, spec, message):
     with pytest.raises(SourceError, match=message):
         open_source(str(tmp_path / spec))
@@ -59,7 +59,7 @@ def test_unreadable_files_give_a_clear_error(tmp_path):
         open_source(str(bad_video))
     bad_image = tmp_path / "bad.jpg"
     bad_image.write_bytes(b"nor an image")
-    with pytest.raises(SourceError, match="cannot decode image"):
+    with pytest.raises(SourceError, match="cannot read image .*: not an image file, or corrupt"):
         open_source(str(bad_image))
 
 
@@ -104,7 +104,7 @@ def test_video_file_plays_at_its_frame_rate(tmp_path):
 
 def test_capture_thread_keeps_only_the_newest_frame():
     slot: LatestSlot[CapturedFrame] = LatestSlot()
-    source = ScriptedSource(lambda i: np.full((8, 8, 3), i % 256, np.uint8), fps=200)
+    source = ScriptedSource(lambda i: np.full((16, 16, 3), i % 256, np.uint8), fps=200)
     thread = CaptureThread(source, slot)
     thread.start()
     time.sleep(0.3)  # nobody reads: frames pile onto the one slot
@@ -167,8 +167,29 @@ def test_source_fps_overrides_the_pacing(tmp_path):
             source.grab()
         assert 0.4 <= time.monotonic() - t0 < 1.5  # 25 intervals at 50 fps, not at the clip's 25
     path = tmp_path / "still.png"
-    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(path), np.zeros((16, 16, 3), np.uint8))
     assert open_source(str(path), fps=12.0).fps == 12.0
     assert open_source(str(path)).fps == 30.0
     with pytest.raises(SourceError, match="frame rate"):
         open_source("sample", fps=0.0)
+
+
+def test_capture_thread_fits_frames_and_stops_on_frames_too_small(caplog):
+    big = ScriptedSource(lambda i: np.full((2400, 3000, 3), 80, np.uint8), fps=100)
+    slot: LatestSlot[CapturedFrame] = LatestSlot()
+    thread = CaptureThread(big, slot)
+    with caplog.at_level("INFO", logger="telepresence.stream.capture"):
+        thread.start()
+        _, frame = slot.wait_newer(0, timeout=5.0)
+        slot.wait_newer(1, timeout=5.0)
+        thread.stop()
+    assert frame.image.shape == (1536, 1920, 3)
+    assert len([r for r in caplog.records if "downscaling" in r.getMessage()]) == 1
+
+    errors = []
+    tiny = ScriptedSource(lambda i: np.zeros((8, 8, 3), np.uint8), fps=500)
+    thread = CaptureThread(tiny, LatestSlot(), on_error=errors.append)
+    thread.max_consecutive_errors = 3
+    thread.start()
+    time.sleep(0.5)
+    assert len(errors) == 1 and "too small" in str(errors[0]) and not thread._thread.is_alive()

@@ -210,3 +210,29 @@ def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path):
     assert result["frames"] > 10 and result["fps_per_viewer"]["min"] > 2
     assert result["latency_ms"]["n"] > 10 and 0 < result["latency_ms"]["median"] < 2000
     assert result["stages_ms_median"]  # the sender's per-stage record was sampled while the viewers recorded
+
+
+def test_soak_benchmark_samples_every_process_and_finds_no_traceback(tmp_path):
+    """benchmarks/soak.py, briefly (fake pipeline, churn on): receiver, sender, viewers and churn in
+    their own processes, sampled from /proc, summarised to JSON and drawn to PNG."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO as root
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "soak.py"), "--minutes", "0.5", "--sample-s", "5", "--viewers", "2",
+         "--churn", "--churn-every", "2", "--out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"receiver", "sender", "viewer0", "viewer1", "churn"}
+    assert len(result["samples"]) >= 5 and all(code == 0 for code in result["exit_codes"].values())
+    for name, entry in result["summary"].items():
+        assert entry["log"]["tracebacks"] == 0, name
+        assert entry["rss_mb"]["end"] > 10 and entry["fds"]["end"] > 2 and entry["threads"]["end"] >= 1, name
+    assert result["summary"]["viewer0"]["fps"]["median"] > 2
+    assert result["churn"]["joins"] >= 1
+    assert out.with_suffix(".png").stat().st_size > 10_000

@@ -109,6 +109,9 @@ def test_valid_messages_parse_to_value_objects():
         {"name": "bell\x07"},
         {"name": "n" * 41},
         {"token": 5},
+        {"token": "\ud800"},  # a lone surrogate: JSON allows the escape, UTF-8 cannot encode it
+        {"name": "a\udfffb"},
+        {"resume": "not-a-resume-token"},
     ],
 )
 def test_join_fields_are_checked(fields):
