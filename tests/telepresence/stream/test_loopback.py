@@ -227,7 +227,9 @@ def test_soak_benchmark_samples_every_process_and_finds_no_traceback(tmp_path):
         cwd=root, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["meta", "config", "results"] and doc["meta"]["benchmark"] == "soak"
+    result = doc["results"]
     assert set(result["summary"]) == {"receiver", "sender", "viewer0", "viewer1", "churn"}
     assert len(result["samples"]) >= 5 and all(code == 0 for code in result["exit_codes"].values())
     for name, entry in result["summary"].items():
