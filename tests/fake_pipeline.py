@@ -40,6 +40,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig = PipelineConfig()) -> None:
         self.config = config
         self.size: int = config.size
+        self.device = config.device
         self._last: Optional[np.ndarray] = None
         self.calls = 0
         self.view_counts: list[int] = []
