@@ -97,10 +97,8 @@ export class LatencyMeter {
     if (this.running) return;
     this.running = true;
     const frameCallback = "requestVideoFrameCallback" in this.video;
-    const next = (step) => {
-      this.handle = frameCallback ? this.video.requestVideoFrameCallback(step) : requestAnimationFrame(step);
-      this.cancel = frameCallback ? (h) => this.video.cancelVideoFrameCallback(h) : cancelAnimationFrame;
-    };
+    const request = frameCallback ? (f) => this.video.requestVideoFrameCallback(f) : (f) => requestAnimationFrame(f);
+    this.cancel = frameCallback ? (h) => this.video.cancelVideoFrameCallback(h) : (h) => cancelAnimationFrame(h);
     let lastTime = -1;
     const step = (now, meta) => {
       if (!this.running) return;
@@ -109,16 +107,18 @@ export class LatencyMeter {
         lastTime = this.video.currentTime;
         this.measure(pageClockMs(now));
       }
-      next(step);
+      this.handle = request(step);
     };
-    next(step);
+    this.handle = request(step);
   }
 
   stop() {
     this.running = false;
     if (this.handle !== null) { this.cancel(this.handle); this.handle = null; }
-    this.samples = [];
+    this.clear();
   }
+
+  clear() { this.samples = []; }
 
   measure(shownMs) {
     const offset = this.clock.offsetMs;

@@ -108,7 +108,7 @@ export class TileStats {
     this.sender = null;
     this.estimateMs = null;
     this.clock.clear();
-    this.meter.samples = [];
+    this.meter.clear();
     this.stampsOffLeft = 0;
     for (const el of [...this.section.querySelectorAll("[data-stat], [data-stage]"), ...this.badge.querySelectorAll("b[data-badge]")]) {
       if (el.dataset.stat !== "size-why" && el.dataset.stat !== "refiner") el.textContent = "–";  // no stale numbers
