@@ -44,7 +44,7 @@ if has refiner; then
 fi
 if has refiner-sdturbo; then
   echo "== refiner (SD-Turbo size)"
-  timeout 240 python3 -m benchmarks.refiner --device cuda --configs sdturbo --codecs tiny --variants fast --modes compiled-graphs --views 2 5 \
-    --out "$OUT/refiner_sdturbo_tiny_fast_cuda.json" 2>&1 | tail -8
+  timeout 420 python3 -m benchmarks.refiner --device cuda --configs sdturbo --codecs tiny --variants live,fast --modes compiled-graphs --views 2 5 \
+    --out "$OUT/refiner_sdturbo_tiny_cuda.json" 2>&1 | tail -8
 fi
 ls "$OUT"
