@@ -153,7 +153,7 @@ export class Tile {
   senderLeft() {
     this.teardown();
     this.setState("offline", `${this.name} left — waiting for them to come back…`);
-    this.offlineTimer = setTimeout(() => this.app.removeTile(this), OFFLINE_TILE_MS);
+    this.offlineTimer = setTimeout(() => this.app.removeTile(this), this.app.offlineTileMs ?? OFFLINE_TILE_MS);
   }
 
   senderReturned(peer) {
