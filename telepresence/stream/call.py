@@ -293,7 +293,7 @@ class CallHost:
         room = self.server.registry.rooms.get(member.room, {})
         cap = self.server.limits.max_senders_per_room
         if sum(m.role == "sender" for m in room.values()) >= cap:
-            raise CallRefusedError(f"room {member.room!r} already has {cap} people in it")
+            raise CallRefusedError(f"room {member.room!r} is full ({cap} people)")
         participant = Participant(self, member)
         self.participants[member.id] = participant
         try:

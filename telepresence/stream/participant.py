@@ -105,6 +105,8 @@ class CallParticipant:
         self.viewers: dict[str, Viewer] = {}
         """Sender id -> the Viewer watching it."""
         self.names: dict[str, str] = {}
+        self.id: Optional[str] = None
+        """This participant's own (viewer) id in the room."""
         self.avatar_id: Optional[str] = None
         """The room id of this participant's own avatar (from `published`)."""
         self.head: Optional[HeadMessage] = None
@@ -130,6 +132,7 @@ class CallParticipant:
             joined = await client.connect()
         except RuntimeError as error:
             raise ViewerError(str(error)) from error
+        self.id = joined.id
         await self.uplink.setLocalDescription(await self.uplink.createOffer())
         await client.send(PublishMessage(self.uplink.localDescription.sdp))
         self._spawn(self._signaling(client))
