@@ -19,6 +19,36 @@ const OFFLINE_TILE_MS = 30000;     // a departed sender's tile waits this long f
 // What each sender status means is said by the sender itself (its `status` messages carry the text).
 
 export const $ = (selector, root = document) => root.querySelector(selector);
+
+// A tile's markup, the same on every page.
+const TILE = document.createElement("template");
+TILE.innerHTML = `
+<section class="tile" tabindex="0" data-state="connecting" aria-label="Remote participant">
+  <video class="video" autoplay muted playsinline disablepictureinpicture></video>
+  <div class="shade" aria-hidden="true"></div>
+  <div class="banner" role="status" aria-live="polite"><span class="spinner small" aria-hidden="true"></span><span class="banner-text">Connecting…</span></div>
+  <div class="nameplate"><span class="live-dot" aria-hidden="true"></span><span class="name">sender</span></div>
+  <div class="pose" aria-hidden="true">
+    <div class="pose-pad"><div class="pose-dot"></div></div>
+    <div class="pose-text"><span data-pose="yaw">0°</span> <span data-pose="pitch">0°</span> <span data-pose="zoom">100%</span></div>
+  </div>
+  <dl class="stats">
+    <dt>received</dt><dd><span data-stat="fps">–</span> fps</dd>
+    <dt>round trip</dt><dd><span data-stat="rtt">–</span> ms</dd>
+    <dt>bitrate</dt><dd><span data-stat="bitrate">–</span> kbps</dd>
+    <dt>jitter buffer</dt><dd><span data-stat="jitter">–</span> ms</dd>
+    <dt>dropped</dt><dd><span data-stat="dropped">–</span> frames</dd>
+    <dt>video</dt><dd><span data-stat="video">–</span></dd>
+    <dt class="section">sender</dt><dd class="section"><span data-stat="sender-fps">–</span> fps</dd>
+    <dt>capture</dt><dd><span data-stage="capture">–</span> ms</dd>
+    <dt>landmarks</dt><dd><span data-stage="landmarks">–</span> ms</dd>
+    <dt>avatar</dt><dd><span data-stage="avatar">–</span> ms</dd>
+    <dt>render</dt><dd><span data-stage="render">–</span> ms</dd>
+    <dt>refine</dt><dd><span data-stage="refine">–</span> ms</dd>
+    <dt>encode</dt><dd><span data-stage="encode">–</span> ms</dd>
+  </dl>
+</section>`;
+
 const fmt = (x, digits = 0) => (x === null || x === undefined || !Number.isFinite(x) ? "–" : x.toFixed(digits));
 
 export class Tile {
@@ -26,7 +56,7 @@ export class Tile {
     this.app = app;
     this.senderId = peer.id;
     this.name = peer.name || "sender";
-    this.element = $("#tile-template").content.firstElementChild.cloneNode(true);
+    this.element = TILE.content.firstElementChild.cloneNode(true);
     this.video = $("video", this.element);
     this.bannerText = $(".banner-text", this.element);
     $(".name", this.element).textContent = this.name;

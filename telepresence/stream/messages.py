@@ -138,6 +138,12 @@ def _check_printable(name: str, value: str) -> None:
         raise InvalidFieldError(f"{name}: expected printable characters only")
 
 
+def _check_sdp(value: Any) -> None:
+    _check_str("sdp", value, max_chars=MAX_SDP_CHARS)
+    if not value.startswith("v=0"):
+        raise InvalidFieldError("sdp: expected a session description starting with 'v=0'")
+
+
 # -- signaling messages ---------------------------------------------------------------------------
 
 
@@ -185,9 +191,7 @@ class _SessionDescriptionMessage(Outgoing):
 
     def __post_init__(self) -> None:
         _check_str("to", self.to, max_chars=32, pattern=PEER_ID_PATTERN)
-        _check_str("sdp", self.sdp, max_chars=MAX_SDP_CHARS)
-        if not self.sdp.startswith("v=0"):
-            raise InvalidFieldError("sdp: expected a session description starting with 'v=0'")
+        _check_sdp(self.sdp)
 
 
 @dataclass(frozen=True)
@@ -480,9 +484,7 @@ class PublishMessage(Outgoing):
     sdp: str
 
     def __post_init__(self) -> None:
-        _check_str("sdp", self.sdp, max_chars=MAX_SDP_CHARS)
-        if not self.sdp.startswith("v=0"):
-            raise InvalidFieldError("sdp: expected a session description starting with 'v=0'")
+        _check_sdp(self.sdp)
 
 
 @dataclass(frozen=True)
