@@ -240,35 +240,21 @@ CHROMIUM_FLAGS = [
     "--disable-component-update", "--autoplay-policy=no-user-gesture-required",
 ]
 
-# Reads telepresence.stream.framecode's corner stamp from each presented frame (same layout and checksum).
+# Reads telepresence.stream.framecode's corner stamp from each presented frame with the page's own
+# reader (web/latency.js); sender and page share this host's clock, so no offset.
 BROWSER_PROBE_JS = """async (seconds) => {
+  const { readFrameCode, glassToGlassMs, pageClockMs } = await import('/latency.js');
   const video = document.querySelector('.tile video');
   const canvas = document.createElement('canvas');
-  const g = canvas.getContext('2d', { willReadFrequently: true });
   const latencies = [], presented = [];
   let unreadable = 0;
   const end = performance.now() + seconds * 1000;
   return await new Promise((resolve) => {
     const step = (now, meta) => {
-      const cell = Math.max(4, Math.floor(Math.min(video.videoWidth, video.videoHeight) / 32));
-      const w = 7 * cell, h = 4 * cell, lo = Math.floor(cell / 4), hi = cell - Math.floor(cell / 4);
-      canvas.width = w; canvas.height = h;
-      g.drawImage(video, 0, 0, w, h, 0, 0, w, h);
-      const d = g.getImageData(0, 0, w, h).data;
-      let word = 0;
-      for (let r = 0; r < 4; r++) for (let c = 0; c < 7; c++) {
-        let sum = 0, n = 0;
-        for (let y = r * cell + lo; y < r * cell + hi; y++) for (let x = c * cell + lo; x < c * cell + hi; x++) {
-          const i = (y * w + x) * 4; sum += (d[i] + d[i + 1] + d[i + 2]) / 3; n++;
-        }
-        word = word * 2 + (sum / n > 127.5 ? 1 : 0);
-      }
-      const stamp = Math.floor(word / 16);
-      let check = 0b1010;
-      for (let s = 0; s < 24; s += 4) check ^= (stamp >> s) & 15;
-      const shown = performance.timeOrigin + (meta.expectedDisplayTime ?? now);
+      const stamp = readFrameCode(video, canvas);
+      const shown = pageClockMs(meta.expectedDisplayTime ?? now);
       presented.push(shown);
-      if (check === word % 16) latencies.push(((Math.round(shown) - stamp) % 16777216 + 16777216) % 16777216);
+      if (stamp !== null) latencies.push(glassToGlassMs(stamp, shown, 0));
       else unreadable++;
       if (performance.now() < end) video.requestVideoFrameCallback(step);
       else resolve({ latencies, presented, unreadable });

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import datetime
 import json
 import math
 import os
@@ -266,7 +265,8 @@ def plot(samples: list[dict[str, Any]], title: str, path: Path) -> None:
 
 
 def run_soak(args: argparse.Namespace) -> int:
-    from benchmarks.loopback import device_info, git_commit, versions
+    from benchmarks.common import document, write_json
+    from models.runinfo import run_metadata
 
     tag = f"soak_{args.device.split(':')[0]}_{args.size}"
     out = args.out or ROOT / "benchmarks" / "results" / f"{tag}.json"
@@ -328,13 +328,8 @@ def run_soak(args: argparse.Namespace) -> int:
     finally:
         exit_codes = {name: child.stop() for name, child in reversed(list(children.items()))}
     warmup_s = args.warmup_minutes * 60 if args.warmup_minutes is not None else min(300.0, args.minutes * 60 / 3)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {
-        "benchmark": "soak",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **git_commit(),
-        "versions": versions(),
-        "device": device_info(args.device),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "ran_s": round(time.monotonic() - t0, 1),
         "warmup_s": warmup_s,
         "exit_codes": exit_codes,
@@ -342,8 +337,7 @@ def run_soak(args: argparse.Namespace) -> int:
         "churn": samples[-1].get("churn") if samples else None,
         "samples": samples,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, document(run_metadata(args.device, benchmark="soak"), config, result))
     if samples:
         plot(samples, f"soak {args.device} {args.size}px, {args.viewers} viewers{' + churn' if args.churn else ''}",
              out.with_suffix(".png"))

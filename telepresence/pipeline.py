@@ -105,6 +105,8 @@ class FramePipeline(Protocol):
 
     size: int
     """Side of every view, pixels."""
+    device: torch.device | str
+    """Where the views are computed (viewers are told its kind: why `size` is what it is)."""
     refiner_name: str | None
     """What refines the views (shown to viewers), None: raw avatar renders."""
 

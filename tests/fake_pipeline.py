@@ -10,6 +10,7 @@ frame's bright pixels (luma over `head_level`), put in metres at `eyes_dist_m` f
 the configured field of view: a bright disc moving on a dark clip is a head moving.
 
     telepresence send --pipeline tests.fake_pipeline:build_pipeline ...   (hidden flag, tests only)
+    telepresence send --pipeline tests.fake_pipeline:build_pipeline_with_refiner ...  (says a refiner is on)
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def build_pipeline(config: PipelineConfig) -> "Pipeline":
     return Pipeline(config)
 
 
+def build_pipeline_with_refiner(config: PipelineConfig) -> "Pipeline":
+    """The same pictures, announced as refined (the page's refiner badge)."""
+    pipeline = Pipeline(config)
+    pipeline.refiner_name = "fake-refiner"
+    return pipeline
+
+
 class Pipeline:
     dark_level = 8.0
     head_level = 160.0
@@ -44,6 +52,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig = PipelineConfig()) -> None:
         self.config = config
         self.size: int = config.size
+        self.device = config.device
         self._last: Optional[np.ndarray] = None
         self.calls = 0
         self.view_counts: list[int] = []

@@ -22,6 +22,7 @@ export class Room {
     this.iceServers = [];
     this.joined = false;
     this.fatal = null;
+    this.statsOpen = false;           // the stats panel; closed: each tile shows its badge only
     this.stage = $("#stage");
     this.signaling = new Signaling(this);
   }
@@ -38,19 +39,26 @@ export class Room {
   }
 
   bindGlobalControls() {
-    const toggle = $("#stats-toggle");
-    const setStats = (on) => {
-      document.body.classList.toggle("hide-stats", !on);
-      toggle.setAttribute("aria-pressed", String(on));
-    };
-    toggle.addEventListener("click", () => setStats(document.body.classList.contains("hide-stats")));
+    $("#stats-toggle").addEventListener("click", () => this.setStatsOpen(!this.statsOpen));
     window.addEventListener("keydown", (e) => {
       if (e.target instanceof HTMLInputElement || e.metaKey || e.ctrlKey || e.altKey) return;
-      if (e.key === "s" || e.key === "S") { setStats(document.body.classList.contains("hide-stats")); return; }
+      if (e.key === "s" || e.key === "S") { this.setStatsOpen(!this.statsOpen); return; }
       if (this.handleKey(e)) { e.preventDefault(); return; }
       const tile = this.activeTile && this.tiles.has(this.activeTile.senderId) ? this.activeTile : this.tiles.values().next().value;
       if (tile && tile.orbit.handleKey(e)) e.preventDefault();
     });
+  }
+
+  // The stats panel beside the stage; while it is open each sender stamps its frames for this page.
+  setStatsOpen(open) {
+    this.statsOpen = open;
+    document.body.classList.toggle("stats-open", open);
+    $("#stats-toggle").setAttribute("aria-pressed", String(open));
+    for (const tile of this.tiles.values()) {
+      tile.stats.setOpen(open);
+      const stamps = tile.stats.stampsMessage();
+      if (stamps) tile.send(stamps);
+    }
   }
 
   // -- what a page may change --

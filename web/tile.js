@@ -1,14 +1,17 @@
-// Tile: one sender seen by this page: its peer connection, pose channel, video, status and stats.
+// Tile: one sender seen by this page: its peer connection, pose channel, video, status, and its
+// numbers (stats.js: the badge on the tile, its section of the stats panel).
 // Both pages have tiles (app.js: the viewer; call.js: the call); the room they belong to
 // (room.js) gives them iceServers, signaling, joined, roomSenders, activeTile, poseOffset,
-// removeTile(tile) and refreshConnection().
+// statsOpen, setStatsOpen(open), removeTile(tile) and refreshConnection().
 //
 // Protocol (see telepresence/stream/messages.py): the page offers to the sender (recvonly
 // video + an unordered, no-retransmit "pose" data channel, ICE gathered before sending: aiortc
 // does not trickle), and sends {type: "pose", seq, t, yaw, pitch, dist} at most once per
-// animation frame plus {type: "ping", t} once a second.
+// animation frame plus {type: "ping", t} once a second, with {type: "stamps", on} beside it
+// while the stats panel is open (the sender then paints capture times into this page's frames).
 
 import { Orbit, clamp } from "./orbit.js";
+import { TileStats } from "./stats.js";
 
 const HEARTBEAT_MS = 1000;         // ping period on the pose channel
 const SENDER_SILENCE_MS = 5000;    // no message from a sender this long: reconnect to it
@@ -26,30 +29,19 @@ TILE.innerHTML = `
 <section class="tile" tabindex="0" data-state="connecting" aria-label="Remote participant">
   <video class="video" autoplay muted playsinline disablepictureinpicture></video>
   <div class="shade" aria-hidden="true"></div>
+  <div class="stamp-veil" aria-hidden="true"></div>
   <div class="banner" role="status" aria-live="polite"><span class="spinner small" aria-hidden="true"></span><span class="banner-text">Connecting…</span></div>
-  <div class="nameplate"><span class="live-dot" aria-hidden="true"></span><span class="name">sender</span></div>
+  <button class="badge" type="button" aria-expanded="false" aria-controls="stats-panel" title="Statistics (S)">
+    <span class="badge-fps"><b data-badge="fps">–</b> fps</span>
+    <span class="badge-latency" data-kind="none"><b data-badge="latency">–</b> ms</span>
+    <span data-badge="refiner">refiner –</span>
+  </button>
+  <div class="nameplate"><span class="live-dot" aria-hidden="true"></span><span class="name">sender</span><span class="size-note"></span></div>
   <div class="pose" aria-hidden="true">
     <div class="pose-pad"><div class="pose-dot"></div></div>
     <div class="pose-text"><span data-pose="yaw">0°</span> <span data-pose="pitch">0°</span> <span data-pose="zoom">100%</span></div>
   </div>
-  <dl class="stats">
-    <dt>received</dt><dd><span data-stat="fps">–</span> fps</dd>
-    <dt>round trip</dt><dd><span data-stat="rtt">–</span> ms</dd>
-    <dt>bitrate</dt><dd><span data-stat="bitrate">–</span> kbps</dd>
-    <dt>jitter buffer</dt><dd><span data-stat="jitter">–</span> ms</dd>
-    <dt>dropped</dt><dd><span data-stat="dropped">–</span> frames</dd>
-    <dt>video</dt><dd><span data-stat="video">–</span></dd>
-    <dt class="section">sender</dt><dd class="section"><span data-stat="sender-fps">–</span> fps</dd>
-    <dt>capture</dt><dd><span data-stage="capture">–</span> ms</dd>
-    <dt>landmarks</dt><dd><span data-stage="landmarks">–</span> ms</dd>
-    <dt>avatar</dt><dd><span data-stage="avatar">–</span> ms</dd>
-    <dt>render</dt><dd><span data-stage="render">–</span> ms</dd>
-    <dt>refine</dt><dd><span data-stage="refine">–</span> ms</dd>
-    <dt>encode</dt><dd><span data-stage="encode">–</span> ms</dd>
-  </dl>
 </section>`;
-
-const fmt = (x, digits = 0) => (x === null || x === undefined || !Number.isFinite(x) ? "–" : x.toFixed(digits));
 
 export class Tile {
   constructor(app, peer) {
@@ -65,6 +57,12 @@ export class Tile {
     this.element.addEventListener("pointerenter", () => { app.activeTile = this; });
     this.element.addEventListener("focus", () => { app.activeTile = this; });
     this.video.addEventListener("playing", () => this.onVideoPlaying());
+    this.stats = new TileStats(this.element, this.video, $("#stats-panel"));
+    this.stats.setName(this.name);
+    this.stats.setOpen(app.statsOpen);
+    const badge = $(".badge", this.element);
+    for (const type of ["pointerdown", "dblclick"]) badge.addEventListener(type, (e) => e.stopPropagation());  // no orbit
+    badge.addEventListener("click", () => app.setStatsOpen(!app.statsOpen));
     this.pc = null;
     this.channel = null;
     this.seq = 0;
@@ -72,8 +70,6 @@ export class Tile {
     this.senderStatus = null;
     this.statusTexts = {};  // status -> the text the sender sent with it
     this.lastMessageAt = 0;
-    this.pingRttMs = null;
-    this.prevStats = null;
     this.timers = [];
     this.retryTimer = null;
     this.offlineTimer = null;
@@ -137,13 +133,17 @@ export class Tile {
   onChannelOpen() {
     this.lastMessageAt = performance.now();
     this.poseDirty = true;
-    const ping = () => this.send({ type: "ping", t: performance.now() });
+    const ping = () => {
+      this.send({ type: "ping", t: performance.now() });
+      const stamps = this.stats.stampsMessage();  // repeated with every ping: the channel may lose one
+      if (stamps) this.send(stamps);
+    };
     ping();
     this.timers.push(setInterval(() => {
       ping();
       if (performance.now() - this.lastMessageAt > SENDER_SILENCE_MS) this.scheduleReconnect("The sender stopped answering");
     }, HEARTBEAT_MS));
-    this.timers.push(setInterval(() => this.updateStats(), 1000));
+    this.timers.push(setInterval(() => { if (this.pc) this.stats.update(this.pc); }, 1000));
   }
 
   onChannelMessage(data) {
@@ -153,10 +153,11 @@ export class Tile {
     switch (message.type) {
       case "hello":
         if (message.limits) this.orbit.setLimits(message.limits);
-        if (message.name) { this.name = message.name; $(".name", this.element).textContent = message.name; }
+        if (message.name) { this.name = message.name; $(".name", this.element).textContent = message.name; this.stats.setName(message.name); }
+        this.stats.setHello(message);
         break;
       case "pong":
-        if (Number.isFinite(message.t)) this.pingRttMs = performance.now() - message.t;
+        this.stats.onPong(message);
         break;
       case "status":
         if (typeof message.message === "string") this.statusTexts[message.status] = message.message;
@@ -164,7 +165,7 @@ export class Tile {
         break;
       case "stats":
         this.setSenderStatus(message.status);
-        this.renderSenderStats(message);
+        this.stats.onSenderStats(message);
         break;
       case "error":
         console.warn("sender rejected a message:", message.code, message.message);
@@ -203,14 +204,14 @@ export class Tile {
     this.retryTimer = null;
     if (this.channel) { this.channel.onclose = null; this.channel.close(); this.channel = null; }
     if (this.pc) { this.pc.close(); this.pc = null; }
-    this.prevStats = null;
-    for (const el of this.element.querySelectorAll("[data-stat], [data-stage]")) el.textContent = "–";  // no stale numbers
+    this.stats.reset();
   }
 
   destroy() {
     clearTimeout(this.offlineTimer);
     this.teardown();
     this.video.srcObject = null;
+    this.stats.remove();
     this.element.remove();
   }
 
@@ -256,6 +257,7 @@ export class Tile {
   setState(state, text) {
     this.state = state;
     this.element.dataset.state = state;
+    this.stats.setState(state);
     this.bannerText.textContent = text;
     this.app.refreshConnection();
   }
@@ -274,58 +276,6 @@ export class Tile {
     if (this.state === "live" || this.state === "degraded") {
       if (text) this.setState("degraded", text);
       else if (this.state !== "live") this.setState("live", "");
-    }
-  }
-
-  // -- stats --
-
-  async updateStats() {
-    if (!this.pc) return;
-    let report;
-    try { report = await this.pc.getStats(); } catch { return; }
-    let inbound = null, pair = null, selectedPairId = null;
-    report.forEach((s) => {
-      if (s.type === "inbound-rtp" && (s.kind === "video" || s.mediaType === "video")) inbound = s;
-      else if (s.type === "transport" && s.selectedCandidatePairId) selectedPairId = s.selectedCandidatePairId;
-    });
-    report.forEach((s) => {
-      if (s.type !== "candidate-pair") return;
-      if (s.id === selectedPairId || s.selected || (!selectedPairId && s.nominated && s.state === "succeeded")) pair = s;
-    });
-    const now = performance.now();
-    const prev = this.prevStats;
-    const value = {};
-    if (inbound) {
-      const dt = prev ? (now - prev.at) / 1000 : 0;
-      value.fps = inbound.framesPerSecond ?? (prev && dt > 0 ? (inbound.framesDecoded - prev.framesDecoded) / dt : null);
-      value.bitrate = prev && dt > 0 ? (8 * (inbound.bytesReceived - prev.bytesReceived)) / dt / 1000 : null;
-      const emitted = inbound.jitterBufferEmittedCount - (prev?.emitted ?? 0);
-      value.jitter = emitted > 0 ? (1000 * (inbound.jitterBufferDelay - (prev?.jitterDelay ?? 0))) / emitted : null;
-      value.dropped = inbound.framesDropped ?? null;
-      const codec = inbound.codecId ? report.get(inbound.codecId) : null;
-      const size = inbound.frameWidth ? `${inbound.frameWidth}²` : "";
-      value.video = [codec?.mimeType?.replace("video/", ""), size].filter(Boolean).join(" ") || null;
-      this.prevStats = {
-        at: now, framesDecoded: inbound.framesDecoded ?? 0, bytesReceived: inbound.bytesReceived ?? 0,
-        emitted: inbound.jitterBufferEmittedCount ?? 0, jitterDelay: inbound.jitterBufferDelay ?? 0,
-      };
-    }
-    const rttS = pair?.currentRoundTripTime;
-    value.rtt = Number.isFinite(rttS) ? rttS * 1000 : this.pingRttMs;
-    const set = (key, text) => { $(`[data-stat="${key}"]`, this.element).textContent = text; };
-    set("fps", fmt(value.fps, 1));
-    set("rtt", fmt(value.rtt, 1));
-    set("bitrate", fmt(value.bitrate));
-    set("jitter", fmt(value.jitter));
-    set("dropped", fmt(value.dropped));
-    set("video", value.video || "–");
-  }
-
-  renderSenderStats(message) {
-    $('[data-stat="sender-fps"]', this.element).textContent = fmt(message.fps, 1);
-    const stages = message.stages_ms || {};
-    for (const el of this.element.querySelectorAll("[data-stage]")) {
-      el.textContent = fmt(stages[el.dataset.stage], 1);
     }
   }
 }

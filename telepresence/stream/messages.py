@@ -20,8 +20,9 @@ server -> client:
 Pose channel (RTCDataChannel "pose", unordered, maxRetransmits 0), viewer -> sender:
     pose {seq, t, yaw, pitch, dist}     degrees, degrees, distance scale (1 = source camera)
     ping {t}                            heartbeat, once a second
+    stamps {on}                         paint the capture time into this viewer's frames (framecode.py)
 sender -> viewer:
-    hello {name, size, codec, limits, refiner}, pong {t}, status {status, message},
+    hello {name, size, codec, limits, refiner, device}, pong {t, wall_ms}, status {status, message},
     stats {status, fps, stages_ms: {capture, landmarks, avatar, render, refine, encode}}, error
 """
 
@@ -280,13 +281,27 @@ class PoseMessage(Outgoing):
 
 @dataclass(frozen=True)
 class PingMessage(Outgoing):
-    """Viewer heartbeat; answered with pong {t}."""
+    """Viewer heartbeat; answered with pong {t, wall_ms}."""
 
     type: ClassVar[str] = "ping"
     t: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t", _check_number("t", self.t))
+
+
+@dataclass(frozen=True)
+class StampsMessage(Outgoing):
+    """A viewer asks for (or stops) capture-time codes in its own frames, to measure glass to glass.
+
+    Idempotent: the page repeats it with every ping, as the channel may lose it."""
+
+    type: ClassVar[str] = "stamps"
+    on: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.on, bool):
+            raise InvalidFieldError(f"on: expected true or false, got {type(self.on).__name__}")
 
 
 # -- server -> client, sender -> viewer ---------------------------------------------------------------
@@ -377,6 +392,8 @@ class HelloMessage(Outgoing):
     """PoseLimits.to_json()"""
     refiner: Optional[str] = None
     """What refines the views, None: raw avatar renders."""
+    device: Optional[str] = None
+    """Kind of device the pipeline runs on ("cpu", "cuda"): why `size` is what it is."""
 
 
 @dataclass(frozen=True)
@@ -405,15 +422,19 @@ class StatsMessage(Outgoing):
 
 @dataclass(frozen=True)
 class PongMessage(Outgoing):
+    """The answer to ping {t}: its `t` back, and the sender's clock for the viewer's clock offset."""
+
     type: ClassVar[str] = "pong"
     t: float
+    wall_ms: Optional[float] = None
+    """The sender's wall clock when it answered, ms since the Unix epoch."""
 
 
 SignalingMessage = Union[JoinMessage, OfferMessage, AnswerMessage, DeclineMessage]
-ChannelMessage = Union[PoseMessage, PingMessage]
+ChannelMessage = Union[PoseMessage, PingMessage, StampsMessage]
 
 SIGNALING_TYPES: dict[str, type] = {cls.type: cls for cls in (JoinMessage, OfferMessage, AnswerMessage, DeclineMessage)}
-CHANNEL_TYPES: dict[str, type] = {cls.type: cls for cls in (PoseMessage, PingMessage)}
+CHANNEL_TYPES: dict[str, type] = {cls.type: cls for cls in (PoseMessage, PingMessage, StampsMessage)}
 
 
 def _build(obj: dict[str, Any], types: dict[str, type]) -> Any:
@@ -435,7 +456,7 @@ def parse_signaling_message(raw: Union[str, bytes]) -> SignalingMessage:
 
 
 def parse_channel_message(raw: Union[str, bytes]) -> ChannelMessage:
-    """One pose-channel message -> a validated PoseMessage or PingMessage, or MessageError."""
+    """One pose-channel message -> a validated PoseMessage, PingMessage or StampsMessage, or MessageError."""
     return _build(decode_json_object(raw, CHANNEL_MAX_BYTES), CHANNEL_TYPES)
 
 

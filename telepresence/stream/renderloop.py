@@ -28,7 +28,7 @@ from typing import Any, Callable, Hashable, Optional
 import numpy as np
 
 from .capture import CapturedFrame, CaptureThread, FrameSource
-from .framecode import WRAP, draw_frame_code
+from .framecode import capture_stamp, draw_frame_code
 from .slot import LatestSlot, SlotClosedError
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class RenderLoop:
         stages = {"capture": frame.capture_ms}
         stages.update({k: float(v) for k, v in result.timings_ms.items()})
         self.clock.record(stages)
-        stamp = int(frame.t_capture * 1e3) % WRAP
+        stamp = capture_stamp(frame.t_capture)
         for image, sink in zip(result.views, sinks):
             if self.stamp_frames:
                 image = image.copy()  # never paint into an array the pipeline may keep

@@ -46,6 +46,7 @@ from .messages import (
     PoseLimits,
     PoseMessage,
     RelayedOfferMessage,
+    StampsMessage,
     StatsMessage,
     StatusMessage,
     parse_channel_message,
@@ -274,8 +275,9 @@ class Sender:
         logger.info("viewer %s: closed (%s)", peer.id, reason)
 
     def _send_hello(self, peer: ViewerPeer) -> None:
+        device_kind = str(self.pipeline.device).split(":")[0]  # "cuda" for cuda:1
         peer.send(HelloMessage(self.config.name, self.pipeline.size, self.config.codec, self.config.pose_limits.to_json(),
-                               self.pipeline.refiner_name).to_json())
+                               self.pipeline.refiner_name, device_kind).to_json())
         if self.render_loop is not None:
             self._send_status(peer, self.render_loop.status)
 
@@ -290,7 +292,9 @@ class Sender:
             peer.send(ErrorMessage(error.code, str(error)).to_json())
             return
         if isinstance(message, PingMessage):
-            peer.send(PongMessage(message.t).to_json())
+            peer.send(PongMessage(message.t, round(time.time() * 1e3, 1)).to_json())
+        elif isinstance(message, StampsMessage):
+            peer.track.stamp_frames = message.on
         elif isinstance(message, PoseMessage):
             if message.seq <= peer.pose_seq:
                 return  # reordered or repeated: an older pose than the one in use

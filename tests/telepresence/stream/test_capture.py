@@ -19,7 +19,14 @@ from telepresence.stream.capture import (
     VideoFileSource,
     open_source,
 )
-from telepresence.stream.framecode import draw_frame_code, read_frame_code, stamp_age_ms
+from telepresence.stream.framecode import (
+    ClockOffset,
+    capture_stamp,
+    draw_frame_code,
+    glass_to_glass_ms,
+    read_frame_code,
+    stamp_age_ms,
+)
 from telepresence.stream.slot import LatestSlot, SlotClosedError
 from tests.helpers import ScriptedSource, card_image
 
@@ -193,3 +200,22 @@ def test_capture_thread_fits_frames_and_stops_on_frames_too_small(caplog):
     thread.start()
     time.sleep(0.5)
     assert len(errors) == 1 and "too small" in str(errors[0]) and not thread._thread.is_alive()
+
+
+def test_clock_offset_takes_the_least_delayed_ping():
+    clock = ClockOffset()
+    assert clock.offset_ms is None
+    true_offset = 5_000.0  # the sender's clock runs 5 s ahead
+    for sent, out_ms, back_ms in [(0, 40, 2), (100, 1, 1), (200, 3, 30)]:  # one-way delays, ms
+        clock.add(sent, sent + out_ms + back_ms, sent + out_ms + true_offset)
+    assert clock.offset_ms == 5_000.0  # the symmetric 1 ms + 1 ms ping; the others are off by 19 and 13.5 ms
+    clock.add(300, 299, 0)  # a reply "before" its ping (clock stepped): ignored
+    assert clock.offset_ms == 5_000.0
+
+
+def test_glass_to_glass_is_measured_on_the_senders_clock():
+    t_capture_s = 1_700_000_000.123
+    stamp = capture_stamp(t_capture_s)
+    shown_on_viewer_ms = t_capture_s * 1e3 + 62 - 5_000  # 62 ms later, on a clock 5 s behind
+    assert glass_to_glass_ms(stamp, shown_on_viewer_ms, offset_ms=5_000) == 62
+    assert glass_to_glass_ms((1 << 24) - 10, 5.0) == 15  # across the wrap
