@@ -141,6 +141,21 @@ def test_two_pages_see_each_others_avatar_turn_and_leave(browsers, tmp_path):
             time.sleep(0.25)
         assert 0 < sum(matches) < len(matches), matches  # both ways within 6 s of a clip that turns every 2 s
 
+        # the viewer's badge and stats panel, on the call page too: S opens the panel, the server stamps
+        # alice's frames of bob only then, and alice measures glass to glass from them
+        badge = alice.locator(".tile .badge")
+        assert alice.text_content('.tile [data-badge="refiner"]') == "refiner off"  # the fake pipeline
+        assert alice.text_content(".tile .size-note") == "256 px · CPU"
+        alice.keyboard.press("s")
+        assert alice.locator("#stats-panel").is_visible() and badge.get_attribute("aria-expanded") == "true"
+        assert alice.text_content(".tile-stats-name") == "bob"
+        alice.wait_for_function("() => /^\\d+$/.test(document.querySelector('[data-badge=\"latency\"]').textContent)",
+                                timeout=10000)
+        panel, self_view = alice.locator("#stats-panel").bounding_box(), alice.locator("#self").bounding_box()
+        assert self_view["x"] + self_view["width"] <= panel["x"], (self_view, panel)  # the self view moves clear of it
+        alice.keyboard.press("s")
+        assert not alice.locator("#stats-panel").is_visible()
+
         # bob leaves: his camera stops, alice is told and his tile goes, the server frees him
         bob.click("#leave")
         bob.wait_for_function("() => document.body.dataset.call === 'ended'", timeout=5000)
