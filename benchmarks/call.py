@@ -31,6 +31,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,12 +139,28 @@ def sample_stages(host: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def pipeline_path(pipeline: Any) -> dict[str, Any]:
+    """What a participant's pipeline ran on: its class, device, refiner and whether the avatar
+    replays CUDA graphs (or fell back to eager after a failed capture)."""
+    engine, refiner = getattr(pipeline, "engine", None), getattr(pipeline, "refiner", None)
+    return {
+        "pipeline": f"{type(pipeline).__module__}.{type(pipeline).__qualname__}",
+        "device": str(getattr(pipeline, "device", None)),
+        "refiner": getattr(pipeline, "refiner_name", None),
+        "refiner_dtype": None if refiner is None else str(refiner.dtype),
+        "avatar_cuda_graphs": getattr(engine, "cuda_graphs", None),
+        "avatar_fell_back": getattr(engine, "fell_back", None),
+    }
+
+
 def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
     names = [name for name in ("fps", "capture", *PIPELINE_STAGES, "encode") if any(name in s for s in samples)]
     return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, Any]]:
+    """The call; each result gets the server's view of that participant ("server": fps and stages,
+    "path": its pipeline). `loads` receives the 1-minute load average once a second while recording."""
     from telepresence.stream.call import CallConfig, CallHost
     from telepresence.stream.receiver import Receiver, ReceiverConfig
     from telepresence.stream.sender import SenderConfig
@@ -182,8 +199,10 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         await asyncio.sleep(args.warmup)
         for _ in range(int(args.seconds)):
             await asyncio.sleep(1.0)
+            loads.append(os.getloadavg()[0])
             for name, stages in sample_stages(host).items():
                 samples[name].append(stages)
+        paths = {p.name: pipeline_path(p.pipeline) for p in host.participants.values() if p.pipeline is not None}
         for child in children:
             line = (await asyncio.wait_for(child.stdout.readline(), 120)).decode().strip()
             measured.append(json.loads(line))
@@ -197,6 +216,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         await receiver.stop()
     for result in measured:
         result["server"] = median_stages(samples.get(result["name"], []))
+        result["path"] = paths.get(result["name"])
     return measured
 
 
@@ -230,7 +250,8 @@ def main() -> int:
         return 1
 
     t0 = time.monotonic()
-    results = asyncio.run(run(args))
+    load_start, loads = [round(x, 2) for x in os.getloadavg()], []
+    results = asyncio.run(run(args, loads))
     kind = args.device.split(":")[0]
     floor = FLOORS.get(kind, {})
     applies = floor.get("size") == args.size and floor.get("participants") == args.participants
@@ -242,7 +263,10 @@ def main() -> int:
     config["floor"] = floor if applies else None
     suffix = "" if args.pipeline is None else "_fake"
     out = args.out or Path(__file__).resolve().parent / "results" / f"call_{kind}_{args.size}_{args.participants}p{suffix}.json"
-    write_json(out, document(run_metadata(args.device, benchmark="call", wall_s=round(time.monotonic() - t0, 1)), config, results))
+    load = {"start": load_start, "recording_1min_median": round(float(np.median(loads)), 2) if loads else None,
+            "cpu_count": os.cpu_count()}
+    write_json(out, document(run_metadata(args.device, benchmark="call", wall_s=round(time.monotonic() - t0, 1), load=load),
+                             config, results))
 
     print(f"\ncall, {args.pipeline or 'telepresence.pipeline'}, {args.device}, {args.size}x{args.size}, "
           f"{args.participants} participants, {args.codec}")
@@ -252,6 +276,9 @@ def main() -> int:
         server = " ".join(f"{k}={v:g}" for k, v in r["server"].items())
         print(f"{r['name']:>5} {r['fps_received']['median']:>8.1f} ({r['fps_received']['min']:.1f})"
               f" {lat['median'] or float('nan'):>10.1f}ms {lat['p90'] or float('nan'):>6.1f}ms  {server}")
+    paths = {json.dumps(r["path"], sort_keys=True) for r in results}
+    print("path: " + "; ".join(sorted(paths)))
+    print(f"load average (1 min) while recording: {load['recording_1min_median']} on {os.cpu_count()} CPUs")
     if applies:
         print(f"floor ({floor['fps']:g} fps each" + (f", p50 <= {floor['p50_ms']:g} ms" if floor["p50_ms"] else "") + "): "
               + ("met" if all(r["meets_floor"] for r in results) else "NOT met"))
