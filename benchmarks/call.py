@@ -179,6 +179,7 @@ async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, An
     children = []
     samples: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
     measured = []
+    paths: dict[str, dict[str, Any]] = {}  # sampled while recording: the participants leave right after
     try:
         for i in range(n):
             children.append(await asyncio.create_subprocess_exec(
@@ -202,7 +203,7 @@ async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, An
             loads.append(os.getloadavg()[0])
             for name, stages in sample_stages(host).items():
                 samples[name].append(stages)
-        paths = {p.name: pipeline_path(p.pipeline) for p in host.participants.values() if p.pipeline is not None}
+            paths.update({p.name: pipeline_path(p.pipeline) for p in host.participants.values() if p.pipeline is not None})
         for child in children:
             line = (await asyncio.wait_for(child.stdout.readline(), 120)).decode().strip()
             measured.append(json.loads(line))
