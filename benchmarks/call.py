@@ -140,10 +140,14 @@ def sample_stages(host: Any) -> dict[str, dict[str, float]]:
 
 
 def pipeline_path(pipeline: Any) -> dict[str, Any]:
-    """What a participant's pipeline ran on: its class, device, refiner and whether the avatar
-    replays CUDA graphs (or fell back to eager after a failed capture)."""
+    """What a participant's pipeline ran on: its class, device, refiner, whether the avatar
+    replays CUDA graphs (or fell back to eager after a failed capture), whether the participants'
+    pipelines took turns on the device (telepresence.stream.call.DeviceTurns)."""
+    turns = type(pipeline).__name__ == "_TakingTurns"
+    pipeline = pipeline.pipeline if turns else pipeline
     engine, refiner = getattr(pipeline, "engine", None), getattr(pipeline, "refiner", None)
     return {
+        "device_turns": turns,
         "pipeline": f"{type(pipeline).__module__}.{type(pipeline).__qualname__}",
         "device": str(getattr(pipeline, "device", None)),
         "refiner": getattr(pipeline, "refiner_name", None),

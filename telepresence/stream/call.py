@@ -11,7 +11,8 @@
 
 The camera picture never leaves the server: watchers get renders of the avatar only. Each
 participant has a FramePipeline object of its own (open_pipeline per participant: models are not
-shared, so no participant's frame waits on another's lock; docs/call.md).
+shared; docs/call.md). On a CUDA device they take turns while one captures its CUDA graphs
+(DeviceTurns).
 
 A participant is dropped, with the reason sent back in `unpublished`, when it leaves (`unpublish`),
 goes silent on its uplink channel for heartbeat_timeout_s, its connection fails, it sends no usable
@@ -22,16 +23,18 @@ in a row). One participant's failure closes that participant only, logged with i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from telepresence.pipeline import FramePipeline, PipelineConfig, PipelineUnavailableError, open_pipeline
+from telepresence.pipeline import STATUS_NO_FACE_YET, FramePipeline, PipelineConfig, PipelineUnavailableError, open_pipeline
 
 from .headtrack import HeadTracker, HeadTrackingConfig
 from .messages import (
@@ -86,6 +89,82 @@ class CallConfig:
             raise ValueError(f"max_bad_frames: expected >= 1, got {self.max_bad_frames}")
 
 
+class DeviceTurns:
+    """The participants' pipelines on one CUDA device: who may use it while another captures CUDA graphs.
+
+    A pipeline captures its graphs on its first frame with a face (Pipeline._warm_up: the render and
+    the refiner for 1..warm_views views). A capture fails when another thread of the process
+    synchronises the device meanwhile (cudaDeviceSynchronize breaks another thread's capture in every
+    capture mode), allocates, or draws eager random numbers (torch's CUDA generator is in capture mode
+    for the whole process). So loading, closing, and a pipeline's frames until its first avatar hold
+    the device alone (`alone`); a warm pipeline's frames share it with the other warm ones
+    (`shared`): their work is graph replays. CPU pipelines run freely.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self._cond = threading.Condition()
+        self._sharing = 0          # frames of warm pipelines on the device now
+        self._alone = False        # one holds the device alone
+        self._waiting_alone = 0    # those waiting to: new sharers wait behind them
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_alone += 1
+            self._cond.wait_for(lambda: not self._alone and self._sharing == 0)
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and self._waiting_alone == 0)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sharing -= 1
+                self._cond.notify_all()
+
+    def open(self, config: PipelineConfig, factory: Optional[str]) -> FramePipeline:
+        """open_pipeline, on CUDA alone on the device and wrapped so that its frames take their turns."""
+        if not self.cuda:
+            return open_pipeline(config, factory)
+        with self.alone():
+            return _TakingTurns(open_pipeline(config, factory), self)
+
+
+class _TakingTurns:
+    """A FramePipeline whose process() and close() take their turn on the device (DeviceTurns): alone
+    until its first avatar (its graphs are captured then), shared after; analyze() (CPU) does not wait."""
+
+    def __init__(self, pipeline: FramePipeline, turns: DeviceTurns) -> None:
+        self.pipeline = pipeline
+        self._turns = turns
+        self._warm = False
+
+    def __getattr__(self, name: str) -> Any:  # size, device, refiner_name, analyze, ...
+        return getattr(self.pipeline, name)
+
+    def process(self, *args: Any, **kwargs: Any) -> Any:
+        with self._turns.shared() if self._warm else self._turns.alone():
+            result = self.pipeline.process(*args, **kwargs)
+        self._warm = self._warm or result.status != STATUS_NO_FACE_YET
+        return result
+
+    def close(self) -> None:
+        with self._turns.alone():
+            self.pipeline.close()
+
+
 class Participant:
     """One person in the call: the uplink of their camera, their sender (avatar) and head tracker."""
 
@@ -129,7 +208,7 @@ class Participant:
         own avatar before it hears of it. Returns the answer SDP; CallRefusedError when no avatar can be made."""
         config = self.host.config
         try:
-            self.pipeline = await self._loop.run_in_executor(None, open_pipeline, config.pipeline, config.pipeline_factory)
+            self.pipeline = await self._loop.run_in_executor(None, self.host.device.open, config.pipeline, config.pipeline_factory)
         except PipelineUnavailableError as error:
             raise CallRefusedError(f"the server cannot make an avatar: {error}") from None
         pc = self.pc = RTCPeerConnection(config.sender.ice.rtc_configuration())
@@ -268,6 +347,7 @@ class CallHost:
     def __init__(self, config: CallConfig = CallConfig()) -> None:
         self.config = config
         self.participants: dict[str, Participant] = {}
+        self.device = DeviceTurns(config.pipeline.device)
         self._server: Optional[SignalingServer] = None
         self._tasks: set[asyncio.Task] = set()
 

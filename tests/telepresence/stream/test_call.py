@@ -290,3 +290,40 @@ async def test_cameras_the_server_cannot_take_are_refused_with_the_reason():
             async with participant(receiver, "bob"):
                 pass
         assert len(receiver.signaling.cameras.participants) == 1
+
+
+def test_pipelines_on_a_cuda_device_take_turns_while_one_captures_its_graphs():
+    # A CUDA graph capture fails if another thread synchronises the device meanwhile: on CUDA a pipeline
+    # holds the device alone to load and until its first avatar (its graphs are captured then); warm
+    # pipelines share it. analyze() is CPU work and never waits.
+    from telepresence.pipeline import STATUS_OK, OrbitPose, PipelineConfig
+    from telepresence.stream.call import DeviceTurns
+
+    assert not DeviceTurns("cpu").cuda and DeviceTurns("cuda:1").cuda
+    turns = DeviceTurns("cuda")
+    config = PipelineConfig(device="cuda", size=64)
+    cold, warm = (turns.open(config, "tests.fake_pipeline:build_pipeline") for _ in range(2))
+    assert (cold.size, cold.device, cold.refiner_name) == (64, "cuda", None)  # what the sender reads
+    frame, results = head_frame(0.0), []
+
+    def process_in_thread(pipeline):
+        thread = threading.Thread(target=lambda: results.append(pipeline.process(frame, [OrbitPose()])))
+        thread.start()
+        thread.join(0.3)
+        return thread
+
+    assert warm.process(frame, [OrbitPose()]).status == STATUS_OK  # its first avatar: warm from now on
+    with turns.shared():  # another warm pipeline's frame on the device
+        warm.analyze(frame)
+        assert len(results) == 0 and not process_in_thread(warm).is_alive()  # warm ones share
+        thread = process_in_thread(cold)
+        assert thread.is_alive() and len(results) == 1  # a cold one (about to capture) waits for the device alone
+    thread.join(5)
+    assert len(results) == 2 and results[1].views[0].shape == (64, 64, 3)
+    with turns.alone():  # ... and while one holds it alone, warm ones wait too
+        thread = process_in_thread(warm)
+        assert thread.is_alive()
+    thread.join(5)
+    assert len(results) == 3
+    cold.close()
+    warm.close()
