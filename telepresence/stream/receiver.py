@@ -96,7 +96,7 @@ class ReceiverConfig:
     room: str = "demo"
     """Room named in the printed URL."""
     web_dir: Path = field(default_factory=lambda: default_web_dir())
-    """The page's files (index.html, app.js, style.css)."""
+    """The pages' files (index.html, call.html, their modules, style.css)."""
     limits: RoomLimits = RoomLimits()
     ice: IceConfig = IceConfig()
     """STUN/TURN servers handed to browsers."""
