@@ -18,6 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="telepresence receive", description="Serve the viewer page and the signaling endpoint on one port.",
         formatter_class=HelpFormatter,
     )
+    add_receiver_arguments(parser)
+    add_verbosity(parser)
+    return parser
+
+
+def add_receiver_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the pages and /ws listen, their limits, and the ICE servers handed to browsers."""
     parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to accept the LAN")
     parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
     parser.add_argument("--token", default=None, help="shared token required to join rooms")
@@ -35,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL for browsers")
     parser.add_argument("--ice-username", default=None, help="TURN user name for browsers")
     parser.add_argument("--ice-credential", default=None, help="TURN password for browsers")
-    add_verbosity(parser)
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
