@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
-#   env:   STAGES (default "tests avatar loopback bench refiner"; also: call, refiner-sdturbo),
+#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo),
 #          SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SITE=/tmp/site
-STAGES=${STAGES:-"tests avatar loopback bench refiner"}
+STAGES=${STAGES:-"tests avatar loopback bench call refiner"}
 SOURCE_FPS=${SOURCE_FPS:-30}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl_all/*.whl 2>&1 | grep -v "Running pip"
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
@@ -36,6 +36,11 @@ if has bench; then
   echo "== per-stage bench"
   timeout 150 python3 -m benchmarks.pipeline --device cuda --size 512 --viewers 1 4 --refiner /tmp/refiner-small-arch \
     --out "$OUT/bench_cuda_512.json" -q 2>&1 | filter | tail -12
+fi
+if has call; then
+  echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
+  timeout 170 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
+    --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p.json" 2>&1 | tee "$OUT/call.log" | filter | tail -15
 fi
 if has refiner; then
   echo "== refiner (small)"
