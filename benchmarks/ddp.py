@@ -73,25 +73,34 @@ def checkpoint_step(args: argparse.Namespace) -> int:
 
 
 def run(cmd: list[str], timeout_s: float) -> dict:
-    """Run one command in its own process group (torchrun and its ranks); past timeout_s, SIGTERM the
+    """Run one command in its own process group (torchrun and its ranks; the same session, so the
+    machine's clean-up still reaches it); past timeout_s, or when this script is stopped, SIGTERM the
     group, then SIGKILL it. Returns its wall time, exit status and whether it was stopped."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, **MULTICAST_OFF, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     print(f"$ {shlex.join(cmd)}   (limit {timeout_s:.0f} s)", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True)
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, **group)
     stopped = False
     try:
         proc.wait(timeout=max(timeout_s, 1.0))
     except subprocess.TimeoutExpired:
         stopped = True
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=KILL_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
     return {"wall_s": time.perf_counter() - start, "returncode": proc.returncode, "stopped_at_limit": stopped}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group of ``proc`` (torchrun passes it on to its ranks), SIGKILL after a grace."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus < 2 or args.skip >= args.steps - 1:
         parser.error(f"expected --gpus >= 2 and --skip below --steps - 1, got {args.gpus} and {args.skip}, {args.steps}")
     deadline = time.monotonic() + args.time_limit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an outer `timeout`: stop the run in flight too
     os.environ.update(MULTICAST_OFF)  # this process too, and whatever it starts
 
     import torch
