@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         share = (args.gpus / (args.gpus + 1)) if gpus == 1 else 1.0
         budget = max(10.0, (left() - later - args.startup - 10.0) * share)
         out = args.work / f"run_{gpus}gpu"
+        shutil.rmtree(out, ignore_errors=True)  # log.jsonl is appended to: no earlier job's steps
         status = run(train_command(gpus, args, out, data, "--time-budget", f"{budget:.0f}"),
                      min(budget + args.startup + 45.0, left() - later))
         runs[gpus] = {**status, "fit_budget_s": budget, **summarise(read_log(out), args.skip, args.micro_batch * args.gpus)}
         r = runs[gpus]
-        print(f"{gpus} GPU(s): {r['steps_logged']} steps, {r['samples_per_s']['median'] or 0:.1f} samples/s, "
+        print(f"{gpus} GPU(s): exit {r['returncode']}, {r['steps_logged']} steps, {r['samples_per_s']['median'] or 0:.1f} samples/s, "
               f"data wait {100 * (r['data_wait_share']['median'] or 0):.1f} % of a step", flush=True)
         save()
 
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
               "loss_resumed_1gpu": None, "abs_diff": None}
     if (ckpt / "trainer.pt").is_file() and left() > 10.0:
         resumed = args.work / "resumed_1gpu"
+        shutil.rmtree(resumed, ignore_errors=True)
         status = run(train_command(1, args, resumed, data, "--resume", str(ckpt), "--steps", str(first + 1)), left() - 5.0)
         resume |= {"run": status, "loss_resumed_1gpu": {r["step"]: r["loss"] for r in read_log(resumed) if "loss" in r}.get(first + 1)}
         a, b = resume["loss_multi_gpu"], resume["loss_resumed_1gpu"]
