@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.avatar.geometry import vertex_normals
 from models.avatar.topology import MeshConstants
 from models.geometry.camera import project
 from models.geometry.raster import rasterize
 
-__all__ = ["facing_source", "max_filter3x3", "occluded", "sample_source_depth", "source_depth_map", "vertex_visible"]
+__all__ = ["facing_source", "max_filter3x3", "occluded", "sample_source_depth", "seen_fraction", "source_depth_map",
+           "vertex_visible"]
 
 
 def source_depth_map(verts, st: MeshConstants, AK: torch.Tensor, S: int, capacity: int | None):
@@ -59,6 +59,36 @@ def occluded(z_src: torch.Tensor, depth_at: torch.Tensor) -> torch.Tensor:
     return z_src > depth_at * 1.015 + 2e-3
 
 
+def seen_fraction(
+    z_src: torch.Tensor, src_depth: torch.Tensor, A: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+    pooled: torch.Tensor | None = None, band_m: float = 0.012,
+) -> torch.Tensor:
+    """How much the source saw points at depth z_src and source pixels (u, v) (any shape), in [0, 1]:
+    a percentage-closer filter (the depth test at the four nearest map texels, weighted
+    bilinearly) with a soft test, 1 up to :func:`occluded`'s tolerance and 0 at ``band_m``
+    (plus 1 %) further behind. A switch per map texel would draw the map's staircase as a
+    dotted seam; the band carries seen texture a little way past an occluding edge (the
+    jaw over the neck, the outline over the head shell), where the source pixel shows the
+    surface right beside the hidden point. pooled as in :func:`sample_source_depth`."""
+    S = src_depth.shape[-1]
+    x = A[0, 0] * u + A[0, 2] - 0.5
+    y = A[1, 1] * v + A[1, 2] - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long().clamp(-1, S), y0.long().clamp(-1, S)
+    base = 0 if pooled is None else pooled.long() * (S * S)
+    flat_depth = src_depth.reshape(-1)
+    out = torch.zeros_like(z_src)
+    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        mx, my = x0 + dx, y0 + dy
+        inside = (mx >= 0) & (mx < S) & (my >= 0) & (my < S)
+        d = flat_depth[base + my.clamp(0, S - 1) * S + mx.clamp(0, S - 1)].clamp(max=1e3)  # +inf: empty
+        behind = z_src - (d * 1.015 + 2e-3)  # > 0: behind the nearest surface by more than the tolerance
+        test = (1.0 - behind / (0.01 * d + band_m)).clamp(0.0, 1.0)
+        out = out + w * torch.where(inside, test, torch.ones_like(test))
+    return out
+
+
 def vertex_visible(tex_h, src_depth, A, pooled: torch.Tensor) -> torch.Tensor:
     """Per vertex [N] bool: the source camera saw it. tex_h [N, 3] homogeneous source pixels
     (u w, v w, w), src_depth and A as in :func:`source_depth_map`, pooled [N] bool (card vertices)."""
@@ -66,10 +96,10 @@ def vertex_visible(tex_h, src_depth, A, pooled: torch.Tensor) -> torch.Tensor:
     return ~occluded(w, sample_source_depth(src_depth, A, tex_h[:, 0] / w, tex_h[:, 1] / w, pooled))
 
 
-def facing_source(verts: torch.Tensor, st: MeshConstants) -> torch.Tensor:
-    """Per vertex [N] in [0, 1]: 0 where the surface is seen edge-on from the source
-    camera (texture stretched), 1 where it faces it (|cos| >= 0.25)."""
-    normals = vertex_normals(verts, st.faces, st.incident)
+def facing_source(verts: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per vertex [N]: |cos| between the normal and the source camera's line of sight, and the
+    grazing weight in [0, 1] made from it: 0 where the source sees the surface edge-on
+    (texture stretched), 1 where it faces it (|cos| >= 0.25). verts, normals [N, 3]."""
     view = verts / verts.norm(dim=-1, keepdim=True)
     facing = (normals * view).sum(-1).abs()
-    return ((facing - 0.08) / 0.17).clamp(0, 1)
+    return facing, ((facing - 0.08) / 0.17).clamp(0, 1)
