@@ -95,7 +95,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     outward = outward / outward.norm(dim=-1, keepdim=True).clamp(min=1e-6) * (0.06 * o.face_h)
     fill_hidden_shell(fill, visible, st, topo.pole, outward)
     card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
-    opacity = fill_hidden_card(fill, opacity, visible, card, config.card_grid)
+    opacity = fill_hidden_card(fill, opacity, visible, card, st)
     if topo.n_far:
         # Atlas [picture | far layer]: far-layer vertices address the right half.
         for h in (tex_h, fill):
@@ -110,16 +110,12 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     ratio = lighting_ratio(sample_vertices(texture_fill, tex_h, span)[:, :3], quality, (tex_verts - o.t) @ o.R, st)
     # Per-vertex fill colours: the low-pass texture where the source saw the head well, spread
     # over the mesh to where it saw it badly (the underside of the chin, the edge-on sides).
-    # Face and shell apart: skin does not flow into the hair, nor hair onto the face.
     fill_rgb = sample_vertices(texture_fill, fill, span)[:, :3]
-    on_face = diffuse_colours(fill_rgb, quality, st.faces, st.incident, st.part == 0)
-    outline = torch.zeros_like(quality)
-    outline[st.ring0] = 1.0
-    on_shell = diffuse_colours(fill_rgb, quality * (1 - outline), st.faces, st.incident, st.part == 1)
-    face_vertex = st.flags[:, 0:1] > 0.5
-    fill_rgb = torch.where(face_vertex, on_face, torch.where(head[:, None] > 0.5, on_shell, fill_rgb))
+    n_head = topo.n_face + topo.n_shell
+    fill_rgb = torch.cat([diffuse_colours(fill_rgb[:n_head], quality[:n_head], st, topo.n_head_faces),
+                          fill_rgb[n_head:]])
     vattr = torch.cat([tex_h, fill, tex_h[st.mirror], ratio, fill_rgb, grazing[:, None], mirror_q[:, None],
-                       opacity[:, None], st.flags], -1)  # [N, VATTR.COUNT]
+                       opacity[:, None]], -1)  # [N, VATTR.COUNT]
     if plan.reenact:
         geo_mask = t["geo_mask"]
         geo_support = None if geo_mask is None else shell_support(geo_mask, t["geo_outline"])
@@ -132,6 +128,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
         faces=st.faces,
         cull=st.cull,
         skip=skip,
+        part=st.part,
         vattr=vattr,
         texture=texture,
         texture_fill=texture_fill,

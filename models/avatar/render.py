@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from models.avatar.texture import box_mean
 from models.avatar.types import VATTR, Avatar, RenderOutput
 from models.avatar.visibility import max_filter3x3, seen_fraction
 from models.geometry.camera import OrbitPose, project
@@ -43,26 +44,30 @@ def render_views(avatar: Avatar, poses: Sequence[OrbitPose], size: int) -> Rende
     return render_cameras(avatar, viewmats, Ks, size)
 
 
-def texture_quality(uv: torch.Tensor) -> torch.Tensor:
-    """Per pixel [V, S, S] in [0, 1]: how much the source's texture is worth where it lands.
+def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Per view and triangle [V, F] in [0, 1]: how much the source's texture is worth there.
 
-    uv [V, S, S, 2]: each pixel's source pixel. The texture mapping's Jacobian
-    J = d(u, v) / d(x, y) (finite differences; on each axis the smaller of the two one-sided
-    ones, as the other may cross onto another surface) has singular values
+    pix [V, N, 3] screen positions (models.geometry.camera.project), tex_h [N, 3] homogeneous
+    source pixels (u w, v w, w), faces [F, 3]. Each triangle maps screen to source affinely,
+    J = [uv1 - uv0, uv2 - uv0] [x1 - x0, x2 - x0]^-1, whose singular values are
     sigma = sqrt((T -+ sqrt(T^2 - 4 D^2)) / 2), T = |J|_F^2, D = det J. Their ratio is the
     streak factor: a cheek the source saw edge-on and the view sees face-on is a few source
     pixels stretched across many in one direction only, while the source's own view (or a
     zoom) maps texels to pixels alike in every direction (ratio 1). Quality 1 up to
     _STRETCH[0], 0 from _STRETCH[1]."""
-    def diff(dim: int) -> torch.Tensor:
-        d = uv.diff(dim=dim)  # one shorter along dim
-        fwd = torch.cat([d, d.narrow(dim, d.shape[dim] - 1, 1)], dim)
-        bwd = torch.cat([d.narrow(dim, 0, 1), d], dim)
-        return torch.where(fwd.square().sum(-1, keepdim=True) < bwd.square().sum(-1, keepdim=True), fwd, bwd)
-
-    jx, jy = diff(2), diff(1)  # d(u, v)/dx, d(u, v)/dy: [V, S, S, 2]
-    T = jx.square().sum(-1) + jy.square().sum(-1)
-    D = jx[..., 0] * jy[..., 1] - jx[..., 1] * jy[..., 0]
+    x = pix[:, faces, :2]  # [V, F, 3, 2]
+    uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6))[faces]  # [F, 3, 2]
+    e1, e2 = x[:, :, 1] - x[:, :, 0], x[:, :, 2] - x[:, :, 0]  # [V, F, 2]
+    f1, f2 = uv[:, 1] - uv[:, 0], uv[:, 2] - uv[:, 0]  # [F, 2]
+    det_e = e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0]
+    inv = 1.0 / torch.where(det_e.abs() > 1e-9, det_e, torch.ones_like(det_e))
+    # J = F E^-1 with E^-1 = [[e2y, -e2x], [-e1y, e1x]] / det E.
+    j00 = (f1[:, 0] * e2[..., 1] - f2[:, 0] * e1[..., 1]) * inv
+    j01 = (f2[:, 0] * e1[..., 0] - f1[:, 0] * e2[..., 0]) * inv
+    j10 = (f1[:, 1] * e2[..., 1] - f2[:, 1] * e1[..., 1]) * inv
+    j11 = (f2[:, 1] * e1[..., 0] - f1[:, 1] * e2[..., 0]) * inv
+    T = j00.square() + j01.square() + j10.square() + j11.square()
+    D = j00 * j11 - j01 * j10
     root = (T.square() - 4 * D.square()).clamp(min=0).sqrt()
     ratio = ((T + root) / (T - root).clamp(min=1e-12)).sqrt()  # sigma_max / sigma_min
     return ((_STRETCH[1] - ratio) / (_STRETCH[1] - _STRETCH[0])).clamp(0.0, 1.0)
@@ -75,7 +80,7 @@ def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor,
     alpha [V, 1, S, S]."""
     edge = (max_filter3x3(alpha) + max_filter3x3(-alpha)) > 0.5
     both = torch.cat([rgb, alpha], 1)
-    mean = F.avg_pool2d(both, 3, stride=1, padding=1, count_include_pad=False)
+    mean = box_mean(both, 3)
     both = torch.where(edge, mean, both)
     return both[:, :3], both[:, 3:]
 
@@ -131,12 +136,18 @@ def render_cameras(
     # The fill texture continues past the picture's edge (a head cut by the frame stays whole).
     tex_f, _ = _sample(avatar.texture_fill, vals[..., VATTR.FILL], span, "border")
     tex_m, _ = _sample(avatar.texture, vals[..., VATTR.MIRROR], span)
-    head = vals[..., VATTR.HEAD] > 0.5
+    part = avatar.part[frags.face_id.clamp(min=0)]  # [V, S, S]
+    head = part <= 1
     seen = seen_fraction(vals[..., 2], avatar.src_depth, avatar.src_depth_K, uv[..., 0], uv[..., 1], pooled=~head)
     # The head is opaque: its own texture where seen, not stretched and on the person, else
     # the mirror side's (lit as this side: the low-frequency ratio), else the fill texture.
     on_person = ((tex_p[:, 3] - 0.45) / 0.4).clamp(0.0, 1.0)
-    quality = F.avg_pool2d(texture_quality(uv)[:, None], 5, stride=1, padding=2, count_include_pad=False)[:, 0]
+    # Per pixel from its triangle, smoothed over 5x5 pixels (a band, not a switch at triangle edges).
+    per_face = texture_quality(pix, avatar.vattr[:, VATTR.TEX], avatar.faces).reshape(-1)  # [V * F]
+    F_ = avatar.faces.shape[0]
+    view = torch.arange(V, device=pix.device)[:, None, None] * F_
+    quality = per_face[view + frags.face_id.clamp(min=0)]  # [V, S, S]
+    quality = box_mean(quality[:, None], 5)[:, 0]
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
     w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)
     own = _unpremultiply(tex_p)
@@ -151,7 +162,7 @@ def render_cameras(
     in_pic = (uv[..., 0] >= 0) & (uv[..., 0] <= span[1]) & (uv[..., 1] >= 0) & (uv[..., 1] <= span[0])
     fade = in_pic.float()
     if avatar.config.background == "remove":
-        fade = torch.where(vals[..., VATTR.CARD] > 0.5, _picture_fade(uv, span, ramp), fade)
+        fade = torch.where(part == 2, _picture_fade(uv, span, ramp), fade)
     card = torch.lerp(torch.cat([tex_f[:, :3] * tex_f[:, 3:], tex_f[:, 3:]], 1), tex_p, w_own[:, None])
     card = card * fade[:, None]  # [V, 4, S, S] premultiplied
     weight = (vals[..., VATTR.OPACITY] * covered)[:, None]

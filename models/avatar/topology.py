@@ -167,12 +167,14 @@ class MeshConstants:
     not_head: torch.Tensor  # [F] bool on the device (source depth draws the head only)
     card_faces: torch.Tensor  # [F] bool on the device
     card_verts: torch.Tensor  # [N] bool on the device
-    flags: torch.Tensor  # [N, 3] on the device: face mesh, head (face mesh and shell), card
+    flags: torch.Tensor  # [N, 2] on the device: face mesh, head (face mesh and shell)
     ring_ids: torch.Tensor  # [K + 1, J] on the device
     ring0: torch.Tensor  # [J] face outline vertex ids on the device
     mirror: torch.Tensor  # [N] mirror vertex ids on the device (models.avatar.topology.Topology.mirror)
     incident: torch.Tensor  # [N, D] faces of each vertex, padded with F
     part: torch.Tensor  # [F] int64 on the device: 0 face mesh, 1 shell, 2 card, 3 far layer
+    head_incident: torch.Tensor  # [n_face + n_shell, D] faces of each head vertex (all head faces), padded with n_head_faces
+    card_d2: torch.Tensor  # [G * G, G * G] squared distances between card vertices, in grid cells
     const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots
 
 
@@ -199,10 +201,9 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
     N = topo.n_face + topo.n_shell + topo.n_card + topo.n_far
     card_verts = torch.zeros(N, dtype=torch.bool)
     card_verts[card[0] : card[1]] = True
-    flags = torch.zeros(N, 3)
+    flags = torch.zeros(N, 2)
     flags[: topo.n_face, 0] = 1.0  # the face mesh
     flags[: topo.n_face + topo.n_shell, 1] = 1.0  # head
-    flags[card[0] : card[1], 2] = 1.0  # card
     # Faces of each vertex, padded with the index F.
     per_vertex = [[] for _ in range(N)]
     for fi, tri in enumerate(topo.faces.tolist()):
@@ -217,6 +218,12 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
         "knots_x": torch.tensor(CARD_KNOTS[0]),
         "knots_y": torch.tensor(CARD_KNOTS[1]),
     }
+    n_head = topo.n_face + topo.n_shell
+    head_incident = incident[:n_head].clone()
+    head_incident[head_incident >= topo.n_head_faces] = topo.n_head_faces
+    G = round(topo.n_card**0.5)
+    cell = torch.stack(torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij"), -1).reshape(-1, 2).float()
+    card_d2 = (cell[:, None] - cell[None]).square().sum(-1)
     ring_ids = torch.as_tensor(topo.ring_ids)
     part = torch.full((len(faces),), 3, dtype=torch.int64)
     part[card_faces] = 2
@@ -225,7 +232,7 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
     st = MeshConstants(
         faces.to(device), cull.to(device), not_head.to(device), card_faces.to(device), card_verts.to(device),
         flags.to(device), ring_ids.to(device), ring_ids[0].to(device), torch.as_tensor(topo.mirror).to(device),
-        incident.to(device), part.to(device),
+        incident.to(device), part.to(device), head_incident.to(device), card_d2.to(device),
         {name: v.to(device) for name, v in const.items()},
     )
     _MESH_CONSTANTS[k] = st

@@ -27,10 +27,7 @@ class VATTR:
     GRAZING = 15  # in [0, 1]: 0 where the source sees the surface edge-on (RenderOutput.seen)
     MIRROR_Q = 16  # in [0, 1]: how well the source saw the mirror vertex
     OPACITY = 17
-    FACE = 18  # the face mesh
-    HEAD = 19  # face mesh and shell: opaque
-    CARD = 20  # the card: the person's matte as alpha, faded out at the picture's edge
-    COUNT = 21
+    COUNT = 18
 
 
 @dataclass(frozen=True)
@@ -102,6 +99,7 @@ class Avatar:
     faces: torch.Tensor  # [F, 3] int64
     cull: torch.Tensor  # [F] bool: closed head surface, culled when facing away
     skip: torch.Tensor  # [F] bool: card triangles with nothing opaque on them (not drawn)
+    part: torch.Tensor  # [F] int64: 0 face mesh, 1 shell (the head: opaque), 2 card (matte alpha, fades at the picture's edge), 3 far layer
     vattr: torch.Tensor  # [N, VATTR.COUNT] per-vertex attributes (columns: :class:`VATTR`)
     texture: torch.Tensor  # [1, 4, Ht, Wt] RGBA in [0, 1], premultiplied (A = the person's matte, or 1)
     texture_fill: torch.Tensor  # [1, 4, h, w] low-pass copy (same layout, not premultiplied) for unseen surface

@@ -64,29 +64,15 @@ def seen_fraction(
     pooled: torch.Tensor | None = None, band_m: float = 0.012,
 ) -> torch.Tensor:
     """How much the source saw points at depth z_src and source pixels (u, v) (any shape), in [0, 1]:
-    a percentage-closer filter (the depth test at the four nearest map texels, weighted
-    bilinearly) with a soft test, 1 up to :func:`occluded`'s tolerance and 0 at ``band_m``
-    (plus 1 %) further behind. A switch per map texel would draw the map's staircase as a
-    dotted seam; the band carries seen texture a little way past an occluding edge (the
-    jaw over the neck, the outline over the head shell), where the source pixel shows the
-    surface right beside the hidden point. pooled as in :func:`sample_source_depth`."""
-    S = src_depth.shape[-1]
-    x = A[0, 0] * u + A[0, 2] - 0.5
-    y = A[1, 1] * v + A[1, 2] - 0.5
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    x0, y0 = x0.long().clamp(-1, S), y0.long().clamp(-1, S)
-    base = 0 if pooled is None else pooled.long() * (S * S)
-    flat_depth = src_depth.reshape(-1)
-    out = torch.zeros_like(z_src)
-    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        mx, my = x0 + dx, y0 + dy
-        inside = (mx >= 0) & (mx < S) & (my >= 0) & (my < S)
-        d = flat_depth[base + my.clamp(0, S - 1) * S + mx.clamp(0, S - 1)].clamp(max=1e3)  # +inf: empty
-        behind = z_src - (d * 1.015 + 2e-3)  # > 0: behind the nearest surface by more than the tolerance
-        test = (1.0 - behind / (0.01 * d + band_m)).clamp(0.0, 1.0)
-        out = out + w * torch.where(inside, test, torch.ones_like(test))
-    return out
+    the depth test of :func:`occluded` made soft, 1 up to its tolerance and 0 at ``band_m``
+    (plus 1 % of the depth) further behind. A switch would draw the map's staircase as a
+    dotted seam where a surface folds under an occluding edge (the rim under the jaw, the
+    outline over the head shell); the band carries seen texture a little way past the edge,
+    where the source pixel shows the surface right beside the hidden point, and the render
+    blends from there. pooled as in :func:`sample_source_depth`."""
+    d = sample_source_depth(src_depth, A, u, v, pooled).clamp(max=1e3)  # +inf (empty) -> far
+    behind = z_src - (d * 1.015 + 2e-3)  # > 0: behind the nearest surface by more than the tolerance
+    return (1.0 - behind / (0.01 * d + band_m)).clamp(0.0, 1.0)
 
 
 def vertex_visible(tex_h, src_depth, A, pooled: torch.Tensor) -> torch.Tensor:
