@@ -73,15 +73,18 @@ def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor)
     return ((_STRETCH[1] - ratio) / (_STRETCH[1] - _STRETCH[0])).clamp(0.0, 1.0)
 
 
-def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Anti-aliased silhouettes: where alpha jumps by more than 1/2 within a 3x3 neighbourhood
     (a mesh edge against the background; the person mask's own edges are soft), the
-    premultiplied colour and the alpha become their 3x3 means. rgb [V, 3, S, S] premultiplied,
-    alpha [V, 1, S, S]."""
+    premultiplied colour and the alpha become their 3x3 means; a pixel no triangle covers
+    stays below 1/2 (its depth is empty). rgb [V, 3, S, S] premultiplied, alpha [V, 1, S, S],
+    covered [V, S, S] bool."""
     edge = (max_filter3x3(alpha) + max_filter3x3(-alpha)) > 0.5
     both = torch.cat([rgb, alpha], 1)
     mean = box_mean(both, 3)
     both = torch.where(edge, mean, both)
+    cap = torch.where(covered[:, None], torch.ones_like(alpha), (0.5 / both[:, 3:].clamp(min=1e-6)).clamp(max=1.0))
+    both = both * cap
     return both[:, :3], both[:, 3:]
 
 
@@ -168,7 +171,7 @@ def render_cameras(
     weight = (vals[..., VATTR.OPACITY] * covered)[:, None]
     premultiplied = torch.where(head[:, None], head_rgb, card[:, :3]) * weight
     alpha = torch.where(head[:, None], torch.ones_like(weight), card[:, 3:]) * weight
-    premultiplied, alpha = _smooth_edges(premultiplied, alpha.clamp(0, 1))
+    premultiplied, alpha = _smooth_edges(premultiplied, alpha.clamp(0, 1), covered)
     bg = _constant(avatar.config.bg_color, avatar.device)[None, :, None, None]
     rgb = premultiplied + bg * (1 - alpha)
     seen = (seen * (covered & in_pic).float() * vals[..., VATTR.GRAZING]).clamp(0, 1)

@@ -228,18 +228,20 @@ def fill_hidden_card(fill, opacity, visible, card: slice, st: MeshConstants) -> 
     """Card vertices hidden by the head in the source would show a ghost of the face when
     the head turns; give each the texture of the nearest visible card vertex (in the card's
     grid: hair above the head continues behind its top, hair or background beside it
-    behind its sides). With no visible card vertex at all the card becomes transparent
-    there: returns the new opacity."""
+    behind its sides), up to about a cell away; further from any, the card fades out (a
+    backdrop the source never showed is left out rather than smeared). Returns the new opacity."""
     ids = torch.arange(card.start, card.stop, device=fill.device)  # [G * G] row-major
     vis = visible[ids]
     d2 = torch.where(vis[None], st.card_d2, torch.full_like(st.card_d2, float("inf")))
-    src_ids = ids[d2.argmin(1)]
+    nearest, src = d2.min(1)
+    src_ids = ids[src]
     move = (~vis & vis.any())[:, None]
     moved = fill[src_ids] / fill[src_ids][:, 2:3] * fill[ids][:, 2:3]
     fill[ids] = torch.where(move, moved, fill[ids])
-    clear = torch.zeros(len(opacity), dtype=torch.bool, device=fill.device)
-    clear[ids] = ~vis & ~vis.any()
-    return torch.where(clear, torch.zeros_like(opacity), opacity)
+    # Continued a cell or so; further from anything the source saw, the card fades out.
+    reach = (2.0 - nearest.clamp(max=16.0).sqrt()).clamp(0.0, 1.0)  # 1 up to one cell, 0 from two
+    card_opacity = opacity[ids] * torch.where(vis, torch.ones_like(reach), reach)
+    return torch.cat([opacity[: card.start], card_opacity, opacity[card.stop :]])
 
 
 def transparent_card_faces(mask: torch.Tensor | None, radius: torch.Tensor, tex_h, fill, opacity, st: MeshConstants,
