@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
 from telepresence.stream.receiver import ReceiverConfig, ReceiverError, default_web_dir, run
 from telepresence.stream.rtc import IceConfig
 from telepresence.stream.signaling import RoomLimits
@@ -16,7 +16,7 @@ logger = logging.getLogger("telepresence")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="telepresence receive", description="Serve the viewer page and the signaling endpoint on one port.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to accept the LAN")
     parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
