@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.avatar.geometry import mesh_vertices, shell_support
+from models.avatar.geometry import mesh_vertices, shell_support, vertex_normals
 from models.avatar.plan import BuildPlan, ObservationView, prepare_build
-from models.avatar.texture import (fill_hidden_card, fill_hidden_shell, fill_texture, rgba_texture,
-                                   transparent_card_faces)
+from models.avatar.texture import (decontaminate, diffuse_colours, fill_hidden_card, fill_hidden_shell, fill_texture,
+                                   lighting_ratio, rgba_texture, sample_vertices, transparent_card_faces)
 from models.avatar.topology import mesh_constants, mesh_topology
 from models.avatar.types import Avatar, AvatarConfig
 from models.avatar.visibility import facing_source, source_depth_map, vertex_visible
@@ -58,7 +58,25 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     crop, A, crop_K, Kt = frame[:3], frame[3:12].view(3, 3), frame[12:21].view(3, 3), frame[21:30].view(3, 3)
     o = ObservationView.of(t["obs"])
     mask = t["mask"]
-    support = None if mask is None else shell_support(mask, t["outline"])
+
+    # Texture on the device: the picture, its person mask as alpha (or 1; the matte, see
+    # decontaminate), and the far layer.
+    image_t = t["image"].permute(2, 0, 1).float().div_(255.0)
+    alpha_t = mask[None] if plan.alpha_mask else torch.ones((1, H, W), device=device)
+    texture = rgba_texture(image_t, alpha_t, plan.tex_size)
+    if plan.alpha_mask:
+        texture = decontaminate(texture, plan.fill_size or tuple(texture.shape[-2:]))
+    # Premultiplied: bilinear lookups at the person's edge blend no background colour in.
+    texture = torch.cat([texture[:, :3] * texture[:, 3:], texture[:, 3:]], 1)
+    span_w = float(W)
+    if topo.n_far:
+        far = t["far"].permute(2, 0, 1).float().div_(255.0)
+        texture = torch.cat([texture, rgba_texture(far, torch.ones_like(alpha_t), plan.tex_size)], -1)
+        span_w = 2.0 * W
+    texture_fill = fill_texture(texture, plan.fill_size)
+
+    # Geometry: the shell fits the person's silhouette (the matte where there is one).
+    support = None if mask is None else shell_support(texture[0, 3] if plan.alpha_mask else mask, t["outline"])
     tex_verts = mesh_vertices(o, support, crop, plan, st)  # [N, 3] texture frame
     N = tex_verts.shape[0]
     tex_h = tex_verts @ Kt.T  # [N, 3]: (u w, v w, w) with w the source depth
@@ -66,20 +84,38 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # What the source camera saw: a depth map of the head, and per vertex.
     src_depth, frags = source_depth_map(tex_verts, st, A @ Kt, plan.vis_size, capacity)
     visible = vertex_visible(tex_h, src_depth, A, st.card_verts)  # [N] bool
-    grazing = facing_source(tex_verts, st)  # [N] in [0, 1]
+    facing, grazing = facing_source(tex_verts, vertex_normals(tex_verts, st.faces, st.incident))  # [N] each
 
     # Fill texture for what the source did not see (used per pixel where hidden).
     fill = tex_h.clone()
     opacity = torch.ones(N, device=device)
-    fill_hidden_shell(fill, visible, st, topo.pole)
+    outline_uv = tex_h[st.ring0, :2] / tex_h[st.ring0, 2:3]  # [J, 2] source pixels
+    centre_uv = (Kt @ o.pivot)[:2] / o.pivot[2]
+    outward = outline_uv - centre_uv
+    outward = outward / outward.norm(dim=-1, keepdim=True).clamp(min=1e-6) * (0.06 * o.face_h)
+    fill_hidden_shell(fill, visible, st, topo.pole, outward)
     card = slice(topo.n_face + topo.n_shell, topo.n_face + topo.n_shell + topo.n_card)
-    opacity = fill_hidden_card(fill, opacity, visible, card, config.card_grid)
+    opacity = fill_hidden_card(fill, opacity, visible, card, st)
     if topo.n_far:
         # Atlas [picture | far layer]: far-layer vertices address the right half.
         for h in (tex_h, fill):
             h[N - topo.n_far :, 0] += W * h[N - topo.n_far :, 2]
     skip = transparent_card_faces(mask if plan.alpha_mask else None, frame[30], tex_h, fill, opacity, st, plan)
-    vattr = torch.cat([tex_h, fill, grazing[:, None], opacity[:, None], st.flags], -1)  # [N, 11]
+
+    # Symmetric completion: what the source saw badly may be seen well on the other side of the face.
+    span = (float(H), span_w)
+    head = st.flags[:, 1]
+    quality = visible.float() * ((facing - 0.15) / 0.35).clamp(0, 1) * sample_vertices(texture, tex_h, span)[:, 3]
+    mirror_q = quality[st.mirror] * head
+    ratio = lighting_ratio(sample_vertices(texture_fill, tex_h, span)[:, :3], quality, (tex_verts - o.t) @ o.R, st)
+    # Per-vertex fill colours: the low-pass texture where the source saw the head well, spread
+    # over the mesh to where it saw it badly (the underside of the chin, the edge-on sides).
+    fill_rgb = sample_vertices(texture_fill, fill, span)[:, :3]
+    n_head = topo.n_face + topo.n_shell
+    fill_rgb = torch.cat([diffuse_colours(fill_rgb[:n_head], quality[:n_head], st, topo.n_head_faces),
+                          fill_rgb[n_head:]])
+    vattr = torch.cat([tex_h, fill, tex_h[st.mirror], ratio, fill_rgb, grazing[:, None], mirror_q[:, None],
+                       opacity[:, None]], -1)  # [N, VATTR.COUNT]
     if plan.reenact:
         geo_mask = t["geo_mask"]
         geo_support = None if geo_mask is None else shell_support(geo_mask, t["geo_outline"])
@@ -87,25 +123,16 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
         pivot = ObservationView.of(t["geo_obs"]).pivot
     else:
         verts, pivot = tex_verts, o.pivot
-
-    # Texture on the device: the picture, its person mask as alpha (or 1), and the far layer.
-    image_t = t["image"].permute(2, 0, 1).float().div_(255.0)
-    alpha_t = mask[None] if plan.alpha_mask else torch.ones((1, H, W), device=device)
-    texture = rgba_texture(image_t, alpha_t, plan.tex_size)
-    span_w = float(W)
-    if topo.n_far:
-        far = t["far"].permute(2, 0, 1).float().div_(255.0)
-        texture = torch.cat([texture, rgba_texture(far, torch.ones_like(alpha_t), plan.tex_size)], -1)
-        span_w = 2.0 * W
     return Avatar(
         verts=verts,
         faces=st.faces,
         cull=st.cull,
         skip=skip,
+        part=st.part,
         vattr=vattr,
         texture=texture,
-        texture_fill=fill_texture(texture, plan.fill_size),
-        tex_span=(float(H), span_w),
+        texture_fill=texture_fill,
+        tex_span=span,
         src_depth=src_depth,
         src_depth_K=A,
         pivot=pivot,

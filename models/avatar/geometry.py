@@ -21,9 +21,15 @@ def area_pool(mask: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def shell_support(mask: torch.Tensor, outline: torch.Tensor) -> torch.Tensor:
-    """Where the shell may project in the source: the person mask (area-reduced to the
-    outline's size) or the face outline."""
-    return torch.maximum(area_pool(mask, reduction_factor(mask.shape, 160)), outline)
+    """Where the shell may project in the source: the person mask [H, W] (area-reduced to the
+    outline's size; a mask of another size, e.g. the texture's matte, is resampled to it) or the face outline."""
+    f = reduction_factor(mask.shape, 160)
+    if (-(-mask.shape[0] // f), -(-mask.shape[1] // f)) == tuple(outline.shape):
+        small = area_pool(mask, f)
+    else:
+        small = F.interpolate(mask[None, None], size=tuple(outline.shape), mode="bilinear", antialias=True,
+                              align_corners=False)[0, 0]
+    return torch.maximum(small, outline)
 
 
 def mesh_vertices(o: ObservationView, support: torch.Tensor | None, crop: torch.Tensor, plan: BuildPlan,
@@ -35,10 +41,12 @@ def mesh_vertices(o: ObservationView, support: torch.Tensor | None, crop: torch.
     shell = sweep_shell(face_head, st.ring0, config.shell_rings, config.cranium_scale, st.const)
     shell_cam = shell @ o.R.T + o.t  # [n_shell, 3]
     if support is not None:
-        # The rim (first three rings) keeps its shape: it is solid and filled where the
-        # source shows no person (see render_cameras); the rest fits the silhouette.
+        # Hair volume: the shell grows to the silhouette's top and sides. Then the rim (first
+        # three rings: sides of the head, ears) keeps its shape, filled where the source shows
+        # no person (see render_cameras); the rest shrinks to fit inside the silhouette.
         J = st.ring0.shape[0]
         centre = o.R @ st.const["centre"] + o.t
+        shell_cam = _grow_shell_to_silhouette(shell_cam, centre, support, plan, J)
         fitted = _fit_shell_to_silhouette(shell_cam[3 * J :], centre, support, plan)
         shell_cam = torch.cat([shell_cam[: 3 * J], fitted])
     # Card: a curved sheet over the crop window, depth set by the head centre and the chin.
@@ -48,25 +56,84 @@ def mesh_vertices(o: ObservationView, support: torch.Tensor | None, crop: torch.
     return torch.cat(parts)
 
 
+def _source_pixels(points: torch.Tensor, plan: BuildPlan) -> torch.Tensor:
+    """Source pixels (u, v) [..., 2] of camera-frame points [..., 3]."""
+    H, W = plan.image_size
+    f = plan.focal_px
+    return torch.stack([f * points[..., 0] / points[..., 2] + W / 2.0, f * points[..., 1] / points[..., 2] + H / 2.0], -1)
+
+
+def _sample_support(support: torch.Tensor, uv: torch.Tensor, plan: BuildPlan) -> torch.Tensor:
+    """Bilinear lookups of the support map [h, w] at source pixels uv [..., 2] (0 outside)."""
+    H, W = plan.image_size
+    grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], -1).reshape(1, 1, -1, 2)
+    val = F.grid_sample(support[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return val.reshape(uv.shape[:-1])
+
+
+# Hair volume: at most this growth of a sweep's reach, from the sweep's direction in the
+# picture (image y of the unit direction: grows up to the sides, not down into the neck).
+_MAX_GROWTH = 1.5
+_GROW_Y = (0.45, 0.1)  # no growth at or below this direction's y, full growth at or above the second
+_STEPS = 24
+_GROW_LEVEL = 0.8  # support the grown outline reaches (inside the soft edge)
+_FIT_LEVEL = 0.7  # support every shell vertex stays inside
+
+
+def _grow_shell_to_silhouette(shell: torch.Tensor, centre: torch.Tensor, support: torch.Tensor, plan: BuildPlan,
+                              J: int) -> torch.Tensor:
+    """Shell [K * J + 1, 3] (camera frame, ring-major, the pole last) grown sweep by sweep so that
+    its outline in the source reaches the person's silhouette above and beside the head:
+    hair that stands out of the cranium ellipsoid gets volume instead of being painted on
+    the card behind the head.
+
+    Per sweep j, along the picture direction from the centre to the sweep's outermost
+    projected vertex (reach r_j), the silhouette lies at r_sil (the last of _STEPS samples
+    in [0.6, 1.8] r_j with support >= _GROW_LEVEL: inside the soft edge). The sweep's
+    offsets from the cranium centre scale by g_j = clamp(r_sil / r_j, 1, _MAX_GROWTH) across
+    the line of sight and by (1 + g_j) / 2 along it, ramped in over rings 1-3 (ring 0 is the
+    face outline), g smoothed over neighbour sweeps; the pole stays.
+    """
+    K = (shell.shape[0] - 1) // J
+    rings = shell[:-1].view(K, J, 3)
+    c_uv = _source_pixels(centre, plan)  # [2]
+    offset = _source_pixels(rings, plan) - c_uv  # [K, J, 2]
+    reach = offset.norm(dim=-1)  # [K, J]
+    r_max, k_max = reach.max(0)  # [J]
+    direction = torch.gather(offset, 0, k_max[None, :, None].expand(1, J, 2))[0] / r_max[:, None].clamp(min=1e-6)
+    steps = torch.linspace(0.6, 1.8, _STEPS, device=shell.device)  # [M]
+    along = r_max[:, None] * steps[None]  # [J, M]
+    inside = _sample_support(support, c_uv + direction[:, None] * along[..., None], plan) >= _GROW_LEVEL  # [J, M]
+    run = inside.long().cumprod(1).sum(1)  # leading samples inside
+    r_sil = r_max * steps[(run - 1).clamp(min=0)]
+    growth = (r_sil / r_max.clamp(min=1e-6)).clamp(1.0, _MAX_GROWTH)
+    allow = ((_GROW_Y[0] - direction[:, 1]) / (_GROW_Y[0] - _GROW_Y[1])).clamp(0.0, 1.0)
+    growth = 1.0 + (growth - 1.0) * allow
+    for _ in range(2):
+        growth = (growth.roll(1) + growth + growth.roll(-1)) / 3.0
+    ramp = (torch.arange(1, K + 1, device=shell.device, dtype=shell.dtype) / 3.0).clamp(max=1.0)  # [K]
+    g = 1.0 + (growth[None] - 1.0) * ramp[:, None]  # [K, J]
+    # Across the line of sight through the centre, and half as much along it.
+    sight = centre / centre.norm()
+    d = rings - centre
+    d_along = (d * sight).sum(-1, keepdim=True) * sight
+    grown = centre + (d - d_along) * g[..., None] + d_along * ((1.0 + g) / 2.0)[..., None]
+    return torch.cat([grown.reshape(-1, 3), shell[-1:]])
+
+
 def _fit_shell_to_silhouette(shell: torch.Tensor, centre: torch.Tensor, support: torch.Tensor,
                              plan: BuildPlan) -> torch.Tensor:
     """Shrink shell vertices towards the cranium centre until they project inside the
     person (or the face outline) in the source picture: the cranium never pokes out
-    of the real silhouette, so short hair and narrow heads stay their own shape.
+    of the real silhouette, so short hair and narrow heads stay their own shape. Inside
+    means support >= _FIT_LEVEL: the shell stays off the soft edge, which the card behind
+    carries (a shell edge on it shows the edge's background-tinted texels as a line).
 
     shell [M, 3], centre [3] (camera frame), support [h, w] (:func:`shell_support`);
     binary search of a per-vertex scale in [0.55, 1].
     """
-    H, W = plan.image_size
-    f = plan.focal_px
-    sup = support[None, None]
-
     def inside(points: torch.Tensor) -> torch.Tensor:
-        u = f * points[:, 0] / points[:, 2] + W / 2.0
-        v = f * points[:, 1] / points[:, 2] + H / 2.0
-        grid = torch.stack([2 * u / W - 1, 2 * v / H - 1], -1)[None, None]
-        val = F.grid_sample(sup, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return val[0, 0, 0] >= 0.5
+        return _sample_support(support, _source_pixels(points, plan), plan) >= _FIT_LEVEL
 
     off = shell - centre
     lo = torch.full((shell.shape[0],), 0.55, device=shell.device)

@@ -7,15 +7,19 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from models.avatar.types import Avatar, RenderOutput
-from models.avatar.visibility import occluded, sample_source_depth
+from models.avatar.texture import box_mean
+from models.avatar.types import VATTR, Avatar, RenderOutput
+from models.avatar.visibility import max_filter3x3, seen_fraction
 from models.geometry.camera import OrbitPose, project
 from models.geometry.raster import interpolate, rasterize
 
-__all__ = ["render_cameras", "render_views"]
+__all__ = ["render_cameras", "render_views", "texture_quality"]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
+# The source's texture is worth its detail up to this stretch of one direction against the
+# other (texture_quality), and nothing from the second (a streak of a few source pixels).
+_STRETCH = (1.5, 3.0)
 
 
 def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
@@ -30,12 +34,83 @@ def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
 def render_views(avatar: Avatar, poses: Sequence[OrbitPose], size: int) -> RenderOutput:
     """Render the avatar at V orbit cameras, S x S pixels each (one batched raster call).
 
-    Per pixel, a shadow-map test against the source-view depth decides whether the
-    source saw this surface point: seen points take their projective texture, hidden
-    ones the fill texture (and count as unseen in ``seen``).
+    Per pixel, a soft shadow-map test against the source-view depth says how much the
+    source saw this surface point, and the stretch of the source's texture in this view
+    (:func:`texture_quality`) how much its detail is worth: seen, unstretched points take
+    their projective texture; the rest blend to the mirror side's texture (face and head) or
+    the fill colour, across a band rather than at a switch (and count as unseen in ``seen``).
     """
     viewmats, Ks = avatar.cameras(poses, size)
     return render_cameras(avatar, viewmats, Ks, size)
+
+
+def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Per view and triangle [V, F] in [0, 1]: how much the source's texture is worth there.
+
+    pix [V, N, 3] screen positions (models.geometry.camera.project), tex_h [N, 3] homogeneous
+    source pixels (u w, v w, w), faces [F, 3]. Each triangle maps screen to source affinely,
+    J = [uv1 - uv0, uv2 - uv0] [x1 - x0, x2 - x0]^-1, whose singular values are
+    sigma = sqrt((T -+ sqrt(T^2 - 4 D^2)) / 2), T = |J|_F^2, D = det J. Their ratio is the
+    streak factor: a cheek the source saw edge-on and the view sees face-on is a few source
+    pixels stretched across many in one direction only, while the source's own view (or a
+    zoom) maps texels to pixels alike in every direction (ratio 1). Quality 1 up to
+    _STRETCH[0], 0 from _STRETCH[1]."""
+    x = pix[:, faces, :2]  # [V, F, 3, 2]
+    uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6))[faces]  # [F, 3, 2]
+    e1, e2 = x[:, :, 1] - x[:, :, 0], x[:, :, 2] - x[:, :, 0]  # [V, F, 2]
+    f1, f2 = uv[:, 1] - uv[:, 0], uv[:, 2] - uv[:, 0]  # [F, 2]
+    det_e = e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0]
+    inv = 1.0 / torch.where(det_e.abs() > 1e-9, det_e, torch.ones_like(det_e))
+    # J = F E^-1 with E^-1 = [[e2y, -e2x], [-e1y, e1x]] / det E.
+    j00 = (f1[:, 0] * e2[..., 1] - f2[:, 0] * e1[..., 1]) * inv
+    j01 = (f2[:, 0] * e1[..., 0] - f1[:, 0] * e2[..., 0]) * inv
+    j10 = (f1[:, 1] * e2[..., 1] - f2[:, 1] * e1[..., 1]) * inv
+    j11 = (f2[:, 1] * e1[..., 0] - f1[:, 1] * e2[..., 0]) * inv
+    T = j00.square() + j01.square() + j10.square() + j11.square()
+    D = j00 * j11 - j01 * j10
+    root = (T.square() - 4 * D.square()).clamp(min=0).sqrt()
+    ratio = ((T + root) / (T - root).clamp(min=1e-12)).sqrt()  # sigma_max / sigma_min
+    return ((_STRETCH[1] - ratio) / (_STRETCH[1] - _STRETCH[0])).clamp(0.0, 1.0)
+
+
+def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anti-aliased silhouettes: where alpha jumps by more than 1/2 within a 3x3 neighbourhood
+    (a mesh edge against the background; the person mask's own edges are soft), the
+    premultiplied colour and the alpha become their 3x3 means; a pixel no triangle covers
+    stays below 1/2 (its depth is empty). rgb [V, 3, S, S] premultiplied, alpha [V, 1, S, S],
+    covered [V, S, S] bool."""
+    edge = (max_filter3x3(alpha) + max_filter3x3(-alpha)) > 0.5
+    both = torch.cat([rgb, alpha], 1)
+    mean = box_mean(both, 3)
+    both = torch.where(edge, mean, both)
+    cap = torch.where(covered[:, None], torch.ones_like(alpha), (0.5 / both[:, 3:].clamp(min=1e-6)).clamp(max=1.0))
+    both = both * cap
+    return both[:, :3], both[:, 3:]
+
+
+def _sample(texture: torch.Tensor, h: torch.Tensor, span: tuple[float, float],
+            padding: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear lookups [V, C, S, S] of texture [1, C, h, w] at per-pixel homogeneous source pixels
+    h [V, S, S, 3] (u w, v w, w), and those source pixels (u, v) [V, S, S, 2]."""
+    w = h[..., 2:3].clamp(min=1e-6)
+    uv = h[..., :2] / w
+    grid = torch.stack([2 * uv[..., 0] / span[1] - 1, 2 * uv[..., 1] / span[0] - 1], -1)
+    tex = F.grid_sample(texture.expand(h.shape[0], -1, -1, -1), grid, mode="bilinear", padding_mode=padding,
+                        align_corners=False)
+    return tex, uv
+
+
+def _unpremultiply(rgba: torch.Tensor) -> torch.Tensor:
+    """Colour [V, 3, S, S] of premultiplied RGBA [V, 4, S, S] (black where the alpha is 0)."""
+    return (rgba[:, :3] / rgba[:, 3:].clamp(min=1e-4)).clamp(0.0, 1.0)
+
+
+def _picture_fade(uv: torch.Tensor, span: tuple[float, float], ramp: torch.Tensor) -> torch.Tensor:
+    """[V, S, S]: 0 outside the source picture, rising to 1 at ``ramp`` pixels inside its border
+    (the picture's edge cuts the torso: it fades out instead of ending in a straight line)."""
+    H, W = span
+    inside = torch.minimum(torch.minimum(uv[..., 0], W - uv[..., 0]), torch.minimum(uv[..., 1], H - uv[..., 1]))
+    return (inside / ramp).clamp(0.0, 1.0)
 
 
 def render_cameras(
@@ -57,30 +132,49 @@ def render_cameras(
     V = viewmats.shape[0]
     pix = project(avatar.verts[None].expand(V, -1, -1), viewmats, Ks)  # [V, N, 3]
     frags = rasterize(pix, avatar.faces, size, size, cull=avatar.cull, skip=avatar.skip, capacity=capacity)
-    vals = interpolate(avatar.vattr, avatar.faces, frags)  # [V, S, S, 10]
+    vals = interpolate(avatar.vattr, avatar.faces, frags)  # [V, S, S, VATTR.COUNT]
     covered = frags.mask
-    w = vals[..., 2].clamp(min=1e-6)
-    u, v = vals[..., 0] / w, vals[..., 1] / w
-    head = vals[..., 9]
-    hidden = occluded(w, sample_source_depth(avatar.src_depth, avatar.src_depth_K, u, v, pooled=head < 0.5))
-    fw = vals[..., 5].clamp(min=1e-6)
-    Ht, Wt = avatar.tex_span
-    grid = torch.stack([2 * u / Wt - 1, 2 * v / Ht - 1], -1)  # [V, S, S, 2] projective texture
-    grid_fill = torch.stack([2 * vals[..., 3] / fw / Wt - 1, 2 * vals[..., 4] / fw / Ht - 1], -1)
-    texture = avatar.texture.expand(V, -1, -1, -1)
-    tex_p = F.grid_sample(texture, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    tex_f = F.grid_sample(avatar.texture_fill.expand(V, -1, -1, -1), grid_fill, mode="bilinear", padding_mode="zeros",
-                          align_corners=False)
-    grazing, opacity, solid, rim = vals[..., 6], vals[..., 7], vals[..., 8], vals[..., 10]
-    use_fill = hidden | ((rim > 0.5) & (tex_p[:, 3] < 0.5))
-    tex = torch.where(use_fill[:, None], tex_f, tex_p)  # [V, 4, S, S]
-    in_pic = (torch.where(use_fill[..., None], grid_fill, grid).abs() <= 1).all(-1)
-    # Hidden head surface and a filled rim are solid; seen surface takes the person mask as alpha.
-    solid = torch.maximum(solid, (use_fill & (head > 0.5)).float())
-    alpha = (torch.maximum(tex[:, 3], solid) * opacity * covered * in_pic)[:, None].clamp(0, 1)
+    span = avatar.tex_span
+    tex_p, uv = _sample(avatar.texture, vals[..., VATTR.TEX], span)  # [V, 4, S, S] projective texture
+    # The fill texture continues past the picture's edge (a head cut by the frame stays whole).
+    tex_f, _ = _sample(avatar.texture_fill, vals[..., VATTR.FILL], span, "border")
+    tex_m, _ = _sample(avatar.texture, vals[..., VATTR.MIRROR], span)
+    part = avatar.part[frags.face_id.clamp(min=0)]  # [V, S, S]
+    head = part <= 1
+    seen = seen_fraction(vals[..., 2], avatar.src_depth, avatar.src_depth_K, uv[..., 0], uv[..., 1], pooled=~head)
+    # The head is opaque: its own texture where seen, not stretched and on the person, else
+    # the mirror side's (lit as this side: the low-frequency ratio), else the fill texture.
+    on_person = ((tex_p[:, 3] - 0.45) / 0.4).clamp(0.0, 1.0)
+    # Per pixel from its triangle, smoothed over 5x5 pixels (a band, not a switch at triangle edges).
+    per_face = texture_quality(pix, avatar.vattr[:, VATTR.TEX], avatar.faces).reshape(-1)  # [V * F]
+    F_ = avatar.faces.shape[0]
+    view = torch.arange(V, device=pix.device)[:, None, None] * F_
+    quality = per_face[view + frags.face_id.clamp(min=0)]  # [V, S, S]
+    quality = box_mean(quality[:, None], 5)[:, 0]
+    w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
+    w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)
+    own = _unpremultiply(tex_p)
+    mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)
+    fill_rgb = vals[..., VATTR.FILL_RGB].permute(0, 3, 1, 2)  # per-vertex colours: smooth, no streaks
+    unseen = torch.lerp(fill_rgb, mirrored.clamp(0.0, 1.0), w_mirror[:, None])
+    head_rgb = torch.lerp(unseen, own, w_own[:, None])
+    # The card takes the person's matte as alpha and fades out at the picture's edge.
+    ramp = 0.04 * avatar.source_focal_px / avatar.crop_K[0, 0]  # 4 % of the crop side, source pixels
+    # Where the card point lies in the picture, whatever colours it. In front of the far layer
+    # (one layer deep: a card that faded would show the flat background) both just end there.
+    in_pic = (uv[..., 0] >= 0) & (uv[..., 0] <= span[1]) & (uv[..., 1] >= 0) & (uv[..., 1] <= span[0])
+    fade = in_pic.float()
+    if avatar.config.background == "remove":
+        fade = torch.where(part == 2, _picture_fade(uv, span, ramp), fade)
+    card = torch.lerp(torch.cat([tex_f[:, :3] * tex_f[:, 3:], tex_f[:, 3:]], 1), tex_p, w_own[:, None])
+    card = card * fade[:, None]  # [V, 4, S, S] premultiplied
+    weight = (vals[..., VATTR.OPACITY] * covered)[:, None]
+    premultiplied = torch.where(head[:, None], head_rgb, card[:, :3]) * weight
+    alpha = torch.where(head[:, None], torch.ones_like(weight), card[:, 3:]) * weight
+    premultiplied, alpha = _smooth_edges(premultiplied, alpha.clamp(0, 1), covered)
     bg = _constant(avatar.config.bg_color, avatar.device)[None, :, None, None]
-    rgb = tex[:, :3] * alpha + bg * (1 - alpha)
-    seen = ((~hidden & covered & in_pic).float() * grazing).clamp(0, 1)
+    rgb = premultiplied + bg * (1 - alpha)
+    seen = (seen * (covered & in_pic).float() * vals[..., VATTR.GRAZING]).clamp(0, 1)
     # Where nothing opaque is drawn the picture shows the flat background: nothing was invented.
     seen = torch.where(alpha[:, 0] < 0.02, torch.ones_like(seen), seen)
     return RenderOutput(rgb=rgb.clamp(0, 1), alpha=alpha, depth=frags.depth[:, None], seen=seen[:, None],

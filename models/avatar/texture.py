@@ -9,67 +9,239 @@ from models.avatar.geometry import area_pool
 from models.avatar.plan import BuildPlan, reduction_factor
 from models.avatar.topology import MeshConstants
 
-__all__ = ["fill_hidden_card", "fill_hidden_shell", "fill_texture", "rgba_texture", "transparent_card_faces"]
+__all__ = ["box_mean", "decontaminate", "fill_hidden_card", "fill_hidden_shell", "fill_texture", "lighting_ratio", "rgba_texture",
+           "sample_vertices", "diffuse_colours", "transparent_card_faces"]
 
 
 def rgba_texture(image_t: torch.Tensor, alpha_t: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """RGBA texture [1, 4, h, w] in [0, 1] on the device: the picture and its alpha,
-    downsampled (antialiased) to ``size`` (None: as is). image_t [3, H, W], alpha_t [1, H, W]."""
+    """RGBA texture [1, 4, h, w] in [0, 1] on the device: the picture and its alpha (not
+    premultiplied), downsampled (antialiased) to ``size`` (None: as is). image_t [3, H, W], alpha_t [1, H, W]."""
     rgba = torch.cat([image_t, alpha_t])[None]
     if size is not None:
         rgba = F.interpolate(rgba, size=size, mode="bilinear", antialias=True, align_corners=False)
     return rgba
 
 
+def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k box mean of [B, C, H, W] (k odd), stride 1, edge pixels averaged over what lies
+    inside (avg_pool2d with count_include_pad=False): running sums along each axis, a
+    difference of two cumulative sums (about 2.5x faster than avg_pool2d on the CPU)."""
+    r = k // 2
+
+    def window_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        pad = [0, 0] * (3 - dim) + [r + 1, r]  # F.pad lists the last dimension first
+        c = F.pad(t, pad).cumsum(dim)
+        return c.narrow(dim, k, n) - c.narrow(dim, 0, n)
+
+    count = window_sum(window_sum(x.new_ones((1, 1) + tuple(x.shape[2:])), 3), 2)
+    return window_sum(window_sum(x, 3), 2) / count
+
+
+def _max_filter(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k maximum of [B, C, H, W] (k odd), stride 1: two separable max-pool passes (the same numbers)."""
+    x = F.max_pool2d(x, (1, k), stride=1, padding=(0, k // 2))
+    return F.max_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0))
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    """Two 5x5 box passes (reach four cells), edge cells averaged over what lies inside."""
+    return box_mean(box_mean(x, 5), 5)
+
+
+def decontaminate(texture: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The person's colours and a matte alpha at the edge of the person mask, as keying does.
+
+    texture [1, 4, h, w] RGBA in [0, 1] (A = the segmentation mask, soft and often a few
+    texels loose); size: (h', w') of a statistics grid of a few texels a cell. Near the
+    mask's edge the local background colour B and its spread s (RMS over RGB) come from
+    the cells two cells outside the mask, and the local person colour F from the cells two
+    cells inside it (normalised convolutions over about four cells). Where the background
+    is plain (|F - B| > 3 s: a screen, a wall):
+
+    - matte: a texel within the background's own spread of B is background, whatever the
+      mask says: alpha = min(mask, clamp((|I - B| / (s + 0.02) - 1) / 1.5)), so a loose
+      mask's rim of background leaves the person's edge (slightly eroded);
+    - spill: light from a coloured background (a green screen) tints the person's edge
+      along the background's chroma c = B - mean(B); the part of a texel's chroma along c
+      beyond what F shows there is removed (a keyer's despill, for any background colour).
+
+    Far from the edge, or in front of a busy background, the texture is unchanged. The
+    corrections are worked out at half the texture's resolution and added back resampled
+    (they vary smoothly; the CPU build spends a third of the time).
+    """
+    full = texture
+    texture = F.avg_pool2d(full, 2, ceil_mode=True)
+    rgb, m = texture[:, :3], texture[:, 3:]
+    small = F.adaptive_avg_pool2d(torch.cat([texture, rgb.square().sum(1, keepdim=True)], 1), size)  # RGB, mask, |RGB|^2
+    inner = -_max_filter(-small[:, 3:4], 5)  # the mask eroded by two cells
+    outer = 1.0 - _max_filter(small[:, 3:4], 5)  # the background eroded by two cells
+    deep = -_max_filter(-small[:, 3:4], 9)  # the mask eroded by four cells
+    wf, wb = inner.square(), outer.square()
+    stats = _blur(torch.cat([small[:, :3] * wf, wf, small[:, :3] * wb, small[:, 4:5] * wb, wb], 1))  # [1, 9, h', w']
+    fg = stats[:, 0:3] / stats[:, 3:4].clamp(min=1e-4)
+    have = (stats[:, 3:4] / 0.01).clamp(max=1.0) * (stats[:, 8:9] / 0.01).clamp(max=1.0)
+    # The background's mean and mean |I|^2, carried into the person (push-pull) so that every
+    # cell has them to resample: B and its spread s (RMS over RGB).
+    b = _push_pull(stats[:, 4:9])  # [1, 4, h', w']
+    bg = b[:, :3]
+    spread = (b[:, 3:4] - bg.square().sum(1, keepdim=True)).clamp(min=0).sqrt()
+    plain = (((fg - bg).square().sum(1, keepdim=True).sqrt() / (spread + 0.02) - 3.0) / 3.0).clamp(0.0, 1.0)
+    matte_weight = have * plain * ((1.0 - inner) * 3.0).clamp(max=1.0)
+    # Despill along the background's chroma direction c (a unit vector; its components sum to 0).
+    chroma = bg - bg.mean(1, keepdim=True)
+    norm = chroma.square().sum(1, keepdim=True).sqrt()
+    c = chroma / norm.clamp(min=1e-4)
+    along_fg = (fg * c).sum(1, keepdim=True).clamp(min=0.0)
+    screen = ((norm / (spread + 0.02) - 2.0) / 2.0).clamp(0.0, 1.0) * ((norm - 0.1) / 0.08).clamp(0.0, 1.0)
+    spill_weight = have * screen * ((1.0 - deep) * 2.0).clamp(max=1.0)
+    # Per texel, with the local statistics resampled to the texture.
+    local = F.interpolate(torch.cat([bg, c, spread, along_fg, matte_weight, spill_weight], 1), size=texture.shape[-2:],
+                          mode="bilinear", align_corners=False)  # [1, 10, h, w]
+    bg, c, spread, along_fg, matte_weight, spill_weight = local.split([3, 3, 1, 1, 1, 1], 1)
+    distance = (rgb - bg).square().sum(1, keepdim=True).sqrt() / (spread + 0.02)
+    matte = ((distance - 1.0) / 1.5).clamp(0.0, 1.0)
+    alpha = m - matte_weight * (m - torch.minimum(m, matte))
+    along = (rgb * c).sum(1, keepdim=True)
+    colour = (rgb - spill_weight * (along - along_fg).clamp(min=0.0) * c).clamp(0.0, 1.0)
+    correction = F.interpolate(torch.cat([colour - rgb, alpha - m], 1), size=full.shape[-2:], mode="bilinear",
+                               align_corners=False)
+    return (full + correction).clamp(0.0, 1.0)
+
+
 def fill_texture(texture: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """Low-pass copy of an RGBA texture (antialiased downsampling to ``size``, None: the
-    texture itself; sampled with normalised coordinates, so the layout is unchanged).
-    Colour is averaged with alpha weights, so hair next to the background keeps its own colour."""
-    if size is None:
-        return texture
-    rgb, alpha = texture[:, :3], texture[:, 3:]
-    small = F.interpolate(torch.cat([rgb * alpha, alpha, rgb], 1), size=size, mode="bilinear", antialias=True,
-                          align_corners=False)
-    a = small[:, 3:4]
-    colour = torch.where(a > 0.02, small[:, :3] / a.clamp(min=0.02), small[:, 4:])
-    return torch.cat([colour.clamp(0, 1), a], 1)
+    """Low-pass copy [1, 4, h, w] (colour, alpha; not premultiplied) of an alpha-premultiplied RGBA
+    texture (area downsampling to ``size``, None: the texture's own size; sampled with
+    normalised coordinates, so the layout is unchanged). Colour is averaged with alpha
+    weights, so hair next to the background keeps its own colour, and texels with little
+    or no person take the colour of the nearest person (push-pull: a pyramid of
+    alpha-weighted means, filled from the coarse levels down), so surface whose source
+    pixel is background (the side of the head) gets the person's colour. The alpha is the
+    low-pass mask dilated by two texels: the card behind the head, which takes it where
+    the source did not see it, continues the hair at the head's edge instead of fading there."""
+    small = texture if size is None else F.adaptive_avg_pool2d(texture, size)
+    return torch.cat([_push_pull(small).clamp(0, 1), _max_filter(small[:, 3:4], 5)], 1)
 
 
-def fill_hidden_shell(fill, visible, st: MeshConstants, pole: int) -> None:
-    """Hidden shell vertices take the texture of the last visible vertex of their
-    sweep from the face outline (hair colour continues round the back of the head)."""
+def _push_pull(weighted: torch.Tensor) -> torch.Tensor:
+    """Values [1, C, h, w] of a weighted picture [1, C + 1, h, w] (values times weight, then the
+    weight in [0, 1], e.g. premultiplied RGBA), with texels of little weight filled from their
+    neighbourhood: the weighted mean within four texels where there is weight there, else from
+    coarser levels (a pyramid of 2x2 means, filled from the coarse levels down). Fixed shapes
+    for a fixed size."""
+    levels = [weighted]
+    while max(levels[-1].shape[-2:]) > 1:
+        levels.append(F.avg_pool2d(levels[-1], 2, ceil_mode=True))
+    top = levels[-1]  # [1, C + 1, 1, 1]: the mean value
+    value = top[:, :-1] / top[:, -1:].clamp(min=1e-6)
+    for level in reversed(levels[:-1]):
+        a = level[:, -1:]
+        coarse = F.interpolate(value, size=level.shape[-2:], mode="bilinear", align_corners=False)
+        value = torch.lerp(coarse, level[:, :-1] / a.clamp(min=1e-6), (a / 0.5).clamp(max=1.0))
+    near = _blur(weighted)
+    local = near[:, :-1] / near[:, -1:].clamp(min=1e-6)
+    a = weighted[:, -1:]
+    filled = torch.lerp(value, local, (near[:, -1:] / 0.05).clamp(max=1.0))
+    return torch.lerp(filled, weighted[:, :-1] / a.clamp(min=1e-6), (a / 0.5).clamp(max=1.0))
+
+
+def sample_vertices(texture: torch.Tensor, tex_h: torch.Tensor, span: tuple[float, float]) -> torch.Tensor:
+    """Bilinear texture lookups [N, C] at homogeneous source pixels tex_h [N, 3] (u w, v w, w);
+    texture [1, C, h, w] spans ``span`` = (H, W) source pixels; 0 outside."""
+    w = tex_h[:, 2].clamp(min=1e-6)
+    grid = torch.stack([2 * tex_h[:, 0] / w / span[1] - 1, 2 * tex_h[:, 1] / w / span[0] - 1], -1)
+    out = F.grid_sample(texture, grid[None, None], mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0, :, 0].t()
+
+
+def lighting_ratio(low: torch.Tensor, quality: torch.Tensor, head_points: torch.Tensor,
+                   st: MeshConstants) -> torch.Tensor:
+    """Per vertex [N, 3]: the low-frequency lighting of its side of the face over its mirror side's,
+    for colour carried across the face by symmetry.
+
+    low [N, 3]: the low-pass colour at each vertex; quality [N]: how well the source saw it;
+    head_points [N, 3]: positions in the head frame (x across the face). With the log
+    colour linear across the face, log L(x) - log L(-x) = beta x; beta (per channel) is the
+    least-squares fit over face vertex pairs both seen well (shrunk to 0 with few of them):
+        beta = sum w x l / (sum w x^2 + prior),  ratio = exp(beta x) (clamped to [1/2, 2]).
+    Off the face and shell (mirror = itself, x then meaningless) the ratio is not used."""
+    x = head_points[:, 0]
+    log_low = (low + 0.03).log()
+    ell = log_low - log_low[st.mirror]  # [N, 3]
+    w = quality * quality[st.mirror] * st.flags[:, 0]  # face-mesh vertices
+    beta = ((w * x)[:, None] * ell).sum(0) / ((w * x.square()).sum() + 2e-3)  # [3]
+    return (x[:, None] * beta[None]).clamp(-0.69, 0.69).exp()
+
+
+def fill_hidden_shell(fill, visible, st: MeshConstants, pole: int, outward: torch.Tensor) -> None:
+    """Hidden shell vertices take the texture of the last visible vertex of their sweep
+    from the face outline (hair colour continues round the back of the head), moved
+    ``outward`` [J, 2] source pixels past it (the outline's own pixel is the edge itself, a
+    highlight or a shadow line; past the jaw lies the neck, past the temples the hair),
+    then the mean of their own and their neighbour sweeps' coordinates (twice), so the
+    back of the head shows no streaks along the sweeps."""
     ring_ids = st.ring_ids  # [K + 1, J]
     k_idx = torch.arange(ring_ids.shape[0], device=fill.device)[:, None].expand_as(ring_ids)
-    last = torch.where(visible[ring_ids], k_idx, torch.zeros_like(k_idx)).cummax(0).values
-    src = torch.gather(ring_ids, 0, last).reshape(-1)
-    dst = ring_ids.reshape(-1)
-    fill[dst] = fill[src] / fill[src, 2:3] * fill[dst, 2:3]
+    hidden = ~visible[ring_ids]
+    last = torch.where(~hidden, k_idx, torch.zeros_like(k_idx)).cummax(0).values
+    src = torch.gather(ring_ids, 0, last)  # [K + 1, J]
+    w = fill[ring_ids, 2:3]  # [K + 1, J, 1]
+    uv = fill[src, :2] / fill[src, 2:3]  # [K + 1, J, 2] source pixels
+    uv = torch.where(hidden[..., None], uv + outward[None], uv)
+    for _ in range(2):
+        mean = (uv.roll(1, 1) + uv + uv.roll(-1, 1)) / 3.0
+        uv = torch.where(hidden[..., None], mean, uv)
+    fill[ring_ids.reshape(-1)] = torch.cat([uv * w, w], -1).reshape(-1, 3)
     fill[pole] = fill[ring_ids[-1]].mean(0)
 
 
-def fill_hidden_card(fill, opacity, visible, card: slice, G: int) -> torch.Tensor:
-    """Card vertices hidden by the head in the source would show a ghost of the face
-    when the head turns; give each the texture of the nearest visible card vertex of
-    its row, searching away from the head (hair or background continues behind the
-    head). Rows with none become transparent there: returns the new opacity."""
-    device = fill.device
-    ids = torch.arange(card.start, card.stop, device=device).reshape(G, G)  # [row, col]
+def diffuse_colours(colour: torch.Tensor, quality: torch.Tensor, st: MeshConstants, n_head_faces: int,
+                    steps: int = 3) -> torch.Tensor:
+    """Head vertex colours [H, C] (face mesh and shell, H = n_face + n_shell) where the source saw
+    badly, taken from where it saw well: ``steps`` rounds of a quality-weighted mean over
+    each vertex's triangles (a normalised diffusion over the mesh), then each vertex keeps
+    its own colour by its quality. Face and shell apart: skin does not flow into the hair,
+    nor hair onto the face (the outline, ring 0, is the face's).
+
+    colour [H, C], quality [H] in [0, 1]; n_head_faces: the head's triangles (they come first).
+    A vertex no well-seen colour reaches keeps its own."""
+    faces = st.faces[:n_head_faces]  # head triangles: face mesh, then shell
+    on_face = (st.part[:n_head_faces] == 0)[:, None]
+    q = quality[:, None]
+    q_shell = q.clone()
+    q_shell[st.ring0] = 0.0
+    both = torch.cat([colour * q, q, colour * q_shell, q_shell], -1)  # [H, 2C + 2]
+    C = colour.shape[-1]
+    for _ in range(steps):
+        per_face = both[faces].mean(1)  # [Fh, 2C + 2]
+        per_face = torch.where(on_face, torch.cat([per_face[:, : C + 1], torch.zeros_like(per_face[:, C + 1 :])], -1),
+                               torch.cat([torch.zeros_like(per_face[:, : C + 1]), per_face[:, C + 1 :]], -1))
+        both = torch.cat([per_face, per_face.new_zeros(1, per_face.shape[-1])])[st.head_incident].sum(1)
+    face_num, face_den, shell_num, shell_den = both[:, :C], both[:, C : C + 1], both[:, C + 1 : -1], both[:, -1:]
+    is_face = st.flags[: colour.shape[0], 0:1] > 0.5
+    num, den = torch.where(is_face, face_num, shell_num), torch.where(is_face, face_den, shell_den)
+    spread = torch.where(den > 1e-4, num / den.clamp(min=1e-4), colour)
+    return torch.lerp(spread, colour, q)
+
+
+def fill_hidden_card(fill, opacity, visible, card: slice, st: MeshConstants) -> torch.Tensor:
+    """Card vertices hidden by the head in the source would show a ghost of the face when
+    the head turns; give each the texture of the nearest visible card vertex (in the card's
+    grid: hair above the head continues behind its top, hair or background beside it
+    behind its sides), up to about a cell away; further from any, the card fades out (a
+    backdrop the source never showed is left out rather than smeared). Returns the new opacity."""
+    ids = torch.arange(card.start, card.stop, device=fill.device)  # [G * G] row-major
     vis = visible[ids]
-    col = torch.arange(G, device=device)[None, :].expand(G, G)
-    left = torch.where(vis, col, torch.full_like(col, -1)).cummax(1).values  # nearest at col' <= col
-    right_flip = torch.where(vis.flip(1), col, torch.full_like(col, -1)).cummax(1).values
-    right = torch.where(right_flip >= 0, G - 1 - right_flip, right_flip).flip(1)  # nearest at col' >= col
-    centre_col = G // 2  # the crop is centred on the head
-    src = torch.where(col < centre_col, left, right)
-    src = torch.where(src < 0, torch.where(col < centre_col, right, left), src)
-    has = src >= 0
-    src_ids = torch.gather(ids, 1, src.clamp(min=0))
-    move = (~vis & has)[..., None]
-    moved = fill[src_ids] / fill[src_ids][..., 2:3] * fill[ids][..., 2:3]
+    d2 = torch.where(vis[None], st.card_d2, torch.full_like(st.card_d2, float("inf")))
+    nearest, src = d2.min(1)
+    src_ids = ids[src]
+    move = (~vis & vis.any())[:, None]
+    moved = fill[src_ids] / fill[src_ids][:, 2:3] * fill[ids][:, 2:3]
     fill[ids] = torch.where(move, moved, fill[ids])
-    clear = torch.zeros(len(opacity), dtype=torch.bool, device=device)
-    clear[ids] = ~vis & ~has
-    return torch.where(clear, torch.zeros_like(opacity), opacity)
+    # Continued a cell or so; further from anything the source saw, the card fades out.
+    reach = (2.0 - nearest.clamp(max=16.0).sqrt()).clamp(0.0, 1.0)  # 1 up to one cell, 0 from two
+    card_opacity = opacity[ids] * torch.where(vis, torch.ones_like(reach), reach)
+    return torch.cat([opacity[: card.start], card_opacity, opacity[card.stop :]])
 
 
 def transparent_card_faces(mask: torch.Tensor | None, radius: torch.Tensor, tex_h, fill, opacity, st: MeshConstants,

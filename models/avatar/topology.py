@@ -34,6 +34,7 @@ class Topology:
     n_far: int
     ring_ids: np.ndarray  # [K + 1, J] vertex ids per ring (ring 0 = face outline)
     pole: int
+    mirror: np.ndarray  # [N] each vertex's mirror image across the head's plane of symmetry (itself off the head)
 
 
 _TOPOLOGY_CACHE: dict[tuple[int, int, bool], Topology] = {}
@@ -78,6 +79,12 @@ def mesh_topology(rings: int, card: int, far: bool) -> Topology:
     faces = np.concatenate(faces).astype(np.int64)
     n_head_faces = len(model.triangles) + 2 * rings * J + J
     faces[:n_head_faces] = _orient_outward(faces[:n_head_faces], n_face, ring_ids, pole, rings)
+    mirror = np.arange(n_face + n_shell + n_card + n_far)
+    mirror[:n_face] = _mirror_pairs(model.vertices)
+    # The shell's sweeps start on the face outline: sweep j mirrors the sweep of the outline's mirror vertex.
+    position = {int(v): i for i, v in enumerate(oval)}
+    mirror_sweep = np.array([position[int(mirror[v])] for v in oval])
+    mirror[ring_ids[1:].reshape(-1)] = ring_ids[1:][:, mirror_sweep].reshape(-1)
     topo = Topology(
         faces=faces,
         n_head_faces=n_head_faces,
@@ -87,9 +94,22 @@ def mesh_topology(rings: int, card: int, far: bool) -> Topology:
         n_far=n_far,
         ring_ids=ring_ids,
         pole=pole,
+        mirror=mirror,
     )
     _TOPOLOGY_CACHE[key] = topo
     return topo
+
+
+def _mirror_pairs(vertices: np.ndarray) -> np.ndarray:
+    """[V] the mirror image of each canonical face-mesh vertex (x -> -x in the head frame):
+    MediaPipe's canonical mesh is exactly symmetric, so each vertex has a partner (itself
+    on the midline)."""
+    flipped = vertices * np.array([-1.0, 1.0, 1.0], vertices.dtype)
+    d2 = ((vertices[:, None] - flipped[None]) ** 2).sum(-1)
+    pairs = d2.argmin(1)
+    if not np.array_equal(pairs[pairs], np.arange(len(vertices))) or d2.min(1).max() > 1e-8:
+        raise ValueError("expected a left/right symmetric canonical face mesh")
+    return pairs
 
 
 def _orient_outward(faces: np.ndarray, n_face: int, ring_ids: np.ndarray, pole: int, rings: int) -> np.ndarray:
@@ -147,10 +167,14 @@ class MeshConstants:
     not_head: torch.Tensor  # [F] bool on the device (source depth draws the head only)
     card_faces: torch.Tensor  # [F] bool on the device
     card_verts: torch.Tensor  # [N] bool on the device
-    flags: torch.Tensor  # [N, 3] on the device: solid, head, rim
+    flags: torch.Tensor  # [N, 2] on the device: face mesh, head (face mesh and shell)
     ring_ids: torch.Tensor  # [K + 1, J] on the device
     ring0: torch.Tensor  # [J] face outline vertex ids on the device
+    mirror: torch.Tensor  # [N] mirror vertex ids on the device (models.avatar.topology.Topology.mirror)
     incident: torch.Tensor  # [N, D] faces of each vertex, padded with F
+    part: torch.Tensor  # [F] int64 on the device: 0 face mesh, 1 shell, 2 card, 3 far layer
+    head_incident: torch.Tensor  # [n_face + n_shell, D] faces of each head vertex (all head faces), padded with n_head_faces
+    card_d2: torch.Tensor  # [G * G, G * G] squared distances between card vertices, in grid cells
     const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots
 
 
@@ -177,12 +201,9 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
     N = topo.n_face + topo.n_shell + topo.n_card + topo.n_far
     card_verts = torch.zeros(N, dtype=torch.bool)
     card_verts[card[0] : card[1]] = True
-    flags = torch.zeros(N, 3)
-    flags[: topo.n_face, 0] = 1.0  # solid: the face mesh always covers
+    flags = torch.zeros(N, 2)
+    flags[: topo.n_face, 0] = 1.0  # the face mesh
     flags[: topo.n_face + topo.n_shell, 1] = 1.0  # head
-    # The rim (shell rings 1-3: sides of the head, ears) is solid: where its source pixel is
-    # not the person (the cranium is only a guess there), it takes the fill texture.
-    flags[torch.as_tensor(topo.ring_ids[1:4]).reshape(-1), 2] = 1.0
     # Faces of each vertex, padded with the index F.
     per_vertex = [[] for _ in range(N)]
     for fi, tri in enumerate(topo.faces.tolist()):
@@ -197,10 +218,21 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
         "knots_x": torch.tensor(CARD_KNOTS[0]),
         "knots_y": torch.tensor(CARD_KNOTS[1]),
     }
+    n_head = topo.n_face + topo.n_shell
+    head_incident = incident[:n_head].clone()
+    head_incident[head_incident >= topo.n_head_faces] = topo.n_head_faces
+    G = round(topo.n_card**0.5)
+    cell = torch.stack(torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij"), -1).reshape(-1, 2).float()
+    card_d2 = (cell[:, None] - cell[None]).square().sum(-1)
     ring_ids = torch.as_tensor(topo.ring_ids)
+    part = torch.full((len(faces),), 3, dtype=torch.int64)
+    part[card_faces] = 2
+    part[:n_tri] = 0
+    part[n_tri : topo.n_head_faces] = 1
     st = MeshConstants(
         faces.to(device), cull.to(device), not_head.to(device), card_faces.to(device), card_verts.to(device),
-        flags.to(device), ring_ids.to(device), ring_ids[0].to(device), incident.to(device),
+        flags.to(device), ring_ids.to(device), ring_ids[0].to(device), torch.as_tensor(topo.mirror).to(device),
+        incident.to(device), part.to(device), head_incident.to(device), card_d2.to(device),
         {name: v.to(device) for name, v in const.items()},
     )
     _MESH_CONSTANTS[k] = st

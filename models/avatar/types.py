@@ -13,7 +13,21 @@ import torch.nn.functional as F
 from models.face.analysis import NUM_MESH_VERTICES
 from models.geometry.camera import OrbitPose, orbit_viewmats, project
 
-__all__ = ["Avatar", "AvatarConfig", "HostCameras", "RenderOutput"]
+__all__ = ["Avatar", "AvatarConfig", "HostCameras", "RenderOutput", "VATTR"]
+
+
+class VATTR:
+    """Columns of ``Avatar.vattr``, the per-vertex attributes the render interpolates per pixel."""
+
+    TEX = slice(0, 3)  # projective texture coordinates (u w, v w, w) in the source camera
+    FILL = slice(3, 6)  # the same for the fill texture (hidden surface: a nearby seen point)
+    MIRROR = slice(6, 9)  # the texture coordinates of the mirror vertex (face and shell)
+    RATIO = slice(9, 12)  # low-frequency lighting ratio, this side over the mirror side (RGB)
+    FILL_RGB = slice(12, 15)  # the fill texture's colour, spread from well-seen vertices (RGB)
+    GRAZING = 15  # in [0, 1]: 0 where the source sees the surface edge-on (RenderOutput.seen)
+    MIRROR_Q = 16  # in [0, 1]: how well the source saw the mirror vertex
+    OPACITY = 17
+    COUNT = 18
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,7 @@ class AvatarConfig:
     """Texture resolution: crop side is resampled to about texture_scale * render size, at most."""
     visibility_size: int = 256
     """Least resolution of the source-view depth map (grows with the render size)."""
-    cranium_scale: float = 1.0
+    cranium_scale: float = 1.1
     """Uniform scale of the cranium ellipsoid (bigger hair: > 1)."""
     fill_texels: int = 64
     """Surface the source did not see takes its colour from a low-pass copy of the texture in
@@ -85,9 +99,10 @@ class Avatar:
     faces: torch.Tensor  # [F, 3] int64
     cull: torch.Tensor  # [F] bool: closed head surface, culled when facing away
     skip: torch.Tensor  # [F] bool: card triangles with nothing opaque on them (not drawn)
-    vattr: torch.Tensor  # [N, 11] per vertex: texture K X (3), fill texture (3), grazing, opacity, solid, head, rim
-    texture: torch.Tensor  # [1, 4, Ht, Wt] RGBA in [0, 1] (A = person mask, or 1)
-    texture_fill: torch.Tensor  # [1, 4, h, w] low-pass copy (same layout) for unseen surface
+    part: torch.Tensor  # [F] int64: 0 face mesh, 1 shell (the head: opaque), 2 card (matte alpha, fades at the picture's edge), 3 far layer
+    vattr: torch.Tensor  # [N, VATTR.COUNT] per-vertex attributes (columns: :class:`VATTR`)
+    texture: torch.Tensor  # [1, 4, Ht, Wt] RGBA in [0, 1], premultiplied (A = the person's matte, or 1)
+    texture_fill: torch.Tensor  # [1, 4, h, w] low-pass copy (same layout, not premultiplied) for unseen surface
     tex_span: tuple[float, float]  # (H, W) of the source picture space that vattr's texture coords address
     src_depth: torch.Tensor  # [1, 2, Sv, Sv] source-view depth of the head (sharp, max-pooled), +inf where empty
     src_depth_K: torch.Tensor  # [3, 3] maps source pixels (u, v, 1) to src_depth pixels

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.avatar.geometry import vertex_normals
 from models.avatar.topology import MeshConstants
 from models.geometry.camera import project
 from models.geometry.raster import rasterize
 
-__all__ = ["facing_source", "max_filter3x3", "occluded", "sample_source_depth", "source_depth_map", "vertex_visible"]
+__all__ = ["facing_source", "max_filter3x3", "occluded", "sample_source_depth", "seen_fraction", "source_depth_map",
+           "vertex_visible"]
 
 
 def source_depth_map(verts, st: MeshConstants, AK: torch.Tensor, S: int, capacity: int | None):
@@ -59,6 +59,22 @@ def occluded(z_src: torch.Tensor, depth_at: torch.Tensor) -> torch.Tensor:
     return z_src > depth_at * 1.015 + 2e-3
 
 
+def seen_fraction(
+    z_src: torch.Tensor, src_depth: torch.Tensor, A: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+    pooled: torch.Tensor | None = None, band_m: float = 0.012,
+) -> torch.Tensor:
+    """How much the source saw points at depth z_src and source pixels (u, v) (any shape), in [0, 1]:
+    the depth test of :func:`occluded` made soft, 1 up to its tolerance and 0 at ``band_m``
+    (plus 1 % of the depth) further behind. A switch would draw the map's staircase as a
+    dotted seam where a surface folds under an occluding edge (the rim under the jaw, the
+    outline over the head shell); the band carries seen texture a little way past the edge,
+    where the source pixel shows the surface right beside the hidden point, and the render
+    blends from there. pooled as in :func:`sample_source_depth`."""
+    d = sample_source_depth(src_depth, A, u, v, pooled).clamp(max=1e3)  # +inf (empty) -> far
+    behind = z_src - (d * 1.015 + 2e-3)  # > 0: behind the nearest surface by more than the tolerance
+    return (1.0 - behind / (0.01 * d + band_m)).clamp(0.0, 1.0)
+
+
 def vertex_visible(tex_h, src_depth, A, pooled: torch.Tensor) -> torch.Tensor:
     """Per vertex [N] bool: the source camera saw it. tex_h [N, 3] homogeneous source pixels
     (u w, v w, w), src_depth and A as in :func:`source_depth_map`, pooled [N] bool (card vertices)."""
@@ -66,10 +82,10 @@ def vertex_visible(tex_h, src_depth, A, pooled: torch.Tensor) -> torch.Tensor:
     return ~occluded(w, sample_source_depth(src_depth, A, tex_h[:, 0] / w, tex_h[:, 1] / w, pooled))
 
 
-def facing_source(verts: torch.Tensor, st: MeshConstants) -> torch.Tensor:
-    """Per vertex [N] in [0, 1]: 0 where the surface is seen edge-on from the source
-    camera (texture stretched), 1 where it faces it (|cos| >= 0.25)."""
-    normals = vertex_normals(verts, st.faces, st.incident)
+def facing_source(verts: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per vertex [N]: |cos| between the normal and the source camera's line of sight, and the
+    grazing weight in [0, 1] made from it: 0 where the source sees the surface edge-on
+    (texture stretched), 1 where it faces it (|cos| >= 0.25). verts, normals [N, 3]."""
     view = verts / verts.norm(dim=-1, keepdim=True)
     facing = (normals * view).sum(-1).abs()
-    return ((facing - 0.08) / 0.17).clamp(0, 1)
+    return facing, ((facing - 0.08) / 0.17).clamp(0, 1)

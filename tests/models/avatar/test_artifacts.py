@@ -1,0 +1,169 @@
+"""Artifacts of novel views, one test per class that a rendered picture shows (issue 14):
+green-screen spill at the person's edge, background colour on the turned head (blocks, rims),
+hard (stair-stepped) edges of the torso and the silhouettes, seams along the face outline where seen and unseen surface meet, streaks of
+stretched texture in the completed cheek, and hair painted flat behind a cranium that ends
+below it. Each test failed on the code before the fix (the numbers in the comments)."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models.avatar import build_avatar, render_views
+from models.avatar.topology import mesh_topology
+from models.face.analysis import face_model, read_image
+from models.geometry.camera import OrbitPose, project
+
+SAMPLE = Path(__file__).resolve().parents[3] / "telepresence" / "assets" / "sample.mp4"
+S = 256
+
+
+def first_frame(path: Path) -> np.ndarray:
+    capture = cv2.VideoCapture(str(path))
+    ok, frame = capture.read()
+    capture.release()
+    assert ok, f"cannot read {path}"
+    return np.ascontiguousarray(frame[:, :, ::-1])
+
+
+def outline_px(avatar, poses) -> np.ndarray:
+    """[V, J, 2] the face outline in each view (pixels)."""
+    return avatar.project_landmarks(poses, S).numpy()[:, face_model().face_oval]
+
+
+def polygon(points: np.ndarray, filled: bool, thickness: int = 1) -> np.ndarray:
+    m = np.zeros((S, S), np.uint8)
+    pts = [np.round(points * 4).astype(np.int32)]
+    if filled:
+        cv2.fillPoly(m, pts, 1, shift=2)
+    else:
+        cv2.polylines(m, pts, True, 1, thickness=thickness, shift=2)
+    return m > 0
+
+
+def test_no_green_screen_spill_at_the_person_edge(analyzer):
+    """The demo clip is shot on a green screen: no green rim round the hair, no green on the
+    turned cheek. G - max(R, B) of the composited views: over the alpha edge's band it is
+    negative (skin and hair), and almost no opaque pixel is green. Before: band mean +0.0004,
+    0.012-0.039 of the opaque pixels green."""
+    frame = first_frame(SAMPLE)
+    out = render_views(build_avatar(frame, analyzer.analyze(frame), render_size=S),
+                       [OrbitPose(yaw_deg=y) for y in (-30, 0, 30)], S)
+    excess = out.rgb[:, 1] - torch.maximum(out.rgb[:, 0], out.rgb[:, 2])  # [V, S, S]
+    alpha = out.alpha[:, 0]
+    edge = ((alpha > 0.02) & (alpha < 0.98)).float()[:, None]
+    band = (torch.nn.functional.max_pool2d(edge, 5, 1, 2)[:, 0] > 0) & (alpha > 0.02)
+    assert float(excess[band].mean()) < -0.01
+    for v in range(alpha.shape[0]):
+        green = (excess[v][alpha[v] > 0.98] > 0.04).float().mean()
+        assert float(green) < 0.003, f"view {v}: {100 * float(green):.1f} % of the opaque pixels are green"
+
+
+@pytest.mark.parametrize("name", ["lp_s2", "lp_s12"])
+def test_no_background_colour_on_the_turned_head(analyzer, test_data, name):
+    """Blocks and rims: the person cut out of the photo onto a saturated blue screen (no blue in
+    these people or their clothes), then turned to +-20 and +-40 degrees at pitch -20, 0, +20:
+    no opaque pixel is blue (B - max(R, G) > 0.15). The fill texture kept the background's
+    colour beside the person (a block by the ear on the turned side) and the mask's loose edge
+    carried it (a rim): before, 0.23-0.65 % (lp_s12) and 0.53-1.03 % (lp_s2) of the opaque
+    pixels per view; now none."""
+    image = read_image(test_data / f"{name}.jpg")
+    mask = analyzer.analyze(image).mask[..., None]
+    screen = np.array([25.0, 50.0, 230.0], np.float32)
+    picture = (image * mask + screen * (1 - mask)).round().clip(0, 255).astype(np.uint8)
+    poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y in (-40, -20, 20, 40) for p in (-20, 0, 20)]
+    out = render_views(build_avatar(picture, analyzer.analyze(picture), render_size=S), poses, S)
+    excess = out.rgb[:, 2] - torch.maximum(out.rgb[:, 0], out.rgb[:, 1])  # [V, S, S]
+    opaque = out.alpha[:, 0] > 0.98
+    blue = [float((excess[v][opaque[v]] > 0.15).float().mean()) for v in range(len(poses))]
+    assert max(blue) < 0.001, f"{name}: % of the opaque pixels blue per view {[round(100 * b, 2) for b in blue]}"
+
+
+@pytest.mark.parametrize("name", ["lp_s42", "lp_s2"])
+def test_no_opaque_pixel_next_to_an_empty_one(analyzer, test_data, name):
+    """The torso fades out at the picture's edge instead of ending in a straight cut, and mesh
+    silhouettes are anti-aliased: no pixel of alpha 1 beside one of alpha 0 (before: 1.0)."""
+    image = read_image(test_data / f"{name}.jpg")
+    poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y, p in ((-30, 0), (0, 0), (30, 0), (20, -15), (-40, 15))]
+    alpha = render_views(build_avatar(image, analyzer.analyze(image), render_size=S), poses, S).alpha[:, 0]
+    step = torch.maximum((alpha[:, :, 1:] - alpha[:, :, :-1]).abs().amax((1, 2)),
+                         (alpha[:, 1:] - alpha[:, :-1]).abs().amax((1, 2)))
+    assert float(step.max()) < 0.75, f"alpha steps per view {step.tolist()}"
+
+
+# Bounds half-way between the seamless render (lp_s10 1.15-1.38, lp_s1 1.19-1.20, lp_s42 1.09-1.13,
+# lp_d12 1.14) and the seams before (below): the outline is a real edge (jaw against neck, hair,
+# background), so its line energy legitimately exceeds the skin's a little.
+@pytest.mark.parametrize("name, views, factor", [
+    ("lp_s10", ((-30, 0), (-40, 0), (-30, -15)), 1.5),  # turned source: the unseen side is completed
+    ("lp_s1", ((-30, 0), (30, 0)), 1.27),
+    ("lp_s42", ((-30, 0), (30, 0)), 1.22),
+    ("lp_d12_f000", ((-30, 0), (30, 0)), 1.22),
+])
+def test_no_seam_along_the_face_outline(analyzer, test_data, name, views, factor):
+    """Where the face mesh meets the head shell, and seen surface meets unseen, the texture
+    changes source: a switch draws a seam line (dark or pale) along the face outline. Line
+    energy |gray - median7(gray)| in a band along the outline stays within ``factor`` of the
+    face's own skin (before: lp_s10 1.64-2.27, lp_s1 1.34-1.38, lp_s42 1.31, lp_d12 1.31)."""
+    image = read_image(test_data / f"{name}.jpg")
+    avatar = build_avatar(image, analyzer.analyze(image), render_size=S)
+    poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y, p in views]
+    out = render_views(avatar, poses, S)
+    outline = outline_px(avatar, poses)
+    for v, pose in enumerate(poses):
+        gray = out.rgb[v].mean(0).numpy()
+        line = np.abs(cv2.medianBlur((gray * 255).round().astype(np.uint8), 7) / 255.0 - gray)
+        band = polygon(outline[v], filled=False, thickness=5)
+        skin = cv2.erode(polygon(outline[v], filled=True).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+        ratio = line[band].mean() / line[skin].mean()
+        assert ratio < factor, f"{name} {pose}: outline line energy {ratio:.2f} x the skin's"
+
+
+def test_no_streaks_in_the_completed_cheek(analyzer, test_data):
+    """A source turned 33 degrees saw one cheek edge-on; turned the other way, that cheek was
+    a streak of texture stretched across the face. With an isotropic noise picture in place of
+    the photo (the photo's own face geometry and mask), the unseen part of the face has no
+    more streaks than noise: few pixels whose 9x9 structure tensor is coherent (> 0.7), where
+    before half of them were (0.37-0.51)."""
+    image = read_image(test_data / "lp_s10.jpg")
+    obs = analyzer.analyze(image)
+    assert obs.pose.yaw_deg > 20
+    rng = np.random.default_rng(0)
+    noise = cv2.GaussianBlur(rng.random(image.shape[:2]).astype(np.float32), (0, 0), 2.0)
+    noise = (noise - noise.mean()) / noise.std()
+    picture = (np.clip(0.5 + 0.12 * noise[..., None] * np.array([1.0, 0.9, 0.8]), 0, 1) * 255).round().astype(np.uint8)
+    avatar = build_avatar(picture, obs, render_size=S)
+    poses = [OrbitPose(yaw_deg=-40), OrbitPose(yaw_deg=-30)]
+    out = render_views(avatar, poses, S)
+    outline = outline_px(avatar, poses)
+    for v, pose in enumerate(poses):
+        face = cv2.erode(polygon(outline[v], filled=True).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        unseen = face & (out.seen[v, 0].numpy() < 0.5)
+        assert unseen.sum() > 200, "the view should show surface the source did not see"
+        gy, gx = np.gradient(out.rgb[v].mean(0).numpy())
+        jxx, jyy, jxy = (cv2.blur(a, (9, 9)) for a in (gx * gx, gy * gy, gx * gy))
+        coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (jxx + jyy + 1e-9)
+        streaks = float((coherence[unseen] > 0.7).mean())
+        assert streaks < 0.1, f"{pose}: {100 * streaks:.0f} % of the completed cheek is streaks"
+
+
+@pytest.mark.parametrize("name", ["lp_s2", "lp_s1", "lp_s12", "astronaut"])
+def test_the_head_reaches_the_top_of_the_hair(analyzer, test_data, astronaut, name):
+    """Hair above the cranium ellipsoid was painted on the card behind the head: flat from
+    above, cut when the head turns. The head (face mesh and shell) now reaches the top of the
+    person's silhouette in the source view, within 0.07 face heights (before: 0.14-0.30 below)."""
+    image = astronaut if name == "astronaut" else read_image(test_data / f"{name}.jpg")
+    avatar = build_avatar(image, analyzer.analyze(image), render_size=S)
+    out = render_views(avatar, [OrbitPose()], S)
+    viewmats, Ks = avatar.cameras([OrbitPose()], S)
+    topo = mesh_topology(avatar.config.shell_rings, avatar.config.card_grid, False)
+    n_head = topo.n_face + topo.n_shell  # face mesh and shell come first
+    head = project(avatar.verts[None, :n_head], viewmats, Ks)[0, :, :2].numpy()
+    face_h = head[152, 1] - head[10, 1]  # chin below forehead
+    x0, x1 = head[234, 0], head[454, 0]  # cheek to cheek
+    columns = np.arange(int(x0 + 0.25 * (x1 - x0)), int(x1 - 0.25 * (x1 - x0)))
+    alpha = out.alpha[0, 0].numpy()
+    top_person = np.mean([np.nonzero(alpha[:, c] > 0.5)[0][0] for c in columns])
+    gap = (top_person - head[:, 1].min()) / face_h
+    assert gap > -0.07, f"{name}: the head ends {-gap:.2f} face heights below the hair's top"
