@@ -231,6 +231,7 @@ class AvatarEngine:
     def _fall_back(self, error: Exception) -> None:
         log.warning("could not set up the avatar's CUDA graphs (%s: %s); running it eagerly from now on",
                     type(error).__name__, error)
+        log.debug("where the capture failed", exc_info=error)
         if self.cuda_graphs:
             _end_aborted_capture(self.device)
         self.cuda_graphs = self.fixed_shapes = False

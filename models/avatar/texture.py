@@ -209,7 +209,7 @@ def diffuse_colours(colour: torch.Tensor, quality: torch.Tensor, st: MeshConstan
     on_face = (st.part[:n_head_faces] == 0)[:, None]
     q = quality[:, None]
     q_shell = q.clone()
-    q_shell[st.ring0] = 0.0
+    q_shell.index_fill_(0, st.ring0, 0.0)  # not `q_shell[idx] = 0.0`: that copies a host scalar (no CUDA-graph capture can)
     both = torch.cat([colour * q, q, colour * q_shell, q_shell], -1)  # [H, 2C + 2]
     C = colour.shape[-1]
     for _ in range(steps):
