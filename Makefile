@@ -7,6 +7,7 @@ TORCH ?= torch==2.13.0
 # Options for the demo, e.g. `make demo ARGS="--port 9000"` (see `.venv/bin/telepresence demo --help`).
 ARGS ?=
 STAMP := $(VENV)/.installed
+# (PYTHONWARNINGS below: setuptools warns about editable installs of a flat layout, noise to a newcomer)
 
 .PHONY: install demo test bench clean
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[all]"
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e ".[all]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,11 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import metadata, time_ms, write_json  # noqa: E402
+from benchmarks.common import document, time_ms, timing_stats, write_json  # noqa: E402
 from models.avatar import build_avatar, render_views  # noqa: E402
 from models.avatar.engine import AvatarEngine  # noqa: E402
 from models.geometry.camera import OrbitPose  # noqa: E402
 from models.face.analysis import observation_from_landmarks  # noqa: E402
+from models.runinfo import run_metadata  # noqa: E402
 
 YAWS = [-30.0, -10.0, 10.0, 30.0, 20.0, -20.0, 0.0, 5.0]
 
@@ -59,7 +60,7 @@ def check_cuda(image, obs, size: int = 256) -> None:
 
 
 def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
-    """Median ms of each part of a graphs-path build + render (host work, and the
+    """timing_stats (ms) of each part of a graphs-path build + render (host work, and the
     device time of each replay from CUDA events)."""
     from models.avatar.plan import prepare_build
 
@@ -107,11 +108,11 @@ def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
         add("device: build graph", e0.elapsed_time(e1))
         add("device: render graph", e2.elapsed_time(e3))
         add("total", (t6 - t0) * 1e3)
-    med = {k: float(np.median(v)) for k, v in parts.items()}
+    stats = {k: timing_stats(v) for k, v in parts.items()}
     print(f"breakdown, graphs path, {V} views at {size} (median ms):")
-    for k, v in med.items():
-        print(f"  {k:<40} {v:7.3f}")
-    return med
+    for k, v in stats.items():
+        print(f"  {k:<40} {v['median']:7.3f}")
+    return stats
 
 
 def main(argv=None) -> int:
@@ -154,8 +155,8 @@ def main(argv=None) -> int:
                 both = time_ms(lambda: (build_fn(), render_fn()), device, repeats=args.repeats)
                 rows.append({"path": path, "size": size, "views": V, "build": build, "render": render,
                              "build_render": both})
-                print(f"{path:>6} {size:>5} {V:>5} {build['median_ms']:>10.2f} {render['median_ms']:>10.2f} "
-                      f"{render['median_ms'] / V:>9.2f} {both['median_ms']:>13.2f} {both['p90_ms']:>7.2f}")
+                print(f"{path:>6} {size:>5} {V:>5} {build['median']:>10.2f} {render['median']:>10.2f} "
+                      f"{render['median'] / V:>9.2f} {both['median']:>13.2f} {both['p90']:>7.2f}")
     if args.profile:
         # The graphs path's maths (fixed shapes) run eagerly, so the profiler sees every kernel.
         size, V = args.sizes[-1], args.views[-1]
@@ -174,8 +175,10 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by=key, row_limit=25))
     if args.breakdown and device.type == "cuda":
         rows.append({"breakdown": breakdown(image, obs, args.sizes[-1], args.views[-1], args.repeats)})
-    write_json(args.out, {"benchmark": "avatar", "meta": metadata(device), "picture": "skimage astronaut 512x512",
-                          "rows": rows})
+    if args.out:
+        config = {**vars(args), "picture": "skimage astronaut 512x512"}
+        write_json(args.out, document(run_metadata(device, benchmark="avatar"), config, rows))
+        print(f"wrote {args.out}")
     return 0
 
 

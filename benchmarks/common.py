@@ -1,26 +1,48 @@
-"""Shared benchmark method (kornia-style): warm-up, repeats, device sync,
-median and p90, metadata (commit, versions, device), JSON out."""
+"""The benchmark method every script here shares (kornia's habit): warm-up, repeats, device
+sync, one set of timing statistics, and one JSON layout:
+
+    {"meta": models.runinfo.run_metadata(...), "config": what was asked, "results": what was measured}
+"""
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
-import torch
+
+__all__ = ["timing_stats", "sync", "time_ms", "document", "write_json"]
 
 
-def sync(device: torch.device | str) -> None:
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timing_stats(samples_ms: Sequence[float | None]) -> dict[str, float | int | None]:
+    """{median, p90, p95, mean, min, max, n} of timings in milliseconds; percentiles interpolate
+    linearly (numpy's default); None samples are left out, and every value is None when none is left."""
+    x = np.asarray([s for s in samples_ms if s is not None], np.float64)
+    if x.size == 0:
+        return {"median": None, "p90": None, "p95": None, "mean": None, "min": None, "max": None, "n": 0}
+    return {
+        "median": float(np.median(x)),
+        "p90": float(np.percentile(x, 90)),
+        "p95": float(np.percentile(x, 95)),
+        "mean": float(x.mean()),
+        "min": float(x.min()),
+        "max": float(x.max()),
+        "n": int(x.size),
+    }
 
 
-def time_ms(fn: Callable[[], object], device, warmup: int = 3, repeats: int = 20) -> dict:
-    """Run fn warmup times, then time `repeats` calls (device-synchronised); ms stats."""
+def sync(device: Any) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(str(device)))
+
+
+def time_ms(fn: Callable[[], object], device: Any, warmup: int = 3, repeats: int = 20) -> dict[str, float | int | None]:
+    """Call fn ``warmup`` times, then time ``repeats`` calls, each synchronised: timing_stats in ms."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -31,40 +53,19 @@ def time_ms(fn: Callable[[], object], device, warmup: int = 3, repeats: int = 20
         fn()
         sync(device)
         samples.append((time.perf_counter() - start) * 1000.0)
-    arr = np.array(samples)
-    return {
-        "median_ms": float(np.median(arr)),
-        "p90_ms": float(np.percentile(arr, 90)),
-        "min_ms": float(arr.min()),
-        "repeats": repeats,
-    }
+    return timing_stats(samples)
 
 
-def metadata(device) -> dict:
-    device = torch.device(device)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    info = {
-        "commit": commit or "unknown",
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "device": device.type,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+def document(meta: Mapping[str, Any], config: Mapping[str, Any], results: Any) -> dict[str, Any]:
+    """One benchmark's JSON document in the shared layout (see the module doc)."""
+    return {"meta": dict(meta), "config": dict(config), "results": results}
 
 
-def write_json(path: str | None, payload: dict) -> None:
-    if not path:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2))
-    print(f"wrote {path}")
+def write_json(path: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Write ``doc`` to ``path`` (parents created; replaced whole, so a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path

@@ -21,9 +21,9 @@ by an in-process receiver) and reads the stamp from each presented frame in
 a requestVideoFrameCallback, against the frame's expected display time: the
 glass-to-glass figure a user sees, on this host.
 
-Warm-up frames are discarded; median and p90 over all viewers' frames are
-reported, with the sender's per-stage milliseconds and the environment
-(commit, versions, device) in a JSON file.
+Warm-up frames are discarded; latency statistics (benchmarks.common.timing_stats) over all
+viewers' frames are reported, with the sender's per-stage milliseconds, in a JSON file of the
+benchmarks.common layout (meta: commit, versions, device, host).
 
     python benchmarks/loopback.py --device cpu --size 256 --browser         # 2-core CPU
     python benchmarks/loopback.py --device cuda --size 512                  # GPU machine
@@ -34,13 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import importlib
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +44,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as `python benchmarks/loopback.py`
 
+from benchmarks.common import document, timing_stats, write_json  # noqa: E402
+from models.runinfo import run_metadata  # noqa: E402
 from telepresence.stream.capture import open_source  # noqa: E402
 from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
 from telepresence.stream.renderloop import PIPELINE_STAGES  # noqa: E402
@@ -101,19 +98,12 @@ def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
     return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
 
 
-def percentiles(values: list[float]) -> dict[str, Optional[float]]:
-    if not values:
-        return {"median": None, "p90": None, "n": 0}
-    p50, p90 = np.percentile(values, [50, 90])
-    return {"median": round(float(p50), 1), "p90": round(float(p90), 1), "n": len(values)}
-
-
 def viewer_summary(recorders: list["FrameRecorder"]) -> dict[str, Any]:
     """What the viewers measured: fps per viewer, latencies, frames, unreadable stamps."""
     fps_per_viewer = [r.fps() for r in recorders]
     return {
         "fps_per_viewer": {"median": round(float(np.median(fps_per_viewer)), 1), "min": round(min(fps_per_viewer), 1)},
-        "latency_ms": percentiles([ms for r in recorders for ms in r.latencies_ms]),
+        "latency_ms": timing_stats([ms for r in recorders for ms in r.latencies_ms]),
         "stamps_unreadable": sum(r.unreadable for r in recorders),
         "frames": sum(len(r.arrivals) for r in recorders),
     }
@@ -250,35 +240,21 @@ CHROMIUM_FLAGS = [
     "--disable-component-update", "--autoplay-policy=no-user-gesture-required",
 ]
 
-# Reads telepresence.stream.framecode's corner stamp from each presented frame (same layout and checksum).
+# Reads telepresence.stream.framecode's corner stamp from each presented frame with the page's own
+# reader (web/latency.js); sender and page share this host's clock, so no offset.
 BROWSER_PROBE_JS = """async (seconds) => {
+  const { readFrameCode, glassToGlassMs, pageClockMs } = await import('/latency.js');
   const video = document.querySelector('.tile video');
   const canvas = document.createElement('canvas');
-  const g = canvas.getContext('2d', { willReadFrequently: true });
   const latencies = [], presented = [];
   let unreadable = 0;
   const end = performance.now() + seconds * 1000;
   return await new Promise((resolve) => {
     const step = (now, meta) => {
-      const cell = Math.max(4, Math.floor(Math.min(video.videoWidth, video.videoHeight) / 32));
-      const w = 7 * cell, h = 4 * cell, lo = Math.floor(cell / 4), hi = cell - Math.floor(cell / 4);
-      canvas.width = w; canvas.height = h;
-      g.drawImage(video, 0, 0, w, h, 0, 0, w, h);
-      const d = g.getImageData(0, 0, w, h).data;
-      let word = 0;
-      for (let r = 0; r < 4; r++) for (let c = 0; c < 7; c++) {
-        let sum = 0, n = 0;
-        for (let y = r * cell + lo; y < r * cell + hi; y++) for (let x = c * cell + lo; x < c * cell + hi; x++) {
-          const i = (y * w + x) * 4; sum += (d[i] + d[i + 1] + d[i + 2]) / 3; n++;
-        }
-        word = word * 2 + (sum / n > 127.5 ? 1 : 0);
-      }
-      const stamp = Math.floor(word / 16);
-      let check = 0b1010;
-      for (let s = 0; s < 24; s += 4) check ^= (stamp >> s) & 15;
-      const shown = performance.timeOrigin + (meta.expectedDisplayTime ?? now);
+      const stamp = readFrameCode(video, canvas);
+      const shown = pageClockMs(meta.expectedDisplayTime ?? now);
       presented.push(shown);
-      if (check === word % 16) latencies.push(((Math.round(shown) - stamp) % 16777216 + 16777216) % 16777216);
+      if (stamp !== null) latencies.push(glassToGlassMs(stamp, shown, 0));
       else unreadable++;
       if (performance.now() < end) video.requestVideoFrameCallback(step);
       else resolve({ latencies, presented, unreadable });
@@ -330,49 +306,12 @@ async def run_browser_case(args: argparse.Namespace, pipeline: Any) -> dict[str,
         "viewers": 1,
         "receiver": "chromium",
         "fps_per_viewer": {"median": round(fps, 1), "min": round(fps, 1)},
-        "latency_ms": percentiles(measured["latencies"]),
+        "latency_ms": timing_stats(measured["latencies"]),
         "sender_fps_median": None,
         "stages_ms_median": median_stages(stage_samples),
         "stamps_unreadable": measured["unreadable"],
         "frames": len(presented),
     }
-
-
-def git_commit() -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip())
-        return {"commit": commit, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def versions() -> dict[str, Optional[str]]:
-    out: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in ("torch", "numpy", "aiortc", "av", "websockets", "cv2", "mediapipe", "diffusers"):
-        try:
-            out[name] = getattr(importlib.import_module(name), "__version__", "?")
-        except ImportError:
-            out[name] = None
-    return out
-
-
-def device_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        info["cpu"] = platform.processor() or None
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        except Exception as error:  # report, do not fail the benchmark over metadata
-            info["gpu"] = f"unknown ({error})"
-    return info
 
 
 def main() -> int:
@@ -421,18 +360,9 @@ def main() -> int:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline)))
 
-    report = {
-        "benchmark": "loopback",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **git_commit(),
-        "versions": versions(),
-        "device": device_info(args.device),
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": results,
-    }
+    config = {k: v for k, v in vars(args).items() if k != "out"}
     out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, document(run_metadata(args.device, benchmark="loopback"), config, results))
 
     print(f"\nloopback, {args.pipeline}, {args.device}, {args.size}x{args.size}, {args.codec}")
     print(f"{'receiver':>20} {'viewers':>7} {'fps/viewer':>11} {'latency med':>12} {'p90':>8}  stages ms (median)")

@@ -14,10 +14,11 @@ Cases are the product of --configs x --codecs x --variants x --modes x --size x 
 - views: total views V including the reference (2 = ref + 1 novel view).
 
 Each case: warm-up calls (the first one, which compiles/captures, is timed as
-first_call_s), then --iters timed calls with device sync; median and p90 in ms;
-peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS so far).
-Results go to stdout and, after every case, to the --out JSON with commit,
-versions, device and load average. A case that fails is recorded with its error.
+first_call_s), then --iters timed calls with device sync; benchmarks.common.timing_stats
+in ms; peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS so far).
+Results go to stdout and, after every case, to the --out JSON (benchmarks.common layout;
+meta: commit, versions, device, host, load average at the start and the end). A case
+that fails is recorded with its error.
 
 Run from the repository root (no install needed):
   python -m benchmarks.refiner --device cuda --out out/refiner_h100.json
@@ -28,13 +29,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
-import platform
 import resource
-import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -42,7 +39,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import document, sync, timing_stats, write_json
 from models.refiner import Refiner
+from models.runinfo import run_metadata
 
 logger = logging.getLogger("benchmarks.refiner")
 
@@ -52,39 +51,6 @@ VARIANTS = {
     "stock": {"view_attention": "joint"},
     "fast": {"view_attention": "ref_isolated", "prompt_tokens": 1},
 }
-
-
-def _git(*args: str) -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def metadata(args: argparse.Namespace, device: torch.device) -> dict:
-    import diffusers
-    import peft
-
-    meta = {
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "argv": sys.argv,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "peft": peft.__version__,
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_start": os.getloadavg(),
-    }
-    if device.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(device)
-        meta["cuda"] = torch.version.cuda
-    return meta
 
 
 def build(config: str, codec: str, variant: str, device: torch.device) -> Refiner:
@@ -97,11 +63,6 @@ def build(config: str, codec: str, variant: str, device: torch.device) -> Refine
             overrides.pop("prompt_tokens", None)  # the small config has a 1-token prompt already
             return Refiner.small(**overrides)
     raise ValueError(f"expected config 'sdturbo' or 'small', got {config!r}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -140,16 +101,7 @@ def time_case(model: Refiner, variant: str, views: int, size: int, args, device,
         times.append((time.perf_counter() - start) * 1e3)
     if not torch.isfinite(out.float()).all():
         logger.warning("non-finite output (random weights) in this case")
-    times.sort()
-    return {
-        "median_ms": statistics.median(times),
-        "p90_ms": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))],
-        "mean_ms": statistics.fmean(times),
-        "min_ms": times[0],
-        "n": len(times),
-        "first_call_s": first_call_s,
-        "peak_mem_mb": peak_memory_mb(device),
-    }
+    return {"ms": timing_stats(times), "first_call_s": first_call_s, "peak_mem_mb": peak_memory_mb(device)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    report = {"meta": metadata(args, device), "results": []}
+    meta = run_metadata(device, benchmark="refiner", argv=sys.argv)
+    report = document(meta, vars(args), [])
     print(f"{'config':8} {'codec':15} {'variant':7} {'mode':16} {'V':>2} {'size':>5} {'median':>9} {'p90':>9} {'peak MB':>8} {'first s':>8}")
     for config in args.configs.split(","):
         codecs = args.codecs.split(",") if config == "sdturbo" else ["pixel_unshuffle"]
@@ -219,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                 case.update(time_case(model, variant, views, size, args, device, dtype))
                                 print(
                                     f"{config:8} {codec:15} {variant:7} {mode:16} {views:>2} {size:>5} "
-                                    f"{case['median_ms']:8.2f}ms {case['p90_ms']:8.2f}ms {case['peak_mem_mb']:8.0f} {case['first_call_s']:8.1f}",
+                                    f"{case['ms']['median']:8.2f}ms {case['ms']['p90']:8.2f}ms {case['peak_mem_mb']:8.0f} {case['first_call_s']:8.1f}",
                                     flush=True,
                                 )
                             except Exception:
@@ -227,24 +180,17 @@ def main(argv: list[str] | None = None) -> int:
                                 logger.error("case failed: %s\n%s", {k: case[k] for k in ("config", "codec", "variant", "mode", "views", "size")}, case["error"])
                             report["results"].append(case)
                             if args.out:
-                                _write(args.out, report)
+                                write_json(args.out, report)
                     del model
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     torch._dynamo.reset()
-    report["meta"]["loadavg_end"] = os.getloadavg()
+    report["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.out:
-        _write(args.out, report)
+        write_json(args.out, report)
         logger.info("wrote %s", args.out)
     return 1 if any("error" in r for r in report["results"]) else 0
-
-
-def _write(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

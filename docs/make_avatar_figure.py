@@ -18,10 +18,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.avatar import build_avatar, render_views  # noqa: E402
+from models.refiner import refine_views  # noqa: E402
 from models.refiner.shipped import load_refiner  # noqa: E402
 from models.geometry.camera import OrbitPose  # noqa: E402
 from models.face.analysis import FaceAnalyzer, read_image  # noqa: E402
-from telepresence.sheets import contact_sheet, to_uint8  # noqa: E402
+from models.evaluation.figures import contact_sheet  # noqa: E402
+from models.pictures import to_rgb_uint8  # noqa: E402
 
 
 def pictures(data: Path) -> list[tuple[str, np.ndarray]]:
@@ -60,9 +62,8 @@ def main(argv=None) -> int:
             ref = avatar.source_view(args.size)
             views = out.rgb
             if refiner is not None:
-                seen = out.seen[None] if refiner.config.seen_mask else None
-                views = refiner.refine(ref[None], out.rgb[None], seen)[0]
-            rows.append([to_uint8(ref)] + [to_uint8(v) for v in views])
+                views = refine_views(refiner, ref, out.rgb[None], out.seen[None])[0]
+            rows.append([to_rgb_uint8(ref)] + [to_rgb_uint8(v) for v in views])
             labels.append([f"{name}: source"] + [f"yaw {y:+d}" for y in yaws])
     sheet = contact_sheet(rows, labels)
     cv2.imwrite(str(args.out), sheet[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])

@@ -21,7 +21,7 @@ echo "== loopback"
 timeout 200 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 \
   --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | grep -v -E "^W0000|absl|INFO: Created" | tail -25
 echo "== bench"
-timeout 150 python3 -m telepresence.cli bench --device cuda --size 512 --viewers 1 4 --refiner /tmp/refiner-small-arch \
+timeout 150 python3 -m benchmarks.pipeline --device cuda --size 512 --viewers 1 4 --refiner /tmp/refiner-small-arch \
   --out "$OUT/bench_cuda_512.json" -q 2>&1 | grep -v -E "^W0000|absl|INFO: Created" | tail -20
 echo "== refiner"
 timeout 120 python3 -m benchmarks.refiner --device cuda --configs small --modes eager,compiled-graphs --size 256 512 --views 2 5 \

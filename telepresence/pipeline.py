@@ -18,6 +18,7 @@ import torch
 
 from models.geometry.camera import OrbitPose
 from models.face.analysis import FaceAnalyzer, FaceConfig, NoFaceError
+from models.refiner import refine_views
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class FramePipeline(Protocol):
 
     size: int
     """Side of every view, pixels."""
+    device: torch.device | str
+    """Where the views are computed (viewers are told its kind: why `size` is what it is)."""
     refiner_name: str | None
     """What refines the views (shown to viewers), None: raw avatar renders."""
 
@@ -236,13 +239,7 @@ class Pipeline:
             t0 = time.perf_counter()
             if self._reference is None:
                 self._reference = self._avatar.source_view(size)[None]
-            ref = self._reference
-            seen = out.seen[None] if self.refiner.config.seen_mask else None
-            dtype = self.refiner.dtype
-            views = self.refiner.refine(
-                ref.to(dtype), out.rgb[None].to(dtype), None if seen is None else seen.to(dtype),
-                noise_level=self.config.noise_level,
-            )[0]
+            views = refine_views(self.refiner, self._reference, out.rgb[None], out.seen[None], self.config.noise_level)[0]
             self._sync()
             timings["refine"] = (time.perf_counter() - t0) * 1000.0
         pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

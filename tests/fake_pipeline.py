@@ -8,6 +8,7 @@ views then come from the last good frame (status "face_lost"), or a grey
 placeholder before any (status "no_face_yet").
 
     telepresence send --pipeline tests.fake_pipeline:build_pipeline ...   (hidden flag, tests only)
+    telepresence send --pipeline tests.fake_pipeline:build_pipeline_with_refiner ...  (says a refiner is on)
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def build_pipeline(config: PipelineConfig) -> "Pipeline":
     return Pipeline(config)
 
 
+def build_pipeline_with_refiner(config: PipelineConfig) -> "Pipeline":
+    """The same pictures, announced as refined (the page's refiner badge)."""
+    pipeline = Pipeline(config)
+    pipeline.refiner_name = "fake-refiner"
+    return pipeline
+
+
 class Pipeline:
     dark_level = 8.0
     refiner_name: Optional[str] = None
@@ -40,6 +48,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig = PipelineConfig()) -> None:
         self.config = config
         self.size: int = config.size
+        self.device = config.device
         self._last: Optional[np.ndarray] = None
         self.calls = 0
         self.view_counts: list[int] = []

@@ -1,19 +1,26 @@
-"""Shared test plumbing: run coroutines, in-process senders, scripted sources, picture differences."""
+"""Shared test plumbing: run coroutines, in-process receivers and senders, raw signaling sockets,
+scripted sources, picture differences, this process's open descriptors."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import numpy as np
+import websockets
 
 from telepresence.stream.capture import FrameSource, SampleSource
 from telepresence.pipeline import PipelineConfig
+from telepresence.stream.receiver import Receiver, ReceiverConfig
 from telepresence.stream.sender import Sender, SenderConfig
 from tests import fake_pipeline
+from tests.conftest import REPO
 
 
 def async_test(timeout_s: float = 30.0) -> Callable:
@@ -79,3 +86,56 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, int
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def running_receiver(**config: Any) -> AsyncIterator[Receiver]:
+    """A started in-process Receiver on a free port (or `port`), serving this checkout's web/."""
+    receiver = Receiver(ReceiverConfig(**{"port": 0, "web_dir": REPO / "web", **config}))
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+async def connect(receiver: Receiver, **options: Any) -> Any:
+    """A raw websocket to the receiver's /ws (no Origin header, like a Python client)."""
+    return await websockets.connect(receiver.signaling_url, compression=None, max_size=None, **options)
+
+
+async def recv_json(ws: Any, timeout_s: float = 5.0) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
+
+
+async def request(ws: Any, message: Any, timeout_s: float = 5.0) -> dict:
+    await ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+    return await recv_json(ws, timeout_s)
+
+
+async def join(receiver: Receiver, role: str, room: str = "demo", **extra: Any) -> tuple[Any, dict]:
+    ws = await connect(receiver)
+    reply = await request(ws, {"type": "join", "room": room, "role": role, **extra})
+    assert reply["type"] == "joined", reply
+    return ws, reply
+
+
+def open_fds() -> int:
+    """File descriptors this process holds."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def udp_sockets() -> int:
+    """UDP sockets (IPv4 and IPv6) this process holds: its socket descriptors found in /proc/net/udp*."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    udp = set()
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                udp.add(line.split()[9])
+    return len(inodes & udp)

@@ -1,10 +1,17 @@
 // Viewer page: join a room, one tile per sender, drag to orbit each sender's camera.
 //
-// Protocol (see telepresence/messages.py): the page joins over the /ws socket,
+// Protocol (see telepresence/stream/messages.py): the page joins over the /ws socket,
 // offers to every sender in the room (recvonly video + an unordered,
 // no-retransmit "pose" data channel, ICE gathered before sending: aiortc does
 // not trickle), and sends {type: "pose", seq, t, yaw, pitch, dist} at most once
-// per animation frame plus {type: "ping", t} once a second. No build step.
+// per animation frame plus {type: "ping", t} once a second, with {type: "stamps",
+// on: true} beside it while the stats panel is open (stats.js, latency.js). No build step.
+//
+// Calls outlive the signaling socket (media flows peer to peer): when the socket
+// drops, or the receiver restarts, the page rejoins with the `resume` token of its
+// last `joined`, keeps its id, and keeps every live call.
+
+import { TileStats } from "./stats.js";
 
 const params = new URLSearchParams(location.search);
 const ROOM = params.get("room") || "demo";
@@ -22,7 +29,6 @@ const DEFAULT_LIMITS = { yaw: 40, pitch: 25, distMin: 0.6, distMax: 1.6 };
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const clamp = (x, lo, hi) => Math.min(hi, Math.max(lo, x));
-const fmt = (x, digits = 0) => (x === null || x === undefined || !Number.isFinite(x) ? "–" : x.toFixed(digits));
 
 // ---------------------------------------------------------------------------------------------
 // Orbit: one sender's camera request, driven by pointer, wheel, pinch and keys.
@@ -145,6 +151,12 @@ class Tile {
     this.element.addEventListener("pointerenter", () => { app.activeTile = this; });
     this.element.addEventListener("focus", () => { app.activeTile = this; });
     this.video.addEventListener("playing", () => this.onVideoPlaying());
+    this.stats = new TileStats(this.element, this.video, $("#stats-panel"));
+    this.stats.setName(this.name);
+    this.stats.setOpen(app.statsOpen);
+    const badge = $(".badge", this.element);
+    for (const type of ["pointerdown", "dblclick"]) badge.addEventListener(type, (e) => e.stopPropagation());  // no orbit
+    badge.addEventListener("click", () => app.setStatsOpen(!app.statsOpen));
     this.pc = null;
     this.channel = null;
     this.seq = 0;
@@ -152,8 +164,6 @@ class Tile {
     this.senderStatus = null;
     this.statusTexts = {};  // status -> the text the sender sent with it
     this.lastMessageAt = 0;
-    this.pingRttMs = null;
-    this.prevStats = null;
     this.timers = [];
     this.retryTimer = null;
     this.offlineTimer = null;
@@ -217,13 +227,17 @@ class Tile {
   onChannelOpen() {
     this.lastMessageAt = performance.now();
     this.poseDirty = true;
-    const ping = () => this.send({ type: "ping", t: performance.now() });
+    const ping = () => {
+      this.send({ type: "ping", t: performance.now() });
+      const stamps = this.stats.stampsMessage();  // repeated with every ping: the channel may lose one
+      if (stamps) this.send(stamps);
+    };
     ping();
     this.timers.push(setInterval(() => {
       ping();
       if (performance.now() - this.lastMessageAt > SENDER_SILENCE_MS) this.scheduleReconnect("The sender stopped answering");
     }, HEARTBEAT_MS));
-    this.timers.push(setInterval(() => this.updateStats(), 1000));
+    this.timers.push(setInterval(() => { if (this.pc) this.stats.update(this.pc); }, 1000));
   }
 
   onChannelMessage(data) {
@@ -233,10 +247,11 @@ class Tile {
     switch (message.type) {
       case "hello":
         if (message.limits) this.orbit.setLimits(message.limits);
-        if (message.name) { this.name = message.name; $(".name", this.element).textContent = message.name; }
+        if (message.name) { this.name = message.name; $(".name", this.element).textContent = message.name; this.stats.setName(message.name); }
+        this.stats.setHello(message);
         break;
       case "pong":
-        if (Number.isFinite(message.t)) this.pingRttMs = performance.now() - message.t;
+        this.stats.onPong(message);
         break;
       case "status":
         if (typeof message.message === "string") this.statusTexts[message.status] = message.message;
@@ -244,7 +259,7 @@ class Tile {
         break;
       case "stats":
         this.setSenderStatus(message.status);
-        this.renderSenderStats(message);
+        this.stats.onSenderStats(message);
         break;
       case "error":
         console.warn("sender rejected a message:", message.code, message.message);
@@ -254,6 +269,7 @@ class Tile {
 
   scheduleReconnect(reason, delayMs = 1000) {
     if (this.retryTimer !== null || this.offlineTimer !== null) return;
+    if (this.app.joined && !this.app.roomSenders.has(this.senderId)) { this.senderLeft(); return; }  // gone: wait for it
     this.teardown();
     this.setState("reconnecting", `${reason} — reconnecting…`);
     this.retryTimer = setTimeout(() => { this.retryTimer = null; this.connect(); }, delayMs);
@@ -272,6 +288,8 @@ class Tile {
     this.connect();
   }
 
+  get inCall() { return this.state === "live" || this.state === "degraded" || this.state === "waiting-video"; }
+
   teardown() {
     this.generation++;
     for (const t of this.timers) { clearTimeout(t); clearInterval(t); }
@@ -280,14 +298,14 @@ class Tile {
     this.retryTimer = null;
     if (this.channel) { this.channel.onclose = null; this.channel.close(); this.channel = null; }
     if (this.pc) { this.pc.close(); this.pc = null; }
-    this.prevStats = null;
-    for (const el of this.element.querySelectorAll("[data-stat], [data-stage]")) el.textContent = "–";  // no stale numbers
+    this.stats.reset();
   }
 
   destroy() {
     clearTimeout(this.offlineTimer);
     this.teardown();
     this.video.srcObject = null;
+    this.stats.remove();
     this.element.remove();
   }
 
@@ -320,6 +338,7 @@ class Tile {
   setState(state, text) {
     this.state = state;
     this.element.dataset.state = state;
+    this.stats.setState(state);
     this.bannerText.textContent = text;
     this.app.refreshConnection();
   }
@@ -338,58 +357,6 @@ class Tile {
     if (this.state === "live" || this.state === "degraded") {
       if (text) this.setState("degraded", text);
       else if (this.state !== "live") this.setState("live", "");
-    }
-  }
-
-  // -- stats --
-
-  async updateStats() {
-    if (!this.pc) return;
-    let report;
-    try { report = await this.pc.getStats(); } catch { return; }
-    let inbound = null, pair = null, selectedPairId = null;
-    report.forEach((s) => {
-      if (s.type === "inbound-rtp" && (s.kind === "video" || s.mediaType === "video")) inbound = s;
-      else if (s.type === "transport" && s.selectedCandidatePairId) selectedPairId = s.selectedCandidatePairId;
-    });
-    report.forEach((s) => {
-      if (s.type !== "candidate-pair") return;
-      if (s.id === selectedPairId || s.selected || (!selectedPairId && s.nominated && s.state === "succeeded")) pair = s;
-    });
-    const now = performance.now();
-    const prev = this.prevStats;
-    const value = {};
-    if (inbound) {
-      const dt = prev ? (now - prev.at) / 1000 : 0;
-      value.fps = inbound.framesPerSecond ?? (prev && dt > 0 ? (inbound.framesDecoded - prev.framesDecoded) / dt : null);
-      value.bitrate = prev && dt > 0 ? (8 * (inbound.bytesReceived - prev.bytesReceived)) / dt / 1000 : null;
-      const emitted = inbound.jitterBufferEmittedCount - (prev?.emitted ?? 0);
-      value.jitter = emitted > 0 ? (1000 * (inbound.jitterBufferDelay - (prev?.jitterDelay ?? 0))) / emitted : null;
-      value.dropped = inbound.framesDropped ?? null;
-      const codec = inbound.codecId ? report.get(inbound.codecId) : null;
-      const size = inbound.frameWidth ? `${inbound.frameWidth}²` : "";
-      value.video = [codec?.mimeType?.replace("video/", ""), size].filter(Boolean).join(" ") || null;
-      this.prevStats = {
-        at: now, framesDecoded: inbound.framesDecoded ?? 0, bytesReceived: inbound.bytesReceived ?? 0,
-        emitted: inbound.jitterBufferEmittedCount ?? 0, jitterDelay: inbound.jitterBufferDelay ?? 0,
-      };
-    }
-    const rttS = pair?.currentRoundTripTime;
-    value.rtt = Number.isFinite(rttS) ? rttS * 1000 : this.pingRttMs;
-    const set = (key, text) => { $(`[data-stat="${key}"]`, this.element).textContent = text; };
-    set("fps", fmt(value.fps, 1));
-    set("rtt", fmt(value.rtt, 1));
-    set("bitrate", fmt(value.bitrate));
-    set("jitter", fmt(value.jitter));
-    set("dropped", fmt(value.dropped));
-    set("video", value.video || "–");
-  }
-
-  renderSenderStats(message) {
-    $('[data-stat="sender-fps"]', this.element).textContent = fmt(message.fps, 1);
-    const stages = message.stages_ms || {};
-    for (const el of this.element.querySelectorAll("[data-stage]")) {
-      el.textContent = fmt(stages[el.dataset.stage], 1);
     }
   }
 }
@@ -413,6 +380,7 @@ class Signaling {
     this.ws = null;
     this.backoffMs = 500;
     this.stopped = false;
+    this.resume = null;  // the last `joined`'s token: rejoin under the same id
   }
 
   connect() {
@@ -421,6 +389,7 @@ class Signaling {
     ws.onopen = () => {
       const join = { type: "join", room: ROOM, role: "viewer", name: navigator.userAgent.includes("Firefox") ? "Firefox" : "Browser" };
       if (TOKEN) join.token = TOKEN;
+      if (this.resume) join.resume = this.resume;
       ws.send(JSON.stringify(join));
     };
     ws.onmessage = (e) => {
@@ -438,7 +407,7 @@ class Signaling {
     };
   }
 
-  joined() { this.backoffMs = 500; }
+  joined(resume) { this.backoffMs = 500; if (typeof resume === "string") this.resume = resume; }
 
   stop() { this.stopped = true; this.ws?.close(); }
 
@@ -453,10 +422,12 @@ class Signaling {
 class App {
   constructor() {
     this.tiles = new Map();           // sender id -> Tile
+    this.roomSenders = new Set();     // sender ids in the room, as the server last said
     this.activeTile = null;
     this.iceServers = [];
     this.joined = false;
     this.fatal = null;
+    this.statsOpen = false;           // the stats panel; closed: each tile shows its badge only
     this.stage = $("#stage");
     this.signaling = new Signaling(this);
     $("#room-name").textContent = ROOM;
@@ -469,32 +440,51 @@ class App {
   }
 
   bindGlobalControls() {
-    const toggle = $("#stats-toggle");
-    const setStats = (on) => {
-      document.body.classList.toggle("hide-stats", !on);
-      toggle.setAttribute("aria-pressed", String(on));
-    };
-    toggle.addEventListener("click", () => setStats(document.body.classList.contains("hide-stats")));
+    $("#stats-toggle").addEventListener("click", () => this.setStatsOpen(!this.statsOpen));
     window.addEventListener("keydown", (e) => {
       if (e.target instanceof HTMLInputElement || e.metaKey || e.ctrlKey || e.altKey) return;
-      if (e.key === "s" || e.key === "S") { setStats(document.body.classList.contains("hide-stats")); return; }
+      if (e.key === "s" || e.key === "S") { this.setStatsOpen(!this.statsOpen); return; }
       const tile = this.activeTile && this.tiles.has(this.activeTile.senderId) ? this.activeTile : this.tiles.values().next().value;
       if (tile && tile.orbit.handleKey(e)) e.preventDefault();
     });
   }
 
+  // The stats panel beside the stage; while it is open each sender stamps its frames for this page.
+  setStatsOpen(open) {
+    this.statsOpen = open;
+    document.body.classList.toggle("stats-open", open);
+    $("#stats-toggle").setAttribute("aria-pressed", String(open));
+    for (const tile of this.tiles.values()) {
+      tile.stats.setOpen(open);
+      const stamps = tile.stats.stampsMessage();
+      if (stamps) tile.send(stamps);
+    }
+  }
+
   onSignalingMessage(message) {
     switch (message.type) {
-      case "joined":
+      case "joined": {
         this.joined = true;
-        this.signaling.joined();
+        this.signaling.joined(message.resume);
         this.iceServers = Array.isArray(message.iceServers) ? message.iceServers : [];
-        for (const peer of message.peers || []) this.addSender(peer);
+        const peers = (message.peers || []).filter((peer) => peer.role === "sender");
+        this.roomSenders = new Set(peers.map((peer) => peer.id));
+        // A live call whose sender has not rejoined yet goes on (it may be rejoining too); a tile
+        // without a call and without its sender waits for it, offline.
+        for (const tile of [...this.tiles.values()]) {
+          if (!this.roomSenders.has(tile.senderId) && !tile.inCall && tile.state !== "offline") tile.senderLeft();
+        }
+        for (const peer of peers) this.addSender(peer);
         break;
+      }
       case "peer-joined":
-        if (message.peer?.role === "sender") this.addSender(message.peer);
+        if (message.peer?.role === "sender") {
+          this.roomSenders.add(message.peer.id);
+          this.addSender(message.peer);
+        }
         break;
       case "peer-left": {
+        this.roomSenders.delete(message.id);
         const tile = this.tiles.get(message.id);
         if (tile) tile.senderLeft();
         break;
@@ -505,7 +495,7 @@ class App {
         if (message.code === "bad-token") {
           this.fatal = TOKEN ? "Wrong room token." : "This room needs a token: open the URL the receiver printed (…?token=…).";
           this.signaling.stop();
-        } else if (message.code === "room-full" || message.code === "too-many-connections") {
+        } else if (["room-full", "too-many-connections", "address-limit"].includes(message.code)) {
           this.fatal = `Cannot join: ${message.message}.`;
           this.signaling.stop();
         } else {
@@ -517,23 +507,26 @@ class App {
   }
 
   onSignalingLost() {
+    // Calls go on peer to peer; the page rejoins under the same id (Signaling.resume) and reconciles.
     this.joined = false;
-    // Peer ids belong to one signaling session: close every call, re-offer after rejoining.
-    for (const tile of [...this.tiles.values()]) this.removeTile(tile);
     this.refreshConnection();
   }
 
   addSender(peer) {
-    // A sender that comes back under the same name keeps its tile (and the viewer's orbit).
+    const known = this.tiles.get(peer.id);
+    if (known) {  // the same sender (ids survive its reconnects): keep a live call, else call again
+      if (known.state === "offline") known.senderReturned(peer);
+      return;
+    }
+    // A sender that comes back under a new id and the same name keeps its tile (and the viewer's orbit).
     for (const tile of this.tiles.values()) {
-      if (tile.state === "offline" && tile.name === peer.name) {
+      if (tile.name === peer.name && (tile.state === "offline" || !this.roomSenders.has(tile.senderId))) {
         this.tiles.delete(tile.senderId);
         this.tiles.set(peer.id, tile);
         tile.senderReturned(peer);
         return;
       }
     }
-    if (this.tiles.has(peer.id)) return;
     const tile = new Tile(this, peer);
     this.tiles.set(peer.id, tile);
     this.stage.appendChild(tile.element);

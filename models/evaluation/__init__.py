@@ -1,24 +1,22 @@
-"""Evaluation of novel views against real pictures: the harness, metrics, reports, clip index."""
-from models.evaluation.harness import (
-    METRICS,
+"""Evaluation of novel views against real pictures: the harness, metrics, reports, clip index,
+multi-camera sets."""
+from models.evaluation.aggregate import aggregate
+from models.evaluation.harness import EvalConfig, EvalResult, UnusableClipError, evaluate
+from models.evaluation.report import results_markdown, write_results
+from models.evaluation.runners import (
     AvatarFraming,
     AvatarRunner,
     CallableRunner,
-    EvalConfig,
-    EvalResult,
     FaceBoxFraming,
     Framing,
     MethodRunner,
     PairCase,
-    UnusableClipError,
-    aggregate,
-    evaluate,
-    results_markdown,
-    write_results,
 )
+from models.evaluation.multiview import MultiviewConfig, find_sets
+from models.evaluation.scoring import METRICS
 
 __all__ = [
     "METRICS", "AvatarFraming", "AvatarRunner", "CallableRunner", "EvalConfig", "EvalResult", "FaceBoxFraming",
-    "Framing", "MethodRunner", "PairCase", "UnusableClipError", "aggregate", "evaluate", "results_markdown",
-    "write_results",
+    "Framing", "MethodRunner", "MultiviewConfig", "PairCase", "UnusableClipError", "aggregate", "evaluate",
+    "find_sets", "results_markdown", "write_results",
 ]

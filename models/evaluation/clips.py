@@ -34,6 +34,7 @@ from models.face.analysis import (
     head_region_mask,
     metric_landmarks,
 )
+from models.pictures import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def index_clip(
                     lms.append(obs.landmarks_px.astype(np.float32))
                     poses.append(np.array([obs.pose.yaw_deg, obs.pose.pitch_deg, obs.pose.roll_deg], np.float32))
                     small = cv2.resize(obs.mask, (mask_hw[1], mask_hw[0]), interpolation=cv2.INTER_AREA)
-                    masks.append(np.clip(np.round(small * 255.0), 0, 255).astype(np.uint8))
+                    masks.append(to_uint8(small))
                 bar.update(1)
                 if config.max_frames is not None and len(ids) >= config.max_frames:
                     break
@@ -411,8 +412,8 @@ class Pair(NamedTuple):
 
 
 def bin_label(b: tuple[float, float]) -> str:
-    """(10.0, 20.0) -> '10-20'."""
-    return f"{b[0]:g}-{b[1]:g}"
+    """(10.0, 20.0) -> '10-20'; an open-ended bin (hi >= 180 degrees) -> '60+'."""
+    return f"{b[0]:g}+" if b[1] >= 180.0 else f"{b[0]:g}-{b[1]:g}"
 
 
 def frontality_score(index: ClipIndex, pitch_weight: float = 0.5) -> np.ndarray:

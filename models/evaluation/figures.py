@@ -1,5 +1,5 @@
-"""Small OpenCV figures for evaluation reports: labelled contact sheets and
-scatter plots with per-bin means. No plotting library needed.
+"""Small OpenCV figures: labelled tiles and contact sheets (evaluation reports, `telepresence render`,
+the README figure) and scatter plots with per-bin means. No plotting library needed.
 
 Pictures are RGB uint8 [H, W, 3]; inputs may be float [H, W, 3] in [0, 1].
 """
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from models.pictures import to_rgb_uint8, to_uint8
+
 __all__ = ["PALETTE", "label_tile", "contact_sheet", "Series", "scatter_plot", "save_png"]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -23,12 +25,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 _EXTRA_COLOURS = [(44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _WHITE, _BLACK, _GRID = (255, 255, 255), (0, 0, 0), (225, 225, 225)
-
-
-def _u8(image: np.ndarray) -> np.ndarray:
-    if image.dtype == np.uint8:
-        return image
-    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+_TITLE_BAR = 24
+"""Height of a contact sheet's row-title bar, pixels."""
 
 
 def colour_of(name: str, order: int = 0) -> tuple[int, int, int]:
@@ -44,7 +42,7 @@ def label_tile(image: np.ndarray, title: str, lines: Sequence[str] = (), outline
 
     image [S, S, 3]; outline: [S, S] mask whose contour is drawn in green (e.g. the scored region).
     """
-    tile = _u8(image).copy()
+    tile = to_uint8(image).copy()
     if outline is not None:
         contours, _ = cv2.findContours((outline > 0.5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(tile, contours, -1, (0, 255, 0), 1, cv2.LINE_AA)
@@ -57,27 +55,44 @@ def label_tile(image: np.ndarray, title: str, lines: Sequence[str] = (), outline
     return np.concatenate([bar, tile], axis=0)
 
 
-def contact_sheet(rows: Sequence[Sequence[np.ndarray]], row_titles: Sequence[str] = (), gap: int = 4) -> np.ndarray:
-    """Grid of equally sized tiles [h, w, 3]; each row may carry a title line above it."""
+def contact_sheet(
+    rows: Sequence[Sequence[np.ndarray]],
+    labels: Sequence[Sequence[str]] | None = None,
+    row_titles: Sequence[str] = (),
+    gap: int = 4,
+    background: int = 255,
+) -> np.ndarray:
+    """Grid of equally sized pictures with a gap around each, in rows.
+
+    rows: R lists of up to C pictures [h, w, 3] (uint8, or float in [0, 1]; see models.pictures.to_rgb_uint8);
+    labels: a caption above each picture, laid out like rows ("" for none), in a strip max(14, h // 14) px high;
+    row_titles: a line of text in a 24 px bar above each row ("" for none).
+    Returns RGB uint8 [gap + sum over rows (title + caption + h + gap), gap + C (w + gap), 3].
+    """
     if not rows or not rows[0]:
-        raise ValueError("expected at least one row of tiles, got none")
-    h, w = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    width = ncol * w + (ncol + 1) * gap
-    parts = []
-    for k, row in enumerate(rows):
-        if k < len(row_titles) and row_titles[k]:
-            bar = np.full((24, width, 3), 255, np.uint8)
-            _text(bar, row_titles[k], (gap + 2, 17), 0.5, _BLACK, 1)
-            parts.append(bar)
-        line = np.full((h + 2 * gap, width, 3), 255, np.uint8)
-        for j, tile in enumerate(row):
-            if tile.shape[:2] != (h, w):
-                raise ValueError(f"expected tiles of {h}x{w}, got {tile.shape[0]}x{tile.shape[1]}")
-            x = gap + j * (w + gap)
-            line[gap : gap + h, x : x + w] = _u8(tile)
-        parts.append(line)
-    return np.concatenate(parts, axis=0)
+        raise ValueError("expected at least one row of pictures, got none")
+    h, w = to_rgb_uint8(rows[0][0]).shape[:2]
+    cols = max(len(r) for r in rows)
+    caption = max(14, h // 14) if labels else 0
+    titled = [k < len(row_titles) and bool(row_titles[k]) for k in range(len(rows))]
+    height = gap + sum(_TITLE_BAR * t + caption + h + gap for t in titled)
+    sheet = np.full((height, cols * (w + gap) + gap, 3), background, np.uint8)
+    y = gap
+    for r, row in enumerate(rows):
+        if titled[r]:
+            _text(sheet, row_titles[r], (gap + 2, y + 17), 0.5, _BLACK, 1)
+            y += _TITLE_BAR
+        for c, tile in enumerate(row):
+            pic = to_rgb_uint8(tile)
+            if pic.shape[:2] != (h, w):
+                raise ValueError(f"expected pictures of {h}x{w}, got {pic.shape[0]}x{pic.shape[1]}")
+            x = gap + c * (w + gap)
+            sheet[y + caption : y + caption + h, x : x + w] = pic
+            text = labels[r][c] if labels and c < len(labels[r]) else ""
+            if text:
+                _text(sheet, text, (x + 2, y + int(caption * 0.8)), caption / 30.0, (30, 30, 30), 1)
+        y += caption + h + gap
+    return sheet
 
 
 @dataclass(frozen=True)
@@ -174,7 +189,7 @@ def scatter_plot(
 
 def save_png(path, image: np.ndarray) -> None:
     """Write an RGB picture as PNG."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(_u8(image), cv2.COLOR_RGB2BGR)):
+    if not cv2.imwrite(str(path), cv2.cvtColor(to_uint8(image), cv2.COLOR_RGB2BGR)):
         raise OSError(f"cannot write '{path}'")
 
 

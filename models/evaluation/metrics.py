@@ -1,9 +1,10 @@
-"""Image-quality, identity, geometry and temporal metrics for novel-view evaluation.
+"""Image-quality, landmark and temporal metrics for novel-view evaluation (identity: models.face.identity).
 
 Conventions (all functions): pictures are numpy arrays [H, W, C] of floating
 dtype with values in [0, 1] (data range 1); masks are [H, W] weights in [0, 1]
 (soft masks weight pixels, binary masks select them). Identity and landmark
-metrics take RGB uint8 pictures [H, W, 3], like :mod:`models.face.analysis`.
+metrics take RGB uint8 pictures [H, W, 3], like :mod:`models.face.analysis`;
+the identity descriptor and distance are :mod:`models.face.identity`'s.
 
 The PSNR/SSIM pair follows Wang, Bovik, Sheikh, Simoncelli, "Image quality
 assessment: from error visibility to structural similarity", IEEE TIP 2004
@@ -13,15 +14,15 @@ ECCV 2018, with an L1 norm.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from models.face.analysis import NUM_MESH_VERTICES, FaceAnalyzer, NoFaceError
+from models.face.identity import MissingEvalExtraError  # raised by the harness's identity metric; the eval CLI catches it from here
+from models.pictures import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,11 @@ __all__ = [
     "ssim_map",
     "masked_ssim",
     "MissingEvalExtraError",
-    "IdentityEmbedder",
-    "identity_distance",
     "landmark_error_pct",
     "output_landmark_error",
     "optical_flow",
     "warp_error",
     "temporal_flicker",
-    "to_uint8",
 ]
 
 PSNR_MAX_DB = 100.0
@@ -131,94 +129,6 @@ def masked_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = 
     smap = ssim_map(pred, target)
     w = _weights(mask, pred.shape)
     return float((w * smap).sum() / w.sum())
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float [H, W, 3] in [0, 1] -> uint8 [H, W, 3] (rounded); uint8 passes through."""
-    if image.dtype == np.uint8:
-        return image
-    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- identity
-
-
-class MissingEvalExtraError(ImportError):
-    """dlib or face_recognition_models is not installed."""
-
-
-_EXTRA_HINT = (
-    "identity metrics need dlib and face_recognition_models: "
-    "pip install 'portrait-telepresence[eval]' (dlib-bin, face-recognition-models, setuptools)"
-)
-
-
-def _dlib_model_dir() -> Path:
-    """Folder of face_recognition_models' .dat files, found without importing the
-    package (its __init__ needs pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingEvalExtraError(f"face_recognition_models is not installed; {_EXTRA_HINT}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "models"
-    if not folder.is_dir():
-        raise MissingEvalExtraError(f"expected dlib model files in '{folder}', got no such folder; {_EXTRA_HINT}")
-    return folder
-
-
-class IdentityEmbedder:
-    """dlib's 128-d face embedding (ResNet, "dlib_face_recognition_resnet_model_v1").
-
-    Embeddings of the same person are usually closer than 0.6 in Euclidean
-    distance (dlib's own threshold). The face box comes from MediaPipe
-    landmarks when given (works on turned heads), else from dlib's HOG detector.
-    """
-
-    def __init__(self) -> None:
-        try:
-            import dlib
-        except ImportError as exc:
-            raise MissingEvalExtraError(f"dlib is not installed; {_EXTRA_HINT}") from exc
-        folder = _dlib_model_dir()
-        self._dlib = dlib
-        self._shape = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
-        self._net = dlib.face_recognition_model_v1(str(folder / "dlib_face_recognition_resnet_model_v1.dat"))
-        self._detector = None
-
-    def _box(self, image: np.ndarray, landmarks_px: np.ndarray | None):
-        dlib = self._dlib
-        if landmarks_px is not None:
-            # Square box over the mesh, shrunk to about the size of dlib's detector boxes
-            # (eyebrows to chin), which the 5-point shape model was trained on.
-            xy = landmarks_px[:NUM_MESH_VERTICES, :2]
-            lo, hi = xy.min(0), xy.max(0)
-            cx, cy = (lo + hi) / 2.0
-            side = 0.8 * float(max(hi - lo))
-            cy += 0.1 * side
-            return dlib.rectangle(int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2))
-        if self._detector is None:
-            self._detector = dlib.get_frontal_face_detector()
-        boxes = self._detector(image, 1)
-        if len(boxes) == 0:
-            raise NoFaceError("dlib found no face in the picture")
-        return max(boxes, key=lambda b: b.area())
-
-    def embed(self, image: np.ndarray, landmarks_px: np.ndarray | None = None) -> np.ndarray:
-        """128-d embedding [128] float32 of the face in ``image`` (RGB uint8 [H, W, 3]).
-
-        landmarks_px: [478, 3] MediaPipe landmarks of that face (pixels), or None
-        to detect with dlib (raises NoFaceError when nothing is found).
-        """
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {getattr(image, 'shape', None)} "
-                             f"{getattr(image, 'dtype', type(image).__name__)}")
-        image = np.ascontiguousarray(image)
-        shape = self._shape(image, self._box(image, landmarks_px))
-        return np.asarray(self._net.compute_face_descriptor(image, shape), np.float32)
-
-
-def identity_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Euclidean distance of two embeddings [128] (dlib: < 0.6 means probably the same person)."""
-    return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
 
 
 # ----------------------------------------------------------------------------- landmarks

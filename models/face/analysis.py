@@ -20,6 +20,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+
+from models.face.native_log import native_logs_to_debug
+from models.geometry.camera import rotation_to_euler_deg
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,14 @@ class ImageReadError(FaceAnalysisError):
     """The file is missing, not an image, or corrupt."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 [H, W, 3]; raises ImageReadError."""
+MIN_IMAGE_SIDE = 16
+"""Smallest picture side face analysis takes, pixels."""
+
+
+def read_image(path: str | Path, min_side: int | None = None, max_side: int | None = None) -> np.ndarray:
+    """Read an image file as RGB uint8 [H, W, 3]; raises ImageReadError (a truncated file too).
+    min_side: refuse a picture whose shorter side is under it. max_side: downscale (INTER_AREA)
+    a picture whose longer side exceeds it, saying so in one log line."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"cannot read image '{path}': no such file")
@@ -69,6 +79,15 @@ def read_image(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ImageReadError(f"cannot read image '{path}': not an image file, or corrupt")
+    H, W = image.shape[:2]
+    if min_side is not None and min(H, W) < min_side:
+        raise ImageReadError(f"cannot read image '{path}': {W}x{H} pixels is too small "
+                             f"(expected at least {min_side}x{min_side})")
+    if max_side is not None and max(H, W) > max_side:
+        scale = max_side / max(H, W)
+        size = (max(1, round(W * scale)), max(1, round(H * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        log.info("downscaled %s from %dx%d to %dx%d (longer side capped at %d px)", path.name, W, H, *size, max_side)
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
@@ -182,14 +201,6 @@ def _umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray) -> tuple[flo
     return s, R, t
 
 
-def _euler_deg(R: np.ndarray) -> tuple[float, float, float]:
-    """R = Rz(roll) Rx(pitch) Ry(yaw), see models.geometry.camera.rotation_to_euler_deg."""
-    pitch = math.degrees(math.asin(float(np.clip(R[2, 1], -1.0, 1.0))))
-    yaw = math.degrees(math.atan2(-R[2, 0], R[2, 2]))
-    roll = math.degrees(math.atan2(-R[0, 1], R[1, 1]))
-    return yaw, pitch, roll
-
-
 def metric_landmarks(
     landmarks_px: np.ndarray, image_size: tuple[int, int], fov_deg: float
 ) -> tuple[np.ndarray, HeadPose]:
@@ -212,7 +223,7 @@ def metric_landmarks(
     t = t / s
     fitted = (R @ model.vertices[ids].T).T + t
     rmse = float(np.sqrt(((fitted - points[ids]) ** 2).sum(1).mean()))
-    yaw, pitch, roll = _euler_deg(R)
+    yaw, pitch, roll = rotation_to_euler_deg(torch.from_numpy(R)).tolist()
     pose = HeadPose(R.astype(np.float32), t.astype(np.float32), yaw, pitch, roll, rmse)
     return points, pose
 
@@ -233,23 +244,34 @@ class FaceAnalyzer:
     """MediaPipe face mesh + selfie segmentation. One instance per thread."""
 
     def __init__(self, config: FaceConfig = FaceConfig()):
-        import mediapipe as mp  # heavy import: only when an analyzer is made
+        with native_logs_to_debug():
+            import mediapipe as mp  # heavy import: only when an analyzer is made
 
-        self.config = config
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=config.static_image,
-            max_num_faces=config.max_faces,
-            refine_landmarks=True,
-            min_detection_confidence=config.min_detection_confidence,
-            min_tracking_confidence=config.min_tracking_confidence,
-        )
-        self._seg = (
-            mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
-            if config.segmentation
-            else None
-        )
+            self.config = config
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=config.static_image,
+                max_num_faces=config.max_faces,
+                refine_landmarks=True,
+                min_detection_confidence=config.min_detection_confidence,
+                min_tracking_confidence=config.min_tracking_confidence,
+            )
+            self._seg = (
+                mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+                if config.segmentation
+                else None
+            )
         self._window_mesh = None
         self._lock = threading.Lock()
+        self._first_runs: set[str] = set()  # graphs that have run once (their first run logs natively)
+
+    def _process(self, name: str, graph, image: np.ndarray):
+        """graph.process(image); a graph's first run (when MediaPipe logs natively) under native_logs_to_debug."""
+        if name in self._first_runs:
+            return graph.process(image)
+        with native_logs_to_debug():
+            result = graph.process(image)
+        self._first_runs.add(name)
+        return result
 
     def close(self) -> None:
         self._mesh.close()
@@ -269,7 +291,7 @@ class FaceAnalyzer:
         _check_image(image)
         H, W = image.shape[:2]
         with self._lock:
-            result = self._mesh.process(image)
+            result = self._process("mesh", self._mesh, image)
             candidates = [(face, 0, 0, W, H) for face in (result.multi_face_landmarks or [])]
             if not candidates and max(H, W) > 1.2 * min(H, W):
                 candidates = self._search_square_windows(image)
@@ -294,10 +316,11 @@ class FaceAnalyzer:
         if self._window_mesh is None:
             import mediapipe as mp
 
-            self._window_mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, max_num_faces=self.config.max_faces, refine_landmarks=True,
-                min_detection_confidence=self.config.min_detection_confidence,
-            )
+            with native_logs_to_debug():
+                self._window_mesh = mp.solutions.face_mesh.FaceMesh(
+                    static_image_mode=True, max_num_faces=self.config.max_faces, refine_landmarks=True,
+                    min_detection_confidence=self.config.min_detection_confidence,
+                )
         side = min(H, W)
         long_side = max(H, W)
         starts = sorted({int(round(s)) for s in np.linspace(0, long_side - side, 3)})
@@ -305,7 +328,7 @@ class FaceAnalyzer:
         for start in starts:
             x0, y0 = (start, 0) if W > H else (0, start)
             window = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
-            result = self._window_mesh.process(window)
+            result = self._process("window", self._window_mesh, window)
             found += [(face, x0, y0, side, side) for face in (result.multi_face_landmarks or [])]
         return found
 
@@ -315,7 +338,7 @@ class FaceAnalyzer:
         if self._seg is None:
             raise FaceAnalysisError("segmentation is off in this FaceConfig")
         with self._lock:
-            result = self._seg.process(image)
+            result = self._process("segmentation", self._seg, image)
         return np.clip(result.segmentation_mask.astype(np.float32), 0.0, 1.0)
 
     def analyze(self, image: np.ndarray, with_mask: bool | None = None) -> FaceObservation:

@@ -168,10 +168,11 @@ def rotation_to_euler_deg(R: torch.Tensor) -> torch.Tensor:
     """Head rotation [..., 3, 3] (head frame -> camera frame, both x right, y down,
     z away from the camera) to (yaw, pitch, roll) degrees [..., 3].
 
-    R = Ry(yaw) Rx(pitch) Rz(roll). The yaw/pitch signs match :class:`OrbitPose`:
-    a head with yaw +20 looks like a frontal head seen by an orbit camera at
-    yaw +20 (it shows its left cheek). The orbit camera's rotation is exactly
-    R = Rz(roll) Rx(pitch) Ry(yaw), so that is the decomposition used.
+    The yaw/pitch signs match :class:`OrbitPose`: a head with yaw +20 looks
+    like a frontal head seen by an orbit camera at yaw +20 (it shows its left
+    cheek). The orbit camera's rotation is exactly R = Rz(roll) Rx(pitch) Ry(yaw),
+    so that is the decomposition used. The one Euler-angle code of the project:
+    numpy callers pass ``torch.from_numpy(R)`` (float64) and take ``.tolist()``.
     """
     # Rz(c) Rx(b) Ry(a): last row = (-cos b sin a, sin b, cos b cos a),
     # R[0,1] = -sin c cos b, R[1,1] = cos c cos b.

@@ -1,4 +1,4 @@
-"""LoRA adapters through peft, saved and loaded on their own.
+"""LoRA adapters through peft, saved and loaded on their own; the Refiner's adapter methods (LoraMixin).
 
 Targets follow pix2pix-turbo (GaParmar/img2img-turbo): on the U-Net the
 attention projections, the feed-forward and every ResBlock/resampler conv; on a
@@ -13,10 +13,16 @@ removed, ``base_layer`` renamed back) and adapters from ``lora_state_dict``.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
+
+from .codecs import VAECodec
+from .config import FORMAT_VERSION, LORA_CONFIG_NAME, LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +144,131 @@ def base_state_dict(module: nn.Module) -> dict[str, Tensor]:
             continue
         out[key.replace(".base_layer.", ".")] = value
     return out
+
+
+class LoraMixin:
+    """Refiner adapters (diffusers' PeftAdapterMixin): add, save and load them on their own.
+
+    Uses the Refiner's unet, codec, config, prompt_embeds and _prepared; owns _lora
+    (the lora.json content once add_lora ran).
+    """
+
+    @property
+    def has_lora(self) -> bool:
+        return self._lora is not None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """All parameters without LoRA; with LoRA: adapters, skip convs, conv_in (seen mask), learned prompt."""
+        if not self.has_lora:
+            return list(self.parameters())
+        return [p for _, p in self._adapter_parameters()]
+
+    def _lora_modules(self) -> dict[str, nn.Module]:
+        """Prefix -> module carrying adapters."""
+        if self._lora is None:
+            return {}
+        modules = {"unet": self.unet}
+        if self._lora.get("decoder") is not None:
+            modules["decoder"] = self.codec.decoder_module()
+        return modules
+
+    def _adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything an adapter trains and save_lora stores (besides peft weights)."""
+        named = []
+        for prefix, module in self._lora_modules().items():
+            named += [(f"{prefix}.{n}", p) for n, p in module.named_parameters() if ".lora_" in n]
+        if self.codec.has_skips:
+            named += [(f"skip_convs.{n}", p) for n, p in self.codec.skip_convs.named_parameters()]
+        if self.config.seen_mask:
+            named += [(f"unet.conv_in.{n}", p) for n, p in self.unet.conv_in.named_parameters()]
+        if self.config.learned_prompt:
+            named.append(("prompt_embeds", self.prompt_embeds))
+        return named
+
+    def add_lora(
+        self,
+        rank: int = 8,
+        alpha: float | None = None,
+        decoder_rank: int = 0,
+        skip_convs: bool = False,
+        targets: tuple[str, ...] = UNET_LORA_TARGETS,
+    ) -> list[nn.Parameter]:
+        """pix2pix-turbo fine-tuning structure: U-Net LoRA (rank, alpha = rank by
+        default), optional decoder LoRA (decoder_rank > 0, every decoder conv/linear)
+        and optional encoder->decoder skip convs ("vae" codec). Freezes everything
+        else; returns trainable_parameters()."""
+        if self._lora is not None:
+            raise ValueError("expected a refiner without adapters, got one with adapters (load_lora replaces weights)")
+        if self._prepared is not None and self._prepared.cuda_graphs:
+            raise RuntimeError("add adapters before prepare(cuda_graphs=True)")
+        meta = {"format_version": FORMAT_VERSION, "decoder": None, "skip_convs": bool(skip_convs)}
+        unet_spec = LoraSpec(rank=rank, alpha=float(alpha if alpha is not None else rank), targets=tuple(targets))
+        decoder = self.codec.decoder_module()
+        if decoder_rank and decoder is None:
+            raise ValueError(f"expected a codec with a decoder for decoder LoRA, got {self.codec.kind!r}")
+        if skip_convs and not isinstance(self.codec, VAECodec):
+            raise ValueError(f"expected the 'vae' codec for skip convs, got {self.codec.kind!r}")
+        add_lora(self.unet, unet_spec)
+        meta["unet"] = unet_spec.to_dict()
+        if decoder_rank:
+            decoder_spec = LoraSpec(rank=decoder_rank, alpha=float(decoder_rank), targets=conv_and_linear_names(decoder))
+            add_lora(decoder, decoder_spec)
+            meta["decoder"] = decoder_spec.to_dict()
+        if skip_convs:
+            self.codec.add_skip_convs()
+        self._lora = meta
+        self.requires_grad_(False)
+        params = self.trainable_parameters()
+        for p in params:
+            p.requires_grad_(True)
+        logger.info("LoRA added: %d trainable tensors, %.2f M parameters", len(params), sum(p.numel() for p in params) / 1e6)
+        return params
+
+    def save_lora(self, directory: str | Path) -> None:
+        """Write lora.json + lora.safetensors: exactly the tensors trainable_parameters() trains."""
+        from safetensors.torch import save_file
+
+        if self._lora is None:
+            raise ValueError("expected a refiner with adapters (add_lora), got none")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for prefix, module in self._lora_modules().items():
+            state.update({f"{prefix}.{k}": v for k, v in lora_state_dict(module).items()})
+        state.update({n: p for n, p in self._adapter_parameters() if ".lora_" not in n})
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / LORA_WEIGHTS_NAME)
+        (directory / LORA_CONFIG_NAME).write_text(json.dumps(self._lora, indent=2))
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Load adapters written by save_lora (adds them first if this refiner has none)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / LORA_CONFIG_NAME).is_file() or not (directory / LORA_WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"expected {LORA_CONFIG_NAME} and {LORA_WEIGHTS_NAME} in {directory}, got {sorted(p.name for p in directory.glob('*'))}")
+        meta = json.loads((directory / LORA_CONFIG_NAME).read_text())
+        unet_spec = LoraSpec.from_dict(meta["unet"])
+        decoder_spec = LoraSpec.from_dict(meta["decoder"]) if meta.get("decoder") else None
+        if self._lora is None:
+            self.add_lora(
+                rank=unet_spec.rank,
+                alpha=unet_spec.alpha,
+                decoder_rank=decoder_spec.rank if decoder_spec else 0,
+                skip_convs=bool(meta.get("skip_convs")),
+                targets=unet_spec.targets,
+            )
+        elif json.loads(json.dumps(self._lora)) != meta:
+            raise ValueError(f"expected adapters like {meta}, got {self._lora}")
+        if any(is_merged(m) for m in self._lora_modules().values()):
+            raise RuntimeError("adapters are merged (prepare): load adapters before prepare()")
+        state = load_file(directory / LORA_WEIGHTS_NAME)
+        for prefix, module in self._lora_modules().items():
+            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".") and ".lora_" in k}
+            load_lora_state_dict(module, part, prefix)
+        others = dict(self._adapter_parameters())
+        rest = {k: v for k, v in state.items() if ".lora_" not in k}
+        if set(rest) != {k for k in others if ".lora_" not in k}:
+            raise ValueError(f"expected adapter tensors {sorted(k for k in others if '.lora_' not in k)}, got {sorted(rest)}")
+        with torch.no_grad():
+            for k, v in rest.items():
+                others[k].copy_(v)

@@ -2,7 +2,7 @@
 ("default" | "none" | a folder) becomes a ready refiner.
 
 One setting: the environment variable TELEPRESENCE_WEIGHTS overrides the
-weights folder (default: models/weights inside the installed package).
+weights folder (default: models/refiner/weights, beside this file, inside the installed package).
 """
 from __future__ import annotations
 

@@ -55,6 +55,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from models.pictures import to_uint8
+
 logger = logging.getLogger(__name__)
 
 CAMERAS_FILE = "cameras.json"
@@ -263,8 +265,8 @@ def write_capture(
                     raise CaptureFormatError(f"expected a camera from {sorted(cams)}, got {cam!r}")
                 if kind == IMAGE_DIR:
                     pic = cv2.cvtColor(np.ascontiguousarray(pic), cv2.COLOR_RGB2BGR)
-                elif pic.dtype != np.uint8:
-                    pic = (np.clip(pic, 0, 1) * 255).round().astype(np.uint8)
+                else:
+                    pic = to_uint8(pic)
                 cv2.imwrite(str(root / kind / frame / f"{cam}.png"), pic)
     return root
 

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from models.pictures import to_uint8
+
 logger = logging.getLogger(__name__)
 
 TENSOR_KEYS = ("ref", "views", "seen", "target", "weight")
@@ -112,10 +114,6 @@ class KeyedDataset(Dataset):
 
 
 # ---- in-memory dataset ----------------------------------------------------------------------------
-def _to_uint8(x: Tensor) -> Tensor:
-    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def _to_float(x: Tensor) -> Tensor:
     return x.float() / 255.0
 
@@ -177,7 +175,7 @@ class TensorPairDataset(Dataset):
         shapes = {check_sample(s) for s in samples}
         if len(shapes) != 1:
             raise PairFormatError(f"expected samples of one (V, S), got {sorted(shapes)}")
-        stacked = {k: _to_uint8(torch.stack([s[k] for s in samples])) for k in TENSOR_KEYS}
+        stacked = {k: to_uint8(torch.stack([s[k] for s in samples])) for k in TENSOR_KEYS}
         meta = [dict(s["meta"]) for s in samples] if all("meta" in s for s in samples) else None
         return cls(**stacked, meta=meta, **kwargs)
 

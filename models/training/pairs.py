@@ -28,15 +28,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
-from models.avatar import Avatar, AvatarConfig, build_avatar, crop_box, render_cameras, render_views
-from models.geometry.camera import OrbitPose, orbit_viewmats
-from models.face.analysis import FaceObservation, HeadPose, _euler_deg, head_region_mask
+from models.avatar import AvatarConfig, build_avatar, crop_box, render_cameras, render_views
+from models.geometry.camera import OrbitPose, orbit_viewmats, rotation_to_euler_deg
+from models.face.analysis import FaceObservation, HeadPose, head_region_mask
+from models.pictures import to_rgb_uint8, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def synthetic_observation(
     rel = (z / z0 - 1.0) * focal_px  # MediaPipe-style relative depth in pixels
     rot = R @ obs.pose.rotation.astype(np.float64)
     trans = R @ obs.pose.translation.astype(np.float64) + t
-    yaw, pitch, roll = _euler_deg(rot)
+    yaw, pitch, roll = rotation_to_euler_deg(torch.from_numpy(rot)).tolist()
     pose = HeadPose(rot.astype(np.float32), trans.astype(np.float32), yaw, pitch, roll, obs.pose.fit_rmse_m)
     fov = math.degrees(2.0 * math.atan((size / 2.0) / focal_px))
     return FaceObservation(
@@ -111,10 +111,6 @@ def synthetic_observation(
         fov_deg=fov,
         mask=mask.astype(np.float32),
     )
-
-
-def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
-    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def _composite(picture: torch.Tensor, alpha: torch.Tensor, bg: Sequence[float]) -> torch.Tensor:
@@ -141,7 +137,7 @@ def stage1_sample(
     f = float(K_A[0, 0])
     K_c = torch.tensor([[f, 0, S / 2.0], [0, f, S / 2.0], [0, 0, 1.0]], device=A.device)
     shot = render_cameras(A, vm[None], K_c[None], S)
-    x_p = _to_uint8(shot.rgb[0])
+    x_p = to_rgb_uint8(shot.rgb[0])
     obs_p = synthetic_observation(obs, vm.cpu().numpy(), f, S, shot.alpha[0, 0].cpu().numpy())
     B = build_avatar(x_p, obs_p, config.avatar, device=device, render_size=S)
     back = torch.linalg.inv(vm)  # B's world is P's camera frame; x's camera there
@@ -210,8 +206,7 @@ def _pack(samples: list[dict]) -> dict[str, np.ndarray]:
     """Stack samples into uint8 arrays [N, V, C, S, S] (ref: [N, C, S, S])."""
     out = {}
     for key in SAMPLE_KEYS:
-        arr = torch.stack([s[key] for s in samples]).clamp(0, 1)
-        out[key] = (arr * 255 + 0.5).to(torch.uint8).numpy()
+        out[key] = to_uint8(torch.stack([s[key] for s in samples])).numpy()
     return out
 
 

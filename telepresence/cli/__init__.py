@@ -15,7 +15,7 @@ COMMANDS: dict[str, str] = {
     "send": "capture, run the pipeline and stream to the viewers of a room",
     "receive": "serve the viewer page and the signaling endpoint",
     "render": "build the 3D avatar from one picture and render it at other cameras",
-    "eval": "score raw and refined novel views on a folder of real clips",
+    "eval": "score raw and refined novel views on real clips and multi-camera sets",
     "pairs": "make stage-1 (synthetic) and stage-2 (real) training pairs from indexed clips",
     "train": "train the refiner (two stages, variable noise, LoRA or from scratch, GAN)",
 }

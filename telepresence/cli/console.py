@@ -56,14 +56,25 @@ async def _cancel_on_sigterm(coro: Coroutine[Any, Any, Any]) -> Any:
         raise
 
 
-def run_until_stopped(coro: Coroutine[Any, Any, Any], expected: tuple[type[BaseException], ...] = ()) -> int:
-    """Run `coro` to the end; Ctrl-C and SIGTERM stop it cleanly (exit 0), `expected` errors log one line (exit 1)."""
+EXIT_FAILED = 1
+"""The command could not do its work (port taken, pipeline unavailable, refused by the receiver)."""
+EXIT_BAD_INPUT = 2
+"""What the user gave cannot be used (a bad picture or video, a bad flag): the same for every command."""
+
+
+def run_until_stopped(coro: Coroutine[Any, Any, Any], expected: tuple[type[BaseException], ...] = (),
+                      bad_input: tuple[type[BaseException], ...] = ()) -> int:
+    """Run `coro` to the end; Ctrl-C and SIGTERM stop it cleanly (exit 0); `expected` errors log one
+    line (exit EXIT_FAILED), `bad_input` errors too (exit EXIT_BAD_INPUT)."""
     try:
         asyncio.run(_cancel_on_sigterm(coro))
     except KeyboardInterrupt:
         logger.info("stopped")
         return 0
+    except bad_input as error:
+        logger.error("%s", error)
+        return EXIT_BAD_INPUT
     except expected as error:
         logger.error("%s", error)
-        return 1
+        return EXIT_FAILED
     return 0

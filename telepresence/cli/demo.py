@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import logging
 
-from telepresence.cli.console import add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
 from telepresence.cli.options import (
     add_pipeline_arguments,
     add_sender_arguments,
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_config_from_args(args)
     except ValueError as error:
         logger.error("%s", error)
-        return 2
+        return EXIT_BAD_INPUT
     return run_until_stopped(
         _run(args, receiver_config),
-        expected=(ReceiverError, SourceError, PipelineUnavailableError, SignalingRejectedError),
+        expected=(ReceiverError, PipelineUnavailableError, SignalingRejectedError),
+        bad_input=(SourceError,),
     )

@@ -1,21 +1,21 @@
-"""`telepresence eval` and `telepresence bench`: argument parsing and clear
-one-line errors around models.evaluation and benchmarks.pipeline_bench.
+"""`telepresence eval`: argument parsing and clear one-line errors around models.evaluation.
 
-Both return a process exit status: 0 done, 1 nothing could be evaluated /
-failed at run time, 2 bad arguments or a missing component.
+Returns a process exit status: 0 done, 1 nothing could be evaluated, 2 bad arguments or a
+missing component. (The pipeline benchmark is `python -m benchmarks.pipeline`.)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from telepresence.cli.console import add_verbosity, configure_logging
+
 log = logging.getLogger(__name__)
 
-__all__ = ["eval_main", "bench_main", "load_refiner", "EvalSetupError"]
+__all__ = ["eval_main", "load_refiner", "EvalSetupError"]
 
 METHODS = ("baseline", "raw", "refined")
 
@@ -24,17 +24,12 @@ class EvalSetupError(Exception):
     """A component the command needs is missing (avatar, refiner weights, eval extra)."""
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
 def load_refiner(spec: str, device: str = "cpu") -> Any | None:
-    """--refiner value -> a prepared refiner, or None for "none".
+    """--refiner value -> a prepared refiner, or None (no refined method).
 
-    spec: a folder of refiner weights, "default" (models.refiner.shipped.default_refiner_path())
-    or "none". Unlike the demo, evaluation never falls back to raw renders
-    silently: missing weights raise EvalSetupError with the reason.
+    spec: "none"; "default", the shipped weights (models.refiner.shipped.load_refiner, as the demo
+    and `render` load them: with none shipped, None and that loader's one log line); or a folder of
+    refiner weights, which must exist and load (EvalSetupError otherwise).
     """
     if spec == "none":
         return None
@@ -42,34 +37,35 @@ def load_refiner(spec: str, device: str = "cpu") -> Any | None:
         from models.refiner import shipped
     except ImportError as exc:
         raise EvalSetupError(f"the refiner loader (models.refiner.shipped) cannot be imported: {exc}; use --refiner none") from exc
-    path = shipped.default_refiner_path() if spec == "default" else Path(spec)
-    if not Path(path).exists():
-        raise EvalSetupError(f"refiner weights not found at '{path}'; pass --refiner PATH or --refiner none")
+    if spec != "default" and not Path(spec).exists():
+        raise EvalSetupError(f"refiner weights not found at '{spec}'; pass --refiner PATH, default or none")
     try:
-        refiner = shipped.load_refiner(str(path), device)
+        return shipped.load_refiner(spec, device)
     except (ImportError, OSError, ValueError) as exc:
-        raise EvalSetupError(f"cannot load the refiner from '{path}': {exc}") from exc
-    if refiner is None:
-        raise EvalSetupError(f"no refiner could be loaded from '{path}'; pass --refiner PATH or --refiner none")
-    return refiner
+        raise EvalSetupError(f"cannot load the refiner from '{spec}': {exc}") from exc
 
 
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="telepresence eval",
-        description="Score novel views on head-turn clips: (reference, target) pairs binned by yaw difference; "
-        "baseline (reference unchanged), raw avatar render and refined render; PSNR/SSIM in the head and person "
-        "masks, identity distance, landmark error, orbit flicker. Writes results.json, results.md, sheets/, plots/.",
+        description="Score novel views against real pictures: reenactment pairs of head-turn clips (another frame, "
+        "binned by yaw difference) and synchronized multi-camera sets (another camera at the same moment, binned by "
+        "the angle between the views); baseline (reference unchanged), raw avatar render and refined render; "
+        "PSNR/SSIM in the head and person masks, identity distance, landmark error, orbit flicker (clips). "
+        "Writes results.json, results.md (the two kinds in separate tables), sheets/, plots/.",
     )
-    p.add_argument("--clips", required=True, nargs="+", metavar="PATH",
+    p.add_argument("--clips", nargs="+", default=[], metavar="PATH",
                    help="folder(s) of videos (every .mp4/.mov/.avi/.mkv/.webm in them) and/or video files")
+    p.add_argument("--multiview", nargs="+", default=[], metavar="DIR",
+                   help="multi-camera set folders (pictures of one moment, optional views.json), or folders of them")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--refiner", default="default", metavar="PATH|default|none",
-                   help="refiner weights folder, 'default' (shipped weights) or 'none' (no refined method)")
-    p.add_argument("--methods", default="baseline,raw,refined",
-                   help="comma-separated subset of baseline,raw,refined (default: all; 'baseline' alone needs no avatar)")
+                   help="refiner weights folder, 'default' (the shipped weights; none shipped: the raw avatar, "
+                   "as in the demo) or 'none' (no refined method)")
+    p.add_argument("--methods", nargs="+", default=["baseline,raw,refined"], metavar="METHOD",
+                   help="subset of baseline raw refined, space- or comma-separated ('baseline' alone needs no avatar; default: all three)")
     p.add_argument("--max-pairs", type=int, default=8, metavar="N", help="at most N pairs per yaw bin per clip (default 8)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default cpu)")
     p.add_argument("--size", type=int, default=256, help="side of the scored crop pictures, pixels (default 256)")
     p.add_argument("--stride", type=int, default=1, help="analyse every k-th frame of each clip (default 1)")
     p.add_argument("--max-frames", type=int, default=None, help="analyse at most this many frames per clip")
@@ -83,27 +79,38 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-landmarks", action="store_true", help="skip the landmark error")
     p.add_argument("--no-flicker", action="store_true", help="skip the orbit flicker measurement")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", "-v", action="count", default=0)
+    add_verbosity(p)
     return p
+
+
+def _print_summary(title: str, n: int, unit: str, methods: Sequence[str], summary: dict[str, Any]) -> None:
+    print(f"{title}: {n} {unit}")
+    for method in methods:
+        cells = []
+        for lab, group in summary["per_bin"].items():
+            stat = group[method]["psnr_head"]
+            cells.append(f"{lab}: {'–' if stat['mean'] is None else format(stat['mean'], '.2f')} (n={stat['n']})")
+        print(f"  {method:9s} PSNR head [dB]  " + "  ".join(cells))
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """`telepresence eval ...`; returns the exit status."""
     args = _eval_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    configure_logging(args.verbose)
     from models.evaluation.clips import ClipIndexConfig, default_cache_dir, find_clips
     from models.evaluation import CallableRunner, EvalConfig, evaluate, write_results
     from models.evaluation.metrics import MissingEvalExtraError
+    from models.evaluation.multiview import SetReadError, find_sets
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for arg in args.methods for m in arg.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "baseline" not in methods:
-        print(f"error: expected --methods among {','.join(METHODS)} including baseline, got {args.methods}", file=sys.stderr)
+        print(f"error: expected --methods among {' '.join(METHODS)} including baseline, got {' '.join(args.methods)}",
+              file=sys.stderr)
         return 2
-    notes = []
-    if "refined" in methods and args.refiner == "none":
-        methods.remove("refined")
-        notes.append("refined: not run (--refiner none)")
+    if not args.clips and not args.multiview:
+        print("error: expected --clips PATH ... and/or --multiview DIR ..., got neither", file=sys.stderr)
+        return 2
     try:
         config = EvalConfig(
             size=args.size,
@@ -115,20 +122,31 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             landmarks=not args.no_landmarks,
             flicker=not args.no_flicker,
         )
-        clips = find_clips(args.clips)
-    except (ValueError, OSError) as exc:
+        clips = find_clips(args.clips) if args.clips else []
+        sets = find_sets(args.multiview) if args.multiview else []
+    except (ValueError, OSError, SetReadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not clips:
+    if args.clips and not clips:
         print(f"error: no video files found in {' '.join(args.clips)}", file=sys.stderr)
         return 2
+    if args.multiview and not sets:
+        print(f"error: no multi-camera sets (folders of pictures) found in {' '.join(args.multiview)}", file=sys.stderr)
+        return 2
 
+    notes = []
     try:
+        refiner = None
+        if "refined" in methods:
+            refiner = load_refiner(args.refiner, args.device)
+            if refiner is None:  # --refiner none, or default with nothing shipped (its loader logged that once)
+                methods.remove("refined")
+                notes.append("refined: not run (--refiner none)" if args.refiner == "none"
+                             else "refined: not run (no refiner weights shipped: the raw avatar, as in the demo)")
         if "raw" in methods or "refined" in methods:
             try:
                 from models.evaluation import AvatarRunner
 
-                refiner = load_refiner(args.refiner, args.device) if "refined" in methods else None
                 runner = AvatarRunner(refiner=refiner, device=args.device)
             except ImportError as exc:
                 raise EvalSetupError(f"the avatar (models.avatar) is not available: {exc}; "
@@ -140,8 +158,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             notes.append("raw, refined: not run (--methods baseline)")
         cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
         result = evaluate(clips, runner, config, out_dir=args.out, cache_dir=cache_dir, progress=not args.quiet,
-                          meta={"argv": list(argv) if argv is not None else sys.argv[1:], "device": args.device,
-                                "refiner": args.refiner if "refined" in methods else None, "notes": notes})
+                          meta={"argv": list(argv) if argv is not None else sys.argv[1:],
+                                "refiner": args.refiner if "refined" in methods else None, "notes": notes},
+                          sets=sets)
     except (EvalSetupError, MissingEvalExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -150,16 +169,18 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     paths = write_results(result, args.out)
     for s in result.skipped:
         print(f"skipped {s['clip']}: {s['reason']}", file=sys.stderr)
-    summary = result.summary()
-    print(f"{len(result.clips)} clip(s), {len(result.records)} pairs -> {paths['md']}")
-    for method in result.methods:
-        cells = []
-        for lab, group in summary["per_bin"].items():
-            stat = group[method]["psnr_head"]
-            cells.append(f"{lab}: {'–' if stat['mean'] is None else format(stat['mean'], '.2f')} (n={stat['n']})")
-        print(f"  {method:9s} PSNR head [dB]  " + "  ".join(cells))
-    if not result.records:
-        print("error: no clip could be evaluated", file=sys.stderr)
+    for s in result.set_skipped:
+        print(f"skipped set {s['set']}: {s['reason']}", file=sys.stderr)
+    print(f"-> {paths['md']}")
+    if clips:
+        _print_summary("reenactment (other frame of a clip)", len(result.clips), f"clip(s), {len(result.records)} pairs",
+                       result.methods, result.summary())
+    if sets:
+        _print_summary("multi-camera (same moment)", len(result.sets), f"set(s), {len(result.set_records)} targets",
+                       result.methods, result.set_summary())
+    if not result.records and not result.set_records:
+        print(f"error: no {'clip' if clips else 'set'}{' or set' if clips and sets else ''} could be evaluated",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -167,108 +188,5 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 main = eval_main  # the dispatcher's entry (telepresence.cli)
 
 
-def _bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="telepresence bench",
-        description="Per-stage timing of the frame pipeline (landmarks, avatar, render, refine, VP8 encode): "
-        "median / p90 / p95 ms per viewer count, written as JSON; optionally regenerates the README table.",
-    )
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--size", type=int, default=256, choices=(256, 512))
-    p.add_argument("--viewers", type=int, nargs="+", default=[1, 4], help="viewer counts to time (default 1 4)")
-    p.add_argument("--frames", type=int, default=30, help="timed frames per viewer count (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed frames first (default 5)")
-    p.add_argument("--refiner", default="default", metavar="PATH|default|none")
-    p.add_argument("--input", default=None, metavar="IMAGE|VIDEO",
-                   help="portrait picture or video to feed (default: scikit-image's astronaut)")
-    p.add_argument("--out", default=None, metavar="JSON",
-                   help="JSON file to write (default bench-<device>-<size>.json in the current folder)")
-    p.add_argument("--readme", default=None, metavar="README.md",
-                   help="regenerate the table between the bench markers of this file")
-    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
-                   help="do not run: regenerate the README table from these JSON files")
-    p.add_argument("--quiet", "-q", action="store_true")
-    p.add_argument("--verbose", "-v", action="count", default=0)
-    return p
-
-
-def _bench_frames(spec: str | None, max_frames: int = 60) -> list:
-    import numpy as np
-
-    from models.face.analysis import read_image
-
-    if spec is None:
-        try:
-            import skimage.data
-        except ImportError as exc:
-            raise EvalSetupError("no --input given and scikit-image (for its astronaut picture) is missing") from exc
-        return [np.ascontiguousarray(skimage.data.astronaut())]
-    path = Path(spec)
-    if path.suffix.lower() in (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"):
-        import cv2
-
-        cap = cv2.VideoCapture(str(path))
-        frames = []
-        while len(frames) < max_frames:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
-        cap.release()
-        if not frames:
-            raise EvalSetupError(f"cannot read video '{path}'")
-        return frames
-    return [read_image(path)]
-
-
-def bench_main(argv: Sequence[str] | None = None, pipeline_factory: Any = None) -> int:
-    """`telepresence bench ...`; returns the exit status. pipeline_factory: see run_benchmark (tests)."""
-    args = _bench_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    from benchmarks.pipeline_bench import BenchConfig, bench_markdown, load_docs, run_benchmark, update_readme
-    from models.face.analysis import FaceAnalysisError
-
-    if args.from_json:
-        docs = load_docs(args.from_json)
-    else:
-        try:
-            config = BenchConfig(device=args.device, size=args.size, viewers=tuple(args.viewers), frames=args.frames,
-                                 warmup=args.warmup, refiner=args.refiner)
-            frames = _bench_frames(args.input)
-        except (ValueError, EvalSetupError, FaceAnalysisError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        try:
-            doc = run_benchmark(config, frames, pipeline_factory=pipeline_factory, progress=not args.quiet)
-        except ImportError as exc:
-            print(f"error: the pipeline (telepresence.pipeline) is not available: {exc}", file=sys.stderr)
-            return 2
-        out = Path(args.out or f"bench-{args.device}-{args.size}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1))
-        print(f"wrote {out}")
-        docs = [doc]
-    tables = [bench_markdown(d) for d in docs]
-    print("\n\n".join(tables))
-    if args.readme:
-        if not update_readme(args.readme, tables):
-            print(f"error: {args.readme} has no bench markers; add the two lines\n{_markers()}", file=sys.stderr)
-            return 1
-        print(f"updated {args.readme}")
-    return 0
-
-
-def _markers() -> str:
-    from benchmarks.pipeline_bench import README_BEGIN, README_END
-
-    return f"{README_BEGIN}\n{README_END}"
-
-
-if __name__ == "__main__":  # python -m telepresence.cli.eval eval|bench ...
-    command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    if command == "eval":
-        sys.exit(eval_main(rest))
-    if command == "bench":
-        sys.exit(bench_main(rest))
-    print("usage: python -m telepresence.cli.eval eval|bench ...", file=sys.stderr)
-    sys.exit(2)
+if __name__ == "__main__":
+    sys.exit(eval_main())

@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from telepresence.cli.console import add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
 from telepresence.stream.receiver import ReceiverConfig, ReceiverError, default_web_dir, run
 from telepresence.stream.rtc import IceConfig
 from telepresence.stream.signaling import RoomLimits
@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-viewers", type=int, default=RoomLimits.max_viewers_per_room, help="browsers per room")
     parser.add_argument("--max-senders", type=int, default=RoomLimits.max_senders_per_room, help="senders per room")
     parser.add_argument("--max-per-ip", type=int, default=RoomLimits.max_connections_per_ip, help="sockets per IP")
+    parser.add_argument("--max-viewers-per-ip", type=int, default=RoomLimits.max_viewers_per_ip,
+                        help="viewers from one IP in one room")
+    parser.add_argument("--max-rooms-per-ip", type=int, default=RoomLimits.max_rooms_per_ip, help="rooms one IP may be in")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                        help="another web origin (https://host[:port]) whose pages may join rooms; repeatable "
+                        "(this server's own page always may; see docs/security.md)")
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL for browsers")
     parser.add_argument("--ice-username", default=None, help="TURN user name for browsers")
     parser.add_argument("--ice-credential", default=None, help="TURN password for browsers")
@@ -44,8 +50,11 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
             max_viewers_per_room=args.max_viewers,
             max_senders_per_room=args.max_senders,
             max_connections_per_ip=args.max_per_ip,
+            max_viewers_per_ip=args.max_viewers_per_ip,
+            max_rooms_per_ip=args.max_rooms_per_ip,
         ),
         ice=IceConfig(tuple(args.ice_server), args.ice_username, args.ice_credential),
+        allowed_origins=tuple(args.allow_origin),
     )
 
 
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as error:
         logger.error("%s", error)
-        return 2
+        return EXIT_BAD_INPUT
     return run_until_stopped(
         run(config, on_ready=lambda receiver: print(f"Receiver ready. Open {receiver.url}", flush=True)),
         expected=(ReceiverError,),

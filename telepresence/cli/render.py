@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from models.geometry.camera import OrbitPose
-from models.face.analysis import FaceAnalyzer, FaceConfig, read_image
+from models.face.analysis import FaceAnalyzer, FaceConfig
+from models.evaluation.figures import contact_sheet
+from models.pictures import to_rgb_uint8
 from telepresence.cli.console import add_verbosity, configure_logging
-from telepresence.sheets import contact_sheet, to_uint8
+from telepresence.stream.capture import read_still
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +54,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _sheet_rows(source: np.ndarray, poses: list[OrbitPose], views: list[np.ndarray], raw: list[np.ndarray] | None,
+                per_row: int) -> tuple[list[list[np.ndarray]], list[list[str]]]:
+    """One row per pitch (views in yaw order), the source picture first in the first row; with a refiner,
+    each refined row is followed by the raw avatar's. Returns (rows, labels) for contact_sheet."""
+    blank = np.full_like(source, 255)
+    rows, labels = [], []
+    for start in range(0, len(poses), per_row):
+        chunk = range(start, start + per_row)
+        first = start == 0
+        rows.append([source if first else blank] + [views[i] for i in chunk])
+        labels.append(["source" if first else ""] + [f"yaw {poses[i].yaw_deg:+g}  pitch {poses[i].pitch_deg:+g}" for i in chunk])
+        if raw is not None:
+            rows.append([blank] + [raw[i] for i in chunk])
+            labels.append([""] + ["raw avatar"] * per_row)
+    return rows, labels
+
+
 def render_command(args: argparse.Namespace) -> int:
     from models.avatar import AvatarConfig, build_avatar, render_views
+    from models.refiner import refine_views
     from models.refiner.shipped import load_refiner
 
     device = resolve_device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)  # made only once there is something to write: a failed run leaves nothing behind
     timer = StageTimer(device)
     with timer.stage("read"):
-        image = read_image(args.image)
+        image = read_still(args.image)  # the checks and size cap `send --source IMAGE` applies
     with timer.stage("landmarks"):
         with FaceAnalyzer(FaceConfig(static_image=True, fov_deg=args.source_fov)) as analyzer:
             obs = analyzer.analyze(image)
@@ -79,23 +98,15 @@ def render_command(args: argparse.Namespace) -> int:
     views = out.rgb
     if refiner is not None:
         with timer.stage("refine"):
-            seen = out.seen[None] if refiner.config.seen_mask else None
-            dt = refiner.dtype
-            views = refiner.refine(reference[None].to(dt), out.rgb[None].to(dt), None if seen is None else seen.to(dt))[0]
+            views = refine_views(refiner, reference, out.rgb[None], out.seen[None])[0]
     with timer.stage("write"):
-        names = []
+        out_dir.mkdir(parents=True, exist_ok=True)
         for pose, view in zip(poses, views):
             name = f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png"
-            cv2.imwrite(str(out_dir / name), to_uint8(view)[:, :, ::-1])
-            names.append(name)
-        labels = ["source"] + [f"yaw {p.yaw_deg:+g}  pitch {p.pitch_deg:+g}" for p in poses]
-        pictures = [to_uint8(reference)] + [to_uint8(v) for v in views]
-        rows = [pictures]
-        row_labels = [labels]
-        if refiner is not None:
-            rows.append([np.zeros_like(pictures[0])] + [to_uint8(v) for v in out.rgb])
-            row_labels.append(["raw avatar"] + [""] * len(poses))
-        sheet = contact_sheet(rows, row_labels)
+            cv2.imwrite(str(out_dir / name), to_rgb_uint8(view)[:, :, ::-1])
+        sheet = contact_sheet(*_sheet_rows(to_rgb_uint8(reference), poses, [to_rgb_uint8(v) for v in views],
+                                           None if refiner is None else [to_rgb_uint8(v) for v in out.rgb],
+                                           len(args.yaw)))
         cv2.imwrite(str(out_dir / "contact_sheet.png"), sheet[:, :, ::-1])
     print(f"{len(poses)} views of {args.size}x{args.size} written to {out_dir} (contact_sheet.png)")
     print(f"head pose yaw {obs.pose.yaw_deg:+.1f}  pitch {obs.pose.pitch_deg:+.1f}  roll {obs.pose.roll_deg:+.1f}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from telepresence.cli.console import add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
 from telepresence.cli.options import (
     add_pipeline_arguments,
     add_sender_arguments,
@@ -13,7 +13,7 @@ from telepresence.cli.options import (
     sender_config_from_args,
 )
 from telepresence.pipeline import PipelineUnavailableError
-from telepresence.stream.capture import SourceError
+from telepresence.stream.capture import SourceError, open_source
 from telepresence.stream.sender import Sender, SenderConfig, serve
 from telepresence.stream.signaling_client import SignalingRejectedError
 
@@ -46,10 +46,16 @@ async def _run(args: argparse.Namespace) -> None:
     config = sender_config_from_args(args, signaling_url=args.signaling, room=args.room, token=args.token,
                                      stamp_frames=args.stamp_frames)
     pipeline_config = pipeline_config_from_args(args)
-    logger.info("loading the pipeline (device %s, %d px)", pipeline_config.device, pipeline_config.size)
-    pipeline = await asyncio.get_running_loop().run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
+    loop = asyncio.get_running_loop()
+    source = await loop.run_in_executor(None, open_source, config.source, config.source_fps)  # a bad source fails fast
     try:
-        await serve(Sender(config, pipeline))
+        logger.info("loading the pipeline (device %s, %d px)", pipeline_config.device, pipeline_config.size)
+        pipeline = await loop.run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        await serve(Sender(config, pipeline, source=source))
     finally:
         pipeline.close()
 
@@ -62,5 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_config_from_args(args)
     except ValueError as error:
         logger.error("%s", error)
-        return 2
-    return run_until_stopped(_run(args), expected=(SourceError, PipelineUnavailableError, SignalingRejectedError))
+        return EXIT_BAD_INPUT
+    return run_until_stopped(_run(args), expected=(PipelineUnavailableError, SignalingRejectedError),
+                             bad_input=(SourceError,))

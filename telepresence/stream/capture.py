@@ -11,6 +11,12 @@ Sources: `WebcamSource` (camera index), `VideoFileSource` (loops),
 `ImageSource` (a still, repeated at a fixed rate) and `SampleSource` (the
 embedded clip, see assets/README.md). `open_source()` parses the command-line
 spelling of each.
+
+Frames reach the pipeline between MIN_SOURCE_SIDE and MAX_SOURCE_SIDE pixels a
+side: a still is read by `read_still` (also `telepresence render`'s reader: the same
+checks and messages) and downscaled once on load; a larger video or camera frame
+is downscaled by the capture thread (said once in the log); a source whose frames
+are too small stops the capture thread, which reports it.
 """
 
 from __future__ import annotations
@@ -25,16 +31,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import cv2
 import numpy as np
+
+from models.face.analysis import MIN_IMAGE_SIDE, ImageReadError, read_image
 
 from .slot import LatestSlot
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+MAX_SOURCE_SIDE = 1920
+"""Longer side of the frames handed to the pipeline, pixels: face analysis and the avatar's
+texture need no more, and a 10000 px still would cost gigabytes per frame."""
+MIN_SOURCE_SIDE = MIN_IMAGE_SIDE
+"""Shorter side below which face analysis cannot work, pixels."""
 
 
 class SourceError(RuntimeError):
@@ -206,12 +219,11 @@ class ImageSource(FrameSource):
         self.path = Path(path)
         self.name = self.path.name
         self.fps = fps = _check_fps(fps)
-        if not self.path.is_file():
-            raise SourceError(f"no such image file: {self.path}")
-        image = cv2.imread(str(self.path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise SourceError(f"cannot decode image file: {self.path}")
-        self._image = _to_rgb(image)
+        try:
+            self._image = read_still(self.path)
+        except ImageReadError as error:
+            raise SourceError(str(error)) from None
+        self._image.setflags(write=False)
         self._pacer = _Pacer(fps)
 
     def grab(self) -> None:
@@ -263,19 +275,46 @@ def open_source(spec: str, fps: float | None = None) -> FrameSource:
             return SampleSource(fps)
     if spec.isdigit():
         return WebcamSource(int(spec))
+    if Path(spec).is_dir():
+        raise SourceError(f"cannot read '{spec}': it is a directory (expected a video or image file)")
     if Path(spec).suffix.lower() in IMAGE_SUFFIXES:
         return ImageSource(spec, 30.0 if fps is None else fps)
     return VideoFileSource(spec, fps=fps)
 
 
+def read_still(path: str | os.PathLike) -> np.ndarray:
+    """A picture file as the pipeline takes it: RGB uint8 [H, W, 3], at least MIN_SOURCE_SIDE and at
+    most MAX_SOURCE_SIDE pixels a side (downscaled on load, said in one log line); ImageReadError
+    otherwise, with the message `telepresence render` and `send --source` both print."""
+    return read_image(path, min_side=MIN_SOURCE_SIDE, max_side=MAX_SOURCE_SIDE)
+
+
+def fit_frame(image: np.ndarray) -> np.ndarray:
+    """`image` [H, W, 3] within the pipeline's frame sizes: downscaled (INTER_AREA) to MAX_SOURCE_SIDE
+    on the longer side if larger; SourceError if its shorter side is under MIN_SOURCE_SIDE."""
+    H, W = image.shape[:2]
+    if min(H, W) < MIN_SOURCE_SIDE:
+        raise SourceError(f"frames of {W}x{H} pixels are too small (expected at least {MIN_SOURCE_SIDE}x{MIN_SOURCE_SIDE})")
+    if max(H, W) <= MAX_SOURCE_SIDE:
+        return image
+    scale = MAX_SOURCE_SIDE / max(H, W)
+    fitted = cv2.resize(image, (max(MIN_SOURCE_SIDE, round(W * scale)), max(MIN_SOURCE_SIDE, round(H * scale))),
+                        interpolation=cv2.INTER_AREA)
+    fitted.setflags(write=False)
+    return fitted
+
+
 class CaptureThread:
-    """Reads a source on its own thread into a newest-wins slot of CapturedFrame."""
+    """Reads a source on its own thread into a newest-wins slot of CapturedFrame (frames fitted by fit_frame).
+    After max_consecutive_errors failures in a row it stops, and calls on_error(error) once."""
 
     max_consecutive_errors = 30
 
-    def __init__(self, source: FrameSource, slot: LatestSlot[CapturedFrame]) -> None:
+    def __init__(self, source: FrameSource, slot: LatestSlot[CapturedFrame],
+                 on_error: Optional[Callable[[SourceError], None]] = None) -> None:
         self.source = source
         self.slot = slot
+        self.on_error = on_error
         self.error: Optional[SourceError] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
@@ -291,21 +330,30 @@ class CaptureThread:
     def _run(self) -> None:
         frame_id = 0
         errors = 0
+        said_downscaled = False
         while not self._stop.is_set():
             try:
                 self.source.grab()
                 t_capture = time.time()
                 t0 = time.perf_counter()
                 image = self.source.retrieve()
+                fitted = fit_frame(image)
                 capture_ms = (time.perf_counter() - t0) * 1e3
             except SourceError as error:
                 errors += 1
                 if errors >= self.max_consecutive_errors:
                     self.error = error
-                    logger.error("capture stopped: %s", error)
+                    logger.error("capture stopped: %s: %s", self.source.name, error)
+                    if self.on_error is not None:
+                        self.on_error(error)
                     return
                 time.sleep(0.05)
                 continue
+            if fitted is not image and not said_downscaled:
+                said_downscaled = True
+                logger.info("downscaling %s's %dx%d frames to %dx%d (longer side capped at %d px)", self.source.name,
+                            image.shape[1], image.shape[0], fitted.shape[1], fitted.shape[0], MAX_SOURCE_SIDE)
+            image = fitted
             errors = 0
             self.slot.put(CapturedFrame(image, frame_id, t_capture, capture_ms))
             frame_id += 1

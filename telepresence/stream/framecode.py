@@ -1,10 +1,12 @@
 """A capture timestamp drawn into the picture, for glass-to-glass latency.
 
-The sender (with `stamp_frames`) paints the frame's capture time into the
-top-left corner of every view after refinement; whoever decodes the video on
-the same host reads it back and subtracts it from its own clock, so the
-measured delay covers capture, pipeline, encode, network, jitter buffer and
-decode without any side channel.
+The sender paints the frame's capture time into the top-left corner of a view
+after refinement (every view with `stamp_frames`, one viewer's after that
+viewer's `stamps {on: true}`); the viewer reads it back from the decoded or
+displayed picture and subtracts it from its own clock (corrected by the clock
+offset measured over ping/pong on another host), so the measured delay covers
+capture, pipeline, encode, network, jitter buffer and decode without any side
+channel. web/app.js reads it the same way (readFrameCode).
 
 Layout: 28 cells in a 7x4 grid of `cell = max(4, S // 32)` pixels (8 px at
 256, 16 px at 512, aligned to the codec's 8x8 blocks), row-major, most
@@ -17,6 +19,7 @@ significant bit first, white = 1:
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Optional
 
@@ -40,15 +43,51 @@ def _checksum(value: int) -> int:
     return check
 
 
+def capture_stamp(t_s: float) -> int:
+    """The stamp of wall-clock time `t_s` (seconds since the epoch): ms modulo 2**24."""
+    return int(t_s * 1e3) % WRAP
+
+
 def now_stamp_ms() -> int:
     """The current wall-clock time in ms, modulo 2**24."""
-    return int(time.time() * 1e3) % WRAP
+    return capture_stamp(time.time())
 
 
 def stamp_age_ms(stamp: int, now_stamp: Optional[int] = None) -> int:
     """Milliseconds from `stamp` to `now_stamp` (default: now), across the wrap."""
     now = now_stamp if now_stamp is not None else now_stamp_ms()
     return (now - stamp) % WRAP
+
+
+def glass_to_glass_ms(stamp: int, t_shown_ms: float, offset_ms: float = 0.0) -> int:
+    """Milliseconds from the capture `stamp` to `t_shown_ms` on this side's wall clock, whose
+    difference to the sender's clock is `offset_ms` (ClockOffset.offset_ms; 0 on the sender's host)."""
+    return stamp_age_ms(stamp, int(round(t_shown_ms + offset_ms)) % WRAP)
+
+
+class ClockOffset:
+    """The sender's wall clock minus this side's, from ping/pong pairs (NTP's clock filter: the
+    sample with the lowest round trip among the last `window` is the least disturbed by queueing):
+
+        offset = t_sender - (t_sent + t_received) / 2        error <= rtt / 2
+
+    web/app.js keeps the same estimate (class ClockOffset).
+    """
+
+    def __init__(self, window: int = 16) -> None:
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)  # (rtt, offset) ms
+
+    def add(self, t_sent_ms: float, t_received_ms: float, t_sender_ms: float) -> None:
+        """One ping sent at t_sent_ms, its pong received at t_received_ms (this side's wall clock),
+        stamped t_sender_ms by the sender."""
+        rtt = t_received_ms - t_sent_ms
+        if rtt >= 0:
+            self._samples.append((rtt, t_sender_ms - (t_sent_ms + t_received_ms) / 2))
+
+    @property
+    def offset_ms(self) -> Optional[float]:
+        """Sender clock minus this clock, ms; None before the first pong."""
+        return min(self._samples)[1] if self._samples else None
 
 
 def draw_frame_code(image: np.ndarray, stamp: int) -> None:

@@ -8,20 +8,21 @@ peer in an `error` reply; the connection stays up. Outbound messages are built
 as dataclasses and written with `to_json()`.
 
 Signaling (websocket /ws), client -> server:
-    join    {room, role: "viewer"|"sender", token?, name?}
+    join    {room, role: "viewer"|"sender", token?, name?, resume?}   resume: the token of an earlier `joined`
     offer   {to, sdp}          viewer -> sender (the browser offers, the sender answers)
     answer  {to, sdp}          sender -> viewer
     decline {to, reason}       sender -> viewer (full, or the offer could not be answered)
 server -> client:
-    joined {id, room, role, peers: [{id, role, name}], iceServers}
+    joined {id, room, role, peers: [{id, role, name}], iceServers, resume}   rejoining with `resume` keeps `id`
     peer-joined {peer: {id, role, name}}, peer-left {id}
     offer/answer/decline relayed with `from` instead of `to`; error {code, message}
 
 Pose channel (RTCDataChannel "pose", unordered, maxRetransmits 0), viewer -> sender:
     pose {seq, t, yaw, pitch, dist}     degrees, degrees, distance scale (1 = source camera)
     ping {t}                            heartbeat, once a second
+    stamps {on}                         paint the capture time into this viewer's frames (framecode.py)
 sender -> viewer:
-    hello {name, size, codec, limits, refiner}, pong {t}, status {status, message},
+    hello {name, size, codec, limits, refiner, device}, pong {t, wall_ms}, status {status, message},
     stats {status, fps, stages_ms: {capture, landmarks, avatar, render, refine, encode}}, error
 """
 
@@ -40,6 +41,7 @@ CHANNEL_MAX_BYTES = 1024
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PEER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
+RESUME_PATTERN = re.compile(r"[0-9a-f]{32}")
 MAX_NAME_CHARS = 40
 MAX_TOKEN_CHARS = 256
 MAX_SDP_CHARS = 60_000
@@ -112,6 +114,10 @@ def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pa
         raise InvalidFieldError(f"{name}: expected a string, got {type(value).__name__}")
     if len(value) > max_chars:
         raise InvalidFieldError(f"{name}: expected at most {max_chars} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not valid text
+        raise InvalidFieldError(f"{name}: expected valid Unicode text, got a lone surrogate") from None
     if pattern is not None and not pattern.fullmatch(value):
         raise InvalidFieldError(f"{name}: expected {pattern.pattern}, got {value[:40]!r}")
 
@@ -157,6 +163,8 @@ class JoinMessage(Outgoing):
     role: str
     token: Optional[str] = None
     name: Optional[str] = None
+    resume: Optional[str] = None
+    """The `resume` token of this client's earlier `joined`: rejoin under the same id."""
 
     def __post_init__(self) -> None:
         _check_str("room", self.room, max_chars=64, pattern=ROOM_PATTERN)
@@ -167,6 +175,8 @@ class JoinMessage(Outgoing):
         if self.name is not None:
             _check_str("name", self.name, max_chars=MAX_NAME_CHARS)
             _check_printable("name", self.name)
+        if self.resume is not None:
+            _check_str("resume", self.resume, max_chars=32, pattern=RESUME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -267,13 +277,27 @@ class PoseMessage(Outgoing):
 
 @dataclass(frozen=True)
 class PingMessage(Outgoing):
-    """Viewer heartbeat; answered with pong {t}."""
+    """Viewer heartbeat; answered with pong {t, wall_ms}."""
 
     type: ClassVar[str] = "ping"
     t: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "t", _check_number("t", self.t))
+
+
+@dataclass(frozen=True)
+class StampsMessage(Outgoing):
+    """A viewer asks for (or stops) capture-time codes in its own frames, to measure glass to glass.
+
+    Idempotent: the page repeats it with every ping, as the channel may lose it."""
+
+    type: ClassVar[str] = "stamps"
+    on: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.on, bool):
+            raise InvalidFieldError(f"on: expected true or false, got {type(self.on).__name__}")
 
 
 # -- server -> client, sender -> viewer ---------------------------------------------------------------
@@ -299,6 +323,8 @@ class JoinedMessage(Outgoing):
     peers: list
     """[{id, role, name}] of the other role in the room."""
     ice_servers: list
+    resume: Optional[str] = None
+    """Secret token to rejoin under this id after the socket drops (or the server restarts)."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +370,7 @@ STATUS_TEXT: dict[str, str] = {
     "no_face_yet": "No face yet: waiting for the sender to look at the camera",
     "face_lost": "Face lost: showing the last good avatar",
     "error": "The sender's pipeline reported an error (see its log)",
+    "source_error": "The sender's camera or video source cannot be used (see its log)",
 }
 """What a viewer is told for each pipeline status (the page shows the text it receives)."""
 
@@ -361,6 +388,8 @@ class HelloMessage(Outgoing):
     """PoseLimits.to_json()"""
     refiner: Optional[str] = None
     """What refines the views, None: raw avatar renders."""
+    device: Optional[str] = None
+    """Kind of device the pipeline runs on ("cpu", "cuda"): why `size` is what it is."""
 
 
 @dataclass(frozen=True)
@@ -389,15 +418,19 @@ class StatsMessage(Outgoing):
 
 @dataclass(frozen=True)
 class PongMessage(Outgoing):
+    """The answer to ping {t}: its `t` back, and the sender's clock for the viewer's clock offset."""
+
     type: ClassVar[str] = "pong"
     t: float
+    wall_ms: Optional[float] = None
+    """The sender's wall clock when it answered, ms since the Unix epoch."""
 
 
 SignalingMessage = Union[JoinMessage, OfferMessage, AnswerMessage, DeclineMessage]
-ChannelMessage = Union[PoseMessage, PingMessage]
+ChannelMessage = Union[PoseMessage, PingMessage, StampsMessage]
 
 SIGNALING_TYPES: dict[str, type] = {cls.type: cls for cls in (JoinMessage, OfferMessage, AnswerMessage, DeclineMessage)}
-CHANNEL_TYPES: dict[str, type] = {cls.type: cls for cls in (PoseMessage, PingMessage)}
+CHANNEL_TYPES: dict[str, type] = {cls.type: cls for cls in (PoseMessage, PingMessage, StampsMessage)}
 
 
 def _build(obj: dict[str, Any], types: dict[str, type]) -> Any:
@@ -419,7 +452,7 @@ def parse_signaling_message(raw: Union[str, bytes]) -> SignalingMessage:
 
 
 def parse_channel_message(raw: Union[str, bytes]) -> ChannelMessage:
-    """One pose-channel message -> a validated PoseMessage or PingMessage, or MessageError."""
+    """One pose-channel message -> a validated PoseMessage, PingMessage or StampsMessage, or MessageError."""
     return _build(decode_json_object(raw, CHANNEL_MAX_BYTES), CHANNEL_TYPES)
 
 

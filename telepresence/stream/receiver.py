@@ -2,12 +2,17 @@
 
 websockets answers the plain HTTP GETs through its `process_request` hook,
 so the page and the socket share one origin and one port with no web
-framework. Only regular files under the web directory are served.
+framework. Only regular files under the web directory are served, to GET and
+HEAD (405 otherwise). The /ws handshake is refused (403) to a browser page of
+another origin: an Origin header must name this server (the Host the request
+came to) or one of `allowed_origins`; clients that send none (Python) pass.
+See docs/security.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import http
 import logging
@@ -24,7 +29,7 @@ from websockets.http11 import Request, Response
 
 from .messages import ROOM_PATTERN
 from .rtc import IceConfig
-from .signaling import RoomLimits, SignalingServer
+from .signaling import RoomLimits, SignalingServer, remote_ip
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +53,20 @@ SECURITY_HEADERS = {
 }
 
 
+ALLOWED_METHODS = ("GET", "HEAD")
+
+
 class ReceiverError(RuntimeError):
     """The receiver cannot start (port taken, web directory missing)."""
+
+
+def parse_origin(url: str) -> str:
+    """An --allow-origin value -> its normalised origin "scheme://host[:port]" (no path, no query)."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"allowed origin: expected http(s)://HOST[:PORT], got {url!r}")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
 def default_web_dir() -> Path:
@@ -81,12 +98,15 @@ class ReceiverConfig:
     limits: RoomLimits = RoomLimits()
     ice: IceConfig = IceConfig()
     """STUN/TURN servers handed to browsers."""
+    allowed_origins: tuple[str, ...] = ()
+    """Other web origins ("https://host[:port]") whose pages may use /ws, besides this server's own page."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: expected 0..65535, got {self.port}")
         if not ROOM_PATTERN.fullmatch(self.room):
             raise ValueError(f"room: expected {ROOM_PATTERN.pattern}, got {self.room!r}")
+        object.__setattr__(self, "allowed_origins", tuple(parse_origin(o) for o in self.allowed_origins))
 
 
 class Receiver:
@@ -123,6 +143,7 @@ class Receiver:
     async def start(self) -> None:
         if not (self.web_root / "index.html").is_file():
             raise ReceiverError(f"web directory not found: {self.web_root} (run from the repository root or pass --web-dir)")
+        keepalive_s = self.config.limits.keepalive_s
         try:
             self.server = await serve(
                 self._handle,
@@ -131,8 +152,9 @@ class Receiver:
                 process_request=self._process_request,
                 compression=None,
                 max_size=2**20,  # above this websockets closes the socket (1009); below, messages.py caps at 64 kB with an error reply
-                ping_interval=10,
-                ping_timeout=10,
+                ping_interval=keepalive_s,  # a frozen member: no pong within keepalive_s, then 1 s to close
+                ping_timeout=keepalive_s,
+                close_timeout=1.0,
                 server_header="telepresence",
             )
         except OSError as error:
@@ -143,9 +165,11 @@ class Receiver:
                     f"or `make demo ARGS=\"--port {self.config.port + 1}\"`)"
                 ) from None
             raise ReceiverError(f"cannot listen on {self.config.host}:{self.config.port}: {error.strerror}") from None
+        self.signaling.start()
         logger.info("serving %s and %s on port %d", self.web_root, SIGNALING_PATH, self.port)
 
     async def stop(self) -> None:
+        await self.signaling.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -154,23 +178,49 @@ class Receiver:
         await self.signaling.handle(ws)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Optional[Response]:
+        if request.method not in ALLOWED_METHODS:
+            return _response(http.HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", "text/plain; charset=utf-8",
+                             {"Allow": ", ".join(ALLOWED_METHODS)})
         path = urllib.parse.urlsplit(request.path).path
         if path == SIGNALING_PATH:
+            if not self._origin_allowed(request.headers):
+                logger.warning("refusing a signaling handshake from %s: origin %.80r is not this server's",
+                               remote_ip(connection), request.headers.get("Origin"))
+                return _response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain; charset=utf-8")
             return None  # go on with the websocket handshake
-        return self._static_response(path)
+        response = self._static_response(path)
+        if request.method == "HEAD":  # the GET's headers, Content-Length included, and no body
+            response = dataclasses.replace(response, body=b"")
+        return response
+
+    def _origin_allowed(self, headers: Headers) -> bool:
+        """No Origin (not a browser), the page's own origin (same host:port as the request's Host), or listed."""
+        origin = headers.get("Origin")
+        if origin is None:
+            return True
+        parts = urllib.parse.urlsplit(origin)
+        if parts.scheme in ("http", "https") and parts.netloc and f"{parts.scheme}://{parts.netloc.lower()}" in self.config.allowed_origins:
+            return True
+        host = headers.get("Host")
+        return bool(host) and parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
 
     def _static_response(self, url_path: str) -> Response:
+        not_found = _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
         relative = urllib.parse.unquote(url_path).lstrip("/") or "index.html"
         if "\x00" in relative or "\\" in relative or any(part in ("..", ".") for part in relative.split("/")):
-            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
-        path = (self.web_root / relative).resolve()
-        if not path.is_relative_to(self.web_root) or not path.is_file():
-            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+            return not_found
+        try:
+            path = (self.web_root / relative).resolve()
+            if not path.is_relative_to(self.web_root) or not path.is_file():
+                return not_found
+            body = path.read_bytes()
+        except OSError:  # a name too long, a path too deep: not one of ours
+            return not_found
         content_type = CONTENT_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return _response(http.HTTPStatus.OK, path.read_bytes(), content_type)
+        return _response(http.HTTPStatus.OK, body, content_type)
 
 
-def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+def _response(status: http.HTTPStatus, body: bytes, content_type: str, extra: Optional[dict[str, str]] = None) -> Response:
     headers = Headers(
         {
             "Content-Type": content_type,
@@ -178,6 +228,7 @@ def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Respon
             "Cache-Control": "no-cache",
             "Connection": "close",
             **SECURITY_HEADERS,
+            **(extra or {}),
         }
     )
     return Response(status.value, status.phrase, headers, body)

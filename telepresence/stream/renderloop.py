@@ -28,7 +28,7 @@ from typing import Any, Callable, Hashable, Optional
 import numpy as np
 
 from .capture import CapturedFrame, CaptureThread, FrameSource
-from .framecode import WRAP, draw_frame_code
+from .framecode import capture_stamp, draw_frame_code
 from .slot import LatestSlot, SlotClosedError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ PIPELINE_STAGES = ("landmarks", "avatar", "render", "refine")
 """The pipeline's own stages, as named in result.timings_ms."""
 STATUS_STARTING = "starting"
 STATUS_ERROR = "error"
+STATUS_SOURCE_ERROR = "source_error"
+"""The capture source stopped (gone, or frames the pipeline cannot use): viewers are told, the sender stays."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class RenderLoop:
         self.stamp_frames = stamp_frames
         self.on_status = on_status
         self.frames: LatestSlot[CapturedFrame] = LatestSlot()
-        self.capture = CaptureThread(source, self.frames)
+        self.capture = CaptureThread(source, self.frames, on_error=lambda error: self._set_status(STATUS_SOURCE_ERROR))
         # A pipeline that can analyse frames on its own (CPU face analysis) gets an
         # analysis thread between capture and the worker: frame k+1 is analysed while
         # frame k is on the device. Newest frame wins at both hand-offs.
@@ -118,6 +120,7 @@ class RenderLoop:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self._errors = 0
+        self._analysis_errors = 0
 
     # -- views (any thread) --
 
@@ -132,9 +135,12 @@ class RenderLoop:
             if view_id in self._views:
                 self._views[view_id] = (pose, self._views[view_id][1])
 
-    def remove_view(self, view_id: Hashable) -> None:
+    def remove_view(self, view_id: Hashable, sink: Optional[Callable[[RenderedView], None]] = None) -> None:
+        """Stop rendering for `view_id` (only if it still feeds `sink`, when given: a view added again
+        under the same id by someone else stays)."""
         with self._lock:
-            self._views.pop(view_id, None)
+            if view_id in self._views and (sink is None or self._views[view_id][1] == sink):
+                del self._views[view_id]
 
     @property
     def view_count(self) -> int:
@@ -163,6 +169,8 @@ class RenderLoop:
     # -- worker --
 
     def _set_status(self, status: str) -> None:
+        if self.status == STATUS_SOURCE_ERROR:
+            return  # final: no frame will come to change it
         if status != self.status:
             self.status = status
             if self.on_status is not None:
@@ -183,7 +191,11 @@ class RenderLoop:
             try:
                 analysis = self.pipeline.analyze(frame.image)
             except Exception:
-                logger.exception("face analysis failed on frame %d", frame.frame_id)
+                self._analysis_errors += 1
+                if self._analysis_errors == 1 or self._analysis_errors % 100 == 0:
+                    logger.exception("face analysis failed on frame %d (%d failures so far)", frame.frame_id,
+                                     self._analysis_errors)
+                self._set_status(STATUS_ERROR)
                 continue
             try:
                 self._analyzed.put((frame, analysis))
@@ -230,7 +242,7 @@ class RenderLoop:
         stages = {"capture": frame.capture_ms}
         stages.update({k: float(v) for k, v in result.timings_ms.items()})
         self.clock.record(stages)
-        stamp = int(frame.t_capture * 1e3) % WRAP
+        stamp = capture_stamp(frame.t_capture)
         for image, sink in zip(result.views, sinks):
             if self.stamp_frames:
                 image = image.copy()  # never paint into an array the pipeline may keep

@@ -1,4 +1,4 @@
-"""WebRTC settings: ICE servers, video codec choice and encoder bitrates.
+"""WebRTC settings: ICE servers, video codec choice and encoder bitrates; the sanity check of an offer.
 
 aiortc pitfalls handled here (DESIGN.md section 4):
 - `iceServers=None` makes aiortc use a public STUN server and stall offline,
@@ -9,19 +9,38 @@ aiortc pitfalls handled here (DESIGN.md section 4):
   an encoder is made and whenever the receiver's REMB estimate arrives, and
   there is no per-connection setting, so `apply_bitrate` sets those constants
   for the whole process.
+- aiortc accepts some broken offers and fails later inside its own tasks
+  ("Task exception was never retrieved"): no DTLS fingerprint (an assert in its
+  DTLS transport), a candidate port beyond 65535 (OverflowError in sendto).
+  `check_offer` refuses those before aiortc sees them, naming what is wrong.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCRtpSender
 from aiortc.codecs import h264, vpx
+from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+from aiortc.sdp import SessionDescription
 
 CODEC_MIME_TYPES = {"vp8": "video/VP8", "h264": "video/H264"}
 ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+MAX_MEDIA_SECTIONS = 4
+"""An offer carries video and the pose channel; a few more sections are tolerated, not dozens."""
+MAX_CANDIDATES = 64
+"""ICE candidates in one offer."""
+MDNS_HOST = re.compile(r"[A-Za-z0-9-]{1,63}\.local")
+"""A browser's obfuscated host candidate (RFC 8828)."""
+CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
+
+
+class InvalidOfferError(ValueError):
+    """An offer that aiortc would accept and then fail on inside its own tasks."""
 
 
 @dataclass(frozen=True)
@@ -100,3 +119,60 @@ def video_codec_preferences(preferred: str) -> list[RTCRtpCodecCapability]:
     codecs = RTCRtpSender.getCapabilities("video").codecs
     first = CODEC_MIME_TYPES[preferred].lower()
     return sorted(codecs, key=lambda c: 0 if c.mimeType.lower() == first else 1)
+
+
+def check_offer(sdp: str) -> None:
+    """Refuse an offer aiortc would fail on later (InvalidOfferError, naming the problem): malformed
+    candidates or ports, no ICE credentials or DTLS fingerprint in a section, too many sections."""
+    if not isinstance(sdp, str):
+        raise InvalidOfferError(f"expected the offer's SDP text, got {type(sdp).__name__}")
+    lines = sdp.splitlines()
+    candidates = [line[len("a=candidate:"):] for line in lines if line.startswith("a=candidate:")]
+    if len(candidates) > MAX_CANDIDATES:
+        raise InvalidOfferError(f"{len(candidates)} ICE candidates, expected at most {MAX_CANDIDATES}")
+    for candidate in candidates:
+        _check_candidate(candidate)
+    sections = sum(line.startswith("m=") for line in lines)
+    if not 1 <= sections <= MAX_MEDIA_SECTIONS:
+        raise InvalidOfferError(f"{sections} media sections, expected 1 to {MAX_MEDIA_SECTIONS}")
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception as error:  # aiortc's parser asserts, or raises ValueError/IndexError/KeyError on odd lines
+        raise InvalidOfferError(f"malformed session description ({type(error).__name__}: {str(error)[:80]})") from None
+    for media in description.media:
+        if not media.ice.usernameFragment or not media.ice.password:
+            raise InvalidOfferError(f"media section {media.kind!r} has no ICE credentials (ice-ufrag, ice-pwd)")
+        if not any(f.algorithm.lower() in X509_DIGEST_ALGORITHMS for f in media.dtls.fingerprints):
+            raise InvalidOfferError(f"media section {media.kind!r} has no DTLS fingerprint of "
+                                    f"{'/'.join(X509_DIGEST_ALGORITHMS)}")
+
+
+def _check_candidate(text: str) -> None:
+    """`foundation component transport priority address port typ type [raddr A rport P ...]`"""
+    bits = text.split()
+    short = " ".join(bits)[:60]
+    if len(bits) < 8 or bits[6] != "typ" or bits[7] not in CANDIDATE_TYPES or bits[2].lower() not in ("udp", "tcp") \
+            or not bits[1].isdigit() or not bits[3].isdigit():
+        raise InvalidOfferError(f"malformed ICE candidate {short!r}")
+    _check_address(bits[4], short)
+    _check_port(bits[5], short)
+    extras = dict(zip(bits[8::2], bits[9::2]))
+    if "raddr" in extras:
+        _check_address(extras["raddr"], short)
+    if "rport" in extras:
+        _check_port(extras["rport"], short)
+
+
+def _check_address(address: str, candidate: str) -> None:
+    if MDNS_HOST.fullmatch(address):
+        return
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise InvalidOfferError(f"ICE candidate address {address[:40]!r} is neither an IP nor an mDNS name "
+                                f"(candidate {candidate!r})") from None
+
+
+def _check_port(port: str, candidate: str) -> None:
+    if not port.isdigit() or not 0 <= int(port) <= 65535:  # 0 and 9 are placeholders (tcp active, m= lines)
+        raise InvalidOfferError(f"ICE candidate port {port[:12]} outside 0..65535 (candidate {candidate!r})")

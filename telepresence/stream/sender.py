@@ -9,6 +9,14 @@ data channel (unordered, maxRetransmits 0). The viewer pings once a second;
 a viewer silent for `heartbeat_timeout_s` (or whose connection fails, or who
 leaves the room) is closed and its track, pose and render slot freed. A
 failure in one viewer's connection closes that viewer only, logged with its id.
+
+One offer per viewer is answered at a time (a burst is declined, not stacked
+up); a peer is only ever removed by its own object, never by its id, so a
+replaced peer's late cleanup cannot touch its successor. An offer is checked
+(rtc.check_offer) before aiortc sees it, and an answer that cannot be
+delivered closes its peer at once. Calls outlive the signaling socket: media
+flows peer to peer, and the sender rejoins the room under the same id
+(the server's resume token), so viewers' offers and answers still find it.
 """
 
 from __future__ import annotations
@@ -38,12 +46,13 @@ from .messages import (
     PoseLimits,
     PoseMessage,
     RelayedOfferMessage,
+    StampsMessage,
     StatsMessage,
     StatusMessage,
     parse_channel_message,
 )
 from .renderloop import PIPELINE_STAGES, RenderLoop
-from .rtc import BitrateConfig, IceConfig, apply_bitrate, video_codec_preferences
+from .rtc import BitrateConfig, IceConfig, InvalidOfferError, apply_bitrate, check_offer, video_codec_preferences
 from .signaling_client import SignalingClient, SignalingRejectedError
 from .track import ViewTrack
 
@@ -56,6 +65,10 @@ PC_CLOSE_TIMEOUT_S = 5.0
 
 class ViewerLimitError(RuntimeError):
     """The sender already serves its maximum number of viewers."""
+
+
+class ViewerGoneError(RuntimeError):
+    """The viewer was closed (it left, or a newer offer replaced it) while its answer was being made."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,7 @@ class ViewerPeer:
         self.last_seen: Optional[float] = None
         self.pose_seq = -1
         self.bad_messages = 0
+        self.closing: Optional[asyncio.Future] = None
 
     def send(self, text: str) -> None:
         """Send on the pose channel if it is open; a closed channel is not an error here."""
@@ -134,7 +148,7 @@ class Sender:
         self._source = source
         self.render_loop: Optional[RenderLoop] = None
         self._tasks: set[asyncio.Task] = set()
-        self._closing: set[str] = set()
+        self._offering: set[str] = set()
         self._closing_pcs: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -158,7 +172,7 @@ class Sender:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self.close_viewer(v, "sender stopping") for v in list(self.viewers)))
+        await asyncio.gather(*(self.close_peer(peer, "sender stopping") for peer in list(self.viewers.values())))
         if self._closing_pcs:  # bounded: a peer connection stuck in close() must not hold up Ctrl-C
             await asyncio.wait(list(self._closing_pcs), timeout=PC_CLOSE_TIMEOUT_S)
         if self.render_loop is not None:
@@ -175,12 +189,14 @@ class Sender:
     async def answer(self, viewer_id: str, offer_sdp: str) -> str:
         """Accept one viewer's offer; returns the answer SDP (ICE candidates included).
 
-        Raises ViewerLimitError when full; any other failure closes this
-        viewer only and propagates.
+        Raises InvalidOfferError for an offer aiortc must not see, ViewerLimitError when
+        full; any other failure closes this viewer only and propagates. A viewer already
+        served under this id is closed first (its peer connection replaced).
         """
         assert self.render_loop is not None, "call start() first"
-        if viewer_id in self.viewers:
-            await self.close_viewer(viewer_id, "replaced by a new offer")
+        check_offer(offer_sdp)
+        if (old := self.viewers.get(viewer_id)) is not None:
+            await self.close_peer(old, "replaced by a new offer")
         if len(self.viewers) >= self.config.max_viewers:
             raise ViewerLimitError(f"already serving {len(self.viewers)} viewers")
         pc = RTCPeerConnection(self.config.ice.rtc_configuration())
@@ -205,52 +221,56 @@ class Sender:
             def on_connectionstatechange() -> None:
                 logger.info("viewer %s: connection %s", viewer_id, pc.connectionState)
                 if pc.connectionState in ("failed", "closed"):
-                    self._spawn(self.close_viewer(viewer_id, f"connection {pc.connectionState}"))
+                    self._spawn(self.close_peer(peer, f"connection {pc.connectionState}"))
 
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
+            if self.viewers.get(viewer_id) is not peer:
+                raise ViewerGoneError("closed while its answer was being made")
             self.render_loop.add_view(viewer_id, OrbitPose(), peer.track.deliver)
             logger.info("viewer %s: answered (%d viewers)", viewer_id, len(self.viewers))
             return pc.localDescription.sdp
         except Exception:
-            await self.close_viewer(viewer_id, "could not answer its offer")
+            await self.close_peer(peer, "could not answer its offer")
             raise
 
     async def close_viewer(self, viewer_id: str, reason: str) -> None:
-        """Free one viewer: render slot, track, channel and peer connection. Idempotent."""
-        peer = self.viewers.get(viewer_id)
-        if peer is None or viewer_id in self._closing:
-            return
-        self._closing.add(viewer_id)
-        try:
+        """Free the viewer served under `viewer_id`, if any (see close_peer)."""
+        if (peer := self.viewers.get(viewer_id)) is not None:
+            await self.close_peer(peer, reason)
+
+    async def close_peer(self, peer: ViewerPeer, reason: str) -> None:
+        """Free one viewer: render slot, track, channel and peer connection. Idempotent: a second
+        call waits for the first to finish. Only this peer is touched, never a newer one under its id."""
+        if peer.closing is None:
+            if self.viewers.get(peer.id) is peer:
+                del self.viewers[peer.id]
             if self.render_loop is not None:
-                self.render_loop.remove_view(viewer_id)
+                self.render_loop.remove_view(peer.id, peer.track.deliver)
             peer.track.stop()
             # Shielded: aioice swallows a cancellation that lands inside pc.close() (it awaits a task it
             # cancelled and ignores CancelledError), which would leave our caller running after Ctrl-C.
-            closing = asyncio.ensure_future(self._close_pc(peer))
-            self._closing_pcs.add(closing)
-            closing.add_done_callback(self._closing_pcs.discard)
-            await asyncio.shield(closing)
-            logger.info("viewer %s: closed (%s)", viewer_id, reason)
-        finally:
-            self.viewers.pop(viewer_id, None)
-            self._closing.discard(viewer_id)
+            peer.closing = asyncio.ensure_future(self._close_pc(peer, reason))
+            self._closing_pcs.add(peer.closing)
+            peer.closing.add_done_callback(self._closing_pcs.discard)
+        await asyncio.shield(peer.closing)
 
     @staticmethod
-    async def _close_pc(peer: ViewerPeer) -> None:
+    async def _close_pc(peer: ViewerPeer, reason: str) -> None:
         # asyncio.wait, not wait_for: a timed-out close is left to finish on its own (cancelling it
-        # is what aioice swallows, see close_viewer).
+        # is what aioice swallows, see close_peer).
         closing = asyncio.ensure_future(peer.pc.close())
         done, _ = await asyncio.wait({closing}, timeout=PC_CLOSE_TIMEOUT_S)
         if not done:
             logger.warning("viewer %s: peer connection still closing after %.0f s; going on", peer.id, PC_CLOSE_TIMEOUT_S)
         elif closing.exception() is not None:
             logger.warning("viewer %s: error while closing: %s", peer.id, closing.exception())
+        logger.info("viewer %s: closed (%s)", peer.id, reason)
 
     def _send_hello(self, peer: ViewerPeer) -> None:
+        device_kind = str(self.pipeline.device).split(":")[0]  # "cuda" for cuda:1
         peer.send(HelloMessage(self.config.name, self.pipeline.size, self.config.codec, self.config.pose_limits.to_json(),
-                               self.pipeline.refiner_name).to_json())
+                               self.pipeline.refiner_name, device_kind).to_json())
         if self.render_loop is not None:
             self._send_status(peer, self.render_loop.status)
 
@@ -265,7 +285,9 @@ class Sender:
             peer.send(ErrorMessage(error.code, str(error)).to_json())
             return
         if isinstance(message, PingMessage):
-            peer.send(PongMessage(message.t).to_json())
+            peer.send(PongMessage(message.t, round(time.time() * 1e3, 1)).to_json())
+        elif isinstance(message, StampsMessage):
+            peer.track.stamp_frames = message.on
         elif isinstance(message, PoseMessage):
             if message.seq <= peer.pose_seq:
                 return  # reordered or repeated: an older pose than the one in use
@@ -318,32 +340,34 @@ class Sender:
             for peer in list(self.viewers.values()):
                 if peer.last_seen is None:
                     if now - peer.created_at > self.config.connect_timeout_s:
-                        await self.close_viewer(peer.id, "pose channel never opened")
+                        await self.close_peer(peer, "pose channel never opened")
                 elif now - peer.last_seen > self.config.heartbeat_timeout_s:
-                    await self.close_viewer(peer.id, f"no heartbeat for {now - peer.last_seen:.1f} s")
+                    await self.close_peer(peer, f"no heartbeat for {now - peer.last_seen:.1f} s")
 
     # -- signaling --
 
     async def run_signaling(self) -> None:
-        """Join the room and answer offers; reconnects with backoff. Returns only by cancellation or error."""
+        """Join the room and answer offers; reconnects with backoff, under the same id (calls in
+        progress go on meanwhile). Returns only by cancellation, or SignalingRejectedError."""
         config = self.config
         backoff_s = 0.5
+        resume: Optional[str] = None
         while True:
-            client = SignalingClient(config.signaling_url, config.room, "sender", config.name, config.token)
+            client = SignalingClient(config.signaling_url, config.room, "sender", config.name, config.token, resume=resume)
             try:
                 joined = await client.connect()
+                resume = joined.resume or resume
                 logger.info("joined room %r as sender %s", joined.room, joined.id)
                 backoff_s = 0.5
                 async for message in client.messages():
                     await self._on_server_message(client, message)
+                logger.warning("signaling %s closed the connection; rejoining", config.signaling_url)
             except SignalingRejectedError:
                 raise
             except (OSError, asyncio.TimeoutError, RuntimeError, websockets.exceptions.WebSocketException) as error:
                 logger.warning("signaling %s unavailable (%s); retrying in %.1f s",
                                config.signaling_url, error or type(error).__name__, backoff_s)
             finally:
-                # Peer ids are per signaling session: viewers re-offer after both sides rejoin.
-                await asyncio.gather(*(self.close_viewer(v, "signaling connection lost") for v in list(self.viewers)))
                 await client.close()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
@@ -354,22 +378,41 @@ class Sender:
         elif isinstance(message, RelayedOfferMessage):
             self._spawn(self._answer_offer(client, message.from_id, message.sdp))
         elif isinstance(message, PeerLeftMessage):
-            if message.id in self.viewers:
-                await self.close_viewer(message.id, "left the room")
+            await self.close_viewer(message.id, "left the room")
 
-    async def _answer_offer(self, client: SignalingClient, viewer_id: str, sdp: Any) -> None:
+    async def _answer_offer(self, client: SignalingClient, viewer_id: str, sdp: str) -> None:
+        """Answer, or decline with the reason. One offer per viewer at a time: while one is being
+        answered, further offers from that viewer are declined (a browser never sends two)."""
+        if viewer_id in self._offering:
+            await self._decline(client, viewer_id, "an earlier offer from this viewer is still being answered")
+            return
+        self._offering.add(viewer_id)
+        peer: Optional[ViewerPeer] = None
         try:
-            if not isinstance(sdp, str):
-                raise ValueError("offer without sdp")
             answer_sdp = await self.answer(viewer_id, sdp)
+            peer = self.viewers.get(viewer_id)
             await client.send(AnswerMessage(to=viewer_id, sdp=answer_sdp))
         except Exception as error:
-            reason = "sender is full" if isinstance(error, ViewerLimitError) else "sender could not answer the offer"
-            logger.warning("viewer %s: %s: %s", viewer_id, reason, error)
-            try:
-                await client.send(DeclineMessage(to=viewer_id, reason=reason))
-            except Exception:
-                pass
+            if isinstance(error, ViewerLimitError):
+                reason = "sender is full"
+            elif isinstance(error, InvalidOfferError):
+                reason = f"unusable offer: {error}"
+            else:
+                reason = f"could not answer the offer ({type(error).__name__}: {error})"
+            reason = " ".join(reason.split())[:200]  # one printable line, as DeclineMessage wants
+            logger.warning("viewer %s: declined: %s", viewer_id, reason)
+            if peer is not None:  # an answer was made but cannot be delivered: free its peer now, not after a timeout
+                await self.close_peer(peer, "its answer could not be delivered")
+            await self._decline(client, viewer_id, reason)
+        finally:
+            self._offering.discard(viewer_id)
+
+    @staticmethod
+    async def _decline(client: SignalingClient, viewer_id: str, reason: str) -> None:
+        try:
+            await client.send(DeclineMessage(to=viewer_id, reason=reason))
+        except Exception as error:  # the signaling socket went away: the viewer will offer again
+            logger.debug("viewer %s: could not send the decline: %s", viewer_id, error)
 
 
 async def serve(sender: Sender) -> None:

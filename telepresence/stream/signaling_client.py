@@ -29,10 +29,14 @@ class SignalingClient:
             async for message in client.messages(): ...
     """
 
+    keepalive_s = 5.0
+    """Ping the server this often; a server silent keepalive_s longer counts as gone (then rejoin)."""
+
     def __init__(self, url: str, room: str, role: str, name: str, token: Optional[str] = None,
-                 open_timeout_s: float = 5.0) -> None:
+                 open_timeout_s: float = 5.0, resume: Optional[str] = None) -> None:
+        """resume: the `resume` token of an earlier session's `joined`, to rejoin under the same id."""
         self.url = url
-        self.join_message = JoinMessage(room=room, role=role, token=token, name=name)
+        self.join_message = JoinMessage(room=room, role=role, token=token, name=name, resume=resume)
         self.open_timeout_s = open_timeout_s
         self.joined: Optional[JoinedMessage] = None
         self._ws: Any = None
@@ -47,7 +51,8 @@ class SignalingClient:
     async def connect(self) -> JoinedMessage:
         """Open the socket and join; raises SignalingRejectedError for a refusal that retrying cannot cure,
         RuntimeError for any other refusal, OSError/TimeoutError/WebSocketException when unreachable."""
-        self._ws = await websockets.connect(self.url, open_timeout=self.open_timeout_s, max_size=2**20, compression=None)
+        self._ws = await websockets.connect(self.url, open_timeout=self.open_timeout_s, max_size=2**20, compression=None,
+                                            ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s, close_timeout=2.0)
         await self.send(self.join_message)
         while True:
             message = await self.recv(self.open_timeout_s)

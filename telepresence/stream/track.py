@@ -4,6 +4,9 @@ aiortc's RTCRtpSender loop is `frame = await track.recv(); encode(frame) in an
 executor; send packets; repeat`. So the time from `recv()` returning to the
 next `recv()` call is this track's encode + packetise + send time, which is
 what the stats report as "encode", measured without touching aiortc.
+
+`stamp_frames` (set from the viewer's `stamps` message) paints each frame's
+capture time into this track's pictures only (framecode.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Optional
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from .framecode import capture_stamp, draw_frame_code
 from .renderloop import RenderedView
 
 VIDEO_CLOCK_RATE = 90_000
@@ -42,6 +46,8 @@ class ViewTrack(MediaStreamTrack):
         self.frames_sent = 0
         self.frames_dropped = 0
         self.last_view: Optional[RenderedView] = None
+        self.stamp_frames = False
+        """Paint the capture time into this viewer's frames (its `stamps` request)."""
 
     # -- producer side (render-loop worker thread) --
 
@@ -49,7 +55,11 @@ class ViewTrack(MediaStreamTrack):
         """Offer a new frame (thread-safe); an unsent older one is dropped."""
         if self.readyState != "live":
             return
-        frame = av.VideoFrame.from_ndarray(view.image, format="rgb24")  # the copy happens off the event loop
+        image = view.image
+        if self.stamp_frames:
+            image = image.copy()  # the other viewers' frames stay clean
+            draw_frame_code(image, capture_stamp(view.t_capture))
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")  # the copy happens off the event loop
         try:
             self._loop.call_soon_threadsafe(self._set_pending, frame, view)
         except RuntimeError:  # event loop already closed: the sender is shutting down

@@ -2,9 +2,10 @@
 
 Same protocol as web/app.js: recvonly video transceiver plus an unordered,
 no-retransmit "pose" data channel, offer with ICE gathered, pose messages
-{seq, t, yaw, pitch, dist}, a ping every second. Decoded frames are drained
-as they arrive (aiortc's receive queue is unbounded) and only the newest is
-kept.
+{seq, t, yaw, pitch, dist}, a ping every second (with `stamps {on}` repeated
+once asked for), the sender's clock offset from the pongs. Decoded frames
+are drained as they arrive (aiortc's receive queue is unbounded) and only
+the newest is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from .framecode import ClockOffset, glass_to_glass_ms, read_frame_code
 from .messages import (
     ErrorMessage,
     HelloMessage,
@@ -27,9 +29,11 @@ from .messages import (
     OfferMessage,
     PeerJoinedMessage,
     PingMessage,
+    PongMessage,
     PoseMessage,
     RelayedAnswerMessage,
     RelayedDeclineMessage,
+    StampsMessage,
     StatsMessage,
     StatusMessage,
     parse_sender_message,
@@ -66,8 +70,12 @@ class Viewer:
         self.frames_received = 0
         self.hello: Optional[HelloMessage] = None
         self.status: Optional[str] = None
+        self.status_text = ""
+        """What the sender says about its status (shown by the page)."""
         self.stats: Optional[StatsMessage] = None
         self.errors: list[ErrorMessage] = []
+        self.clock = ClockOffset()
+        self._stamps: Optional[bool] = None
         self._latest: Optional[av.VideoFrame] = None
         self._new_frame = asyncio.Event()
         self._channel_open = asyncio.Event()
@@ -157,6 +165,8 @@ class Viewer:
     async def _heartbeat(self) -> None:
         while self.channel.readyState == "open":
             self.send_raw(PingMessage(t=time.time() * 1e3).to_json())
+            if self._stamps is not None:  # repeated: the channel may lose a message
+                self.send_raw(StampsMessage(self._stamps).to_json())
             await asyncio.sleep(self.heartbeat_interval_s)
 
     def send_raw(self, text: str) -> None:
@@ -169,6 +179,17 @@ class Viewer:
         self._seq += 1
         self.send_raw(PoseMessage(seq=self._seq, t=time.time() * 1e3, yaw=yaw, pitch=pitch, dist=dist).to_json())
 
+    def set_stamps(self, on: bool) -> None:
+        """Ask the sender to paint (or stop painting) the capture time into this viewer's frames."""
+        self._stamps = on
+        self.send_raw(StampsMessage(on).to_json())
+
+    def glass_to_glass_ms(self, image: np.ndarray, t_received_s: float) -> Optional[int]:
+        """Capture to `t_received_s` (this host's wall clock) of a decoded frame [H, W, 3] uint8 that
+        carries a stamp, on the sender's clock; None without a stamp or a pong yet."""
+        stamp, offset = read_frame_code(image), self.clock.offset_ms
+        return None if stamp is None or offset is None else glass_to_glass_ms(stamp, t_received_s * 1e3, offset)
+
     def _on_message(self, raw: Any) -> None:
         try:
             message = parse_sender_message(raw)
@@ -179,9 +200,13 @@ class Viewer:
             self.hello = message
         elif isinstance(message, StatusMessage):
             self.status = message.status
+            self.status_text = message.message
         elif isinstance(message, StatsMessage):
             self.stats = message
             self.status = message.status
+        elif isinstance(message, PongMessage):
+            if message.wall_ms is not None:
+                self.clock.add(message.t, time.time() * 1e3, message.wall_ms)
         elif isinstance(message, ErrorMessage):
             self.errors.append(message)
 

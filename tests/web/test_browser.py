@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from telepresence.stream.framecode import read_frame_code
 from tests.conftest import REPO as ROOT
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -37,6 +38,19 @@ GRAB_JS = """(video) => {
   const d = g.getImageData(0, 0, side, side).data, out = [];
   for (let i = 0; i < d.length; i += 4) out.push((d[i] + d[i + 1] + d[i + 2]) / 3);
   return out;
+}"""
+
+
+# The corner where the sender paints capture stamps, at the video's own resolution, as luma.
+CORNER_JS = """(video) => {
+  const size = Math.min(video.videoWidth, video.videoHeight), cell = Math.max(4, Math.floor(size / 32));
+  const canvas = document.createElement("canvas");
+  canvas.width = 7 * cell; canvas.height = 4 * cell;
+  const g = canvas.getContext("2d");
+  g.drawImage(video, 0, 0, canvas.width, canvas.height, 0, 0, canvas.width, canvas.height);
+  const d = g.getImageData(0, 0, canvas.width, canvas.height).data, luma = [];
+  for (let i = 0; i < d.length; i += 4) luma.push((d[i] + d[i + 1] + d[i + 2]) / 3);
+  return { size, width: canvas.width, height: canvas.height, luma };
 }"""
 
 
@@ -119,12 +133,19 @@ def wait_live(page, timeout_s=30):
     )
 
 
+def frame_stamp(page):
+    """The capture stamp in the displayed frame's corner, read by the Python reader, or None."""
+    corner = page.eval_on_selector(".tile video", CORNER_JS)
+    luma = np.array(corner["luma"], dtype=np.float32).reshape(corner["height"], corner["width"])
+    return read_frame_code(luma, size=corner["size"])
+
+
 def number(page, selector):
     text = page.text_content(selector).strip()
     return float(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else None
 
 
-def check_receives_orbits_and_shows_stats(page, url, live_timeout_s=30, settle_s=1.5, expect_refine=True):
+def check_receives_orbits_and_shows_stats(page, url, live_timeout_s=30, settle_s=1.5, expect_refine=True, refiner=False):
     page.goto(url)
     wait_live(page, live_timeout_s)
 
@@ -173,6 +194,7 @@ def check_receives_orbits_and_shows_stats(page, url, live_timeout_s=30, settle_s
     assert number(page, '[data-stat="sender-fps"]') > 0
     for stage in ("landmarks", "avatar", "refine") if expect_refine else ("landmarks", "avatar"):
         assert number(page, f'[data-stage="{stage}"]') is not None, stage
+    assert page.text_content('[data-badge="refiner"]') == ("refiner on" if refiner else "refiner off")
     assert page.text_content("#connection-text").startswith("Live")
 
 
@@ -189,9 +211,62 @@ def test_page_receives_video_orbits_and_shows_stats(page):
         receiver.stop()
 
 
+def test_badge_expands_into_the_stats_and_measures_glass_to_glass(page):
+    receiver, url, port = start_receiver()
+    sender = start_sender(port, "--pipeline", "tests.fake_pipeline")
+    try:
+        page.goto(url)
+        wait_live(page)
+        badge, panel, tile = page.locator(".tile .badge"), page.locator("#stats-panel"), page.locator(".tile")
+
+        # collapsed at start: one small line in the tile's top-left corner, no panel
+        box, tile_box = badge.bounding_box(), tile.bounding_box()
+        assert box["height"] < 40 and box["width"] < 0.5 * tile_box["width"], box
+        assert box["y"] - tile_box["y"] < 0.05 * tile_box["height"] and box["x"] - tile_box["x"] < 0.05 * tile_box["width"]
+        assert not panel.is_visible() and badge.get_attribute("aria-expanded") == "false"
+        assert page.text_content('[data-badge="refiner"]') == "refiner off"  # the fake pipeline refines nothing
+        assert page.text_content(".tile .size-note") == "256 px · CPU"
+        assert page.text_content('[data-stat="size-why"]') == "256 px: the sender runs on the CPU"
+        # closed, the badge shows an estimate, labelled so, and nobody stamps the frames
+        page.wait_for_function("() => /^≈\\d+$/.test(document.querySelector('[data-badge=\"latency\"]').textContent)",
+                               timeout=10000)
+        assert "estimated" in badge.locator(".badge-latency").get_attribute("title")
+        assert [frame_stamp(page) for _ in range(3)] == [None] * 3
+
+        # S expands: the sender stamps this page's frames, the page measures glass to glass
+        page.keyboard.press("s")
+        assert panel.is_visible() and badge.get_attribute("aria-expanded") == "true"
+        page.wait_for_function("() => /^\\d+$/.test(document.querySelector('[data-stat=\"latency\"]').textContent)",
+                               timeout=10000)
+        latency = number(page, '[data-stat="latency"]')
+        print(f"glass to glass on the loopback: {latency:.0f} ms (estimate {page.text_content('[data-stat=latency-estimate]')})")
+        assert 0 < latency < 2000
+        assert re.fullmatch(r"\d+", page.text_content('[data-badge="latency"]'))  # measured: no "≈"
+        assert "measured" in badge.locator(".badge-latency").get_attribute("title")
+        assert frame_stamp(page) is not None  # the page's reader and framecode.py agree on what is there
+        tile_open = tile.bounding_box()
+        panel_box = panel.bounding_box()
+        assert panel_box["x"] >= tile_open["x"] + tile_open["width"], (panel_box, tile_open)  # beside, not over, the head
+
+        # a click on the badge collapses it again, and the stamps stop
+        badge.click()
+        assert not panel.is_visible() and badge.get_attribute("aria-expanded") == "false"
+        time.sleep(1.5)
+        assert [frame_stamp(page) for _ in range(5)] == [None] * 5
+        assert page.text_content('[data-pose="yaw"]').strip() == "+0°"  # the click did not orbit
+        badge.click()
+        assert panel.is_visible()
+        page.keyboard.press("S")
+        assert not panel.is_visible()
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
 def test_page_shows_every_sender_with_its_own_orbit(page):
     receiver, url, port = start_receiver()
-    senders = [start_sender(port, "--pipeline", "tests.fake_pipeline", "--name", name) for name in ("alice", "bob")]
+    senders = [start_sender(port, "--pipeline", pipeline, "--name", name)
+               for name, pipeline in (("alice", "tests.fake_pipeline"), ("bob", "tests.fake_pipeline:build_pipeline_with_refiner"))]
     try:
         page.goto(url)
         page.wait_for_function(
@@ -199,8 +274,10 @@ def test_page_shows_every_sender_with_its_own_orbit(page):
             " return tiles.length === 2 && tiles.every(t => t.dataset.state === 'live'); }",
             timeout=30000,
         )
-        names = sorted(page.eval_on_selector_all(".tile .name", "els => els.map(e => e.textContent)"))
-        assert names == ["alice", "bob"]
+        names = page.eval_on_selector_all(".tile .name", "els => els.map(e => e.textContent)")
+        assert sorted(names) == ["alice", "bob"]
+        refiners = dict(zip(names, page.eval_on_selector_all('[data-badge="refiner"]', "els => els.map(e => e.textContent)")))
+        assert refiners == {"alice": "refiner off", "bob": "refiner on"}
         tiles = page.locator(".tile")
         box = tiles.nth(0).bounding_box()
         x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -216,7 +293,7 @@ def test_page_shows_every_sender_with_its_own_orbit(page):
         receiver.stop()
 
 
-def test_page_reconnects_when_the_sender_and_the_receiver_restart(page):
+def test_page_reconnects_when_the_sender_restarts_and_keeps_its_call_when_the_receiver_does(page):
     receiver, url, port = start_receiver()
     sender = start_sender(port, "--pipeline", "tests.fake_pipeline")
     try:
@@ -231,8 +308,13 @@ def test_page_reconnects_when_the_sender_and_the_receiver_restart(page):
 
         receiver.stop()
         page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'reconnecting'", timeout=10000)
+        t0 = video_time(page)  # the call goes on without the receiver: media flows peer to peer
+        time.sleep(1.5)
+        assert video_time(page) > t0 + 1.0
+        assert page.eval_on_selector(".tile", "t => t.dataset.state") in ("live", "degraded")
         receiver, _, _ = start_receiver(port)
-        wait_live(page, timeout_s=30)  # page and sender both rejoin on their own
+        page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'live'", timeout=30000)
+        assert page.locator(".tile").count() == 1  # page and sender rejoined under their ids: the same call, one tile
         t0 = video_time(page)
         time.sleep(1.0)
         assert video_time(page) > t0 + 0.5
@@ -248,7 +330,8 @@ def test_page_with_the_real_pipeline(page):
         from models.refiner.shipped import default_refiner_path
 
         shipped = (default_refiner_path() / "refiner.json").exists()
-        check_receives_orbits_and_shows_stats(page, url, live_timeout_s=120, settle_s=30, expect_refine=shipped)
+        check_receives_orbits_and_shows_stats(page, url, live_timeout_s=120, settle_s=30, expect_refine=shipped,
+                                              refiner=shipped)
     finally:
         sender.stop()
         receiver.stop()

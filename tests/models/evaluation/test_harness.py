@@ -17,6 +17,7 @@ from models.evaluation import (
     write_results,
 )
 from models.evaluation.metrics import PSNR_MAX_DB
+from tests.fake_avatar import fake_avatar_module
 from tests.tiny_clips import write_face_clip, write_faceless_clip
 
 TINY = EvalConfig(size=96, min_gap_frames=1, max_pairs_per_bin=4, identity=False, flicker=True,
@@ -144,45 +145,6 @@ def test_face_box_framing_maps_pixel_centres():
     np.testing.assert_allclose(m[10:], 0.0, atol=1e-6)
 
 
-class _FakeAvatar:
-    def __init__(self, image, geometry):
-        self.image, self.geometry = image, geometry
-
-    def crop(self, image, size):
-        import cv2
-        import torch
-
-        arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-        arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA)
-        arr = arr[..., None] if arr.ndim == 2 else arr
-        return torch.from_numpy(arr).permute(2, 0, 1)
-
-    def source_view(self, size):
-        return self.crop(self.image, size)
-
-
-def _fake_avatar_module():
-    import types
-
-    import torch
-
-    mod = types.ModuleType("models.avatar")
-    mod.AvatarConfig = lambda: "config"
-    mod.calls = []
-
-    def build_avatar(image, obs, config, device="cpu", geometry=None, render_size=512):
-        mod.calls.append((config, device, geometry is not None, render_size))
-        return _FakeAvatar(image, geometry)
-
-    def render_views(avatar, poses, size):
-        rgb = avatar.source_view(size)[None].repeat(len(poses), 1, 1, 1) * 0.9
-        ones = torch.ones(len(poses), 1, size, size)
-        return types.SimpleNamespace(rgb=rgb, alpha=ones, seen=ones, depth=ones)
-
-    mod.build_avatar, mod.render_views = build_avatar, render_views
-    return mod
-
-
 class _FakeRefiner:
     dtype = None
     config = type("Cfg", (), {"seen_mask": False})()
@@ -204,7 +166,7 @@ def test_avatar_runner_plumbing_with_a_fake_avatar(clip_dir, monkeypatch, tmp_pa
 
     from models.evaluation import AvatarRunner
 
-    fake = _fake_avatar_module()
+    fake = fake_avatar_module()
     monkeypatch.setitem(sys.modules, "models.avatar", fake)
     refiner = _FakeRefiner()
     runner = AvatarRunner(refiner=refiner, refine_batch=2)

@@ -9,7 +9,6 @@ from skimage.metrics import structural_similarity
 
 from models.evaluation.metrics import (
     PSNR_MAX_DB,
-    identity_distance,
     landmark_error_pct,
     masked_psnr,
     masked_ssim,
@@ -18,6 +17,7 @@ from models.evaluation.metrics import (
     temporal_flicker,
     warp_error,
 )
+from models.face.identity import identity_distance
 
 
 def const(value, shape=(32, 32, 3)):
@@ -151,8 +151,8 @@ def test_identity_distance_is_euclidean():
 
 def test_identity_embedder_same_person_is_close():
     pytest.importorskip("dlib", reason="identity metrics need the eval extra")
-    from models.evaluation.metrics import IdentityEmbedder
     from models.face.analysis import FaceAnalyzer, FaceConfig
+    from models.face.identity import IdentityEmbedder
 
     img = skimage.data.astronaut()
     crop = cv2.resize(img[0:320, 90:410], (200, 200), interpolation=cv2.INTER_AREA)
@@ -169,11 +169,11 @@ def test_identity_embedder_same_person_is_close():
 def test_identity_embedder_names_the_eval_extra_when_missing(monkeypatch):
     import importlib.util
 
-    from models.evaluation import metrics
+    from models.face import identity
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "face_recognition_models" else real(name, *a))
     pytest.importorskip("dlib")
-    with pytest.raises(metrics.MissingEvalExtraError, match=r"\[eval\]"):
-        metrics.IdentityEmbedder()
+    with pytest.raises(identity.MissingEvalExtraError, match=r"\[eval\]"):
+        identity.IdentityEmbedder()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.refiner.attention import self_attn_processors
-from models.refiner import Refiner, RefinerConfig
+from models.refiner import Refiner, RefinerConfig, refine_views
 
 H = W = 32
 
@@ -107,9 +107,9 @@ def test_per_sample_noise_levels():
 
 def test_noise_schedule_ends():
     model = _model()
-    assert model._noise_table[0] == 1.0  # s = 0: clean
-    ab_t = model._noise_table[-1].item()  # s = 1: timestep T of the schedule
-    assert ab_t == pytest.approx(model._sqrt_a_t**2, rel=1e-6)
+    assert model.schedule.noise_table[0] == 1.0  # s = 0: clean
+    ab_t = model.schedule.noise_table[-1].item()  # s = 1: timestep T of the schedule
+    assert ab_t == pytest.approx(model.schedule.sqrt_a_t**2, rel=1e-6)
 
 
 def test_seen_mask_channel_changes_output():
@@ -281,3 +281,32 @@ def test_edit_unseen_only_keeps_seen_texture():
     assert not torch.allclose(out[:, 1, :, :16], views[:, 1, :, :16], atol=1e-3)
     with pytest.raises(ValueError, match="edit_unseen_only"):
         Refiner.tiny(edit_unseen_only=True)
+
+
+def test_refine_views_batches_expands_the_reference_and_casts():
+    """refine_views in chunks, with one [3, H, W] reference, equals one refine call on the expanded batch."""
+    model = _model(seen_mask=True).prepare("cpu", torch.float32)
+    ref, novel, mask = _inputs(b=5, v=2, seen=True)
+    one = ref[0]
+    whole = model.refine(one[None].expand(5, -1, -1, -1), novel, mask, noise_level=0.3, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    chunked = torch.cat([
+        model.refine(one[None].expand(n, -1, -1, -1), novel[i : i + n], mask[i : i + n], noise_level=0.3, generator=g)
+        for i, n in ((0, 2), (2, 2), (4, 1))
+    ])
+    got = refine_views(model, one, novel, mask, noise_level=0.3, batch=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got, chunked)  # same calls, same noise draws
+    torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)
+    assert torch.equal(refine_views(model, ref, novel, mask), model.refine(ref, novel, mask))
+    low = copy.deepcopy(model).prepare("cpu", torch.bfloat16)
+    assert refine_views(low, ref, novel, mask).dtype == torch.bfloat16  # float32 inputs cast to the refiner's dtype
+
+
+def test_refine_views_drops_the_seen_mask_of_a_refiner_without_one():
+    model = _model()
+    ref, novel, mask = _inputs(b=2, v=2, seen=True)
+    with torch.no_grad():
+        assert torch.equal(refine_views(model, ref, novel, mask), model.refine(ref, novel))
+    with pytest.raises(ValueError, match=r"expected reference \[B, 3, H, W\] or \[3, H, W\]"):
+        refine_views(model, ref[None], novel)
+

@@ -226,11 +226,11 @@ def test_identity_metric_separates_people(astronaut, test_data):
     pytest.importorskip("dlib", reason="dlib (the eval extra) is not installed")
     import cv2
 
-    from models.training.identity import SAME_PERSON_THRESHOLD, IdentityMetric
     from models.face.analysis import read_image
+    from models.face.identity import SAME_PERSON_THRESHOLD, IdentityEmbedder
 
-    metric = IdentityMetric()
-    assert metric.available, metric.reason
+    metric = IdentityEmbedder.optional()
+    assert metric is not None
     face = np.ascontiguousarray(cv2.resize(astronaut[0:300, 80:380], (256, 256), interpolation=cv2.INTER_AREA))
     assert metric.distance(face, face) < 1e-4
     assert metric.distance(cv2.GaussianBlur(face, (0, 0), 2.0), face) < SAME_PERSON_THRESHOLD
@@ -244,7 +244,7 @@ def test_identity_metric_separates_people(astronaut, test_data):
 def test_identity_metric_switches_off_without_dlib(monkeypatch, caplog):
     import builtins
 
-    from models.training.identity import IdentityMetric
+    from models.face.identity import IdentityEmbedder
 
     real_import = builtins.__import__
 
@@ -254,8 +254,8 @@ def test_identity_metric_switches_off_without_dlib(monkeypatch, caplog):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_dlib)
-    with caplog.at_level(logging.INFO, logger="models.training.identity"):
-        metric = IdentityMetric()
-    assert not metric.available
-    assert metric.distance(torch.rand(3, 32, 32), torch.rand(3, 32, 32)) is None
-    assert [r.message for r in caplog.records] == ["identity metric off: dlib is not installed (pip install dlib-bin face-recognition-models)"]
+    with caplog.at_level(logging.INFO, logger="models.face.identity"):
+        metric = IdentityEmbedder.optional()
+    assert metric is None
+    assert [r.message for r in caplog.records] == [
+        "identity metric off: dlib is not installed; pip install 'portrait-telepresence[eval]' (dlib-bin, face-recognition-models, setuptools)"]

@@ -1,13 +1,13 @@
-"""`telepresence eval` / `telepresence bench` argument handling, on tiny clips and a fake pipeline."""
+"""`telepresence eval` argument handling, on tiny clips and multi-camera sets."""
 import json
+import logging
 import sys
-from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 
-from benchmarks.pipeline_bench import README_BEGIN, README_END, bench_markdown, timing_stats
-from telepresence.cli.eval import bench_main, eval_main
+from telepresence.cli.eval import eval_main
+from tests.fake_avatar import fake_avatar_module
+from tests.multiview_sets import write_photo_set
 from tests.tiny_clips import write_face_clip, write_faceless_clip
 
 
@@ -53,56 +53,51 @@ def test_eval_rejects_bad_arguments(tmp_path, capsys):
     assert "no video files" in capsys.readouterr().err
 
 
-@dataclass
-class FakeResult:
-    views: np.ndarray
-    face_found: bool = True
-    status: str = "ok"
-    timings_ms: dict = field(default_factory=dict)
-
-
-class FakePipeline:
-    def __init__(self, config):
-        self.size = config.size
-        self.calls = 0
-
-    def process(self, frame, poses):
-        self.calls += 1
-        views = np.full((len(poses), self.size, self.size, 3), 0.5, np.float32)
-        return FakeResult(views, timings_ms={"landmarks": 4.0, "avatar": 10.0 + self.calls % 3, "render": 2.0,
-                                             "refine": 50.0})
-
-
-def test_bench_times_stages_and_regenerates_the_readme(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Project\n\n## Performance\n\n{README_BEGIN}\nold table\n{README_END}\n\nmore text\n")
-    out = tmp_path / "bench.json"
-    code = bench_main(["--frames", "4", "--warmup", "1", "--viewers", "1", "2", "--out", str(out),
-                       "--readme", str(readme), "-q"], pipeline_factory=FakePipeline)
-    assert code == 0
-    doc = json.loads(out.read_text())
-    assert doc["meta"]["device"] == "cpu" and "versions" in doc["meta"]
-    assert [r["viewers"] for r in doc["runs"]] == [1, 2]
-    stages = doc["runs"][1]["stages_ms"]
-    assert stages["refine"]["median"] == 50.0 and stages["refine"]["n"] == 4
-    assert stages["encode"]["n"] == 4 and stages["encode"]["median"] > 0
-    assert stages["total"]["median"] >= stages["encode"]["median"]
-    text = readme.read_text()
-    assert "old table" not in text and "| 2 | 4.0 / 4.0 |" in text and text.endswith("more text\n")
-    # Regenerating from the JSON alone gives the same table.
-    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
-    assert bench_main(["--from-json", str(out), "--readme", str(readme)]) == 0
-    assert bench_markdown(doc) in readme.read_text()
-
-
-def test_timing_stats():
-    s = timing_stats([1.0, 2.0, 3.0, 4.0, 100.0])
-    assert s["median"] == 3.0 and s["n"] == 5 and s["p90"] == pytest.approx(61.6) and s["p95"] == pytest.approx(80.8)
-    assert timing_stats([])["median"] is None
-
-
-def test_missing_refiner_weights_are_an_error_not_a_silent_fallback(clip_dir, tmp_path, capsys):
+def test_a_refiner_path_that_does_not_exist_is_an_error(clip_dir, tmp_path, capsys):
     code = eval_main(["--clips", str(clip_dir), "--out", str(tmp_path), "--refiner", str(tmp_path / "nowhere"),
                       "--no-cache", "-q"])
     assert code == 2
     assert "refiner weights not found" in capsys.readouterr().err
+
+
+def test_default_refiner_with_nothing_shipped_falls_back_to_the_raw_avatar_like_the_demo(
+        clip_dir, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("TELEPRESENCE_WEIGHTS", str(tmp_path / "no-weights"))  # nothing shipped here
+    monkeypatch.setitem(sys.modules, "models.avatar", fake_avatar_module())
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.INFO):
+        code = eval_main(["--clips", str(clip_dir), "--out", str(out), "--size", "64", "--max-pairs", "2",
+                          "--methods", "baseline", "raw,refined",  # space- and comma-separated alike
+                          "--no-identity", "--no-landmarks", "--no-flicker", "--no-cache", "-q"])
+    assert code == 0, capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if "refine" in r.getMessage()]
+    assert len(said) == 1 and "no shipped refiner weights" in said[0] and "raw avatar" in said[0]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["methods"] == ["baseline", "raw"] and doc["meta"]["refiner"] is None
+    assert "refined: not run (no refiner weights shipped" in (out / "results.md").read_text()
+    assert "raw       PSNR head [dB]" in capsys.readouterr().out
+
+
+def test_eval_multiview_sets_beside_clips(clip_dir, tmp_path, capsys):
+    sets = tmp_path / "sets"
+    write_photo_set(sets / "astronaut")
+    out = tmp_path / "eval"
+    code = eval_main(["--clips", str(clip_dir / "face.mp4"), "--multiview", str(sets), "--out", str(out),
+                      "--methods", "baseline", "--size", "96", "--no-identity", "--no-cache", "-q", "--max-pairs", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "reenactment (other frame of a clip): 1 clip(s)" in printed
+    assert "multi-camera (same moment): 1 set(s), 2 targets" in printed and "60+:" in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["clips"] == ["face"] and doc["multiview"]["sets"] == ["astronaut"]
+
+
+def test_eval_multiview_argument_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert eval_main(["--out", str(tmp_path / "o")]) == 2
+    assert "--clips PATH ... and/or --multiview DIR" in capsys.readouterr().err
+    assert eval_main(["--multiview", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert eval_main(["--multiview", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no multi-camera sets" in capsys.readouterr().err
+    assert eval_main(["--multiview", str(tmp_path), "--out", str(tmp_path / "o"), "--methods", "raw", "magic"]) == 2

@@ -19,7 +19,14 @@ from telepresence.stream.capture import (
     VideoFileSource,
     open_source,
 )
-from telepresence.stream.framecode import draw_frame_code, read_frame_code, stamp_age_ms
+from telepresence.stream.framecode import (
+    ClockOffset,
+    capture_stamp,
+    draw_frame_code,
+    glass_to_glass_ms,
+    read_frame_code,
+    stamp_age_ms,
+)
 from telepresence.stream.slot import LatestSlot, SlotClosedError
 from tests.helpers import ScriptedSource, card_image
 
@@ -46,7 +53,7 @@ def test_image_source_repeats_the_still(tmp_path):
     np.testing.assert_array_equal(source.retrieve(), card_image())
 
 
-@pytest.mark.parametrize("spec, message", [("missing.mp4", "no such video file"), ("missing.png", "no such image file")])
+@pytest.mark.parametrize("spec, message", [("missing.mp4", "no such video file"), ("missing.png", "cannot read image .*: no such file")])
 def test_missing_files_give_a_clear_error(tmp_path, spec, message):
     with pytest.raises(SourceError, match=message):
         open_source(str(tmp_path / spec))
@@ -59,7 +66,7 @@ def test_unreadable_files_give_a_clear_error(tmp_path):
         open_source(str(bad_video))
     bad_image = tmp_path / "bad.jpg"
     bad_image.write_bytes(b"nor an image")
-    with pytest.raises(SourceError, match="cannot decode image"):
+    with pytest.raises(SourceError, match="cannot read image .*: not an image file, or corrupt"):
         open_source(str(bad_image))
 
 
@@ -104,7 +111,7 @@ def test_video_file_plays_at_its_frame_rate(tmp_path):
 
 def test_capture_thread_keeps_only_the_newest_frame():
     slot: LatestSlot[CapturedFrame] = LatestSlot()
-    source = ScriptedSource(lambda i: np.full((8, 8, 3), i % 256, np.uint8), fps=200)
+    source = ScriptedSource(lambda i: np.full((16, 16, 3), i % 256, np.uint8), fps=200)
     thread = CaptureThread(source, slot)
     thread.start()
     time.sleep(0.3)  # nobody reads: frames pile onto the one slot
@@ -167,8 +174,48 @@ def test_source_fps_overrides_the_pacing(tmp_path):
             source.grab()
         assert 0.4 <= time.monotonic() - t0 < 1.5  # 25 intervals at 50 fps, not at the clip's 25
     path = tmp_path / "still.png"
-    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(path), np.zeros((16, 16, 3), np.uint8))
     assert open_source(str(path), fps=12.0).fps == 12.0
     assert open_source(str(path)).fps == 30.0
     with pytest.raises(SourceError, match="frame rate"):
         open_source("sample", fps=0.0)
+
+
+def test_capture_thread_fits_frames_and_stops_on_frames_too_small(caplog):
+    big = ScriptedSource(lambda i: np.full((2400, 3000, 3), 80, np.uint8), fps=100)
+    slot: LatestSlot[CapturedFrame] = LatestSlot()
+    thread = CaptureThread(big, slot)
+    with caplog.at_level("INFO", logger="telepresence.stream.capture"):
+        thread.start()
+        _, frame = slot.wait_newer(0, timeout=5.0)
+        slot.wait_newer(1, timeout=5.0)
+        thread.stop()
+    assert frame.image.shape == (1536, 1920, 3)
+    assert len([r for r in caplog.records if "downscaling" in r.getMessage()]) == 1
+
+    errors = []
+    tiny = ScriptedSource(lambda i: np.zeros((8, 8, 3), np.uint8), fps=500)
+    thread = CaptureThread(tiny, LatestSlot(), on_error=errors.append)
+    thread.max_consecutive_errors = 3
+    thread.start()
+    time.sleep(0.5)
+    assert len(errors) == 1 and "too small" in str(errors[0]) and not thread._thread.is_alive()
+
+
+def test_clock_offset_takes_the_least_delayed_ping():
+    clock = ClockOffset()
+    assert clock.offset_ms is None
+    true_offset = 5_000.0  # the sender's clock runs 5 s ahead
+    for sent, out_ms, back_ms in [(0, 40, 2), (100, 1, 1), (200, 3, 30)]:  # one-way delays, ms
+        clock.add(sent, sent + out_ms + back_ms, sent + out_ms + true_offset)
+    assert clock.offset_ms == 5_000.0  # the symmetric 1 ms + 1 ms ping; the others are off by 19 and 13.5 ms
+    clock.add(300, 299, 0)  # a reply "before" its ping (clock stepped): ignored
+    assert clock.offset_ms == 5_000.0
+
+
+def test_glass_to_glass_is_measured_on_the_senders_clock():
+    t_capture_s = 1_700_000_000.123
+    stamp = capture_stamp(t_capture_s)
+    shown_on_viewer_ms = t_capture_s * 1e3 + 62 - 5_000  # 62 ms later, on a clock 5 s behind
+    assert glass_to_glass_ms(stamp, shown_on_viewer_ms, offset_ms=5_000) == 62
+    assert glass_to_glass_ms((1 << 24) - 10, 5.0) == 15  # across the wrap

@@ -1,9 +1,11 @@
 """In-process aiortc loopback: a Python viewer against a Sender with the fake pipeline."""
 
+import asyncio
 import time
 
 import numpy as np
 
+from telepresence.stream.framecode import read_frame_code
 from telepresence.stream.viewer import Viewer
 from tests.helpers import ScriptedSource, async_test, card_image, mean_abs_diff, running_sender, wait_until
 
@@ -51,6 +53,37 @@ async def test_frames_arrive_and_a_pose_change_changes_them():
         assert set(viewer.stats.stages_ms) >= {"capture", "landmarks", "avatar", "refine", "encode"}
         assert viewer.stats.status == "ok" and viewer.stats.fps > 5
         await viewer.close()
+
+
+@async_test(timeout_s=40)
+async def test_stamps_mark_only_the_asking_viewers_frames_until_it_stops():
+    async with running_sender(source=still_source()) as sender:
+        frames = {"asks": [], "other": []}
+        viewers = {name: Viewer(on_frame=lambda f, t, name=name: frames[name].append((f, t))) for name in frames}
+        for name, viewer in viewers.items():
+            await viewer.connect(sender, name)
+            await viewer.next_frame(timeout_s=10)
+            await viewer.wait_channel_open()
+        asks = viewers["asks"]
+        assert asks.hello.device == "cpu" and asks.hello.size == 256 and asks.hello.refiner is None
+
+        def codes(name, count=5):
+            return [read_frame_code(f.to_ndarray(format="rgb24")) for f, _ in frames[name][-count:]]
+
+        asks.set_stamps(True)
+        await wait_until(lambda: asks.clock.offset_ms is not None and None not in codes("asks"), timeout_s=5)
+        latencies = [asks.glass_to_glass_ms(f.to_ndarray(format="rgb24"), t) for f, t in frames["asks"][-5:]]
+        assert all(ms is not None and 0 < ms < 2000 for ms in latencies), latencies
+        assert abs(asks.clock.offset_ms) < 50  # one host, one clock
+        assert codes("other") == [None] * 5  # the other viewer's frames stay clean
+
+        asks.set_stamps(False)
+        await asyncio.sleep(0.5)
+        count = len(frames["asks"])
+        await wait_until(lambda: len(frames["asks"]) >= count + 5, timeout_s=5)
+        assert codes("asks") == [None] * 5
+        for viewer in viewers.values():
+            await viewer.close()
 
 
 @async_test(timeout_s=30)
@@ -210,3 +243,31 @@ def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path):
     assert result["frames"] > 10 and result["fps_per_viewer"]["min"] > 2
     assert result["latency_ms"]["n"] > 10 and 0 < result["latency_ms"]["median"] < 2000
     assert result["stages_ms_median"]  # the sender's per-stage record was sampled while the viewers recorded
+
+
+def test_soak_benchmark_samples_every_process_and_finds_no_traceback(tmp_path):
+    """benchmarks/soak.py, briefly (fake pipeline, churn on): receiver, sender, viewers and churn in
+    their own processes, sampled from /proc, summarised to JSON and drawn to PNG."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO as root
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "soak.py"), "--minutes", "0.5", "--sample-s", "5", "--viewers", "2",
+         "--churn", "--churn-every", "2", "--out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["meta", "config", "results"] and doc["meta"]["benchmark"] == "soak"
+    result = doc["results"]
+    assert set(result["summary"]) == {"receiver", "sender", "viewer0", "viewer1", "churn"}
+    assert len(result["samples"]) >= 5 and all(code == 0 for code in result["exit_codes"].values())
+    for name, entry in result["summary"].items():
+        assert entry["log"]["tracebacks"] == 0, name
+        assert entry["rss_mb"]["end"] > 10 and entry["fds"]["end"] > 2 and entry["threads"]["end"] >= 1, name
+    assert result["summary"]["viewer0"]["fps"]["median"] > 2
+    assert result["churn"]["joins"] >= 1
+    assert out.with_suffix(".png").stat().st_size > 10_000

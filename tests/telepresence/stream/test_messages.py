@@ -13,12 +13,16 @@ from telepresence.stream.messages import (
     MessageError,
     MessageTooLargeError,
     OfferMessage,
+    HelloMessage,
     PingMessage,
+    PongMessage,
     PoseLimits,
     PoseMessage,
+    StampsMessage,
     UnknownMessageTypeError,
     encode_message,
     parse_channel_message,
+    parse_sender_message,
     parse_signaling_message,
 )
 
@@ -109,6 +113,9 @@ def test_valid_messages_parse_to_value_objects():
         {"name": "bell\x07"},
         {"name": "n" * 41},
         {"token": 5},
+        {"token": "\ud800"},  # a lone surrogate: JSON allows the escape, UTF-8 cannot encode it
+        {"name": "a\udfffb"},
+        {"resume": "not-a-resume-token"},
     ],
 )
 def test_join_fields_are_checked(fields):
@@ -121,6 +128,25 @@ def test_offer_needs_a_session_description():
         parse_signaling_message(json.dumps({"type": "offer", "to": "abc", "sdp": "hello"}))
     with pytest.raises(InvalidFieldError):
         parse_signaling_message(json.dumps({"type": "offer", "to": "a b", "sdp": "v=0"}))
+
+
+def test_stamps_requests_take_a_boolean_only():
+    assert parse_channel_message('{"type": "stamps", "on": true}') == StampsMessage(True)
+    assert parse_channel_message('{"type": "stamps", "on": false}') == StampsMessage(False)
+    for on in ("1", '"yes"', "null", "[true]"):
+        with pytest.raises(InvalidFieldError):
+            parse_channel_message('{"type": "stamps", "on": ' + on + "}")
+    with pytest.raises(InvalidFieldError, match="missing field 'on'"):
+        parse_channel_message('{"type": "stamps"}')
+
+
+def test_hello_and_pong_carry_what_the_page_shows():
+    hello = HelloMessage("alice", 256, "vp8", PoseLimits().to_json(), None, "cpu")
+    assert json.loads(hello.to_json())["device"] == "cpu" and "refiner" not in json.loads(hello.to_json())
+    assert parse_sender_message(hello.to_json()) == hello
+    pong = PongMessage(12.5, 1.7e12)
+    assert json.loads(pong.to_json()) == {"type": "pong", "t": 12.5, "wall_ms": 1.7e12}
+    assert parse_sender_message(pong.to_json()) == pong
 
 
 def test_outbound_messages_refuse_nan():

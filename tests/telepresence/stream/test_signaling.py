@@ -4,46 +4,14 @@ import asyncio
 import contextlib
 import http.client
 import json
-from pathlib import Path
 
 import pytest
 import websockets
 
-from telepresence.stream.receiver import Receiver, ReceiverConfig
 from telepresence.stream.signaling import RoomLimits
-from tests.helpers import async_test
+from tests.helpers import async_test, connect, join, recv_json, request, running_receiver
 
 SDP = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
-
-
-@contextlib.asynccontextmanager
-async def running_receiver(**config):
-    receiver = Receiver(ReceiverConfig(port=0, web_dir=Path("web"), **config))
-    await receiver.start()
-    try:
-        yield receiver
-    finally:
-        await receiver.stop()
-
-
-async def connect(receiver):
-    return await websockets.connect(receiver.signaling_url, compression=None, max_size=None)
-
-
-async def recv_json(ws, timeout_s=5.0):
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout_s))
-
-
-async def request(ws, message):
-    await ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
-    return await recv_json(ws)
-
-
-async def join(receiver, role, room="demo", **extra):
-    ws = await connect(receiver)
-    reply = await request(ws, {"type": "join", "room": room, "role": role, **extra})
-    assert reply["type"] == "joined", reply
-    return ws, reply
 
 
 @async_test()
@@ -202,3 +170,135 @@ async def test_static_files_are_served_from_web_only():
         # the server is still fine after all that
         ws, _ = await join(receiver, "viewer")
         await ws.close()
+
+
+@async_test()
+async def test_a_token_with_a_lone_surrogate_is_a_bad_field_not_an_internal_error():
+    async with running_receiver(token="s3cret") as receiver:
+        ws = await connect(receiver)
+        reply = await request(ws, '{"type": "join", "room": "demo", "role": "viewer", "token": "\\ud800"}')
+        assert reply["type"] == "error" and reply["code"] == "bad-field", reply
+        assert (await request(ws, {"type": "join", "room": "demo", "role": "viewer", "token": "s3cret"}))["type"] == "joined"
+        await ws.close()
+
+
+async def stop_reading_after_join(receiver, role, room="demo"):
+    """A member whose client never reads again: a 4 kB receive buffer, and websockets stops
+    reading the socket once one message waits unread (max_queue=1)."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", receiver.port))
+    ws = await connect(receiver, sock=sock, max_queue=1)
+    await ws.send(json.dumps({"type": "join", "room": room, "role": role}))
+    return ws
+
+
+@async_test(timeout_s=60)
+async def test_a_member_that_never_reads_neither_stalls_joins_nor_stays():
+    # A large outbox: the member stays until a send times out (the byte cap would drop it sooner).
+    async with running_receiver(limits=RoomLimits(max_viewers_per_ip=8, outbox_bytes=64 << 20)) as receiver:
+        stuck = await stop_reading_after_join(receiver, "sender")
+        await asyncio.sleep(0.2)
+        stuck_id = next(m.id for m in receiver.signaling.registry.rooms["demo"].values() if m.role == "sender")
+        # Viewers send the stuck sender big offers until its socket's buffers are full.
+        big_sdp = SDP + "a=x-pad:" + "y" * 59_000 + "\r\n"
+        flooders = [(await join(receiver, "viewer", room="demo"))[0] for _ in range(4)]
+        for ws in flooders:
+            for _ in range(30):
+                await ws.send(json.dumps({"type": "offer", "to": stuck_id, "sdp": big_sdp}))
+        await asyncio.sleep(1.0)
+
+        # A new viewer joins beside it and gets through at once: joined, then an answer to its next message.
+        assert any(m.id == stuck_id for m in receiver.signaling.registry.members.values())
+        t0 = asyncio.get_running_loop().time()
+        viewer, joined = await join(receiver, "viewer")
+        reply = await request(viewer, {"type": "offer", "to": "nobody", "sdp": SDP})
+        elapsed = asyncio.get_running_loop().time() - t0
+        assert reply["code"] == "unknown-peer"
+        assert elapsed < 1.0, f"a join beside a non-reading member took {elapsed:.2f} s"
+
+        # The member whose sends time out is dropped, and the room tells the others.
+        timeout_s = receiver.signaling.send_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s + 3.0
+        while any(m.id == stuck_id for m in receiver.signaling.registry.rooms.get("demo", {}).values()):
+            assert asyncio.get_running_loop().time() < deadline, "the non-reading member was never dropped"
+            await asyncio.sleep(0.1)
+        for ws in (viewer, *flooders):
+            await ws.close()
+        stuck.transport.abort()
+
+
+@async_test(timeout_s=40)
+async def test_a_frozen_member_loses_its_place_within_ten_seconds():
+    async with running_receiver(limits=RoomLimits(max_viewers_per_room=1)) as receiver:
+        frozen, _ = await join(receiver, "viewer")
+        frozen.transport.pause_reading()  # as if its process stopped: no pong, no close
+        t0 = asyncio.get_running_loop().time()
+        while receiver.signaling.registry.rooms.get("demo"):
+            assert asyncio.get_running_loop().time() - t0 < 10.0, "a silent member kept its place for 10 s"
+            await asyncio.sleep(0.2)
+        fresh, _ = await join(receiver, "viewer")  # the place is free again
+        await fresh.close()
+        frozen.transport.abort()
+
+
+@async_test()
+async def test_a_member_rejoins_with_its_resume_token_under_the_same_id():
+    async with running_receiver() as receiver:
+        viewer, joined = await join(receiver, "viewer")
+        assert len(joined["resume"]) == 32
+        viewer.transport.abort()
+        await asyncio.sleep(0.2)
+        again, rejoined = await join(receiver, "viewer", resume=joined["resume"])
+        assert rejoined["id"] == joined["id"] and rejoined["resume"] == joined["resume"]
+        other, fresh = await join(receiver, "viewer")
+        assert fresh["id"] != joined["id"]
+        # Knowing an id is not enough to take it: ids are derived from the secret token.
+        thief, stolen = await join(receiver, "viewer", resume="0" * 32)
+        assert stolen["id"] != joined["id"]
+        for ws in (again, other, thief):
+            await ws.close()
+
+
+@async_test()
+async def test_one_address_cannot_fill_a_room_or_the_server():
+    limits = RoomLimits(max_viewers_per_room=8, max_viewers_per_ip=3, max_rooms_per_ip=2)
+    async with running_receiver(limits=limits) as receiver:
+        viewers = [(await join(receiver, "viewer"))[0] for _ in range(3)]
+        extra = await connect(receiver)
+        assert (await request(extra, {"type": "join", "room": "demo", "role": "viewer"}))["code"] == "address-limit"
+        other, _ = await join(receiver, "viewer", room="second")
+        third = await connect(receiver)
+        assert (await request(third, {"type": "join", "room": "third", "role": "viewer"}))["code"] == "address-limit"
+        await viewers[0].close()
+        await asyncio.sleep(0.1)
+        assert (await request(extra, {"type": "join", "room": "demo", "role": "viewer"}))["type"] == "joined"
+        for ws in (*viewers[1:], extra, other, third):
+            await ws.close()
+
+
+@async_test(timeout_s=30)
+async def test_a_viewer_that_never_completes_a_call_expires():
+    async with running_receiver(limits=RoomLimits(idle_viewer_s=1.0)) as receiver:
+        alone, _ = await join(receiver, "viewer", room="empty")  # no sender to call: it may wait
+        idle, _ = await join(receiver, "viewer")
+        sender, _ = await join(receiver, "sender")
+        busy, joined = await join(receiver, "viewer")
+        sender_id = joined["peers"][0]["id"]
+        await busy.send(json.dumps({"type": "offer", "to": sender_id, "sdp": SDP}))
+        offer = None
+        while offer is None or offer["type"] != "offer":
+            offer = await recv_json(sender)
+        await sender.send(json.dumps({"type": "answer", "to": offer["from"], "sdp": SDP}))
+        await asyncio.sleep(2.5)
+        members = {m.id: m for room in receiver.signaling.registry.rooms.values() for m in room.values()}
+        assert joined["id"] in members  # it completed a call
+        assert len([m for m in members.values() if m.room == "demo" and m.role == "viewer"]) == 1  # idle one expired
+        assert any(m.room == "empty" for m in members.values())
+        with pytest.raises(websockets.exceptions.ConnectionClosed):
+            while True:
+                await recv_json(idle)
+        for ws in (alone, sender, busy):
+            await ws.close()

@@ -1,0 +1,45 @@
+"""models.pictures: one quantisation rule for numpy and torch, and the RGB [H, W, 3] layout."""
+import numpy as np
+import pytest
+import torch
+
+from models.pictures import to_rgb_uint8, to_uint8
+
+
+def test_to_uint8_rounds_ties_to_even_and_clips_the_same_for_numpy_and_torch():
+    # In float32, x * 255 is exactly 0.5, 1.5, 126.5 and 127.5 for these x: ties go to the even neighbour.
+    x = np.array([-0.5, 0.0, 0.5 / 255, 1.5 / 255, 126.5 / 255, 0.5, 1.0, 2.0], np.float32)
+    assert (x[2:6] * np.float32(255) == np.array([0.5, 1.5, 126.5, 127.5], np.float32)).all()
+    want = np.array([0, 0, 0, 2, 126, 128, 255, 255], np.uint8)
+    np.testing.assert_array_equal(to_uint8(x), want)
+    t = to_uint8(torch.from_numpy(x))
+    assert t.dtype == torch.uint8 and isinstance(t, torch.Tensor)
+    np.testing.assert_array_equal(t.numpy(), want)
+    values = np.random.default_rng(0).random((4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(to_uint8(torch.from_numpy(values)).numpy(), to_uint8(values))
+
+
+def test_to_uint8_keeps_shape_and_passes_uint8_through():
+    u = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert to_uint8(u) is u
+    assert to_uint8(np.zeros((2, 5, 3, 4, 4))).shape == (2, 5, 3, 4, 4)
+    tu = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    assert to_uint8(tu) is tu
+
+
+def test_to_rgb_uint8_layouts():
+    chw = torch.rand(3, 5, 7, requires_grad=True)
+    out = to_rgb_uint8(chw)
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(out, to_uint8(chw.detach().permute(1, 2, 0).numpy()))
+    grey = to_rgb_uint8(torch.full((1, 5, 7), 1.0))
+    assert grey.shape == (5, 7, 3) and (grey == 255).all()
+    assert to_rgb_uint8(np.full((5, 7), 0.5)).shape == (5, 7, 3)
+    hwc = np.full((5, 7, 3), 9, np.uint8)
+    np.testing.assert_array_equal(to_rgb_uint8(hwc), hwc)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, 5, 5), torch.zeros(2, 3, 5, 5), np.zeros((5, 5, 4)), np.zeros(5)])
+def test_to_rgb_uint8_names_the_wrong_shape(bad):
+    with pytest.raises(ValueError, match="expected a picture"):
+        to_rgb_uint8(bad)

@@ -1,0 +1,45 @@
+"""`telepresence render`: views, a contact sheet laid out one row per pitch, and nothing left behind on failure."""
+
+import cv2
+import pytest
+
+from telepresence.cli import main
+
+
+@pytest.mark.slow
+def test_views_and_one_sheet_row_per_pitch(tmp_path, test_data):
+    out = tmp_path / "views"
+    code = main(["render", "--image", str(test_data / "lp_s42.jpg"), "--yaw", "-20", "0", "20", "--pitch", "-10", "10",
+                 "--size", "64", "--refiner", "none", "--out", str(out)])
+    assert code == 0
+    assert len(list(out.glob("view_yaw*_pitch*.png"))) == 6
+    sheet = cv2.imread(str(out / "contact_sheet.png"))
+    caption, gap = 14, 4  # contact_sheet's caption strip for 64 px pictures, and its gap
+    assert sheet.shape[0] == gap + 2 * (caption + 64 + gap)  # two rows: one per pitch
+    assert sheet.shape[1] == gap + 4 * (64 + gap)  # the source, then three yaws
+
+
+def test_a_failed_render_leaves_no_output_folder(tmp_path, test_data, capsys):
+    out = tmp_path / "never"
+    code = main(["render", "--image", str(test_data / "lp_s33.jpg"), "--size", "64", "--refiner", "none", "--out", str(out)])
+    assert code == 2  # a dog: no face
+    assert "no face" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_user_sees_only_the_projects_lines(tmp_path, test_data):
+    """No TFLite/absl lines, no warnings: the one clear error is all that is printed (-v shows the rest)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = subprocess.run([sys.executable, "-m", "telepresence.cli", "render", "--image", str(test_data / "lp_s33.jpg"),
+                          "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["telepresence render: no face found in the picture"], run.stderr
+    verbose = subprocess.run([sys.executable, "-m", "telepresence.cli", "-v", "render", "--image",
+                              str(test_data / "lp_s33.jpg"), "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 2 and len(verbose.stderr.splitlines()) > 1  # the native lines are there with -v
