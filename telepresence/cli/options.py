@@ -18,6 +18,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         "where 512 would run at a few frames per second)")
     parser.add_argument("--refiner", default="default",
                         help="refiner weights folder, 'default' (the shipped weights) or 'none' (raw avatar renders)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="no appearance memory: every frame's avatar from that frame alone")
     # tests and the streaming-only benchmark swap the pipeline for a cheap double ("module:function")
     parser.add_argument("--pipeline", default=None, help=argparse.SUPPRESS)
 
@@ -41,7 +43,8 @@ def resolve_device(name: str) -> str:
 
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     args.device = resolve_device(args.device)
-    return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner))
+    return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner),
+                          memory=getattr(args, "memory", True))
 
 
 def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) -> FramePipeline:
