@@ -78,6 +78,9 @@ class MemoryConfig:
     """Confidence cap, in full-quality observations: the newest good frame keeps a weight of at least 1/cap."""
     ratio_cell: int = 16
     """Cell of the lighting ratio's grid, texels; the ratio is blurred over 5 x 5 cells."""
+    update_every: int = 1
+    """Update the memory on every N-th frame with a face (renders attach it on every frame; the lighting
+    ratio then lags by up to N - 1 frames): the CPU sender's cost cut."""
     lost_after_s: float = 2.0
     """The memory resets after the face has been lost this long (seconds of the frames' clock)."""
     identity_every: int = 60
@@ -92,6 +95,8 @@ class MemoryConfig:
             raise ValueError(f"expected cap >= 1, got {self.cap}")
         if self.ratio_cell < 2:
             raise ValueError(f"expected ratio_cell >= 2, got {self.ratio_cell}")
+        if self.update_every < 1:
+            raise ValueError(f"expected update_every >= 1, got {self.update_every}")
         if self.lost_after_s < 0 or self.identity_every < 0:
             raise ValueError("expected lost_after_s >= 0 and identity_every >= 0")
 
@@ -341,7 +346,8 @@ class AppearanceMemory:
                              float(np.linalg.norm(descriptor - self._descriptor)))
                     self.reset()
                 self._descriptor = descriptor
-        self.update(avatar)
+        if self._frames % self.config.update_every == 0 or self._key != _topology_key(avatar):
+            self.update(avatar)
         self._frames += 1
         return self.attach(avatar)
 

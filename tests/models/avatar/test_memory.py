@@ -161,3 +161,18 @@ def test_atlas_layout_covers_the_head_and_card():
     assert atlas.texel_ids.unique().numel() == atlas.texel_ids.numel()
     assert (atlas.texel_bary.sum(-1) - 1).abs().max() < 1e-4
     assert atlas.texel_card.any() and (~atlas.texel_card).any()
+
+
+def test_update_every_n_frames_skips_the_others():
+    """update_every=2: the second frame's avatar reaches the renders (attached) but not the memory."""
+    memory = AppearanceMemory(MemoryConfig(texels=32, update_every=2))
+    memory.observe(avatar_at(0)[0], t_s=0.0)
+    before = memory.colour.clone()
+    avatar = avatar_at(45)[0]
+    attached = memory.observe(avatar, t_s=1 / 30)
+    assert torch.equal(memory.colour, before)
+    assert attached.memory is memory.view
+    memory.observe(avatar, t_s=2 / 30)
+    assert not torch.equal(memory.colour, before)
+    with pytest.raises(ValueError, match="update_every"):
+        MemoryConfig(update_every=0)
