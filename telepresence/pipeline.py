@@ -63,9 +63,10 @@ class PipelineConfig:
     """How fast the framing follows the head (0 = frozen, 1 = no smoothing)."""
     noise_level: float | None = None
     """Refiner noise level (None: the value the refiner was trained with)."""
-    memory: bool = True
+    memory: bool = False
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
-    fills what the current frame sees badly (the sides of the head when turned)."""
+    fills what the current frame sees badly (the sides of the head when turned). Off by default: it has not
+    yet shown the gain issue 20 asks for (0.1 dB at 30-45 degrees on one head-turn clip)."""
     warm_views: int = 4
     """On CUDA, capture the render and refiner graphs for 1..warm_views views on the first
     frame with a face (about 0.4 s each), so a viewer joining later does not stall the others."""
@@ -260,7 +261,7 @@ def _open_memory(config: PipelineConfig, device: torch.device):
     """The sender's appearance memory (None with config.memory off); the log says which. The identity
     check (a new person resets it) uses dlib's descriptor every few seconds when dlib is installed."""
     if not config.memory:
-        log.info("appearance memory: off")
+        log.info("appearance memory: off (send --memory turns it on)")
         return None
     from models.avatar.memory import AppearanceMemory, MemoryConfig
     from models.face.identity import IdentityEmbedder
