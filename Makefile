@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; on a CUDA machine use e.g. `make TORCH=torch demo`.
 TORCH ?= torch==2.13.0
-# Options for the demo, e.g. `make demo ARGS="--port 9000"` (see `.venv/bin/telepresence demo --help`).
+# Options for the demo or the call, e.g. `make demo ARGS="--port 9000"` (see `.venv/bin/telepresence demo --help`).
 ARGS ?=
 STAMP := $(VENV)/.installed
 # (PYTHONWARNINGS below: setuptools warns about editable installs of a flat layout, noise to a newcomer)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo serve test clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/telepresence demo $(ARGS)
+
+serve: $(STAMP)
+	$(BIN)/telepresence serve $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -5,9 +5,11 @@ Cases are the product of --configs x --codecs x --variants x --modes x --size x 
   "tiny": TAESD-size AutoencoderTiny); "small" (the from-scratch refiner, its own
   pixel-unshuffle codec; --codecs does not apply).
 - variants: "stock" = joint attention over all views, 77-token prompt (SD-Turbo) and
-  the reference encoded every call; "fast" = reference attends only to itself, its
-  keys/values cached once (set_reference), 1-token prompt (cross-attention is a
-  cached constant). Both are the same code with different RefinerConfig fields.
+  the reference encoded every call; "live" = reference attends only to itself, 1-token
+  prompt (cross-attention is a cached constant), a new reference on every call, as in
+  the live sender (its reference is the newest camera frame); "fast" = the same model
+  with the reference's keys/values cached once (set_reference): a still-image source
+  only. All three are the same code with different RefinerConfig fields.
 - modes: "eager"; "graphs" (eager step captured as a CUDA graph per view count);
   "compiled" (torch.compile); "compiled-graphs" (torch.compile mode="reduce-overhead").
   Graph modes need CUDA and are skipped elsewhere.
@@ -49,8 +51,10 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("eager", "graphs", "compiled", "compiled-graphs")
 VARIANTS = {
     "stock": {"view_attention": "joint"},
+    "live": {"view_attention": "ref_isolated", "prompt_tokens": 1},
     "fast": {"view_attention": "ref_isolated", "prompt_tokens": 1},
 }
+CACHED_REFERENCE = {"fast"}  # variants whose reference is encoded once, not per call
 
 
 def build(config: str, codec: str, variant: str, device: torch.device) -> Refiner:
@@ -75,7 +79,7 @@ def time_case(model: Refiner, variant: str, views: int, size: int, args, device,
     g = torch.Generator(device=device).manual_seed(1)
     ref = torch.rand(1, 3, size, size, generator=g, device=device).to(dtype)
     novel = torch.rand(1, views - 1, 3, size, size, generator=g, device=device).to(dtype)
-    cached = variant == "fast"
+    cached = variant in CACHED_REFERENCE
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="sdturbo,small", help="comma list: sdturbo, small")
     p.add_argument("--codecs", default="vae,tiny", help="comma list for sdturbo: vae, tiny")
-    p.add_argument("--variants", default="stock,fast", help=f"comma list: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="stock,live,fast", help=f"comma list: {', '.join(VARIANTS)}")
     p.add_argument("--modes", default=None, help=f"comma list of {MODES} (default: all on CUDA, eager on CPU)")
     p.add_argument("--views", type=int, nargs="+", default=[2, 3, 5], help="total views including the reference")
     p.add_argument("--size", type=int, nargs="+", default=[512], help="image side(s) in pixels")

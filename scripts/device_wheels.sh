@@ -2,8 +2,8 @@
 # Wheels for a GPU-machine call that runs the whole pipeline (streaming + refiner):
 # ../shared/tools/gpu-wheels.sh's "stream" and "models" sets, with the two MediaPipe
 # models this project never loads (face_landmark without attention, iris_landmark:
-# refine_landmarks uses face_landmark_with_attention) dropped so that both sets and the
-# repository fit in one 64 MiB carry.
+# refine_landmarks uses face_landmark_with_attention) and diffusers' pipelines dropped so
+# that both sets and the repository fit in one 64 MiB carry.
 #   bash scripts/device_wheels.sh [DIR]   (default .whl_all, git-ignored)
 set -euo pipefail
 dir=${1:-.whl_all}
@@ -13,19 +13,30 @@ bash "$tools/gpu-wheels.sh" stream "$dir" >/dev/null
 bash "$tools/gpu-wheels.sh" models "$dir" >/dev/null
 python3 - "$dir" <<'PY'
 import os, sys, zipfile
+
+
+def trim(prefix: str, drop) -> None:
+    """Rewrite the wheel whose name starts with prefix without the members drop(name) selects."""
+    name = next(f for f in os.listdir(d) if f.startswith(prefix))
+    src = os.path.join(d, name)
+    tmp = src + ".tmp"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if drop(info.filename):
+                continue
+            data = zin.read(info.filename)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"\n".join(l for l in data.split(b"\n") if not drop(l.decode().split(",")[0]))
+            zout.writestr(info, data)
+    os.replace(tmp, src)
+
+
 d = sys.argv[1]
-name = next(f for f in os.listdir(d) if f.startswith("mediapipe"))
-drop = ("mediapipe/modules/face_landmark/face_landmark.tflite", "mediapipe/modules/iris_landmark/iris_landmark.tflite")
-src = os.path.join(d, name)
-tmp = src + ".tmp"
-with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
-    for info in zin.infolist():
-        if info.filename in drop:
-            continue
-        data = zin.read(info.filename)
-        if info.filename.endswith(".dist-info/RECORD"):
-            data = b"\n".join(l for l in data.split(b"\n") if not l.decode().split(",")[0] in drop)
-        zout.writestr(info, data)
-os.replace(tmp, src)
+unused_models = ("mediapipe/modules/face_landmark/face_landmark.tflite", "mediapipe/modules/iris_landmark/iris_landmark.tflite")
+trim("mediapipe", lambda f: f in unused_models)
+# diffusers' pipelines (4 of its 6 MB) are never imported here: only models, schedulers and
+# attention processors are. Their package __init__ files stay, for diffusers' lazy imports.
+pipelines = ("diffusers/pipelines/", "diffusers/modular_pipelines/")
+trim("diffusers", lambda f: f.startswith(pipelines) and not f.endswith("/__init__.py"))
 PY
 du -sh "$dir"

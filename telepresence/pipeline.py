@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.geometry.camera import OrbitPose
-from models.face.analysis import FaceAnalyzer, FaceConfig, NoFaceError
+from models.face.analysis import LEFT_IRIS, RIGHT_IRIS, FaceAnalyzer, FaceConfig, NoFaceError
 from models.refiner import refine_views
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class Analysis:
 
     observation: object | None  # models.face.analysis.FaceObservation, None: no face in the frame
     landmarks_ms: float
+    eyes_m: np.ndarray | None = None  # [3] midpoint of the irises in the capture camera's frame, metres (head tracking)
 
 
 @dataclass
@@ -190,7 +191,8 @@ class Pipeline:
             obs = self.analyzer.analyze(frame_rgb)
         except NoFaceError:
             obs = None
-        return Analysis(obs, (time.perf_counter() - t0) * 1000.0)
+        eyes = None if obs is None else obs.points_cam[[RIGHT_IRIS, LEFT_IRIS]].mean(axis=0)
+        return Analysis(obs, (time.perf_counter() - t0) * 1000.0, eyes)
 
     def process(
         self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Analysis | None = None

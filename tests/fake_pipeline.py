@@ -5,7 +5,9 @@ Each view is the input frame, resized to S x S, shifted by the camera orbit
 marker whose position encodes the pose, so tests can see a pose change in
 the decoded video. A frame darker than `dark_level` counts as "no face":
 views then come from the last good frame (status "face_lost"), or a grey
-placeholder before any (status "no_face_yet").
+placeholder before any (status "no_face_yet"). The "eyes" (head tracking) are the centroid of the
+frame's bright pixels (luma over `head_level`), put in metres at `eyes_dist_m` from the camera through
+the configured field of view: a bright disc moving on a dark clip is a head moving.
 
     telepresence send --pipeline tests.fake_pipeline:build_pipeline ...   (hidden flag, tests only)
     telepresence send --pipeline tests.fake_pipeline:build_pipeline_with_refiner ...  (says a refiner is on)
@@ -43,6 +45,8 @@ def build_pipeline_with_refiner(config: PipelineConfig) -> "Pipeline":
 
 class Pipeline:
     dark_level = 8.0
+    head_level = 160.0
+    eyes_dist_m = 0.6
     refiner_name: Optional[str] = None
 
     def __init__(self, config: PipelineConfig = PipelineConfig()) -> None:
@@ -57,7 +61,18 @@ class Pipeline:
     def analyze(self, frame_rgb: np.ndarray) -> Analysis:
         t0 = time.perf_counter()
         face = float(frame_rgb.mean()) > self.dark_level
-        return Analysis(True if face else None, (time.perf_counter() - t0) * 1e3)
+        eyes = self._eyes_m(frame_rgb) if face else None
+        return Analysis(True if face else None, (time.perf_counter() - t0) * 1e3, eyes)
+
+    def _eyes_m(self, frame_rgb: np.ndarray) -> Optional[np.ndarray]:
+        small = frame_rgb[::4, ::4].mean(axis=2)  # [H/4, W/4] luma
+        ys, xs = np.nonzero(small > self.head_level)
+        if xs.size == 0:
+            return None
+        H, W = frame_rgb.shape[:2]
+        f = (H / 2) / np.tan(np.radians(self.config.source_fov_deg) / 2)
+        u, v = xs.mean() * 4 + 2, ys.mean() * 4 + 2
+        return np.array([(u - W / 2) / f * self.eyes_dist_m, (v - H / 2) / f * self.eyes_dist_m, self.eyes_dist_m])
 
     def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Optional[Analysis] = None) -> FrameResult:
         self.calls += 1

@@ -139,3 +139,21 @@ def udp_sockets() -> int:
             for line in Path(table).read_text().splitlines()[1:]:
                 udp.add(line.split()[9])
     return len(inodes & udp)
+
+
+@contextlib.asynccontextmanager
+async def running_call(limits: Any = None, size: int = 256, **call: Any) -> AsyncIterator[Receiver]:
+    """A started in-process call server (telepresence serve's Receiver + CallHost, fake pipeline) on a
+    free port; `receiver.signaling.cameras` is its CallHost. limits: the receiver's RoomLimits."""
+    from telepresence.stream.call import CallConfig, CallHost
+    from telepresence.stream.signaling import RoomLimits
+
+    host = CallHost(CallConfig(pipeline=PipelineConfig(size=size), pipeline_factory="tests.fake_pipeline:build_pipeline", **call))
+    receiver = Receiver(ReceiverConfig(port=0, web_dir=REPO / "web", limits=limits or RoomLimits()), cameras=host)
+    host.attach(receiver.signaling)
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await host.close()
+        await receiver.stop()

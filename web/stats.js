@@ -8,6 +8,35 @@ import { ClockOffset, LatencyMeter, pageClockMs } from "./latency.js";
 
 const STAMPS_OFF_REPEATS = 3;  // "stamps off" rides on this many pings: the channel may lose one
 
+// A sender's section of the stats panel, the same on every page.
+const SECTION = document.createElement("template");
+SECTION.innerHTML = `
+<section class="tile-stats" data-state="connecting">
+  <h2 class="tile-stats-name">sender</h2>
+  <dl class="stats">
+    <dt>glass to glass</dt><dd><span data-stat="latency">–</span> ms</dd>
+    <dt>estimate</dt><dd>≈ <span data-stat="latency-estimate">–</span> ms</dd>
+    <dt class="section">received</dt><dd class="section"><span data-stat="fps">–</span> fps</dd>
+    <dt>round trip</dt><dd><span data-stat="rtt">–</span> ms</dd>
+    <dt>bitrate</dt><dd><span data-stat="bitrate">–</span> kbps</dd>
+    <dt>jitter buffer</dt><dd><span data-stat="jitter">–</span> ms</dd>
+    <dt>decode</dt><dd><span data-stat="decode">–</span> ms</dd>
+    <dt>dropped</dt><dd><span data-stat="dropped">–</span> frames</dd>
+    <dt>video</dt><dd><span data-stat="video">–</span></dd>
+    <dt>clock offset</dt><dd><span data-stat="offset">–</span> ms</dd>
+    <dt class="section">sender</dt><dd class="section"><span data-stat="sender-fps">–</span> fps</dd>
+    <dt>refiner</dt><dd><span data-stat="refiner">–</span></dd>
+    <dt>capture</dt><dd><span data-stage="capture">–</span> ms</dd>
+    <dt>landmarks</dt><dd><span data-stage="landmarks">–</span> ms</dd>
+    <dt>avatar</dt><dd><span data-stage="avatar">–</span> ms</dd>
+    <dt>render</dt><dd><span data-stage="render">–</span> ms</dd>
+    <dt>refine</dt><dd><span data-stage="refine">–</span> ms</dd>
+    <dt>to encoder</dt><dd><span data-stat="capture-to-encoder">–</span> ms</dd>
+    <dt>encode</dt><dd><span data-stage="encode">–</span> ms</dd>
+  </dl>
+  <p class="stats-note" data-stat="size-why"></p>
+</section>`;
+
 const fmt = (x, digits = 0) => (x === null || x === undefined || !Number.isFinite(x) ? "–" : x.toFixed(digits));
 
 const LATENCY_TITLES = {
@@ -38,7 +67,7 @@ export function sizeNote(hello) {
 export class TileStats {
   constructor(tileElement, video, panel) {
     this.tile = tileElement;
-    this.section = document.querySelector("#stats-template").content.firstElementChild.cloneNode(true);
+    this.section = SECTION.content.firstElementChild.cloneNode(true);
     panel.appendChild(this.section);
     this.badge = tileElement.querySelector(".badge");
     this.clock = new ClockOffset();

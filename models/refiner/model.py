@@ -162,14 +162,14 @@ class Refiner(LoraMixin, FastPathMixin, PretrainedMixin, nn.Module):
         if noise_level is None:
             noise_level = self.config.noise_level
         if isinstance(noise_level, Tensor):
-            s = noise_level.to(device=self.device, dtype=torch.float32)
+            s = noise_level.to(dtype=torch.float32)  # checked where it lives: a CPU tensor costs the GPU no sync
             if s.ndim == 0:
                 s = s.expand(b)
             if tuple(s.shape) != (b,):
                 raise ValueError(f"expected noise_level [B] = ({b},), got {tuple(noise_level.shape)}")
             if bool(((s < 0) | (s > 1)).any()):
                 raise ValueError(f"expected noise_level in [0, 1], got values in [{s.min().item()}, {s.max().item()}]")
-            return s
+            return s.to(self.device, non_blocking=True)
         noise_level = float(noise_level)
         if not 0.0 <= noise_level <= 1.0:
             raise ValueError(f"expected noise_level in [0, 1], got {noise_level}")

@@ -169,9 +169,7 @@ class Trainer:
             p.requires_grad_(True)
         self.ddp_model = self._wrap(self.model)  # DDP broadcasts rank 0's weights: the EMA starts from those
         self.ema = EMA(self.named_trainable, config.ema_decay)
-        self.optimizer = torch.optim.AdamW(
-            [p for _, p in self.named_trainable], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
-        )
+        self.optimizer = self._adamw([p for _, p in self.named_trainable], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
 
         # ---- discriminator -------------------------------------------------------------------------------
         self.discriminator: MultiScaleDiscriminator | None = None
@@ -182,7 +180,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(mix_seed(config.seed, 0xD15C))
                 self.discriminator = MultiScaleDiscriminator(config.discriminator).to(self.device)
-            self.optimizer_d = torch.optim.AdamW(self.discriminator.parameters(), lr=config.lr_d, betas=D_BETAS, weight_decay=0.0)
+            self.optimizer_d = self._adamw(self.discriminator.parameters(), lr=config.lr_d, betas=D_BETAS, weight_decay=0.0)
             self.ddp_discriminator = self._wrap(self.discriminator)
 
         self.step = 0
@@ -210,6 +208,27 @@ class Trainer:
             )
 
     # ---- setup helpers -------------------------------------------------------------------------------------
+    def _optimizer_kind(self) -> dict[str, bool]:
+        """AdamW's implementation: fused on CUDA (one kernel for every tensor), else foreach (one
+        multi-tensor op per update term instead of a Python loop over the parameters). Same update."""
+        fused = self.device.type == "cuda"
+        return {"fused": fused, "foreach": not fused}
+
+    def _adamw(self, params, **kwargs) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, **kwargs, **self._optimizer_kind())
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """load_state_dict, keeping this trainer's implementation (the saved one may be another
+        device's): fused AdamW keeps its step counts on the parameters' device, the others on the CPU."""
+        optimizer.load_state_dict(state)
+        kind = self._optimizer_kind()
+        for group in optimizer.param_groups:
+            group.update(kind)
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if isinstance(step, Tensor):
+                    optimizer.state[p]["step"] = step.to(p.device, torch.float32) if kind["fused"] else step.cpu()
+
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.ctx.distributed:
             return module
@@ -263,7 +282,8 @@ class Trainer:
         if hi == 0.0:
             return 0.0
         u = torch.stack([torch.rand((), generator=draw_generator(mix_seed(int(d), 2))) for d in draws])
-        return (lo + (hi - lo) * u).to(self.device)
+        s = lo + (hi - lo) * u  # [B] on the CPU: the refiner checks the range there and copies it without a sync
+        return s.pin_memory() if self.device.type == "cuda" else s
 
     def _noise_generator(self, micro: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -282,7 +302,7 @@ class Trainer:
         lr = cfg.lr * cfg.lr_factor(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logs: dict[str, float] = {}
+        pending: list[tuple[str, Tensor]] = []  # logged values as device tensors: read back once, at the end
         if gan:
             self.discriminator.power_iteration()  # once per step; every pass below is in eval mode
             self.discriminator.eval()
@@ -297,19 +317,18 @@ class Trainer:
                     stack.enter_context(self.ddp_model.no_sync())
                     if gan:
                         stack.enter_context(self.ddp_discriminator.no_sync())
-                values = self._micro_step(batch, micro, gan)
-            for k, v in values.items():
-                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+                pending += self._micro_step(batch, micro, gan).items()
 
         params = [p for _, p in self.named_trainable]
         if cfg.max_grad_norm > 0:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            pending.append(("grad_norm", torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if gan:
             self.optimizer_d.step()
             self.optimizer_d.zero_grad(set_to_none=True)
         self.ema.update(self.step)
+        logs = self._read_back(pending)  # the step's one device sync
         self.step += 1
         logs["lr"] = lr
         dt = time.perf_counter() - t0
@@ -319,7 +338,21 @@ class Trainer:
         logs["samples_per_s"] = self.effective_batch / dt
         return logs
 
-    def _micro_step(self, batch: dict, micro: int, gan: bool) -> dict[str, float]:
+    def _read_back(self, pending: list[tuple[str, Tensor]]) -> dict[str, float]:
+        """Logged tensors -> floats with one device->host copy: a value with several entries (one per
+        discriminator scale) is their mean; a per-micro-batch value is averaged over the micro-batches."""
+        flat = torch.cat([t.detach().reshape(-1).to(self.device) for _, t in pending]).double().tolist()
+        logs: dict[str, float] = {}
+        i = 0
+        for name, t in pending:
+            n = t.numel()
+            value = sum(flat[i : i + n]) / n
+            i += n
+            logs[name] = value if name == "grad_norm" else logs.get(name, 0.0) + value / self.config.grad_accum
+        return logs
+
+    def _micro_step(self, batch: dict, micro: int, gan: bool) -> dict[str, Tensor]:
+        """Forward and backward of one micro-batch; returns its losses as detached device tensors."""
         cfg = self.config
         dev = self.device
         dt = self.dtype
@@ -337,11 +370,11 @@ class Trainer:
         l2 = losses.masked_l2(y, t, w)
         ssim = losses.masked_ssim_loss(y, t, w)
         total = cfg.l2_weight * l2 + cfg.ssim_weight * ssim
-        logs = {"l2": l2.item(), "ssim": ssim.item()}
+        logs = {"l2": l2.detach(), "ssim": ssim.detach()}
         if self._face_net is not None:
             id_loss, face_fm = losses.face_prior_losses(self._face_net, y, t)
             total = total + cfg.identity_weight * id_loss + cfg.face_feature_weight * face_fm
-            logs.update(id=id_loss.item(), face_fm=face_fm.item())
+            logs.update(id=id_loss.detach(), face_fm=face_fm.detach())
         if gan:
             d = self.discriminator  # the module itself, not DDP: no gradient reaches its weights here
             d.requires_grad_(False)
@@ -349,7 +382,7 @@ class Trainer:
                 fake_logits, fake_feats = d(y)
                 g_adv = losses.g_hinge_loss([x.to(dt) for x in fake_logits], w)
                 total = total + cfg.gan_weight * g_adv
-                logs["g_adv"] = g_adv.item()
+                logs["g_adv"] = g_adv.detach()
                 if cfg.feature_matching_weight > 0:
                     with torch.no_grad():
                         _, real_feats = d(t)
@@ -357,10 +390,10 @@ class Trainer:
                         [[f.to(dt) for f in fs] for fs in fake_feats], [[f.to(dt) for f in fs] for fs in real_feats], w
                     )
                     total = total + cfg.feature_matching_weight * fm
-                    logs["fm"] = fm.item()
+                    logs["fm"] = fm.detach()
             d.requires_grad_(True)
         (total / cfg.grad_accum).backward()
-        logs["loss"] = total.item()
+        logs["loss"] = total.detach()
         if gan:
             with self._autocast():
                 logits, _ = self.ddp_discriminator(torch.cat([t, y.detach()]))  # one pass: real then fake
@@ -369,9 +402,9 @@ class Trainer:
             fake = [x[n:].to(dt) for x in logits]
             d_loss = losses.d_hinge_loss(real, fake, w)
             (d_loss / cfg.grad_accum).backward()
-            logs["d_loss"] = d_loss.item()
-            logs["d_real"] = sum(x.detach().mean().item() for x in real) / len(real)
-            logs["d_fake"] = sum(x.detach().mean().item() for x in fake) / len(fake)
+            logs["d_loss"] = d_loss.detach()
+            logs["d_real"] = torch.stack([x.detach().mean() for x in real])  # [scales]: logged as their mean
+            logs["d_fake"] = torch.stack([x.detach().mean() for x in fake])
         if self.ctx.is_main and micro == cfg.grad_accum - 1:
             k = min(4, ref.shape[0])
             self._last_images = [ref[:k].detach(), views[:k, 0].detach(), out[:k, 0].detach(), target[:k, 0].detach()]
@@ -607,13 +640,13 @@ class Trainer:
                     raise ValueError(f"expected checkpoint buffer {n} to match the refiner's, got shape {tuple(t.shape)}")
                 buffers[n].copy_(t)
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(self.optimizer, state["optimizer"])
         if self.discriminator is not None:
             if state["discriminator"] is None:
                 logger.warning("checkpoint has no discriminator: it starts from scratch")
             else:
                 self.discriminator.load_state_dict(state["discriminator"])
-                self.optimizer_d.load_state_dict(state["optimizer_d"])
+                self._load_optimizer(self.optimizer_d, state["optimizer_d"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "demo": "loopback demo: receiver + sender on the embedded sample; prints the URL",
     "send": "capture, run the pipeline and stream to the viewers of a room",
     "receive": "serve the viewer page and the signaling endpoint",
+    "serve": "a call: pages, signaling and an avatar per participant, who joins from a browser with a camera",
     "render": "build the 3D avatar from one picture and render it at other cameras",
     "eval": "score raw and refined novel views on real clips and multi-camera sets",
     "pairs": "make stage-1 (synthetic) and stage-2 (real) training pairs from indexed clips",

@@ -1,4 +1,4 @@
-"""Process plumbing shared by every command: the one logging setup, and running one coroutine
+"""Process plumbing shared by every command: the one --help style, the one logging setup, and running one coroutine
 until it ends, Ctrl-C or SIGTERM, with the expected failures turned into one line and an exit status.
 """
 
@@ -15,6 +15,15 @@ logger = logging.getLogger("telepresence")
 
 PROJECT_LOGGERS = ("telepresence", "models", "benchmarks", "__main__")
 """Loggers whose INFO lines a user sees by default; everything else speaks from WARNING, or with -v."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's --help: defaults shown, except where there is none to show (None, an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import logging
 
-from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
 from telepresence.cli.options import (
     add_pipeline_arguments,
     add_sender_arguments,
@@ -27,7 +27,7 @@ logger = logging.getLogger("telepresence")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="telepresence demo", description="Receiver + sender on this machine; open the printed URL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to let the LAN watch")
     parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")

@@ -56,14 +56,19 @@ def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) ->
 
 def add_sender_arguments(parser: argparse.ArgumentParser) -> None:
     """How a sender streams: codec, bitrate, ICE, viewers."""
-    parser.add_argument("--codec", choices=("vp8", "h264"), default=SenderConfig.codec, help="preferred video codec")
-    parser.add_argument("--min-kbps", type=int, default=BitrateConfig.min_kbps, help="video bitrate floor")
-    parser.add_argument("--start-kbps", type=int, default=BitrateConfig.start_kbps, help="video bitrate at the start")
-    parser.add_argument("--max-kbps", type=int, default=BitrateConfig.max_kbps, help="video bitrate ceiling")
+    add_codec_arguments(parser)
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL (repeatable)")
     parser.add_argument("--ice-username", default=None, help="TURN user name")
     parser.add_argument("--ice-credential", default=None, help="TURN password")
     parser.add_argument("--max-viewers", type=int, default=SenderConfig.max_viewers, help="viewers served at once")
+
+
+def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
+    """The video a sender encodes: codec and bitrate."""
+    parser.add_argument("--codec", choices=("vp8", "h264"), default=SenderConfig.codec, help="preferred video codec")
+    parser.add_argument("--min-kbps", type=int, default=BitrateConfig.min_kbps, help="video bitrate floor")
+    parser.add_argument("--start-kbps", type=int, default=BitrateConfig.start_kbps, help="video bitrate at the start")
+    parser.add_argument("--max-kbps", type=int, default=BitrateConfig.max_kbps, help="video bitrate ceiling")
 
 
 def sender_config_from_args(args: argparse.Namespace, **overrides) -> SenderConfig:

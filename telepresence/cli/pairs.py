@@ -12,7 +12,7 @@ import torch
 
 from models.training.data import TensorPairDataset
 from models.training.pairs import VALIDATION_CLIPS, PairConfig, generate_pairs, plan_tasks
-from telepresence.cli.console import add_verbosity, configure_logging
+from telepresence.cli.console import HelpFormatter, add_verbosity, configure_logging
 
 log = logging.getLogger("telepresence.pairs")
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="telepresence pairs",
         description="Make stage-1 (synthetic) and stage-2 (real) training pairs from clips indexed with "
         "models.evaluation.clips (landmarks, poses, masks; MediaPipe is not needed here).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--index", type=Path, required=True, help="folder of <clip>.npz clip indexes")
     p.add_argument("--videos", type=Path, required=True, help="folder of the <clip>.mp4 videos")

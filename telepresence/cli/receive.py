@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
 from telepresence.stream.receiver import ReceiverConfig, ReceiverError, default_web_dir, run
 from telepresence.stream.rtc import IceConfig
 from telepresence.stream.signaling import RoomLimits
@@ -16,8 +16,15 @@ logger = logging.getLogger("telepresence")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="telepresence receive", description="Serve the viewer page and the signaling endpoint on one port.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    add_receiver_arguments(parser)
+    add_verbosity(parser)
+    return parser
+
+
+def add_receiver_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the pages and /ws listen, their limits, and the ICE servers handed to browsers."""
     parser.add_argument("--host", default=ReceiverConfig.host, help="0.0.0.0 to accept the LAN")
     parser.add_argument("--port", type=int, default=ReceiverConfig.port, help="0 picks a free port")
     parser.add_argument("--token", default=None, help="shared token required to join rooms")
@@ -35,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ice-server", action="append", default=[], metavar="URL", help="stun:/turn: URL for browsers")
     parser.add_argument("--ice-username", default=None, help="TURN user name for browsers")
     parser.add_argument("--ice-credential", default=None, help="TURN password for browsers")
-    add_verbosity(parser)
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ReceiverConfig:

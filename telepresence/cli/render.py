@@ -17,7 +17,7 @@ from models.geometry.camera import OrbitPose
 from models.face.analysis import FaceAnalyzer, FaceConfig
 from models.evaluation.figures import contact_sheet
 from models.pictures import to_rgb_uint8
-from telepresence.cli.console import add_verbosity, configure_logging
+from telepresence.cli.console import HelpFormatter, add_verbosity, configure_logging
 from telepresence.stream.capture import read_still
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the avatar from IMAGE and write one PNG per view plus a contact sheet. "
         "Views are every (yaw, pitch) combination. yaw +30 moves the camera 30 degrees to the "
         "viewer's right; pitch +10 raises it. --yaw 0 --pitch 0 reproduces the input camera.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="input picture (jpg/png/...)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
 from telepresence.cli.options import (
     add_pipeline_arguments,
     add_sender_arguments,
@@ -23,7 +23,7 @@ logger = logging.getLogger("telepresence")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="telepresence send", description="Capture, build the avatar and stream one view per viewer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--signaling", default=SenderConfig.signaling_url, help="the receiver's signaling URL")
     parser.add_argument("--room", default=SenderConfig.room, help="room to publish into")

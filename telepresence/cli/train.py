@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from telepresence.cli.console import add_verbosity, configure_logging
+from telepresence.cli.console import HelpFormatter, add_verbosity, configure_logging
 
 log = logging.getLogger("telepresence.train")
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the one-step refiner: stage 1 on synthetic pairs (--data), stage 2 on real pairs "
         "(--stage2-data, --captures). Effective batch = --batch x GPUs x --grad-accum. For several GPUs launch "
         "with `torchrun --standalone --nproc_per_node N -m telepresence.cli.train ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--family", choices=("small", "lora"), help="small: from scratch, all weights; lora: SD-Turbo base + LoRA")

@@ -93,6 +93,11 @@ class FrameSource(abc.ABC):
     def close(self) -> None:
         """Release the device or file."""
 
+    def frame_time(self) -> Optional[float]:
+        """When the frame just retrieved was taken (time.time() seconds), for a source that knows it
+        better than the moment grab() returned (a remote camera that stamps its frames); None: that moment."""
+        return None
+
     def __enter__(self) -> "FrameSource":
         return self
 
@@ -337,6 +342,7 @@ class CaptureThread:
                 t_capture = time.time()
                 t0 = time.perf_counter()
                 image = self.source.retrieve()
+                t_capture = self.source.frame_time() or t_capture
                 fitted = fit_frame(image)
                 capture_ms = (time.perf_counter() - t0) * 1e3
             except SourceError as error:

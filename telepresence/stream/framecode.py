@@ -6,7 +6,7 @@ viewer's `stamps {on: true}`); the viewer reads it back from the decoded or
 displayed picture and subtracts it from its own clock (corrected by the clock
 offset measured over ping/pong on another host), so the measured delay covers
 capture, pipeline, encode, network, jitter buffer and decode without any side
-channel. web/app.js reads it the same way (readFrameCode).
+channel. web/latency.js reads it the same way (readFrameCode).
 
 Layout: 28 cells in a 7x4 grid of `cell = max(4, S // 32)` pixels (8 px at
 256, 16 px at 512, aligned to the codec's 8x8 blocks), row-major, most
@@ -71,7 +71,7 @@ class ClockOffset:
 
         offset = t_sender - (t_sent + t_received) / 2        error <= rtt / 2
 
-    web/app.js keeps the same estimate (class ClockOffset).
+    web/latency.js keeps the same estimate (class ClockOffset).
     """
 
     def __init__(self, window: int = 16) -> None:

@@ -139,6 +139,12 @@ def _check_printable(name: str, value: str) -> None:
         raise InvalidFieldError(f"{name}: expected printable characters only")
 
 
+def _check_sdp(value: Any) -> None:
+    _check_str("sdp", value, max_chars=MAX_SDP_CHARS)
+    if not value.startswith("v=0"):
+        raise InvalidFieldError("sdp: expected a session description starting with 'v=0'")
+
+
 # -- signaling messages ---------------------------------------------------------------------------
 
 
@@ -186,9 +192,7 @@ class _SessionDescriptionMessage(Outgoing):
 
     def __post_init__(self) -> None:
         _check_str("to", self.to, max_chars=32, pattern=PEER_ID_PATTERN)
-        _check_str("sdp", self.sdp, max_chars=MAX_SDP_CHARS)
-        if not self.sdp.startswith("v=0"):
-            raise InvalidFieldError("sdp: expected a session description starting with 'v=0'")
+        _check_sdp(self.sdp)
 
 
 @dataclass(frozen=True)
@@ -477,3 +481,87 @@ def parse_server_message(raw: Union[str, bytes]) -> Outgoing:
 def parse_sender_message(raw: Union[str, bytes]) -> Outgoing:
     """What a viewer receives on the pose channel from its sender -> its dataclass."""
     return _build(_from_wire(decode_json_object(raw, SIGNALING_MAX_BYTES)), SENDER_TYPES)
+
+
+# -- the call (telepresence serve): a participant's camera to the server ----------------------------
+#
+# Signaling, viewer -> server (only a server that takes cameras, `telepresence serve`, answers):
+#     publish {sdp}        offer of the page's camera: one sendonly video + the "uplink" data channel
+#     unpublish {}         leave the call: the server stops this participant's avatar and frees it
+# server -> viewer:
+#     published {sdp, id}  the answer; `id` is this participant's avatar, a sender in the room
+#     unpublished {reason} the camera was refused, or dropped (no frames, garbage, silence, left)
+# Uplink channel (RTCDataChannel "uplink", unordered, maxRetransmits 0):
+#     page -> server: ping {t}, once a second (a participant silent 4 s is dropped)
+#     server -> page: pong {t}, head {t, yaw, pitch, dist, tracking}, status {status, message},
+#                     unpublished {reason}
+
+
+@dataclass(frozen=True)
+class PublishMessage(Outgoing):
+    """A viewer offers its camera to the server, to take part in the call."""
+
+    type: ClassVar[str] = "publish"
+    sdp: str
+
+    def __post_init__(self) -> None:
+        _check_sdp(self.sdp)
+
+
+@dataclass(frozen=True)
+class UnpublishMessage(Outgoing):
+    """The participant leaves the call (its camera stops; its avatar leaves the room)."""
+
+    type: ClassVar[str] = "unpublish"
+
+
+@dataclass(frozen=True)
+class PublishedMessage(Outgoing):
+    """Server -> participant: the answer to its camera's offer, and the room id its avatar has."""
+
+    type: ClassVar[str] = "published"
+    sdp: str
+    id: str
+
+
+@dataclass(frozen=True)
+class UnpublishedMessage(Outgoing):
+    """Server -> participant: its camera was refused or dropped, and why (one printable line)."""
+
+    type: ClassVar[str] = "unpublished"
+    reason: str
+
+
+@dataclass(frozen=True)
+class HeadMessage(Outgoing):
+    """Server -> participant: the camera offset its own head asks for (head-tracked parallax), to add
+    to its orbit of every other participant (telepresence.stream.headtrack)."""
+
+    type: ClassVar[str] = "head"
+    t: float
+    """Capture time of the frame it comes from, ms since the Unix epoch."""
+    yaw: float
+    """Degrees added to the orbit's yaw."""
+    pitch: float
+    """Degrees added to the orbit's pitch."""
+    dist: float
+    """Factor on the orbit's distance."""
+    tracking: bool
+    """False: no face in the newest frame (the offset is the last one seen)."""
+
+
+SIGNALING_TYPES.update({cls.type: cls for cls in (PublishMessage, UnpublishMessage)})
+SERVER_TYPES.update({cls.type: cls for cls in (PublishedMessage, UnpublishedMessage)})
+UPLINK_TYPES: dict[str, type] = {PingMessage.type: PingMessage}
+CALL_TYPES: dict[str, type] = {cls.type: cls for cls in (HeadMessage, PongMessage, StatusMessage, UnpublishedMessage,
+                                                         ErrorMessage)}
+
+
+def parse_uplink_message(raw: Union[str, bytes]) -> PingMessage:
+    """One message of a participant on its uplink channel -> a validated PingMessage, or MessageError."""
+    return _build(decode_json_object(raw, CHANNEL_MAX_BYTES), UPLINK_TYPES)
+
+
+def parse_call_message(raw: Union[str, bytes]) -> Outgoing:
+    """What a participant receives from the server on its uplink channel -> its dataclass."""
+    return _build(_from_wire(decode_json_object(raw, SIGNALING_MAX_BYTES)), CALL_TYPES)

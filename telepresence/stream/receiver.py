@@ -29,11 +29,13 @@ from websockets.http11 import Request, Response
 
 from .messages import ROOM_PATTERN
 from .rtc import IceConfig
-from .signaling import RoomLimits, SignalingServer, remote_ip
+from .signaling import CameraHost, RoomLimits, SignalingServer, remote_ip
 
 logger = logging.getLogger(__name__)
 
 SIGNALING_PATH = "/ws"
+PAGES = {"/call": "call.html"}
+"""Pages served under a name without a suffix (the call page: /call?room=R)."""
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -94,7 +96,7 @@ class ReceiverConfig:
     room: str = "demo"
     """Room named in the printed URL."""
     web_dir: Path = field(default_factory=lambda: default_web_dir())
-    """The page's files (index.html, app.js, style.css)."""
+    """The pages' files (index.html, call.html, their modules, style.css)."""
     limits: RoomLimits = RoomLimits()
     ice: IceConfig = IceConfig()
     """STUN/TURN servers handed to browsers."""
@@ -112,10 +114,11 @@ class ReceiverConfig:
 class Receiver:
     """Serves web/ and /ws until stopped."""
 
-    def __init__(self, config: ReceiverConfig) -> None:
+    def __init__(self, config: ReceiverConfig, cameras: Optional[CameraHost] = None) -> None:
+        """cameras: takes participants' cameras (telepresence serve's call); None: a viewing-only receiver."""
         self.config = config
         self.web_root = config.web_dir.resolve()
-        self.signaling = SignalingServer(config.limits, config.token, config.ice)
+        self.signaling = SignalingServer(config.limits, config.token, config.ice, cameras)
         self.server: Optional[Server] = None
 
     @property
@@ -126,6 +129,10 @@ class Receiver:
     @property
     def url(self) -> str:
         """The page to open, with room (and token) in the query."""
+        return self.page_url("/")
+
+    def page_url(self, page: str) -> str:
+        """`page` ("/", "/call") of this receiver, with room (and token) in the query."""
         host = self.config.host
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1"
@@ -134,7 +141,7 @@ class Receiver:
         query = {"room": self.config.room}
         if self.config.token:
             query["token"] = self.config.token
-        return f"http://{host}:{self.port}/?{urllib.parse.urlencode(query)}"
+        return f"http://{host}:{self.port}{page}?{urllib.parse.urlencode(query)}"
 
     @property
     def signaling_url(self) -> str:
@@ -206,7 +213,7 @@ class Receiver:
 
     def _static_response(self, url_path: str) -> Response:
         not_found = _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
-        relative = urllib.parse.unquote(url_path).lstrip("/") or "index.html"
+        relative = PAGES.get(url_path) or urllib.parse.unquote(url_path).lstrip("/") or "index.html"
         if "\x00" in relative or "\\" in relative or any(part in ("..", ".") for part in relative.split("/")):
             return not_found
         try:

@@ -99,10 +99,14 @@ class RenderLoop:
         *,
         stamp_frames: bool = False,
         on_status: Optional[Callable[[str], None]] = None,
+        on_analysis: Optional[Callable[[CapturedFrame, Any], None]] = None,
     ) -> None:
+        """on_analysis(frame, analysis): called on the analysis thread with every frame's analysis, even
+        while nobody watches (a call's head tracking, telepresence.stream.call)."""
         self.pipeline = pipeline
         self.stamp_frames = stamp_frames
         self.on_status = on_status
+        self.on_analysis = on_analysis
         self.frames: LatestSlot[CapturedFrame] = LatestSlot()
         self.capture = CaptureThread(source, self.frames, on_error=lambda error: self._set_status(STATUS_SOURCE_ERROR))
         # A pipeline that can analyse frames on its own (CPU face analysis) gets an
@@ -186,7 +190,7 @@ class RenderLoop:
             if taken is None:
                 continue
             version, frame = taken
-            if self.view_count == 0:
+            if self.view_count == 0 and self.on_analysis is None:
                 continue  # nobody watching: no work
             try:
                 analysis = self.pipeline.analyze(frame.image)
@@ -197,6 +201,11 @@ class RenderLoop:
                                      self._analysis_errors)
                 self._set_status(STATUS_ERROR)
                 continue
+            if self.on_analysis is not None:
+                try:
+                    self.on_analysis(frame, analysis)
+                except Exception:
+                    logger.exception("on_analysis failed on frame %d", frame.frame_id)
             try:
                 self._analyzed.put((frame, analysis))
             except SlotClosedError:

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import websockets
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
@@ -141,9 +141,15 @@ class ViewerPeer:
 class Sender:
     """Serves any number of viewers (up to max_viewers) from one capture + pipeline."""
 
-    def __init__(self, config: SenderConfig, pipeline: FramePipeline, source: Optional[FrameSource] = None) -> None:
+    def __init__(self, config: SenderConfig, pipeline: FramePipeline, source: Optional[FrameSource] = None, *,
+                 signaling: Callable[..., SignalingClient] = SignalingClient,
+                 on_analysis: Optional[Callable[[Any, Any], None]] = None) -> None:
+        """signaling: makes the room's client (SignalingClient's arguments); the call's in-process senders
+        pass telepresence.stream.signaling_local's. on_analysis: see RenderLoop."""
         self.config = config
         self.pipeline = pipeline
+        self._signaling_client = signaling
+        self._on_analysis = on_analysis
         self.viewers: dict[str, ViewerPeer] = {}
         self._source = source
         self.render_loop: Optional[RenderLoop] = None
@@ -162,7 +168,8 @@ class Sender:
             self._source = await self._loop.run_in_executor(None, open_source, self.config.source, self.config.source_fps)
         logger.info("capture source: %s (%.0f fps)", self._source.name, self._source.fps)
         self.render_loop = RenderLoop(
-            self._source, self.pipeline, stamp_frames=self.config.stamp_frames, on_status=self._on_status_threadsafe
+            self._source, self.pipeline, stamp_frames=self.config.stamp_frames, on_status=self._on_status_threadsafe,
+            on_analysis=self._on_analysis,
         )
         self.render_loop.start()
         self._spawn(self._watchdog())
@@ -353,7 +360,8 @@ class Sender:
         backoff_s = 0.5
         resume: Optional[str] = None
         while True:
-            client = SignalingClient(config.signaling_url, config.room, "sender", config.name, config.token, resume=resume)
+            client = self._signaling_client(config.signaling_url, config.room, "sender", config.name, config.token,
+                                            resume=resume)
             try:
                 joined = await client.connect()
                 resume = joined.resume or resume

@@ -34,7 +34,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from websockets.exceptions import ConnectionClosed
 
@@ -48,10 +48,14 @@ from .messages import (
     OfferMessage,
     PeerJoinedMessage,
     PeerLeftMessage,
+    PublishedMessage,
+    PublishMessage,
     RelayedAnswerMessage,
     RelayedDeclineMessage,
     RelayedOfferMessage,
     SignalingMessage,
+    UnpublishedMessage,
+    UnpublishMessage,
     parse_signaling_message,
 )
 from .rtc import IceConfig
@@ -95,6 +99,17 @@ class WrongRoleError(SignalingError):
 
 class RateLimitedError(SignalingError):
     code = "rate-limited"
+
+
+class CallRefusedError(SignalingError):
+    """A participant's camera that the call cannot take, or no longer takes (the reason goes back in
+    `unpublished`)."""
+
+    code = "call-refused"
+
+
+class NoCallsError(SignalingError):
+    code = "no-calls"
 
 
 class AddressLimitError(SignalingError):
@@ -303,6 +318,16 @@ class RoomRegistry:
         return peer
 
 
+class CameraHost(Protocol):
+    """What takes participants' cameras (telepresence.stream.call.CallHost, `telepresence serve`)."""
+
+    async def publish(self, member: Member, sdp: str) -> tuple[str, str]:
+        """Answer `member`'s camera offer: (answer SDP, the room id of its avatar); CallRefusedError with the reason."""
+
+    async def unpublish(self, member_id: str, reason: str) -> None:
+        """The participant leaves: stop its avatar and free what it holds (nothing if none)."""
+
+
 class _TokenBucket:
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
@@ -325,9 +350,14 @@ class SignalingServer:
     send_timeout_s = 5.0
 
     def __init__(
-        self, limits: RoomLimits = RoomLimits(), token: Optional[str] = None, ice: IceConfig = IceConfig()
+        self, limits: RoomLimits = RoomLimits(), token: Optional[str] = None, ice: IceConfig = IceConfig(),
+        cameras: Optional[CameraHost] = None,
     ) -> None:
+        """cameras: takes `publish` (participants' cameras, `telepresence serve`); None: refused."""
         self.registry = RoomRegistry(limits)
+        self.cameras = cameras
+        self._publishing: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
         self.limits = limits
         self.token = token
         self.ice = ice
@@ -346,6 +376,9 @@ class SignalingServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def handle(self, ws: Any) -> None:
         """Serve one websocket until it closes."""
@@ -406,7 +439,48 @@ class SignalingServer:
             self._require_role(member, "sender", message.type)
             peer = self.registry.find(member, message.to, "viewer")
             peer.send(RelayedDeclineMessage(member.id, message.reason).to_json())
+        elif isinstance(message, (PublishMessage, UnpublishMessage)):
+            self._on_camera_message(member, message)
         return member
+
+    # -- participants' cameras (the call) --
+
+    def _on_camera_message(self, member: Member, message: PublishMessage | UnpublishMessage) -> None:
+        self._require_role(member, "viewer", message.type)
+        if self.cameras is None:
+            raise NoCallsError("this server takes no cameras (a call needs `telepresence serve`)")
+        if isinstance(message, UnpublishMessage):
+            task = asyncio.ensure_future(self.cameras.unpublish(member.id, "left the call"))
+        elif member.id in self._publishing:
+            raise CallRefusedError("an earlier publish from you is still being answered")
+        else:
+            self._publishing.add(member.id)
+            task = asyncio.ensure_future(self._publish(member, message.sdp))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, member: Member, sdp: str) -> None:
+        assert self.cameras is not None
+        try:
+            answer, avatar_id = await self.cameras.publish(member, sdp)
+            reply: PublishedMessage | UnpublishedMessage = PublishedMessage(answer, avatar_id)
+        except CallRefusedError as error:
+            reply = UnpublishedMessage(str(error))
+        except Exception as error:
+            logger.exception("viewer %s: publish failed", member.id)
+            reply = UnpublishedMessage(f"the server could not take the camera ({type(error).__name__})")
+        finally:
+            self._publishing.discard(member.id)
+        current = self.registry.members.get(member.id, member)  # it may have rejoined meanwhile
+        current.called = current.called or isinstance(reply, PublishedMessage)  # in the call: never idle
+        current.send(reply.to_json())
+
+    def send_to(self, member_id: str, text: str) -> bool:
+        """Queue `text` for the member now joined under `member_id`; False if there is none."""
+        member = self.registry.members.get(member_id)
+        if member is not None:
+            member.send(text)
+        return member is not None
 
     @staticmethod
     def _require_role(member: Member, role: str, what: str) -> None:

@@ -51,8 +51,7 @@ class SignalingClient:
     async def connect(self) -> JoinedMessage:
         """Open the socket and join; raises SignalingRejectedError for a refusal that retrying cannot cure,
         RuntimeError for any other refusal, OSError/TimeoutError/WebSocketException when unreachable."""
-        self._ws = await websockets.connect(self.url, open_timeout=self.open_timeout_s, max_size=2**20, compression=None,
-                                            ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s, close_timeout=2.0)
+        self._ws = await self._open()
         await self.send(self.join_message)
         while True:
             message = await self.recv(self.open_timeout_s)
@@ -64,6 +63,11 @@ class SignalingClient:
                 if message.code in FATAL_JOIN_ERRORS:
                     raise SignalingRejectedError(text)
                 raise RuntimeError(text)
+
+    async def _open(self) -> Any:
+        """The connection: something with send(text), recv() and close(), as a websockets client has."""
+        return await websockets.connect(self.url, open_timeout=self.open_timeout_s, max_size=2**20, compression=None,
+                                        ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s, close_timeout=2.0)
 
     async def send(self, message: Outgoing) -> None:
         await self._ws.send(message.to_json())

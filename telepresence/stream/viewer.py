@@ -1,6 +1,6 @@
 """A headless viewer: the browser's role, in Python (tests, benchmarks, monitoring).
 
-Same protocol as web/app.js: recvonly video transceiver plus an unordered,
+Same protocol as web/tile.js: recvonly video transceiver plus an unordered,
 no-retransmit "pose" data channel, offer with ICE gathered, pose messages
 {seq, t, yaw, pitch, dist}, a ping every second (with `stamps {on}` repeated
 once asked for), the sender's clock offset from the pongs. Decoded frames

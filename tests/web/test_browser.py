@@ -165,7 +165,7 @@ def check_receives_orbits_and_shows_stats(page, url, live_timeout_s=30, settle_s
     page.mouse.move(x, y)
     page.mouse.down()
     for step in range(1, 11):
-        page.mouse.move(x - step * box["width"] * 0.04, y + step * 4)
+        page.mouse.move(x - step * box["width"] * 0.07, y + step * 4)  # to yaw about +28 (+-40 over the width)
         time.sleep(0.02)
     page.mouse.up()
     # The new view arrives after one pipeline pass: quick with the fake, seconds with the

@@ -1,6 +1,6 @@
 """Artifacts of novel views, one test per class that a rendered picture shows (issue 14):
-green-screen spill at the person's edge, hard (stair-stepped) edges of the torso and the
-silhouettes, seams along the face outline where seen and unseen surface meet, streaks of
+green-screen spill at the person's edge, background colour on the turned head (blocks, rims),
+hard (stair-stepped) edges of the torso and the silhouettes, seams along the face outline where seen and unseen surface meet, streaks of
 stretched texture in the completed cheek, and hair painted flat behind a cranium that ends
 below it. Each test failed on the code before the fix (the numbers in the comments)."""
 from pathlib import Path
@@ -60,6 +60,26 @@ def test_no_green_screen_spill_at_the_person_edge(analyzer):
         assert float(green) < 0.003, f"view {v}: {100 * float(green):.1f} % of the opaque pixels are green"
 
 
+@pytest.mark.parametrize("name", ["lp_s2", "lp_s12"])
+def test_no_background_colour_on_the_turned_head(analyzer, test_data, name):
+    """Blocks and rims: the person cut out of the photo onto a saturated blue screen (no blue in
+    these people or their clothes), then turned to +-20 and +-40 degrees at pitch -20, 0, +20:
+    no opaque pixel is blue (B - max(R, G) > 0.15). The fill texture kept the background's
+    colour beside the person (a block by the ear on the turned side) and the mask's loose edge
+    carried it (a rim): before, 0.23-0.65 % (lp_s12) and 0.53-1.03 % (lp_s2) of the opaque
+    pixels per view; now none."""
+    image = read_image(test_data / f"{name}.jpg")
+    mask = analyzer.analyze(image).mask[..., None]
+    screen = np.array([25.0, 50.0, 230.0], np.float32)
+    picture = (image * mask + screen * (1 - mask)).round().clip(0, 255).astype(np.uint8)
+    poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y in (-40, -20, 20, 40) for p in (-20, 0, 20)]
+    out = render_views(build_avatar(picture, analyzer.analyze(picture), render_size=S), poses, S)
+    excess = out.rgb[:, 2] - torch.maximum(out.rgb[:, 0], out.rgb[:, 1])  # [V, S, S]
+    opaque = out.alpha[:, 0] > 0.98
+    blue = [float((excess[v][opaque[v]] > 0.15).float().mean()) for v in range(len(poses))]
+    assert max(blue) < 0.001, f"{name}: % of the opaque pixels blue per view {[round(100 * b, 2) for b in blue]}"
+
+
 @pytest.mark.parametrize("name", ["lp_s42", "lp_s2"])
 def test_no_opaque_pixel_next_to_an_empty_one(analyzer, test_data, name):
     """The torso fades out at the picture's edge instead of ending in a straight cut, and mesh
@@ -72,11 +92,14 @@ def test_no_opaque_pixel_next_to_an_empty_one(analyzer, test_data, name):
     assert float(step.max()) < 0.75, f"alpha steps per view {step.tolist()}"
 
 
+# Bounds half-way between the seamless render (lp_s10 1.15-1.38, lp_s1 1.19-1.20, lp_s42 1.09-1.13,
+# lp_d12 1.14) and the seams before (below): the outline is a real edge (jaw against neck, hair,
+# background), so its line energy legitimately exceeds the skin's a little.
 @pytest.mark.parametrize("name, views, factor", [
-    ("lp_s10", ((-30, 0), (-40, 0), (-30, -15)), 1.4),  # turned source: the unseen side is completed
-    ("lp_s1", ((-30, 0), (30, 0)), 1.25),
-    ("lp_s42", ((-30, 0), (30, 0)), 1.25),
-    ("lp_d12_f000", ((-30, 0), (30, 0)), 1.25),
+    ("lp_s10", ((-30, 0), (-40, 0), (-30, -15)), 1.5),  # turned source: the unseen side is completed
+    ("lp_s1", ((-30, 0), (30, 0)), 1.27),
+    ("lp_s42", ((-30, 0), (30, 0)), 1.22),
+    ("lp_d12_f000", ((-30, 0), (30, 0)), 1.22),
 ])
 def test_no_seam_along_the_face_outline(analyzer, test_data, name, views, factor):
     """Where the face mesh meets the head shell, and seen surface meets unseen, the texture

@@ -141,6 +141,26 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_resume_keeps_this_devices_optimizer_implementation(tmp_path):
+    """A checkpoint of a fused AdamW (what CUDA runs) resumes with this trainer's own (foreach on the
+    CPU, step counts on the CPU) and continues the uninterrupted run bit for bit."""
+    config = _resume_config()
+    expected = _losses(_trainer(tmp_path, "a", config), 4)
+    first = _trainer(tmp_path, "b", config)
+    _losses(first, 2)
+    state = first.state_dict()
+    for key in ("optimizer", "optimizer_d"):
+        for group in state[key]["param_groups"]:
+            group.update(fused=True, foreach=False)
+    torch.save(state, tmp_path / "fused.pt")
+    resumed = _trainer(tmp_path, "c", config, seed=123)
+    resumed.load_checkpoint(tmp_path / "fused.pt")
+    for optimizer in (resumed.optimizer, resumed.optimizer_d):
+        assert all(g["foreach"] and not g["fused"] for g in optimizer.param_groups)
+        assert optimizer.state and all(s["step"].device.type == "cpu" for s in optimizer.state.values())
+    assert _losses(resumed, 2) == expected[2:]
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     config = _resume_config()
     trainer = _trainer(tmp_path, "a", config)

@@ -1,0 +1,77 @@
+"""`telepresence serve`: the call in one process: the pages, the signaling, and an avatar pipeline per
+participant, who joins from a browser at /call?room=R with their camera (docs/call.md)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.options import add_codec_arguments, add_pipeline_arguments, pipeline_config_from_args
+from telepresence.cli.receive import add_receiver_arguments, config_from_args
+from telepresence.stream.call import CallConfig, CallHost
+from telepresence.stream.headtrack import HeadTrackingConfig
+from telepresence.stream.receiver import Receiver, ReceiverConfig, ReceiverError
+from telepresence.stream.rtc import BitrateConfig
+from telepresence.stream.sender import SenderConfig
+
+logger = logging.getLogger("telepresence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="telepresence serve",
+        description="A call: open the printed /call URL in two browsers (or tabs), share the cameras, see each other in 3D.",
+        formatter_class=HelpFormatter,
+    )
+    add_receiver_arguments(parser)
+    add_pipeline_arguments(parser)
+    add_codec_arguments(parser)
+    parser.add_argument("--max-participants", type=int, default=CallConfig.max_participants,
+                        help="cameras taken at once over all rooms (each is a pipeline)")
+    parser.add_argument("--head-gain", type=float, default=HeadTrackingConfig.gain,
+                        help="head-tracked parallax: multiple of a true window's angles (0: off for everyone)")
+    parser.add_argument("--stamp-frames", action="store_true",
+                        help="read capture stamps from the cameras and paint them into the avatars (benchmarks/call.py)")
+    add_verbosity(parser)
+    return parser
+
+
+def call_config_from_args(args: argparse.Namespace, receiver: ReceiverConfig) -> CallConfig:
+    # Every viewer of a room may watch each participant; the server's side of ICE uses the browsers' servers.
+    sender = SenderConfig(source="uplink", codec=args.codec, bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
+                          ice=receiver.ice, max_viewers=receiver.limits.max_viewers_per_room, stamp_frames=args.stamp_frames)
+    return CallConfig(sender=sender, pipeline=pipeline_config_from_args(args), pipeline_factory=args.pipeline,
+                      head=HeadTrackingConfig(gain=args.head_gain), max_participants=args.max_participants)
+
+
+async def _run(receiver_config: ReceiverConfig, call_config: CallConfig) -> None:
+    host = CallHost(call_config)
+    receiver = Receiver(receiver_config, cameras=host)
+    host.attach(receiver.signaling)
+    await receiver.start()
+    try:
+        pipeline = call_config.pipeline
+        logger.info("each participant gets a pipeline on %s at %d px (%s)", pipeline.device, pipeline.size,
+                    call_config.pipeline_factory or "telepresence.pipeline")
+        print(f"Call server ready. Open {receiver.page_url('/call')}   (Ctrl-C to stop)", flush=True)
+        await asyncio.Future()
+    finally:
+        await host.close()
+        await receiver.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        receiver_config = config_from_args(args)
+        call_config = call_config_from_args(args, receiver_config)
+    except ValueError as error:
+        logger.error("%s", error)
+        return EXIT_BAD_INPUT
+    if not (Path(receiver_config.web_dir) / "call.html").is_file():
+        logger.error("the call page is missing: %s", Path(receiver_config.web_dir) / "call.html")
+        return EXIT_BAD_INPUT
+    return run_until_stopped(_run(receiver_config, call_config), expected=(ReceiverError,))
