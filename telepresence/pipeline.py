@@ -63,6 +63,10 @@ class PipelineConfig:
     """How fast the framing follows the head (0 = frozen, 1 = no smoothing)."""
     noise_level: float | None = None
     """Refiner noise level (None: the value the refiner was trained with)."""
+    memory: bool = False
+    """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
+    fills what the current frame sees badly (the sides of the head when turned). Off by default: it has not
+    yet shown the gain issue 20 asks for (0.1 dB at 30-45 degrees on one head-turn clip)."""
     warm_views: int = 4
     """On CUDA, capture the render and refiner graphs for 1..warm_views views on the first
     frame with a face (about 0.4 s each), so a viewer joining later does not stall the others."""
@@ -94,6 +98,7 @@ class FrameResult:
     face_found: bool  # False: this frame had no face (views come from the last good avatar)
     status: str  # STATUS_OK | STATUS_FACE_LOST | STATUS_NO_FACE_YET
     timings_ms: dict[str, float] = field(default_factory=dict)  # landmarks, avatar, render, refine
+    memory_fill: float | None = None  # share of the head the appearance memory holds, None: memory off
 
 
 @runtime_checkable
@@ -159,6 +164,7 @@ class Pipeline:
         self._reference: torch.Tensor | None = None  # the refiner's reference view of the current avatar
         self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
         self._crop: np.ndarray | None = None
+        self.memory = _open_memory(config, self.device)
 
     def close(self) -> None:
         self.analyzer.close()
@@ -204,11 +210,15 @@ class Pipeline:
             t0 = time.perf_counter()
             crop = self._follow(crop_box(obs, self.avatar_config))
             self._avatar = self.engine.build(frame_rgb, obs, crop=crop)
+            if self.memory is not None:  # the engine renders the avatar with the memory attached
+                self._avatar = self.engine.avatar = self.memory.observe(self._avatar, frame_rgb, obs)
             self._reference = None
             self._sync()
             timings["avatar"] = (time.perf_counter() - t0) * 1000.0
             if not self._warm:
                 self._warm_up()
+        elif self.memory is not None:
+            self.memory.missed()
         status = STATUS_OK if found else (STATUS_FACE_LOST if self._avatar is not None else STATUS_NO_FACE_YET)
         if not poses:
             return FrameResult([], found, status, timings)
@@ -216,7 +226,8 @@ class Pipeline:
             blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
             return FrameResult([blank.copy() for _ in poses], found, status, timings)
         views = self.render(poses, timings)
-        return FrameResult(views, found, status, timings)
+        fill = None if self.memory is None else float(self.memory.fill_fraction())  # the views are read: no wait
+        return FrameResult(views, found, status, timings, fill)
 
     def _warm_up(self) -> None:
         """Capture the graphs of every view count up to warm_views now, while nobody waits
@@ -246,3 +257,32 @@ class Pipeline:
             timings["refine"] = (time.perf_counter() - t0) * 1000.0
         pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(pictures)
+
+
+def _open_memory(config: PipelineConfig, device: torch.device):
+    """The sender's appearance memory (None with config.memory off); the log says which. The identity
+    check (a new person resets it) uses dlib's descriptor every few seconds when dlib is installed."""
+    if not config.memory:
+        log.info("appearance memory: off (send --memory turns it on)")
+        return None
+    from models.avatar.memory import AppearanceMemory, MemoryConfig
+    from models.face.identity import IdentityEmbedder
+
+    embedder = IdentityEmbedder.optional()
+
+    def identity(image: np.ndarray, obs) -> np.ndarray | None:
+        try:
+            return embedder.embed(image, obs.landmarks_px)
+        except (NoFaceError, RuntimeError):
+            return None
+
+    # On the CPU a quarter of the texels and an update every other frame: about a quarter of the update's cost
+    # at 256 (the render's lookup is the same), within issue 20's +10 ms there; on CUDA the full atlas, every frame.
+    cpu = device.type == "cpu"
+    memory_config = MemoryConfig(texels=max(32, config.size // (4 if cpu else 2)), update_every=2 if cpu else 1)
+    log.info("appearance memory: on (%d texels a side for the face, updated every %s; resets after %.0f s "
+             "without a face%s)", memory_config.texels,
+             "frame" if memory_config.update_every == 1 else f"{memory_config.update_every} frames",
+             memory_config.lost_after_s,
+             "" if embedder is not None else "; no identity check: dlib is not installed")
+    return AppearanceMemory(memory_config, device, identity if embedder is not None else None)

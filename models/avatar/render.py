@@ -100,6 +100,16 @@ def _sample(texture: torch.Tensor, h: torch.Tensor, span: tuple[float, float],
     return tex, uv
 
 
+def _sample_memory(avatar: Avatar, frags) -> torch.Tensor:
+    """The appearance memory [V, 5, S, S] (RGB lit as now, alpha, weight) at each pixel's atlas
+    position: its triangle's corner positions (avatar.memory_uv) weighted by its barycentrics."""
+    corner = avatar.memory_uv[frags.face_id.clamp(min=0)]  # [V, S, S, 3, 2]
+    grid = (frags.bary[..., None] * corner).sum(-2)  # [V, S, S, 2]
+    V = grid.shape[0]
+    return F.grid_sample(avatar.memory.expand(V, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
 def _unpremultiply(rgba: torch.Tensor) -> torch.Tensor:
     """Colour [V, 3, S, S] of premultiplied RGBA [V, 4, S, S] (black where the alpha is 0)."""
     return (rgba[:, :3] / rgba[:, 3:].clamp(min=1e-4)).clamp(0.0, 1.0)
@@ -157,6 +167,9 @@ def render_cameras(
     mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)
     fill_rgb = vals[..., VATTR.FILL_RGB].permute(0, 3, 1, 2)  # per-vertex colours: smooth, no streaks
     unseen = torch.lerp(fill_rgb, mirrored.clamp(0.0, 1.0), w_mirror[:, None])
+    memory = None if avatar.memory is None else _sample_memory(avatar, frags)  # [V, 5, S, S]
+    if memory is not None:  # what earlier frames saw well, before the mirror side and the fill
+        unseen = torch.lerp(unseen, memory[:, :3], memory[:, 4:5])
     head_rgb = torch.lerp(unseen, own, w_own[:, None])
     # The card takes the person's matte as alpha and fades out at the picture's edge.
     ramp = 0.04 * avatar.source_focal_px / avatar.crop_K[0, 0]  # 4 % of the crop side, source pixels
@@ -166,7 +179,10 @@ def render_cameras(
     fade = in_pic.float()
     if avatar.config.background == "remove":
         fade = torch.where(part == 2, _picture_fade(uv, span, ramp), fade)
-    card = torch.lerp(torch.cat([tex_f[:, :3] * tex_f[:, 3:], tex_f[:, 3:]], 1), tex_p, w_own[:, None])
+    card = torch.cat([tex_f[:, :3] * tex_f[:, 3:], tex_f[:, 3:]], 1)
+    if memory is not None:
+        card = torch.lerp(card, torch.cat([memory[:, :3] * memory[:, 3:4], memory[:, 3:4]], 1), memory[:, 4:5])
+    card = torch.lerp(card, tex_p, w_own[:, None])
     card = card * fade[:, None]  # [V, 4, S, S] premultiplied
     weight = (vals[..., VATTR.OPACITY] * covered)[:, None]
     premultiplied = torch.where(head[:, None], head_rgb, card[:, :3]) * weight

@@ -225,6 +225,8 @@ def _evaluate_clip(
             f"(yaw range {np.nanmin(index.pose_deg[:, 0]):.1f}..{np.nanmax(index.pose_deg[:, 0]):.1f} deg)"
         )
     frames = index.read_frames([ref] + [p.tgt for p in chosen])
+    if hasattr(runner, "add_clip"):  # a runner that needs the clip's other frames (models.evaluation.memory)
+        runner.add_clip(index)
     ref_obs = index.observation(ref)
     framing = runner.framing(frames[ref], ref_obs, config.size)
     ref_view, ref_emb = _reference_view(framing, scorer)

@@ -78,6 +78,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-identity", action="store_true", help="skip the dlib identity metrics")
     p.add_argument("--no-landmarks", action="store_true", help="skip the landmark error")
     p.add_argument("--no-flicker", action="store_true", help="skip the orbit flicker measurement")
+    p.add_argument("--memory", action="store_true",
+                   help="add the 'memory' method: the raw avatar with the appearance memory of the clip's frames up to "
+                   "the reference, one second around each target excluded (issue 20)")
+    p.add_argument("--memory-every", type=int, default=1, metavar="N",
+                   help="with --memory: feed every N-th analysed frame (default 1)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     add_verbosity(p)
     return p
@@ -106,6 +111,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "baseline" not in methods:
         print(f"error: expected --methods among {' '.join(METHODS)} including baseline, got {' '.join(args.methods)}",
+              file=sys.stderr)
+        return 2
+    if args.memory and methods == ["baseline"]:
+        print("error: expected --memory with the avatar (raw or refined among --methods), got --methods baseline",
               file=sys.stderr)
         return 2
     if not args.clips and not args.multiview:
@@ -146,8 +155,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         if "raw" in methods or "refined" in methods:
             try:
                 from models.evaluation import AvatarRunner
+                from models.evaluation.memory import MemoryRunner
 
-                runner = AvatarRunner(refiner=refiner, device=args.device)
+                runner = (MemoryRunner(refiner=refiner, device=args.device, every=args.memory_every) if args.memory
+                          else AvatarRunner(refiner=refiner, device=args.device))
             except ImportError as exc:
                 raise EvalSetupError(f"the avatar (models.avatar) is not available: {exc}; "
                                      "run with --methods baseline") from exc

@@ -1,4 +1,5 @@
-"""`telepresence render`: one picture in, novel views and a contact sheet out."""
+"""`telepresence render`: one picture (or one frame of a clip, with the appearance memory of the frames
+before it) in, novel views and a contact sheet out."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +72,44 @@ def _sheet_rows(source: np.ndarray, poses: list[OrbitPose], views: list[np.ndarr
     return rows, labels
 
 
+def _parse_span(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got '{text}'") from None
+    if end < start:
+        raise argparse.ArgumentTypeError(f"expected START <= END, got '{text}'")
+    return start, end
+
+
+def _clip_frame(args: argparse.Namespace, timer: StageTimer, device: torch.device):
+    """--video: the frame at --at seconds, its observation and (unless --no-memory) the appearance memory fed the
+    clip's frames before it minus the --memory-exclude spans. Returns (image, obs, memory or None)."""
+    from models.evaluation.clips import ClipIndexConfig, default_cache_dir, index_clip
+    from models.evaluation.memory import clip_memory, memory_frame_ids
+
+    with timer.stage("landmarks"):
+        index = index_clip(args.video, ClipIndexConfig(fov_deg=args.source_fov), cache_dir=default_cache_dir(),
+                           progress=False)
+    fps = index.fps or 30.0
+    frame = int(round(args.at * fps))
+    if frame not in set(index.frame_ids.tolist()) or not index.found[index.position(frame)]:
+        raise SystemExit(f"--at {args.at:g}: expected a frame with a face in '{args.video}', "
+                         f"got frame {frame} of {len(index)} (no face there, or past the end)")
+    with timer.stage("read"):
+        image = index.read_frames([frame])[frame]
+    obs = index.observation(frame)
+    if not args.memory:
+        return image, obs, None
+    ids = memory_frame_ids(index, frame, args.memory_exclude, args.memory_every)[:-1]  # the frame itself: below
+    with timer.stage("memory"):
+        memory = clip_memory(index, ids, device=device, size=args.size)
+    print(f"appearance memory: {len(ids)} frames before {args.at:g} s fed "
+          f"({', '.join(f'{a:g}-{b:g} s' for a, b in args.memory_exclude) or 'none'} excluded), "
+          f"{100 * float(memory.fill_fraction()):.0f} % of the head filled")
+    return image, obs, memory
+
+
 def render_command(args: argparse.Namespace) -> int:
     from models.avatar import AvatarConfig, build_avatar, render_views
     from models.refiner import refine_views
@@ -79,11 +118,15 @@ def render_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out_dir = Path(args.out)  # made only once there is something to write: a failed run leaves nothing behind
     timer = StageTimer(device)
-    with timer.stage("read"):
-        image = read_still(args.image)  # the checks and size cap `send --source IMAGE` applies
-    with timer.stage("landmarks"):
-        with FaceAnalyzer(FaceConfig(static_image=True, fov_deg=args.source_fov)) as analyzer:
-            obs = analyzer.analyze(image)
+    memory = None
+    if args.video is not None:
+        image, obs, memory = _clip_frame(args, timer, device)
+    else:
+        with timer.stage("read"):
+            image = read_still(args.image)  # the checks and size cap `send --source IMAGE` applies
+        with timer.stage("landmarks"):
+            with FaceAnalyzer(FaceConfig(static_image=True, fov_deg=args.source_fov)) as analyzer:
+                obs = analyzer.analyze(image)
     refiner = load_refiner(args.refiner, device)
     poses = [
         OrbitPose(yaw_deg=y, pitch_deg=p, roll_deg=args.roll, dist_scale=args.dist, fov_deg=args.fov)
@@ -92,6 +135,9 @@ def render_command(args: argparse.Namespace) -> int:
     config = AvatarConfig(background=args.background)
     with timer.stage("avatar"):
         avatar = build_avatar(image, obs, config, device=device, render_size=args.size)
+        if memory is not None:
+            memory.update(avatar)  # the frame itself, as the sender's memory has it, and lit as now
+            avatar = memory.attach(avatar)
     with timer.stage("render"):
         out = render_views(avatar, poses, args.size)
         reference = avatar.source_view(args.size)
@@ -122,7 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         "viewer's right; pitch +10 raises it. --yaw 0 --pitch 0 reproduces the input camera.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--image", required=True, help="input picture (jpg/png/...)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="input picture (jpg/png/...)")
+    source.add_argument("--video", help="input clip: the avatar of the frame at --at, with the appearance memory of "
+                        "the frames before it (issue 20's reproducible entry)")
+    p.add_argument("--at", type=float, default=0.0, help="with --video: seconds into the clip")
+    p.add_argument("--memory-exclude", type=_parse_span, nargs="+", default=[], metavar="START:END",
+                   help="with --video: spans (seconds) of the clip the memory is not fed")
+    p.add_argument("--memory-every", type=int, default=1, metavar="N", help="with --video: feed every N-th frame")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="with --video: the frame's avatar alone (the single-frame avatar)")
     p.add_argument("--yaw", type=float, nargs="+", default=[-30, -15, 0, 15, 30], help="degrees")
     p.add_argument("--pitch", type=float, nargs="+", default=[0], help="degrees")
     p.add_argument("--roll", type=float, default=0.0, help="degrees, clockwise on screen")

@@ -43,3 +43,11 @@ def test_a_user_sees_only_the_projects_lines(tmp_path, test_data):
                               str(test_data / "lp_s33.jpg"), "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 2 and len(verbose.stderr.splitlines()) > 1  # the native lines are there with -v
+
+
+def test_memory_exclude_spans_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["render", "--video", "clip.mp4", "--out", "x", "--memory-exclude", "3:1"])
+    assert "START <= END" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["render", "--video", "clip.mp4", "--image", "a.jpg", "--out", "x"])

@@ -1,0 +1,408 @@
+"""Appearance memory (issue 20): a fixed-size texture atlas on the avatar's fixed topology that keeps
+what the camera has seen of one participant during a call, and the lifecycle that resets it.
+
+The atlas lays out the three textured parts of the mesh (models.avatar.topology) in texture space:
+
+- **face**: the canonical face mesh unrolled on a vertical cylinder about the cranium centre
+  (u = radius x angle, v = height), so the cheeks keep their share of texels;
+- **shell**: one cell per (sweep j, ring k) quad of the head shell, ring 0 (the face outline)
+  at the top, the back pole at the bottom;
+- **card**: one cell per card grid quad.
+
+Each corner of each triangle has its atlas position (``MemoryAtlas.corner_uv``: the face outline
+belongs to the face and to the shell, the shell wraps round). Rasterizing that layout once gives
+each covered texel its triangle and barycentrics, so a frame's update is gathers and
+element-wise maths of fixed shape: no host sync, the same code on the CPU and in a CUDA graph.
+
+Per frame, every texel looks itself up in the frame's avatar: its source pixel (projective
+texture coordinates are linear in position), how much the source saw it (the shadow map, soft),
+cos(normal, view ray) and the resolution (source pixels per texel, at most 1):
+
+    q = seen * ramp(cos) * min(1, sqrt(A_src / A_atlas)) * on_person
+    w = q^2 * clamp((q - 0.75 b) / (0.25 b))      (b: the best q this texel has had)
+    m <- m + w / (c + w) * (x - m),   c <- min(c + w, cap),   b <- max(b, q)
+
+so a side of the head once seen face-on is not washed out by many later frames that see it edge-on.
+A render uses the memory only where the frame's own texture is worth little in that view
+(models.avatar.render), never on the expression regions (lips, eyes, brows and a ring of
+neighbours: they must follow the current frame), and lit as now: the memory is multiplied by a
+low-frequency ratio, current over memory, over the texels both see well (blurred over cells
+of ``ratio_cell`` texels, a global ratio where no cell has enough overlap).
+
+The memory lives on the device of the avatar and is never written anywhere.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.avatar.texture import box_mean, sample_vertices
+from models.avatar.topology import Topology, mesh_topology
+from models.avatar.types import VATTR, Avatar
+from models.avatar.visibility import seen_fraction
+from models.face.analysis import NUM_MESH_VERTICES, face_model
+from models.geometry.raster import rasterize
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AppearanceMemory", "EXPRESSION_LANDMARKS", "MemoryAtlas", "MemoryConfig", "memory_atlas"]
+
+# MediaPipe face-mesh landmark ids of the expression regions (the vertices of
+# mediapipe.solutions.face_mesh_connections' FACEMESH_LIPS, _LEFT_EYE, _RIGHT_EYE, _LEFT_EYEBROW,
+# _RIGHT_EYEBROW). memory_atlas grows them by two rings of mesh neighbours.
+EXPRESSION_LANDMARKS = (
+    0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191, 267, 269, 270, 291,
+    308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415,  # lips
+    249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466,  # left eye
+    7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246,  # right eye
+    276, 282, 283, 285, 293, 295, 296, 300, 334, 336,  # left eyebrow
+    46, 52, 53, 55, 63, 65, 66, 70, 105, 107,  # right eyebrow
+)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Settings of :class:`AppearanceMemory`."""
+
+    texels: int = 128
+    """Side of the atlas's face region in texels (the render density of a 256 px view); the
+    shell and card regions scale with it. The whole atlas is about 10 x texels^2 texels."""
+    cap: float = 8.0
+    """Confidence cap, in full-quality observations: the newest good frame keeps a weight of at least 1/cap."""
+    ratio_cell: int = 16
+    """Cell of the lighting ratio's grid, texels; the ratio is blurred over 5 x 5 cells."""
+    update_every: int = 1
+    """Update the memory on every N-th frame with a face (renders attach it on every frame; the lighting
+    ratio then lags by up to N - 1 frames): the CPU sender's cost cut."""
+    lost_after_s: float = 2.0
+    """The memory resets after the face has been lost this long (seconds of the frames' clock)."""
+    identity_every: int = 60
+    """Frames with a face between identity checks (0: no check)."""
+    identity_threshold: float = 0.6
+    """Descriptor distance from the memory's person above which the memory resets (dlib: 0.6)."""
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.texels <= 2048:
+            raise ValueError(f"expected texels in [16, 2048], got {self.texels}")
+        if self.cap < 1.0:
+            raise ValueError(f"expected cap >= 1, got {self.cap}")
+        if self.ratio_cell < 2:
+            raise ValueError(f"expected ratio_cell >= 2, got {self.ratio_cell}")
+        if self.update_every < 1:
+            raise ValueError(f"expected update_every >= 1, got {self.update_every}")
+        if self.lost_after_s < 0 or self.identity_every < 0:
+            raise ValueError("expected lost_after_s >= 0 and identity_every >= 0")
+
+
+@dataclass(frozen=True)
+class MemoryAtlas:
+    """The atlas layout of one topology at one size, on one device (made once: :func:`memory_atlas`)."""
+
+    size: tuple[int, int]  # (Ha, Wa) texels
+    corner_uv: torch.Tensor  # [F, 3, 2] atlas position of each triangle corner, grid_sample units ([-1, 1], x first)
+    texel_ids: torch.Tensor  # [T] int64 flat ids of the covered texels
+    texel_face: torch.Tensor  # [T] int64 the triangle of each
+    texel_vid: torch.Tensor  # [T, 3] int64 its corners' vertex ids
+    texel_bary: torch.Tensor  # [T, 3] its barycentrics
+    texel_card: torch.Tensor  # [T] bool: on the card (else on the head)
+    texel_static: torch.Tensor  # [T] in [0, 1]: 0 on the expression regions (never from memory)
+    atlas_area: torch.Tensor  # [F] triangle area in texels (0: not in the atlas)
+    gutter: torch.Tensor  # [Ha * Wa] int64: the covered texel (index into T) each atlas texel shows, T: none
+    cell: torch.Tensor  # [T] int64 the ratio-grid cell each texel lies in
+    grid: tuple[int, int]  # (h, w) of the lighting ratio's grid
+    n_head_texels: torch.Tensor  # 0-d float: covered head texels (for the fill fraction)
+
+
+_ATLASES: dict[tuple, MemoryAtlas] = {}
+
+
+def _layout(topo: Topology, texels: int, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Corner positions [F, 3, 2] in atlas texels (x, y) and the atlas size (Ha, Wa), a multiple of ``multiple``; triangles off
+    the atlas (far layer) get all corners at 0 (degenerate: never drawn)."""
+    model = face_model()
+    n_tri = len(model.triangles)
+    faces = topo.faces
+    K, J = topo.ring_ids.shape[0] - 1, topo.ring_ids.shape[1]
+    G = round(topo.n_card ** 0.5)
+    cs, cc, gap = max(4, round(texels / 12)), max(2, round(texels / 24)), 2
+    card_side = (G - 1) * cc
+    shell_top = max(texels, card_side) + gap
+    Wa = max(texels + gap + card_side, J * cs)
+    Ha = shell_top + (K + 1) * cs
+    Ha, Wa = -(-Ha // multiple) * multiple, -(-Wa // multiple) * multiple
+    uv = np.zeros(faces.shape + (2,), np.float64)
+    # Face: a cylinder about the cranium centre's vertical axis.
+    v = model.vertices.astype(np.float64)
+    centre = np.array([0.0, -0.02, 0.025])
+    radius = np.hypot(v[:, 0] - centre[0], v[:, 2] - centre[2]).mean()
+    cyl = np.stack([radius * np.arctan2(v[:, 0] - centre[0], centre[2] - v[:, 2]), v[:, 1]], -1)
+    lo, hi = cyl.min(0), cyl.max(0)
+    scale = (texels - 2.0) / (hi - lo).max()
+    cyl = (cyl - (lo + hi) / 2) * scale + texels / 2.0
+    uv[:n_tri] = cyl[faces[:n_tri]]
+    # Shell: (sweep j, ring k) cells; the pole sits below the middle of its triangle's sweep.
+    where = {}
+    for k in range(K + 1):
+        for j in range(J):
+            where[int(topo.ring_ids[k, j])] = (j, k)
+    for f in range(n_tri, topo.n_head_faces):
+        corners = [where.get(int(i), (None, K + 1)) for i in faces[f]]
+        js = [j for j, _ in corners if j is not None]
+        if max(js) - min(js) > 1:  # the quad that closes the loop: sweep 0 comes after sweep J - 1
+            js = [j + J if j == 0 else j for j in js]
+        it = iter(js)
+        jj = [next(it) if j is not None else None for j, _ in corners]
+        mid = (min(js) + max(js)) / 2.0
+        for c, ((_, k), j) in enumerate(zip(corners, jj)):
+            uv[f, c] = (mid * cs if j is None else j * cs, shell_top + k * cs)
+    # Card: grid cells, row-major like its vertices.
+    base = topo.n_face + topo.n_shell
+    card = (faces >= base).all(-1) & (faces < base + topo.n_card).all(-1)
+    r, c = np.divmod(faces[card] - base, G)
+    uv[card] = np.stack([texels + gap + c * cc, r * cc], -1)
+    return uv, (Ha, Wa)
+
+
+def memory_atlas(topo_key: tuple[int, int, bool], texels: int, ratio_cell: int,
+                 device: torch.device | str) -> MemoryAtlas:
+    """The atlas of the mesh ``mesh_topology(*topo_key)`` with a face region ``texels`` wide, on
+    ``device`` (made once per key: the texels' triangles come from rasterizing the layout)."""
+    device = torch.device(device)
+    key = (topo_key, texels, ratio_cell, str(device))
+    if key in _ATLASES:
+        return _ATLASES[key]
+    topo = mesh_topology(*topo_key)
+    uv, (Ha, Wa) = _layout(topo, texels, ratio_cell)
+    faces = torch.as_tensor(topo.faces)
+    Fn = faces.shape[0]
+    corners = torch.as_tensor(uv, dtype=torch.float32).reshape(1, Fn * 3, 2)
+    pix = torch.cat([corners, torch.ones(1, Fn * 3, 1)], -1)
+    frags = rasterize(pix, torch.arange(Fn * 3).reshape(Fn, 3), Ha, Wa)
+    face_id = frags.face_id[0].reshape(-1)
+    ids = torch.nonzero(face_id >= 0)[:, 0]
+    tface = face_id[ids]
+    bary = frags.bary[0].reshape(-1, 3)[ids]
+    vid = faces[tface]
+    # Expression regions: the landmark sets grown by two rings of face-mesh neighbours.
+    n_tri = len(face_model().triangles)
+    expr = torch.zeros(topo.faces.max() + 1)
+    expr[list(EXPRESSION_LANDMARKS)] = 1.0
+    tri = faces[:n_tri]
+    for _ in range(2):
+        hit = expr[tri].amax(-1)  # [n_tri]
+        grown = torch.zeros_like(expr)
+        grown.scatter_reduce_(0, tri.reshape(-1), hit[:, None].expand(-1, 3).reshape(-1), "amax")
+        expr = torch.maximum(expr, grown)
+    on_face = tface < n_tri
+    e = torch.where(on_face, (bary * expr[vid]).sum(-1), torch.zeros(len(ids)))
+    static = torch.where(e > 1.0 - 1e-4, torch.zeros_like(e), 1.0 - e)
+    # Grown by a texel in the atlas too: bilinear lookups inside the regions read no memory.
+    image = torch.ones(Ha * Wa)
+    image[ids] = static
+    image = -F.max_pool2d(-image.reshape(1, 1, Ha, Wa), 3, stride=1, padding=1)
+    static = torch.where(on_face, image.reshape(-1)[ids], static)
+    card = tface >= topo.n_head_faces
+    e1, e2 = corners[0, 1::3] - corners[0, 0::3], corners[0, 2::3] - corners[0, 0::3]
+    area = 0.5 * (e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).abs()
+    # Gutter: every texel next to a covered one shows that one (bilinear lookups at a region's edge).
+    gutter = torch.full((Ha * Wa,), len(ids), dtype=torch.int64)
+    gutter[ids] = torch.arange(len(ids))
+    grid = gutter.reshape(Ha, Wa)
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+        shifted = torch.roll(grid, (dy, dx), (0, 1))
+        gutter = torch.where((gutter == len(ids)) & (shifted.reshape(-1) < len(ids)), shifted.reshape(-1), gutter)
+    # The lighting ratio's grid: cells of ratio_cell texels (the atlas is a whole number of them).
+    gh, gw = Ha // ratio_cell, Wa // ratio_cell
+    cell = (ids // Wa) // ratio_cell * gw + (ids % Wa) // ratio_cell
+    norm = torch.as_tensor(uv, dtype=torch.float32) / torch.tensor([Wa, Ha], dtype=torch.float32) * 2.0 - 1.0
+    atlas = MemoryAtlas(
+        size=(Ha, Wa), corner_uv=norm.to(device), texel_ids=ids.to(device), texel_face=tface.to(device),
+        texel_vid=vid.to(device), texel_bary=bary.float().to(device), texel_card=card.to(device),
+        texel_static=static.float().to(device), atlas_area=area.to(device), gutter=gutter.to(device),
+        cell=cell.to(device), grid=(gh, gw),
+        n_head_texels=(~card).sum().float().to(device),
+    )
+    _ATLASES[key] = atlas
+    return atlas
+
+
+def _observe(atlas: MemoryAtlas, avatar: Avatar) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the avatar's frame shows of each covered texel: colour and alpha [T, 4] (straight,
+    not premultiplied) and its quality q [T] in [0, 1]. Device maths, fixed shapes."""
+    verts, tex_h = avatar.verts, avatar.vattr[:, VATTR.TEX]  # [N, 3] each
+    faces = avatar.faces
+    table = torch.cat([verts, tex_h], -1)  # [N, 6]
+    b = atlas.texel_bary
+    c = [table.index_select(0, atlas.texel_vid[:, k]) for k in range(3)]  # 3 x [T, 6]
+    both = torch.addcmul(torch.addcmul(c[0] * b[:, 0:1], c[1], b[:, 1:2]), c[2], b[:, 2:3])
+    P, th = both[:, :3], both[:, 3:]  # camera frame; (u w, v w, w): linear in position
+    tri = verts[faces]  # [F, 3, 3]
+    normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    cos = (normal[atlas.texel_face] * P).sum(-1).abs() / P.norm(dim=-1).clamp(min=1e-6)
+    # Resolution: source pixels per texel (area ratio of each triangle), at most 1.
+    uv = tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6)
+    s1, s2 = uv[faces[:, 1]] - uv[faces[:, 0]], uv[faces[:, 2]] - uv[faces[:, 0]]
+    src_area = 0.5 * (s1[:, 0] * s2[:, 1] - s1[:, 1] * s2[:, 0]).abs()
+    res = (src_area / atlas.atlas_area.clamp(min=1e-6)).sqrt().clamp(max=1.0)[atlas.texel_face]
+    w = th[:, 2].clamp(min=1e-6)
+    u, v = th[:, 0] / w, th[:, 1] / w
+    card = atlas.texel_card
+    seen = seen_fraction(th[:, 2], avatar.src_depth, avatar.src_depth_K, u, v, pooled=card)
+    rgba = sample_vertices(avatar.texture, th, avatar.tex_span)  # [T, 4] premultiplied
+    alpha = rgba[:, 3:]
+    colour = torch.cat([(rgba[:, :3] / alpha.clamp(min=1e-4)).clamp(0.0, 1.0), alpha], -1)
+    H, W = avatar.source_image.shape[-2:]
+    in_pic = ((u >= 0) & (u <= W) & (v >= 0) & (v <= H)).float()
+    on_person = ((alpha[:, 0] - 0.45) / 0.4).clamp(0.0, 1.0)
+    q = seen * ((cos - 0.15) / 0.5).clamp(0.0, 1.0) * res * torch.where(card, in_pic, on_person)
+    return colour, q
+
+
+class AppearanceMemory:
+    """The appearance memory of one participant: fixed-size buffers on one device, updated per frame.
+
+    Per frame with a face: :meth:`observe` (lifecycle on the host, then :meth:`update` on the
+    device and :meth:`attach` to the avatar that is rendered); per frame without one:
+    :meth:`missed`. ``identity(image, obs) -> descriptor [D] or None`` is called every
+    ``identity_every`` frames with a face (e.g. models.face.identity.IdentityEmbedder.embed with
+    the observation's landmarks); a descriptor further than ``identity_threshold`` from the
+    memory's person resets the memory. None: no identity check.
+    """
+
+    def __init__(self, config: MemoryConfig = MemoryConfig(), device: str | torch.device = "cpu",
+                 identity: Callable[[np.ndarray, object], np.ndarray | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.device = torch.device(device)
+        self.identity = identity
+        self.clock = clock
+        self.atlas: MemoryAtlas | None = None
+        self._key: tuple | None = None
+        self.resets = 0  # resets so far (start, reset(), face lost, identity change)
+        self._frames = 0  # frames observed since the last reset
+        self._lost_since: float | None = None
+        self._descriptor: np.ndarray | None = None
+
+    # -- buffers --
+
+    def _allocate(self, key: tuple) -> None:
+        atlas = memory_atlas(key, self.config.texels, self.config.ratio_cell, self.device)
+        T = atlas.texel_ids.shape[0]
+        Ha, Wa = atlas.size
+        self.atlas, self._key = atlas, key
+        self.colour = torch.zeros(T, 4, device=self.device)  # [T, 4] straight RGBA
+        self.confidence = torch.zeros(T, device=self.device)  # [T] observations' weight, capped
+        self.best = torch.zeros(T, device=self.device)  # [T] the best quality seen
+        self.view = torch.zeros(1, 5, Ha, Wa, device=self.device)  # what renders sample (see update)
+        self._texel_view = torch.zeros(T + 1, 5, device=self.device)  # per texel, then a row of zeros
+        self._sums = torch.zeros(atlas.grid[0] * atlas.grid[1], 7, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the memory holds on its device (fixed once the first frame set the topology)."""
+        if self.atlas is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.colour, self.confidence, self.best, self.view,
+                                                          self._texel_view, self._sums))
+
+    def reset(self) -> None:
+        """Forget everything seen (buffers kept, zeroed in place: graph-safe)."""
+        if self.atlas is not None:
+            for t in (self.colour, self.confidence, self.best, self.view):
+                t.zero_()
+        self._frames, self._lost_since, self._descriptor = 0, None, None
+        self.resets += 1
+
+    def fill_fraction(self) -> torch.Tensor:
+        """0-d tensor on the device: the share of the head's texels seen well at least once (read it
+        with .item() where a host sync costs nothing, e.g. after the frame's pictures are read)."""
+        if self.atlas is None:
+            return torch.zeros(())
+        return ((self.confidence > 0.25) & ~self.atlas.texel_card).sum() / self.atlas.n_head_texels
+
+    # -- per frame --
+
+    def observe(self, avatar: Avatar, image: np.ndarray | None = None, obs: object | None = None,
+                t_s: float | None = None) -> Avatar:
+        """A frame with a face: the lifecycle (identity check every ``identity_every`` frames), the
+        update from ``avatar`` and the avatar with the memory attached. ``avatar`` must be built from
+        its own frame's geometry (no reenactment); image/obs feed the identity check."""
+        self._lost_since = None
+        if self.identity is not None and self.config.identity_every and image is not None \
+                and self._frames % self.config.identity_every == 0:
+            descriptor = self.identity(image, obs)
+            if descriptor is not None:
+                if self._descriptor is not None and \
+                        float(np.linalg.norm(descriptor - self._descriptor)) > self.config.identity_threshold:
+                    log.info("appearance memory reset: another person (identity distance %.2f)",
+                             float(np.linalg.norm(descriptor - self._descriptor)))
+                    self.reset()
+                self._descriptor = descriptor
+        if self._frames % self.config.update_every == 0 or self._key != _topology_key(avatar):
+            self.update(avatar)
+        self._frames += 1
+        return self.attach(avatar)
+
+    def missed(self, t_s: float | None = None) -> None:
+        """A frame without a face: the memory resets once the face has been lost ``lost_after_s``."""
+        now = self.clock() if t_s is None else t_s
+        if self._lost_since is None:
+            self._lost_since = now
+        elif now - self._lost_since >= self.config.lost_after_s and self._frames > 0:
+            log.info("appearance memory reset: face lost for %.1f s", now - self._lost_since)
+            self.reset()
+
+    def update(self, avatar: Avatar) -> None:
+        """Blend the avatar's frame into the memory and remake :attr:`view`: device maths with fixed
+        shapes, in place (no host sync: CUDA-graph safe once the buffers exist)."""
+        key = _topology_key(avatar)
+        if key != self._key:
+            self._allocate(key)
+        atlas, cfg = self.atlas, self.config
+        x, q = _observe(atlas, avatar)
+        b = self.best
+        w = q.square() * ((q - 0.75 * b) / (0.25 * b + 1e-3)).clamp(0.0, 1.0)
+        c = self.confidence
+        self.colour.lerp_(x, (w / (c + w).clamp(min=1e-6))[:, None])
+        torch.minimum(c + w, torch.full_like(c, cfg.cap), out=c)
+        torch.maximum(b, q, out=b)
+        # Lighting now against then: low-frequency ratio over texels both see well, on a grid of cells.
+        both = (q * c.clamp(max=1.0))[:, None]  # [T, 1]
+        m = self.colour[:, :3]
+        per_texel = torch.cat([both * x[:, :3], both * m, both], -1)  # [T, 7]
+        sums = self._sums
+        sums.zero_()
+        sums.index_add_(0, atlas.cell, per_texel)
+        gh, gw = atlas.grid
+        coarse = box_mean(sums.t().reshape(1, 7, gh, gw), 5)  # [1, 7, gh, gw]
+        total = sums.sum(0)  # [7]
+        glob = ((total[:3] + 1e-3) / (total[3:6] + 1e-3)).clamp(0.5, 2.0)  # [3]
+        have = (coarse[:, 6:7] / (0.05 * coarse[:, 6:7].amax().clamp(min=1e-6))).clamp(max=1.0)
+        local = ((coarse[:, :3] + 1e-4) / (coarse[:, 3:6] + 1e-4)).clamp(0.5, 2.0)
+        ratio = torch.lerp(glob[None, :, None, None].expand_as(local), local, have)  # [1, 3, gh, gw]
+        weight = (c.clamp(max=1.0) * atlas.texel_static)[:, None]
+        T = c.shape[0]
+        self._texel_view[:T] = torch.cat([self.colour, weight], -1)
+        Ha, Wa = atlas.size
+        view = self._texel_view.index_select(0, atlas.gutter).t().reshape(1, 5, Ha, Wa)
+        ratio = F.interpolate(ratio, size=(Ha, Wa), mode="bilinear", align_corners=False)
+        self.view.copy_(torch.cat([(view[:, :3] * ratio).clamp(0.0, 1.0), view[:, 3:]], 1))
+
+    def attach(self, avatar: Avatar) -> Avatar:
+        """The avatar with the memory's view attached (renders use it where the frame saw badly)."""
+        if self.atlas is None or self._key != _topology_key(avatar):
+            return avatar
+        return replace(avatar, memory=self.view, memory_uv=self.atlas.corner_uv)
+
+
+def _topology_key(avatar: Avatar) -> tuple[int, int, bool]:
+    c = avatar.config
+    return (c.shell_rings, c.card_grid, c.background == "far")

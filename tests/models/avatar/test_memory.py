@@ -1,0 +1,178 @@
+"""Appearance memory: a turning head keeps what earlier frames saw, resets (asked, face lost, another
+person), a fixed size however long the call, expression regions from the current frame."""
+import numpy as np
+import pytest
+import torch
+
+from models.avatar import build_avatar, render_views
+from models.avatar.memory import AppearanceMemory, MemoryConfig, memory_atlas
+from models.avatar.memory import _observe  # noqa: PLC2701 - the per-texel quality the tests look at
+from models.geometry.camera import OrbitPose
+from tests.models.avatar.synthetic_head import head_frame_colour, turning_head_frame
+
+CONFIG = MemoryConfig(texels=64)
+TURN = (0, 15, 30, 45, 60, 45, 30, 15, 0)
+
+
+def avatar_at(yaw_deg: float, tint: float = 1.0):
+    image, obs, R = turning_head_frame(yaw_deg, tint)
+    return build_avatar(image, obs, render_size=128), image, obs, R
+
+
+@pytest.fixture(scope="module")
+def turned():
+    """The memory after the head turned to 60 degrees and back, and the last frame."""
+    memory = AppearanceMemory(CONFIG)
+    for i, yaw in enumerate(TURN):
+        avatar, image, obs, R = avatar_at(yaw)
+        with_memory = memory.observe(avatar, t_s=i / 30)
+    return memory, avatar, with_memory, R
+
+
+def test_a_turning_head_keeps_texels_seen_earlier(turned):
+    memory, avatar, _, R = turned
+    _, q_now = _observe(memory.atlas, avatar)
+    head = ~memory.atlas.texel_card
+    kept = head & (memory.confidence > 0.25) & (q_now < 0.05)  # seen well then, badly now
+    assert kept.sum() > 0.05 * head.sum(), f"{int(kept.sum())} of {int(head.sum())} head texels kept"
+    # Their colours are the head's there (the texel's point on the last frame's mesh).
+    b = memory.atlas.texel_bary[kept][..., None]
+    points = (b * avatar.verts[memory.atlas.texel_vid[kept]]).sum(1).numpy()
+    truth = torch.from_numpy(head_frame_colour(points, R)).float()
+    error = (memory.colour[kept, :3] - truth).abs().mean().item()
+    assert error < 0.08, f"kept texels off the true colour by {error:.3f}"
+
+
+def test_renders_use_the_memory_where_the_frame_saw_badly(turned):
+    """At yaw 55 from the last (frontal) frame, the side of the head the memory holds comes out
+    nearer the true colours than the single-frame avatar's fill and mirror."""
+    memory, avatar, with_memory, R = turned
+    pose = [OrbitPose(yaw_deg=-55), OrbitPose(yaw_deg=55)]
+    single, remembered = render_views(avatar, pose, 128), render_views(with_memory, pose, 128)
+    viewmats, Ks = avatar.cameras(pose, 128)
+    errors = []
+    for out in (single, remembered):
+        err = []
+        for v in range(2):
+            ys, xs = torch.meshgrid(torch.arange(128) + 0.5, torch.arange(128) + 0.5, indexing="ij")
+            z = out.depth[v, 0]
+            cam = torch.stack([(xs - Ks[v, 0, 2]) / Ks[v, 0, 0] * z, (ys - Ks[v, 1, 2]) / Ks[v, 1, 1] * z, z], -1)
+            world = (cam - viewmats[v, :3, 3]) @ viewmats[v, :3, :3]  # camera -> source frame
+            truth = torch.from_numpy(head_frame_colour(world.numpy().astype(np.float64), R)).float()
+            area = (single.seen[v, 0] < 0.3) & (out.alpha[v, 0] > 0.99) & (z > 0)
+            err.append((out.rgb[v].permute(1, 2, 0) - truth)[area].abs().mean().item())
+        errors.append(err)
+    # The side the head turned to (one of the two views) improves; the other side is as before.
+    (single0, single1), (mem0, mem1) = errors
+    message = f"unseen side per view: {errors[0]} single frame, {errors[1]} with memory"
+    assert min(mem0 / single0, mem1 / single1) < 0.7, message
+    assert max(mem0 / single0, mem1 / single1) < 1.05, message
+
+
+def test_reset_forgets_and_renders_as_without_memory(turned):
+    memory, avatar, _, _ = turned
+    memory = AppearanceMemory(CONFIG)
+    memory.observe(avatar_at(45)[0], t_s=0.0)
+    assert memory.fill_fraction().item() > 0.1
+    memory.reset()
+    assert memory.fill_fraction().item() == 0.0 and memory.confidence.abs().sum() == 0
+    memory.update(avatar)
+    memory.reset()
+    pose = [OrbitPose(yaw_deg=40)]
+    empty = render_views(memory.attach(avatar), pose, 128)
+    assert torch.equal(empty.rgb, render_views(avatar, pose, 128).rgb)
+
+
+def test_face_lost_for_a_while_resets():
+    avatar = avatar_at(30)[0]
+    memory = AppearanceMemory(MemoryConfig(texels=32, lost_after_s=1.0))
+    memory.observe(avatar, t_s=0.0)
+    memory.missed(t_s=0.1)
+    memory.missed(t_s=0.9)
+    assert memory.resets == 0 and memory.fill_fraction().item() > 0  # lost briefly: kept
+    memory.observe(avatar, t_s=1.0)
+    memory.missed(t_s=1.1)
+    memory.missed(t_s=2.2)
+    assert memory.resets == 1 and memory.fill_fraction().item() == 0.0
+
+
+def test_another_person_resets():
+    """An injected identity: descriptors 0 then, from frame 4, far away (a different person)."""
+    calls = []
+
+    def identity(image, obs):
+        calls.append(len(calls))
+        return np.full(8, 0.0 if len(calls) <= 2 else 1.0, np.float32)
+
+    memory = AppearanceMemory(MemoryConfig(texels=32, identity_every=2), identity=identity)
+    avatar, image, obs, _ = avatar_at(20)
+    for i in range(6):
+        memory.observe(avatar, image, obs, t_s=i / 30)
+    assert len(calls) == 3  # frames 0, 2, 4: a cheap check, not every frame
+    assert memory.resets == 1
+    assert memory._frames == 2  # frames 4 (which found the new person) and 5 are what the memory holds
+
+
+def test_memory_size_is_fixed_however_long_the_call():
+    memory = AppearanceMemory(MemoryConfig(texels=32))
+    avatars = [avatar_at(yaw)[0] for yaw in (0, 30)]
+    memory.update(avatars[0])
+    size, pointers = memory.nbytes, [t.data_ptr() for t in (memory.colour, memory.confidence, memory.view)]
+    for i in range(300):
+        memory.update(avatars[i % 2])
+    assert memory.nbytes == size and size < 4_000_000
+    assert [t.data_ptr() for t in (memory.colour, memory.confidence, memory.view)] == pointers
+    assert memory.confidence.max().item() <= CONFIG.cap
+
+
+def test_expression_regions_follow_the_current_frame(turned):
+    memory, avatar, with_memory, _ = turned
+    atlas = memory.atlas
+    expression = atlas.texel_static < 1e-6
+    assert expression.sum() > 100
+    weight = memory.view[0, 4].reshape(-1)[atlas.texel_ids]
+    assert weight[expression].abs().max() == 0 and weight[~expression].max() > 0.5
+    # The mouth and eyes in a turned view: the same pixels with and without the memory.
+    pose = [OrbitPose(yaw_deg=50)]
+    lm = avatar.project_landmarks(pose, 128)[0]
+    a, b = render_views(avatar, pose, 128).rgb[0], render_views(with_memory, pose, 128).rgb[0]
+    for i in (13, 14, 159, 145, 386, 374):  # lips, eyelids
+        x, y = lm[i].floor().long().tolist()
+        assert torch.allclose(a[:, y, x], b[:, y, x], atol=1e-3), f"landmark {i}"
+
+
+def test_lighting_drift_is_carried_by_the_ratio():
+    """Memory from a darker call, the current frame brighter: the remembered side comes out lit as now."""
+    memory = AppearanceMemory(CONFIG)
+    for i, yaw in enumerate((60, 45, 30)):
+        memory.observe(avatar_at(yaw, tint=0.7)[0], t_s=i / 30)
+    memory.observe(avatar_at(0)[0], t_s=0.2)
+    atlas = memory.atlas
+    ids = atlas.texel_ids[(memory.confidence > 0.5) & ~atlas.texel_card]
+    lit = memory.view[0, :3].reshape(3, -1)[:, ids].mean().item()
+    stored = memory.colour[(memory.confidence > 0.5) & ~atlas.texel_card, :3].mean().item()
+    assert lit > 1.15 * stored, f"memory {stored:.3f}, lit as now {lit:.3f}"
+
+
+def test_atlas_layout_covers_the_head_and_card():
+    atlas = memory_atlas((10, 28, False), 64, 16, "cpu")
+    Ha, Wa = atlas.size
+    assert Ha % 16 == 0 and Wa % 16 == 0
+    assert atlas.texel_ids.unique().numel() == atlas.texel_ids.numel()
+    assert (atlas.texel_bary.sum(-1) - 1).abs().max() < 1e-4
+    assert atlas.texel_card.any() and (~atlas.texel_card).any()
+
+
+def test_update_every_n_frames_skips_the_others():
+    """update_every=2: the second frame's avatar reaches the renders (attached) but not the memory."""
+    memory = AppearanceMemory(MemoryConfig(texels=32, update_every=2))
+    memory.observe(avatar_at(0)[0], t_s=0.0)
+    before = memory.colour.clone()
+    avatar = avatar_at(45)[0]
+    attached = memory.observe(avatar, t_s=1 / 30)
+    assert torch.equal(memory.colour, before)
+    assert attached.memory is memory.view
+    memory.observe(avatar, t_s=2 / 30)
+    assert not torch.equal(memory.colour, before)
+    with pytest.raises(ValueError, match="update_every"):
+        MemoryConfig(update_every=0)
