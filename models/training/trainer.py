@@ -67,18 +67,11 @@ from .data import KeyedDataset, check_sample, collate, draw_generator
 from .discriminator import MultiScaleDiscriminator, check_input_size
 from .distributed import DistContext, StepSampler, barrier, mean_over_ranks, mix_seed
 from .ema import EMA
+from .runlog import PERF_KEYS, RunLog, Window, image_grid
 
 logger = logging.getLogger(__name__)
 
-PERF_KEYS = ("lr", "step_s", "data_s", "samples_per_s", "grad_norm")
-"""Logged per step beside the losses: learning rate, seconds per step, seconds waiting for data, throughput."""
-
 # ---- helpers -------------------------------------------------------------------------------------------
-def image_grid(columns: list[Tensor]) -> Tensor:
-    """Columns of images, each [N, 3, S, S] in [0, 1] -> one picture [3, N S, len(columns) S]."""
-    return torch.cat([torch.cat(list(col.float().clamp(0, 1).cpu()), dim=1) for col in columns], dim=2)
-
-
 def hardware_info(ctx: DistContext) -> dict:
     """What the run ran on: models.runinfo's record (commit, versions, device, host) and the world size."""
     return run_metadata(ctx.device, world_size=ctx.world_size)
@@ -89,26 +82,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step_*"))
     found = [p for p in found if (p / CHECKPOINT_FILE).is_file()]
     return found[-1] if found else None
-
-
-class _Window:
-    """Running sums of scalars between log steps."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, values: dict[str, float]) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
-
-    def clear(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
 
 
 class Trainer:
@@ -188,11 +161,10 @@ class Trainer:
         self.last_losses: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         self.best_val: dict[str, float] = {}
-        self._window = _Window()
+        self._window = Window()
         self._loader_stage: int | None = None
         self._batches = None
-        self._writer = None
-        self._writer_failed = False
+        self.log = RunLog(self.out_dir, self.ctx.is_main)
         self._identity = None
         self._face_net = load_face_net(device=self.device) if config.identity_weight or config.face_feature_weight else None
         self._last_images: list[Tensor] | None = None
@@ -450,22 +422,10 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if self._writer is not None:
-                self._writer.flush()
+            self.log.flush()
         return dict(self.last_losses)
 
     # ---- logging ---------------------------------------------------------------------------------------------
-    def _writer_or_none(self):
-        if self._writer is None and not self._writer_failed and self.ctx.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._writer_failed = True
-                logger.info("TensorBoard logs off: tensorboard is not installed (scalars still go to log.jsonl)")
-                return None
-            self._writer = SummaryWriter(str(self.out_dir / "logs"))
-        return self._writer
-
     def _log_scalars(self, bar) -> None:
         means = mean_over_ranks(self._window.means(), self.ctx)
         self._window.clear()
@@ -475,27 +435,16 @@ class Trainer:
         if not self.ctx.is_main:
             return
         stage = self.config.stage_of(self.step - 1)[0]
-        record = {"step": self.step, "stage": stage + 1, "wall_s": round(self.wall_s, 3), **{k: float(v) for k, v in means.items()}}
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        writer = self._writer_or_none()
-        if writer is not None:
-            for k, v in means.items():
-                group = "lr" if k == "lr" else ("perf" if k in PERF_KEYS else "loss")
-                writer.add_scalar(f"{group}/{k}", v, self.step)
-            if "step_s" in means and means["step_s"] > 0:
-                writer.add_scalar("perf/it_per_s", 1.0 / means["step_s"], self.step)
-            writer.add_scalar("stage", stage + 1, self.step)
+        record = self.log.scalars(self.step, stage, self.wall_s, means)
         if bar is not None:
             bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", stage=stage + 1)
         logger.debug("step %d: %s", self.step, record)
 
     def _log_images(self) -> None:
-        writer = self._writer_or_none()
-        if writer is None or self._last_images is None:
+        if self._last_images is None:
             return
         stage = self.config.stage_of(self.step - 1)[0]
-        writer.add_image(f"samples/{STAGE_NAMES[stage]}", image_grid(self._last_images), self.step)
+        self.log.images(f"samples/{STAGE_NAMES[stage]}", self._last_images, self.step)
 
     # ---- validation --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -552,12 +501,7 @@ class Trainer:
         if self.ctx.is_main and self.val is not None:
             metrics = self.evaluate(self.val, self.config.val_samples)
             self.last_val = metrics
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}}) + "\n")
-            writer = self._writer_or_none()
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"val/{k}", v, self.step)
+            self.log.validation(self.step, metrics)
             logger.info("step %d validation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if self.config.keep_best and metrics.get("psnr", -math.inf) > self.best_val.get("psnr", -math.inf):
                 self.best_val = {"step": self.step, **metrics}
@@ -701,9 +645,7 @@ class Trainer:
         logger.info("exported EMA refiner to %s", directory)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.log.close()
 
 
 __all__ = ["TrainConfig", "Trainer", "image_grid", "latest_checkpoint", "hardware_info"]
