@@ -260,6 +260,12 @@ class FaceAnalyzer:
                 if config.segmentation
                 else None
             )
+            # A graph opens its models on MediaPipe's own threads, logging natively as they do, some
+            # time after it is made: one blank picture through each now waits for that, in here.
+            blank = np.zeros((64, 64, 3), np.uint8)
+            for graph in (self._mesh, self._seg):
+                if graph is not None:
+                    graph.process(blank)
         self._window_mesh = None
         self._lock = threading.Lock()
         self._first_runs: set[str] = set()  # graphs that have run once (their first run logs natively)
