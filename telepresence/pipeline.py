@@ -67,6 +67,11 @@ class PipelineConfig:
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
     fills what the current frame sees badly (the sides of the head when turned). Off by default: it has not
     yet shown the gain issue 20 asks for (0.1 dB at 30-45 degrees on one head-turn clip)."""
+    cpu_threads: int | None = None
+    """Torch's threads when device is "cpu"; None: one less than the machine's cores (at least 1). Face
+    analysis and the video encoder run beside the avatar work: on 2 cores, two torch threads stall
+    on each other's barriers whenever one core is busy with them (the demo on this project's 2-core
+    machine: 4.9 fps with 2 threads, 7.9 with 1; benchmarks/loopback.py)."""
     warm_views: int = 4
     """On CUDA, capture the render and refiner graphs for 1..warm_views views on the first
     frame with a face (about 0.4 s each), so a viewer joining later does not stall the others."""
@@ -81,6 +86,9 @@ class PipelineConfig:
             raise ValueError(f"expected crop_follow in (0, 1], got {self.crop_follow}")
         if self.warm_views < 0:
             raise ValueError(f"expected warm_views >= 0, got {self.warm_views}")
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
+                                             or self.cpu_threads < 1):
+            raise ValueError(f"cpu_threads: expected a whole number >= 1 or None, got {self.cpu_threads!r}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,8 @@ class Pipeline:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available")
+        if self.device.type == "cpu":
+            _set_cpu_threads(config.cpu_threads)
         self.analyzer = FaceAnalyzer(FaceConfig(static_image=False, fov_deg=config.source_fov_deg))
         self.avatar_config = AvatarConfig(background=config.background)
         # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
@@ -257,6 +267,22 @@ class Pipeline:
             timings["refine"] = (time.perf_counter() - t0) * 1000.0
         pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(pictures)
+
+
+def cpu_threads(asked: int | None) -> int:
+    """Torch threads for a CPU pipeline: ``asked``, or the cores less one for analysis and encoding."""
+    import os
+
+    return asked if asked is not None else max(1, (os.cpu_count() or 1) - 1)
+
+
+def _set_cpu_threads(asked: int | None) -> None:
+    threads = cpu_threads(asked)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    log.info("CPU: torch runs the avatar on %d thread%s%s", threads, "" if threads == 1 else "s",
+             "" if asked is not None else " (the cores less one: face analysis and the video encoder run beside it; "
+             "--threads N to change)")
 
 
 def _open_memory(config: PipelineConfig, device: torch.device):

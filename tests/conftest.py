@@ -49,6 +49,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A CPU Pipeline sets torch's (process-wide) thread count; later tests get the count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def analyzer():
     from models.face.analysis import FaceAnalyzer, FaceConfig

@@ -149,7 +149,12 @@ class BuildInputs:
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor | None]:
         """The inputs of models.avatar.build.build_on_device, uploaded."""
         def up(a):
-            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+            if a is None:
+                return None
+            a = np.ascontiguousarray(a)
+            if not a.flags.writeable:  # e.g. a decoded video frame's buffer: torch wants memory it may write
+                a = a.copy()
+            return torch.from_numpy(a).to(device, non_blocking=True)
         names = ("image", "mask", "far", "obs", "outline", "geo_obs", "geo_mask", "geo_outline", "frame")
         return {n: up(getattr(self, n)) for n in names}
 

@@ -23,6 +23,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
                         help="appearance memory: what the camera saw earlier in the call fills what the current frame "
                         "sees badly (--no-memory: every frame's avatar from that frame alone)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on the CPU (default: the cores less one, left for face analysis and "
+                        "video encoding)")
     # tests and the streaming-only benchmark swap the pipeline for a cheap double ("module:function")
     parser.add_argument("--pipeline", default=None, help=argparse.SUPPRESS)
 
@@ -47,7 +50,7 @@ def resolve_device(name: str) -> str:
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     args.device = resolve_device(args.device)
     return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner),
-                          memory=getattr(args, "memory", False))
+                          memory=getattr(args, "memory", False), cpu_threads=getattr(args, "threads", None))
 
 
 def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) -> FramePipeline:

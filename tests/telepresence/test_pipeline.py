@@ -50,6 +50,29 @@ def test_config_validates():
         PipelineConfig(size=100)
     with pytest.raises(ValueError, match="warm_views"):
         PipelineConfig(warm_views=-1)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="cpu_threads"):
+            PipelineConfig(cpu_threads=bad)
+
+
+def test_a_cpu_pipeline_leaves_a_core_to_analysis_and_encoding(monkeypatch, caplog):
+    import os
+
+    from telepresence.pipeline import cpu_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cpu_threads(None) == 1 and cpu_threads(3) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert cpu_threads(None) == 15
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert cpu_threads(None) == 1
+    with caplog.at_level("INFO", logger="telepresence.pipeline"):
+        p = Pipeline(PipelineConfig(size=64, refiner=None, cpu_threads=1))
+    try:
+        assert torch.get_num_threads() == 1
+        assert "torch runs the avatar on 1 thread" in caplog.text
+    finally:
+        p.close()
 
 
 @pytest.mark.gpu
