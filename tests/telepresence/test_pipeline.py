@@ -34,6 +34,21 @@ def test_face_lost_keeps_the_last_avatar_and_recovers(pipeline, astronaut):
     assert back.status == "ok"
 
 
+def test_on_the_cpu_the_analysis_builds_the_avatar_and_the_render_uses_it(pipeline, astronaut, monkeypatch):
+    """The build runs where the analysis runs (its own thread in a sender), beside the previous frame's render."""
+    analysis = pipeline.analyze(astronaut)
+    assert analysis.avatar is not None and analysis.avatar_ms > 0
+
+    def no_second_build(*args):
+        raise AssertionError("process() built the avatar again")
+
+    monkeypatch.setattr(pipeline, "_build", no_second_build)
+    result = pipeline.process(astronaut, [ViewPose(yaw_deg=15)], analysis)
+    assert result.status == "ok" and pipeline.engine.avatar is analysis.avatar
+    assert result.timings_ms["avatar"] >= analysis.avatar_ms
+    assert pipeline.analyze(np.zeros_like(astronaut)).avatar is None
+
+
 def test_no_face_yet_gives_placeholders():
     p = Pipeline(PipelineConfig(size=64, refiner=None))
     try:
