@@ -293,7 +293,10 @@ def cpu_threads(asked: int | None) -> int:
     """Torch threads for a CPU pipeline: ``asked``, or the cores less one for analysis and encoding."""
     import os
 
-    return asked if asked is not None else max(1, (os.cpu_count() or 1) - 1)
+    if asked is not None:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset, cgroups
+    return max(1, (cores or 1) - 1)
 
 
 def _set_cpu_threads(asked: int | None) -> None:

@@ -75,12 +75,15 @@ def test_a_cpu_pipeline_leaves_a_core_to_analysis_and_encoding(monkeypatch, capl
 
     from telepresence.pipeline import cpu_threads
 
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS: the machine's cores
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert cpu_threads(None) == 1 and cpu_threads(3) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert cpu_threads(None) == 15
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert cpu_threads(None) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)  # taskset -c 0-3
+    assert cpu_threads(None) == 3
     with caplog.at_level("INFO", logger="telepresence.pipeline"):
         p = Pipeline(PipelineConfig(size=64, refiner=None, cpu_threads=1))
     try:
