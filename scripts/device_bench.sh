@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
-#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo),
+#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo),
 #          SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 set -uo pipefail
@@ -31,6 +31,17 @@ if has loopback; then
   echo "== loopback"
   timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | filter | tail -8
+fi
+if has loopback-sdturbo; then
+  echo "== loopback with the SD-Turbo-size refiner (random weights, tiny AE, live variant; the sender's path: CUDA graphs per view count)"
+  python3 -c "
+import torch
+from models.refiner import Refiner
+with torch.device('cuda'):
+    m = Refiner.sd_turbo_random(codec='tiny', view_attention='ref_isolated', prompt_tokens=1)
+m.half().save_pretrained('/tmp/refiner-sdturbo-arch')"
+  timeout 240 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
+    --refiner /tmp/refiner-sdturbo-arch --out "$OUT/loopback_cuda_512_sdturbo.json" 2>&1 | filter | tail -8
 fi
 if has bench; then
   echo "== per-stage bench"
