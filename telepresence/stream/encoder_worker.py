@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import signal
 import socket
 import struct
 import sys
@@ -170,6 +171,7 @@ def serve(control: socket.socket) -> None:
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the sender ends us
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: python -m telepresence.stream.encoder_worker FD", file=sys.stderr)
         return 2
