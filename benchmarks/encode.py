@@ -1,18 +1,20 @@
 """How VP8 encoding of many viewers scales: aiortc's way (threads in the sender's interpreter) and the
-encoder process (telepresence.stream.encoding), each alone and beside a busy Python thread.
+encoder process (telepresence.stream.encoding), each alone, beside a busy Python thread or a busy process.
 
 aiortc runs each RTCRtpSender's `encoder.encode(frame)` in the event loop's default thread pool
 (ThreadPoolExecutor, min(32, cores + 4) workers). PyAV releases the GIL inside sws_scale and
 avcodec_send_frame / avcodec_receive_packet, so N threads of N streams can use N cores, but each
-encode takes the GIL back 3-4 times; "busy" adds one Python thread that never sleeps (an event loop
-with a lot to do), which then holds the GIL while the encoders wait for it.
+encode takes the GIL back 3-4 times. --busy adds, per row, nothing ("none"), one Python thread that
+never sleeps ("thread": an event loop with a lot to do, holding the GIL while the encoders wait for
+it), or one process that never sleeps ("process": the same CPU taken, the GIL left alone).
 
     N threads ("threads"):   each encodes its own stream with aiortc's Vp8Encoder (RGB frame in, as
                              ViewTrack hands aiortc, to RTP payloads), frames back to back
     N streams ("process"):   EncoderPool streams, each submitting its next frame when the last is back
 
-Frames: the sample clip, centre square at --size. Per mode: wall time, frames per second over all
-streams, speed-up over one stream alone (quiet), median / p90 ms per frame. JSON in the benchmarks.common layout.
+Frames: the sample clip, centre square at --size. Per row: frames per second over all streams, the
+speed-up over the mode's first row (one stream, nothing busy), median / p90 ms a frame ("process":
+submit to bitstream back). JSON in the benchmarks.common layout.
 
     python benchmarks/encode.py                          # 512, 1 2 4 8 16 streams
     python benchmarks/encode.py --size 256 --streams 1 2 4 --frames 40
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fractions
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -62,6 +66,23 @@ def clip_frames(size: int, count: int = 60) -> list[np.ndarray]:
     finally:
         source.close()
     return frames
+
+
+class BusyProcess:
+    """A Python process that never sleeps (takes a core, not this interpreter's GIL)."""
+
+    def __enter__(self) -> "BusyProcess":
+        self._process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.kill()
+        self._process.wait()
+
+
+def busy(kind: str) -> Any:
+    """The context that keeps a thread or a process busy meanwhile ("none": nothing)."""
+    return {"none": contextlib.nullcontext(), "thread": BusyThread(), "process": BusyProcess()}[kind]
 
 
 class BusyThread:
@@ -142,11 +163,11 @@ async def run_process(pool: EncoderPool, frames: list[np.ndarray], streams: int,
     return wall, samples
 
 
-def summary(mode: str, busy: bool, streams: int, wall: float, samples: list[float], one: float | None) -> dict[str, Any]:
+def summary(mode: str, kind: str, streams: int, wall: float, samples: list[float], one: float | None) -> dict[str, Any]:
     fps = len(samples) / wall
     stats = timing_stats(samples)
     return {
-        "mode": mode, "busy_thread": busy, "streams": streams, "wall_s": round(wall, 3),
+        "mode": mode, "busy": kind, "streams": streams, "wall_s": round(wall, 3),
         "frames_per_s": round(fps, 1), "speedup": round(fps / one, 2) if one else 1.0,
         "ms_per_frame": {"median": round(stats["median"], 2), "p90": round(stats["p90"], 2)},
     }
@@ -159,14 +180,11 @@ async def run_process_modes(args: argparse.Namespace, frames: list[np.ndarray]) 
     try:
         await run_process(pool, frames, 1, 5)  # the process is up and warm
         one = None
-        for busy in (False, True):
+        for kind in args.busy:
             for streams in args.streams:
-                if busy:
-                    with BusyThread():
-                        wall, samples = await run_process(pool, frames, streams, args.frames)
-                else:
+                with busy(kind):
                     wall, samples = await run_process(pool, frames, streams, args.frames)
-                results.append(summary("process", busy, streams, wall, samples, one))
+                results.append(summary("process", kind, streams, wall, samples, one))
                 one = one or results[-1]["frames_per_s"]
                 print_row(results[-1])
     finally:
@@ -175,7 +193,7 @@ async def run_process_modes(args: argparse.Namespace, frames: list[np.ndarray]) 
 
 
 def print_row(row: dict[str, Any]) -> None:
-    print(f"{row['mode']:>8} {'busy' if row['busy_thread'] else 'quiet':>6} {row['streams']:>7} {row['frames_per_s']:>9.1f}"
+    print(f"{row['mode']:>8} {row['busy']:>8} {row['streams']:>7} {row['frames_per_s']:>9.1f}"
           f" {row['speedup']:>7.2f}x {row['ms_per_frame']['median']:>8.2f} {row['ms_per_frame']['p90']:>8.2f}", flush=True)
 
 
@@ -185,25 +203,24 @@ def main() -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--frames", type=int, default=60, help="frames per stream")
     parser.add_argument("--modes", nargs="+", choices=("threads", "process"), default=["threads", "process"])
+    parser.add_argument("--busy", nargs="+", choices=("none", "thread", "process"), default=["none", "thread", "process"],
+                        help="what runs beside the encoders (the first is the speed-up's reference)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/encode_<size>.json)")
     args = parser.parse_args()
     apply_bitrate(BitrateConfig())  # the sender's bitrates
     frames = clip_frames(args.size)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"VP8 {args.size}x{args.size}, {args.frames} frames a stream, {cores} cores")
-    print(f"{'mode':>8} {'python':>6} {'streams':>7} {'frames/s':>9} {'speedup':>8} {'ms p50':>8} {'ms p90':>8}")
+    print(f"{'mode':>8} {'busy':>8} {'streams':>7} {'frames/s':>9} {'speedup':>8} {'ms p50':>8} {'ms p90':>8}")
     results = []
     if "threads" in args.modes:
         run_threads(frames, 1, 5)  # warm
         one = None
-        for busy in (False, True):
+        for kind in args.busy:
             for streams in args.streams:
-                if busy:
-                    with BusyThread():
-                        wall, samples = run_threads(frames, streams, args.frames)
-                else:
+                with busy(kind):
                     wall, samples = run_threads(frames, streams, args.frames)
-                results.append(summary("threads", busy, streams, wall, samples, one))
+                results.append(summary("threads", kind, streams, wall, samples, one))
                 one = one or results[-1]["frames_per_s"]
                 print_row(results[-1])
     if "process" in args.modes:

@@ -24,6 +24,8 @@ Where the curve bends: each case also reports, over its measured seconds,
   the encoder process, and each viewer process with its event loop and decoder threads;
 - `wall`: "receivers" (the viewers got fewer frames than were sent), "pipeline" (the frame loop runs
   below the source's rate), "encode/send" (frames rendered but not sent) or "none" (the source's rate).
+Every thread of the sender that wants the GIL back (after a syscall, a copy or an encode) waits up to
+the switch interval while another runs Python; --switch-interval-ms measures that lever.
 
 With --browser, one more case puts headless Chromium on the real page (served
 by an in-process receiver) and reads the stamp from each presented frame in
@@ -428,6 +430,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/loopback_<device>_<size>.json)")
     parser.add_argument("--viewers-in", choices=("process", "same"), default="process",
                         help="aiortc viewers in child processes (like remote browsers; default) or in this process")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="the sender process's GIL switch interval (Python's default: 5 ms), a lever to measure")
     parser.add_argument("--viewers-per-process", type=int, default=4,
                         help="viewers in each child process (one process's event loop takes a few dozen streams at most)")
     parser.add_argument("--viewer-child", action="store_true", help=argparse.SUPPRESS)
@@ -441,6 +445,8 @@ def main() -> int:
         return asyncio.run(viewer_child(args))
     if args.viewers_per_process < 1:
         parser.error(f"--viewers-per-process: expected >= 1, got {args.viewers_per_process}")
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
 
     from models.runinfo import run_metadata
     from telepresence.pipeline import PipelineConfig, open_pipeline

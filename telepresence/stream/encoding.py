@@ -11,7 +11,9 @@ only copies each frame into shared memory and reads the bitstream back:
     event loop <--REPLY + bitstream-- ; ViewTrack --av.Packet--> RTCRtpSender packs and sends it
 
 Newest wins: a stream encodes one frame at a time; the newest frame delivered meanwhile waits in the
-other slot, and an older one waiting there is dropped.
+other slot, and an older one waiting there is dropped. A paced stream (ViewTrack's) also waits until
+its consumer has taken the last encoded frame (consumed()): encoded frames are never dropped (the
+next would not decode) and never pile up behind a slow sender; frames wait before the encoder instead.
 
 aiortc link (pinned to aiortc 1.16 in pyproject.toml; tests/telepresence/stream/test_encoding.py fails
 loudly if any of this moves):
@@ -99,6 +101,8 @@ class EncoderStream:
         self.on_failed: Callable[[str], None] = lambda reason: None
         self.bitrate: Callable[[], Optional[int]] = lambda: None
         """The target bitrate (bit/s) for the next frame; None: the codec's start (follow_rtp_sender sets it)."""
+        self.paced = False
+        """Start an encode only once the last encoded frame is consumed() (see the module doc)."""
         self.frames_dropped = 0
         """Frames replaced by a newer one while waiting for the encoder."""
         self.errors = 0
@@ -109,12 +113,12 @@ class EncoderStream:
         self._sock = sock
         self._shm = shm
         self._slot_bytes = slot_bytes
-        self._slots = [np.frombuffer(shm, np.uint8, count=slot_bytes, offset=i * slot_bytes) for i in range(SLOTS)]
         self._loop = loop
         self._lock = threading.Lock()
         self._in_flight: Optional[_Submitted] = None
         self._waiting: Optional[tuple[int, tuple[int, ...], Any]] = None
         self._keyframe = False
+        self._unconsumed = 0
         self._seq = 0
         self._t0 = time.monotonic()
         self._last_pts = -1
@@ -126,8 +130,8 @@ class EncoderStream:
 
     def submit(self, image: np.ndarray, meta: Any = None) -> None:
         """Encode `image` ([H, W, 3] uint8 RGB, H and W even) as this stream's next frame. While one is
-        being encoded, the newest waits (an older one waiting is dropped). A closed or failed stream
-        ignores it."""
+        being encoded (or, paced, not yet consumed), the newest waits (an older one waiting is dropped).
+        A closed or failed stream ignores it."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an [H, W, 3] uint8 image, got {image.shape} {image.dtype}")
         if image.nbytes > self._slot_bytes:
@@ -136,17 +140,32 @@ class EncoderStream:
             if self.closed or self.failed:
                 return
             slot = 0 if self._in_flight is None else 1 - self._in_flight.slot
-            np.copyto(self._slots[slot][:image.nbytes].reshape(image.shape), image)
-            if self._in_flight is None:
-                self._send_locked(slot, image.shape, meta)
-            else:
-                if self._waiting is not None:
-                    self.frames_dropped += 1
-                self._waiting = (slot, image.shape, meta)
+            start = slot * self._slot_bytes
+            # mmap's slice assignment copies holding the GIL (0.04 ms at 512): numpy would let go of it,
+            # and getting it back can wait up to the 5 ms switch interval while the event loop runs.
+            self._shm[start:start + image.nbytes] = memoryview(np.ascontiguousarray(image)).cast("B")
+            if self._waiting is not None:
+                self.frames_dropped += 1
+            self._waiting = (slot, image.shape, meta)
+            self._send_waiting_locked()
+
+    def consumed(self) -> None:
+        """The consumer has taken an encoded frame: a paced stream may encode the next (thread-safe)."""
+        with self._lock:
+            self._unconsumed = max(0, self._unconsumed - 1)
+            self._send_waiting_locked()
 
     def request_keyframe(self) -> None:
         """Make the next frame submitted to the encoder a keyframe."""
         self._keyframe = True
+
+    def _send_waiting_locked(self) -> None:
+        if self._waiting is None or self._in_flight is not None or (self.paced and self._unconsumed > 0) \
+                or self.closed or self.failed:
+            return
+        slot, shape, meta = self._waiting
+        self._waiting = None
+        self._send_locked(slot, shape, meta)
 
     def _send_locked(self, slot: int, shape: tuple[int, ...], meta: Any) -> None:
         now = time.monotonic()
@@ -205,10 +224,9 @@ class EncoderStream:
             done = self._in_flight
             if done is not None and done.seq == seq:
                 self._in_flight = None
-                if self._waiting is not None:
-                    slot, shape, meta = self._waiting
-                    self._waiting = None
-                    self._send_locked(slot, shape, meta)
+                if status == OK and body:
+                    self._unconsumed += 1
+                self._send_waiting_locked()
         if done is None or done.seq != seq:
             self._fail(f"reply {seq} from the encoder process, expected {None if done is None else done.seq}")
             return
@@ -241,12 +259,8 @@ class EncoderStream:
             if not self._loop.is_closed():
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
-            self._slots = []
             self.bitrate = lambda: None  # no reference to aiortc's sender outlives the stream
-            try:
-                self._shm.close()
-            except BufferError:  # a view is still alive somewhere: the mapping goes with it
-                pass
+            self._shm.close()
 
 
 class EncoderPool:

@@ -3,11 +3,11 @@
 Two ways to the encoder:
 - with an EncoderStream (encode_with; the sender's default, telepresence.stream.encoding), each
   frame goes to the encoder process as soon as it is delivered, and recv() hands aiortc the
-  encoded frames as av.Packet, in order (aiortc packetizes and sends them). Before aiortc's
-  first recv() only the newest frame is kept, and the first recv() sends that one; should
-  aiortc fall more than MAX_QUEUED frames behind, the queue is dropped and frames are skipped
-  until a keyframe. "encode" in the stats is submit to bitstream back. If the stream stops
-  (its process ended), the track goes on the second way.
+  encoded frames as av.Packet, in order (aiortc packetizes and sends them). The stream is paced
+  by recv(): it encodes the next frame once aiortc has taken the last one, the newest frame
+  waiting meanwhile, so nothing piles up behind a slow sender. Before aiortc's first recv() only
+  the newest frame is kept, and the first recv() sends that one. "encode" in the stats is submit
+  to bitstream back. If the stream stops (its process ended), the track goes on the second way.
 - without one, recv() hands aiortc frames (av.VideoFrame), and aiortc's RTCRtpSender loop is
   `frame = await track.recv(); encode(frame) in an executor; send packets; repeat`. The time
   from `recv()` returning to the next `recv()` call is this track's encode + packetise + send
@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 VIDEO_CLOCK_RATE = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
-MAX_QUEUED = 4
-"""Encoded frames waiting for aiortc beyond which they are dropped (and frames skipped to a keyframe)."""
 
 
 class ViewTrack(MediaStreamTrack):
@@ -54,7 +52,6 @@ class ViewTrack(MediaStreamTrack):
         self._encoded: collections.deque[tuple[av.Packet, RenderedView]] = collections.deque()
         self._encoder: Optional[EncoderStream] = None
         self._consuming = False
-        self._skip_to_keyframe = False
         self._ready = asyncio.Event()
         self._t0 = time.monotonic()
         self._last_pts = -1
@@ -72,6 +69,7 @@ class ViewTrack(MediaStreamTrack):
         """Encode this track's frames in `stream` from now on (call on the event loop, before frames flow)."""
         stream.on_frame = self._on_encoded
         stream.on_failed = self._on_encoder_failed
+        stream.paced = True
         self._encoder = stream
 
     @property
@@ -81,7 +79,7 @@ class ViewTrack(MediaStreamTrack):
 
     @property
     def frames_dropped(self) -> int:
-        """Frames replaced by newer ones before they were encoded, or dropped while aiortc lagged."""
+        """Frames replaced by newer ones before they were encoded."""
         return self._dropped + (self._encoder.frames_dropped if self._encoder is not None else 0)
 
     # -- producer side (render-loop worker thread) --
@@ -126,11 +124,6 @@ class ViewTrack(MediaStreamTrack):
     def _on_encoded(self, frame: EncodedFrame) -> None:
         if self.readyState != "live":
             return
-        if self._skip_to_keyframe:
-            if not frame.keyframe_requested:
-                self._dropped += 1
-                return
-            self._skip_to_keyframe = False
         packet = av.Packet(frame.data)
         packet.pts = frame.pts
         packet.time_base = VIDEO_TIME_BASE
@@ -138,12 +131,6 @@ class ViewTrack(MediaStreamTrack):
         now = time.monotonic()
         self._record(self._encode_ms, now, frame.encode_ms)
         self._record(self._latency_ms, now, (frame.t_submit - frame.meta.t_capture) * 1e3)
-        if len(self._encoded) > MAX_QUEUED:  # aiortc is not taking them: start again from a keyframe
-            self._dropped += len(self._encoded)
-            self._encoded.clear()
-            self._skip_to_keyframe = True
-            if self._encoder is not None:
-                self._encoder.request_keyframe()
         self._ready.set()
 
     def _on_encoder_failed(self, reason: str) -> None:
@@ -163,6 +150,8 @@ class ViewTrack(MediaStreamTrack):
                 raise MediaStreamError
             if self._encoded:
                 packet, view = self._encoded.popleft()
+                if self._encoder is not None:
+                    self._encoder.consumed()  # the next frame may be encoded
                 return self._handed(packet, view)
             if self._pending is not None:
                 item, view = self._pending

@@ -120,6 +120,21 @@ async def test_newest_frame_wins_while_the_stream_is_busy(pool):
 
 
 @async_test(timeout_s=60)
+async def test_a_paced_stream_encodes_the_next_frame_once_the_last_is_consumed(pool):
+    stream = pool.open_stream("vp8", SIZE * SIZE * 3)
+    stream.paced = True
+    collected = Collected(stream)
+    await submit_in_turn(stream, collected, [picture(0)])
+    for index in range(1, 4):  # none goes to the encoder: frame 0 is not consumed; each replaces the last
+        stream.submit(picture(index), meta=index)
+    assert stream.frames_dropped == 2
+    stream.consumed()
+    await wait_until(lambda: len(collected.frames) == 2, timeout_s=30)
+    assert [f.meta for f in collected.frames] == [0, 3] and len(collected.decoded()) == 2
+    stream.close()
+
+
+@async_test(timeout_s=60)
 async def test_an_ended_encoder_process_fails_its_streams_and_a_new_one_serves_the_next(pool):
     pool.broken_within_s = 0.0
     stream = pool.open_stream("vp8", SIZE * SIZE * 3)
