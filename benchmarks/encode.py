@@ -18,6 +18,7 @@ submit to bitstream back). JSON in the benchmarks.common layout.
 
     python benchmarks/encode.py                          # 512, 1 2 4 8 16 streams
     python benchmarks/encode.py --size 256 --streams 1 2 4 --frames 40
+    python benchmarks/encode.py --modes threads --busy none thread --streams 1 --switch-interval-ms 1
 """
 
 from __future__ import annotations
@@ -205,8 +206,12 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", choices=("threads", "process"), default=["threads", "process"])
     parser.add_argument("--busy", nargs="+", choices=("none", "thread", "process"), default=["none", "thread", "process"],
                         help="what runs beside the encoders (the first is the speed-up's reference)")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="this interpreter's GIL switch interval (Python's default: 5 ms)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/encode_<size>.json)")
     args = parser.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     apply_bitrate(BitrateConfig())  # the sender's bitrates
     frames = clip_frames(args.size)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
