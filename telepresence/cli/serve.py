@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def call_config_from_args(args: argparse.Namespace, receiver: ReceiverConfig) -> CallConfig:
     # Every viewer of a room may watch each participant; the server's side of ICE uses the browsers' servers.
-    sender = SenderConfig(source="uplink", codec=args.codec, bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
+    sender = SenderConfig(source="uplink", codec=args.codec, encoder=args.encoder, bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
                           ice=receiver.ice, max_viewers=receiver.limits.max_viewers_per_room, stamp_frames=args.stamp_frames)
     return CallConfig(sender=sender, pipeline=pipeline_config_from_args(args), pipeline_factory=args.pipeline,
                       head=HeadTrackingConfig(gain=args.head_gain), max_participants=args.max_participants)
