@@ -98,6 +98,8 @@ class Analysis:
     observation: object | None  # models.face.analysis.FaceObservation, None: no face in the frame
     landmarks_ms: float
     eyes_m: np.ndarray | None = None  # [3] midpoint of the irises in the capture camera's frame, metres (head tracking)
+    avatar: object | None = None  # CPU: this frame's models.avatar.Avatar, built where the analysis ran
+    avatar_ms: float = 0.0
 
 
 @dataclass
@@ -194,23 +196,39 @@ class Pipeline:
         return tuple(float(v) for v in self._crop)
 
     def analyze(self, frame_rgb: np.ndarray) -> Analysis:
-        """Landmarks, pose and mask of the frame (CPU). Safe to run on a thread of its own,
-        one frame ahead of :meth:`process`, so analysis overlaps the device work."""
+        """Landmarks, pose and mask of the frame; on the CPU, the frame's avatar too. Safe to run
+        on a thread of its own, one frame ahead of :meth:`process`, so analysis overlaps the
+        device work. On the CPU the build runs here as well: the render of one frame and the
+        build of the next then keep both of two cores busy (the worker alone used to do
+        build + render while this thread waited for the next frame)."""
         t0 = time.perf_counter()
         try:
             obs = self.analyzer.analyze(frame_rgb)
         except NoFaceError:
             obs = None
         eyes = None if obs is None else obs.points_cam[[RIGHT_IRIS, LEFT_IRIS]].mean(axis=0)
-        return Analysis(obs, (time.perf_counter() - t0) * 1000.0, eyes)
+        landmarks_ms = (time.perf_counter() - t0) * 1000.0
+        if obs is None or self.device.type != "cpu":
+            return Analysis(obs, landmarks_ms, eyes)
+        t0 = time.perf_counter()
+        avatar = self._build(frame_rgb, obs)
+        return Analysis(obs, landmarks_ms, eyes, avatar, (time.perf_counter() - t0) * 1000.0)
+
+    def _build(self, frame_rgb: np.ndarray, obs):
+        """This frame's avatar (the framing follows the head smoothly). On the CPU the eager build
+        keeps no state in the engine, so it may run beside a render of the previous avatar."""
+        from models.avatar import build_avatar, crop_box
+
+        crop = self._follow(crop_box(obs, self.avatar_config))
+        if self.device.type == "cpu":
+            return build_avatar(frame_rgb, obs, self.avatar_config, self.device, crop=crop, render_size=self.config.size)
+        return self.engine.build(frame_rgb, obs, crop=crop)
 
     def process(
         self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Analysis | None = None
     ) -> FrameResult:
         """Views of the person in ``frame_rgb`` (RGB uint8 [H, W, 3]) at every pose.
         analysis: this frame's :meth:`analyze` result if already made (else made here)."""
-        from models.avatar import crop_box
-
         timings: dict[str, float] = {}
         if analysis is None:
             analysis = self.analyze(frame_rgb)
@@ -218,13 +236,15 @@ class Pipeline:
         timings["landmarks"] = analysis.landmarks_ms
         if found:
             t0 = time.perf_counter()
-            crop = self._follow(crop_box(obs, self.avatar_config))
-            self._avatar = self.engine.build(frame_rgb, obs, crop=crop)
+            if analysis.avatar is not None:  # built with the analysis (CPU)
+                self._avatar = self.engine.avatar = analysis.avatar
+            else:
+                self._avatar = self._build(frame_rgb, obs)
             if self.memory is not None:  # the engine renders the avatar with the memory attached
                 self._avatar = self.engine.avatar = self.memory.observe(self._avatar, frame_rgb, obs)
             self._reference = None
             self._sync()
-            timings["avatar"] = (time.perf_counter() - t0) * 1000.0
+            timings["avatar"] = analysis.avatar_ms + (time.perf_counter() - t0) * 1000.0
             if not self._warm:
                 self._warm_up()
         elif self.memory is not None:
@@ -273,7 +293,10 @@ def cpu_threads(asked: int | None) -> int:
     """Torch threads for a CPU pipeline: ``asked``, or the cores less one for analysis and encoding."""
     import os
 
-    return asked if asked is not None else max(1, (os.cpu_count() or 1) - 1)
+    if asked is not None:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset, cgroups
+    return max(1, (cores or 1) - 1)
 
 
 def _set_cpu_threads(asked: int | None) -> None:

@@ -24,9 +24,12 @@ def rgba_texture(image_t: torch.Tensor, alpha_t: torch.Tensor, size: tuple[int, 
 
 def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """k x k box mean of [B, C, H, W] (k odd), stride 1, edge pixels averaged over what lies
-    inside (avg_pool2d with count_include_pad=False): running sums along each axis, a
-    difference of two cumulative sums (about 2.5x faster than avg_pool2d on the CPU)."""
+    inside (avg_pool2d with count_include_pad=False). On the CPU: running sums along each axis,
+    a difference of two cumulative sums (about 2.5x faster than avg_pool2d there); elsewhere
+    avg_pool2d itself (one kernel instead of about a dozen: the GPU's avatar is launch-bound)."""
     r = k // 2
+    if x.device.type != "cpu":
+        return F.avg_pool2d(x, k, stride=1, padding=r, count_include_pad=False)
 
     def window_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
         n = t.shape[dim]

@@ -34,6 +34,21 @@ def test_face_lost_keeps_the_last_avatar_and_recovers(pipeline, astronaut):
     assert back.status == "ok"
 
 
+def test_on_the_cpu_the_analysis_builds_the_avatar_and_the_render_uses_it(pipeline, astronaut, monkeypatch):
+    """The build runs where the analysis runs (its own thread in a sender), beside the previous frame's render."""
+    analysis = pipeline.analyze(astronaut)
+    assert analysis.avatar is not None and analysis.avatar_ms > 0
+
+    def no_second_build(*args):
+        raise AssertionError("process() built the avatar again")
+
+    monkeypatch.setattr(pipeline, "_build", no_second_build)
+    result = pipeline.process(astronaut, [ViewPose(yaw_deg=15)], analysis)
+    assert result.status == "ok" and pipeline.engine.avatar is analysis.avatar
+    assert result.timings_ms["avatar"] >= analysis.avatar_ms
+    assert pipeline.analyze(np.zeros_like(astronaut)).avatar is None
+
+
 def test_no_face_yet_gives_placeholders():
     p = Pipeline(PipelineConfig(size=64, refiner=None))
     try:
@@ -60,12 +75,15 @@ def test_a_cpu_pipeline_leaves_a_core_to_analysis_and_encoding(monkeypatch, capl
 
     from telepresence.pipeline import cpu_threads
 
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS: the machine's cores
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert cpu_threads(None) == 1 and cpu_threads(3) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert cpu_threads(None) == 15
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert cpu_threads(None) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)  # taskset -c 0-3
+    assert cpu_threads(None) == 3
     with caplog.at_level("INFO", logger="telepresence.pipeline"):
         p = Pipeline(PipelineConfig(size=64, refiner=None, cpu_threads=1))
     try:

@@ -1,5 +1,6 @@
 """The avatar's textures: the low-pass fill copy keeps the person's colour and carries it
 past the person's edge."""
+import pytest
 import torch
 
 from models.avatar.texture import fill_texture
@@ -22,3 +23,26 @@ def test_fill_texture_is_a_low_pass_copy_that_keeps_the_person_colour():
     assert torch.all(low[0, 3, :, :9] > 0.95) and torch.all(low[0, 3, :, 11:] < 0.05)
     # At the texture's own size: the same, no resampling.
     assert fill_texture(tex, None).shape == tex.shape
+
+
+def _reference_box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.avg_pool2d(x.double(), k, stride=1, padding=k // 2, count_include_pad=False).float()
+
+
+def test_box_mean_is_the_box_filter_that_averages_edges_over_what_lies_inside():
+    from models.avatar.texture import box_mean
+
+    x = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(0))
+    for k in (3, 5, 9):
+        assert torch.allclose(box_mean(x, k), _reference_box_mean(x, k), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_box_mean_on_cuda_matches_the_cpu():
+    from models.avatar.texture import box_mean
+
+    x = torch.rand(1, 4, 64, 48, generator=torch.Generator().manual_seed(1))
+    for k in (3, 5):
+        assert torch.allclose(box_mean(x.cuda(), k).cpu(), box_mean(x, k), atol=1e-5)
