@@ -49,8 +49,10 @@ if has bench; then
     --out "$OUT/bench_cuda_512.json" -q 2>&1 | filter | tail -12
 fi
 if has call; then
-  echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
-  timeout 170 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
+  echo "== call: pipelines in processes of their own on CUDA (forked workers, graphs captured at once)"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/telepresence/stream/test_worker.py 2>&1 | tail -4
+  echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps (a pipeline process each)"
+  timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
     --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p.json" 2>&1 | tee "$OUT/call.log" | filter | tail -15
 fi
 if has refiner; then

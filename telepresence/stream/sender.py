@@ -160,16 +160,17 @@ class Sender:
 
     def __init__(self, config: SenderConfig, pipeline: FramePipeline, source: Optional[FrameSource] = None, *,
                  signaling: Callable[..., SignalingClient] = SignalingClient,
-                 on_analysis: Optional[Callable[[Any, Any], None]] = None,
+                 on_analysis: Optional[Callable[[Any, Any], None]] = None, just_in_time: bool = False,
                  encoder_pool: Optional[EncoderPool] = None) -> None:
         """signaling: makes the room's client (SignalingClient's arguments); the call's in-process senders
-        pass telepresence.stream.signaling_local's. on_analysis: see RenderLoop. encoder_pool: the
-        encoder process for config.encoder == "process" (default: this interpreter's shared one)."""
+        pass telepresence.stream.signaling_local's. on_analysis, just_in_time: see RenderLoop. encoder_pool:
+        the encoder process for config.encoder == "process" (default: this interpreter's shared one)."""
         self.config = config
         self.pipeline = pipeline
         self._signaling_client = signaling
         self._on_analysis = on_analysis
         self._encoder_pool = encoder_pool
+        self._just_in_time = just_in_time
         self.viewers: dict[str, ViewerPeer] = {}
         self._source = source
         self.render_loop: Optional[RenderLoop] = None
@@ -192,7 +193,7 @@ class Sender:
         logger.info("capture source: %s (%.0f fps)", self._source.name, self._source.fps)
         self.render_loop = RenderLoop(
             self._source, self.pipeline, stamp_frames=self.config.stamp_frames, on_status=self._on_status_threadsafe,
-            on_analysis=self._on_analysis,
+            on_analysis=self._on_analysis, just_in_time=self._just_in_time,
         )
         self.render_loop.start()
         self._spawn(self._watchdog())
