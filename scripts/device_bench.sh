@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
-#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo),
+#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo, curve),
 #          SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 set -uo pipefail
@@ -31,6 +31,11 @@ if has loopback; then
   echo "== loopback"
   timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | filter | tail -8
+fi
+if has curve; then
+  echo "== viewers per sender: the curve at 512 (small refiner, random weights)"
+  timeout 330 python3 benchmarks/loopback.py --device cuda --size 512 --source-fps "$SOURCE_FPS" --viewers 1 4 8 16 32 \
+    --seconds 8 --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512_curve.json" 2>&1 | filter | tail -14
 fi
 if has loopback-sdturbo; then
   echo "== loopback with the SD-Turbo-size refiner (random weights, tiny AE, live variant; the sender's path: CUDA graphs per view count)"
