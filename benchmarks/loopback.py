@@ -237,7 +237,7 @@ async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: A
         await receiver.stop()
     result = {
         "viewers": n_viewers,
-        "receiver": f"aiortc ({len(children)} process{'es' if len(children) > 1 else ''})",
+        "receiver": "aiortc (own process)" if len(children) == 1 else f"aiortc ({len(children)} own processes)",
         **viewer_summary([fps for m in measured for fps in m["fps"]], [ms for m in measured for ms in m["latencies_ms"]],
                          sum(m["unreadable"] for m in measured), sum(m["frames"] for m in measured)),
         **window,

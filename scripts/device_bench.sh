@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
-#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo, curve),
-#          SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate)
+#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo,
+#          encode, curve), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,10 +33,15 @@ if has loopback; then
   timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | filter | tail -8
 fi
+if has encode; then
+  echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"
+  timeout 300 python3 benchmarks/encode.py --size 512 --out "$OUT/encode_512.json" 2>&1 | tail -34
+fi
 if has curve; then
-  echo "== viewers per sender: the curve at 512 (small refiner, random weights)"
-  timeout 330 python3 benchmarks/loopback.py --device cuda --size 512 --source-fps "$SOURCE_FPS" --viewers 1 4 8 16 32 \
-    --seconds 8 --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512_curve.json" 2>&1 | filter | tail -14
+  echo "== viewers curve: 1 4 8 16 32 viewers at 512, encoder ${ENCODER:-process}"
+  timeout 540 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 8 16 32 --source-fps "$SOURCE_FPS" \
+    --encoder "${ENCODER:-process}" --refiner /tmp/refiner-small-arch \
+    --out "$OUT/loopback_cuda_512_curve_${ENCODER:-process}.json" 2>&1 | filter | tail -14
 fi
 if has loopback-sdturbo; then
   echo "== loopback with the SD-Turbo-size refiner (random weights, tiny AE, live variant; the sender's path: CUDA graphs per view count)"

@@ -256,6 +256,8 @@ class EncoderStream:
     def _release(self) -> None:
         with self._lock:
             self._in_flight = self._waiting = None
+            if self._sock.fileno() < 0:  # released already (failed, then closed)
+                return
             if not self._loop.is_closed():
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()

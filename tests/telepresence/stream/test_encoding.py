@@ -146,6 +146,7 @@ async def test_an_ended_encoder_process_fails_its_streams_and_a_new_one_serves_t
     await wait_until(lambda: reasons, timeout_s=10)
     assert stream.failed and "ended" in reasons[0]
     stream.submit(picture(1))  # ignored, not an error
+    stream.close()  # after failing: nothing left to release, not an error
 
     again = pool.open_stream("vp8", SIZE * SIZE * 3)
     frames = Collected(again)
