@@ -177,6 +177,12 @@ class Pipeline:
         self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
         self._crop: np.ndarray | None = None
         self.memory = _open_memory(config, self.device)
+        self._reset_memory = False  # asked by a viewer (any thread); done by the next process()
+
+    def reset_memory(self) -> None:
+        """Forget what the appearance memory has seen (a viewer's reset button): done on the worker's
+        thread at the start of the next :meth:`process` (any thread may call this). No memory: nothing."""
+        self._reset_memory = self.memory is not None
 
     def close(self) -> None:
         self.analyzer.close()
@@ -232,6 +238,10 @@ class Pipeline:
         timings: dict[str, float] = {}
         if analysis is None:
             analysis = self.analyze(frame_rgb)
+        if self._reset_memory:
+            self._reset_memory = False
+            self.memory.reset()
+            log.info("appearance memory reset (asked by a viewer)")
         obs, found = analysis.observation, analysis.observation is not None
         timings["landmarks"] = analysis.landmarks_ms
         if found:

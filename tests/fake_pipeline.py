@@ -14,6 +14,9 @@ the configured field of view: a bright disc moving on a dark clip is a head movi
 
 `build_failing_pipeline` makes one whose process a pure blue frame kills and a pure green frame hangs
 (the faults of a call participant's pipeline process, telepresence.stream.worker).
+
+Its appearance memory is a number: the fill grows by `memory_step` with every frame with a face and
+reset_memory() (a viewer's reset button) puts it back to 0 on the next frame, as the real one does.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Pipeline:
     dark_level = 8.0
     head_level = 160.0
     eyes_dist_m = 0.6
+    memory_step = 0.01
     refiner_name: Optional[str] = None
 
     def __init__(self, config: PipelineConfig = PipelineConfig()) -> None:
@@ -65,6 +69,9 @@ class Pipeline:
         self.calls = 0
         self.view_counts: list[int] = []
         self.closed = False
+        self.memory_fill = 0.0
+        self.memory_resets = 0
+        self._reset_memory = False
 
     def analyze(self, frame_rgb: np.ndarray) -> Analysis:
         t0 = time.perf_counter()
@@ -88,14 +95,22 @@ class Pipeline:
         if analysis is None:
             analysis = self.analyze(frame_rgb)
         face = analysis.observation is not None
+        if self._reset_memory:
+            self._reset_memory, self.memory_fill = False, 0.0
+            self.memory_resets += 1
         if face:
+            self.memory_fill = min(1.0, self.memory_fill + self.memory_step)
             self._last = cv2.resize(frame_rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
             status = STATUS_OK
         else:
             status = STATUS_FACE_LOST if self._last is not None else STATUS_NO_FACE_YET
         base = self._last if self._last is not None else np.full((self.size, self.size, 3), 96, np.uint8)
         views = [self._view(base, pose) for pose in poses]
-        return FrameResult(views, face, status, {"landmarks": analysis.landmarks_ms, "avatar": 0.1, "render": 0.2, "refine": 0.3})
+        return FrameResult(views, face, status, {"landmarks": analysis.landmarks_ms, "avatar": 0.1, "render": 0.2, "refine": 0.3},
+                           self.memory_fill)
+
+    def reset_memory(self) -> None:
+        self._reset_memory = True
 
     def close(self) -> None:
         self.closed = True

@@ -33,6 +33,7 @@ SECTION.innerHTML = `
     <dt>refine</dt><dd><span data-stage="refine">–</span> ms</dd>
     <dt>to encoder</dt><dd><span data-stat="capture-to-encoder">–</span> ms</dd>
     <dt>encode</dt><dd><span data-stage="encode">–</span> ms</dd>
+    <dt class="section memory-row" hidden>memory</dt><dd class="section memory-row" hidden><span data-stat="memory">–</span> % <button class="memory-reset" type="button" title="Forget what the sender's appearance memory has seen of this person (the sides of the head are invented again until the camera sees them)">reset</button></dd>
   </dl>
   <p class="stats-note" data-stat="size-why"></p>
 </section>`;
@@ -112,6 +113,18 @@ export class TileStats {
     this.set("capture-to-encoder", fmt(message.capture_to_encoder_ms, 1));
     const stages = message.stages_ms || {};
     for (const el of this.section.querySelectorAll("[data-stage]")) el.textContent = fmt(stages[el.dataset.stage], 1);
+    this.renderMemory(message.memory);
+  }
+
+  // The sender's appearance memory: how much of the head it holds (0..1), or off (null / absent).
+  renderMemory(fill) {
+    const on = Number.isFinite(fill);
+    const percent = on ? fmt(100 * fill) : "–";
+    for (const el of this.section.querySelectorAll(".memory-row")) el.hidden = !on;
+    this.set("memory", percent);
+    const badge = this.badge.querySelector('[data-badge="memory"]');
+    badge.hidden = !on;
+    badge.querySelector("b").textContent = percent;
   }
 
   // The stats panel opened or closed: the sender stamps this viewer's frames only while it is open.
@@ -142,7 +155,11 @@ export class TileStats {
     for (const el of [...this.section.querySelectorAll("[data-stat], [data-stage]"), ...this.badge.querySelectorAll("b[data-badge]")]) {
       if (el.dataset.stat !== "size-why" && el.dataset.stat !== "refiner") el.textContent = "–";  // no stale numbers
     }
+    this.renderMemory(null);
   }
+
+  // fn(): called when the reset button of the memory row is pressed (the tile sends reset_memory).
+  onResetMemory(fn) { this.section.querySelector(".memory-reset").addEventListener("click", fn); }
 
   remove() {
     this.meter.stop();

@@ -8,7 +8,8 @@
 // video + an unordered, no-retransmit "pose" data channel, ICE gathered before sending: aiortc
 // does not trickle), and sends {type: "pose", seq, t, yaw, pitch, dist} at most once per
 // animation frame plus {type: "ping", t} once a second, with {type: "stamps", on} beside it
-// while the stats panel is open (the sender then paints capture times into this page's frames).
+// while the stats panel is open (the sender then paints capture times into this page's frames),
+// and {type: "reset_memory"} when the memory row's reset button is pressed.
 
 import { Orbit, clamp } from "./orbit.js";
 import { TileStats } from "./stats.js";
@@ -35,6 +36,7 @@ TILE.innerHTML = `
     <span class="badge-fps"><b data-badge="fps">–</b> fps</span>
     <span class="badge-latency" data-kind="none"><b data-badge="latency">–</b> ms</span>
     <span data-badge="refiner">refiner –</span>
+    <span data-badge="memory" hidden title="What the sender's appearance memory holds of the head: the sides seen earlier in the call">memory <b>–</b>%</span>
   </button>
   <div class="nameplate"><span class="live-dot" aria-hidden="true"></span><span class="name">sender</span><span class="size-note"></span></div>
   <div class="pose" aria-hidden="true">
@@ -60,6 +62,7 @@ export class Tile {
     this.stats = new TileStats(this.element, this.video, $("#stats-panel"));
     this.stats.setName(this.name);
     this.stats.setOpen(app.statsOpen);
+    this.stats.onResetMemory(() => this.send({ type: "reset_memory" }));
     const badge = $(".badge", this.element);
     for (const type of ["pointerdown", "dblclick"]) badge.addEventListener(type, (e) => e.stopPropagation());  // no orbit
     badge.addEventListener("click", () => app.setStatsOpen(!app.statsOpen));

@@ -21,9 +21,10 @@ Pose channel (RTCDataChannel "pose", unordered, maxRetransmits 0), viewer -> sen
     pose {seq, t, yaw, pitch, dist}     degrees, degrees, distance scale (1 = source camera)
     ping {t}                            heartbeat, once a second
     stamps {on}                         paint the capture time into this viewer's frames (framecode.py)
+    reset_memory {}                     forget what the sender's appearance memory has seen
 sender -> viewer:
     hello {name, size, codec, limits, refiner, device}, pong {t, wall_ms}, status {status, message},
-    stats {status, fps, stages_ms: {capture, landmarks, avatar, render, refine, encode}}, error
+    stats {status, fps, stages_ms: {capture, landmarks, avatar, render, refine, encode}, memory}, error
 """
 
 from __future__ import annotations
@@ -304,6 +305,14 @@ class StampsMessage(Outgoing):
             raise InvalidFieldError(f"on: expected true or false, got {type(self.on).__name__}")
 
 
+@dataclass(frozen=True)
+class ResetMemoryMessage(Outgoing):
+    """A viewer asks the sender to forget what its appearance memory has seen (models.avatar.memory):
+    the sides of the head are invented again until the camera sees them anew."""
+
+    type: ClassVar[str] = "reset_memory"
+
+
 # -- server -> client, sender -> viewer ---------------------------------------------------------------
 
 
@@ -418,6 +427,8 @@ class StatsMessage(Outgoing):
     viewers: int
     dropped: int
     capture_to_encoder_ms: Optional[float] = None
+    memory: Optional[float] = None
+    """Share of the head the appearance memory holds, 0..1; None: the memory is off."""
 
 
 @dataclass(frozen=True)
@@ -431,10 +442,10 @@ class PongMessage(Outgoing):
 
 
 SignalingMessage = Union[JoinMessage, OfferMessage, AnswerMessage, DeclineMessage]
-ChannelMessage = Union[PoseMessage, PingMessage, StampsMessage]
+ChannelMessage = Union[PoseMessage, PingMessage, StampsMessage, ResetMemoryMessage]
 
 SIGNALING_TYPES: dict[str, type] = {cls.type: cls for cls in (JoinMessage, OfferMessage, AnswerMessage, DeclineMessage)}
-CHANNEL_TYPES: dict[str, type] = {cls.type: cls for cls in (PoseMessage, PingMessage, StampsMessage)}
+CHANNEL_TYPES: dict[str, type] = {cls.type: cls for cls in (PoseMessage, PingMessage, StampsMessage, ResetMemoryMessage)}
 
 
 def _build(obj: dict[str, Any], types: dict[str, type]) -> Any:
@@ -456,7 +467,8 @@ def parse_signaling_message(raw: Union[str, bytes]) -> SignalingMessage:
 
 
 def parse_channel_message(raw: Union[str, bytes]) -> ChannelMessage:
-    """One pose-channel message -> a validated PoseMessage, PingMessage or StampsMessage, or MessageError."""
+    """One pose-channel message -> a validated PoseMessage, PingMessage, StampsMessage or ResetMemoryMessage,
+    or MessageError."""
     return _build(decode_json_object(raw, CHANNEL_MAX_BYTES), CHANNEL_TYPES)
 
 

@@ -129,6 +129,7 @@ class RenderLoop:
             self._analysis_thread = threading.Thread(target=self._analyse, name="analysis", daemon=True)
         self.clock = StageClock()
         self.status = STATUS_STARTING
+        self.memory_fill: Optional[float] = None  # the newest frame's appearance-memory fill (None: memory off)
         self._views: dict[Hashable, tuple[Any, Callable[[RenderedView], None]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -271,6 +272,7 @@ class RenderLoop:
             self._set_status(STATUS_ERROR)
             return
         self._set_status(result.status)
+        self.memory_fill = getattr(result, "memory_fill", None)
         stages = {"capture": frame.capture_ms}
         stages.update({k: float(v) for k, v in result.timings_ms.items()})
         self.clock.record(stages)

@@ -50,6 +50,7 @@ from .messages import (
     PoseLimits,
     PoseMessage,
     RelayedOfferMessage,
+    ResetMemoryMessage,
     StampsMessage,
     StatsMessage,
     StatusMessage,
@@ -345,6 +346,11 @@ class Sender:
             peer.send(PongMessage(message.t, round(time.time() * 1e3, 1)).to_json())
         elif isinstance(message, StampsMessage):
             peer.track.stamp_frames = message.on
+        elif isinstance(message, ResetMemoryMessage):
+            reset = getattr(self.pipeline, "reset_memory", None)
+            if callable(reset):
+                logger.info("viewer %s: asked to reset the appearance memory", peer.id)
+                reset()
         elif isinstance(message, PoseMessage):
             if message.seq <= peer.pose_seq:
                 return  # reordered or repeated: an older pose than the one in use
@@ -381,8 +387,9 @@ class Sender:
         if (encode := peer.track.encode_ms) is not None:
             stages_ms["encode"] = round(encode, 2)
         latency = peer.track.capture_to_encoder_ms
+        fill = self.render_loop.memory_fill
         return StatsMessage(self.render_loop.status, round(fps, 1), stages_ms, len(self.viewers), peer.track.frames_dropped,
-                            None if latency is None else round(latency, 1))
+                            None if latency is None else round(latency, 1), None if fill is None else round(fill, 3))
 
     async def _stats_loop(self) -> None:
         while True:

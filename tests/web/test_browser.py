@@ -263,6 +263,28 @@ def test_badge_expands_into_the_stats_and_measures_glass_to_glass(page):
         receiver.stop()
 
 
+def test_memory_fill_shows_on_the_badge_and_the_reset_button_empties_it(page):
+    receiver, url, port = start_receiver()
+    sender = start_sender(port, "--pipeline", "tests.fake_pipeline")  # its memory fills by 1 % a frame
+    try:
+        page.goto(url)
+        wait_live(page)
+        memory = page.locator('[data-badge="memory"]')
+        page.wait_for_function("() => /^\\d+$/.test(document.querySelector('[data-badge=\"memory\"] b').textContent)",
+                               timeout=10000)
+        assert memory.is_visible() and re.fullmatch(r"memory \d+%", memory.text_content())
+        page.keyboard.press("s")
+        page.wait_for_function("() => document.querySelector('[data-stat=\"memory\"]').textContent === '100'",
+                               timeout=15000)
+        page.click(".memory-reset")
+        page.wait_for_function("() => Number(document.querySelector('[data-stat=\"memory\"]').textContent) < 50",
+                               timeout=5000)
+        assert page.text_content('[data-pose="yaw"]').strip() == "+0°"  # the click did not orbit
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
 def test_page_shows_every_sender_with_its_own_orbit(page):
     receiver, url, port = start_receiver()
     senders = [start_sender(port, "--pipeline", pipeline, "--name", name)

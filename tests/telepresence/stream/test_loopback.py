@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from telepresence.stream.framecode import read_frame_code
+from telepresence.stream.messages import ResetMemoryMessage
 from telepresence.stream.viewer import Viewer
 from tests.helpers import ScriptedSource, async_test, card_image, mean_abs_diff, running_sender, wait_until
 
@@ -52,6 +53,21 @@ async def test_frames_arrive_and_a_pose_change_changes_them():
         assert viewer.hello.limits["yaw"] == 40
         assert set(viewer.stats.stages_ms) >= {"capture", "landmarks", "avatar", "refine", "encode"}
         assert viewer.stats.status == "ok" and viewer.stats.fps > 5
+        await viewer.close()
+
+
+@async_test(timeout_s=40)
+async def test_viewers_see_the_memory_fill_and_a_reset_empties_it():
+    async with running_sender(source=still_source()) as sender:
+        viewer = Viewer()
+        await viewer.connect(sender, "v1")
+        await viewer.next_frame(timeout_s=10)
+        await viewer.wait_channel_open()
+        # The fake memory fills by 1 % a frame: full after about 3 s at 30 fps.
+        await wait_until(lambda: viewer.stats is not None and (viewer.stats.memory or 0) >= 0.99, timeout_s=15)
+        viewer.send_raw(ResetMemoryMessage().to_json())
+        await wait_until(lambda: sender.pipeline.memory_resets == 1, timeout_s=3)
+        await wait_until(lambda: viewer.stats.memory < 0.5, timeout_s=3)  # the next stats: filling again from 0
         await viewer.close()
 
 

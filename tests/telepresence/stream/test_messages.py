@@ -18,7 +18,9 @@ from telepresence.stream.messages import (
     PongMessage,
     PoseLimits,
     PoseMessage,
+    ResetMemoryMessage,
     StampsMessage,
+    StatsMessage,
     UnknownMessageTypeError,
     encode_message,
     parse_channel_message,
@@ -138,6 +140,17 @@ def test_stamps_requests_take_a_boolean_only():
             parse_channel_message('{"type": "stamps", "on": ' + on + "}")
     with pytest.raises(InvalidFieldError, match="missing field 'on'"):
         parse_channel_message('{"type": "stamps"}')
+
+
+def test_a_memory_reset_is_a_bare_request_and_stats_carry_the_fill():
+    assert parse_channel_message('{"type": "reset_memory"}') == ResetMemoryMessage()
+    assert parse_channel_message(ResetMemoryMessage().to_json()) == ResetMemoryMessage()
+    assert parse_channel_message('{"type": "reset_memory", "extra": 1}') == ResetMemoryMessage()  # unknown fields dropped
+    with pytest.raises(MessageTooLargeError):
+        parse_channel_message('{"type": "reset_memory", "pad": "' + "x" * CHANNEL_MAX_BYTES + '"}')
+    stats = StatsMessage("ok", 25.0, {"avatar": 4.0}, 1, 0, 80.0, 0.42)
+    assert json.loads(stats.to_json())["memory"] == 0.42 and parse_sender_message(stats.to_json()) == stats
+    assert "memory" not in json.loads(StatsMessage("ok", 25.0, {}, 1, 0).to_json())  # memory off: no field
 
 
 def test_hello_and_pong_carry_what_the_page_shows():
