@@ -127,15 +127,21 @@ async def participant_child(args: argparse.Namespace) -> int:
 # -- the server and the run (this process) --------------------------------------------------------
 
 
-def sample_stages(host: Any) -> dict[str, dict[str, float]]:
-    """Each participant's mean ms per stage over the last second (encode: averaged over its watchers) and fps.
-    The stages are timed in the participant's process; fps and encode in this one."""
+def sample_stages(host: Any, received: dict[str, tuple[float, int]]) -> dict[str, dict[str, float]]:
+    """Each participant's mean ms per stage over the last second (encode: averaged over its watchers), fps,
+    and `uplink`: camera frames a second that reached the server since the last sample (`received` keeps
+    each one's count and time). The stages are timed in the participant's process; the rest in this one."""
     out = {}
     for participant in host.participants.values():
         sender = participant.sender
         if sender is None or sender.render_loop is None:
             continue
         fps, stages = sender.render_loop.clock.summary()
+        now, count = time.monotonic(), participant.source.frames_received
+        if participant.name in received:
+            then, before = received[participant.name]
+            stages["uplink"] = (count - before) / max(1e-3, now - then)
+        received[participant.name] = (now, count)
         encodes = [p.track.encode_ms for p in sender.viewers.values() if p.track.encode_ms is not None]
         if encodes:
             stages["encode"] = float(np.mean(encodes))
@@ -151,7 +157,7 @@ def pipeline_path(pipeline: Any) -> dict[str, Any]:
 
 
 def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
-    names = [name for name in ("fps", "capture", *PIPELINE_STAGES, "encode") if any(name in s for s in samples)]
+    names = [name for name in ("uplink", "fps", "capture", *PIPELINE_STAGES, "encode") if any(name in s for s in samples)]
     return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
 
 
@@ -177,6 +183,7 @@ async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, An
     samples: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
     measured = []
     paths: dict[str, dict[str, Any]] = {}  # sampled while recording: the participants leave right after
+    received: dict[str, tuple[float, int]] = {}
     try:
         for i in range(n):
             children.append(await asyncio.create_subprocess_exec(
@@ -198,7 +205,7 @@ async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, An
         for _ in range(int(args.seconds)):
             await asyncio.sleep(1.0)
             loads.append(os.getloadavg()[0])
-            for name, stages in sample_stages(host).items():
+            for name, stages in sample_stages(host, received).items():
                 samples[name].append(stages)
             for p in list(host.participants.values()):
                 with contextlib.suppress(WorkerError):  # it left meanwhile
@@ -270,7 +277,7 @@ def main() -> int:
 
     print(f"\ncall, {args.pipeline or 'telepresence.pipeline'}, {args.device}, {args.size}x{args.size}, "
           f"{args.participants} participants, {args.codec}")
-    print(f"{'who':>5} {'fps recv (min)':>15} {'latency p50':>12} {'p90':>8}  server: its pipeline's fps and stages ms (median)")
+    print(f"{'who':>5} {'fps recv (min)':>15} {'latency p50':>12} {'p90':>8}  server: camera frames in (uplink, fps), its pipeline's fps and stages ms (median)")
     for r in results:
         lat = r["latency_ms"]
         server = " ".join(f"{k}={v:g}" for k, v in r["server"].items())
