@@ -40,6 +40,8 @@ STATUS_STARTING = "starting"
 STATUS_ERROR = "error"
 STATUS_SOURCE_ERROR = "source_error"
 """The capture source stopped (gone, or frames the pipeline cannot use): viewers are told, the sender stays."""
+MAX_PACING_WAIT_S = 0.5
+"""just_in_time: the longest the analysis thread waits for the worker before analysing the next frame."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ class RenderLoop:
         self.on_status = on_status
         self.on_analysis = on_analysis
         self.just_in_time = just_in_time
-        self._analysis_s = 0.0  # recent durations (moving averages) of an analysis and of a pipeline call
-        self._process_s = 0.0
+        self._analysis_s = RecentDurations()  # of an analysis and of a pipeline call (just_in_time's pacing)
+        self._process_s = RecentDurations(skip_first=True)  # the first call warms up (CUDA graphs: seconds)
         self.frames: LatestSlot[CapturedFrame] = LatestSlot()
         self.capture = CaptureThread(source, self.frames, on_error=lambda error: self._set_status(STATUS_SOURCE_ERROR))
         # A pipeline that can analyse frames on its own (CPU face analysis) gets an
@@ -213,7 +215,7 @@ class RenderLoop:
                                      self._analysis_errors)
                 self._set_status(STATUS_ERROR)
                 continue
-            self._analysis_s = _moving_average(self._analysis_s, time.perf_counter() - t0)
+            self._analysis_s.add(time.perf_counter() - t0)
             if self.on_analysis is not None:
                 try:
                     self.on_analysis(frame, analysis)
@@ -231,7 +233,8 @@ class RenderLoop:
         while not self._stop.is_set() and not self._analyzed.wait_taken(version, timeout=0.25):
             pass
         if self.view_count:  # nobody watching: the worker takes analyses without a pipeline call
-            self._stop.wait(max(0.0, self._process_s - self._analysis_s))
+            lead = self._process_s.typical() - self._analysis_s.typical()
+            self._stop.wait(min(max(0.0, lead), MAX_PACING_WAIT_S))
 
     def _run(self) -> None:
         version = 0
@@ -259,7 +262,7 @@ class RenderLoop:
                 result = self.pipeline.process(frame.image, poses)
             else:
                 result = self.pipeline.process(frame.image, poses, analysis=analysis)
-            self._process_s = _moving_average(self._process_s, time.perf_counter() - t0)
+            self._process_s.add(time.perf_counter() - t0)
             if len(result.views) != len(poses):
                 raise RuntimeError(f"pipeline returned {len(result.views)} views for {len(poses)} poses")
             for image in result.views:
@@ -286,5 +289,22 @@ class RenderLoop:
             sink(RenderedView(image, frame.frame_id, frame.t_capture, result.status))
 
 
-def _moving_average(average: float, sample: float, weight: float = 0.2) -> float:
-    return sample if average == 0.0 else (1.0 - weight) * average + weight * sample
+class RecentDurations:
+    """The typical duration of the last few runs of a step: their median, so that one slow run (a first
+    call that captures CUDA graphs, a stall) does not set the pace of the next ones. Thread-safe enough:
+    one thread adds, another reads a snapshot."""
+
+    def __init__(self, keep: int = 9, skip_first: bool = False) -> None:
+        self._recent: collections.deque[float] = collections.deque(maxlen=keep)
+        self._skip = skip_first
+
+    def add(self, seconds: float) -> None:
+        if self._skip:
+            self._skip = False
+            return
+        self._recent.append(seconds)
+
+    def typical(self) -> float:
+        """Seconds; 0.0 before the first run counted."""
+        recent = sorted(self._recent)
+        return recent[len(recent) // 2] if recent else 0.0
