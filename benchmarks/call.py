@@ -60,6 +60,9 @@ FLOORS = {"cpu": {"size": 256, "participants": 2, "fps": 8.0, "p50_ms": None},
 # -- one participant (child process) ----------------------------------------------------------------
 
 
+LEAVE_TIMEOUT_S = 15.0
+
+
 class Recorder:
     """One participant's decoded frames of each other participant, while recording."""
 
@@ -118,9 +121,13 @@ async def participant_child(args: argparse.Namespace) -> int:
         recorder.recording = True
         await asyncio.sleep(args.seconds)
         recorder.recording = False
+        # The result first: leaving closes peer connections, which aiortc can take long over.
+        print(json.dumps({"name": args.name, **recorder.summary(participant.names)}), flush=True)
     finally:
-        await participant.leave()
-    print(json.dumps({"name": args.name, **recorder.summary(participant.names)}), flush=True)
+        try:
+            await asyncio.wait_for(participant.leave(), LEAVE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            print(f"{args.name}: leaving took over {LEAVE_TIMEOUT_S:g} s; exiting", file=sys.stderr, flush=True)
     return 0
 
 
