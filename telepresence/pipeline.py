@@ -109,6 +109,7 @@ class FrameResult:
     status: str  # STATUS_OK | STATUS_FACE_LOST | STATUS_NO_FACE_YET
     timings_ms: dict[str, float] = field(default_factory=dict)  # landmarks, avatar, render, refine
     memory_fill: float | None = None  # share of the head the appearance memory holds, None: memory off
+    fresh: bool = False  # the views are new arrays nobody else holds: the caller may write into them
 
 
 @runtime_checkable
@@ -261,13 +262,13 @@ class Pipeline:
             self.memory.missed()
         status = STATUS_OK if found else (STATUS_FACE_LOST if self._avatar is not None else STATUS_NO_FACE_YET)
         if not poses:
-            return FrameResult([], found, status, timings)
+            return FrameResult([], found, status, timings, fresh=True)
         if self._avatar is None:
             blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
-            return FrameResult([blank.copy() for _ in poses], found, status, timings)
+            return FrameResult([blank.copy() for _ in poses], found, status, timings, fresh=True)
         views = self.render(poses, timings)
         fill = None if self.memory is None else float(self.memory.fill_fraction())  # the views are read: no wait
-        return FrameResult(views, found, status, timings, fill)
+        return FrameResult(views, found, status, timings, fill, fresh=True)
 
     def _warm_up(self) -> None:
         """Capture the graphs of every view count up to warm_views now, while nobody waits
@@ -295,7 +296,9 @@ class Pipeline:
             views = refine_views(self.refiner, self._reference, out.rgb[None], out.seen[None], self.config.noise_level)[0]
             self._sync()
             timings["refine"] = (time.perf_counter() - t0) * 1000.0
-        pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        # Channels last on the device (one kernel on a GPU), so that each view the tracks take is C-contiguous
+        # as it comes: no copy a view a frame on the host.
+        pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         return list(pictures)
 
 

@@ -164,7 +164,7 @@ class PipelineProcess:
             shapes, found, status, timings_ms, memory_fill = self._call(
                 channel, ("process", token, frame, list(poses), views.name, views.size))
             pictures = _take_views(channel.views, shapes)
-        return FrameResult(pictures, found, status, timings_ms, memory_fill)
+        return FrameResult(pictures, found, status, timings_ms, memory_fill, fresh=True)  # copies out of the block
 
     def describe(self) -> dict[str, Any]:
         """What the process runs (telepresence.stream.worker.describe_pipeline): the benchmark's `path`."""

@@ -18,6 +18,7 @@ def test_views_per_pose_and_pose_changes_the_picture(pipeline, astronaut):
     assert result.status == "ok" and result.face_found
     assert len(result.views) == 3
     assert all(v.shape == (128, 128, 3) and v.dtype == np.uint8 for v in result.views)
+    assert result.fresh and all(v.flags.c_contiguous for v in result.views)  # the tracks take them without a copy
     assert set(result.timings_ms) >= {"landmarks", "avatar", "render"}
     diff = np.abs(result.views[0].astype(int) - result.views[2].astype(int)).mean()
     assert diff > 5

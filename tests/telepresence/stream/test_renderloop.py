@@ -76,3 +76,40 @@ def test_a_slow_first_pipeline_call_does_not_set_the_pace_of_the_next_ones():
           f"just in time {len(paced.ages_s)}")
     assert len(every.ages_s) >= 20  # about 2 s at 30-50 ms a call, on a loaded machine
     assert len(paced.ages_s) >= 0.7 * len(every.ages_s)
+
+
+class KeepingPipeline:
+    """Returns the same two arrays every call (as a cache would), or new ones marked fresh."""
+
+    size, device, refiner_name = 64, "cpu", None
+
+    def __init__(self, fresh: bool) -> None:
+        self.fresh = fresh
+        self.kept = [np.full((64, 64, 3), 50 + 100 * i, np.uint8) for i in range(2)]
+        self.returned: list[list[np.ndarray]] = []
+
+    def process(self, frame_rgb, poses, analysis=None):
+        views = [k.copy() for k in self.kept] if self.fresh else self.kept
+        self.returned.append(views)
+        return FrameResult(views, True, "ok", fresh=self.fresh)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_the_stamp_is_painted_into_fresh_views_and_into_copies_of_kept_ones(fresh):
+    pipeline = KeepingPipeline(fresh)
+    got = {}
+    loop = RenderLoop(ScriptedSource(lambda i: np.zeros((48, 48, 3), np.uint8), fps=50), pipeline, stamp_frames=True)
+    for name in ("a", "b"):
+        loop.add_view(name, None, lambda view, name=name: got.setdefault(name, view))
+    loop.start()
+    deadline = time.monotonic() + 5.0
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    loop.stop()
+    assert set(got) == {"a", "b"}
+    first = pipeline.returned[0]
+    for i, name in enumerate(("a", "b")):
+        image = got[name].image
+        assert image.flags.c_contiguous and (image != 50 + 100 * i).any()  # stamped
+        assert (image is first[i]) == fresh  # fresh views: painted in place, no copy a view
+    assert all((k == 50 + 100 * i).all() for i, k in enumerate(pipeline.kept))  # what the pipeline keeps is untouched
