@@ -44,9 +44,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as `python benchmarks/call.py`
 
 from benchmarks.common import document, timing_stats, write_json  # noqa: E402
+from benchmarks.probes import CpuMeter  # noqa: E402
 from models.runinfo import run_metadata  # noqa: E402
 from telepresence.pipeline import PipelineConfig  # noqa: E402
 from telepresence.stream.capture import open_source  # noqa: E402
+from telepresence.stream.encoding import shared_pool  # noqa: E402
 from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
 from telepresence.stream.renderloop import PIPELINE_STAGES  # noqa: E402
 from telepresence.stream.worker import WorkerError, open_pipeline_process  # noqa: E402
@@ -168,9 +170,11 @@ def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
     return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
 
 
-async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, Any]]:
+async def run(args: argparse.Namespace, loads: list[float], cpu_percent: dict[str, float]) -> list[dict[str, Any]]:
     """The call; each result gets the server's view of that participant ("server": fps and stages,
-    "path": its pipeline). `loads` receives the 1-minute load average once a second while recording."""
+    "path": its pipeline). `loads` receives the 1-minute load average once a second while recording,
+    `cpu_percent` where the host's cores went meanwhile (benchmarks.probes.CpuMeter: the server's
+    threads, each pipeline process, the encoder process, each participant's client)."""
     from telepresence.stream.call import CallConfig, CallHost
     from telepresence.stream.receiver import Receiver, ReceiverConfig
     from telepresence.stream.sender import SenderConfig
@@ -209,6 +213,12 @@ async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, An
             child.stdin.write(b"go\n")
             await child.stdin.drain()
         await asyncio.sleep(args.warmup)
+        names = {child.pid: f"client {i + 1}" for i, child in enumerate(children)}
+        names.update({p.pipeline.pid: f"pipeline {p.name}" for p in host.participants.values()
+                      if getattr(p.pipeline, "pid", None) is not None})
+        if shared_pool().pid is not None:
+            names[shared_pool().pid] = "encoder process"
+        cpu = CpuMeter(names).start()
         for _ in range(int(args.seconds)):
             await asyncio.sleep(1.0)
             loads.append(os.getloadavg()[0])
@@ -217,6 +227,7 @@ async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, An
             for p in list(host.participants.values()):
                 with contextlib.suppress(WorkerError):  # it left meanwhile
                     paths[p.name] = await asyncio.get_running_loop().run_in_executor(None, pipeline_path, p.pipeline)
+        cpu_percent.update(cpu.percent(names))
         for child in children:
             line = (await asyncio.wait_for(child.stdout.readline(), 120)).decode().strip()
             measured.append(json.loads(line))
@@ -264,8 +275,8 @@ def main() -> int:
         return 1
 
     t0 = time.monotonic()
-    load_start, loads = [round(x, 2) for x in os.getloadavg()], []
-    results = asyncio.run(run(args, loads))
+    load_start, loads, cpu_percent = [round(x, 2) for x in os.getloadavg()], [], {}
+    results = asyncio.run(run(args, loads, cpu_percent))
     kind = args.device.split(":")[0]
     floor = FLOORS.get(kind, {})
     applies = floor.get("size") == args.size and floor.get("participants") == args.participants
@@ -278,7 +289,7 @@ def main() -> int:
     suffix = "" if args.pipeline is None else "_fake"
     out = args.out or Path(__file__).resolve().parent / "results" / f"call_{kind}_{args.size}_{args.participants}p{suffix}.json"
     load = {"start": load_start, "recording_1min_median": round(float(np.median(loads)), 2) if loads else None,
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "cpu_percent": cpu_percent}
     write_json(out, document(run_metadata(args.device, benchmark="call", wall_s=round(time.monotonic() - t0, 1), load=load),
                              config, results))
 
@@ -293,6 +304,7 @@ def main() -> int:
     paths = {json.dumps(r["path"], sort_keys=True) for r in results}
     print("path: " + "; ".join(sorted(paths)))
     print(f"load average (1 min) while recording: {load['recording_1min_median']} on {os.cpu_count()} CPUs")
+    print("cpu, % of one core while recording: " + ", ".join(f"{k} {v:g}" for k, v in cpu_percent.items()))
     if applies:
         print(f"floor ({floor['fps']:g} fps each" + (f", p50 <= {floor['p50_ms']:g} ms" if floor["p50_ms"] else "") + "): "
               + ("met" if all(r["meets_floor"] for r in results) else "NOT met"))
