@@ -105,6 +105,7 @@ class Call extends Room {
     this.name = $("#name");
     this.name.value = params.get("name") || localStorage.getItem("telepresence-name") || "";
     $("#lobby-room").textContent = ROOM;
+    document.title = `${ROOM} · ${this.texts.title}`;
     $("#join").addEventListener("click", () => this.joinCall());
     this.name.addEventListener("keydown", (e) => { if (e.key === "Enter") this.joinCall(); });
     $("#leave").addEventListener("click", () => this.leave());

@@ -25,11 +25,11 @@ export class Room {
     this.statsOpen = false;           // the stats panel; closed: each tile shows its badge only
     this.stage = $("#stage");
     this.signaling = new Signaling(this);
+    $("#room-name").textContent = ROOM;  // from the first paint: the call page starts the room only on join
   }
 
   // After the subclass's constructor: the page is ready to show the room and join it.
   start() {
-    $("#room-name").textContent = ROOM;
     document.title = `${ROOM} · ${this.texts.title}`;
     this.bindGlobalControls();
     this.refreshConnection();

@@ -79,6 +79,9 @@ def join(page, url, name, head="on"):
     page.goto(f"{url}&name={name}&head={head}")
     assert "never goes to the others" in page.text_content("#privacy")  # said before the camera starts
     assert page.evaluate("window.cameraStarts") == 0 and page.evaluate("document.body.dataset.call") == "lobby"
+    room = re.search(r"[?&]room=([^&]+)", url).group(1)
+    assert page.text_content("#room-name") == page.text_content("#lobby-room") == room  # the header too, before joining
+    assert page.title().startswith(room)
     page.click("#join")
     page.wait_for_function("() => document.body.dataset.call === 'in-call'", timeout=30000)
     assert page.evaluate("window.cameraStarts") == 1
