@@ -12,7 +12,7 @@ export class Room {
       title: "Portrait telepresence",
       waiting: "Waiting for a sender",
       waitingTitle: `Waiting for a sender in room “${ROOM}”…`,
-      waitingDetail: `Start one with: python run_sender.py --room ${ROOM}`,
+      waitingDetail: `Start one with: .venv/bin/telepresence send --room ${ROOM}`,
       left: "Sender left — waiting",
     };
     this.poseOffset = null;           // {yaw, pitch, dist} added to every tile's orbit, or null
