@@ -133,6 +133,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
         cull=st.cull,
         skip=skip,
         part=st.part,
+        face_detail=st.face_detail,
         vattr=vattr,
         texture=texture,
         texture_fill=texture_fill,

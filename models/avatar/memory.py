@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from models.avatar.texture import box_mean, sample_vertices
-from models.avatar.topology import Topology, mesh_topology
+from models.avatar.topology import EXPRESSION_LANDMARKS, Topology, mesh_topology
 from models.avatar.types import VATTR, Avatar
 from models.avatar.visibility import seen_fraction
 from models.face.analysis import NUM_MESH_VERTICES, face_model
@@ -53,18 +53,6 @@ from models.geometry.raster import rasterize
 log = logging.getLogger(__name__)
 
 __all__ = ["AppearanceMemory", "EXPRESSION_LANDMARKS", "MemoryAtlas", "MemoryConfig", "memory_atlas"]
-
-# MediaPipe face-mesh landmark ids of the expression regions (the vertices of
-# mediapipe.solutions.face_mesh_connections' FACEMESH_LIPS, _LEFT_EYE, _RIGHT_EYE, _LEFT_EYEBROW,
-# _RIGHT_EYEBROW). memory_atlas grows them by two rings of mesh neighbours.
-EXPRESSION_LANDMARKS = (
-    0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191, 267, 269, 270, 291,
-    308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415,  # lips
-    249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466,  # left eye
-    7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246,  # right eye
-    276, 282, 283, 285, 293, 295, 296, 300, 334, 336,  # left eyebrow
-    46, 52, 53, 55, 63, 65, 66, 70, 105, 107,  # right eyebrow
-)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from models.avatar.visibility import max_filter3x3, seen_fraction
 from models.geometry.camera import OrbitPose, project
 from models.geometry.raster import interpolate, rasterize
 
-__all__ = ["render_cameras", "render_views", "shell_detail_fade", "texture_quality"]
+__all__ = ["face_detail_fade", "render_cameras", "render_views", "shell_detail_fade", "texture_quality", "view_angle_deg"]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
@@ -23,6 +23,10 @@ _STRETCH = (1.5, 3.0)
 # The shell's texture keeps its detail up to this angle between the source's and the view's
 # directions from the head, degrees, and none from the second (shell_detail_fade).
 _SHELL_DETAIL_DEG = (8.0, 24.0)
+# The face's finest detail fades to a box mean of this many texels (about two render pixels) from the
+# first angle to the second (face_detail_fade), as far as Avatar.face_detail says.
+_FACE_DETAIL_DEG = (20.0, 45.0)
+_FACE_DETAIL_POOL = 4
 
 
 def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
@@ -76,23 +80,42 @@ def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor)
     return ((_STRETCH[1] - ratio) / (_STRETCH[1] - _STRETCH[0])).clamp(0.0, 1.0)
 
 
+def view_angle_deg(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+    """Per view [V], degrees: the angle between the directions from the head (pivot [3]) to the
+    texture's camera (source_dir [3], unit) and to the view's camera (from viewmats [V, 4, 4],
+    world -> camera)."""
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    centre = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [V, 3] camera centres
+    to_view = centre - pivot
+    cos = (to_view * source_dir).sum(-1) / to_view.norm(dim=-1).clamp(min=1e-9)
+    return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
+
+
 def shell_detail_fade(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
     """Per view [V] in [0, 1]: how far the shell's texture fades to its low-pass copy.
 
     The shell is a guess at where the hair is, within a centimetre or two of depth, and its
     detail (strands, curls) lands off the real strands by that error times sin(theta), theta the
-    angle between the directions from the head to the texture's camera (source_dir [3], unit) and
-    to the view's camera (from viewmats [V, 4, 4], world -> camera; pivot [3]): a few pixels of
-    a 256-px crop from about 20 degrees, where the detail no longer lines up and the low-pass
-    colour is the better guess. The face mesh follows the landmarks, so its detail stays.
+    view's :func:`view_angle_deg`: a few pixels of a 256-px crop from about 20 degrees, where the
+    detail no longer lines up and the low-pass colour is the better guess. The face mesh follows
+    the landmarks: its detail fades later and less (:func:`face_detail_fade`).
     0 up to _SHELL_DETAIL_DEG[0], 1 from _SHELL_DETAIL_DEG[1]."""
-    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    centre = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [V, 3] camera centres
-    to_view = centre - pivot
-    cos = (to_view * source_dir).sum(-1) / to_view.norm(dim=-1).clamp(min=1e-9)
-    theta = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
     lo, hi = _SHELL_DETAIL_DEG
-    return ((theta - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return ((view_angle_deg(source_dir, pivot, viewmats) - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def face_detail_fade(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+    """Per view [V] in [0, 1]: how far the face's finest detail fades (times Avatar.face_detail).
+
+    The face mesh follows each picture's landmarks, and two views' landmarks of one face agree to
+    2-4 % of the eyes' distance up to 30 degrees apart and to 6-7 % beyond (the eval's landmark
+    error): detail a few texels wide (pores, stubble, eyelid and lip edges, the nostrils) then lands
+    beside where the turned face has it, each edge drawn twice in the error. A box mean of
+    _FACE_DETAIL_POOL texels takes that detail out and keeps the shapes and colours; the expression
+    regions keep half of it (models.avatar.topology.FACE_DETAIL_WEIGHTS).
+    0 up to _FACE_DETAIL_DEG[0], 1 from _FACE_DETAIL_DEG[1]."""
+    lo, hi = _FACE_DETAIL_DEG
+    return ((view_angle_deg(source_dir, pivot, viewmats) - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
 def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +209,13 @@ def render_cameras(
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
     w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)
     own = _unpremultiply(tex_p)
-    # The shell's detail fades to the low-pass texture as the view turns from the source (tex_f: for
-    # surface the source saw, the fill texture at the same source pixel).
+    # As the view turns from the source, the face's finest detail fades to a box mean of the texture
+    # (per triangle as far as avatar.face_detail says, smoothed over 5x5 pixels) and the shell's detail
+    # to the low-pass texture (tex_f: for surface the source saw, the fill texture at the same source pixel).
+    coarse, _ = _sample(F.avg_pool2d(avatar.texture, _FACE_DETAIL_POOL, ceil_mode=True), vals[..., VATTR.TEX], span)
+    weight = box_mean(avatar.face_detail[frags.face_id.clamp(min=0)][:, None], 5)  # [V, 1, S, S]
+    fade = face_detail_fade(avatar.source_dir, avatar.pivot, viewmats)[:, None, None, None] * weight
+    own = torch.lerp(own, _unpremultiply(coarse), fade)
     fade = shell_detail_fade(avatar.source_dir, avatar.pivot, viewmats)[:, None, None, None] * (part == 1)[:, None]
     own = torch.lerp(own, tex_f[:, :3], fade)
     mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)

@@ -9,14 +9,30 @@ import torch
 
 from models.face.analysis import NUM_MESH_VERTICES, face_model
 
-__all__ = ["CARD_KNOTS", "CRANIUM_CENTRE", "CRANIUM_RADII", "MeshConstants", "Topology", "mesh_constants",
-           "mesh_topology", "sweep_shell"]
+__all__ = ["CARD_KNOTS", "CRANIUM_CENTRE", "CRANIUM_RADII", "EXPRESSION_LANDMARKS", "FACE_DETAIL_WEIGHTS", "MeshConstants",
+           "Topology", "mesh_constants", "mesh_topology", "sweep_shell"]
 
 
 # Cranium ellipsoid in the head frame (x right, y down, z into the head; metres),
 # sized for an adult head with some hair around the canonical face model.
 CRANIUM_CENTRE = (0.0, -0.02, 0.025)
 CRANIUM_RADII = (0.088, 0.115, 0.120)
+# MediaPipe face-mesh landmark ids of the expression regions (the vertices of
+# mediapipe.solutions.face_mesh_connections' FACEMESH_LIPS, _LEFT_EYE, _RIGHT_EYE, _LEFT_EYEBROW,
+# _RIGHT_EYEBROW). models.avatar.memory grows them by two rings of mesh neighbours, the face's
+# detail fade (MeshConstants.face_detail) by one.
+EXPRESSION_LANDMARKS = (
+    0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191, 267, 269, 270, 291,
+    308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415,  # lips
+    249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466,  # left eye
+    7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246,  # right eye
+    276, 282, 283, 285, 293, 295, 296, 300, 334, 336,  # left eyebrow
+    46, 52, 53, 55, 63, 65, 66, 70, 105, 107,  # right eyebrow
+)
+# How far the face's finest detail fades at large angles (models.avatar.render.face_detail_fade):
+# fully on the skin, half as far on the expression regions (eyes, brows, lips: what a person is
+# recognised by keeps some of its detail).
+FACE_DETAIL_WEIGHTS = (1.0, 0.5)
 # Card depth offset (metres) against height below the chin (face heights).
 CARD_KNOTS = ((-0.3, 0.05, 0.35, 1.2), (0.02, -0.015, -0.03, -0.05))
 
@@ -174,6 +190,7 @@ class MeshConstants:
     mirror: torch.Tensor  # [N] mirror vertex ids on the device (models.avatar.topology.Topology.mirror)
     incident: torch.Tensor  # [N, D] faces of each vertex, padded with F
     part: torch.Tensor  # [F] int64 on the device: 0 face mesh, 1 shell, 2 card, 3 far layer
+    face_detail: torch.Tensor  # [F] float on the device: how far each triangle's detail fades (FACE_DETAIL_WEIGHTS; 0 off the face)
     head_incident: torch.Tensor  # [n_face + n_shell, D] faces of each head vertex (all head faces), padded with n_head_faces
     card_d2: torch.Tensor  # [G * G, G * G] squared distances between card vertices, in grid cells
     const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots
@@ -230,10 +247,17 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
     part[card_faces] = 2
     part[:n_tri] = 0
     part[n_tri : topo.n_head_faces] = 1
+    # Expression regions grown by one ring of face-mesh neighbours: triangles touching them.
+    expression = torch.zeros(N)
+    expression[list(EXPRESSION_LANDMARKS)] = 1.0
+    tri = faces[:n_tri]
+    expression.scatter_reduce_(0, tri.reshape(-1), expression[tri].amax(-1)[:, None].expand(-1, 3).reshape(-1), "amax")
+    face_detail = torch.zeros(len(faces))
+    face_detail[:n_tri] = torch.where(expression[tri].amax(-1) > 0, FACE_DETAIL_WEIGHTS[1], FACE_DETAIL_WEIGHTS[0])
     st = MeshConstants(
         faces.to(device), cull.to(device), not_head.to(device), card_faces.to(device), card_verts.to(device),
         flags.to(device), ring_ids.to(device), ring_ids[0].to(device), torch.as_tensor(topo.mirror).to(device),
-        incident.to(device), part.to(device), head_incident.to(device), card_d2.to(device),
+        incident.to(device), part.to(device), face_detail.to(device), head_incident.to(device), card_d2.to(device),
         {name: v.to(device) for name, v in const.items()},
     )
     _MESH_CONSTANTS[k] = st

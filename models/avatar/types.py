@@ -100,6 +100,7 @@ class Avatar:
     cull: torch.Tensor  # [F] bool: closed head surface, culled when facing away
     skip: torch.Tensor  # [F] bool: card triangles with nothing opaque on them (not drawn)
     part: torch.Tensor  # [F] int64: 0 face mesh, 1 shell (the head: opaque), 2 card (matte alpha, fades at the picture's edge), 3 far layer
+    face_detail: torch.Tensor  # [F] float: how far each triangle's detail fades at large angles (0 off the face)
     vattr: torch.Tensor  # [N, VATTR.COUNT] per-vertex attributes (columns: :class:`VATTR`)
     texture: torch.Tensor  # [1, 4, Ht, Wt] RGBA in [0, 1], premultiplied (A = the person's matte, or 1)
     texture_fill: torch.Tensor  # [1, 4, h, w] low-pass copy (same layout, not premultiplied) for unseen surface
