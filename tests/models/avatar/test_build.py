@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models.avatar import AvatarConfig, build_avatar, crop_box, render_views
+from models.avatar.render import shell_detail_fade
 from models.geometry.camera import OrbitPose
 from models.face.analysis import face_oval_mask, read_image
 
@@ -117,6 +118,34 @@ def test_reenactment_geometry_from_one_frame_texture_from_another(analyzer, test
     H, W = obs[t].image_size
     target_lm = (torch.from_numpy(obs[t].landmarks_px[:468, :2]) - torch.tensor([W / 2, H / 2])) / s_px + K[:2, 2]
     assert (lm - target_lm).norm(dim=-1).mean() < 1.0  # pixels
+
+
+def test_shell_detail_fades_with_the_angle_to_the_source(analyzer, test_data):
+    """None at the source camera, all from 24 degrees of orbit; a reenacted head turned by the
+    same angle against its texture frame fades as far as that orbit does."""
+    frames = [read_image(p) for p in sorted(test_data.glob("lp_d12_f*.jpg"))]
+    obs = [analyzer.analyze(f) for f in frames]
+    yaws = np.array([o.pose.yaw_deg for o in obs])
+    s = int(np.argmin(np.abs(yaws)))
+    t = int(np.argmax(np.abs(yaws - yaws[s])))
+    own = build_avatar(frames[s], obs[s], render_size=256)
+
+    def fade(avatar, poses):
+        viewmats, _ = avatar.cameras(poses, 256)
+        return shell_detail_fade(avatar.source_dir, avatar.pivot, viewmats)
+
+    orbit = fade(own, [OrbitPose(yaw_deg=y) for y in (0.0, 4.0, 12.0, 16.0, 20.0, 30.0, -30.0)])
+    assert orbit[0] == 0.0 and orbit[1] == 0.0 and orbit[5] == 1.0 and orbit[6] == 1.0
+    assert 0.0 < orbit[2] < orbit[3] < orbit[4] < 1.0
+    reen = build_avatar(frames[s], obs[s], geometry=obs[t], render_size=256)
+    turned = float(fade(reen, [OrbitPose()])[0])
+    # As far as an orbit by the head's turn between the frames, within 5 degrees (the head also
+    # moves across the picture, which turns the line of sight a little).
+    R = obs[t].pose.rotation @ obs[s].pose.rotation.T
+    turn = float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
+    assert 10.0 < turn < 22.0, "the clip should turn its head within the fade's ramp"
+    lo, hi = fade(own, [OrbitPose(yaw_deg=turn - 5.0), OrbitPose(yaw_deg=turn + 5.0)]).tolist()
+    assert lo < turned < hi
 
 
 def test_bad_inputs(analyzer, astronaut):
