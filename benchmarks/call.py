@@ -1,8 +1,9 @@
 """The call benchmark: N participants, each watching the N - 1 others; frames per second received and
 glass-to-glass latency, per participant.
 
-The call server (`telepresence serve`'s Receiver + CallHost, one pipeline per participant) runs in
-this process; each participant runs in a child process of its own, as a browser would
+The call server (`telepresence serve`'s Receiver + CallHost) runs in this process, and each
+participant's pipeline (face analysis, avatar, render, refine) in a process of its own, as in the
+product (telepresence.stream.worker); each participant runs in a child process of its own, as a browser would
 (telepresence.stream.participant.CallParticipant: it joins through signaling, publishes a clip as
 its camera and watches every other avatar). Each camera frame carries its capture time in its
 corner (telepresence.stream.framecode); the server reads it back as the frame's capture time and
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -43,10 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.common import document, timing_stats, write_json  # noqa: E402
 from models.runinfo import run_metadata  # noqa: E402
-from telepresence.pipeline import PipelineConfig, open_pipeline  # noqa: E402
+from telepresence.pipeline import PipelineConfig  # noqa: E402
 from telepresence.stream.capture import open_source  # noqa: E402
 from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
 from telepresence.stream.renderloop import PIPELINE_STAGES  # noqa: E402
+from telepresence.stream.worker import WorkerError, open_pipeline_process  # noqa: E402
 
 ROOM = "bench"
 FLOORS = {"cpu": {"size": 256, "participants": 2, "fps": 8.0, "p50_ms": None},
@@ -125,7 +128,8 @@ async def participant_child(args: argparse.Namespace) -> int:
 
 
 def sample_stages(host: Any) -> dict[str, dict[str, float]]:
-    """Each participant's mean ms per stage over the last second (encode: averaged over its watchers) and fps."""
+    """Each participant's mean ms per stage over the last second (encode: averaged over its watchers) and fps.
+    The stages are timed in the participant's process; fps and encode in this one."""
     out = {}
     for participant in host.participants.values():
         sender = participant.sender
@@ -140,21 +144,10 @@ def sample_stages(host: Any) -> dict[str, dict[str, float]]:
 
 
 def pipeline_path(pipeline: Any) -> dict[str, Any]:
-    """What a participant's pipeline ran on: its class, device, refiner, whether the avatar
-    replays CUDA graphs (or fell back to eager after a failed capture), whether the participants'
-    pipelines took turns on the device (telepresence.stream.call.DeviceTurns)."""
-    turns = type(pipeline).__name__ == "_TakingTurns"
-    pipeline = pipeline.pipeline if turns else pipeline
-    engine, refiner = getattr(pipeline, "engine", None), getattr(pipeline, "refiner", None)
-    return {
-        "device_turns": turns,
-        "pipeline": f"{type(pipeline).__module__}.{type(pipeline).__qualname__}",
-        "device": str(getattr(pipeline, "device", None)),
-        "refiner": getattr(pipeline, "refiner_name", None),
-        "refiner_dtype": None if refiner is None else str(refiner.dtype),
-        "avatar_cuda_graphs": getattr(engine, "cuda_graphs", None),
-        "avatar_fell_back": getattr(engine, "fell_back", None),
-    }
+    """What a participant's pipeline ran on (asked of its process: blocking, up to one frame): its class,
+    device, refiner, whether the avatar replays CUDA graphs (or fell back to eager after a failed
+    capture); `process`: the pipeline ran in a process of its own (telepresence.stream.worker)."""
+    return {"process": True, **pipeline.describe()}
 
 
 def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -207,7 +200,9 @@ async def run(args: argparse.Namespace, loads: list[float]) -> list[dict[str, An
             loads.append(os.getloadavg()[0])
             for name, stages in sample_stages(host).items():
                 samples[name].append(stages)
-            paths.update({p.name: pipeline_path(p.pipeline) for p in host.participants.values() if p.pipeline is not None})
+            for p in list(host.participants.values()):
+                with contextlib.suppress(WorkerError):  # it left meanwhile
+                    paths[p.name] = await asyncio.get_running_loop().run_in_executor(None, pipeline_path, p.pipeline)
         for child in children:
             line = (await asyncio.wait_for(child.stdout.readline(), 120)).decode().strip()
             measured.append(json.loads(line))
@@ -247,9 +242,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.participant_child:
         return asyncio.run(participant_child(args))
-    try:  # fail here, with one line, rather than in every participant's publish
-        open_pipeline(PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner),
-                      factory=args.pipeline).close()
+    try:  # fail here, with one line, rather than in every participant's publish (and start the fork server)
+        open_pipeline_process(PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner),
+                              factory=args.pipeline, name="check").close()
     except Exception as error:
         print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline:build_pipeline)", file=sys.stderr)
         return 1

@@ -1,13 +1,13 @@
-"""End-to-end loopback benchmark: frames per second and glass-to-glass latency, 1 and 4 viewers.
+"""End-to-end loopback benchmark: frames per second and glass-to-glass latency for N viewers, a curve.
 
-A Sender (capture thread + pipeline worker + aiortc) and a receiver
-(signaling) run in this process; N aiortc viewers (telepresence.stream.viewer.Viewer)
-run in a child process, as browsers would, and join through the receiver's
-signaling socket: real peer connections on this host, and the viewers'
-decoding does not compete with the sender for this process's interpreter
-(--viewers-in same puts them in this process, as earlier versions did). The sender paints each frame's capture time into
-the picture's corner (telepresence.stream.framecode); each viewer reads it back from
-the decoded frame's luma plane, so
+A Sender (capture thread + pipeline worker + aiortc; the viewers' frames encoded in the encoder
+process, telepresence.stream.encoding, unless --encoder aiortc) and a receiver (signaling) run in
+this process; the N aiortc viewers (telepresence.stream.viewer.Viewer) run in child processes,
+--viewers-per-process each, as browsers would, and join through the receiver's signaling socket:
+real peer connections on this host, and the viewers' receiving and decoding do not compete with the
+sender for its interpreter (--viewers-in same puts them in this process, as earlier versions did).
+The sender paints each frame's capture time into the picture's corner (telepresence.stream.framecode);
+each viewer reads it back from the decoded frame's luma plane, so
 
     latency = t_decoded_at_viewer - t_grabbed_at_capture
 
@@ -15,6 +15,17 @@ covers pipeline, encode, network stack, jitter buffer and decode (not the
 camera's exposure-to-grab time). aiortc's receive jitter buffer releases a
 frame only when the next frame's first packet arrives, so these in-process
 viewers add about one frame interval that a browser does not.
+
+Where the curve bends: each case also reports, over its measured seconds,
+- the sender's frame-loop rate and the frames it handed aiortc per viewer per second ("sent");
+- how late the sender's event loop runs (lateness of a 10 ms sleep, p50 / p90 / max);
+- CPU, % of one core (benchmarks.probes): the sender's threads (event loop, pipeline, analysis,
+  capture, "asyncio" = aiortc's encoder threads with --encoder aiortc, native = torch, OpenCV, ...),
+  the encoder process, and each viewer process with its event loop and decoder threads;
+- `wall`: "receivers" (the viewers got fewer frames than were sent), "pipeline" (the frame loop runs
+  below the source's rate), "encode/send" (frames rendered but not sent) or "none" (the source's rate).
+Every thread of the sender that wants the GIL back (after a syscall, a copy or an encode) waits up to
+the switch interval while another runs Python; --switch-interval-ms measures that lever.
 
 With --browser, one more case puts headless Chromium on the real page (served
 by an in-process receiver) and reads the stamp from each presented frame in
@@ -26,7 +37,7 @@ viewers' frames are reported, with the sender's per-stage milliseconds, in a JSO
 benchmarks.common layout (meta: commit, versions, device, host).
 
     python benchmarks/loopback.py --device cpu --size 256 --browser         # 2-core CPU
-    python benchmarks/loopback.py --device cuda --size 512                  # GPU machine
+    python benchmarks/loopback.py --device cuda --size 512 --source-fps 30 --viewers 1 4 8 16 32   # the curve
     python benchmarks/loopback.py --pipeline tests.fake_pipeline:build_pipeline ...        # streaming cost alone
 """
 
@@ -38,20 +49,21 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as `python benchmarks/loopback.py`
 
 from benchmarks.common import document, timing_stats, write_json  # noqa: E402
-from models.runinfo import run_metadata  # noqa: E402
-from telepresence.stream.capture import open_source  # noqa: E402
+from benchmarks.probes import CpuMeter, LoopLag  # noqa: E402
 from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
-from telepresence.stream.renderloop import PIPELINE_STAGES  # noqa: E402
-from telepresence.pipeline import PipelineConfig, open_pipeline  # noqa: E402
-from telepresence.stream.sender import Sender, SenderConfig  # noqa: E402
 from telepresence.stream.viewer import Viewer  # noqa: E402
+
+if TYPE_CHECKING:
+    from telepresence.stream.sender import Sender
+
+# The sender side (torch, the pipeline) is imported where it runs: the viewer processes stay light.
 
 VIEWER_YAWS_DEG = (-24.0, 24.0, -8.0, 8.0, -32.0, 32.0, -16.0, 16.0)
 
@@ -84,7 +96,7 @@ class FrameRecorder:
         return (len(self.arrivals) - 1) / (self.arrivals[-1] - self.arrivals[0])
 
 
-def sample_stages(sender: Sender) -> dict[str, float]:
+def sample_stages(sender: "Sender") -> dict[str, float]:
     """The sender's mean ms per stage over the last second, encode averaged over its viewers."""
     _, stages = sender.render_loop.clock.summary()
     encodes = [p.track.encode_ms for p in sender.viewers.values() if p.track.encode_ms is not None]
@@ -94,23 +106,30 @@ def sample_stages(sender: Sender) -> dict[str, float]:
 
 
 def median_stages(samples: list[dict[str, float]]) -> dict[str, float]:
+    from telepresence.stream.renderloop import PIPELINE_STAGES
+
     names = [name for name in ("capture", *PIPELINE_STAGES, "encode") if any(name in s for s in samples)]
     return {name: round(float(np.median([s[name] for s in samples if name in s])), 2) for name in names}
 
 
-def viewer_summary(recorders: list["FrameRecorder"]) -> dict[str, Any]:
+def viewer_summary(fps: list[float], latencies_ms: list[float], unreadable: int, frames: int) -> dict[str, Any]:
     """What the viewers measured: fps per viewer, latencies, frames, unreadable stamps."""
-    fps_per_viewer = [r.fps() for r in recorders]
     return {
-        "fps_per_viewer": {"median": round(float(np.median(fps_per_viewer)), 1), "min": round(min(fps_per_viewer), 1)},
-        "latency_ms": timing_stats([ms for r in recorders for ms in r.latencies_ms]),
-        "stamps_unreadable": sum(r.unreadable for r in recorders),
-        "frames": sum(len(r.arrivals) for r in recorders),
+        "fps_per_viewer": {"median": round(float(np.median(fps)), 1), "min": round(min(fps), 1)},
+        "latency_ms": timing_stats(latencies_ms),
+        "stamps_unreadable": unreadable,
+        "frames": frames,
     }
 
 
-async def start_viewers(n_viewers: int, size: int, connect: Any) -> tuple[list["FrameRecorder"], list[Viewer]]:
-    """N viewers, each connected (connect(viewer, i)), first frame received and orbiting its own yaw."""
+def recorders_summary(recorders: list["FrameRecorder"]) -> dict[str, Any]:
+    return viewer_summary([r.fps() for r in recorders], [ms for r in recorders for ms in r.latencies_ms],
+                          sum(r.unreadable for r in recorders), sum(len(r.arrivals) for r in recorders))
+
+
+async def start_viewers(n_viewers: int, size: int, connect: Any, first: int = 0) -> tuple[list["FrameRecorder"], list[Viewer]]:
+    """N viewers, each connected (connect(viewer, i)), first frame received and orbiting its own yaw
+    (viewer `first + i` of the case)."""
     recorders = [FrameRecorder(size) for _ in range(n_viewers)]
     viewers = [Viewer(on_frame=recorder.on_frame) for recorder in recorders]
     for i, viewer in enumerate(viewers):
@@ -118,85 +137,160 @@ async def start_viewers(n_viewers: int, size: int, connect: Any) -> tuple[list["
     for i, viewer in enumerate(viewers):
         await viewer.next_frame(timeout_s=300)  # the first frame may wait for model load and compilation
         await viewer.wait_channel_open()
-        viewer.set_pose(VIEWER_YAWS_DEG[i % len(VIEWER_YAWS_DEG)], 0.0, 1.0)
+        viewer.set_pose(VIEWER_YAWS_DEG[(first + i) % len(VIEWER_YAWS_DEG)], 0.0, 1.0)
     return recorders, viewers
 
 
 async def viewer_child(args: argparse.Namespace) -> int:
-    """--viewer-child: N viewers join ROOM at --signaling; prints 'recording', then one JSON line."""
+    """--viewer-child: N viewers join ROOM at --signaling and print 'connected'; they record from a line
+    'record' on stdin to a line 'stop', then print one JSON line (what they measured, this process's CPU)."""
     recorders, viewers = await start_viewers(args.viewers[0], args.size,
-                                             lambda viewer, i: viewer.join(args.signaling, args.room))
+                                             lambda viewer, i: viewer.join(args.signaling, args.room),
+                                             first=args.first_viewer)
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.sleep(args.warmup)
-        print("recording", flush=True)
+        print("connected", flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)  # record
+        cpu = CpuMeter().start()
         for recorder in recorders:
             recorder.recording = True
-        await asyncio.sleep(args.seconds)
+        await loop.run_in_executor(None, sys.stdin.readline)  # stop
         for recorder in recorders:
             recorder.recording = False
+        usage = cpu.percent()
+        print(json.dumps({
+            "fps": [r.fps() for r in recorders], "latencies_ms": [ms for r in recorders for ms in r.latencies_ms],
+            "unreadable": sum(r.unreadable for r in recorders), "frames": sum(len(r.arrivals) for r in recorders),
+            "cpu_percent": usage,
+        }), flush=True)
     finally:
         for viewer in viewers:
             await viewer.close()
-    print(json.dumps(viewer_summary(recorders)), flush=True)
     return 0
 
 
+async def tell(children: list[asyncio.subprocess.Process], line: str) -> None:
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write(line.encode() + b"\n")
+        await child.stdin.drain()
+
+
+async def read_line(child: asyncio.subprocess.Process, what: str, timeout_s: float) -> str:
+    assert child.stdout is not None
+    line = (await asyncio.wait_for(child.stdout.readline(), timeout_s)).decode().strip()
+    if not line:
+        raise RuntimeError(f"a viewer process ended (status {await child.wait()}) before {what}")
+    return line
+
+
 async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> dict[str, Any]:
-    """Sender + receiver here, the N viewers in a child process joining through signaling."""
+    """Sender + receiver here, the N viewers in child processes of --viewers-per-process, joining through signaling."""
+    from telepresence.stream.capture import open_source
+    from telepresence.stream.encoding import shared_pool
     from telepresence.stream.receiver import Receiver, ReceiverConfig
+    from telepresence.stream.sender import Sender, SenderConfig
+    from telepresence.stream.signaling import RoomLimits
 
     room = "bench"
-    receiver = Receiver(ReceiverConfig(port=0, room=room, web_dir=Path(__file__).resolve().parents[1] / "web"))
+    limits = RoomLimits(max_viewers_per_room=max(8, n_viewers), max_viewers_per_ip=max(4, n_viewers),
+                        max_connections_per_ip=max(16, n_viewers + 4))  # every viewer comes from this host
+    receiver = Receiver(ReceiverConfig(port=0, room=room, web_dir=Path(__file__).resolve().parents[1] / "web",
+                                       limits=limits))
     await receiver.start()
     config = SenderConfig(
-        signaling_url=receiver.signaling_url, room=room, source=args.source,
-        codec=args.codec, stamp_frames=True, max_viewers=max(8, n_viewers),
+        signaling_url=receiver.signaling_url, room=room, source=args.source, codec=args.codec,
+        encoder=args.encoder, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
     sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     signaling = asyncio.ensure_future(sender.run_signaling())
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, str(Path(__file__).resolve()), "--viewer-child", "--signaling", receiver.signaling_url,
-        "--room", room, "--viewers", str(n_viewers), "--size", str(args.size), "--warmup", str(args.warmup),
-        "--seconds", str(args.seconds), stdout=asyncio.subprocess.PIPE,
-    )
-    stage_samples: list[dict[str, float]] = []
-    sender_fps: list[float] = []
-    measured = None
-    sampler: Optional[asyncio.Future] = None
+    shares = [min(args.viewers_per_process, n_viewers - first) for first in range(0, n_viewers, args.viewers_per_process)]
+    children: list[asyncio.subprocess.Process] = []
     try:
-        assert child.stdout is not None
-        while True:
-            line = (await child.stdout.readline()).decode().strip()
-            if not line:
-                break
-            if line == "recording":
-                sampler = asyncio.ensure_future(sample_loop(sender, args.seconds, stage_samples, sender_fps))
-            elif line.startswith("{"):
-                measured = json.loads(line)
-        await child.wait()
-        if sampler is not None:
-            await sampler
-    finally:
-        if child.returncode is None:
-            child.kill()
+        for first, share in zip(range(0, n_viewers, args.viewers_per_process), shares):
+            children.append(await asyncio.create_subprocess_exec(
+                sys.executable, str(Path(__file__).resolve()), "--viewer-child", "--signaling", receiver.signaling_url,
+                "--room", room, "--viewers", str(share), "--first-viewer", str(first), "--size", str(args.size),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            ))
+        for child in children:  # one after another: a child's first frame may wait for the pipeline's start
+            await read_line(child, "its viewers connected", timeout_s=600)
+        await asyncio.sleep(args.warmup)
+        processes = {child.pid: f"viewers {i + 1}" for i, child in enumerate(children)}
+        if args.encoder == "process" and shared_pool().pid is not None:
+            processes[shared_pool().pid] = "encoder process"
+        await tell(children, "record")
+        window = await measure_window(sender, args.seconds, processes)
+        await tell(children, "stop")
+        measured = [json.loads(await read_line(child, "its results", timeout_s=60)) for child in children]
+        for child in children:
             await child.wait()
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
         signaling.cancel()
         await asyncio.gather(signaling, return_exceptions=True)
         await sender.stop()
         await receiver.stop()
-    if measured is None:
-        raise RuntimeError(f"the viewer process ended (status {child.returncode}) without results")
-    return {
+    result = {
         "viewers": n_viewers,
-        "receiver": "aiortc (own process)",
-        **measured,
+        "receiver": "aiortc (own process)" if len(children) == 1 else f"aiortc ({len(children)} own processes)",
+        **viewer_summary([fps for m in measured for fps in m["fps"]], [ms for m in measured for ms in m["latencies_ms"]],
+                         sum(m["unreadable"] for m in measured), sum(m["frames"] for m in measured)),
+        **window,
+    }
+    result["cpu_percent"]["viewer processes"] = [m["cpu_percent"] for m in measured]
+    result["wall"] = wall_of(result, args.source_fps or sender_source_fps(args))
+    return result
+
+
+def sender_source_fps(args: argparse.Namespace) -> float:
+    from telepresence.stream.capture import open_source
+
+    with open_source(args.source, args.source_fps) as source:
+        return source.fps
+
+
+async def measure_window(sender: "Sender", seconds: float, processes: dict[int, str]) -> dict[str, Any]:
+    """Over `seconds`: the sender's stages and frame-loop rate, the frames it handed aiortc per viewer per
+    second, its event loop's lateness and the CPU of its threads and of `processes` ({pid: name})."""
+    stage_samples: list[dict[str, float]] = []
+    sender_fps: list[float] = []
+    sent_before = {viewer_id: peer.track.frames_sent for viewer_id, peer in sender.viewers.items()}
+    cpu = CpuMeter(processes).start()
+    lag = LoopLag().start()
+    await sample_loop(sender, seconds, stage_samples, sender_fps)
+    loop_lag = await lag.stop()
+    usage = cpu.percent(processes)
+    sent = [(peer.track.frames_sent - sent_before[viewer_id]) / seconds
+            for viewer_id, peer in sender.viewers.items() if viewer_id in sent_before]
+    return {
         "sender_fps_median": round(float(np.median(sender_fps)), 1) if sender_fps else None,
+        "sent_fps_per_viewer": {"median": round(float(np.median(sent)), 1), "min": round(min(sent), 1)} if sent else None,
         "stages_ms_median": median_stages(stage_samples),
+        "sender_loop_lag_ms": loop_lag,
+        "cpu_percent": usage,
     }
 
 
-async def sample_loop(sender: Sender, seconds: float, stage_samples: list, sender_fps: list) -> None:
+def wall_of(result: dict[str, Any], source_fps: float) -> str:
+    """Which side holds the viewers' frame rate down (see the module doc)."""
+    received = result["fps_per_viewer"]["median"]
+    sent = (result.get("sent_fps_per_viewer") or {}).get("median")
+    rendered = result.get("sender_fps_median")
+    if received >= 0.95 * source_fps:
+        return "none"
+    if sent is not None and received < 0.9 * sent:
+        return "receivers"
+    if rendered is not None and rendered < 0.95 * source_fps:
+        return "pipeline"
+    return "encode/send"
+
+
+async def sample_loop(sender: "Sender", seconds: float, stage_samples: list, sender_fps: list) -> None:
     """Once a second for ``seconds``: the sender's per-stage ms and its fps."""
     for _ in range(int(seconds)):
         await asyncio.sleep(1.0)
@@ -205,34 +299,33 @@ async def sample_loop(sender: Sender, seconds: float, stage_samples: list, sende
 
 
 async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> dict[str, Any]:
+    from telepresence.stream.capture import open_source
+    from telepresence.stream.encoding import shared_pool
+    from telepresence.stream.sender import Sender, SenderConfig
+
     config = SenderConfig(
-        source=args.source, codec=args.codec, stamp_frames=True, max_viewers=max(8, n_viewers),
+        source=args.source, codec=args.codec, encoder=args.encoder, stamp_frames=True, max_viewers=max(8, n_viewers),
     )
     sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
     viewers: list[Viewer] = []
-    stage_samples: list[dict[str, float]] = []
-    sender_fps: list[float] = []
     try:
         recorders, viewers = await start_viewers(n_viewers, args.size,
                                                  lambda viewer, i: viewer.connect(sender, f"bench{i}"))
         await asyncio.sleep(args.warmup)
         for recorder in recorders:
             recorder.recording = True
-        await sample_loop(sender, args.seconds, stage_samples, sender_fps)
+        pid = shared_pool().pid if args.encoder == "process" else None
+        window = await measure_window(sender, args.seconds, {} if pid is None else {pid: "encoder process"})
         for recorder in recorders:
             recorder.recording = False
     finally:
         for viewer in viewers:
             await viewer.close()
         await sender.stop()
-    return {
-        "viewers": n_viewers,
-        "receiver": "aiortc (same process)",
-        **viewer_summary(recorders),
-        "sender_fps_median": round(float(np.median(sender_fps)), 1) if sender_fps else None,
-        "stages_ms_median": median_stages(stage_samples),
-    }
+    result = {"viewers": n_viewers, "receiver": "aiortc (same process)", **recorders_summary(recorders), **window}
+    result["wall"] = wall_of(result, args.source_fps or sender_source_fps(args))
+    return result
 
 
 CHROMIUM_FLAGS = [
@@ -267,13 +360,15 @@ BROWSER_PROBE_JS = """async (seconds) => {
 async def run_browser_case(args: argparse.Namespace, pipeline: Any) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
+    from telepresence.stream.capture import open_source
     from telepresence.stream.receiver import Receiver, ReceiverConfig
+    from telepresence.stream.sender import Sender, SenderConfig
 
     receiver = Receiver(ReceiverConfig(port=0, web_dir=Path(__file__).resolve().parents[1] / "web"))
     await receiver.start()
     config = SenderConfig(
         signaling_url=receiver.signaling_url, source=args.source,
-        codec=args.codec, stamp_frames=True,
+        codec=args.codec, encoder=args.encoder, stamp_frames=True,
     )
     sender = Sender(config, pipeline, source=open_source(args.source, args.source_fps))
     await sender.start()
@@ -325,6 +420,8 @@ def main() -> int:
     parser.add_argument("--source-fps", type=float, default=None,
                         help="pace the source at this rate (the sample clip is 25 fps; a webcam is usually 30)")
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
+    parser.add_argument("--encoder", choices=("process", "aiortc"), default="process",
+                        help="the viewers' frames encoded in the encoder process (the sender's default) or by aiortc here")
     parser.add_argument("--pipeline", default=None,
                         help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
@@ -332,8 +429,13 @@ def main() -> int:
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/loopback_<device>_<size>.json)")
     parser.add_argument("--viewers-in", choices=("process", "same"), default="process",
-                        help="aiortc viewers in a child process (like remote browsers; default) or in this process")
+                        help="aiortc viewers in child processes (like remote browsers; default) or in this process")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="the sender process's GIL switch interval (Python's default: 5 ms), a lever to measure")
+    parser.add_argument("--viewers-per-process", type=int, default=4,
+                        help="viewers in each child process (one process's event loop takes a few dozen streams at most)")
     parser.add_argument("--viewer-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first-viewer", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--signaling", help=argparse.SUPPRESS)
     parser.add_argument("--room", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,6 +443,13 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.viewer_child:
         return asyncio.run(viewer_child(args))
+    if args.viewers_per_process < 1:
+        parser.error(f"--viewers-per-process: expected >= 1, got {args.viewers_per_process}")
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
+
+    from models.runinfo import run_metadata
+    from telepresence.pipeline import PipelineConfig, open_pipeline
 
     try:
         pipeline = open_pipeline(
@@ -360,17 +469,26 @@ def main() -> int:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline)))
 
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "viewer_child", "signaling", "room", "first_viewer")}
     out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"
     write_json(out, document(run_metadata(args.device, benchmark="loopback"), config, results))
 
-    print(f"\nloopback, {args.pipeline}, {args.device}, {args.size}x{args.size}, {args.codec}")
-    print(f"{'receiver':>20} {'viewers':>7} {'fps/viewer':>11} {'latency med':>12} {'p90':>8}  stages ms (median)")
+    print(f"\nloopback, {args.pipeline}, {args.device}, {args.size}x{args.size}, {args.codec}, encoder: {args.encoder}")
+    print(f"{'receiver':>22} {'viewers':>7} {'fps/viewer':>10} {'sent':>5} {'loop':>5} {'latency p50':>11} {'p90':>7}"
+          f"  {'wall':>11}  stages ms (median)")
     for r in results:
         stages = " ".join(f"{k}={v:g}" for k, v in r["stages_ms_median"].items())
-        lat = r["latency_ms"]
-        print(f"{r['receiver']:>20} {r['viewers']:>7} {r['fps_per_viewer']['median']:>11.1f}"
-              f" {lat['median'] or float('nan'):>10.1f}ms {lat['p90'] or float('nan'):>6.1f}ms  {stages}")
+        lat, sent = r["latency_ms"], (r.get("sent_fps_per_viewer") or {}).get("median")
+        print(f"{r['receiver']:>22} {r['viewers']:>7} {r['fps_per_viewer']['median']:>10.1f} {sent or float('nan'):>5.1f}"
+              f" {r.get('sender_fps_median') or float('nan'):>5.1f} {lat['median'] or float('nan'):>9.1f}ms"
+              f" {lat['p90'] or float('nan'):>5.1f}ms  {r.get('wall', ''):>11}  {stages}")
+        if r.get("cpu_percent"):
+            cpu = {k: v for k, v in r["cpu_percent"].items() if k != "viewer processes"}
+            viewers = r["cpu_percent"].get("viewer processes") or []
+            loops = [v.get("event loop", 0.0) for v in viewers]
+            print(f"{'':>22} cpu % of a core: " + ", ".join(f"{k} {v:g}" for k, v in cpu.items())
+                  + (f"; viewer processes' event loops max {max(loops):g}" if loops else "")
+                  + f"; sender loop lag p90 {r['sender_loop_lag_ms']['p90']} ms")
     print(f"\nwrote {out}")
     return 0
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
-#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo),
-#          SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate)
+#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo,
+#          encode, curve, call-mps), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,15 +33,55 @@ if has loopback; then
   timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | filter | tail -8
 fi
+if has encode; then
+  echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"
+  timeout 300 python3 benchmarks/encode.py --size 512 --out "$OUT/encode_512.json" 2>&1 | tail -34
+fi
+if has curve; then
+  echo "== viewers curve: 1 4 8 16 32 viewers at 512, encoder ${ENCODER:-process}"
+  timeout 540 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 8 16 32 --source-fps "$SOURCE_FPS" \
+    --encoder "${ENCODER:-process}" --refiner /tmp/refiner-small-arch \
+    --out "$OUT/loopback_cuda_512_curve_${ENCODER:-process}.json" 2>&1 | filter | tail -14
+fi
+if has loopback-sdturbo; then
+  echo "== loopback with the SD-Turbo-size refiner (random weights, tiny AE, live variant; the sender's path: CUDA graphs per view count)"
+  python3 -c "
+import torch
+from models.refiner import Refiner
+with torch.device('cuda'):
+    m = Refiner.sd_turbo_random(codec='tiny', view_attention='ref_isolated', prompt_tokens=1)
+m.half().save_pretrained('/tmp/refiner-sdturbo-arch')"
+  timeout 240 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
+    --refiner /tmp/refiner-sdturbo-arch --out "$OUT/loopback_cuda_512_sdturbo.json" 2>&1 | filter | tail -8
+fi
 if has bench; then
   echo "== per-stage bench"
   timeout 150 python3 -m benchmarks.pipeline --device cuda --size 512 --viewers 1 4 --refiner /tmp/refiner-small-arch \
     --out "$OUT/bench_cuda_512.json" -q 2>&1 | filter | tail -12
 fi
 if has call; then
-  echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
-  timeout 170 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
+  echo "== call: pipelines in processes of their own on CUDA (forked workers, graphs captured at once)"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/telepresence/stream/test_worker.py 2>&1 | tail -4
+  echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps (a pipeline process each)"
+  timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
     --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p.json" 2>&1 | tee "$OUT/call.log" | filter | tail -15
+fi
+if has call-mps; then
+  # The same call under CUDA MPS: the participants' processes share the GPU at once instead of by turns.
+  # The daemon is ours (pipe and log folders in /tmp), started for this stage and stopped after it.
+  echo "== call under MPS: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
+  if command -v nvidia-cuda-mps-control >/dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "MPS daemon started"
+    timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
+      --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p_mps.json" 2>&1 | tee "$OUT/call_mps.log" | filter | tail -15
+    echo quit | nvidia-cuda-mps-control && echo "MPS daemon stopped"
+    cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUT/mps-log" 2>/dev/null
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  else
+    echo "nvidia-cuda-mps-control is not on this machine: no MPS figure"
+  fi
 fi
 if has refiner; then
   echo "== refiner (small)"

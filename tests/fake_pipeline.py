@@ -12,12 +12,16 @@ the configured field of view: a bright disc moving on a dark clip is a head movi
     telepresence send --pipeline tests.fake_pipeline:build_pipeline ...   (hidden flag, tests only)
     telepresence send --pipeline tests.fake_pipeline:build_pipeline_with_refiner ...  (says a refiner is on)
 
+`build_failing_pipeline` makes one whose process a pure blue frame kills and a pure green frame hangs
+(the faults of a call participant's pipeline process, telepresence.stream.worker).
+
 Its appearance memory is a number: the fill grows by `memory_step` with every frame with a face and
 reset_memory() (a viewer's reset button) puts it back to 0 on the next frame, as the real one does.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional, Sequence
 
@@ -44,6 +48,10 @@ def build_pipeline_with_refiner(config: PipelineConfig) -> "Pipeline":
     pipeline = Pipeline(config)
     pipeline.refiner_name = "fake-refiner"
     return pipeline
+
+
+def build_failing_pipeline(config: PipelineConfig) -> "Pipeline":
+    return FailingPipeline(config)
 
 
 class Pipeline:
@@ -118,3 +126,25 @@ class Pipeline:
         cv2.circle(view, centre, s // 12, (255, 255, 255), -1)
         cv2.circle(view, centre, s // 16, (230, 20, 20), -1)
         return view
+
+
+BLUE, GREEN = (0, 0, 255), (0, 255, 0)
+
+
+def is_colour(frame_rgb: np.ndarray, rgb: tuple[int, int, int], tolerance: float = 40.0) -> bool:
+    """Whether the frame is all one colour, near `rgb` (a video codec moves pure colours a little)."""
+    return bool(np.abs(frame_rgb.reshape(-1, 3).mean(axis=0) - np.array(rgb)).max() < tolerance)
+
+
+class FailingPipeline(Pipeline):
+    """The fake pipeline, but a pure blue frame ends its process (exit code 3) and a pure green one
+    makes process() hang: a call participant's pipeline that crashes or stops answering."""
+
+    def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Optional[Analysis] = None) -> FrameResult:
+        if is_colour(frame_rgb, BLUE):
+            os._exit(3)
+        if is_colour(frame_rgb, GREEN):
+            time.sleep(3600)
+        if is_colour(frame_rgb, (255, 0, 0)):
+            raise ValueError("a red frame")
+        return super().process(frame_rgb, poses, analysis)

@@ -119,10 +119,14 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     if plan.reenact:
         geo_mask = t["geo_mask"]
         geo_support = None if geo_mask is None else shell_support(geo_mask, t["geo_outline"])
-        verts = mesh_vertices(ObservationView.of(t["geo_obs"]), geo_support, crop, plan, st)
-        pivot = ObservationView.of(t["geo_obs"]).pivot
+        geo = ObservationView.of(t["geo_obs"])
+        verts = mesh_vertices(geo, geo_support, crop, plan, st)
+        pivot, R_geo = geo.pivot, geo.R
     else:
-        verts, pivot = tex_verts, o.pivot
+        verts, pivot, R_geo = tex_verts, o.pivot, o.R
+    # The texture's camera seen from the head, turned with the head into the geometry's pose:
+    # R_geo R_tex^T (-pivot / |pivot|).
+    source_dir = R_geo @ (o.R.T @ (-o.pivot / o.pivot.norm()))
     return Avatar(
         verts=verts,
         faces=st.faces,
@@ -136,6 +140,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
         src_depth=src_depth,
         src_depth_K=A,
         pivot=pivot,
+        source_dir=source_dir,
         crop_K=crop_K,
         source_image=image_t,
         source_alpha=alpha_t,

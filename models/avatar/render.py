@@ -13,13 +13,16 @@ from models.avatar.visibility import max_filter3x3, seen_fraction
 from models.geometry.camera import OrbitPose, project
 from models.geometry.raster import interpolate, rasterize
 
-__all__ = ["render_cameras", "render_views", "texture_quality"]
+__all__ = ["render_cameras", "render_views", "shell_detail_fade", "texture_quality"]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 # The source's texture is worth its detail up to this stretch of one direction against the
 # other (texture_quality), and nothing from the second (a streak of a few source pixels).
 _STRETCH = (1.5, 3.0)
+# The shell's texture keeps its detail up to this angle between the source's and the view's
+# directions from the head, degrees, and none from the second (shell_detail_fade).
+_SHELL_DETAIL_DEG = (8.0, 24.0)
 
 
 def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
@@ -71,6 +74,25 @@ def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor)
     root = (T.square() - 4 * D.square()).clamp(min=0).sqrt()
     ratio = ((T + root) / (T - root).clamp(min=1e-12)).sqrt()  # sigma_max / sigma_min
     return ((_STRETCH[1] - ratio) / (_STRETCH[1] - _STRETCH[0])).clamp(0.0, 1.0)
+
+
+def shell_detail_fade(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+    """Per view [V] in [0, 1]: how far the shell's texture fades to its low-pass copy.
+
+    The shell is a guess at where the hair is, within a centimetre or two of depth, and its
+    detail (strands, curls) lands off the real strands by that error times sin(theta), theta the
+    angle between the directions from the head to the texture's camera (source_dir [3], unit) and
+    to the view's camera (from viewmats [V, 4, 4], world -> camera; pivot [3]): a few pixels of
+    a 256-px crop from about 20 degrees, where the detail no longer lines up and the low-pass
+    colour is the better guess. The face mesh follows the landmarks, so its detail stays.
+    0 up to _SHELL_DETAIL_DEG[0], 1 from _SHELL_DETAIL_DEG[1]."""
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    centre = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [V, 3] camera centres
+    to_view = centre - pivot
+    cos = (to_view * source_dir).sum(-1) / to_view.norm(dim=-1).clamp(min=1e-9)
+    theta = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
+    lo, hi = _SHELL_DETAIL_DEG
+    return ((theta - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
 def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +186,10 @@ def render_cameras(
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
     w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)
     own = _unpremultiply(tex_p)
+    # The shell's detail fades to the low-pass texture as the view turns from the source (tex_f: for
+    # surface the source saw, the fill texture at the same source pixel).
+    fade = shell_detail_fade(avatar.source_dir, avatar.pivot, viewmats)[:, None, None, None] * (part == 1)[:, None]
+    own = torch.lerp(own, tex_f[:, :3], fade)
     mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)
     fill_rgb = vals[..., VATTR.FILL_RGB].permute(0, 3, 1, 2)  # per-vertex colours: smooth, no streaks
     unseen = torch.lerp(fill_rgb, mirrored.clamp(0.0, 1.0), w_mirror[:, None])

@@ -160,7 +160,8 @@ def sweep_shell(face_head: torch.Tensor, ring0: torch.Tensor, rings: int, craniu
 
 @dataclass(frozen=True)
 class MeshConstants:
-    """Per-topology constants, built once per device (outside any CUDA-graph capture)."""
+    """Per-topology constants, built once per device (outside any CUDA-graph capture). Every avatar of the
+    process shares them (Avatar.cull, .faces): read only, never written into."""
 
     faces: torch.Tensor  # [F, 3] on the device
     cull: torch.Tensor  # [F] bool on the device

@@ -107,6 +107,7 @@ class Avatar:
     src_depth: torch.Tensor  # [1, 2, Sv, Sv] source-view depth of the head (sharp, max-pooled), +inf where empty
     src_depth_K: torch.Tensor  # [3, 3] maps source pixels (u, v, 1) to src_depth pixels
     pivot: torch.Tensor  # [3] head centre: orbit cameras turn about it
+    source_dir: torch.Tensor  # [3] unit vector from the head towards the texture's camera, in the head's pose of verts
     crop_K: torch.Tensor  # [3, 3] intrinsics of the crop camera for a crop of side 1
     source_image: torch.Tensor  # [3, H, W] texture frame picture in [0, 1]
     source_alpha: torch.Tensor  # [1, h, w] its person mask (any resolution), 1 where none

@@ -8,7 +8,7 @@ import socket
 from telepresence.pipeline import FramePipeline, PipelineConfig, open_pipeline
 from telepresence.stream.messages import MAX_NAME_CHARS
 from telepresence.stream.rtc import BitrateConfig, IceConfig
-from telepresence.stream.sender import SenderConfig
+from telepresence.stream.sender import ENCODERS, SenderConfig
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +67,10 @@ def add_sender_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
-    """The video a sender encodes: codec and bitrate."""
+    """The video a sender encodes: codec, bitrate and where the encoding runs."""
     parser.add_argument("--codec", choices=("vp8", "h264"), default=SenderConfig.codec, help="preferred video codec")
+    parser.add_argument("--encoder", choices=ENCODERS, default=SenderConfig.encoder,
+                        help="encode the viewers' frames in an encoder process (a thread per viewer) or in aiortc's threads here")
     parser.add_argument("--min-kbps", type=int, default=BitrateConfig.min_kbps, help="video bitrate floor")
     parser.add_argument("--start-kbps", type=int, default=BitrateConfig.start_kbps, help="video bitrate at the start")
     parser.add_argument("--max-kbps", type=int, default=BitrateConfig.max_kbps, help="video bitrate ceiling")
@@ -80,6 +82,7 @@ def sender_config_from_args(args: argparse.Namespace, **overrides) -> SenderConf
         source=args.source,
         source_fps=args.source_fps,
         codec=args.codec,
+        encoder=args.encoder,
         bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
         ice=IceConfig(tuple(args.ice_server), args.ice_username, args.ice_credential),
         max_viewers=args.max_viewers,

@@ -1,5 +1,5 @@
-"""`telepresence serve`: the call in one process: the pages, the signaling, and an avatar pipeline per
-participant, who joins from a browser at /call?room=R with their camera (docs/call.md)."""
+"""`telepresence serve`: the call in one command: the pages, the signaling, and an avatar pipeline per
+participant (in a process of its own), who joins from a browser at /call?room=R with their camera (docs/call.md)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from telepresence.stream.headtrack import HeadTrackingConfig
 from telepresence.stream.receiver import Receiver, ReceiverConfig, ReceiverError
 from telepresence.stream.rtc import BitrateConfig
 from telepresence.stream.sender import SenderConfig
+from telepresence.stream.worker import prepare_workers
 
 logger = logging.getLogger("telepresence")
 
@@ -40,21 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def call_config_from_args(args: argparse.Namespace, receiver: ReceiverConfig) -> CallConfig:
     # Every viewer of a room may watch each participant; the server's side of ICE uses the browsers' servers.
-    sender = SenderConfig(source="uplink", codec=args.codec, bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
+    sender = SenderConfig(source="uplink", codec=args.codec, encoder=args.encoder, bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
                           ice=receiver.ice, max_viewers=receiver.limits.max_viewers_per_room, stamp_frames=args.stamp_frames)
     return CallConfig(sender=sender, pipeline=pipeline_config_from_args(args), pipeline_factory=args.pipeline,
                       head=HeadTrackingConfig(gain=args.head_gain), max_participants=args.max_participants)
 
 
 async def _run(receiver_config: ReceiverConfig, call_config: CallConfig) -> None:
+    prepare_workers()  # the participants' pipeline processes fork from it: its imports happen while we start
     host = CallHost(call_config)
     receiver = Receiver(receiver_config, cameras=host)
     host.attach(receiver.signaling)
     await receiver.start()
     try:
         pipeline = call_config.pipeline
-        logger.info("each participant gets a pipeline on %s at %d px (%s)", pipeline.device, pipeline.size,
-                    call_config.pipeline_factory or "telepresence.pipeline")
+        logger.info("each participant gets a pipeline in a process of its own, on %s at %d px (%s)", pipeline.device,
+                    pipeline.size, call_config.pipeline_factory or "telepresence.pipeline")
         print(f"Call server ready. Open {receiver.page_url('/call')}   (Ctrl-C to stop)", flush=True)
         await asyncio.Future()
     finally:

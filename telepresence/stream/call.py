@@ -10,31 +10,31 @@
                  --> the page adds it to its orbit of every tile (head-tracked parallax)
 
 The camera picture never leaves the server: watchers get renders of the avatar only. Each
-participant has a FramePipeline object of its own (open_pipeline per participant: models are not
-shared; docs/call.md). On a CUDA device they take turns while one captures its CUDA graphs
-(DeviceTurns).
+participant's face analysis and pipeline run in a process of their own (telepresence.stream.worker:
+models are not shared, and the pipelines do not wait on each other or on the event loop for one
+interpreter; docs/call.md); the uplink, the sender's tracks and the signaling stay in this process.
 
 A participant is dropped, with the reason sent back in `unpublished`, when it leaves (`unpublish`),
 goes silent on its uplink channel for heartbeat_timeout_s, its connection fails, it sends no usable
 frame for no_frames_s (first_frame_s for the first), or only frames of unusable size (max_bad_frames
-in a row). One participant's failure closes that participant only, logged with its id.
+in a row), or its pipeline's process exits or does not answer a frame in pipeline_timeout_s. One
+participant's failure closes that participant only, logged with its id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import functools
 import logging
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from telepresence.pipeline import STATUS_NO_FACE_YET, FramePipeline, PipelineConfig, PipelineUnavailableError, open_pipeline
+from telepresence.pipeline import PipelineConfig, PipelineUnavailableError
 
 from .headtrack import HeadTracker, HeadTrackingConfig
 from .messages import (
@@ -52,6 +52,7 @@ from .signaling import CallRefusedError, Member, SignalingServer, session_id
 from .signaling_client import SignalingRejectedError
 from .signaling_local import local_clients
 from .uplink import TrackSource, check_uplink_offer
+from .worker import PipelineProcess, open_pipeline_process
 
 logger = logging.getLogger(__name__)
 
@@ -78,91 +79,18 @@ class CallConfig:
     """A participant whose camera stops sending usable frames this long is dropped."""
     max_bad_frames: int = 10
     """A participant whose camera sends this many frames of unusable size in a row is dropped."""
+    pipeline_timeout_s: float = 20.0
+    """A participant whose pipeline (its own process) does not answer one frame in this long is dropped
+    and the process stopped (a frame takes milliseconds on a GPU, a second on a busy CPU)."""
 
     def __post_init__(self) -> None:
         if self.max_participants < 1:
             raise ValueError(f"max_participants: expected >= 1, got {self.max_participants}")
-        for name in ("heartbeat_timeout_s", "first_frame_s", "no_frames_s"):
+        for name in ("heartbeat_timeout_s", "first_frame_s", "no_frames_s", "pipeline_timeout_s"):
             if not 0.5 <= getattr(self, name) <= 120.0:
                 raise ValueError(f"{name}: expected 0.5..120, got {getattr(self, name)}")
         if self.max_bad_frames < 1:
             raise ValueError(f"max_bad_frames: expected >= 1, got {self.max_bad_frames}")
-
-
-class DeviceTurns:
-    """The participants' pipelines on one CUDA device: who may use it while another captures CUDA graphs.
-
-    A pipeline captures its graphs on its first frame with a face (Pipeline._warm_up: the render and
-    the refiner for 1..warm_views views). A capture fails when another thread of the process
-    synchronises the device meanwhile (cudaDeviceSynchronize breaks another thread's capture in every
-    capture mode), allocates, or draws eager random numbers (torch's CUDA generator is in capture mode
-    for the whole process). So loading, closing, and a pipeline's frames until its first avatar hold
-    the device alone (`alone`); a warm pipeline's frames share it with the other warm ones
-    (`shared`): their work is graph replays. CPU pipelines run freely.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.cuda = str(device).startswith("cuda")
-        self._cond = threading.Condition()
-        self._sharing = 0          # frames of warm pipelines on the device now
-        self._alone = False        # one holds the device alone
-        self._waiting_alone = 0    # those waiting to: new sharers wait behind them
-
-    @contextlib.contextmanager
-    def alone(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting_alone += 1
-            self._cond.wait_for(lambda: not self._alone and self._sharing == 0)
-            self._waiting_alone -= 1
-            self._alone = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._alone = False
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._alone and self._waiting_alone == 0)
-            self._sharing += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._sharing -= 1
-                self._cond.notify_all()
-
-    def open(self, config: PipelineConfig, factory: Optional[str]) -> FramePipeline:
-        """open_pipeline, on CUDA alone on the device and wrapped so that its frames take their turns."""
-        if not self.cuda:
-            return open_pipeline(config, factory)
-        with self.alone():
-            return _TakingTurns(open_pipeline(config, factory), self)
-
-
-class _TakingTurns:
-    """A FramePipeline whose process() and close() take their turn on the device (DeviceTurns): alone
-    until its first avatar (its graphs are captured then), shared after; analyze() (CPU) does not wait."""
-
-    def __init__(self, pipeline: FramePipeline, turns: DeviceTurns) -> None:
-        self.pipeline = pipeline
-        self._turns = turns
-        self._warm = False
-
-    def __getattr__(self, name: str) -> Any:  # size, device, refiner_name, analyze, ...
-        return getattr(self.pipeline, name)
-
-    def process(self, *args: Any, **kwargs: Any) -> Any:
-        with self._turns.shared() if self._warm else self._turns.alone():
-            result = self.pipeline.process(*args, **kwargs)
-        self._warm = self._warm or result.status != STATUS_NO_FACE_YET
-        return result
-
-    def close(self) -> None:
-        with self._turns.alone():
-            self.pipeline.close()
 
 
 class Participant:
@@ -181,7 +109,7 @@ class Participant:
         config = host.config
         self.source = TrackSource(f"camera of {self.id}", read_stamps=config.sender.stamp_frames)
         self.tracker = HeadTracker(config.head, config.sender.pose_limits)
-        self.pipeline: Optional[FramePipeline] = None
+        self.pipeline: Optional[PipelineProcess] = None
         self.pc: Optional[RTCPeerConnection] = None
         self.channel: Optional[RTCDataChannel] = None
         self.sender: Optional[Sender] = None
@@ -207,10 +135,16 @@ class Participant:
         on the next turn of the event loop: after the caller has sent `published`, so the page knows its
         own avatar before it hears of it. Returns the answer SDP; CallRefusedError when no avatar can be made."""
         config = self.host.config
+        opening = self._loop.run_in_executor(None, functools.partial(
+            open_pipeline_process, config.pipeline, config.pipeline_factory, name=repr(self),
+            timeout_s=config.pipeline_timeout_s))
         try:
-            self.pipeline = await self._loop.run_in_executor(None, self.host.device.open, config.pipeline, config.pipeline_factory)
+            self.pipeline = await asyncio.shield(opening)
         except PipelineUnavailableError as error:
             raise CallRefusedError(f"the server cannot make an avatar: {error}") from None
+        except asyncio.CancelledError:  # the participant went while its process was loading: end that too
+            opening.add_done_callback(self._close_unused)
+            raise
         pc = self.pc = RTCPeerConnection(config.sender.ice.rtc_configuration())
 
         @pc.on("track")
@@ -236,12 +170,17 @@ class Participant:
         server = self.host.server
         sender_config = dataclasses.replace(config.sender, name=self.name, room=self.room, token=server.token)
         self.sender = Sender(sender_config, self.pipeline, source=self.source,
-                             signaling=local_clients(server, self.ip, self.resume), on_analysis=self._on_analysis)
+                             signaling=local_clients(server, self.ip, self.resume), on_analysis=self._on_analysis,
+                             just_in_time=True)
         await self.sender.start()
         self.answered_at = time.monotonic()
         self._spawn(self._join_room())
         self._spawn(self._watchdog())
         return pc.localDescription.sdp
+
+    def _close_unused(self, opening: asyncio.Future) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self._loop.run_in_executor(None, opening.result().close)
 
     async def _join_room(self) -> None:
         assert self.sender is not None
@@ -302,6 +241,8 @@ class Participant:
         capture = self.sender.render_loop.capture if self.sender and self.sender.render_loop else None
         if capture is not None and capture.error is not None:
             return f"its camera's frames cannot be used: {capture.error}"
+        if self.pipeline is not None and self.pipeline.error is not None:
+            return self.pipeline.error  # its process exited, was killed, or stopped answering
         return None
 
     async def _watchdog(self) -> None:
@@ -347,7 +288,6 @@ class CallHost:
     def __init__(self, config: CallConfig = CallConfig()) -> None:
         self.config = config
         self.participants: dict[str, Participant] = {}
-        self.device = DeviceTurns(config.pipeline.device)
         self._server: Optional[SignalingServer] = None
         self._tasks: set[asyncio.Task] = set()
 

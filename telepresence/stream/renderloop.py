@@ -1,6 +1,7 @@
 """The sender's frame loop: capture thread -> one pipeline worker -> one sink per view.
 
-    capture thread --LatestSlot--> [analysis thread: pipeline.analyze(frame), when the pipeline has it]
+    capture thread --LatestSlot--> [analysis thread: pipeline.analyze(frame), when the pipeline has it;
+                                    just_in_time: only when the worker will want it]
       --LatestSlot--> worker: pipeline.process(frame, newest pose of every view)
                                           -> sink(view) for each view (the tracks)
 
@@ -100,13 +101,22 @@ class RenderLoop:
         stamp_frames: bool = False,
         on_status: Optional[Callable[[str], None]] = None,
         on_analysis: Optional[Callable[[CapturedFrame, Any], None]] = None,
+        just_in_time: bool = False,
     ) -> None:
         """on_analysis(frame, analysis): called on the analysis thread with every frame's analysis, even
-        while nobody watches (a call's head tracking, telepresence.stream.call)."""
+        while nobody watches (a call's head tracking, telepresence.stream.call).
+        just_in_time: analyse a frame only when the worker will want it (after the worker took the last
+        analysis, about one analysis before it is done with that frame, from the recent durations of
+        both), not every captured frame: when the pipeline is slower than the camera, the analyses of
+        frames that are never rendered cost CPU the pipeline needs (a call on a CPU machine: as much
+        as the avatar, docs/call.md); the frame rendered is as fresh."""
         self.pipeline = pipeline
         self.stamp_frames = stamp_frames
         self.on_status = on_status
         self.on_analysis = on_analysis
+        self.just_in_time = just_in_time
+        self._analysis_s = 0.0  # recent durations (moving averages) of an analysis and of a pipeline call
+        self._process_s = 0.0
         self.frames: LatestSlot[CapturedFrame] = LatestSlot()
         self.capture = CaptureThread(source, self.frames, on_error=lambda error: self._set_status(STATUS_SOURCE_ERROR))
         # A pipeline that can analyse frames on its own (CPU face analysis) gets an
@@ -193,6 +203,7 @@ class RenderLoop:
             version, frame = taken
             if self.view_count == 0 and self.on_analysis is None:
                 continue  # nobody watching: no work
+            t0 = time.perf_counter()
             try:
                 analysis = self.pipeline.analyze(frame.image)
             except Exception:
@@ -202,15 +213,25 @@ class RenderLoop:
                                      self._analysis_errors)
                 self._set_status(STATUS_ERROR)
                 continue
+            self._analysis_s = _moving_average(self._analysis_s, time.perf_counter() - t0)
             if self.on_analysis is not None:
                 try:
                     self.on_analysis(frame, analysis)
                 except Exception:
                     logger.exception("on_analysis failed on frame %d", frame.frame_id)
             try:
-                self._analyzed.put((frame, analysis))
+                put = self._analyzed.put((frame, analysis))
+                if self.just_in_time:
+                    self._wait_until_wanted(put)
             except SlotClosedError:
                 return
+
+    def _wait_until_wanted(self, version: int) -> None:
+        """Until the worker has taken analysis `version`, then until about one analysis before it is done."""
+        while not self._stop.is_set() and not self._analyzed.wait_taken(version, timeout=0.25):
+            pass
+        if self.view_count:  # nobody watching: the worker takes analyses without a pipeline call
+            self._stop.wait(max(0.0, self._process_s - self._analysis_s))
 
     def _run(self) -> None:
         version = 0
@@ -232,11 +253,13 @@ class RenderLoop:
     def _process(
         self, frame: CapturedFrame, poses: list[Any], sinks: list[Callable[[RenderedView], None]], analysis: Any = None
     ) -> None:
+        t0 = time.perf_counter()
         try:
             if analysis is None:
                 result = self.pipeline.process(frame.image, poses)
             else:
                 result = self.pipeline.process(frame.image, poses, analysis=analysis)
+            self._process_s = _moving_average(self._process_s, time.perf_counter() - t0)
             if len(result.views) != len(poses):
                 raise RuntimeError(f"pipeline returned {len(result.views)} views for {len(poses)} poses")
             for image in result.views:
@@ -261,3 +284,7 @@ class RenderLoop:
             else:
                 image = np.ascontiguousarray(image)
             sink(RenderedView(image, frame.frame_id, frame.t_capture, result.status))
+
+
+def _moving_average(average: float, sample: float, weight: float = 0.2) -> float:
+    return sample if average == 0.0 else (1.0 - weight) * average + weight * sample

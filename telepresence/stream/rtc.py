@@ -121,6 +121,19 @@ def video_codec_preferences(preferred: str) -> list[RTCRtpCodecCapability]:
     return sorted(codecs, key=lambda c: 0 if c.mimeType.lower() == first else 1)
 
 
+def negotiated_video_codec(sdp: str) -> str:
+    """The codec ("vp8" | "h264") listed first in the description's video section: for our answer,
+    the one RTCRtpSender sends with."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "video" and media.rtp.codecs:
+            mime = media.rtp.codecs[0].mimeType.lower()
+            for name, mime_type in CODEC_MIME_TYPES.items():
+                if mime_type.lower() == mime:
+                    return name
+            raise ValueError(f"expected a video codec of {sorted(CODEC_MIME_TYPES)}, got {mime}")
+    raise ValueError("expected a video section with codecs")
+
+
 def check_offer(sdp: str) -> None:
     """Refuse an offer aiortc would fail on later (InvalidOfferError, naming the problem): malformed
     candidates or ports, no ICE credentials or DTLS fingerprint in a section, too many sections."""

@@ -5,7 +5,10 @@
     pose channel --newest pose (by seq)--> RenderLoop.set_pose
 
 Per viewer: one RTCPeerConnection, one ViewTrack and the viewer's "pose"
-data channel (unordered, maxRetransmits 0). The viewer pings once a second;
+data channel (unordered, maxRetransmits 0). The viewers' frames are encoded in
+an encoder process beside the sender, a thread per viewer there
+(telepresence.stream.encoding; `encoder="aiortc"`: in aiortc's thread pool in
+this process, as before). The viewer pings once a second;
 a viewer silent for `heartbeat_timeout_s` (or whose connection fails, or who
 leaves the room) is closed and its track, pose and render slot freed. A
 failure in one viewer's connection closes that viewer only, logged with its id.
@@ -34,6 +37,7 @@ from models.geometry.camera import OrbitPose
 from telepresence.pipeline import FramePipeline
 
 from .capture import FrameSource, open_source
+from .encoding import EncoderPool, EncoderUnavailableError, follow_rtp_sender, shared_pool
 from .messages import (
     AnswerMessage,
     DeclineMessage,
@@ -53,7 +57,15 @@ from .messages import (
     parse_channel_message,
 )
 from .renderloop import PIPELINE_STAGES, RenderLoop
-from .rtc import BitrateConfig, IceConfig, InvalidOfferError, apply_bitrate, check_offer, video_codec_preferences
+from .rtc import (
+    BitrateConfig,
+    IceConfig,
+    InvalidOfferError,
+    apply_bitrate,
+    check_offer,
+    negotiated_video_codec,
+    video_codec_preferences,
+)
 from .signaling_client import SignalingClient, SignalingRejectedError
 from .track import ViewTrack
 
@@ -61,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 PC_CLOSE_TIMEOUT_S = 5.0
 """Longest wait for one peer connection to close (viewer gone, sender stopping)."""
-
+ENCODERS = ("process", "aiortc")
 
 
 class ViewerLimitError(RuntimeError):
@@ -91,6 +103,9 @@ class SenderConfig:
     codec: str = "vp8"
     """Preferred video codec, vp8 or h264 (the other stays as a fallback)."""
     bitrate: BitrateConfig = BitrateConfig()
+    encoder: str = "process"
+    """Where the viewers' frames are encoded: "process" (an encoder process beside this one, a thread
+    per viewer: telepresence.stream.encoding) or "aiortc" (aiortc's thread pool in this process)."""
     ice: IceConfig = IceConfig()
     pose_limits: PoseLimits = PoseLimits()
     max_viewers: int = 8
@@ -107,6 +122,8 @@ class SenderConfig:
     def __post_init__(self) -> None:
         if self.codec not in ("vp8", "h264"):
             raise ValueError(f"codec: expected vp8 or h264, got {self.codec!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder: expected one of {ENCODERS}, got {self.encoder!r}")
         if not self.signaling_url.startswith(("ws://", "wss://")):
             raise ValueError(f"signaling_url: expected ws:// or wss://, got {self.signaling_url!r}")
         if self.max_viewers < 1:
@@ -144,13 +161,17 @@ class Sender:
 
     def __init__(self, config: SenderConfig, pipeline: FramePipeline, source: Optional[FrameSource] = None, *,
                  signaling: Callable[..., SignalingClient] = SignalingClient,
-                 on_analysis: Optional[Callable[[Any, Any], None]] = None) -> None:
+                 on_analysis: Optional[Callable[[Any, Any], None]] = None, just_in_time: bool = False,
+                 encoder_pool: Optional[EncoderPool] = None) -> None:
         """signaling: makes the room's client (SignalingClient's arguments); the call's in-process senders
-        pass telepresence.stream.signaling_local's. on_analysis: see RenderLoop."""
+        pass telepresence.stream.signaling_local's. on_analysis, just_in_time: see RenderLoop. encoder_pool:
+        the encoder process for config.encoder == "process" (default: this interpreter's shared one)."""
         self.config = config
         self.pipeline = pipeline
         self._signaling_client = signaling
         self._on_analysis = on_analysis
+        self._encoder_pool = encoder_pool
+        self._just_in_time = just_in_time
         self.viewers: dict[str, ViewerPeer] = {}
         self._source = source
         self.render_loop: Optional[RenderLoop] = None
@@ -158,6 +179,7 @@ class Sender:
         self._offering: set[str] = set()
         self._closing_pcs: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._encoder_unavailable_logged = False
 
     # -- lifecycle --
 
@@ -165,12 +187,14 @@ class Sender:
         """Open the source (off the event loop) and start the frame loop."""
         self._loop = asyncio.get_running_loop()
         apply_bitrate(self.config.bitrate)
+        if self.config.encoder == "process":
+            self._start_encoder()
         if self._source is None:
             self._source = await self._loop.run_in_executor(None, open_source, self.config.source, self.config.source_fps)
         logger.info("capture source: %s (%.0f fps)", self._source.name, self._source.fps)
         self.render_loop = RenderLoop(
             self._source, self.pipeline, stamp_frames=self.config.stamp_frames, on_status=self._on_status_threadsafe,
-            on_analysis=self._on_analysis,
+            on_analysis=self._on_analysis, just_in_time=self._just_in_time,
         )
         self.render_loop.start()
         self._spawn(self._watchdog())
@@ -235,12 +259,38 @@ class Sender:
             await pc.setLocalDescription(await pc.createAnswer())
             if self.viewers.get(viewer_id) is not peer:
                 raise ViewerGoneError("closed while its answer was being made")
+            if self.config.encoder == "process":
+                self._encode_in_process(peer, transceiver.sender, pc.localDescription.sdp)
             self.render_loop.add_view(viewer_id, OrbitPose(), peer.track.deliver)
             logger.info("viewer %s: answered (%d viewers)", viewer_id, len(self.viewers))
             return pc.localDescription.sdp
         except Exception:
             await self.close_peer(peer, "could not answer its offer")
             raise
+
+    def _start_encoder(self) -> None:
+        try:
+            self._encoders().start()  # ready by the first viewer
+        except EncoderUnavailableError as error:
+            self._log_encoder_unavailable(error)
+
+    def _encoders(self) -> EncoderPool:
+        return self._encoder_pool if self._encoder_pool is not None else shared_pool()
+
+    def _encode_in_process(self, peer: ViewerPeer, rtp_sender: Any, answer_sdp: str) -> None:
+        """The viewer's frames to a stream of the encoder process; without one, aiortc encodes them."""
+        try:
+            stream = self._encoders().open_stream(negotiated_video_codec(answer_sdp), self.pipeline.size ** 2 * 3)
+        except EncoderUnavailableError as error:
+            self._log_encoder_unavailable(error)
+            return
+        peer.track.encode_with(stream)
+        follow_rtp_sender(stream, rtp_sender)
+
+    def _log_encoder_unavailable(self, error: Exception) -> None:
+        if not self._encoder_unavailable_logged:
+            self._encoder_unavailable_logged = True
+            logger.warning("no encoder process (%s): aiortc encodes the viewers' frames in this process", error)
 
     async def close_viewer(self, viewer_id: str, reason: str) -> None:
         """Free the viewer served under `viewer_id`, if any (see close_peer)."""

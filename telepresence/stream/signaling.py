@@ -173,6 +173,7 @@ class Outbox:
         self._ready = asyncio.Event()
         self._dropped = False
         self._close_with: Optional[tuple[int, str]] = None
+        self._closed = False
         self._task = asyncio.ensure_future(self._run())
 
     def put(self, text: str) -> None:
@@ -204,14 +205,18 @@ class Outbox:
             transport.abort()
 
     async def close(self) -> None:
+        # The flag as well as the cancel: Python 3.11's asyncio.wait_for swallows a cancel that lands
+        # just as its send completes (an in-process socket's always does), and _run would wait for ever.
+        self._closed = True
+        self._ready.set()
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             await self._ready.wait()
             self._ready.clear()
-            while self._queue:
+            while self._queue and not self._closed:
                 text = self._queue.popleft()
                 self._queued_bytes -= len(text)
                 try:

@@ -73,7 +73,19 @@ class LatestSlot(Generic[T]):
             if not ready:
                 return None
             self._taken = True
+            self._cond.notify_all()  # for wait_taken
             return self._version, self._value  # type: ignore[return-value]
+
+    def wait_taken(self, version: int, timeout: Optional[float] = None) -> bool:
+        """Block until the value of `version` has been taken by a reader, or replaced by a newer one.
+
+        Returns False on timeout. Raises SlotClosedError once the slot is closed.
+        """
+        with self._cond:
+            done = self._cond.wait_for(lambda: self._closed or self._taken or self._version != version, timeout)
+            if self._closed:
+                raise SlotClosedError("slot closed")
+            return done
 
     def close(self) -> None:
         """Wake every waiting reader with SlotClosedError."""

@@ -5,6 +5,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from telepresence.stream.capture import FrameSource, SourceError
 from telepresence.stream.participant import CallParticipant
 from telepresence.stream.signaling import RoomLimits
 from telepresence.stream.viewer import ViewerError
+from tests import fake_pipeline
 from tests.conftest import REPO
 from tests.fake_camera import head_frame, head_moving_frames
 from tests.helpers import (
@@ -108,7 +110,8 @@ async def test_everyone_sees_everyone_else_in_one_pipeline_call_per_frame():
         assert a.names[b.avatar_id] == "bob" and b.names[a.avatar_id] == "alice"
         host = receiver.signaling.cameras
         for p in host.participants.values():  # every watcher's view of one person comes from one pipeline call
-            assert max(p.pipeline.view_counts) == 2 and p.sender.viewers.keys() == {q.id for q in host.participants.values()} - {p.id}
+            assert max(p.pipeline.views_per_call) == 2 and p.sender.viewers.keys() == {q.id for q in host.participants.values()} - {p.id}
+        assert len({p.pipeline.pid for p in host.participants.values()} - {os.getpid(), None}) == 3  # a process each
         # a camera picture never leaves the server: what a watcher gets is the avatar (the fake draws its pose marker)
         picture = a.frames.picture(b.avatar_id)
         assert (picture[..., 0] > 150).any() and abs(marker_x(picture)) < 0.1
@@ -148,6 +151,8 @@ async def test_leaving_stops_the_avatar_and_frees_the_server():
             assert list(host.participants) == [a.id]
             assert b.avatar_id not in receiver.signaling.registry.members and b.id not in receiver.signaling.registry.members
             assert bob.pipeline.closed and not loop.capture._thread.is_alive() and not loop._worker.is_alive()
+            with pytest.raises(ProcessLookupError):
+                os.kill(bob.pipeline.pid, 0)  # its pipeline's process ended
         await asyncio.sleep(1.0)
         gc.collect()
         assert open_fds() <= fds + 2 and udp_sockets() <= udp, (open_fds(), fds, udp_sockets(), udp)
@@ -259,10 +264,13 @@ async def test_garbage_is_refused_or_dropped_with_a_reason_and_nobody_else_is_af
 
 @async_test(timeout_s=120)
 async def test_a_lost_face_keeps_the_last_good_avatar_with_a_status_line():
-    face, dark = head_frame(0.0), np.zeros((240, 320, 3), np.uint8)
-    source = ScriptedSource(lambda i: face if i < 20 else dark, fps=15)  # the face goes after 1.3 s
+    face, dark, gone = head_frame(0.0), np.zeros((240, 320, 3), np.uint8), threading.Event()
+    source = ScriptedSource(lambda i: dark if gone.is_set() else face, fps=15)
     async with running_call() as receiver, participant(receiver, "alice", source) as a, participant(receiver, "bob") as b:
         viewer = b.viewers[a.avatar_id]
+        await b.frames.flowing(a.avatar_id)
+        await wait_until(lambda: viewer.status == "ok", timeout_s=5)
+        gone.set()  # the face goes once bob sees alice's avatar
         await wait_until(lambda: viewer.status == "face_lost", timeout_s=15)
         assert viewer.status_text == "Face lost: showing the last good avatar"
         await b.frames.flowing(a.avatar_id)
@@ -292,38 +300,32 @@ async def test_cameras_the_server_cannot_take_are_refused_with_the_reason():
         assert len(receiver.signaling.cameras.participants) == 1
 
 
-def test_pipelines_on_a_cuda_device_take_turns_while_one_captures_its_graphs():
-    # A CUDA graph capture fails if another thread synchronises the device meanwhile: on CUDA a pipeline
-    # holds the device alone to load and until its first avatar (its graphs are captured then); warm
-    # pipelines share it. analyze() is CPU work and never waits.
-    from telepresence.pipeline import STATUS_OK, OrbitPose, PipelineConfig
-    from telepresence.stream.call import DeviceTurns
-
-    assert not DeviceTurns("cpu").cuda and DeviceTurns("cuda:1").cuda
-    turns = DeviceTurns("cuda")
-    config = PipelineConfig(device="cuda", size=64)
-    cold, warm = (turns.open(config, "tests.fake_pipeline:build_pipeline") for _ in range(2))
-    assert (cold.size, cold.device, cold.refiner_name) == (64, "cuda", None)  # what the sender reads
-    frame, results = head_frame(0.0), []
-
-    def process_in_thread(pipeline):
-        thread = threading.Thread(target=lambda: results.append(pipeline.process(frame, [OrbitPose()])))
-        thread.start()
-        thread.join(0.3)
-        return thread
-
-    assert warm.process(frame, [OrbitPose()]).status == STATUS_OK  # its first avatar: warm from now on
-    with turns.shared():  # another warm pipeline's frame on the device
-        warm.analyze(frame)
-        assert len(results) == 0 and not process_in_thread(warm).is_alive()  # warm ones share
-        thread = process_in_thread(cold)
-        assert thread.is_alive() and len(results) == 1  # a cold one (about to capture) waits for the device alone
-    thread.join(5)
-    assert len(results) == 2 and results[1].views[0].shape == (64, 64, 3)
-    with turns.alone():  # ... and while one holds it alone, warm ones wait too
-        thread = process_in_thread(warm)
-        assert thread.is_alive()
-    thread.join(5)
-    assert len(results) == 3
-    cold.close()
-    warm.close()
+@pytest.mark.parametrize("fault, colour, reason", [
+    ("crash", fake_pipeline.BLUE, "its pipeline process exited (code 3)"),
+    ("hang", fake_pipeline.GREEN, "its pipeline did not answer in 2 s (its process was stopped)"),
+])
+@async_test(timeout_s=150)
+async def test_a_pipeline_process_that_dies_or_hangs_drops_its_participant_only(fault, colour, reason):
+    # Everyone's pipeline is the failing fake; only bob's camera shows the colour that crashes or hangs it.
+    good, bad, turned = head_frame(0.0), np.full((240, 320, 3), colour, np.uint8), threading.Event()
+    bobs_camera = ScriptedSource(lambda i: bad if turned.is_set() else good, fps=15)
+    async with running_call(pipeline_factory="tests.fake_pipeline:build_failing_pipeline", pipeline_timeout_s=2.0) as receiver, \
+            participant(receiver, "alice") as a, participant(receiver, "cleo") as c:
+        host = receiver.signaling.cameras
+        await a.frames.flowing(c.avatar_id)
+        async with participant(receiver, "bob", bobs_camera) as b:
+            bob = host.participants[b.id]
+            await a.frames.flowing(b.avatar_id)
+            turned.set()
+            t0 = time.monotonic()
+            await wait_until(lambda: b.unpublished is not None, timeout_s=20)
+            print(f"{fault}: bob dropped {time.monotonic() - t0:.1f} s after his camera turned {fault}-coloured: {b.unpublished!r}")
+            assert b.unpublished == reason
+            await wait_until(lambda: b.avatar_id not in a.viewers and b.avatar_id not in c.viewers, timeout_s=5)
+            await wait_until(lambda: bob.closing is not None and bob.closing.done(), timeout_s=10)
+            with pytest.raises(ProcessLookupError):
+                os.kill(bob.pipeline.pid, 0)
+        assert set(host.participants) == {a.id, c.id}
+        for watcher, other in ((a, c), (c, a)):  # nobody else noticed
+            await watcher.frames.flowing(other.avatar_id)
+            assert watcher.unpublished is None

@@ -133,6 +133,20 @@ def test_latest_slot_wait_and_close():
         slot.wait_newer(2, timeout=2.0)
 
 
+def test_latest_slot_says_when_a_value_was_taken():
+    slot: LatestSlot[int] = LatestSlot()
+    version = slot.put(1)
+    assert not slot.wait_taken(version, timeout=0.01)
+    threading.Timer(0.05, lambda: slot.wait_newer(0)).start()
+    assert slot.wait_taken(version, timeout=2.0)  # a reader took it
+    version = slot.put(2)
+    slot.put(3)
+    assert slot.wait_taken(version, timeout=0.01)  # replaced: nobody will take it
+    threading.Timer(0.05, slot.close).start()
+    with pytest.raises(SlotClosedError):
+        slot.wait_taken(slot.version, timeout=2.0)
+
+
 @pytest.mark.parametrize("size", [256, 512])
 def test_frame_code_round_trips_through_vp8(size):
     image = card_image(size)

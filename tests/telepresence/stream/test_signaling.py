@@ -8,7 +8,7 @@ import json
 import pytest
 import websockets
 
-from telepresence.stream.signaling import RoomLimits
+from telepresence.stream.signaling import Outbox, RoomLimits
 from tests.helpers import async_test, connect, join, recv_json, request, running_receiver
 
 SDP = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
@@ -302,3 +302,23 @@ async def test_a_viewer_that_never_completes_a_call_expires():
                 await recv_json(idle)
         for ws in (alone, sender, busy):
             await ws.close()
+
+
+@async_test()
+async def test_an_outbox_closes_whenever_it_is_closed():
+    # Python 3.11's asyncio.wait_for swallows a cancel that lands just as its send completes; a socket whose
+    # sends complete at once (the call's in-process senders, signaling_local) hit it: close() waited for ever.
+    class InstantSocket:
+        async def send(self, text):
+            pass
+
+        async def close(self, *args):
+            pass
+
+    for ticks in range(8):  # each moment of a send in progress
+        outbox = Outbox(InstantSocket(), 5.0, 1 << 20, "test")
+        await asyncio.sleep(0)
+        outbox.put("x")
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.shield(outbox.close()), 1.0)

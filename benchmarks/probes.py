@@ -1,0 +1,115 @@
+"""Where a process's time goes while a benchmark runs: CPU per thread (grouped by the Python thread's
+name) and per process, read from /proc (Linux; empty elsewhere), and how late an event loop runs.
+
+    cpu = CpuMeter(); ...; cpu.percent()   -> {"event loop": 41.0, "pipeline": 88.3, ...}  (% of one core)
+    lag = LoopLag(); lag.start(); ...; lag.stop() -> timing_stats of the lateness, ms
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+from benchmarks.common import timing_stats
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_s(stat_path: Path) -> Optional[float]:
+    """utime + stime of a /proc/.../stat, in seconds; None when gone or unreadable."""
+    try:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5), after pid and comm
+
+
+def thread_groups() -> dict[int, str]:
+    """This process's threads by native id: the main thread is "event loop" (the benchmark runs its loop
+    there); Python threads go by name, numbers dropped ("asyncio_3" -> "asyncio"); the rest are "native"."""
+    groups = {}
+    for thread in threading.enumerate():
+        if thread.native_id is None:
+            continue
+        if thread is threading.main_thread():
+            groups[thread.native_id] = "event loop"
+        else:
+            groups[thread.native_id] = thread.name.rstrip("0123456789").rstrip("_-") or thread.name
+    return groups
+
+
+class CpuMeter:
+    """CPU seconds of this process's threads and of other processes (by pid), between start() and percent()."""
+
+    def __init__(self, pids: Iterable[int] = ()) -> None:
+        self.pids = list(pids)
+        self._start_s = 0.0
+        self._threads: dict[int, float] = {}
+        self._processes: dict[int, float] = {}
+
+    def _sample_threads(self) -> dict[int, float]:
+        out = {}
+        for task in Path("/proc/self/task").glob("*"):
+            if (seconds := _cpu_s(task / "stat")) is not None:
+                out[int(task.name)] = seconds
+        return out
+
+    def _sample_processes(self) -> dict[int, float]:
+        return {pid: s for pid in self.pids if (s := _cpu_s(Path(f"/proc/{pid}/stat"))) is not None}
+
+    def start(self) -> "CpuMeter":
+        self._start_s = time.monotonic()
+        self._threads = self._sample_threads()
+        self._processes = self._sample_processes()
+        return self
+
+    def percent(self, process_names: Optional[dict[int, str]] = None) -> dict[str, float]:
+        """% of one core since start(): this process's thread groups (thread_groups()), "this process"
+        in all, and each other process (named by process_names, else "pid N"). Linux only: {} elsewhere."""
+        wall = time.monotonic() - self._start_s
+        if wall <= 0 or not self._threads:
+            return {}
+        groups = thread_groups()
+        used: dict[str, float] = {}
+        total = 0.0
+        for tid, seconds in self._sample_threads().items():
+            delta = seconds - self._threads.get(tid, 0.0)
+            total += delta
+            name = groups.get(tid, "native")
+            used[name] = used.get(name, 0.0) + delta
+        out = {name: round(100 * s / wall, 1) for name, s in sorted(used.items(), key=lambda kv: -kv[1])}
+        out["this process"] = round(100 * total / wall, 1)
+        for pid, seconds in self._sample_processes().items():
+            name = (process_names or {}).get(pid, f"pid {pid}")
+            out[name] = round(100 * (seconds - self._processes.get(pid, 0.0)) / wall, 1)
+        return out
+
+
+class LoopLag:
+    """How late the running event loop wakes a task that sleeps `interval_s` (its backlog, in ms)."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.samples_ms: list[float] = []
+        self._task: Optional[asyncio.Task] = None
+
+    async def _run(self) -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(self.interval_s)
+            self.samples_ms.append((time.perf_counter() - start - self.interval_s) * 1e3)
+
+    def start(self) -> "LoopLag":
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def stop(self) -> dict:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        stats = timing_stats(self.samples_ms)
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in stats.items() if k in ("median", "p90", "max")}
