@@ -36,14 +36,27 @@ CLIPS = [
 ]
 
 
-def memory_configs(size: int) -> dict:
-    """{method: MemoryConfig} compared: issue 20's first memory (one layer, gate 0.75, under the own
-    texture only) and today's defaults, on one atlas (the evaluation's: texels = size / 2)."""
+def memory_configs(size: int, names: list[str] | None = None) -> dict:
+    """{method: MemoryConfig} compared, on one atlas (the evaluation's: texels = size / 2): issue 20's first
+    memory ("memory_v1": one layer, gate 0.75, under the own texture only), today's defaults ("memory") and
+    the variants the diagnosis in docs/memory.md looks at (``names`` picks; default the first two)."""
     from models.avatar.memory import MemoryConfig
 
     texels = max(32, size // 2)
-    v1 = MemoryConfig(texels=texels, pose_layers=1, gate=0.75, better_by=2.0, own_affinity=False)
-    return {"memory_v1": v1, "memory": MemoryConfig(texels=texels), "memory_gauss": MemoryConfig(texels=texels, own_affinity="gaussian")}
+    known = {
+        "memory_v1": MemoryConfig(texels=texels, pose_layers=1, gate=0.75, better_by=2.0, own_affinity=False),
+        "memory": MemoryConfig(texels=texels),
+        "layers_under": MemoryConfig(texels=texels, better_by=2.0),  # pose layers, never over the own texture
+        "over_bb20": MemoryConfig(texels=texels, better_by=0.2),
+        "no_relight": MemoryConfig(texels=texels, relight=False),
+        "global_relight": MemoryConfig(texels=texels, relight="global"),
+        "over_near": MemoryConfig(texels=texels, over_from_deg=(0.0, 0.0)),  # over at any pose offset (before)
+        "over_all": MemoryConfig(texels=texels, better_by=-1.0),
+        "cap2": MemoryConfig(texels=texels, cap=2.0),
+        "gate95": MemoryConfig(texels=texels, gate=0.95),
+        "gate75": MemoryConfig(texels=texels, gate=0.75),
+    }
+    return {n: known[n] for n in (names or ["memory_v1", "memory"])}
 
 
 def _table(summary: dict, methods: list[str], metric: str, digits: int = 2) -> list[str]:
@@ -65,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     clips = [DATA / c for c in args.clips]
-    configs = memory_configs(args.size)
+    configs = memory_configs(args.size, args.configs)
     runner = MemoryRunner(device="cpu", memory_configs=configs)
     config = EvalConfig(size=args.size, flicker=False, max_pairs_per_bin=args.max_pairs)
     result = evaluate(clips, runner, config, out_dir=out, cache_dir=default_cache_dir(), progress=False,
@@ -165,7 +178,8 @@ def main() -> None:
     e.add_argument("--size", type=int, default=256)
     e.add_argument("--clips", nargs="+", default=CLIPS, help="paths under /work/shared/data")
     e.add_argument("--max-pairs", type=int, default=8)
-    e.add_argument("--stretches", type=int, default=1, help="steady stretches per clip for the flicker")
+    e.add_argument("--stretches", type=int, default=1, help="steady stretches per clip for the flicker (0: none)")
+    e.add_argument("--configs", nargs="+", default=None, help="memory settings compared (memory_configs' names)")
     f = sub.add_parser("figure")
     f.add_argument("--out", type=Path, default=Path(__file__).parent / "memory_sample.jpg")
     f.add_argument("--size", type=int, default=256)

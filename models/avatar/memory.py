@@ -33,7 +33,9 @@ them (models.avatar.render):
   from any layer: what the frame did not see, earlier frames did;
 - over it where the near layers saw the texel better than the frame did (q_layers - a_own q_now >
   better_by, a_own = 1 for the frame's own mesh; for a reenactment's mesh, fitted at another pose
-  than the frame that textures it, the affinity between the two poses: its texture is off there too);
+  than the frame that textures it, the affinity between the two poses: its texture is off there too),
+  and only on a mesh fitted ``over_from_deg`` or more from the frame's pose: near it the frame's own
+  texture is sharper than any blend of earlier frames (docs/memory.md: 0.2 dB lost at 0-10 otherwise);
 - never on the expression regions (lips, eyes, brows and a ring of neighbours: they must follow
   the current frame);
 - lit as now: multiplied by a low-frequency ratio, current frame over the memory before it, over the
@@ -113,14 +115,12 @@ class MemoryConfig:
     own_affinity: bool = True
     """A reenactment (a mesh fitted at another pose than the frame that textures it, models.avatar's
     ``geometry``): the frame's own quality counts only as much as a layer at its pose would there."""
-    quality_follow: float = 1.0
-    """EXPERIMENT: EMA weight of the newest frame's quality."""
-    far_weight: float = 1.0
-    """Least weight of a far layer under the frame's own texture (where the frame saw nothing useful)."""
     better_by: float = 0.05
     """The layers near the mesh's pose replace the frame's own texture where their quality beats the frame's
     by more than this (fully from better_by + 0.15): a side seen face-on earlier beats it seen at a slant now."""
-
+    over_from_deg: tuple[float, float] = (5.0, 15.0)
+    """... and only on a mesh fitted this far from the newest frame's head yaw, degrees (none up to the first,
+    fully from the second): near the frame's own pose its texture is sharper than any blend of earlier frames."""
     @classmethod
     def for_sender(cls, size: int, device: torch.device | str) -> MemoryConfig:
         """The sender's settings for views of ``size`` px: on the CPU a quarter of the texels and an update
@@ -350,7 +350,6 @@ class AppearanceMemory:
         self._q_now = torch.zeros(T, device=self.device)  # [T] the newest frame's quality
         self._ratio = torch.ones(1, 3, Ha, Wa, device=self.device)  # lighting now over then
         self._yaw_now = 0.0  # the newest frame's head yaw
-        self._fresh = True  # no frame since the buffers were made or zeroed
         self.view = torch.zeros(1, 6, Ha, Wa, device=self.device)  # what renders sample (see update)
         self._texel_view = torch.zeros(T + 1, 6, device=self.device)  # per texel, then a row of zeros
         self._sums = torch.zeros(atlas.grid[0] * atlas.grid[1], 7, device=self.device)
@@ -369,7 +368,6 @@ class AppearanceMemory:
             for t in (self.colour, self.confidence, self.best, self.view, self._q_now):
                 t.zero_()
             self._ratio.fill_(1.0)
-            self._fresh = True
         self._frames, self._lost_since, self._descriptor = 0, None, None
         self.resets += 1
 
@@ -455,23 +453,19 @@ class AppearanceMemory:
 
     def _compose(self, yaw_deg: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layers seen from a mesh fitted at ``yaw_deg``: colour [T, 4], its quality [T], the confidence
-        of the layers near that yaw [T] and of any layer, far ones down-weighted to far_weight [T]."""
+        of the layers near that yaw [T] and of any layer [T]."""
         a = self._affinity(yaw_deg)  # [K, 1]
         c = self.confidence.clamp(max=1.0)  # [K, T]
         s = a * c
         total = s.sum(0).clamp(min=1e-6)
         colour = (s[..., None] * self.colour).sum(0) / total[:, None]
         best = (s * self.best).sum(0) / total
-        return colour, best, s.amax(0), (a.clamp(min=self.config.far_weight) * c).amax(0)
+        return colour, best, s.amax(0), c.amax(0)
 
     def _relight(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float) -> None:
         """The lighting ratio (now over then) and quality of the newest frame, against the layers at its yaw."""
         atlas, cfg = self.atlas, self.config
-        if self._fresh:
-            self._q_now.copy_(q)
-        else:
-            self._q_now.lerp_(q, cfg.quality_follow)
-        self._fresh = False
+        self._q_now.copy_(q)
         self._yaw_now = yaw_deg
         if not cfg.relight:
             self._ratio.fill_(1.0)
@@ -511,12 +505,12 @@ class AppearanceMemory:
         # the layers near this pose saw the texel better than the newest frame did. The newest frame's
         # texture sits on a mesh fitted at another pose (a reenactment) no better than a layer there would.
         step, off = cfg.layer_step_deg, abs(yaw_deg - self._yaw_now)
-        if cfg.own_affinity == "gaussian":
-            own = math.exp(-0.5 * (off / step) ** 2)
-        else:  # within a layer's step of its own pose, the frame's texture sits as well as any layer's
-            own = math.exp(-0.5 * (max(0.0, off - step) / step) ** 2) if cfg.own_affinity else 1.0
+        # Within a layer's step of its own pose, the frame's texture sits as well as any layer's.
+        own = math.exp(-0.5 * (max(0.0, off - step) / step) ** 2) if cfg.own_affinity else 1.0
+        lo, hi = cfg.over_from_deg
+        far = 1.0 if off >= hi else 0.0 if off <= lo else (off - lo) / (hi - lo)
         fill = anywhere * atlas.texel_static
-        over = near * atlas.texel_static * ((best - own * self._q_now - cfg.better_by) / 0.15).clamp(0.0, 1.0)
+        over = (far * near * atlas.texel_static) * ((best - own * self._q_now - cfg.better_by) / 0.15).clamp(0.0, 1.0)
         T = fill.shape[0]
         self._texel_view[:T] = torch.cat([colour, fill[:, None], over[:, None]], -1)
         Ha, Wa = atlas.size
