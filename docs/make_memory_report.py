@@ -51,6 +51,7 @@ def memory_configs(size: int, names: list[str] | None = None) -> dict:
         "no_relight": MemoryConfig(texels=texels, relight=False),
         "global_relight": MemoryConfig(texels=texels, relight="global"),
         "over_near": MemoryConfig(texels=texels, over_from_deg=(0.0, 0.0)),  # over at any pose offset (before)
+        "over_10_20": MemoryConfig(texels=texels, over_from_deg=(10.0, 20.0)),
         "over_all": MemoryConfig(texels=texels, better_by=-1.0),
         "cap2": MemoryConfig(texels=texels, cap=2.0),
         "gate95": MemoryConfig(texels=texels, gate=0.95),

@@ -350,6 +350,7 @@ class AppearanceMemory:
         self._q_now = torch.zeros(T, device=self.device)  # [T] the newest frame's quality
         self._ratio = torch.ones(1, 3, Ha, Wa, device=self.device)  # lighting now over then
         self._yaw_now = 0.0  # the newest frame's head yaw
+        self._centres = torch.tensor(self._layer_centres(), device=self.device)[:, None]  # [K, 1] layers' yaws, degrees
         self.view = torch.zeros(1, 6, Ha, Wa, device=self.device)  # what renders sample (see update)
         self._texel_view = torch.zeros(T + 1, 6, device=self.device)  # per texel, then a row of zeros
         self._sums = torch.zeros(atlas.grid[0] * atlas.grid[1], 7, device=self.device)
@@ -429,10 +430,11 @@ class AppearanceMemory:
         return [(k - (K - 1) / 2) * step for k in range(K)]
 
     def _affinity(self, yaw_deg: float) -> torch.Tensor:
-        """[K, 1] how well each pose layer's texels sit on a mesh fitted at head yaw ``yaw_deg`` (host maths, one upload)."""
+        """[K, 1] how well each pose layer's texels sit on a mesh fitted at head yaw ``yaw_deg``, 1 for the nearest
+        layer (device maths with the yaw as a scalar: no upload, no host sync)."""
         step = self.config.layer_step_deg
-        a = [math.exp(-0.5 * ((yaw_deg - c) / step) ** 2) for c in self._layer_centres()]
-        return torch.tensor([v / max(a) for v in a], dtype=torch.float32).to(self.device)[:, None]
+        nearest = min(abs(yaw_deg - c) for c in self._layer_centres())
+        return ((self._centres - yaw_deg) / step).square().mul(-0.5).exp() / math.exp(-0.5 * (nearest / step) ** 2)
 
     def feed(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float = 0.0, view: bool = True) -> None:
         """Blend one frame's observation (:func:`observe_texels`: colour x [T, 4], quality q [T]; the head at

@@ -187,3 +187,34 @@ def test_update_every_n_frames_skips_the_others():
     assert not torch.equal(memory.colour, before)
     with pytest.raises(ValueError, match="update_every"):
         MemoryConfig(update_every=0)
+
+
+def test_near_its_own_pose_the_frame_keeps_its_texture(turned):
+    """Over the frame's own texture only on a mesh fitted over_from_deg or more from the frame's pose."""
+    memory = turned[0]
+    memory.look_from(memory._yaw_now)  # noqa: SLF001 - the newest frame's pose
+    assert memory.view[0, 5].abs().max() == 0
+    memory.look_from(memory._yaw_now + 40.0)  # noqa: SLF001 - a reenactment 40 degrees away
+    assert memory.view[0, 5].max() > 0.5
+    memory.look_from(memory._yaw_now)  # noqa: SLF001 - as the fixture left it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host syncs only exist there)")
+def test_feed_and_view_on_cuda_never_wait_for_the_device():
+    """The memory's blend, lighting ratio and view queue device work only (no host sync): the head's yaw
+    reaches the device as a kernel scalar, never as an upload."""
+    from models.avatar.memory import observe_texels
+
+    memory = AppearanceMemory(MemoryConfig(texels=64), "cuda")
+    avatar = build_avatar(*avatar_at(30)[1:3], device="cuda", render_size=128)
+    memory.allocate(avatar.config)
+    x, q = observe_texels(memory.atlas, avatar)
+    memory.feed(x, q, 0.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        memory.feed(x, q, 30.0)
+        memory.look_from(10.0)
+        memory.attach(avatar)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
