@@ -436,13 +436,20 @@ class AppearanceMemory:
         nearest = min(abs(yaw_deg - c) for c in self._layer_centres())
         return ((self._centres - yaw_deg) / step).square().mul(-0.5).exp() / math.exp(-0.5 * (nearest / step) ** 2)
 
-    def feed(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float = 0.0, view: bool = True) -> None:
+    def feed(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float = 0.0, view: bool = True,
+             blend: bool = True) -> None:
         """Blend one frame's observation (:func:`observe_texels`: colour x [T, 4], quality q [T]; the head at
         ``yaw_deg``) into the pose layer nearest that yaw and, with ``view``, remake :attr:`view` for a mesh
-        fitted at that yaw, lit as that frame (a replay of many frames needs the view of the last one only)."""
+        fitted at that yaw, lit as that frame (a replay of many frames needs the view of the last one only).
+        blend=False: the frame is the current one (renders compare against it) but does not join the memory
+        (an evaluation that keeps it out)."""
         cfg = self.config
         if view:  # lighting now against then: before this frame joins the memory
             self._relight(x, q, yaw_deg)
+        if not blend:
+            if view:
+                self.look_from(yaw_deg)
+            return
         k = min(range(cfg.pose_layers), key=lambda i: abs(yaw_deg - self._layer_centres()[i]))
         b, c, colour = self.best[k], self.confidence[k], self.colour[k]
         g = cfg.gate

@@ -88,10 +88,13 @@ class ClipObservations:
         finally:
             cap.release()
 
-    def memory(self, frame_ids: Sequence[int], look_yaw_deg: float | None = None, memory_config: Any = None) -> Any:
+    def memory(self, frame_ids: Sequence[int], look_yaw_deg: float | None = None, memory_config: Any = None,
+               now: int | None = None) -> Any:
         """A fresh models.avatar.memory.AppearanceMemory fed the given frames, in order, its view lit as the last
         and made for a mesh fitted at head yaw ``look_yaw_deg`` (None: the last frame's). memory_config: other
-        settings of the same atlas (texels, ratio_cell) than the one the frames were observed for."""
+        settings of the same atlas (texels, ratio_cell) than the one the frames were observed for. now: the
+        current frame (the one the rendered avatar is built from), lit as and compared against even where
+        it is not among the frames fed (kept out of the memory)."""
         from models.avatar.memory import AppearanceMemory
 
         config = memory_config or self.memory_config
@@ -102,12 +105,18 @@ class ClipObservations:
         ids = [int(f) for f in frame_ids]
         if not ids:
             return memory
-        self._observe(ids)
+        extra = [] if now is None or now in ids else [int(now)]
+        self._observe(ids + extra)
         ids = [f for f in ids if f in self._kept]  # frames past the video's end: not there
+        extra = [f for f in extra if f in self._kept]
         memory.allocate(self.config)
         for i, f in enumerate(ids):
             x, q = self._kept[f]
-            memory.feed(_from_u8(x, self.device), _from_u8(q, self.device), self.index.yaw_deg(f), view=i == len(ids) - 1)
+            memory.feed(_from_u8(x, self.device), _from_u8(q, self.device), self.index.yaw_deg(f),
+                        view=i == len(ids) - 1 and not extra)
+        for f in extra:  # the current frame, kept out of the memory
+            x, q = self._kept[f]
+            memory.feed(_from_u8(x, self.device), _from_u8(q, self.device), self.index.yaw_deg(f), blend=False)
         if look_yaw_deg is not None:
             memory.look_from(look_yaw_deg)
         log.info("appearance memory: %d frames of '%s' fed, %.0f %% of the head filled", len(ids), self.index.name,
@@ -189,7 +198,9 @@ def clip_memory(index: ClipIndex, frame_ids: Sequence[int], avatar_config: Any =
 class MemoryRunner(AvatarRunner):
     """AvatarRunner plus "memory": the raw reenactment render with an appearance memory attached, fed
     the clip's frames before the reference minus ``exclude_s`` seconds either side of the target (the
-    target's own look never reaches the memory), seen as a mesh fitted at the target's head pose sees it.
+    target's own look never reaches the memory), seen as a mesh fitted at the target's head pose sees it;
+    the reference is the current frame (lighting ratio, the quality the layers are weighed against) even
+    where the window keeps it out of the memory.
     Memories are made per distinct feed (targets whose window misses every fed frame share one) from the
     clip's frames observed once (ClipObservations).
 
@@ -222,7 +233,7 @@ class MemoryRunner(AvatarRunner):
             if self._observed is None or self._observed.index is not index or self._observed.size != case.size:
                 first = next(iter(self.memory_configs.values()))
                 self._observed = ClipObservations(index, self.config, self.device, case.size, first)
-            self._cached = (key, {name: self._observed.memory(ids, memory_config=config)
+            self._cached = (key, {name: self._observed.memory(ids, memory_config=config, now=case.pair.ref)
                                   for name, config in self.memory_configs.items()})
         with torch.inference_mode():
             reenacted = self._build(case.ref_frame, case.ref_obs, case.size, geometry=case.tgt_obs)
