@@ -10,7 +10,10 @@ the build and the render replayed as CUDA graphs; its build+render includes the
 host's framing work and the upload of the frame). --check compares CUDA renders
 (both paths) with CPU renders first; --profile prints the top torch-profiler
 rows of one eager build + render; --breakdown splits the graphs path of the last
-size and view count into its host and device parts.
+size and view count into its host and device parts. --memory adds the appearance memory's rows
+(models.avatar.memory, the sender's settings: MemoryConfig.for_sender): its update (a frame's
+observation, the blend into its pose layer, the view for the frame's pose) and the render with the
+memory attached; the sender pays update / update_every + the render's extra a frame.
 """
 from __future__ import annotations
 
@@ -115,6 +118,30 @@ def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
     return stats
 
 
+def memory_rows(image, obs, device: torch.device, size: int, V: int, repeats: int) -> dict:
+    """The sender's appearance memory at ``size``: update and render-with-memory timings (eager)."""
+    from models.avatar.memory import AppearanceMemory, MemoryConfig
+
+    config = MemoryConfig.for_sender(size, device)
+    memory = AppearanceMemory(config, device)
+    avatar = build_avatar(image, obs, device=device, render_size=size)
+    yaws = iter(YAWS * (4 * repeats + 100))  # the head turns between frames: every pose layer is used
+    for _ in range(len(YAWS)):
+        memory.update(avatar, next(yaws))
+    poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+    update = time_ms(lambda: memory.update(avatar, next(yaws)), device, repeats=repeats)
+    attached = memory.attach(avatar)
+    plain = time_ms(lambda: render_views(avatar, poses, size), device, repeats=repeats)
+    remembered = time_ms(lambda: render_views(attached, poses, size), device, repeats=repeats)
+    per_frame = update["median"] / config.update_every + remembered["median"] - plain["median"]
+    print(f"memory {size:>5} {V:>5}: update {update['median']:.2f} ms (p90 {update['p90']:.2f}, every "
+          f"{config.update_every} frame(s), {config.texels} texels, {config.pose_layers} layers), render "
+          f"{plain['median']:.2f} -> {remembered['median']:.2f} ms; a frame pays {per_frame:.2f} ms")
+    return {"memory": {"size": size, "views": V, "texels": config.texels, "pose_layers": config.pose_layers,
+                       "update_every": config.update_every, "update": update, "render": plain,
+                       "render_with_memory": remembered, "per_frame_ms": per_frame}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -125,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--memory", action="store_true", help="time the appearance memory's update and its render")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -157,6 +185,8 @@ def main(argv=None) -> int:
                              "build_render": both})
                 print(f"{path:>6} {size:>5} {V:>5} {build['median']:>10.2f} {render['median']:>10.2f} "
                       f"{render['median'] / V:>9.2f} {both['median']:>13.2f} {both['p90']:>7.2f}")
+    if args.memory:
+        rows += [memory_rows(image, obs, device, size, args.views[-1], args.repeats) for size in args.sizes]
     if args.profile:
         # The graphs path's maths (fixed shapes) run eagerly, so the profiler sees every kernel.
         size, V = args.sizes[-1], args.views[-1]

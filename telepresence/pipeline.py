@@ -338,10 +338,7 @@ def _open_memory(config: PipelineConfig, device: torch.device):
         except (NoFaceError, RuntimeError):
             return None
 
-    # On the CPU a quarter of the texels and an update every other frame: about a quarter of the update's cost
-    # at 256 (the render's lookup is the same), within issue 20's +10 ms there; on CUDA the full atlas, every frame.
-    cpu = device.type == "cpu"
-    memory_config = MemoryConfig(texels=max(32, config.size // (4 if cpu else 2)), update_every=2 if cpu else 1)
+    memory_config = MemoryConfig.for_sender(config.size, device)
     log.info("appearance memory: on (%d texels a side for the face, updated every %s; resets after %.0f s "
              "without a face%s)", memory_config.texels,
              "frame" if memory_config.update_every == 1 else f"{memory_config.update_every} frames",

@@ -19,15 +19,28 @@ texture coordinates are linear in position), how much the source saw it (the sha
 cos(normal, view ray) and the resolution (source pixels per texel, at most 1):
 
     q = seen * ramp(cos) * min(1, sqrt(A_src / A_atlas)) * on_person
-    w = q^2 * clamp((q - 0.75 b) / (0.25 b))      (b: the best q this texel has had)
+    w = q^2 * clamp((q - g b) / ((1 - g) b))      (b: the best q this texel has had in its layer, g = gate)
     m <- m + w / (c + w) * (x - m),   c <- min(c + w, cap),   b <- max(b, q)
 
-so a side of the head once seen face-on is not washed out by many later frames that see it edge-on.
-A render uses the memory only where the frame's own texture is worth little in that view
-(models.avatar.render), never on the expression regions (lips, eyes, brows and a ring of
-neighbours: they must follow the current frame), and lit as now: the memory is multiplied by a
-low-frequency ratio, current over memory, over the texels both see well (blurred over cells
-of ``ratio_cell`` texels, a global ratio where no cell has enough overlap).
+into the **pose layer** nearest the frame's head yaw (``pose_layers`` layers ``layer_step_deg`` apart):
+MediaPipe's mesh slides on the face as the head turns (a few pixels at 45 degrees), so a texel seen
+with the head turned lands where it belongs only on a mesh fitted at about that pose. A render's
+mesh at head yaw y takes the layers with the affinity a_k = exp(-(y - y_k)^2 / 2 step^2) times their
+confidence (:meth:`AppearanceMemory.look_from`; the newest frame's yaw after each update), and uses
+them (models.avatar.render):
+
+- under the frame's own texture where that is worth little in the view (seen badly, stretched),
+  from any layer: what the frame did not see, earlier frames did;
+- over it where the near layers saw the texel better than the frame did (q_layers - a_own q_now >
+  better_by, a_own = 1 for the frame's own mesh; for a reenactment's mesh, fitted at another pose
+  than the frame that textures it, the affinity between the two poses: its texture is off there too),
+  and only on a mesh fitted ``over_from_deg`` or more from the frame's pose: near it the frame's own
+  texture is sharper than any blend of earlier frames (docs/memory.md: 0.2 dB lost at 0-10 otherwise);
+- never on the expression regions (lips, eyes, brows and a ring of neighbours: they must follow
+  the current frame);
+- lit as now: multiplied by a low-frequency ratio, current frame over the memory before it, over the
+  texels both see well (blurred over cells of ``ratio_cell`` texels, a global ratio where no cell has
+  enough overlap).
 
 The memory lives on the device of the avatar and is never written anywhere.
 """
@@ -45,14 +58,14 @@ import torch.nn.functional as F
 
 from models.avatar.texture import box_mean, sample_vertices
 from models.avatar.topology import EXPRESSION_LANDMARKS, Topology, mesh_topology
-from models.avatar.types import VATTR, Avatar
+from models.avatar.types import VATTR, Avatar, AvatarConfig
 from models.avatar.visibility import seen_fraction
 from models.face.analysis import NUM_MESH_VERTICES, face_model
 from models.geometry.raster import rasterize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AppearanceMemory", "EXPRESSION_LANDMARKS", "MemoryAtlas", "MemoryConfig", "memory_atlas"]
+__all__ = ["AppearanceMemory", "EXPRESSION_LANDMARKS", "MemoryAtlas", "MemoryConfig", "memory_atlas", "observe_texels"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,33 @@ class MemoryConfig:
     """Frames with a face between identity checks (0: no check)."""
     identity_threshold: float = 0.6
     """Descriptor distance from the memory's person above which the memory resets (dlib: 0.6)."""
+    gate: float = 0.9
+    """An observation below gate x the best quality its texel has had in its layer does not update it (a side
+    once seen face-on is not washed out by later slanted looks)."""
+    pose_layers: int = 7
+    """Layers keyed by the observing frame's head yaw, ``layer_step_deg`` apart about 0: a texel seen with
+    the head turned sits on a mesh fitted at that pose, and lands a few pixels off on one fitted at another
+    (MediaPipe's mesh slides on the face with the pose), so renders take the layers near their mesh's pose."""
+    layer_step_deg: float = 15.0
+    """Head yaw between layer centres, degrees (also the width of the pose affinity, exp(-d^2 / 2 step^2))."""
+    relight: bool | str = True
+    """The lighting ratio, now over then: True (per region: cells of ratio_cell texels), "global" (one
+    ratio per channel) or False."""
+    own_affinity: bool = True
+    """A reenactment (a mesh fitted at another pose than the frame that textures it, models.avatar's
+    ``geometry``): the frame's own quality counts only as much as a layer at its pose would there."""
+    better_by: float = 0.05
+    """The layers near the mesh's pose replace the frame's own texture where their quality beats the frame's
+    by more than this (fully from better_by + 0.15): a side seen face-on earlier beats it seen at a slant now."""
+    over_from_deg: tuple[float, float] = (5.0, 15.0)
+    """... and only on a mesh fitted this far from the newest frame's head yaw, degrees (none up to the first,
+    fully from the second): near the frame's own pose its texture is sharper than any blend of earlier frames."""
+    @classmethod
+    def for_sender(cls, size: int, device: torch.device | str) -> MemoryConfig:
+        """The sender's settings for views of ``size`` px: on the CPU a quarter of the texels and an update
+        every other frame (issue 20's +10 ms at 256), on CUDA the full atlas every frame."""
+        cpu = torch.device(device).type == "cpu"
+        return cls(texels=max(32, size // (4 if cpu else 2)), update_every=2 if cpu else 1)
 
     def __post_init__(self) -> None:
         if not 16 <= self.texels <= 2048:
@@ -87,6 +127,11 @@ class MemoryConfig:
             raise ValueError(f"expected update_every >= 1, got {self.update_every}")
         if self.lost_after_s < 0 or self.identity_every < 0:
             raise ValueError("expected lost_after_s >= 0 and identity_every >= 0")
+        if not 0.0 <= self.gate < 1.0 or self.pose_layers < 1 or self.layer_step_deg <= 0:
+            raise ValueError(f"expected gate in [0, 1), pose_layers >= 1 and layer_step_deg > 0, got {self.gate}, "
+                             f"{self.pose_layers}, {self.layer_step_deg}")
+        if self.relight not in (True, False, "global"):
+            raise ValueError(f"expected relight True, False or 'global', got {self.relight!r}")
 
 
 @dataclass(frozen=True)
@@ -221,7 +266,7 @@ def memory_atlas(topo_key: tuple[int, int, bool], texels: int, ratio_cell: int,
     return atlas
 
 
-def _observe(atlas: MemoryAtlas, avatar: Avatar) -> tuple[torch.Tensor, torch.Tensor]:
+def observe_texels(atlas: MemoryAtlas, avatar: Avatar) -> tuple[torch.Tensor, torch.Tensor]:
     """What the avatar's frame shows of each covered texel: colour and alpha [T, 4] (straight,
     not premultiplied) and its quality q [T] in [0, 1]. Device maths, fixed shapes."""
     verts, tex_h = avatar.verts, avatar.vattr[:, VATTR.TEX]  # [N, 3] each
@@ -286,11 +331,16 @@ class AppearanceMemory:
         T = atlas.texel_ids.shape[0]
         Ha, Wa = atlas.size
         self.atlas, self._key = atlas, key
-        self.colour = torch.zeros(T, 4, device=self.device)  # [T, 4] straight RGBA
-        self.confidence = torch.zeros(T, device=self.device)  # [T] observations' weight, capped
-        self.best = torch.zeros(T, device=self.device)  # [T] the best quality seen
-        self.view = torch.zeros(1, 5, Ha, Wa, device=self.device)  # what renders sample (see update)
-        self._texel_view = torch.zeros(T + 1, 5, device=self.device)  # per texel, then a row of zeros
+        K = self.config.pose_layers
+        self.colour = torch.zeros(K, T, 4, device=self.device)  # [K, T, 4] straight RGBA per pose layer
+        self.confidence = torch.zeros(K, T, device=self.device)  # [K, T] observations' weight, capped
+        self.best = torch.zeros(K, T, device=self.device)  # [K, T] the best quality seen
+        self._q_now = torch.zeros(T, device=self.device)  # [T] the newest frame's quality
+        self._ratio = torch.ones(1, 3, Ha, Wa, device=self.device)  # lighting now over then
+        self._yaw_now = 0.0  # the newest frame's head yaw
+        self._centres = torch.tensor(self._layer_centres(), device=self.device)[:, None]  # [K, 1] layers' yaws, degrees
+        self.view = torch.zeros(1, 6, Ha, Wa, device=self.device)  # what renders sample (see update)
+        self._texel_view = torch.zeros(T + 1, 6, device=self.device)  # per texel, then a row of zeros
         self._sums = torch.zeros(atlas.grid[0] * atlas.grid[1], 7, device=self.device)
 
     @property
@@ -299,13 +349,14 @@ class AppearanceMemory:
         if self.atlas is None:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.colour, self.confidence, self.best, self.view,
-                                                          self._texel_view, self._sums))
+                                                          self._texel_view, self._sums, self._q_now, self._ratio))
 
     def reset(self) -> None:
         """Forget everything seen (buffers kept, zeroed in place: graph-safe)."""
         if self.atlas is not None:
-            for t in (self.colour, self.confidence, self.best, self.view):
+            for t in (self.colour, self.confidence, self.best, self.view, self._q_now):
                 t.zero_()
+            self._ratio.fill_(1.0)
         self._frames, self._lost_since, self._descriptor = 0, None, None
         self.resets += 1
 
@@ -314,7 +365,7 @@ class AppearanceMemory:
         with .item() where a host sync costs nothing, e.g. after the frame's pictures are read)."""
         if self.atlas is None:
             return torch.zeros(())
-        return ((self.confidence > 0.25) & ~self.atlas.texel_card).sum() / self.atlas.n_head_texels
+        return ((self.confidence.amax(0) > 0.25) & ~self.atlas.texel_card).sum() / self.atlas.n_head_texels
 
     # -- per frame --
 
@@ -334,8 +385,9 @@ class AppearanceMemory:
                              float(np.linalg.norm(descriptor - self._descriptor)))
                     self.reset()
                 self._descriptor = descriptor
+        yaw = float(obs.pose.yaw_deg) if obs is not None and getattr(obs, "pose", None) is not None else 0.0
         if self._frames % self.config.update_every == 0 or self._key != _topology_key(avatar):
-            self.update(avatar)
+            self.update(avatar, yaw)
         self._frames += 1
         return self.attach(avatar)
 
@@ -348,23 +400,83 @@ class AppearanceMemory:
             log.info("appearance memory reset: face lost for %.1f s", now - self._lost_since)
             self.reset()
 
-    def update(self, avatar: Avatar) -> None:
-        """Blend the avatar's frame into the memory and remake :attr:`view`: device maths with fixed
-        shapes, in place (no host sync: CUDA-graph safe once the buffers exist)."""
-        key = _topology_key(avatar)
+    def allocate(self, config: AvatarConfig) -> None:
+        """Make the buffers for avatars of ``config`` (done by the first :meth:`update`; needed
+        before :meth:`feed` is given observations made elsewhere)."""
+        key = _topology_key(config)
         if key != self._key:
             self._allocate(key)
-        atlas, cfg = self.atlas, self.config
-        x, q = _observe(atlas, avatar)
-        b = self.best
-        w = q.square() * ((q - 0.75 * b) / (0.25 * b + 1e-3)).clamp(0.0, 1.0)
-        c = self.confidence
-        self.colour.lerp_(x, (w / (c + w).clamp(min=1e-6))[:, None])
+
+    def update(self, avatar: Avatar, yaw_deg: float = 0.0) -> None:
+        """Blend the avatar's frame (its head at ``yaw_deg``, models.face.analysis.HeadPose) into the memory
+        and remake :attr:`view`: device maths with fixed shapes, in place (no host sync)."""
+        self.allocate(avatar.config)
+        self.feed(*observe_texels(self.atlas, avatar), yaw_deg)
+
+    def _layer_centres(self) -> list[float]:
+        K, step = self.config.pose_layers, self.config.layer_step_deg
+        return [(k - (K - 1) / 2) * step for k in range(K)]
+
+    def _affinity(self, yaw_deg: float) -> torch.Tensor:
+        """[K, 1] how well each pose layer's texels sit on a mesh fitted at head yaw ``yaw_deg``, 1 for the nearest
+        layer (device maths with the yaw as a scalar: no upload, no host sync)."""
+        step = self.config.layer_step_deg
+        nearest = min(abs(yaw_deg - c) for c in self._layer_centres())
+        return ((self._centres - yaw_deg) / step).square().mul(-0.5).exp() / math.exp(-0.5 * (nearest / step) ** 2)
+
+    def feed(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float = 0.0, view: bool = True,
+             blend: bool = True) -> None:
+        """Blend one frame's observation (:func:`observe_texels`: colour x [T, 4], quality q [T]; the head at
+        ``yaw_deg``) into the pose layer nearest that yaw and, with ``view``, remake :attr:`view` for a mesh
+        fitted at that yaw, lit as that frame (a replay of many frames needs the view of the last one only).
+        blend=False: the frame is the current one (renders compare against it) but does not join the memory
+        (an evaluation that keeps it out)."""
+        cfg = self.config
+        if view:  # lighting now against then: before this frame joins the memory
+            self._relight(x, q, yaw_deg)
+        if not blend:
+            if view:
+                self.look_from(yaw_deg)
+            return
+        k = min(range(cfg.pose_layers), key=lambda i: abs(yaw_deg - self._layer_centres()[i]))
+        b, c, colour = self.best[k], self.confidence[k], self.colour[k]
+        g = cfg.gate
+        w = q.square() * ((q - g * b) / ((1 - g) * b + 1e-3)).clamp(0.0, 1.0)
+        colour.lerp_(x, (w / (c + w).clamp(min=1e-6))[:, None])
         torch.minimum(c + w, torch.full_like(c, cfg.cap), out=c)
         torch.maximum(b, q, out=b)
+        if view:
+            self.look_from(yaw_deg)
+
+    def _compose(self, yaw_deg: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layers seen from a mesh fitted at ``yaw_deg``: colour [T, 4], its quality [T], the confidence
+        of the layers near that yaw [T] and of any layer [T]."""
+        a = self._affinity(yaw_deg)  # [K, 1]
+        c = self.confidence.clamp(max=1.0)  # [K, T]
+        s = a * c
+        total = s.sum(0).clamp(min=1e-6)
+        colour = (s[..., None] * self.colour).sum(0) / total[:, None]
+        best = (s * self.best).sum(0) / total
+        return colour, best, s.amax(0), c.amax(0)
+
+    def _relight(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float) -> None:
+        """The lighting ratio (now over then) and quality of the newest frame, against the layers at its yaw."""
+        atlas, cfg = self.atlas, self.config
+        self._q_now.copy_(q)
+        self._yaw_now = yaw_deg
+        if not cfg.relight:
+            self._ratio.fill_(1.0)
+            return
+        if cfg.relight == "global":
+            colour, _, near, _ = self._compose(yaw_deg)
+            both = (q * near)[:, None]
+            glob = (((both * x[:, :3]).sum(0) + 1e-3) / ((both * colour[:, :3]).sum(0) + 1e-3)).clamp(0.5, 2.0)
+            self._ratio.copy_(glob[None, :, None, None].expand_as(self._ratio))
+            return
+        colour, _, near, _ = self._compose(yaw_deg)
         # Lighting now against then: low-frequency ratio over texels both see well, on a grid of cells.
-        both = (q * c.clamp(max=1.0))[:, None]  # [T, 1]
-        m = self.colour[:, :3]
+        both = (q * near)[:, None]  # [T, 1]
+        m = colour[:, :3]
         per_texel = torch.cat([both * x[:, :3], both * m, both], -1)  # [T, 7]
         sums = self._sums
         sums.zero_()
@@ -376,13 +488,31 @@ class AppearanceMemory:
         have = (coarse[:, 6:7] / (0.05 * coarse[:, 6:7].amax().clamp(min=1e-6))).clamp(max=1.0)
         local = ((coarse[:, :3] + 1e-4) / (coarse[:, 3:6] + 1e-4)).clamp(0.5, 2.0)
         ratio = torch.lerp(glob[None, :, None, None].expand_as(local), local, have)  # [1, 3, gh, gw]
-        weight = (c.clamp(max=1.0) * atlas.texel_static)[:, None]
-        T = c.shape[0]
-        self._texel_view[:T] = torch.cat([self.colour, weight], -1)
         Ha, Wa = atlas.size
-        view = self._texel_view.index_select(0, atlas.gutter).t().reshape(1, 5, Ha, Wa)
-        ratio = F.interpolate(ratio, size=(Ha, Wa), mode="bilinear", align_corners=False)
-        self.view.copy_(torch.cat([(view[:, :3] * ratio).clamp(0.0, 1.0), view[:, 3:]], 1))
+        self._ratio.copy_(F.interpolate(ratio, size=(Ha, Wa), mode="bilinear", align_corners=False))
+
+    def look_from(self, yaw_deg: float) -> None:
+        """Remake :attr:`view` for a mesh fitted at head yaw ``yaw_deg`` (the newest frame's, as update does;
+        a reenactment's target's), lit and weighed against the newest frame."""
+        if self.atlas is None:
+            return
+        atlas, cfg = self.atlas, self.config
+        colour, best, near, anywhere = self._compose(yaw_deg)
+        # Weights: where the frame's own texture is worth little (under its fill), and over it where
+        # the layers near this pose saw the texel better than the newest frame did. The newest frame's
+        # texture sits on a mesh fitted at another pose (a reenactment) no better than a layer there would.
+        step, off = cfg.layer_step_deg, abs(yaw_deg - self._yaw_now)
+        # Within a layer's step of its own pose, the frame's texture sits as well as any layer's.
+        own = math.exp(-0.5 * (max(0.0, off - step) / step) ** 2) if cfg.own_affinity else 1.0
+        lo, hi = cfg.over_from_deg
+        far = 1.0 if off >= hi else 0.0 if off <= lo else (off - lo) / (hi - lo)
+        fill = anywhere * atlas.texel_static
+        over = (far * near * atlas.texel_static) * ((best - own * self._q_now - cfg.better_by) / 0.15).clamp(0.0, 1.0)
+        T = fill.shape[0]
+        self._texel_view[:T] = torch.cat([colour, fill[:, None], over[:, None]], -1)
+        Ha, Wa = atlas.size
+        view = self._texel_view.index_select(0, atlas.gutter).t().reshape(1, 6, Ha, Wa)
+        self.view.copy_(torch.cat([(view[:, :3] * self._ratio).clamp(0.0, 1.0), view[:, 3:]], 1))
 
     def attach(self, avatar: Avatar) -> Avatar:
         """The avatar with the memory's view attached (renders use it where the frame saw badly)."""
@@ -391,6 +521,6 @@ class AppearanceMemory:
         return replace(avatar, memory=self.view, memory_uv=self.atlas.corner_uv)
 
 
-def _topology_key(avatar: Avatar) -> tuple[int, int, bool]:
-    c = avatar.config
+def _topology_key(what: Avatar | AvatarConfig) -> tuple[int, int, bool]:
+    c = what if isinstance(what, AvatarConfig) else what.config
     return (c.shell_rings, c.card_grid, c.background == "far")

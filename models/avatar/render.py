@@ -146,7 +146,7 @@ def _sample(texture: torch.Tensor, h: torch.Tensor, span: tuple[float, float],
 
 
 def _sample_memory(avatar: Avatar, frags) -> torch.Tensor:
-    """The appearance memory [V, 5, S, S] (RGB lit as now, alpha, weight) at each pixel's atlas
+    """The appearance memory [V, 6, S, S] (RGB lit as now, alpha, weights under and over the frame's own texture) at each pixel's atlas
     position: its triangle's corner positions (avatar.memory_uv) weighted by its barycentrics."""
     corner = avatar.memory_uv[frags.face_id.clamp(min=0)]  # [V, S, S, 3, 2]
     grid = (frags.bary[..., None] * corner).sum(-2)  # [V, S, S, 2]
@@ -221,10 +221,12 @@ def render_cameras(
     mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)
     fill_rgb = vals[..., VATTR.FILL_RGB].permute(0, 3, 1, 2)  # per-vertex colours: smooth, no streaks
     unseen = torch.lerp(fill_rgb, mirrored.clamp(0.0, 1.0), w_mirror[:, None])
-    memory = None if avatar.memory is None else _sample_memory(avatar, frags)  # [V, 5, S, S]
+    memory = None if avatar.memory is None else _sample_memory(avatar, frags)  # [V, 6, S, S]
     if memory is not None:  # what earlier frames saw well, before the mirror side and the fill
         unseen = torch.lerp(unseen, memory[:, :3], memory[:, 4:5])
     head_rgb = torch.lerp(unseen, own, w_own[:, None])
+    if memory is not None:  # and over the frame's own texture where they saw it better than this frame
+        head_rgb = torch.lerp(head_rgb, memory[:, :3], memory[:, 5:6])
     # The card takes the person's matte as alpha and fades out at the picture's edge.
     ramp = 0.04 * avatar.source_focal_px / avatar.crop_K[0, 0]  # 4 % of the crop side, source pixels
     # Where the card point lies in the picture, whatever colours it. In front of the far layer

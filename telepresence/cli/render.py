@@ -136,7 +136,7 @@ def render_command(args: argparse.Namespace) -> int:
     with timer.stage("avatar"):
         avatar = build_avatar(image, obs, config, device=device, render_size=args.size)
         if memory is not None:
-            memory.update(avatar)  # the frame itself, as the sender's memory has it, and lit as now
+            memory.update(avatar, obs.pose.yaw_deg)  # the frame itself, as the sender's memory has it, and lit as now
             avatar = memory.attach(avatar)
     with timer.stage("render"):
         out = render_views(avatar, poses, args.size)

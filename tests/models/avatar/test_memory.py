@@ -1,12 +1,12 @@
-"""Appearance memory: a turning head keeps what earlier frames saw, resets (asked, face lost, another
-person), a fixed size however long the call, expression regions from the current frame."""
+"""Appearance memory: a turning head keeps what earlier frames saw, in layers by the head's pose; resets
+(asked, face lost, another person), a fixed size however long the call, expression regions from the current frame."""
 import numpy as np
 import pytest
 import torch
 
 from models.avatar import build_avatar, render_views
 from models.avatar.memory import AppearanceMemory, MemoryConfig, memory_atlas
-from models.avatar.memory import _observe  # noqa: PLC2701 - the per-texel quality the tests look at
+from models.avatar.memory import observe_texels
 from models.geometry.camera import OrbitPose
 from tests.models.avatar.synthetic_head import head_frame_colour, turning_head_frame
 
@@ -25,21 +25,26 @@ def turned():
     memory = AppearanceMemory(CONFIG)
     for i, yaw in enumerate(TURN):
         avatar, image, obs, R = avatar_at(yaw)
-        with_memory = memory.observe(avatar, t_s=i / 30)
+        with_memory = memory.observe(avatar, image, obs, t_s=i / 30)
     return memory, avatar, with_memory, R
+
+
+def view_colours(memory, texels):
+    """The colours renders sample [n, 3] at covered texels (indices into the atlas's texel list)."""
+    return memory.view[0, :3].reshape(3, -1)[:, memory.atlas.texel_ids[texels]].t()
 
 
 def test_a_turning_head_keeps_texels_seen_earlier(turned):
     memory, avatar, _, R = turned
-    _, q_now = _observe(memory.atlas, avatar)
+    _, q_now = observe_texels(memory.atlas, avatar)
     head = ~memory.atlas.texel_card
-    kept = head & (memory.confidence > 0.25) & (q_now < 0.05)  # seen well then, badly now
+    kept = head & (memory.confidence.amax(0) > 0.25) & (q_now < 0.05)  # seen well then, badly now
     assert kept.sum() > 0.05 * head.sum(), f"{int(kept.sum())} of {int(head.sum())} head texels kept"
     # Their colours are the head's there (the texel's point on the last frame's mesh).
     b = memory.atlas.texel_bary[kept][..., None]
     points = (b * avatar.verts[memory.atlas.texel_vid[kept]]).sum(1).numpy()
     truth = torch.from_numpy(head_frame_colour(points, R)).float()
-    error = (memory.colour[kept, :3] - truth).abs().mean().item()
+    error = (view_colours(memory, kept) - truth).abs().mean().item()
     assert error < 0.08, f"kept texels off the true colour by {error:.3f}"
 
 
@@ -132,6 +137,7 @@ def test_expression_regions_follow_the_current_frame(turned):
     assert expression.sum() > 100
     weight = memory.view[0, 4].reshape(-1)[atlas.texel_ids]
     assert weight[expression].abs().max() == 0 and weight[~expression].max() > 0.5
+    assert memory.view[0, 5].reshape(-1)[atlas.texel_ids][expression].abs().max() == 0  # nor over the own texture
     # The mouth and eyes in a turned view: the same pixels with and without the memory.
     pose = [OrbitPose(yaw_deg=50)]
     lm = avatar.project_landmarks(pose, 128)[0]
@@ -145,12 +151,17 @@ def test_lighting_drift_is_carried_by_the_ratio():
     """Memory from a darker call, the current frame brighter: the remembered side comes out lit as now."""
     memory = AppearanceMemory(CONFIG)
     for i, yaw in enumerate((60, 45, 30)):
-        memory.observe(avatar_at(yaw, tint=0.7)[0], t_s=i / 30)
-    memory.observe(avatar_at(0)[0], t_s=0.2)
+        avatar, image, obs, _ = avatar_at(yaw, tint=0.7)
+        memory.observe(avatar, image, obs, t_s=i / 30)
     atlas = memory.atlas
-    ids = atlas.texel_ids[(memory.confidence > 0.5) & ~atlas.texel_card]
-    lit = memory.view[0, :3].reshape(3, -1)[:, ids].mean().item()
-    stored = memory.colour[(memory.confidence > 0.5) & ~atlas.texel_card, :3].mean().item()
+    before = memory.view[0, :3].clone()  # lit as the last darker frame
+    avatar, image, obs, _ = avatar_at(0)
+    memory.observe(avatar, image, obs, t_s=0.2)
+    middle = memory.confidence.shape[0] // 2  # the layer of yaw 0, which the brighter frame went to
+    texels = ~atlas.texel_card & (memory.confidence.amax(0) > 0.5) & (memory.confidence[middle] == 0)
+    assert texels.sum() > 50  # the side of the head only the darker, turned frames saw
+    lit = view_colours(memory, texels).mean().item()
+    stored = before.reshape(3, -1)[:, atlas.texel_ids[texels]].mean().item()
     assert lit > 1.15 * stored, f"memory {stored:.3f}, lit as now {lit:.3f}"
 
 
@@ -176,3 +187,34 @@ def test_update_every_n_frames_skips_the_others():
     assert not torch.equal(memory.colour, before)
     with pytest.raises(ValueError, match="update_every"):
         MemoryConfig(update_every=0)
+
+
+def test_near_its_own_pose_the_frame_keeps_its_texture(turned):
+    """Over the frame's own texture only on a mesh fitted over_from_deg or more from the frame's pose."""
+    memory = turned[0]
+    memory.look_from(memory._yaw_now)  # noqa: SLF001 - the newest frame's pose
+    assert memory.view[0, 5].abs().max() == 0
+    memory.look_from(memory._yaw_now + 40.0)  # noqa: SLF001 - a reenactment 40 degrees away
+    assert memory.view[0, 5].max() > 0.5
+    memory.look_from(memory._yaw_now)  # noqa: SLF001 - as the fixture left it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host syncs only exist there)")
+def test_feed_and_view_on_cuda_never_wait_for_the_device():
+    """The memory's blend, lighting ratio and view queue device work only (no host sync): the head's yaw
+    reaches the device as a kernel scalar, never as an upload."""
+    from models.avatar.memory import observe_texels
+
+    memory = AppearanceMemory(MemoryConfig(texels=64), "cuda")
+    avatar = build_avatar(*avatar_at(30)[1:3], device="cuda", render_size=128)
+    memory.allocate(avatar.config)
+    x, q = observe_texels(memory.atlas, avatar)
+    memory.feed(x, q, 0.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        memory.feed(x, q, 30.0)
+        memory.look_from(10.0)
+        memory.attach(avatar)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
