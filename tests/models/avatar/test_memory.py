@@ -199,7 +199,7 @@ def test_near_its_own_pose_the_frame_keeps_its_texture(turned):
     memory.look_from(memory._yaw_now)  # noqa: SLF001 - as the fixture left it
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host syncs only exist there)")
+@pytest.mark.gpu
 def test_feed_and_view_on_cuda_never_wait_for_the_device():
     """The memory's blend, lighting ratio and view queue device work only (no host sync): the head's yaw
     reaches the device as a kernel scalar, never as an upload."""
