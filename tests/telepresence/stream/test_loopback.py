@@ -24,6 +24,15 @@ def first_video_codec(sdp):
     return rtpmap.split()[1].split("/")[0]
 
 
+async def ready_viewer(sender, name="v1", **options):
+    """A viewer joined to `sender` that has its first frame and an open pose channel."""
+    viewer = Viewer(**options)
+    await viewer.connect(sender, name)
+    await viewer.next_frame(timeout_s=10)
+    await viewer.wait_channel_open()
+    return viewer
+
+
 async def settled_frame(viewer, frames=4):
     """A frame after `frames` more have arrived (lets a pose change reach the picture)."""
     for _ in range(frames):
@@ -59,10 +68,7 @@ async def test_frames_arrive_and_a_pose_change_changes_them():
 @async_test(timeout_s=40)
 async def test_viewers_see_the_memory_fill_and_a_reset_empties_it():
     async with running_sender(source=still_source()) as sender:
-        viewer = Viewer()
-        await viewer.connect(sender, "v1")
-        await viewer.next_frame(timeout_s=10)
-        await viewer.wait_channel_open()
+        viewer = await ready_viewer(sender)
         # The fake memory fills by 1 % a frame: full after about 3 s at 30 fps.
         await wait_until(lambda: viewer.stats is not None and (viewer.stats.memory or 0) >= 0.99, timeout_s=15)
         viewer.send_raw(ResetMemoryMessage().to_json())
@@ -135,10 +141,7 @@ async def test_one_pipeline_call_serves_every_viewer_and_poses_are_clamped():
 @async_test(timeout_s=30)
 async def test_bad_pose_messages_get_an_error_and_the_viewer_stays():
     async with running_sender(source=still_source()) as sender:
-        viewer = Viewer()
-        await viewer.connect(sender, "v1")
-        await viewer.next_frame(timeout_s=10)
-        await viewer.wait_channel_open()
+        viewer = await ready_viewer(sender)
         for raw in ["garbage", '{"type":"pose","seq":1,"t":0,"yaw":NaN,"pitch":0,"dist":1}', '{"type":"exec"}', "x" * 5000]:
             viewer.send_raw(raw)
         await wait_until(lambda: len(viewer.errors) >= 4, timeout_s=5)
@@ -172,10 +175,7 @@ async def test_a_viewer_disconnect_frees_its_track():
 @async_test(timeout_s=30)
 async def test_a_vanished_viewer_is_dropped_within_five_seconds():
     async with running_sender(source=still_source()) as sender:
-        viewer = Viewer(heartbeat=False)
-        await viewer.connect(sender, "ghost")
-        await viewer.next_frame(timeout_s=10)
-        await viewer.wait_channel_open()
+        viewer = await ready_viewer(sender, "ghost", heartbeat=False)
         viewer.send_raw('{"type":"ping","t":0}')  # last sign of life; then silence, connection left open
         t_silent = time.monotonic()
         await wait_until(lambda: sender.viewers.get("ghost") is not None and sender.viewers["ghost"].last_seen, 3)
