@@ -293,20 +293,23 @@ class RenderLoop:
 
 class RecentDurations:
     """The typical duration of the last few runs of a step: their median, so that one slow run (a first
-    call that captures CUDA graphs, a stall) does not set the pace of the next ones. Thread-safe enough:
-    one thread adds, another reads a snapshot."""
+    call that captures CUDA graphs, a stall) does not set the pace of the next ones. One thread adds,
+    another reads."""
 
     def __init__(self, keep: int = 9, skip_first: bool = False) -> None:
         self._recent: collections.deque[float] = collections.deque(maxlen=keep)
         self._skip = skip_first
+        self._lock = threading.Lock()
 
     def add(self, seconds: float) -> None:
-        if self._skip:
-            self._skip = False
-            return
-        self._recent.append(seconds)
+        with self._lock:
+            if self._skip:
+                self._skip = False
+                return
+            self._recent.append(seconds)
 
     def typical(self) -> float:
         """Seconds; 0.0 before the first run counted."""
-        recent = sorted(self._recent)
+        with self._lock:
+            recent = sorted(self._recent)
         return recent[len(recent) // 2] if recent else 0.0
