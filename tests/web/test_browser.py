@@ -140,6 +140,14 @@ def frame_stamp(page):
     return read_frame_code(luma, size=corner["size"])
 
 
+def poll(times, every_s):
+    """`times` ticks, `every_s` apart (for a check that looks at a few displayed frames)."""
+    for i in range(times):
+        if i:
+            time.sleep(every_s)
+        yield i
+
+
 def number(page, selector):
     text = page.text_content(selector).strip()
     return float(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else None
@@ -243,7 +251,9 @@ def test_badge_expands_into_the_stats_and_measures_glass_to_glass(page):
         assert 0 < latency < 2000
         assert re.fullmatch(r"\d+", page.text_content('[data-badge="latency"]'))  # measured: no "≈"
         assert "measured" in badge.locator(".badge-latency").get_attribute("title")
-        assert frame_stamp(page) is not None  # the page's reader and framecode.py agree on what is there
+        # the page's reader and framecode.py agree on what is there. One displayed frame can be too soft to
+        # read (a keyframe at a low bitrate under load: the checksum then says None), so a few are tried.
+        assert any(frame_stamp(page) is not None for _ in poll(times=20, every_s=0.15))
         tile_open = tile.bounding_box()
         panel_box = panel.bounding_box()
         assert panel_box["x"] >= tile_open["x"] + tile_open["width"], (panel_box, tile_open)  # beside, not over, the head
