@@ -61,7 +61,7 @@ from models.avatar.topology import EXPRESSION_LANDMARKS, Topology, mesh_topology
 from models.avatar.types import VATTR, Avatar, AvatarConfig
 from models.avatar.visibility import seen_fraction
 from models.face.analysis import NUM_MESH_VERTICES, face_model
-from models.geometry.raster import rasterize
+from models.geometry.raster import rasterize, weighted_rows
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +272,7 @@ def observe_texels(atlas: MemoryAtlas, avatar: Avatar) -> tuple[torch.Tensor, to
     verts, tex_h = avatar.verts, avatar.vattr[:, VATTR.TEX]  # [N, 3] each
     faces = avatar.faces
     table = torch.cat([verts, tex_h], -1)  # [N, 6]
-    b = atlas.texel_bary
-    c = [table.index_select(0, atlas.texel_vid[:, k]) for k in range(3)]  # 3 x [T, 6]
-    both = torch.addcmul(torch.addcmul(c[0] * b[:, 0:1], c[1], b[:, 1:2]), c[2], b[:, 2:3])
+    both = weighted_rows(table, atlas.texel_vid, atlas.texel_bary)  # [T, 6]
     P, th = both[:, :3], both[:, 3:]  # camera frame; (u w, v w, w): linear in position
     tri = verts[faces]  # [F, 3, 3]
     normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])

@@ -11,7 +11,7 @@ from models.avatar.texture import box_mean
 from models.avatar.types import VATTR, Avatar, RenderOutput
 from models.avatar.visibility import max_filter3x3, seen_fraction
 from models.geometry.camera import OrbitPose, project
-from models.geometry.raster import interpolate, rasterize
+from models.geometry.raster import interpolate, rasterize, weighted_rows
 
 __all__ = ["face_detail_fade", "render_cameras", "render_views", "shell_detail_fade", "texture_quality", "view_angle_deg"]
 
@@ -148,9 +148,9 @@ def _sample(texture: torch.Tensor, h: torch.Tensor, span: tuple[float, float],
 def _sample_memory(avatar: Avatar, frags) -> torch.Tensor:
     """The appearance memory [V, 6, S, S] (RGB lit as now, alpha, weights under and over the frame's own texture) at each pixel's atlas
     position: its triangle's corner positions (avatar.memory_uv) weighted by its barycentrics."""
-    corner = avatar.memory_uv[frags.face_id.clamp(min=0)]  # [V, S, S, 3, 2]
-    grid = (frags.bary[..., None] * corner).sum(-2)  # [V, S, S, 2]
-    V = grid.shape[0]
+    V, S = frags.face_id.shape[:2]
+    corner = frags.face_id.clamp(min=0).reshape(-1, 1) * 3 + torch.arange(3, device=frags.face_id.device)  # [V S S, 3]
+    grid = weighted_rows(avatar.memory_uv.reshape(-1, 2), corner, frags.bary.reshape(-1, 3)).reshape(V, S, -1, 2)
     return F.grid_sample(avatar.memory.expand(V, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)
 

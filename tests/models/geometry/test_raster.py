@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.geometry.raster import interpolate, rasterize
+from models.geometry.raster import _gathered_rows, interpolate, rasterize, weighted_rows
 
 
 def naive_rasterize(pix, faces, H, W, near=1e-3):
@@ -77,6 +77,20 @@ def test_is_deterministic_and_interpolates():
     assert torch.allclose(vals[covered], a.depth[covered], rtol=1e-4)
 
 
+def test_weighted_rows_on_the_cpu_match_the_gathers_used_elsewhere():
+    g = torch.Generator().manual_seed(3)
+    table, index = torch.rand(50, 7, generator=g), torch.randint(0, 50, (400, 3), generator=g)
+    weights = torch.rand(400, 3, generator=g)
+    rows = weighted_rows(table, index, weights)
+    twin = (table[index] * weights[..., None]).sum(1)  # [P, 3, C] written out, then summed
+    assert torch.allclose(rows, twin, atol=1e-6) and torch.allclose(_gathered_rows(table, index, weights), twin, atol=1e-6)
+    # strided weights (a slice of barycentrics) and a per-corner table, as the appearance memory passes them
+    bary = torch.rand(400, 4, generator=g)[:, 1:]
+    assert torch.allclose(weighted_rows(table, index, bary), _gathered_rows(table, index, bary), atol=1e-6)
+    with pytest.raises(ValueError, match="expected table"):
+        weighted_rows(table, index, weights[:, :2])
+
+
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"expected pix \[V, N, 3\]"):
         rasterize(torch.zeros(5, 3), torch.zeros(1, 3, dtype=torch.long), 8, 8)
@@ -84,7 +98,6 @@ def test_rejects_bad_shapes():
         rasterize(torch.zeros(1, 5, 3), torch.zeros(1, 4, dtype=torch.long), 8, 8)
 
 
-@pytest.mark.gpu
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     pix, faces, H, W = random_scene(7, V=4, n_tris=200, H=96, W=128)
