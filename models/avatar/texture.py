@@ -42,9 +42,29 @@ def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _max_filter(x: torch.Tensor, k: int) -> torch.Tensor:
-    """k x k maximum of [B, C, H, W] (k odd), stride 1: two separable max-pool passes (the same numbers)."""
-    x = F.max_pool2d(x, (1, k), stride=1, padding=(0, k // 2))
-    return F.max_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0))
+    """k x k maximum of [B, C, H, W] (k odd), stride 1, separable. On the CPU the maxima of k shifted
+    copies along each axis (the same numbers as max_pool2d, about 4x faster there); elsewhere two
+    max-pool passes (two kernels)."""
+    r = k // 2
+    if x.device.type != "cpu":
+        x = F.max_pool2d(x, (1, k), stride=1, padding=(0, r))
+        return F.max_pool2d(x, (k, 1), stride=1, padding=(r, 0))
+    for dim in (3, 2):
+        n = x.shape[dim]
+        padded = F.pad(x, (r, r, 0, 0) if dim == 3 else (0, 0, r, r), value=float("-inf"))
+        x = padded.narrow(dim, 0, n)
+        for i in range(1, k):
+            x = torch.maximum(x, padded.narrow(dim, i, n))
+    return x
+
+
+def _half_mean(x: torch.Tensor) -> torch.Tensor:
+    """2 x 2 mean of [B, C, H, W], stride 2 (avg_pool2d(x, 2, ceil_mode=True): an odd last row or column is
+    averaged over what lies inside). On the CPU with even sides the sum of four strided views (about 3x faster
+    there; equal to float rounding); elsewhere avg_pool2d."""
+    if x.device.type != "cpu" or x.shape[-1] % 2 or x.shape[-2] % 2:
+        return F.avg_pool2d(x, 2, ceil_mode=True)
+    return (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +94,7 @@ def decontaminate(texture: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     (they vary smoothly; the CPU build spends a third of the time).
     """
     full = texture
-    texture = F.avg_pool2d(full, 2, ceil_mode=True)
+    texture = _half_mean(full)
     rgb, m = texture[:, :3], texture[:, 3:]
     small = F.adaptive_avg_pool2d(torch.cat([texture, rgb.square().sum(1, keepdim=True)], 1), size)  # RGB, mask, |RGB|^2
     inner = -_max_filter(-small[:, 3:4], 5)  # the mask eroded by two cells
@@ -109,7 +129,7 @@ def decontaminate(texture: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     colour = (rgb - spill_weight * (along - along_fg).clamp(min=0.0) * c).clamp(0.0, 1.0)
     correction = F.interpolate(torch.cat([colour - rgb, alpha - m], 1), size=full.shape[-2:], mode="bilinear",
                                align_corners=False)
-    return (full + correction).clamp(0.0, 1.0)
+    return correction.add_(full).clamp_(0.0, 1.0)
 
 
 def fill_texture(texture: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
@@ -134,7 +154,7 @@ def _push_pull(weighted: torch.Tensor) -> torch.Tensor:
     for a fixed size."""
     levels = [weighted]
     while max(levels[-1].shape[-2:]) > 1:
-        levels.append(F.avg_pool2d(levels[-1], 2, ceil_mode=True))
+        levels.append(_half_mean(levels[-1]))
     top = levels[-1]  # [1, C + 1, 1, 1]: the mean value
     value = top[:, :-1] / top[:, -1:].clamp(min=1e-6)
     for level in reversed(levels[:-1]):
