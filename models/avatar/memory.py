@@ -337,8 +337,8 @@ class AppearanceMemory:
         self._ratio = torch.ones(1, 3, Ha, Wa, device=self.device)  # lighting now over then
         self._yaw_now = 0.0  # the newest frame's head yaw
         self._centres = torch.tensor(self._layer_centres(), device=self.device)[:, None]  # [K, 1] layers' yaws, degrees
-        self.view = torch.zeros(1, 6, Ha, Wa, device=self.device)  # what renders sample (see update)
-        self._texel_view = torch.zeros(T + 1, 6, device=self.device)  # per texel, then a row of zeros
+        self.view = torch.zeros(1, 7, Ha, Wa, device=self.device)  # what renders sample (see look_from)
+        self._texel_view = torch.zeros(T + 1, 7, device=self.device)  # per texel, then a row of zeros
         self._sums = torch.zeros(atlas.grid[0] * atlas.grid[1], 7, device=self.device)
 
     @property
@@ -507,10 +507,19 @@ class AppearanceMemory:
         fill = anywhere * atlas.texel_static
         over = (far * near * atlas.texel_static) * ((best - own * self._q_now - cfg.better_by) / 0.15).clamp(0.0, 1.0)
         T = fill.shape[0]
-        self._texel_view[:T] = torch.cat([colour, fill[:, None], over[:, None]], -1)
+        # Colour and alpha premultiplied by the coverage k (how much any layer saw the texel), k last: a bilinear
+        # lookup beside texels never seen divides by k and keeps the seen texels' colour (straight colour next to
+        # the zeros of unseen texels drew a dark line where what the memory saw ends).
+        k = anywhere[:, None]
+        self._texel_view[:T] = torch.cat([colour * k, fill[:, None], over[:, None], k], -1)
         Ha, Wa = atlas.size
-        view = self._texel_view.index_select(0, atlas.gutter).t().reshape(1, 6, Ha, Wa)
-        self.view.copy_(torch.cat([(view[:, :3] * self._ratio).clamp(0.0, 1.0), view[:, 3:]], 1))
+        view = self._texel_view.index_select(0, atlas.gutter).t().reshape(1, 7, Ha, Wa)
+        lit = torch.minimum(view[:, :3] * self._ratio, view[:, 6:7]).clamp(min=0.0)
+        self.view.copy_(torch.cat([lit, view[:, 3:]], 1))
+
+    def colours(self) -> torch.Tensor:
+        """[1, 4, Ha, Wa] straight RGBA of :attr:`view` (lit as now; 0 where no layer saw the texel)."""
+        return self.view[:, :4] / self.view[:, 6:7].clamp(min=1e-6)
 
     def attach(self, avatar: Avatar) -> Avatar:
         """The avatar with the memory's view attached (renders use it where the frame saw badly)."""

@@ -147,12 +147,13 @@ def _sample(texture: torch.Tensor, h: torch.Tensor, span: tuple[float, float],
 
 def _sample_memory(avatar: Avatar, frags) -> torch.Tensor:
     """The appearance memory [V, 6, S, S] (RGB lit as now, alpha, weights under and over the frame's own texture) at each pixel's atlas
-    position: its triangle's corner positions (avatar.memory_uv) weighted by its barycentrics."""
+    position: its triangle's corner positions (avatar.memory_uv) weighted by its barycentrics. The colour is a mean over the
+    texels the memory saw (premultiplied by their coverage, divided by it here); the weights fade where it saw nothing."""
     V, S = frags.face_id.shape[:2]
     corner = frags.face_id.clamp(min=0).reshape(-1, 1) * 3 + torch.arange(3, device=frags.face_id.device)  # [V S S, 3]
     grid = weighted_rows(avatar.memory_uv.reshape(-1, 2), corner, frags.bary.reshape(-1, 3)).reshape(V, S, -1, 2)
-    return F.grid_sample(avatar.memory.expand(V, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False)
+    m = F.grid_sample(avatar.memory.expand(V, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return torch.cat([(m[:, :4] / m[:, 6:7].clamp(min=1e-6)).clamp(0.0, 1.0), m[:, 4:6]], 1)
 
 
 def _unpremultiply(rgba: torch.Tensor) -> torch.Tensor:

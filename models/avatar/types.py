@@ -116,7 +116,7 @@ class Avatar:
     config: AvatarConfig
     host: HostCameras | None = None  # CPU copies of the camera constants (no device round trips)
     needed: torch.Tensor | None = None  # 0-d: candidates the source-depth raster needed
-    memory: torch.Tensor | None = None  # [1, 6, Ha, Wa] appearance memory (models.avatar.memory): RGB lit as now, alpha, weights under / over the own texture
+    memory: torch.Tensor | None = None  # [1, 7, Ha, Wa] appearance memory (models.avatar.memory): RGB lit as now and alpha, both times k; weights under / over the own texture; k, the coverage
     memory_uv: torch.Tensor | None = None  # [F, 3, 2] atlas position of each triangle corner (grid_sample units)
 
     @property

@@ -31,7 +31,7 @@ def turned():
 
 def view_colours(memory, texels):
     """The colours renders sample [n, 3] at covered texels (indices into the atlas's texel list)."""
-    return memory.view[0, :3].reshape(3, -1)[:, memory.atlas.texel_ids[texels]].t()
+    return memory.colours()[0, :3].reshape(3, -1)[:, memory.atlas.texel_ids[texels]].t()
 
 
 def test_a_turning_head_keeps_texels_seen_earlier(turned):
@@ -154,7 +154,7 @@ def test_lighting_drift_is_carried_by_the_ratio():
         avatar, image, obs, _ = avatar_at(yaw, tint=0.7)
         memory.observe(avatar, image, obs, t_s=i / 30)
     atlas = memory.atlas
-    before = memory.view[0, :3].clone()  # lit as the last darker frame
+    before = memory.colours()[0, :3].clone()  # lit as the last darker frame
     avatar, image, obs, _ = avatar_at(0)
     memory.observe(avatar, image, obs, t_s=0.2)
     middle = memory.confidence.shape[0] // 2  # the layer of yaw 0, which the brighter frame went to
@@ -218,3 +218,28 @@ def test_feed_and_view_on_cuda_never_wait_for_the_device():
         memory.attach(avatar)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_remembered_colour_does_not_darken_where_what_was_seen_ends():
+    """Bilinear lookups beside texels the memory never saw keep the seen texels' colour (only the weights
+    fade): a straight colour next to the zeros of unseen texels drew a dark line across the cheek."""
+    from models.avatar.render import _sample_memory
+    from models.geometry.camera import project
+    from models.geometry.raster import rasterize
+
+    avatar = avatar_at(0)[0]
+    memory = AppearanceMemory(CONFIG)
+    memory.allocate(avatar.config)
+    atlas = memory.atlas
+    x = torch.full((atlas.texel_ids.shape[0], 4), 0.6)
+    x[:, 3] = 1.0
+    seen = (atlas.texel_ids % atlas.size[1] < CONFIG.texels // 2).float()  # the face's left half of the atlas
+    memory.feed(x, seen, 0.0)
+    viewmats, Ks = avatar.cameras([OrbitPose(yaw_deg=20)], 128)
+    pix = project(avatar.verts[None], viewmats, Ks)
+    frags = rasterize(pix, avatar.faces, 128, 128, cull=avatar.cull, skip=avatar.skip)
+    sampled = _sample_memory(memory.attach(avatar), frags)[0]  # [6, S, S]
+    fill = sampled[4]
+    used = frags.mask[0] & (fill > 0.02)
+    assert used.sum() > 200 and (used & (fill < 0.5)).sum() > 20  # the edge of what was seen is in the view
+    assert (sampled[:3, used] - 0.6).abs().max() < 0.01
