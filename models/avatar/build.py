@@ -8,7 +8,7 @@ import torch
 from models.avatar.geometry import mesh_vertices, shell_support, vertex_normals
 from models.avatar.plan import BuildPlan, ObservationView, prepare_build
 from models.avatar.texture import (decontaminate, diffuse_colours, fill_hidden_card, fill_hidden_shell, fill_texture,
-                                   lighting_ratio, rgba_texture, sample_vertices, transparent_card_faces)
+                                   lighting_ratio, rgba_texture, sample_vertices, shading, transparent_card_faces)
 from models.avatar.topology import mesh_constants, mesh_topology
 from models.avatar.types import Avatar, AvatarConfig
 from models.avatar.visibility import facing_source, source_depth_map, vertex_visible
@@ -84,7 +84,8 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # What the source camera saw: a depth map of the head, and per vertex.
     src_depth, frags = source_depth_map(tex_verts, st, A @ Kt, plan.vis_size, capacity)
     visible = vertex_visible(tex_h, src_depth, A, st.card_verts)  # [N] bool
-    facing, grazing = facing_source(tex_verts, vertex_normals(tex_verts, st.faces, st.incident))  # [N] each
+    normals = vertex_normals(tex_verts, st.faces, st.incident)
+    facing, grazing = facing_source(tex_verts, normals)  # [N] each
 
     # Fill texture for what the source did not see (used per pixel where hidden).
     fill = tex_h.clone()
@@ -105,14 +106,19 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # Symmetric completion: what the source saw badly may be seen well on the other side of the face.
     span = (float(H), span_w)
     head = st.flags[:, 1]
-    quality = visible.float() * ((facing - 0.15) / 0.35).clamp(0, 1) * sample_vertices(texture, tex_h, span)[:, 3]
+    on_person = visible.float() * sample_vertices(texture, tex_h, span)[:, 3]
+    quality = on_person * ((facing - 0.15) / 0.35).clamp(0, 1)
     mirror_q = quality[st.mirror] * head
-    ratio = lighting_ratio(sample_vertices(texture_fill, tex_h, span)[:, :3], quality, (tex_verts - o.t) @ o.R, st)
+    low = sample_vertices(texture_fill, tex_h, span)[:, :3]
+    ratio = lighting_ratio(low, quality, (tex_verts - o.t) @ o.R, st)
     # Per-vertex fill colours: the low-pass texture where the source saw the head well, spread
-    # over the mesh to where it saw it badly (the underside of the chin, the edge-on sides).
+    # over the mesh to where it saw it badly (the underside of the chin, the edge-on sides), shaded
+    # as the face shows the light falling off with the surface's angle to the source camera.
     fill_rgb = sample_vertices(texture_fill, fill, span)[:, :3]
     n_head = topo.n_face + topo.n_shell
-    fill_rgb = torch.cat([diffuse_colours(fill_rgb[:n_head], quality[:n_head], st, topo.n_head_faces),
+    toward = -(normals * tex_verts).sum(-1) / tex_verts.norm(dim=-1).clamp(min=1e-9)  # [N] signed cosine
+    shade = shading(low, on_person * (facing > 0.05).float(), toward, st)[:n_head]
+    fill_rgb = torch.cat([diffuse_colours(fill_rgb[:n_head], quality[:n_head], st, topo.n_head_faces, shade=shade),
                           fill_rgb[n_head:]])
     vattr = torch.cat([tex_h, fill, tex_h[st.mirror], ratio, fill_rgb, grazing[:, None], mirror_q[:, None],
                        opacity[:, None]], -1)  # [N, VATTR.COUNT]

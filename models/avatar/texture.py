@@ -9,7 +9,7 @@ from models.avatar.geometry import area_pool
 from models.avatar.plan import BuildPlan, reduction_factor
 from models.avatar.topology import MeshConstants
 
-__all__ = ["box_mean", "decontaminate", "fill_hidden_card", "fill_hidden_shell", "fill_texture", "lighting_ratio", "rgba_texture",
+__all__ = ["box_mean", "decontaminate", "fill_hidden_card", "fill_hidden_shell", "fill_texture", "lighting_ratio", "rgba_texture", "shading",
            "sample_vertices", "diffuse_colours", "transparent_card_faces"]
 
 
@@ -196,6 +196,29 @@ def lighting_ratio(low: torch.Tensor, quality: torch.Tensor, head_points: torch.
     return (x[:, None] * beta[None]).clamp(-0.69, 0.69).exp()
 
 
+def shading(low: torch.Tensor, weight: torch.Tensor, facing: torch.Tensor, st: MeshConstants) -> torch.Tensor:
+    """Per vertex [N, 3] in [1/2, 1]: how much darker the source's light leaves surface that faces
+    its camera less, for fill colour carried over the mesh from surface that faces it more.
+
+    low [N, 3]: the low-pass colour at each vertex; weight [N]: 1 where the source saw it (at any
+    angle: a low-pass colour is right even where the detail is stretched), 0 elsewhere; facing [N]:
+    the cosine between the outward normal and the direction to the source camera (signed). With
+    the log colour linear in c = max(facing, 0) (Lambert's cosine law with ambient light, for a light
+    near the camera), log L(c) = a + gamma c; gamma (per channel) is the weighted least-squares
+    slope over the face-mesh vertices, shrunk to 0 with few of them:
+        gamma = sum w (c - c_w) (log L - l_w) / (sum w (c - c_w)^2 + prior),
+    and the shading exp(gamma (c - 1)) (1 facing the camera). One-sided: a slope below 0 (a face
+    lit from the side or behind, or whose darker features face the camera) darkens nothing."""
+    c = facing.clamp(min=0.0)
+    log_low = (low + 0.03).log()
+    w = weight * st.flags[:, 0]
+    total = w.sum().clamp(min=1e-6)
+    dc = c - (w * c).sum() / total
+    dl = log_low - (w[:, None] * log_low).sum(0) / total
+    gamma = ((w * dc)[:, None] * dl).sum(0) / ((w * dc.square()).sum() + 2e-2)  # [3]
+    return ((c[:, None] - 1.0) * gamma[None]).clamp(-0.69, 0.0).exp()
+
+
 def fill_hidden_shell(fill, visible, st: MeshConstants, pole: int, outward: torch.Tensor) -> None:
     """Hidden shell vertices take the texture of the last visible vertex of their sweep
     from the face outline (hair colour continues round the back of the head), moved
@@ -219,15 +242,19 @@ def fill_hidden_shell(fill, visible, st: MeshConstants, pole: int, outward: torc
 
 
 def diffuse_colours(colour: torch.Tensor, quality: torch.Tensor, st: MeshConstants, n_head_faces: int,
-                    steps: int = 3) -> torch.Tensor:
+                    steps: int = 3, shade: torch.Tensor | None = None) -> torch.Tensor:
     """Head vertex colours [H, C] (face mesh and shell, H = n_face + n_shell) where the source saw
     badly, taken from where it saw well: ``steps`` rounds of a quality-weighted mean over
     each vertex's triangles (a normalised diffusion over the mesh), then each vertex keeps
     its own colour by its quality. Face and shell apart: skin does not flow into the hair,
     nor hair onto the face (the outline, ring 0, is the face's).
 
-    colour [H, C], quality [H] in [0, 1]; n_head_faces: the head's triangles (they come first).
+    colour [H, C], quality [H] in [0, 1]; n_head_faces: the head's triangles (they come first);
+    shade [H, C] (:func:`shading`): what is spread is colour / shade, relit by each vertex's own
+    shade (an edge-on side is not as bright as the front it takes its colour from).
     A vertex no well-seen colour reaches keeps its own."""
+    if shade is not None:
+        return diffuse_colours(colour / shade, quality, st, n_head_faces, steps) * shade
     faces = st.faces[:n_head_faces]  # head triangles: face mesh, then shell
     on_face = (st.part[:n_head_faces] == 0)[:, None]
     q = quality[:, None]

@@ -1,5 +1,7 @@
 """The avatar's textures: the low-pass fill copy keeps the person's colour and carries it
 past the person's edge."""
+import math
+
 import pytest
 import torch
 
@@ -46,3 +48,54 @@ def test_box_mean_on_cuda_matches_the_cpu():
     x = torch.rand(1, 4, 64, 48, generator=torch.Generator().manual_seed(1))
     for k in (3, 5):
         assert torch.allclose(box_mean(x.cuda(), k).cpu(), box_mean(x, k), atol=1e-5)
+
+
+def _head_constants():
+    from models.avatar.topology import mesh_constants, mesh_topology
+
+    key = (10, 28, False)
+    topo = mesh_topology(*key)
+    return topo, mesh_constants(topo, key, torch.device("cpu"))
+
+
+def test_shading_is_the_light_falloff_the_face_shows_towards_its_edges():
+    from models.avatar.texture import shading
+
+    _, st = _head_constants()
+    N = st.flags.shape[0]
+    facing = torch.rand(N, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.2  # [-0.2, 1]
+    c = facing.clamp(min=0.0)
+    seen = torch.ones(N)
+    # A face lit from the camera: log colour linear in the cosine, slope 0.4 (0.67 x as bright edge-on).
+    low = (0.6 * (0.4 * (c - 1.0)).exp()[:, None] * torch.tensor([1.0, 0.8, 0.7]) - 0.03).clamp(min=0.0)
+    shade = shading(low, seen, facing, st)
+    assert shade.shape == (N, 3)
+    assert torch.allclose(shade[facing > 0.99], torch.ones(1), atol=0.01)
+    edge_on = shade[facing.abs() < 0.02]
+    assert torch.allclose(edge_on, torch.full_like(edge_on, math.exp(-0.4)), atol=0.03)
+    # Only seen face-mesh vertices count: the same slope from them alone, whatever the rest shows.
+    noise = torch.rand(N, 3, generator=torch.Generator().manual_seed(1))
+    mixed = torch.where(st.flags[:, :1] > 0.5, low, noise)
+    assert torch.allclose(shading(mixed, seen, facing, st), shade, atol=1e-5)
+    # A face brighter edge-on than in front (lit from the side, or dark features in front): nothing darkens.
+    assert torch.all(shading(low.max() - low, seen, facing, st) == 1.0)
+
+
+def test_diffused_fill_colour_is_relit_by_each_vertex_shade():
+    from models.avatar.texture import diffuse_colours
+
+    topo, st = _head_constants()
+    H = topo.n_face + topo.n_shell
+    seen = torch.zeros(H, dtype=torch.bool)
+    seen[: H // 2] = True
+    colour = torch.where(seen, 0.8, 0.2)[:, None].expand(H, 3)
+    shade = torch.where(seen, 1.0, 0.5)[:, None].expand(H, 3)
+    plain = diffuse_colours(colour, seen.float(), st, topo.n_head_faces)
+    lit = diffuse_colours(colour, seen.float(), st, topo.n_head_faces, shade=shade)
+    # Well-seen vertices keep their own colour; the rest take the spread colour at their own shade
+    # (or keep their own where no well-seen colour reaches them).
+    assert torch.equal(lit[seen], plain[seen])
+    reached = ~seen & (plain[:, 0] > 0.5)
+    assert reached.sum() > 20
+    assert torch.allclose(lit[reached], plain[reached] * 0.5, atol=1e-5)
+    assert torch.allclose(lit[~seen & ~reached], plain[~seen & ~reached], atol=1e-5)
