@@ -38,6 +38,11 @@ from telepresence.pipeline import cpu_threads  # noqa: E402
 YAWS = [-30.0, -10.0, 10.0, 30.0, 20.0, -20.0, 0.0, 5.0]
 
 
+def view_poses(n: int) -> list:
+    """n viewers' poses: the yaws above, in turn (more than 8 viewers share them)."""
+    return [OrbitPose(yaw_deg=YAWS[i % len(YAWS)]) for i in range(n)]
+
+
 def load_case():
     from skimage import data
 
@@ -50,7 +55,7 @@ def load_case():
 
 
 def check_cuda(image, obs, size: int = 256) -> None:
-    poses = [OrbitPose(yaw_deg=y) for y in YAWS[:4]]
+    poses = view_poses(4)
     cpu = render_views(build_avatar(image, obs, render_size=size), poses, size)
     eager = render_views(build_avatar(image, obs, device="cuda", render_size=size), poses, size)
     engine = AvatarEngine(device="cuda", render_size=size)
@@ -68,7 +73,7 @@ def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
     device time of each replay from CUDA events)."""
     from models.avatar.plan import prepare_build
 
-    poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+    poses = view_poses(V)
     engine = AvatarEngine(device="cuda", render_size=size)
     engine.build(image, obs)
     engine.render(poses)
@@ -129,7 +134,7 @@ def memory_rows(image, obs, device: torch.device, size: int, V: int, repeats: in
     yaws = iter(YAWS * (4 * repeats + 100))  # the head turns between frames: every pose layer is used
     for _ in range(len(YAWS)):
         memory.update(avatar, next(yaws))
-    poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+    poses = view_poses(V)
     update = time_ms(lambda: memory.update(avatar, next(yaws)), device, repeats=repeats)
     attached = memory.attach(avatar)
     # The render's extra: renders without and with the memory in alternation, the median of the pairs'
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
     for path in paths:
         for size in args.sizes:
             for V in args.views:
-                poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+                poses = view_poses(V)
                 if path == "eager":
                     avatar = build_avatar(image, obs, device=device, render_size=size)
                     build_fn = lambda: build_avatar(image, obs, device=device, render_size=size)  # noqa: E731
@@ -201,7 +206,7 @@ def main(argv=None) -> int:
     if args.profile:
         # The graphs path's maths (fixed shapes) run eagerly, so the profiler sees every kernel.
         size, V = args.sizes[-1], args.views[-1]
-        poses = [OrbitPose(yaw_deg=y) for y in YAWS[:V]]
+        poses = view_poses(V)
         engine = AvatarEngine(device=device, render_size=size, cuda_graphs=False, fixed_shapes=True)
         engine.build(image, obs)
         engine.render(poses)

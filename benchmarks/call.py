@@ -185,7 +185,7 @@ async def run(args: argparse.Namespace, loads: list[float], cpu_percent: dict[st
                         max_connections_per_ip=max(16, 3 * n))
     pipeline = PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner)
     host = CallHost(CallConfig(sender=SenderConfig(source="uplink", codec=args.codec, stamp_frames=True, max_viewers=max(8, n)),
-                               pipeline=pipeline, pipeline_factory=args.pipeline, max_participants=n))
+                               pipeline=pipeline, pipeline_factory=args.pipeline, max_participants=n, mps=args.mps))
     receiver = Receiver(ReceiverConfig(port=0, room=ROOM, web_dir=Path(__file__).resolve().parents[1] / "web", limits=limits),
                         cameras=host)
     host.attach(receiver.signaling)
@@ -242,6 +242,8 @@ async def run(args: argparse.Namespace, loads: list[float], cpu_percent: dict[st
     for result in measured:
         result["server"] = median_stages(samples.get(result["name"], []))
         result["path"] = paths.get(result["name"])
+        if result["path"] is not None and host.gpu_sharing is not None:
+            result["path"]["gpu_sharing"] = host.gpu_sharing
     return measured
 
 
@@ -255,6 +257,8 @@ def main() -> int:
     parser.add_argument("--source", default="sample", help="each participant's camera (capture.open_source spelling)")
     parser.add_argument("--source-fps", type=float, default=None, help="pace the camera (the sample clip is 25 fps)")
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
+    parser.add_argument("--mps", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a GPU, the pipelines side by side through CUDA MPS, as `telepresence serve` (the default)")
     parser.add_argument("--pipeline", default=None, help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
     parser.add_argument("--out", type=Path, default=None,

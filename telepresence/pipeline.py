@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
+import cv2
 import numpy as np
 import torch
 
@@ -68,10 +69,14 @@ class PipelineConfig:
     fills what the current frame sees badly (the sides of the head when turned). Off by default: it has not
     yet shown the gain issue 20 asks for (0.1 dB at 30-45 degrees on one head-turn clip)."""
     cpu_threads: int | None = None
-    """Torch's threads when device is "cpu"; None: one less than the machine's cores (at least 1). Face
-    analysis and the video encoder run beside the avatar work: on 2 cores, two torch threads stall
-    on each other's barriers whenever one core is busy with them (the demo on this project's 2-core
-    machine: 4.9 fps with 2 threads, 7.9 with 1; benchmarks/loopback.py)."""
+    """Host threads of torch and OpenCV in this pipeline's process. None: on "cpu" one less than the
+    machine's cores (at least 1): face analysis and the video encoder run beside the avatar work, and on
+    2 cores two torch threads stall on each other's barriers whenever one core is busy with them (the
+    demo on this project's 2-core machine: 4.9 fps with 2 threads, 7.9 with 1; benchmarks/loopback.py).
+    On a GPU 2 (fewer if the machine has fewer cores): the avatar and refiner run on the device, the host
+    threads only launch them and do small work, and the call runs one pipeline process per participant:
+    each library's default of a thread per core made 4 processes spin 4 x 16 threads on 16 cores (the
+    H200 call at 512: 10 fps each with the defaults, 29 with 2 threads; docs/call.md)."""
     warm_views: int = 4
     """On CUDA, capture the render and refiner graphs for 1..warm_views views on the first
     frame with a face (about 0.4 s each), so a viewer joining later does not stall the others."""
@@ -164,8 +169,7 @@ class Pipeline:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available")
-        if self.device.type == "cpu":
-            _set_cpu_threads(config.cpu_threads)
+        _set_host_threads(config.cpu_threads, self.device.type)
         self.analyzer = FaceAnalyzer(FaceConfig(static_image=False, fov_deg=config.source_fov_deg))
         self.avatar_config = AvatarConfig(background=config.background)
         # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
@@ -302,23 +306,33 @@ class Pipeline:
         return list(pictures)
 
 
-def cpu_threads(asked: int | None) -> int:
-    """Torch threads for a CPU pipeline: ``asked``, or the cores less one for analysis and encoding."""
+def cpu_threads(asked: int | None, device: str = "cpu") -> int:
+    """Host threads for a pipeline on `device` (PipelineConfig.cpu_threads): ``asked``; else on the CPU the
+    cores less one for analysis and encoding, on a GPU 2 (its work is on the device)."""
     import os
 
     if asked is not None:
         return asked
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset, cgroups
-    return max(1, (cores or 1) - 1)
+    spare = max(1, (cores or 1) - 1)
+    return spare if device == "cpu" else min(2, spare)
 
 
-def _set_cpu_threads(asked: int | None) -> None:
-    threads = cpu_threads(asked)
+def _set_host_threads(asked: int | None, device: str) -> None:
+    """Torch's and OpenCV's thread pools for this process (both default to one thread a core)."""
+    threads = cpu_threads(asked, device)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    log.info("CPU: torch runs the avatar on %d thread%s%s", threads, "" if threads == 1 else "s",
-             "" if asked is not None else " (the cores less one: face analysis and the video encoder run beside it; "
-             "--threads N to change)")
+    cv2.setNumThreads(threads)
+    if device == "cpu":
+        log.info("CPU: torch runs the avatar on %d thread%s%s", threads, "" if threads == 1 else "s",
+                 "" if asked is not None else " (the cores less one: face analysis and the video encoder run beside "
+                 "it; --threads N to change)")
+    else:
+        log.info("%s: torch and OpenCV use %d host thread%s in this process%s", device.upper(), threads,
+                 "" if threads == 1 else "s", "" if asked is not None else
+                 " (the work is on the device; a thread a core in each participant's process starved the call; "
+                 "--threads N to change)")
 
 
 def _open_memory(config: PipelineConfig, device: torch.device):

@@ -50,6 +50,15 @@ def build_pipeline_with_refiner(config: PipelineConfig) -> "Pipeline":
     return pipeline
 
 
+def build_pipeline_naming_mps(config: PipelineConfig) -> "Pipeline":
+    """The same pictures; its refiner name says which CUDA MPS pipe folder its process was given (worker env)."""
+    import os
+
+    pipeline = Pipeline(config)
+    pipeline.refiner_name = f"mps pipe: {os.environ.get('CUDA_MPS_PIPE_DIRECTORY')}"
+    return pipeline
+
+
 def build_failing_pipeline(config: PipelineConfig) -> "Pipeline":
     return FailingPipeline(config)
 

@@ -46,6 +46,7 @@ from .messages import (
     UnpublishedMessage,
     parse_uplink_message,
 )
+from .mps import MpsDaemon, share_gpu
 from .rtc import InvalidOfferError
 from .sender import PC_CLOSE_TIMEOUT_S, Sender, SenderConfig
 from .signaling import CallRefusedError, Member, SignalingServer, session_id
@@ -79,6 +80,9 @@ class CallConfig:
     """A participant whose camera stops sending usable frames this long is dropped."""
     max_bad_frames: int = 10
     """A participant whose camera sends this many frames of unusable size in a row is dropped."""
+    mps: bool = True
+    """On a GPU, the participants' pipeline processes share it through CUDA MPS (telepresence.stream.mps: a
+    daemon of the server's own) instead of taking turns; a warning says so when MPS cannot be had."""
     pipeline_timeout_s: float = 20.0
     """A participant whose pipeline (its own process) does not answer one frame in this long is dropped
     and the process stopped (a frame takes milliseconds on a GPU, a second on a busy CPU)."""
@@ -137,7 +141,7 @@ class Participant:
         config = self.host.config
         opening = self._loop.run_in_executor(None, functools.partial(
             open_pipeline_process, config.pipeline, config.pipeline_factory, name=repr(self),
-            timeout_s=config.pipeline_timeout_s))
+            timeout_s=config.pipeline_timeout_s, env=await self.host.gpu_env()))
         try:
             self.pipeline = await asyncio.shield(opening)
         except PipelineUnavailableError as error:
@@ -290,6 +294,24 @@ class CallHost:
         self.participants: dict[str, Participant] = {}
         self._server: Optional[SignalingServer] = None
         self._tasks: set[asyncio.Task] = set()
+        self._mps: Optional[MpsDaemon] = None
+        self._gpu_env: Optional[asyncio.Future] = None
+        self.gpu_sharing: Optional[str] = None
+        """How the participants' pipelines share a GPU, in words, once the first one has started on one."""
+
+    async def gpu_env(self) -> dict[str, str]:
+        """What each pipeline process sets before it starts CUDA: on a GPU with config.mps, the MPS daemon's pipe
+        folder (started for the first participant, once); else {}."""
+        if not self.config.pipeline.device.startswith("cuda"):
+            return {}
+        if not self.config.mps:
+            self.gpu_sharing = "by turns (--no-mps)"
+            return {}
+        if self._gpu_env is None:
+            self._mps = MpsDaemon()
+            self._gpu_env = asyncio.get_running_loop().run_in_executor(None, share_gpu, self._mps)
+        env, self.gpu_sharing = await asyncio.shield(self._gpu_env)
+        return env
 
     def attach(self, server: SignalingServer) -> None:
         """The server whose rooms the avatars join (the one that hands this host its `publish`es)."""
@@ -352,3 +374,6 @@ class CallHost:
         await asyncio.gather(*(self.drop(p, "the server is stopping", fault=False) for p in list(self.participants.values())),
                              return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._gpu_env is not None:
+            await asyncio.gather(self._gpu_env, return_exceptions=True)
+            await asyncio.get_running_loop().run_in_executor(None, self._mps.stop)

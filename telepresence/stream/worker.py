@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import traceback
@@ -275,15 +276,16 @@ def prepare_workers() -> None:
 
 
 def open_pipeline_process(config: PipelineConfig, factory: Optional[str] = None, *, name: str = "pipeline",
-                          timeout_s: float = 20.0, start_timeout_s: float = 300.0) -> PipelineProcess:
+                          timeout_s: float = 20.0, start_timeout_s: float = 300.0,
+                          env: Optional[dict[str, str]] = None) -> PipelineProcess:
     """open_pipeline(config, factory) in a new process (forked from the fork server, prepare_workers);
-    blocks until it is loaded.
+    blocks until it is loaded. `env`: set in the process before it loads anything (CUDA MPS's pipe folder).
     PipelineUnavailableError when it cannot be (the reason from the process), or takes start_timeout_s."""
     context = _context()
     analysis, analysis_end = context.Pipe()
     frames, frames_end = context.Pipe()
-    process = context.Process(target=_serve, args=(config, factory, analysis_end, frames_end, _logging_setup(), name),
-                              name=f"pipeline {name}", daemon=True)
+    process = context.Process(target=_serve, name=f"pipeline {name}", daemon=True,
+                              args=(config, factory, analysis_end, frames_end, _logging_setup(), name, dict(env or {})))
     process.start()
     analysis_end.close()  # the worker holds the other ends: EOF here when it is gone
     frames_end.close()
@@ -427,9 +429,10 @@ def _logging_setup() -> tuple[int, Optional[str], Optional[str], dict[str, int],
 
 
 def _serve(config: PipelineConfig, factory: Optional[str], analysis: Connection, frames: Connection,
-           logging_setup: tuple, name: str) -> None:
+           logging_setup: tuple, name: str, env: dict[str, str]) -> None:
     """The worker process: load the pipeline, say so, answer on `frames` (this thread) and `analysis` (another)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server closes us
+    os.environ.update(env)  # before CUDA starts (the fork server that made us has not started it)
     level, fmt, datefmt, levels, captured = logging_setup
     logging.basicConfig(level=level, format=(fmt or "%(levelname)s %(name)s: %(message)s").replace(
         "%(message)s", f"[{name}] %(message)s"), datefmt=datefmt)

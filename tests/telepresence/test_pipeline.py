@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -81,17 +82,22 @@ def test_a_cpu_pipeline_leaves_a_core_to_analysis_and_encoding(monkeypatch, capl
     assert cpu_threads(None) == 1 and cpu_threads(3) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert cpu_threads(None) == 15
+    # On a GPU the work is on the device: a pipeline process (one per participant in a call) keeps to 2
+    assert cpu_threads(None, "cuda") == 2 and cpu_threads(5, "cuda") == 5
     monkeypatch.setattr(os, "cpu_count", lambda: None)
-    assert cpu_threads(None) == 1
+    assert cpu_threads(None) == 1 and cpu_threads(None, "cuda") == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)  # taskset -c 0-3
     assert cpu_threads(None) == 3
+    before = torch.get_num_threads(), cv2.getNumThreads()
     with caplog.at_level("INFO", logger="telepresence.pipeline"):
         p = Pipeline(PipelineConfig(size=64, refiner=None, cpu_threads=1))
     try:
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 1
         assert "torch runs the avatar on 1 thread" in caplog.text
     finally:
         p.close()
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
 
 
 @pytest.mark.gpu

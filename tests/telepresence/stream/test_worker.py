@@ -156,3 +156,15 @@ def test_pipelines_in_two_processes_capture_their_cuda_graphs_at_the_same_time(a
     finally:
         for worker in workers:
             worker.close()
+
+
+def test_the_process_gets_its_environment_before_the_pipeline_loads():
+    """The call hands each pipeline process CUDA MPS's pipe folder, which CUDA reads when it starts."""
+    prepare_workers()
+    worker = open_pipeline_process(CONFIG, "tests.fake_pipeline:build_pipeline_naming_mps", name="test",
+                                   env={"CUDA_MPS_PIPE_DIRECTORY": "/tmp/somewhere"})
+    try:
+        assert worker.refiner_name == "mps pipe: /tmp/somewhere"
+    finally:
+        worker.close()
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ or os.environ["CUDA_MPS_PIPE_DIRECTORY"] != "/tmp/somewhere"
