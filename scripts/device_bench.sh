@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo,
-#          encode, curve, call-mps), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          encode, curve, call-turns), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 set -uo pipefail
@@ -62,26 +62,15 @@ fi
 if has call; then
   echo "== call: pipelines in processes of their own on CUDA (forked workers, graphs captured at once)"
   timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/telepresence/stream/test_worker.py 2>&1 | tail -4
-  echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps (a pipeline process each)"
+  echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps (a pipeline process each, MPS as serve)"
   timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
     --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p.json" 2>&1 | tee "$OUT/call.log" | filter | tail -15
 fi
-if has call-mps; then
-  # The same call under CUDA MPS: the participants' processes share the GPU at once instead of by turns.
-  # The daemon is ours (pipe and log folders in /tmp), started for this stage and stopped after it.
-  echo "== call under MPS: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
-  if command -v nvidia-cuda-mps-control >/dev/null; then
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    nvidia-cuda-mps-control -d && echo "MPS daemon started"
-    timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
-      --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p_mps.json" 2>&1 | tee "$OUT/call_mps.log" | filter | tail -15
-    echo quit | nvidia-cuda-mps-control && echo "MPS daemon stopped"
-    cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUT/mps-log" 2>/dev/null
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  else
-    echo "nvidia-cuda-mps-control is not on this machine: no MPS figure"
-  fi
+if has call-turns; then
+  # The same call with --no-mps: the participants' processes take turns on the GPU (no MPS daemon).
+  echo "== call by turns (--no-mps): 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
+  timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 --no-mps \
+    --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p_turns.json" 2>&1 | tee "$OUT/call_turns.log" | filter | tail -15
 fi
 if has refiner; then
   echo "== refiner (small)"
