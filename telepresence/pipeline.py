@@ -69,8 +69,8 @@ class PipelineConfig:
     fills what the current frame sees badly (the sides of the head when turned). Off by default: it has not
     yet shown the gain issue 20 asks for (0.1 dB at 30-45 degrees on one head-turn clip)."""
     cpu_threads: int | None = None
-    """Host threads of torch and OpenCV in this pipeline's process. None: on "cpu" one less than the
-    machine's cores (at least 1): face analysis and the video encoder run beside the avatar work, and on
+    """Host threads of torch (and on a GPU of OpenCV) in this pipeline's process. None: on "cpu" one less
+    than the machine's cores (at least 1): face analysis and the video encoder run beside the avatar work, and on
     2 cores two torch threads stall on each other's barriers whenever one core is busy with them (the
     demo on this project's 2-core machine: 4.9 fps with 2 threads, 7.9 with 1; benchmarks/loopback.py).
     On a GPU 2 (fewer if the machine has fewer cores): the avatar and refiner run on the device, the host
@@ -319,16 +319,16 @@ def cpu_threads(asked: int | None, device: str = "cpu") -> int:
 
 
 def _set_host_threads(asked: int | None, device: str) -> None:
-    """Torch's and OpenCV's thread pools for this process (both default to one thread a core)."""
+    """Torch's thread pool for this process, and on a GPU OpenCV's (both default to one thread a core)."""
     threads = cpu_threads(asked, device)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
-    if device == "cpu":
+    if device == "cpu":  # OpenCV keeps its default: at 1 thread face analysis took 1.5 ms more (CPU demo, A/B)
         log.info("CPU: torch runs the avatar on %d thread%s%s", threads, "" if threads == 1 else "s",
                  "" if asked is not None else " (the cores less one: face analysis and the video encoder run beside "
                  "it; --threads N to change)")
     else:
+        cv2.setNumThreads(threads)
         log.info("%s: torch and OpenCV use %d host thread%s in this process%s", device.upper(), threads,
                  "" if threads == 1 else "s", "" if asked is not None else
                  " (the work is on the device; a thread a core in each participant's process starved the call; "

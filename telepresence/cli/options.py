@@ -24,8 +24,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="appearance memory: what the camera saw earlier in the call fills what the current frame "
                         "sees badly (--no-memory: every frame's avatar from that frame alone)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="host threads of torch and OpenCV (default: on the CPU the cores less one, left for face "
-                        "analysis and video encoding; on a GPU 2)")
+                        help="torch's host threads, and OpenCV's on a GPU (default: on the CPU the cores less one, left "
+                        "for face analysis and video encoding; on a GPU 2)")
     # tests and the streaming-only benchmark swap the pipeline for a cheap double ("module:function")
     parser.add_argument("--pipeline", default=None, help=argparse.SUPPRESS)
 
