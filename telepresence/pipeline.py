@@ -256,6 +256,7 @@ class Pipeline:
             else:
                 self._avatar = self._build(frame_rgb, obs)
             if self.memory is not None:  # the engine renders the avatar with the memory attached
+                self.memory.cuda_graphs = self.engine.cuda_graphs  # its update a graph beside the engine's (not after a fallback)
                 self._avatar = self.engine.avatar = self.memory.observe(self._avatar, frame_rgb, obs)
             self._reference = None
             self._sync()

@@ -321,6 +321,10 @@ class AppearanceMemory:
         self._frames = 0  # frames observed since the last reset
         self._lost_since: float | None = None
         self._descriptor: np.ndarray | None = None
+        self.cuda_graphs = False
+        """Replay :meth:`update` as a CUDA graph (CUDA only; set by a sender whose avatar comes from graphs, so
+        that the avatar's tensors are the same every frame). A failed capture goes back to eager, with a warning."""
+        self._graphs: dict[tuple, object] = {}  # models.avatar.engine._Graph per avatar (its tensors' addresses)
 
     # -- buffers --
 
@@ -340,6 +344,8 @@ class AppearanceMemory:
         self.view = torch.zeros(1, 7, Ha, Wa, device=self.device)  # what renders sample (see look_from)
         self._texel_view = torch.zeros(T + 1, 7, device=self.device)  # per texel, then a row of zeros
         self._sums = torch.zeros(atlas.grid[0] * atlas.grid[1], 7, device=self.device)
+        self._layer_ids = torch.arange(K, device=self.device)
+        self._graphs.clear()  # they wrote into the buffers this replaces
 
     @property
     def nbytes(self) -> int:
@@ -407,9 +413,58 @@ class AppearanceMemory:
 
     def update(self, avatar: Avatar, yaw_deg: float = 0.0) -> None:
         """Blend the avatar's frame (its head at ``yaw_deg``, models.face.analysis.HeadPose) into the memory
-        and remake :attr:`view`: device maths with fixed shapes, in place (no host sync)."""
+        and remake :attr:`view`: device maths with fixed shapes, in place (no host sync); with
+        :attr:`cuda_graphs`, one graph replay."""
         self.allocate(avatar.config)
+        if self.cuda_graphs and self.device.type == "cuda":
+            try:
+                self._replay_update(avatar, yaw_deg)
+                return
+            except Exception as error:  # noqa: BLE001 - any capture failure: eager from now on, said once
+                log.warning("appearance memory: could not capture its update as a CUDA graph (%s: %s); eager from now "
+                            "on", type(error).__name__, error)
+                self.cuda_graphs = False
+                self._graphs.clear()
         self.feed(*observe_texels(self.atlas, avatar), yaw_deg)
+
+    def _update_at(self, avatar: Avatar, yaw: torch.Tensor) -> None:
+        """:meth:`update` with the head yaw as a 0-d device tensor: what the CUDA graph holds (the frame is the
+        newest, so its own texture is never under the layers: look_from with no pose offset)."""
+        x, q = observe_texels(self.atlas, avatar)
+        a = self._affinity_at(yaw)
+        self._relight_with(x, q, a)
+        k = (self._centres[:, 0] - yaw).abs().argmin()[None]  # [1]: the nearest layer (the first of a tie, as min)
+        self._blend(x, q, k)
+        self._look_with(self._affinity_at(yaw), own=1.0, far=0.0)
+
+    def _replay_update(self, avatar: Avatar, yaw_deg: float) -> None:
+        from models.avatar.engine import _Graph
+
+        key = (tuple(t.data_ptr() for t in (avatar.verts, avatar.vattr, avatar.faces, avatar.texture, avatar.src_depth,
+                                            avatar.src_depth_K, avatar.source_image)), avatar.tex_span)
+        self._yaw_now = yaw_deg
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph({"yaw": torch.tensor(yaw_deg, dtype=torch.float32)})
+            return
+        # The capture runs the update a few times (warm-up, capture, replay): keep the state from before and
+        # put it back, then replay once.
+        state = [t.clone() for t in self._state()]
+        log.info("appearance memory: capturing its update as a CUDA graph (%d texels, %d layers)",
+                 self.atlas.texel_ids.shape[0], self.config.pose_layers)
+        graph = _Graph(lambda t: self._update_at(avatar, t["yaw"]),
+                       {"yaw": torch.tensor(yaw_deg, dtype=torch.float32, device=self.device)})
+        for t, saved in zip(self._state(), state):
+            t.copy_(saved)
+        while len(self._graphs) >= 4:  # avatars of other build plans (another picture size): the oldest goes
+            self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = graph
+        graph({"yaw": torch.tensor(yaw_deg, dtype=torch.float32)})
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        """Every buffer an update writes."""
+        return (self.colour, self.confidence, self.best, self._q_now, self._ratio, self.view, self._texel_view,
+                self._sums)
 
     def _layer_centres(self) -> list[float]:
         K, step = self.config.pose_layers, self.config.layer_step_deg
@@ -422,6 +477,11 @@ class AppearanceMemory:
         nearest = min(abs(yaw_deg - c) for c in self._layer_centres())
         return ((self._centres - yaw_deg) / step).square().mul(-0.5).exp() / math.exp(-0.5 * (nearest / step) ** 2)
 
+    def _affinity_at(self, yaw: torch.Tensor) -> torch.Tensor:
+        """:meth:`_affinity` for a 0-d device tensor yaw (graph-safe)."""
+        d = (self._centres - yaw) / self.config.layer_step_deg  # [K, 1]
+        return (d.square() - d.abs().amin().square()).mul(-0.5).exp()
+
     def feed(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float = 0.0, view: bool = True,
              blend: bool = True) -> None:
         """Blend one frame's observation (:func:`observe_texels`: colour x [T, 4], quality q [T]; the head at
@@ -429,27 +489,30 @@ class AppearanceMemory:
         fitted at that yaw, lit as that frame (a replay of many frames needs the view of the last one only).
         blend=False: the frame is the current one (renders compare against it) but does not join the memory
         (an evaluation that keeps it out)."""
-        cfg = self.config
         if view:  # lighting now against then: before this frame joins the memory
             self._relight(x, q, yaw_deg)
         if not blend:
             if view:
                 self.look_from(yaw_deg)
             return
-        k = min(range(cfg.pose_layers), key=lambda i: abs(yaw_deg - self._layer_centres()[i]))
-        b, c, colour = self.best[k], self.confidence[k], self.colour[k]
-        g = cfg.gate
-        w = q.square() * ((q - g * b) / ((1 - g) * b + 1e-3)).clamp(0.0, 1.0)
-        colour.lerp_(x, (w / (c + w).clamp(min=1e-6))[:, None])
-        torch.minimum(c + w, torch.full_like(c, cfg.cap), out=c)
-        torch.maximum(b, q, out=b)
+        k = min(range(self.config.pose_layers), key=lambda i: abs(yaw_deg - self._layer_centres()[i]))
+        self._blend(x, q, self._layer_ids[k:k + 1])
         if view:
             self.look_from(yaw_deg)
 
-    def _compose(self, yaw_deg: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layers seen from a mesh fitted at ``yaw_deg``: colour [T, 4], its quality [T], the confidence
-        of the layers near that yaw [T] and of any layer [T]."""
-        a = self._affinity(yaw_deg)  # [K, 1]
+    def _blend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """The observation into pose layer k (a [1] index on the device)."""
+        cfg = self.config
+        b, c, colour = self.best.index_select(0, k)[0], self.confidence.index_select(0, k)[0], self.colour.index_select(0, k)[0]
+        g = cfg.gate
+        w = q.square() * ((q - g * b) / ((1 - g) * b + 1e-3)).clamp(0.0, 1.0)
+        self.colour.index_copy_(0, k, colour.lerp(x, (w / (c + w).clamp(min=1e-6))[:, None])[None])
+        self.confidence.index_copy_(0, k, torch.minimum(c + w, torch.full_like(c, cfg.cap))[None])
+        self.best.index_copy_(0, k, torch.maximum(b, q)[None])
+
+    def _compose(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layers seen from a mesh of layer affinity ``a`` [K, 1] (:meth:`_affinity` of its yaw): colour
+        [T, 4], its quality [T], the confidence of the layers near that yaw [T] and of any layer [T]."""
         c = self.confidence.clamp(max=1.0)  # [K, T]
         s = a * c
         total = s.sum(0).clamp(min=1e-6)
@@ -459,19 +522,23 @@ class AppearanceMemory:
 
     def _relight(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float) -> None:
         """The lighting ratio (now over then) and quality of the newest frame, against the layers at its yaw."""
+        self._yaw_now = yaw_deg
+        self._relight_with(x, q, self._affinity(yaw_deg))
+
+    def _relight_with(self, x: torch.Tensor, q: torch.Tensor, a: torch.Tensor) -> None:
+        """:meth:`_relight` against the layers of affinity ``a`` [K, 1] (the newest frame's yaw)."""
         atlas, cfg = self.atlas, self.config
         self._q_now.copy_(q)
-        self._yaw_now = yaw_deg
         if not cfg.relight:
             self._ratio.fill_(1.0)
             return
         if cfg.relight == "global":
-            colour, _, near, _ = self._compose(yaw_deg)
+            colour, _, near, _ = self._compose(a)
             both = (q * near)[:, None]
             glob = (((both * x[:, :3]).sum(0) + 1e-3) / ((both * colour[:, :3]).sum(0) + 1e-3)).clamp(0.5, 2.0)
             self._ratio.copy_(glob[None, :, None, None].expand_as(self._ratio))
             return
-        colour, _, near, _ = self._compose(yaw_deg)
+        colour, _, near, _ = self._compose(a)
         # Lighting now against then: low-frequency ratio over texels both see well, on a grid of cells.
         both = (q * near)[:, None]  # [T, 1]
         m = colour[:, :3]
@@ -494,8 +561,7 @@ class AppearanceMemory:
         a reenactment's target's), lit and weighed against the newest frame."""
         if self.atlas is None:
             return
-        atlas, cfg = self.atlas, self.config
-        colour, best, near, anywhere = self._compose(yaw_deg)
+        cfg = self.config
         # Weights: where the frame's own texture is worth little (under its fill), and over it where
         # the layers near this pose saw the texel better than the newest frame did. The newest frame's
         # texture sits on a mesh fitted at another pose (a reenactment) no better than a layer there would.
@@ -504,6 +570,13 @@ class AppearanceMemory:
         own = math.exp(-0.5 * (max(0.0, off - step) / step) ** 2) if cfg.own_affinity else 1.0
         lo, hi = cfg.over_from_deg
         far = 1.0 if off >= hi else 0.0 if off <= lo else (off - lo) / (hi - lo)
+        self._look_with(self._affinity(yaw_deg), own, far)
+
+    def _look_with(self, a: torch.Tensor, own: float, far: float) -> None:
+        """:meth:`look_from` for layer affinity ``a`` [K, 1], the newest frame's weight ``own`` and ``far``,
+        how far the mesh's pose is from that frame's (0 ... 1 over ``over_from_deg``)."""
+        atlas, cfg = self.atlas, self.config
+        colour, best, near, anywhere = self._compose(a)
         fill = anywhere * atlas.texel_static
         over = (far * near * atlas.texel_static) * ((best - own * self._q_now - cfg.better_by) / 0.15).clamp(0.0, 1.0)
         T = fill.shape[0]

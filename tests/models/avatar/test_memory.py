@@ -243,3 +243,46 @@ def test_remembered_colour_does_not_darken_where_what_was_seen_ends():
     used = frags.mask[0] & (fill > 0.02)
     assert used.sum() > 200 and (used & (fill < 0.5)).sum() > 20  # the edge of what was seen is in the view
     assert (sampled[:3, used] - 0.6).abs().max() < 0.01
+
+
+def _same_state(a, b, atol=1e-5):
+    for name in ("colour", "confidence", "best", "view", "_ratio", "_q_now"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.allclose(x, y, atol=atol), f"{name}: max |diff| {float((x - y).abs().max())}"
+
+
+YAWS = (0.0, 7.5, 22.5, -37.5, 60.0, 31.0, 7.5, -8.0)
+"""Head yaws for the update paths: ties between two layers (7.5, 22.5), beyond the outer layers (60)."""
+
+
+def test_the_update_a_cuda_graph_holds_is_the_eager_update():
+    """update() with the yaw as a device tensor (what the sender's CUDA graph captures: the layer chosen and
+    the affinity worked out on the device) gives the eager update's memory, frame after frame."""
+    eager, tensor = AppearanceMemory(CONFIG), AppearanceMemory(CONFIG)
+    for yaw in YAWS:
+        avatar = avatar_at(yaw)[0]
+        eager.update(avatar, yaw)
+        tensor.allocate(avatar.config)
+        tensor._yaw_now = yaw  # as the replay sets it on the host (later look_from calls)
+        tensor._update_at(avatar, torch.tensor(yaw))
+        _same_state(eager, tensor)
+    assert float(eager.confidence.amax(1).gt(0).sum()) >= 4  # several layers were written
+
+
+@pytest.mark.gpu
+def test_the_update_replays_as_a_cuda_graph_as_it_runs_eagerly():
+    """With cuda_graphs the update is one replay per frame; the capture (which runs it several times) leaves the
+    memory as one update would, and the memory equals the eager one's after every frame."""
+    from models.avatar.engine import AvatarEngine
+
+    engine = AvatarEngine(device="cuda", render_size=128)
+    eager, graphed = AppearanceMemory(CONFIG, "cuda"), AppearanceMemory(CONFIG, "cuda")
+    graphed.cuda_graphs = True
+    for yaw in YAWS:
+        _, image, obs, _ = avatar_at(yaw)
+        avatar = engine.build(image, obs)  # the build graph's tensors: the same every frame
+        eager.update(avatar, yaw)
+        graphed.update(avatar, yaw)
+        _same_state(eager, graphed, atol=1e-4)
+    assert graphed.cuda_graphs and len(graphed._graphs) >= 1  # no fall back to eager
+    assert len(graphed._graphs) <= engine.captures  # one per build plan, not one per frame
