@@ -59,6 +59,17 @@ def build_pipeline_naming_mps(config: PipelineConfig) -> "Pipeline":
     return pipeline
 
 
+def build_pipeline_refusing_mps(config: PipelineConfig) -> "Pipeline":
+    """Does not start where it is given a CUDA MPS pipe folder (as a CUDA pipeline whose MPS server cannot be had)."""
+    import os
+
+    from telepresence.pipeline import PipelineUnavailableError
+
+    if os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+        raise PipelineUnavailableError("CUDA error: MPS client failed to connect to the MPS control daemon or the MPS server")
+    return build_pipeline_naming_mps(config)
+
+
 def build_failing_pipeline(config: PipelineConfig) -> "Pipeline":
     return FailingPipeline(config)
 

@@ -142,15 +142,16 @@ def udp_sockets() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running_call(limits: Any = None, size: int = 256, **call: Any) -> AsyncIterator[Receiver]:
+async def running_call(limits: Any = None, size: int = 256, device: str = "cpu", **call: Any) -> AsyncIterator[Receiver]:
     """A started in-process call server (telepresence serve's Receiver + CallHost, the fake pipeline in each
     participant's process unless `pipeline_factory` names another) on a free port; `receiver.signaling.cameras`
-    is its CallHost. limits: the receiver's RoomLimits; `call`: CallConfig's other fields."""
+    is its CallHost. limits: the receiver's RoomLimits; device: the pipelines' (the fake one ignores it);
+    `call`: CallConfig's other fields."""
     from telepresence.stream.call import CallConfig, CallHost
     from telepresence.stream.signaling import RoomLimits
 
     call.setdefault("pipeline_factory", "tests.fake_pipeline:build_pipeline")
-    host = CallHost(CallConfig(pipeline=PipelineConfig(size=size), **call))
+    host = CallHost(CallConfig(pipeline=PipelineConfig(size=size, device=device), **call))
     receiver = Receiver(ReceiverConfig(port=0, web_dir=REPO / "web", limits=limits or RoomLimits()), cameras=host)
     host.attach(receiver.signaling)
     await receiver.start()

@@ -139,11 +139,17 @@ class Participant:
         on the next turn of the event loop: after the caller has sent `published`, so the page knows its
         own avatar before it hears of it. Returns the answer SDP; CallRefusedError when no avatar can be made."""
         config = self.host.config
-        opening = self._loop.run_in_executor(None, functools.partial(
-            open_pipeline_process, config.pipeline, config.pipeline_factory, name=repr(self),
-            timeout_s=config.pipeline_timeout_s, env=await self.host.gpu_env()))
+        env = await self.host.gpu_env()
+        opening = self._open_pipeline(env)
         try:
-            self.pipeline = await asyncio.shield(opening)
+            try:
+                self.pipeline = await asyncio.shield(opening)
+            except PipelineUnavailableError as error:
+                if not env:
+                    raise
+                self.host.mps_failed(error)  # this one and the next ones start without MPS, by turns
+                opening = self._open_pipeline({})
+                self.pipeline = await asyncio.shield(opening)
         except PipelineUnavailableError as error:
             raise CallRefusedError(f"the server cannot make an avatar: {error}") from None
         except asyncio.CancelledError:  # the participant went while its process was loading: end that too
@@ -181,6 +187,12 @@ class Participant:
         self._spawn(self._join_room())
         self._spawn(self._watchdog())
         return pc.localDescription.sdp
+
+    def _open_pipeline(self, env: dict[str, str]) -> asyncio.Future:
+        config = self.host.config
+        return self._loop.run_in_executor(None, functools.partial(
+            open_pipeline_process, config.pipeline, config.pipeline_factory, name=repr(self),
+            timeout_s=config.pipeline_timeout_s, env=env))
 
     def _close_unused(self, opening: asyncio.Future) -> None:
         if not opening.cancelled() and opening.exception() is None:
@@ -298,6 +310,15 @@ class CallHost:
         self._gpu_env: Optional[asyncio.Future] = None
         self.gpu_sharing: Optional[str] = None
         """How the participants' pipelines share a GPU, in words, once the first one has started on one."""
+        self._mps_failed: Optional[str] = None
+
+    def mps_failed(self, error: BaseException) -> None:
+        """A pipeline process did not start under MPS (its server could not be had: another user's MPS on the GPU,
+        a GPU in exclusive mode, ...): it and every later one start without MPS, by turns; said once."""
+        if self._mps_failed is None:
+            self._mps_failed = " ".join(str(error).split())[:200]
+            logger.warning("a participant's pipeline did not start under CUDA MPS (%s); it and the next ones start "
+                           "without MPS: the pipelines take turns on the GPU", self._mps_failed)
 
     async def gpu_env(self) -> dict[str, str]:
         """What each pipeline process sets before it starts CUDA: on a GPU with config.mps, the MPS daemon's pipe
@@ -306,6 +327,9 @@ class CallHost:
             return {}
         if not self.config.mps:
             self.gpu_sharing = "by turns (--no-mps)"
+            return {}
+        if self._mps_failed is not None:
+            self.gpu_sharing = f"by turns (a pipeline did not start under MPS: {self._mps_failed})"
             return {}
         if self._gpu_env is None:
             self._mps = MpsDaemon()

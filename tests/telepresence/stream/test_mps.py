@@ -101,3 +101,29 @@ async def test_the_call_starts_one_daemon_for_its_gpu_pipelines_only_and_stops_i
     await host.close()
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["args=-d", "args="]  # started once, quit once
     assert not Path(first[mps.PIPE]).exists()
+
+
+@pytest.mark.slow
+@async_test(timeout_s=120)
+async def test_a_pipeline_that_cannot_start_under_mps_starts_without_it_and_so_do_the_next_ones(path, caplog):
+    from telepresence.stream.participant import CallParticipant
+    from tests.fake_camera import head_frame
+    from tests.helpers import ScriptedSource, running_call
+
+    log = fake_control(path)
+    with caplog.at_level(logging.WARNING, logger="telepresence.stream.call"):
+        async with running_call(device="cuda", pipeline_factory="tests.fake_pipeline:build_pipeline_refusing_mps") as receiver:
+            host = receiver.signaling.cameras
+            people = [CallParticipant(ScriptedSource(lambda i: head_frame(0.0), fps=15), name) for name in ("alice", "bob")]
+            try:
+                for person in people:
+                    await person.join(receiver.signaling_url, "demo", timeout_s=30)
+                assert len(host.participants) == 2
+                assert {p.pipeline.refiner_name for p in host.participants.values()} == {"mps pipe: None"}  # started without
+                assert host.gpu_sharing.startswith("by turns (a pipeline did not start under MPS: CUDA error")
+            finally:
+                for person in people:
+                    await person.leave()
+    assert caplog.text.count("did not start under CUDA MPS") == 1  # said once
+    assert log.read_text().splitlines()[0].startswith("args=-d")  # the daemon had started, and was stopped:
+    assert log.read_text().splitlines()[-1].endswith("input=quit")
