@@ -19,6 +19,7 @@ import torch
 
 from models.geometry.camera import OrbitPose
 from models.face.analysis import LEFT_IRIS, RIGHT_IRIS, FaceAnalyzer, FaceConfig, NoFaceError
+from models.face.smoothing import LandmarkSmoother
 from models.refiner import refine_views
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class PipelineConfig:
     threads only launch them and do small work, and the call runs one pipeline process per participant:
     each library's default of a thread per core made 4 processes spin 4 x 16 threads on 16 cores (the
     H200 call at 512: 10 fps each with the defaults, 29 with 2 threads; docs/call.md)."""
+    smooth_landmarks: bool = True
+    """Smooth the face's landmarks over frames (models.face.smoothing.LandmarkSmoother): the avatar's head stops
+    wobbling at rest (the orbit views' flicker 7 % lower) for about one frame of lag in the mouth's opening.
+    Head tracking reads the eyes before it (it smooths them itself)."""
     warm_views: int = 4
     """On CUDA, capture the render and refiner graphs for 1..warm_views views on the first
     frame with a face (about 0.4 s each), so a viewer joining later does not stall the others."""
@@ -131,8 +136,8 @@ class FramePipeline(Protocol):
     refiner_name: str | None
     """What refines the views (shown to viewers), None: raw avatar renders."""
 
-    def analyze(self, frame_rgb: np.ndarray) -> Analysis:
-        """Face analysis of one frame: RGB uint8 [H, W, 3]."""
+    def analyze(self, frame_rgb: np.ndarray, t_s: float | None = None) -> Analysis:
+        """Face analysis of one frame: RGB uint8 [H, W, 3], captured at t_s seconds (None: now)."""
 
     def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Analysis | None = None) -> FrameResult:
         """One RGB uint8 [size, size, 3] view of the frame's person per pose."""
@@ -182,6 +187,7 @@ class Pipeline:
         self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
         self._crop: np.ndarray | None = None
         self.memory = _open_memory(config, self.device)
+        self._smoother = LandmarkSmoother() if config.smooth_landmarks else None
         self._reset_memory = False  # asked by a viewer (any thread); done by the next process()
 
     def reset_memory(self) -> None:
@@ -206,8 +212,9 @@ class Pipeline:
             self._crop = (1 - a) * self._crop + a * new
         return tuple(float(v) for v in self._crop)
 
-    def analyze(self, frame_rgb: np.ndarray) -> Analysis:
-        """Landmarks, pose and mask of the frame; on the CPU, the frame's avatar too. Safe to run
+    def analyze(self, frame_rgb: np.ndarray, t_s: float | None = None) -> Analysis:
+        """Landmarks, pose and mask of the frame captured at t_s seconds (None: now; the landmarks' smoothing
+        over frames goes by it); on the CPU, the frame's avatar too. Safe to run
         on a thread of its own, one frame ahead of :meth:`process`, so analysis overlaps the
         device work. On the CPU the build runs here as well: the render of one frame and the
         build of the next then keep both of two cores busy (the worker alone used to do
@@ -218,6 +225,8 @@ class Pipeline:
         except NoFaceError:
             obs = None
         eyes = None if obs is None else obs.points_cam[[RIGHT_IRIS, LEFT_IRIS]].mean(axis=0)
+        if obs is not None and self._smoother is not None:  # the analysis thread's frames come in capture order
+            obs = self._smoother(time.time() if t_s is None else t_s, obs)
         landmarks_ms = (time.perf_counter() - t0) * 1000.0
         if obs is None or self.device.type != "cpu":
             return Analysis(obs, landmarks_ms, eyes)

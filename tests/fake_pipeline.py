@@ -93,7 +93,7 @@ class Pipeline:
         self.memory_resets = 0
         self._reset_memory = False
 
-    def analyze(self, frame_rgb: np.ndarray) -> Analysis:
+    def analyze(self, frame_rgb: np.ndarray, t_s: Optional[float] = None) -> Analysis:
         t0 = time.perf_counter()
         face = float(frame_rgb.mean()) > self.dark_level
         eyes = self._eyes_m(frame_rgb) if face else None

@@ -144,16 +144,19 @@ def steady_stretches(index: ClipIndex, seconds: float = 1.0, max_yaw_range_deg: 
 
 
 def memory_flicker(observations: ClipObservations, stretch: tuple[int, int], yaw_deg: float,
-                   memory_config: Any = None) -> dict[str, float]:
+                   memory_config: Any = None, smooth_landmarks: bool = True) -> dict[str, float]:
     """Temporal flicker (models.evaluation.metrics.temporal_flicker) of each frame's own avatar over a steady
     stretch, seen from orbit yaw ``yaw_deg`` as a viewer would see the call: "raw" without the memory, "memory"
     with the memory fed every analysed frame from the clip's start, as a live sender feeds it. The motion is
-    estimated on the raw renders (same geometry); both are scored inside the raw renders' alpha."""
+    estimated on the raw renders (same geometry); both are scored inside the raw renders' alpha.
+    smooth_landmarks: the stretch's landmarks smoothed over frames as the live pipeline smooths them
+    (models.face.smoothing.LandmarkSmoother, run in capture order from half a second before the stretch)."""
     import torch
 
     from models.avatar import build_avatar, render_views
     from models.avatar.memory import AppearanceMemory, observe_texels
     from models.evaluation.metrics import temporal_flicker
+    from models.face.smoothing import LandmarkSmoother
 
     index, (start, end) = observations.index, stretch
     before = [int(f) for f, ok in zip(index.frame_ids, index.found) if ok and f < start]
@@ -161,11 +164,17 @@ def memory_flicker(observations: ClipObservations, stretch: tuple[int, int], yaw
         AppearanceMemory(memory_config or observations.memory_config, observations.device)
     memory.allocate(observations.config)
     frames = index.read_frames(range(start, end + 1))
+    smoothed: dict[int, Any] = {}
+    if smooth_landmarks:
+        smoother, fps = LandmarkSmoother(), index.fps or 25.0
+        for f, ok in zip(index.frame_ids, index.found):
+            if ok and start - 0.5 * fps <= f <= end:
+                smoothed[int(f)] = smoother(f / fps, index.observation(int(f)))
     raw, remembered, alpha = [], [], []
     pose = [OrbitPose(yaw_deg=yaw_deg)]
     with torch.no_grad():
         for f in range(start, end + 1):
-            obs = index.observation(f)
+            obs = smoothed.get(f) or index.observation(f)
             avatar = build_avatar(frames[f], obs, observations.config, device=observations.device,
                                   render_size=observations.size)
             memory.feed(*observe_texels(memory.atlas, avatar), obs.pose.yaw_deg)

@@ -23,6 +23,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
                         help="appearance memory: what the camera saw earlier in the call fills what the current frame "
                         "sees badly (--no-memory: every frame's avatar from that frame alone)")
+    parser.add_argument("--smooth-landmarks", action=argparse.BooleanOptionalAction, default=True,
+                        help="smooth the face's landmarks over frames: a head at rest does not wobble (about one frame "
+                        "of lag in the mouth; --no-smooth-landmarks: each frame's own)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch's host threads, and OpenCV's on a GPU (default: on the CPU the cores less one, left "
                         "for face analysis and video encoding; on a GPU 2)")
@@ -50,7 +53,8 @@ def resolve_device(name: str) -> str:
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     args.device = resolve_device(args.device)
     return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner),
-                          memory=getattr(args, "memory", False), cpu_threads=getattr(args, "threads", None))
+                          memory=getattr(args, "memory", False), cpu_threads=getattr(args, "threads", None),
+                          smooth_landmarks=getattr(args, "smooth_landmarks", True))
 
 
 def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) -> FramePipeline:

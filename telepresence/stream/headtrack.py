@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from models.face.smoothing import OneEuroFilter
+
 from .messages import PoseLimits
 
 
@@ -87,47 +89,6 @@ def window_offset(eyes_m: np.ndarray, config: HeadTrackingConfig, limits: PoseLi
         dist_scale=min(max(dist, limits.dist_min), limits.dist_max),
         tracking=True,
     )
-
-
-class OneEuroFilter:
-    """Speed-adaptive low-pass filter of a vector signal (Casiez et al. 2012).
-
-    Each sample: dx = (x - x_prev) / dt, smoothed at d_cutoff_hz; the cutoff for x is
-    min_cutoff_hz + beta * |dx| (per component); each low-pass step is x_hat += a (x - x_hat) with
-    a = 1 / (1 + tau / dt), tau = 1 / (2 pi cutoff). Slow motion is smoothed hard, fast motion barely.
-    """
-
-    def __init__(self, min_cutoff_hz: float, beta: float, d_cutoff_hz: float) -> None:
-        self.min_cutoff_hz = min_cutoff_hz
-        self.beta = beta
-        self.d_cutoff_hz = d_cutoff_hz
-        self._t: Optional[float] = None
-        self._x: Optional[np.ndarray] = None
-        self._dx: Optional[np.ndarray] = None
-
-    @staticmethod
-    def _alpha(cutoff_hz: np.ndarray | float, dt_s: float) -> np.ndarray | float:
-        tau = 1.0 / (2.0 * math.pi * cutoff_hz)
-        return 1.0 / (1.0 + tau / dt_s)
-
-    def reset(self) -> None:
-        self._t = self._x = self._dx = None
-
-    def __call__(self, t_s: float, x: np.ndarray) -> np.ndarray:
-        """Filter sample x [D] taken at t_s seconds; a sample not newer than the last returns the last output."""
-        x = np.asarray(x, np.float64)
-        if self._x is None or self._t is None:
-            self._t, self._x, self._dx = t_s, x.copy(), np.zeros_like(x)
-            return self._x.copy()
-        dt = t_s - self._t
-        if dt <= 0:
-            return self._x.copy()
-        dx = (x - self._x) / dt
-        self._dx = self._dx + self._alpha(self.d_cutoff_hz, dt) * (dx - self._dx)
-        cutoff = self.min_cutoff_hz + self.beta * np.abs(self._dx)
-        self._x = self._x + self._alpha(cutoff, dt) * (x - self._x)
-        self._t = t_s
-        return self._x.copy()
 
 
 class HeadTracker:

@@ -207,7 +207,7 @@ class RenderLoop:
                 continue  # nobody watching: no work
             t0 = time.perf_counter()
             try:
-                analysis = self.pipeline.analyze(frame.image)
+                analysis = self.pipeline.analyze(frame.image, frame.t_capture)
             except Exception:
                 self._analysis_errors += 1
                 if self._analysis_errors == 1 or self._analysis_errors % 100 == 0:

@@ -142,13 +142,13 @@ class PipelineProcess:
 
     # -- the FramePipeline --
 
-    def analyze(self, frame_rgb: np.ndarray) -> RemoteAnalysis:
+    def analyze(self, frame_rgb: np.ndarray, t_s: Optional[float] = None) -> RemoteAnalysis:
         """Face analysis in the worker, which keeps the frame and the observation for process()."""
         with self._analysis.lock:
             self._check()
             self._tokens += 1
             token = self._tokens
-            reply = self._call(self._analysis, ("analyze", token, _put_frame(self._analysis.frames, frame_rgb)))
+            reply = self._call(self._analysis, ("analyze", token, _put_frame(self._analysis.frames, frame_rgb), t_s))
         landmarks_ms, eyes_m, found = reply
         return RemoteAnalysis(True if found else None, landmarks_ms, eyes_m, token=token)
 
@@ -378,9 +378,9 @@ class _Worker:
         if kind == "describe":
             return "described", describe_pipeline(self.pipeline)
         if kind == "analyze":
-            _, token, frame = request
+            _, token, frame, t_s = request
             image = _take_frame(frames, frame)
-            analysis = self.pipeline.analyze(image)
+            analysis = self.pipeline.analyze(image, t_s)
             with self.lock:
                 self.kept[token] = (image, analysis)
                 while len(self.kept) > KEPT_ANALYSES:

@@ -120,3 +120,28 @@ def test_cuda_graphs_for_up_to_warm_views_are_captured_on_the_first_face(astrona
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     finally:
         p.close()
+
+
+def test_the_pipeline_smooths_the_landmarks_unless_asked_not_to(monkeypatch):
+    """The avatar gets landmarks smoothed over frames (models.face.smoothing); head tracking gets the eyes as seen."""
+    from models.face.analysis import LEFT_IRIS, RIGHT_IRIS
+    from tests.models.face.test_smoothing import observation
+
+    frames = [observation((0.0, 0.0)), observation((6.0, 0.0))]
+    image = np.zeros((512, 512, 3), np.uint8)
+    for smooth in (True, False):
+        p = Pipeline(PipelineConfig(size=64, refiner=None, smooth_landmarks=smooth))
+        try:
+            assert (p._smoother is not None) == smooth
+            seen = iter(frames)
+            monkeypatch.setattr(p.analyzer, "analyze", lambda frame: next(seen))
+            if smooth:  # frames 1/30 s apart, whatever the build between them takes here
+                real, times = p._smoother, iter([0.0, 1 / 30])
+                p._smoother = lambda t, obs: real(next(times), obs)
+            p.analyze(image)
+            second = p.analyze(image)
+            shift = float((second.observation.landmarks_px - frames[0].landmarks_px)[:, 0].mean())
+            assert (0.5 < shift < 5.5) if smooth else shift == pytest.approx(6.0)
+            np.testing.assert_allclose(second.eyes_m, frames[1].points_cam[[RIGHT_IRIS, LEFT_IRIS]].mean(axis=0))
+        finally:
+            p.close()

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from telepresence.stream.headtrack import HeadTracker, HeadTrackingConfig, OneEuroFilter, window_offset
+from models.face.smoothing import OneEuroFilter
+from telepresence.stream.headtrack import HeadTracker, HeadTrackingConfig, window_offset
 from telepresence.stream.messages import PoseLimits
 
 CONFIG = HeadTrackingConfig()

@@ -25,7 +25,7 @@ class SlowPipeline:
         self.captured: dict[int, float] = {}
         self.lock = threading.Lock()
 
-    def analyze(self, frame_rgb):
+    def analyze(self, frame_rgb, t_s=None):
         time.sleep(self.analysis_s)
         with self.lock:
             self.analysed += 1
