@@ -105,16 +105,18 @@ def test_cuda_graphs_for_up_to_warm_views_are_captured_on_the_first_face(astrona
     """A viewer joining later (a new view count) finds its graphs ready: no capture, no stall."""
     p = Pipeline(PipelineConfig(device="cuda", size=128, refiner=None, warm_views=3))
     try:
-        first = p.process(astronaut, [ViewPose(yaw_deg=10)])
+        # Frames 1/30 s apart (the landmarks' smoothing goes by the capture times, not by how long a capture takes)
+        first = p.process(astronaut, [ViewPose(yaw_deg=10)], p.analyze(astronaut, 0.0))
         assert first.status == "ok"
         captured = p.engine.captures
         assert captured == 1 + 3  # the build, and the render of 1, 2 and 3 views
-        result = p.process(astronaut, [ViewPose(yaw_deg=y) for y in (-20, 0, 20)])
+        result = p.process(astronaut, [ViewPose(yaw_deg=y) for y in (-20, 0, 20)], p.analyze(astronaut, 1 / 30))
         assert p.engine.captures == captured and len(result.views) == 3
         eager = Pipeline(PipelineConfig(device="cuda", size=128, refiner=None, warm_views=0))
         eager.engine.cuda_graphs = eager.engine.fixed_shapes = False
-        eager.process(astronaut, [ViewPose(yaw_deg=10)])  # the same frames: face tracking and framing follow them
-        reference = eager.process(astronaut, [ViewPose(yaw_deg=y) for y in (-20, 0, 20)])
+        # the same frames at the same times: face tracking, smoothing and framing follow them
+        eager.process(astronaut, [ViewPose(yaw_deg=10)], eager.analyze(astronaut, 0.0))
+        reference = eager.process(astronaut, [ViewPose(yaw_deg=y) for y in (-20, 0, 20)], eager.analyze(astronaut, 1 / 30))
         eager.close()
         for a, b in zip(result.views, reference.views):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -143,8 +143,8 @@ def test_pipelines_in_two_processes_capture_their_cuda_graphs_at_the_same_time(a
     config = PipelineConfig(device="cuda", size=128, refiner=None, warm_views=3)
     workers = [open_pipeline_process(config, name=f"gpu{i}") for i in range(2)]
     try:
-        def frames(worker):
-            return [worker.process(astronaut, POSES, analysis=worker.analyze(astronaut)) for _ in range(5)]
+        def frames(worker):  # frames 1/30 s apart in both (the landmarks' smoothing goes by the capture times)
+            return [worker.process(astronaut, POSES, analysis=worker.analyze(astronaut, i / 30)) for i in range(5)]
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             results = list(pool.map(frames, workers))  # both capture their graphs on their first frame, together
