@@ -147,9 +147,9 @@ class Participant:
             except PipelineUnavailableError as error:
                 if not env:
                     raise
-                self.host.mps_failed(error)  # this one and the next ones start without MPS, by turns
-                opening = self._open_pipeline({})
+                opening = self._open_pipeline({})  # without MPS: if that starts, MPS was the cause
                 self.pipeline = await asyncio.shield(opening)
+                self.host.mps_failed(error)  # the next ones start without MPS too, by turns
         except PipelineUnavailableError as error:
             raise CallRefusedError(f"the server cannot make an avatar: {error}") from None
         except asyncio.CancelledError:  # the participant went while its process was loading: end that too

@@ -127,3 +127,25 @@ async def test_a_pipeline_that_cannot_start_under_mps_starts_without_it_and_so_d
     assert caplog.text.count("did not start under CUDA MPS") == 1  # said once
     assert log.read_text().splitlines()[0].startswith("args=-d")  # the daemon had started, and was stopped:
     assert log.read_text().splitlines()[-1].endswith("input=quit")
+
+
+@pytest.mark.slow
+@async_test(timeout_s=120)
+async def test_a_pipeline_that_cannot_start_at_all_is_refused_and_mps_stays_on(path, caplog):
+    """Only a pipeline that starts without MPS after failing under it turns MPS off for the later ones."""
+    from telepresence.stream.participant import CallParticipant
+    from telepresence.stream.viewer import ViewerError
+    from tests.fake_camera import head_frame
+    from tests.helpers import ScriptedSource, running_call
+
+    fake_control(path)
+    with caplog.at_level(logging.WARNING, logger="telepresence.stream.call"):
+        async with running_call(device="cuda", pipeline_factory="tests.no_such_module:build") as receiver:
+            person = CallParticipant(ScriptedSource(lambda i: head_frame(0.0), fps=15), "alice")
+            try:
+                with pytest.raises(ViewerError, match="cannot load the pipeline factory"):
+                    await person.join(receiver.signaling_url, "demo", timeout_s=30)
+            finally:
+                await person.leave()
+            assert receiver.signaling.cameras.gpu_sharing.startswith("MPS: ")
+    assert "did not start under CUDA MPS" not in caplog.text
