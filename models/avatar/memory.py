@@ -60,7 +60,7 @@ from models.avatar.texture import box_mean, sample_vertices
 from models.avatar.topology import EXPRESSION_LANDMARKS, Topology, mesh_topology
 from models.avatar.types import VATTR, Avatar, AvatarConfig
 from models.avatar.visibility import seen_fraction
-from models.face.analysis import NUM_MESH_VERTICES, face_model
+from models.face.analysis import face_model
 from models.geometry.raster import rasterize, weighted_rows
 
 log = logging.getLogger(__name__)
