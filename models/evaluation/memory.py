@@ -57,7 +57,8 @@ class ClipObservations:
         import torch
 
         from models.avatar import build_avatar
-        from models.avatar.memory import AppearanceMemory, observe_texels
+        from models.avatar.atlas import observe_texels
+        from models.avatar.memory import AppearanceMemory
 
         wanted = sorted({int(f) for f in frame_ids} - set(self._kept))
         if not wanted:
@@ -154,7 +155,8 @@ def memory_flicker(observations: ClipObservations, stretch: tuple[int, int], yaw
     import torch
 
     from models.avatar import build_avatar, render_views
-    from models.avatar.memory import AppearanceMemory, observe_texels
+    from models.avatar.atlas import observe_texels
+    from models.avatar.memory import AppearanceMemory
     from models.evaluation.metrics import temporal_flicker
     from models.face.smoothing import LandmarkSmoother
 

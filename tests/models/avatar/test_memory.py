@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models.avatar import build_avatar, render_views
-from models.avatar.memory import AppearanceMemory, MemoryConfig, memory_atlas
-from models.avatar.memory import observe_texels
+from models.avatar.atlas import memory_atlas, observe_texels
+from models.avatar.memory import AppearanceMemory, MemoryConfig
 from models.geometry.camera import OrbitPose
 from tests.models.avatar.synthetic_head import head_frame_colour, turning_head_frame
 
@@ -203,7 +203,6 @@ def test_near_its_own_pose_the_frame_keeps_its_texture(turned):
 def test_feed_and_view_on_cuda_never_wait_for_the_device():
     """The memory's blend, lighting ratio and view queue device work only (no host sync): the head's yaw
     reaches the device as a kernel scalar, never as an upload."""
-    from models.avatar.memory import observe_texels
 
     memory = AppearanceMemory(MemoryConfig(texels=64), "cuda")
     avatar = build_avatar(*avatar_at(30)[1:3], device="cuda", render_size=128)
