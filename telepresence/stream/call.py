@@ -317,6 +317,7 @@ class CallHost:
         a GPU in exclusive mode, ...): it and every later one start without MPS, by turns; said once."""
         if self._mps_failed is None:
             self._mps_failed = " ".join(str(error).split())[:200]
+            self.gpu_sharing = f"by turns (a pipeline did not start under MPS: {self._mps_failed})"
             logger.warning("a participant's pipeline did not start under CUDA MPS (%s); it and the next ones start "
                            "without MPS: the pipelines take turns on the GPU", self._mps_failed)
 
