@@ -77,7 +77,7 @@ class PipelineConfig:
     On a GPU 2 (fewer if the machine has fewer cores): the avatar and refiner run on the device, the host
     threads only launch them and do small work, and the call runs one pipeline process per participant:
     each library's default of a thread per core made 4 processes spin 4 x 16 threads on 16 cores (the
-    H200 call at 512: 10 fps each with the defaults, 29 with 2 threads; docs/call.md)."""
+    H200 call at 512: 10 fps each with the defaults, 27.7 with 2 threads, 30 with MPS too; docs/call.md)."""
     smooth_landmarks: bool = True
     """Smooth the face's landmarks over frames (models.face.smoothing.LandmarkSmoother): the avatar's head stops
     wobbling at rest (the orbit views' flicker 7 % lower) for about one frame of lag in the mouth's opening.
