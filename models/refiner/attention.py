@@ -22,6 +22,11 @@ View attention modes (``set_view_attention``):
   novel views attend to all views. The reference pass then no longer depends on
   the novel views, so its keys/values can be computed once per reference and
   cached (``reference_kv="record"`` / ``"use"``).
+- ``"ref_pairs"``: the reference attends only to itself and each novel view to
+  the reference and itself. A viewer's view then does not depend on the other
+  viewers' (a picture does not change when someone else joins or orbits), the
+  attention's cost grows with the number of views instead of its square, and
+  the reference's keys/values can be cached as for ``"ref_isolated"``.
 - ``"per_view"``: no cross-view attention (ablation baseline; stock U-Net).
 
 Fast paths, each with a plain twin (the same processor without the cache):
@@ -45,7 +50,8 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-VIEW_ATTENTION_MODES = ("joint", "ref_isolated", "per_view")
+VIEW_ATTENTION_MODES = ("joint", "ref_isolated", "ref_pairs", "per_view")
+REFERENCE_MODES = ("ref_isolated", "ref_pairs")  # the reference attends only to itself: its keys/values can be cached
 REFERENCE_KV_MODES = (None, "record", "use")
 
 
@@ -53,6 +59,29 @@ def _split_heads(x: Tensor, batch: int, heads: int) -> Tensor:
     """[batch*?, S', heads*d] viewed as batch rows -> [batch, heads, S, d]."""
     head_dim = x.shape[-1] // heads
     return x.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+
+
+def _reference_pairs(query: Tensor, key: Tensor, value: Tensor, b: int, ref_k: Tensor | None = None,
+                     ref_v: Tensor | None = None) -> Tensor:
+    """Attention of view_attention "ref_pairs": query, key, value [B*V, heads, N, d], views of a sample
+    contiguous. With ref_k/ref_v None view 0 of each sample is the reference, which attends to itself; else
+    ref_k/ref_v [B, heads, N, d] are the reference's (cached) and every view is a novel one. Each novel view
+    attends to the reference's tokens and its own. Returns [B*V, heads, N, d]."""
+    bv, heads, n, d = query.shape
+    q, k, v = (t.reshape(b, bv // b, heads, n, d) for t in (query, key, value))
+    out_ref = None
+    if ref_k is None:
+        ref_k, ref_v = k[:, 0], v[:, 0]
+        out_ref = F.scaled_dot_product_attention(q[:, 0], ref_k, ref_v, dropout_p=0.0, is_causal=False)
+        q, k, v = q[:, 1:], k[:, 1:], v[:, 1:]
+    m = q.shape[1]
+    keys = torch.cat([ref_k[:, None].expand(b, m, heads, n, d), k], dim=3).reshape(b * m, heads, 2 * n, d)
+    values = torch.cat([ref_v[:, None].expand(b, m, heads, n, d), v], dim=3).reshape(b * m, heads, 2 * n, d)
+    out = F.scaled_dot_product_attention(q.reshape(b * m, heads, n, d), keys, values, dropout_p=0.0, is_causal=False)
+    out = out.reshape(b, m, heads, n, d)
+    if out_ref is not None:
+        out = torch.cat([out_ref[:, None], out], dim=1)
+    return out.reshape(bv, heads, n, d)
 
 
 def _check_plain_attention(attn, name: str) -> None:
@@ -126,8 +155,8 @@ class MultiViewSelfAttnProcessor:
         if num_views < 1 or bv % num_views:
             raise ValueError(f"expected a batch divisible by num_views={num_views}, got {bv}")
         mode = self.mode
-        if reference_kv is not None and mode != "ref_isolated":
-            raise ValueError(f"expected view attention 'ref_isolated' for reference_kv={reference_kv!r}, got {mode!r}")
+        if reference_kv is not None and mode not in REFERENCE_MODES:
+            raise ValueError(f"expected view attention in {REFERENCE_MODES} for reference_kv={reference_kv!r}, got {mode!r}")
         views = num_views if mode != "per_view" else 1
         b = bv // views
         heads = attn.heads
@@ -138,6 +167,19 @@ class MultiViewSelfAttnProcessor:
             query = attn.to_q(hidden_states)  # [B*V, N, heads*d]
             key = attn.to_k(hidden_states)
             value = attn.to_v(hidden_states)
+        if mode == "ref_pairs" and reference_kv != "record" and (views > 1 or reference_kv == "use"):
+            # Per view: [B*V, N, heads*d] -> [B*V, heads, N, d].
+            query, key, value = (_split_heads(t, bv, heads) for t in (query, key, value))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if reference_kv == "use":
+                self._check_cached(b, n)
+                out = _reference_pairs(query, key, value, b, self.ref_k, self.ref_v)
+            else:
+                out = _reference_pairs(query, key, value, b)
+            return self._project_out(attn, out, hidden_states, bv, n, query.dtype)
         # [B*V, N, heads*d] -> [B, heads, V*N, d]: view-major token order
         query = _split_heads(query, b, heads)
         key = _split_heads(key, b, heads)
@@ -153,12 +195,7 @@ class MultiViewSelfAttnProcessor:
             self._store_reference(key, value)
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         elif reference_kv == "use":
-            if self.ref_k is None:
-                raise RuntimeError("no cached reference keys/values: call Refiner.set_reference first")
-            if self.ref_k.shape[0] != b or self.ref_k.shape[2] != n:
-                raise ValueError(
-                    f"expected cached reference of batch {b} with {n} tokens, got {tuple(self.ref_k.shape)} (call set_reference again)"
-                )
+            self._check_cached(b, n)
             key = torch.cat([self.ref_k, key], dim=2)  # [B, heads, (1+V)*N, d]
             value = torch.cat([self.ref_v, value], dim=2)
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
@@ -171,9 +208,20 @@ class MultiViewSelfAttnProcessor:
         else:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
 
-        # [B, heads, V*N, d] -> [B*V, N, heads*d]
-        out = out.transpose(1, 2).reshape(bv, n, -1)
-        out = out.to(query.dtype)
+        return self._project_out(attn, out, hidden_states, bv, n, query.dtype)
+
+    def _check_cached(self, b: int, n: int) -> None:
+        if self.ref_k is None:
+            raise RuntimeError("no cached reference keys/values: call Refiner.set_reference first")
+        if self.ref_k.shape[0] != b or self.ref_k.shape[2] != n:
+            raise ValueError(
+                f"expected cached reference of batch {b} with {n} tokens, got {tuple(self.ref_k.shape)} (call set_reference again)"
+            )
+
+    @staticmethod
+    def _project_out(attn, out: Tensor, hidden_states: Tensor, bv: int, n: int, dtype: torch.dtype) -> Tensor:
+        """[B, heads, V*N, d] (or [B*V, heads, N, d]) -> [B*V, N, heads*d], then the output projection."""
+        out = out.transpose(1, 2).reshape(bv, n, -1).to(dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:

@@ -79,7 +79,9 @@ class RefinerConfig:
     noise_level: float = 0.0
     """Default noise added to the novel views, a fraction of T in [0, 1] (0: none)."""
     view_attention: str = "joint"
-    """Self-attention across views: "joint" (Difix3D), "ref_isolated" (reference attends to itself only; cacheable) or "per_view"."""
+    """Self-attention across views: "joint" (Difix3D), "ref_isolated" (reference attends to itself only; cacheable),
+    "ref_pairs" (as ref_isolated, and each novel view attends only to the reference and itself: views independent of
+    each other, cost linear in their number) or "per_view"."""
     seen_mask: bool = False
     """Feed the avatar's seen-texture mask as one extra U-Net input channel (reference: all ones)."""
     edit_unseen_only: bool = False

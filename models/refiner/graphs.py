@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import lora
-from .attention import clear_caches, prepare_caches, self_attn_processors
+from .attention import REFERENCE_MODES, clear_caches, prepare_caches, self_attn_processors
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,19 @@ class FastPathMixin:
         merge_lora: bool = True,
         fuse_qkv: bool = True,
         compile_mode: str | None = None,
+        compile_dynamic: bool | None = False,
     ):
         """One-time work for refine(): device/dtype, eval, merged LoRA, channels_last,
         cached prompt keys/values, fused self-attention q/k/v, torch.compile and/or
         CUDA graphs (captured per input shape - i.e. per view count - on first use
         and reused).
 
-        compile + cuda_graphs uses torch.compile(mode="reduce-overhead");
-        cuda_graphs alone captures the eager step with torch.cuda.CUDAGraph.
+        cuda_graphs captures the step (eager, or compiled with torch.compile(mode=compile_mode)) with
+        torch.cuda.CUDAGraph, one graph per input shape.
+        compile_dynamic: torch.compile's ``dynamic``. False compiles once per view count (fastest
+        kernels; about 80 s each for the SD-Turbo-size U-Net); None compiles the first view count as it
+        is and the second with the view count symbolic, which then serves every other count (two
+        compiles in all: a live sender whose viewers come and go).
         Call again after changing weights (caches hold derived tensors).
         """
         device = torch.device(device) if device is not None else self.device
@@ -96,22 +101,22 @@ class FastPathMixin:
         prepare_caches(self.unet, self.prompt_embeds.detach().to(dtype).unsqueeze(0), fuse_qkv=fuse_qkv)
         self._runners = {}
         self._compiled = None
-        if compile:
-            mode = compile_mode or ("reduce-overhead" if cuda_graphs else None)
-            self._compiled = torch.compile(self._step_fast, mode=mode, dynamic=False)
+        if compile:  # with cuda_graphs, captured per shape below (as the eager step): not inductor's graph trees,
+            # which refused to record beside the avatar's own CUDA graphs in the sender ("already recording to mempool")
+            self._compiled = torch.compile(self._step_fast, mode=compile_mode, dynamic=compile_dynamic)
         self._prepared = _Prepared(device, dtype, compile, cuda_graphs)
         logger.info("refiner prepared: device=%s dtype=%s compile=%s cuda_graphs=%s", device, dtype, compile, cuda_graphs)
         return self
 
     @torch.no_grad()
     def set_reference(self, ref: Tensor) -> None:
-        """Cache the reference view's self-attention keys/values (view_attention="ref_isolated").
+        """Cache the reference view's self-attention keys/values (view_attention "ref_isolated" or "ref_pairs").
 
         ref [B, 3, H, W] in [0, 1]. Afterwards refine(None, views) skips the
         reference's encode and U-Net pass; the result equals refine(ref, views).
         """
-        if self.config.view_attention != "ref_isolated":
-            raise ValueError(f"expected view_attention='ref_isolated' to cache the reference, got {self.config.view_attention!r}")
+        if self.config.view_attention not in REFERENCE_MODES:
+            raise ValueError(f"expected view_attention in {REFERENCE_MODES} to cache the reference, got {self.config.view_attention!r}")
         if ref.ndim != 4 or ref.shape[1] != 3 or ref.shape[2] % self.factor or ref.shape[3] % self.factor:
             raise ValueError(f"expected ref [B, 3, H, W] with H, W multiples of {self.factor}, got {tuple(ref.shape)}")
         b, _, h, w = ref.shape
@@ -147,18 +152,15 @@ class FastPathMixin:
         prepared = self._prepared
         if prepared is None:
             return self._step(*args)
-        if self._compiled is not None:
-            if prepared.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-                return self._compiled(*args).clone()
-            return self._compiled(*args)
+        step = self._step_fast if self._compiled is None else self._compiled
         if prepared.cuda_graphs:
             ref, views, seen, noise = args[:4]
             b, vn, _, h, w = views.shape
             key = (b, vn, h, w, ref is None, seen is None, noise is None, views.dtype)
             runner = self._runners.get(key)
             if runner is None:
-                logger.info("capturing a CUDA graph for B=%d V=%d %dx%d", b, vn, h, w)
-                runner = self._runners[key] = _CudaGraphStep(self._step_fast, args)
+                logger.info("%s a CUDA graph for B=%d V=%d %dx%d", "compiling and capturing" if self._compiled else "capturing",
+                            b, vn, h, w)
+                runner = self._runners[key] = _CudaGraphStep(step, args)
             return runner(*args)
-        return self._step_fast(*args)
+        return step(*args)

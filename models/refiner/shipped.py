@@ -27,12 +27,15 @@ def default_refiner_path() -> Path:
 
 
 def load_refiner(
-    spec: str | None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, cuda_graphs: bool = False
+    spec: str | None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, cuda_graphs: bool = False,
+    compile: bool = False,
 ):
     """spec: None/"none" -> None; "default" -> the shipped small refiner; else a folder or hub id.
 
     Returns a prepared ``models.refiner.Refiner`` (inference mode) or None. cuda_graphs:
-    capture one CUDA graph per view count (CUDA only; the eager step is launch-bound).
+    capture one CUDA graph per view count (CUDA only; the eager step is launch-bound). compile:
+    torch.compile the step as well (fused kernels; the view count symbolic after the second one seen,
+    so two compiles serve viewers coming and going: minutes for the SD-Turbo-size U-Net, logged).
     """
     if spec is None or str(spec).lower() == "none":
         return None
@@ -48,5 +51,9 @@ def load_refiner(
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     refiner = Refiner.from_pretrained(spec, device=device, dtype=dtype)
-    refiner.prepare(device, dtype, cuda_graphs=cuda_graphs and device.type == "cuda")
+    cuda_graphs = cuda_graphs and device.type == "cuda"
+    if compile:
+        log.info("the refiner is compiled on its first two view counts (torch.compile; minutes for a large U-Net, "
+                 "once per start)")
+    refiner.prepare(device, dtype, cuda_graphs=cuda_graphs, compile=compile, compile_dynamic=None if compile else False)
     return refiner

@@ -34,7 +34,7 @@ def _unet_inputs(batch, tokens=4, seed=1):
     )
 
 
-@pytest.mark.parametrize("mode", ["joint", "ref_isolated", "per_view"])
+@pytest.mark.parametrize("mode", ["joint", "ref_isolated", "ref_pairs", "per_view"])
 def test_unet_with_one_view_equals_stock_unet_exactly(mode):
     unet = _unet()
     z, t, prompt = _unet_inputs(3)
@@ -83,6 +83,34 @@ def test_ref_isolated_equals_masked_attention():
     torch.testing.assert_close(ours, out, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("b", [1, 2])
+def test_ref_pairs_equals_masked_attention(b):
+    attn = _attn()
+    v, n, d, heads = 4, 5, 32, 2
+    x = torch.randn(b * v, n, d)
+    with torch.no_grad():
+        ours = MultiViewSelfAttnProcessor("ref_pairs")(attn, x, num_views=v)
+        # plain twin: one attention with a block mask: the reference sees itself, each view the reference and itself
+        q, k, vv = (f(x).reshape(b, v * n, heads, d // heads).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        view = torch.arange(v * n) // n
+        mask = (view[:, None] == view[None, :]) | (view[None, :] == 0)
+        mask[:n] = view[None, :] == 0
+        out = F.scaled_dot_product_attention(q, k, vv, attn_mask=mask)
+        out = attn.to_out[0](out.transpose(1, 2).reshape(b, v * n, d)).reshape(b * v, n, d)
+    torch.testing.assert_close(ours, out, rtol=1e-5, atol=1e-6)
+
+
+def test_ref_pairs_views_do_not_depend_on_each_other():
+    """A viewer's view is the same whoever else watches (ref_isolated mixes the views)."""
+    attn = _attn()
+    ref, a, other1, other2 = torch.randn(4, 1, 5, 32).unbind(0)
+    for mode, independent in (("ref_pairs", True), ("ref_isolated", False)):
+        with torch.no_grad():
+            one = MultiViewSelfAttnProcessor(mode)(attn, torch.cat([ref, a, other1]), num_views=3)
+            two = MultiViewSelfAttnProcessor(mode)(attn, torch.cat([ref, a, other2, other1]), num_views=4)
+        assert torch.allclose(one[:2], two[:2], rtol=1e-5, atol=1e-6) == independent, mode
+
+
 def test_per_view_mode_ignores_other_views():
     attn = _attn()
     x = torch.randn(6, 5, 32)
@@ -92,11 +120,12 @@ def test_per_view_mode_ignores_other_views():
     assert torch.equal(ours, stock)
 
 
-def test_cached_reference_keys_values_equal_the_plain_pass():
+@pytest.mark.parametrize("mode", ["ref_isolated", "ref_pairs"])
+def test_cached_reference_keys_values_equal_the_plain_pass(mode):
     attn = _attn()
     b, v, n, d = 2, 3, 5, 32
     x = torch.randn(b, v, n, d)
-    proc = MultiViewSelfAttnProcessor("ref_isolated")
+    proc = MultiViewSelfAttnProcessor(mode)
     with torch.no_grad():
         plain = proc(attn, x.flatten(0, 1), num_views=v).unflatten(0, (b, v))
         proc(attn, x[:, 0], num_views=1, reference_kv="record")
@@ -154,5 +183,5 @@ def test_bad_view_counts_raise():
         MultiViewSelfAttnProcessor("joint")(attn, torch.randn(3, 4, 32), num_views=2)
     with pytest.raises(ValueError, match="expected view attention mode"):
         MultiViewSelfAttnProcessor("both")
-    with pytest.raises(ValueError, match="expected view attention 'ref_isolated'"):
+    with pytest.raises(ValueError, match="expected view attention in \\('ref_isolated', 'ref_pairs'\\) for reference_kv='use'"):
         MultiViewSelfAttnProcessor("joint")(attn, torch.randn(2, 4, 32), num_views=1, reference_kv="use")

@@ -1,4 +1,4 @@
-"""CUDA-only fast paths (CUDA graphs, reduce-overhead compile) against eager. Skipped without a GPU."""
+"""CUDA-only fast paths (CUDA graphs of the eager and the compiled step) against eager. Skipped without a GPU."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def _assert_fp16_close(got, want):
     assert diff.mean() < 2.5e-3, diff.mean()
 
 
-@pytest.mark.parametrize("view_attention", ["joint", "ref_isolated"])
+@pytest.mark.parametrize("view_attention", ["joint", "ref_isolated", "ref_pairs"])
 def test_cuda_graphs_equal_eager_for_several_view_counts(view_attention):
     eager = _model(view_attention=view_attention).prepare("cuda", torch.float16)
     graphed = _model(view_attention=view_attention).prepare("cuda", torch.float16, cuda_graphs=True)
@@ -51,7 +51,7 @@ def test_cuda_graphs_follow_a_new_cached_reference():
 
 
 @pytest.mark.slow
-def test_compiled_reduce_overhead_equals_eager():
+def test_compiled_graphs_equal_eager():
     eager = _model(view_attention="ref_isolated", prompt_tokens=1).prepare("cuda", torch.float16)
     compiled = _model(view_attention="ref_isolated", prompt_tokens=1).prepare("cuda", torch.float16, compile=True, cuda_graphs=True)
     ref, views = _inputs(2)
@@ -60,6 +60,18 @@ def test_compiled_reduce_overhead_equals_eager():
     first = compiled.refine(None, views)
     compiled.refine(None, other_views)  # a later replay must not overwrite the first output (cloned)
     _assert_fp16_close(first, eager.refine(ref, views))
+
+
+@pytest.mark.slow
+def test_compiled_with_a_symbolic_view_count_equals_eager():
+    """The live sender's compile (send --compile-refiner): a live reference, viewers coming and going; two
+    compiles serve every view count."""
+    eager = _model(view_attention="ref_pairs", prompt_tokens=1).prepare("cuda", torch.float16)
+    compiled = _model(view_attention="ref_pairs", prompt_tokens=1).prepare("cuda", torch.float16, compile=True,
+                                                                            cuda_graphs=True, compile_dynamic=None)
+    for v in (1, 2, 4, 3):
+        ref, views = _inputs(v, seed=v)
+        _assert_fp16_close(compiled.refine(ref, views), eager.refine(ref, views))
 
 
 def test_fp16_agrees_with_fp32_on_cuda():

@@ -193,9 +193,9 @@ def test_vae_skip_convs_in_the_refiner():
     assert not torch.allclose(changed, plain, atol=1e-3)
 
 
-@pytest.mark.parametrize("seen", [False, True])
-def test_cached_reference_equals_plain_pass(seen):
-    model = _model(view_attention="ref_isolated", seen_mask=seen)
+@pytest.mark.parametrize("seen,view_attention", [(False, "ref_isolated"), (True, "ref_isolated"), (True, "ref_pairs")])
+def test_cached_reference_equals_plain_pass(seen, view_attention):
+    model = _model(view_attention=view_attention, seen_mask=seen)
     ref, novel, mask = _inputs(b=2, v=3, seen=seen)
     with torch.no_grad():
         plain = model(ref, novel, mask)
@@ -209,7 +209,7 @@ def test_cached_reference_equals_plain_pass(seen):
 
 def test_cached_reference_needs_ref_isolated():
     model = _model()
-    with pytest.raises(ValueError, match="expected view_attention='ref_isolated'"):
+    with pytest.raises(ValueError, match="expected view_attention in \\('ref_isolated', 'ref_pairs'\\) to cache"):
         model.set_reference(torch.rand(1, 3, H, W))
     with pytest.raises(ValueError, match="no cached reference"):
         model.refine(None, torch.rand(1, 1, 3, H, W))
