@@ -425,6 +425,7 @@ def main() -> int:
     parser.add_argument("--pipeline", default=None,
                         help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
+    parser.add_argument("--compile-refiner", action="store_true", help="torch.compile the refiner (as send --compile-refiner)")
     parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/loopback_<device>_<size>.json)")
@@ -453,7 +454,8 @@ def main() -> int:
 
     try:
         pipeline = open_pipeline(
-            PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner),
+            PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner,
+                           compile_refiner=args.compile_refiner),
             factory=args.pipeline,
         )
     except Exception as error:

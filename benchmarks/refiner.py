@@ -7,11 +7,13 @@ Cases are the product of --configs x --codecs x --variants x --modes x --size x 
 - variants: "stock" = joint attention over all views, 77-token prompt (SD-Turbo) and
   the reference encoded every call; "live" = reference attends only to itself, 1-token
   prompt (cross-attention is a cached constant), a new reference on every call, as in
-  the live sender (its reference is the newest camera frame); "fast" = the same model
+  the live sender (its reference is the newest camera frame); "live-pairs" = "live" with each
+  novel view attending only to the reference and itself (view_attention "ref_pairs"); "fast" = the same model
   with the reference's keys/values cached once (set_reference): a still-image source
   only. All three are the same code with different RefinerConfig fields.
 - modes: "eager"; "graphs" (eager step captured as a CUDA graph per view count);
-  "compiled" (torch.compile); "compiled-graphs" (torch.compile mode="reduce-overhead").
+  "compiled" (torch.compile); "compiled-graphs" (the compiled step captured as a CUDA graph per view count,
+  as the sender runs it with --compile-refiner).
   Graph modes need CUDA and are skipped elsewhere.
 - views: total views V including the reference (2 = ref + 1 novel view).
 
@@ -52,6 +54,7 @@ MODES = ("eager", "graphs", "compiled", "compiled-graphs")
 VARIANTS = {
     "stock": {"view_attention": "joint"},
     "live": {"view_attention": "ref_isolated", "prompt_tokens": 1},
+    "live-pairs": {"view_attention": "ref_pairs", "prompt_tokens": 1},
     "fast": {"view_attention": "ref_isolated", "prompt_tokens": 1},
 }
 CACHED_REFERENCE = {"fast"}  # variants whose reference is encoded once, not per call
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=30, help="timed calls per case (>= 20 for a p90)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="JSON results path")
+    p.add_argument("--sdpa", default="auto", choices=("auto", "cudnn", "flash", "efficient"),
+                   help="scaled-dot-product attention kernel on CUDA (auto: torch's choice; else only that one)")
+    p.add_argument("--compile-dynamic", action="store_true",
+                   help="compiled modes: the view count symbolic after the second one (as send --compile-refiner)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -138,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+        if args.sdpa != "auto":
+            for name in ("cudnn", "flash", "mem_efficient"):
+                getattr(torch.backends.cuda, f"enable_{name}_sdp")(args.sdpa == name.replace("mem_", ""))
 
     meta = run_metadata(device, benchmark="refiner", argv=sys.argv)
     report = document(meta, vars(args), [])
-    print(f"{'config':8} {'codec':15} {'variant':7} {'mode':16} {'V':>2} {'size':>5} {'median':>9} {'p90':>9} {'peak MB':>8} {'first s':>8}")
+    print(f"{'config':8} {'codec':15} {'variant':10} {'mode':16} {'V':>2} {'size':>5} {'median':>9} {'p90':>9} {'peak MB':>8} {'first s':>8}")
     for config in args.configs.split(","):
         codecs = args.codecs.split(",") if config == "sdturbo" else ["pixel_unshuffle"]
         for codec in codecs:
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                             dtype,
                             compile=mode.startswith("compiled"),
                             cuda_graphs=mode in ("graphs", "compiled-graphs"),
+                            compile_dynamic=None if args.compile_dynamic else False,
                         )
                     except Exception as exc:  # record and go on with the other cases
                         logger.error("build/prepare failed for %s/%s/%s/%s: %s", config, codec, variant, mode, exc)
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                             try:
                                 case.update(time_case(model, variant, views, size, args, device, dtype))
                                 print(
-                                    f"{config:8} {codec:15} {variant:7} {mode:16} {views:>2} {size:>5} "
+                                    f"{config:8} {codec:15} {variant:10} {mode:16} {views:>2} {size:>5} "
                                     f"{case['ms']['median']:8.2f}ms {case['ms']['p90']:8.2f}ms {case['peak_mem_mb']:8.0f} {case['first_call_s']:8.1f}",
                                     flush=True,
                                 )

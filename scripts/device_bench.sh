@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
-#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, loopback-sdturbo,
-#          encode, curve, call-turns), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
+#          loopback-sdturbo, encode, curve, call-turns), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 set -uo pipefail
@@ -44,15 +44,17 @@ if has curve; then
     --out "$OUT/loopback_cuda_512_curve_${ENCODER:-process}.json" 2>&1 | filter | tail -14
 fi
 if has loopback-sdturbo; then
-  echo "== loopback with the SD-Turbo-size refiner (random weights, tiny AE, live variant; the sender's path: CUDA graphs per view count)"
+  # VIEWS (view_attention, default ref_pairs) and COMPILE (default 1: send --compile-refiner) pick the variant.
+  echo "== loopback with the SD-Turbo-size refiner (random weights, tiny AE, 1-token prompt, ${VIEWS:=ref_pairs}, compiled ${COMPILE:=1})"
   python3 -c "
 import torch
 from models.refiner import Refiner
 with torch.device('cuda'):
-    m = Refiner.sd_turbo_random(codec='tiny', view_attention='ref_isolated', prompt_tokens=1)
+    m = Refiner.sd_turbo_random(codec='tiny', view_attention='$VIEWS', prompt_tokens=1)
 m.half().save_pretrained('/tmp/refiner-sdturbo-arch')"
-  timeout 240 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
-    --refiner /tmp/refiner-sdturbo-arch --out "$OUT/loopback_cuda_512_sdturbo.json" 2>&1 | filter | tail -8
+  timeout 420 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
+    --refiner /tmp/refiner-sdturbo-arch $([ "$COMPILE" = 1 ] && echo --compile-refiner) \
+    --out "$OUT/loopback_cuda_512_sdturbo_${VIEWS}$([ "$COMPILE" = 1 ] && echo _compiled).json" 2>&1 | filter | tail -8
 fi
 if has bench; then
   echo "== per-stage bench"
@@ -81,5 +83,14 @@ if has refiner-sdturbo; then
   echo "== refiner (SD-Turbo size)"
   timeout 420 python3 -m benchmarks.refiner --device cuda --configs sdturbo --codecs tiny --variants live,fast --modes compiled-graphs --views 2 5 \
     --out "$OUT/refiner_sdturbo_tiny_cuda.json" 2>&1 | tail -8
+fi
+if has refiner-views; then
+  echo "== refiner (SD-Turbo size, live): novel views attending to every view (live) or to the reference and themselves (live-pairs)"
+  timeout 120 python3 -m benchmarks.refiner --device cuda --configs sdturbo --codecs tiny --variants live,live-pairs --modes graphs \
+    --views 2 5 --out "$OUT/refiner_sdturbo_views_graphs.json" 2>&1 | grep -E "^sdturbo|rror"
+  timeout 60 python3 -m benchmarks.refiner --device cuda --configs sdturbo --codecs tiny --variants live-pairs --modes graphs \
+    --views 5 --sdpa cudnn --out "$OUT/refiner_sdturbo_views_graphs_cudnn.json" 2>&1 | grep -E "^sdturbo|rror"
+  timeout 240 python3 -m benchmarks.refiner --device cuda --configs sdturbo --codecs tiny --variants live-pairs --modes compiled-graphs \
+    --views 5 2 --out "$OUT/refiner_sdturbo_live_pairs_compiled.json" 2>&1 | grep -E "^sdturbo|rror"
 fi
 ls "$OUT"

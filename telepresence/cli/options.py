@@ -18,6 +18,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         "where 512 would run at a few frames per second)")
     parser.add_argument("--refiner", default="default",
                         help="refiner weights folder, 'default' (the shipped weights) or 'none' (raw avatar renders)")
+    parser.add_argument("--compile-refiner", action="store_true",
+                        help="torch.compile the refiner (faster frames for a large refiner, after a compile of minutes "
+                        "at the first two viewer counts)")
     # Off by default: on a head-turn clip it gained 0.1 dB head PSNR at 30-45 degrees (issue 20 asks 1.5) at
     # more than the CPU's +10 ms (see the issue's report); --memory turns it on.
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
@@ -54,7 +57,8 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     args.device = resolve_device(args.device)
     return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner),
                           memory=getattr(args, "memory", False), cpu_threads=getattr(args, "threads", None),
-                          smooth_landmarks=getattr(args, "smooth_landmarks", True))
+                          smooth_landmarks=getattr(args, "smooth_landmarks", True),
+                          compile_refiner=getattr(args, "compile_refiner", False))
 
 
 def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) -> FramePipeline:
