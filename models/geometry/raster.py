@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fragments", "rasterize", "interpolate", "weighted_rows"]
+__all__ = ["Fragments", "rasterize", "interpolate", "interpolate_pixels", "weighted_rows"]
 
 _DEPTH_SCALE = float(2**20)  # depth quantum ~1 micrometre
 _MAX_DEPTH = 2000.0  # metres; keys stay below 2**63
@@ -225,22 +225,34 @@ def interpolate(
 ) -> torch.Tensor:
     """Perspective-correct interpolation of vertex attributes: returns [V, H, W, C] (0 where empty)."""
     V, H, W = frags.face_id.shape
+    C = attrs.shape[-1]
+    px = interpolate_pixels(attrs, faces, frags)
+    if frags.pixels is None:  # dense: every pixel resolved, empty ones with zero weights
+        return px.reshape(V, H, W, C)
+    out = torch.zeros((V * H * W, C), dtype=attrs.dtype, device=attrs.device)
+    out[frags.pixels] = px
+    return out.reshape(V, H, W, C)
+
+
+def interpolate_pixels(
+    attrs: torch.Tensor,  # [V, N, C] per-view vertex attributes, or [N, C] shared by all views
+    faces: torch.Tensor,  # [F, 3]
+    frags: Fragments,
+) -> torch.Tensor:
+    """:func:`interpolate` at the resolved pixels only: [P, C], row p at ``frags.pixels[p]`` (every
+    pixel in view, row, column order when ``frags.pixels`` is None)."""
+    V = frags.face_id.shape[0]
     if attrs.ndim not in (2, 3) or (attrs.ndim == 3 and attrs.shape[0] != V):
         raise ValueError(f"expected attrs [V={V}, N, C] or [N, C], got {tuple(attrs.shape)}")
     N, C = attrs.shape[-2], attrs.shape[-1]
-    # Covered pixels only: each corner's row in the [N, C] table (or the flattened [V * N, C] one).
+    # Each corner's row in the [N, C] table (or the flattened [V * N, C] one).
     corner = faces.index_select(0, frags.face_px)  # [P, 3]
     table = attrs
     if attrs.ndim == 3:
         view = _divmod(frags.winner, faces.shape[0])[0].to(torch.int64)
         corner = corner + (view * N)[:, None]
         table = attrs.reshape(V * N, C)
-    px = weighted_rows(table, corner, frags.bary_px.to(attrs.dtype))
-    if frags.pixels is None:  # dense: every pixel resolved, empty ones with zero weights
-        return px.reshape(V, H, W, C)
-    out = torch.zeros((V * H * W, C), dtype=attrs.dtype, device=attrs.device)
-    out[frags.pixels] = px
-    return out.reshape(V, H, W, C)
+    return weighted_rows(table, corner, frags.bary_px.to(attrs.dtype))
 
 
 def weighted_rows(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
