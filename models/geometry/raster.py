@@ -181,8 +181,9 @@ def rasterize(
         hit = zbuf != _EMPTY
         winner = torch.where(hit, zbuf & 0xFFFFFFFF, torch.zeros_like(zbuf))
         flat = torch.arange(n, device=device)
-    view_row, col = _divmod(flat, width)
-    row = view_row - torch.floor(view_row / height) * height
+    row, col = _divmod(flat, width)
+    if V > 1:  # row is view * height + row
+        row = row - torch.floor(row / height) * height
     col = col.to(torch.float32) + 0.5
     row = row.to(torch.float32) + 0.5
     pl = planes.index_select(1, winner)  # [9, P]
@@ -193,7 +194,7 @@ def rasterize(
     persp = torch.stack([b0, b1, b2], -1) * iz.reshape(-1, 3).index_select(0, winner)  # [P, 3]
     inv_zp = persp.sum(-1, keepdim=True).clamp_(min=1e-12)
     bary_p = persp / inv_zp
-    face_px = _divmod(winner, F)[1].to(torch.int64)
+    face_px = winner if V == 1 else _divmod(winner, F)[1].to(torch.int64)  # one view: the winner is the face
     if hit is None:
         face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
         face_id[pixels] = face_px
