@@ -264,7 +264,9 @@ def render_cameras(
     F_ = avatar.faces.shape[0]
     view = torch.arange(V, device=pix.device)[:, None, None] * F_
     face_id = px.picture_face  # [V, S, S]
-    quality = px.from_pictures(box_mean(per_face[view + face_id][:, None], 5))[:, 0]  # [B, h, w]
+    # With the face's detail weight below: one 5x5 box mean of both pictures [V, 2, S, S].
+    smooth = px.from_pictures(box_mean(torch.stack([per_face[view + face_id], avatar.face_detail[face_id]], 1), 5))
+    quality = smooth[:, 0]  # [B, h, w]
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
     w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)
     own = _unpremultiply(tex_p)
@@ -272,7 +274,7 @@ def render_cameras(
     # (per triangle as far as avatar.face_detail says, smoothed over 5x5 pixels) and the shell's detail
     # to the low-pass texture (tex_f: for surface the source saw, the fill texture at the same source pixel).
     coarse, _ = _sample(F.avg_pool2d(avatar.texture, _FACE_DETAIL_POOL, ceil_mode=True), vals[..., VATTR.TEX], span)
-    weight = px.from_pictures(box_mean(avatar.face_detail[face_id][:, None], 5))  # [B, 1, h, w]
+    weight = smooth[:, 1:]  # [B, 1, h, w]
     fade = px.per_view(face_detail_fade(avatar.source_dir, avatar.pivot, viewmats)) * weight
     own = torch.lerp(own, _unpremultiply(coarse), fade)
     fade = px.per_view(shell_detail_fade(avatar.source_dir, avatar.pivot, viewmats)) * (part == 1)[:, None]
