@@ -189,8 +189,12 @@ class _Pixels:
         return _Pixels(frags, frags.face_px.view(1, 1, P), frags.bary_px.view(1, 1, P, 3), None, face, view)
 
     def interpolate(self, attrs: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        """Vertex attributes [N, C] at the pixels: [B, h, w, C]."""
-        return interpolate_pixels(attrs, faces, self.frags).view(*self.face.shape, -1)
+        """Vertex attributes [N, C] at the pixels: [B, h, w, C]. The covered pixels' are stored
+        attribute-major (each attribute's values contiguous, as the maths reads them)."""
+        rows = interpolate_pixels(attrs, faces, self.frags)  # [P, C]
+        if self.covered is None:
+            rows = rows.t().contiguous().t()
+        return rows.view(*self.face.shape, -1)
 
     def per_view(self, x: torch.Tensor) -> torch.Tensor:
         """Per-view values x [V] at the pixels, broadcastable to [B, 1, h, w]."""
