@@ -288,7 +288,8 @@ def fill_hidden_card(fill, opacity, visible, card: slice, st: MeshConstants) -> 
     backdrop the source never showed is left out rather than smeared). Returns the new opacity."""
     ids = torch.arange(card.start, card.stop, device=fill.device)  # [G * G] row-major
     vis = visible[ids]
-    d2 = torch.where(vis[None], st.card_d2, torch.full_like(st.card_d2, float("inf")))
+    # Hidden vertices' columns at +inf: d + 0 = d, d + inf = inf (one pass over the [G G, G G] table).
+    d2 = st.card_d2 + torch.full_like(vis, float("inf"), dtype=st.card_d2.dtype).masked_fill_(vis, 0.0)[None]
     nearest, src = d2.min(1)
     src_ids = ids[src]
     move = (~vis & vis.any())[:, None]
