@@ -39,7 +39,6 @@ class Fragments:
     """Per-pixel result of :func:`rasterize` for V views of H x W pixels."""
 
     face_id: torch.Tensor  # [V, H, W] int64, -1 where no triangle covers the pixel
-    bary: torch.Tensor  # [V, H, W, 3] perspective-correct barycentrics (0 where empty)
     depth: torch.Tensor  # [V, H, W] camera depth z (0 where empty)
     pixels: torch.Tensor | None  # [P] flat indices (view, row, col) of the covered pixels; None: all (dense)
     winner: torch.Tensor  # [P] view * F + face of each covered pixel (0 where empty when dense)
@@ -51,6 +50,17 @@ class Fragments:
     def mask(self) -> torch.Tensor:
         """[V, H, W] bool, covered pixels."""
         return self.face_id >= 0
+
+    @property
+    def bary(self) -> torch.Tensor:
+        """[V, H, W, 3] perspective-correct barycentrics (0 where empty); laid out as pictures on
+        each access where only the covered pixels were resolved (a render reads bary_px)."""
+        shape = tuple(self.face_id.shape) + (3,)
+        if self.pixels is None:
+            return self.bary_px.reshape(shape)
+        bary = torch.zeros((self.face_id.numel(), 3), dtype=self.bary_px.dtype, device=self.bary_px.device)
+        bary[self.pixels] = self.bary_px
+        return bary.reshape(shape)
 
 
 def _divmod(a: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,18 +258,14 @@ def rasterize(
     if hit is None:
         face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
         face_id[pixels] = face_px
-        bary = torch.zeros((n, 3), dtype=torch.float32, device=device)
-        bary[pixels] = bary_p
         depth = torch.zeros((n,), dtype=torch.float32, device=device)
         depth[pixels] = 1.0 / inv_zp[:, 0]
     else:
         bary_p = bary_p * hit[:, None]
         face_id = torch.where(hit, face_px, torch.full_like(face_px, -1))
-        bary = bary_p
         depth = torch.where(hit, 1.0 / inv_zp[:, 0], torch.zeros_like(inv_zp[:, 0]))
     return Fragments(
         face_id=face_id.reshape(V, height, width),
-        bary=bary.reshape(V, height, width, 3),
         depth=depth.reshape(V, height, width),
         pixels=pixels,
         winner=winner,
