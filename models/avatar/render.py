@@ -134,16 +134,18 @@ def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor)
     return both[:, :3], both[:, 3:]
 
 
-def _sample(texture: torch.Tensor, h: torch.Tensor, span: tuple[float, float],
-            padding: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear lookups [V, C, S, S] of texture [1, C, h, w] at per-pixel homogeneous source pixels
-    h [V, S, S, 3] (u w, v w, w), and those source pixels (u, v) [V, S, S, 2]."""
+def _grid(h: torch.Tensor, span: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample positions [B, h, w, 2] of per-pixel homogeneous source pixels h [B, h, w, 3]
+    (u w, v w, w) in a picture of ``span`` = (H, W) source pixels, and those pixels (u, v) [B, h, w, 2]."""
     w = h[..., 2:3].clamp(min=1e-6)
     uv = h[..., :2] / w
-    grid = torch.stack([2 * uv[..., 0] / span[1] - 1, 2 * uv[..., 1] / span[0] - 1], -1)
-    tex = F.grid_sample(texture.expand(h.shape[0], -1, -1, -1), grid, mode="bilinear", padding_mode=padding,
-                        align_corners=False)
-    return tex, uv
+    return torch.stack([2 * uv[..., 0] / span[1] - 1, 2 * uv[..., 1] / span[0] - 1], -1), uv
+
+
+def _lookup(texture: torch.Tensor, grid: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Bilinear lookups [B, C, h, w] of texture [1, C, Ht, Wt] at grid [B, h, w, 2] (:func:`_grid`)."""
+    return F.grid_sample(texture.expand(grid.shape[0], -1, -1, -1), grid, mode="bilinear", padding_mode=padding,
+                         align_corners=False)
 
 
 def _sample_memory(avatar: Avatar, frags: Fragments) -> torch.Tensor:
@@ -253,10 +255,11 @@ def render_cameras(
     px = _Pixels.of(frags)
     vals = px.interpolate(avatar.vattr, avatar.faces)  # [B, h, w, VATTR.COUNT]
     span = avatar.tex_span
-    tex_p, uv = _sample(avatar.texture, vals[..., VATTR.TEX], span)  # [B, 4, h, w] projective texture
+    own_grid, uv = _grid(vals[..., VATTR.TEX], span)
+    tex_p = _lookup(avatar.texture, own_grid)  # [B, 4, h, w] projective texture
     # The fill texture continues past the picture's edge (a head cut by the frame stays whole).
-    tex_f, _ = _sample(avatar.texture_fill, vals[..., VATTR.FILL], span, "border")
-    tex_m, _ = _sample(avatar.texture, vals[..., VATTR.MIRROR], span)
+    tex_f = _lookup(avatar.texture_fill, _grid(vals[..., VATTR.FILL], span)[0], "border")
+    tex_m = _lookup(avatar.texture, _grid(vals[..., VATTR.MIRROR], span)[0])
     part = avatar.part[px.face]  # [B, h, w]
     head = part <= 1
     seen = seen_fraction(vals[..., 2], avatar.src_depth, avatar.src_depth_K, uv[..., 0], uv[..., 1], pooled=~head)
@@ -277,7 +280,7 @@ def render_cameras(
     # As the view turns from the source, the face's finest detail fades to a box mean of the texture
     # (per triangle as far as avatar.face_detail says, smoothed over 5x5 pixels) and the shell's detail
     # to the low-pass texture (tex_f: for surface the source saw, the fill texture at the same source pixel).
-    coarse, _ = _sample(F.avg_pool2d(avatar.texture, _FACE_DETAIL_POOL, ceil_mode=True), vals[..., VATTR.TEX], span)
+    coarse = _lookup(F.avg_pool2d(avatar.texture, _FACE_DETAIL_POOL, ceil_mode=True), own_grid)
     weight = smooth[:, 1:]  # [B, 1, h, w]
     fade = px.per_view(face_detail_fade(avatar.source_dir, avatar.pivot, viewmats)) * weight
     own = torch.lerp(own, _unpremultiply(coarse), fade)
