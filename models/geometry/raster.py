@@ -102,7 +102,8 @@ def _row_spans(planes, rows, x0, x1, y0, row_base, width: int, height: int):
     each of its ``rows[t]`` box rows from y0[t], the columns in [x0[t], x1[t]] whose centres may
     pass the inside test. Each edge constraint a x + b y + c >= 0 (w0, w1, and 1 + 1e-6 - w0 - w1)
     bounds x on one side at -(b y + c) / a, widened by far more than the float32 rounding of the
-    test (1e-5 of |c| + |a| W + |b| H over |a|, plus 1e-3 pixel; no bound where that is wide), so
+    test (1e-5 of |c| + |a| W + |b| H over |a|, the third constraint taking the first two's sum, plus
+    1e-3 pixel; no bound where that is wide), so
     every pixel the whole box would find inside is a candidate: the same fragments from about half
     the candidates. Returns per candidate its triangle [M] int64, pixel centre (cx, cy) [M] float32
     and flat pixel id [M] int64 (row_base [T]: the pixel id of column 0 of row y0)."""
