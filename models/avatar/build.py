@@ -141,7 +141,8 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
         part=st.part,
         face_detail=st.face_detail,
         vattr=vattr,
-        texture=texture,
+        # Texel-major on the CPU: a render's bilinear lookup reads a texel's 4 channels from one cache line.
+        texture=texture.contiguous(memory_format=torch.channels_last) if device.type == "cpu" else texture,
         texture_fill=texture_fill,
         tex_span=span,
         src_depth=src_depth,

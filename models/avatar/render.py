@@ -2,6 +2,7 @@
 raster, projective and fill texture, and the per-pixel shadow-map test."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -11,7 +12,7 @@ from models.avatar.texture import box_mean
 from models.avatar.types import VATTR, Avatar, RenderOutput
 from models.avatar.visibility import max_filter3x3, seen_fraction
 from models.geometry.camera import OrbitPose, project
-from models.geometry.raster import interpolate, rasterize, weighted_rows
+from models.geometry.raster import Fragments, interpolate_pixels, rasterize, weighted_rows
 
 __all__ = ["face_detail_fade", "render_cameras", "render_views", "shell_detail_fade", "texture_quality", "view_angle_deg"]
 
@@ -133,27 +134,89 @@ def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor)
     return both[:, :3], both[:, 3:]
 
 
-def _sample(texture: torch.Tensor, h: torch.Tensor, span: tuple[float, float],
-            padding: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear lookups [V, C, S, S] of texture [1, C, h, w] at per-pixel homogeneous source pixels
-    h [V, S, S, 3] (u w, v w, w), and those source pixels (u, v) [V, S, S, 2]."""
+def _grid(h: torch.Tensor, span: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample positions [B, h, w, 2] of per-pixel homogeneous source pixels h [B, h, w, 3]
+    (u w, v w, w) in a picture of ``span`` = (H, W) source pixels, and those pixels (u, v) [B, h, w, 2]."""
     w = h[..., 2:3].clamp(min=1e-6)
     uv = h[..., :2] / w
-    grid = torch.stack([2 * uv[..., 0] / span[1] - 1, 2 * uv[..., 1] / span[0] - 1], -1)
-    tex = F.grid_sample(texture.expand(h.shape[0], -1, -1, -1), grid, mode="bilinear", padding_mode=padding,
-                        align_corners=False)
-    return tex, uv
+    return torch.stack([2 * uv[..., 0] / span[1] - 1, 2 * uv[..., 1] / span[0] - 1], -1), uv
 
 
-def _sample_memory(avatar: Avatar, frags) -> torch.Tensor:
+def _lookup(texture: torch.Tensor, grid: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Bilinear lookups [B, C, h, w] of texture [1, C, Ht, Wt] at grid [B, h, w, 2] (:func:`_grid`)."""
+    return F.grid_sample(texture.expand(grid.shape[0], -1, -1, -1), grid, mode="bilinear", padding_mode=padding,
+                         align_corners=False)
+
+
+def _sample_memory(avatar: Avatar, frags: Fragments) -> torch.Tensor:
     """The appearance memory [V, 6, S, S] (RGB lit as now, alpha, weights under and over the frame's own texture) at each pixel's atlas
     position: its triangle's corner positions (avatar.memory_uv) weighted by its barycentrics. The colour is a mean over the
     texels the memory saw (premultiplied by their coverage, divided by it here); the weights fade where it saw nothing."""
-    V, S = frags.face_id.shape[:2]
-    corner = frags.face_id.clamp(min=0).reshape(-1, 1) * 3 + torch.arange(3, device=frags.face_id.device)  # [V S S, 3]
-    grid = weighted_rows(avatar.memory_uv.reshape(-1, 2), corner, frags.bary.reshape(-1, 3)).reshape(V, S, -1, 2)
-    m = F.grid_sample(avatar.memory.expand(V, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _memory_at(avatar, frags.face_id.clamp(min=0), frags.bary)
+
+
+def _memory_at(avatar: Avatar, face: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+    """:func:`_sample_memory` at pixels of any layout: face [B, h, w] (0 where empty), bary [B, h, w, 3];
+    returns [B, 6, h, w]."""
+    B, h, w = face.shape
+    corner = face.reshape(-1, 1) * 3 + torch.arange(3, device=face.device)  # [B h w, 3]
+    grid = weighted_rows(avatar.memory_uv.reshape(-1, 2), corner, bary.reshape(-1, 3)).reshape(B, h, w, 2)
+    m = F.grid_sample(avatar.memory.expand(B, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return torch.cat([(m[:, :4] / m[:, 6:7].clamp(min=1e-6)).clamp(0.0, 1.0), m[:, 4:6]], 1)
+
+
+@dataclass
+class _Pixels:
+    """The pixels a render shades, laid out as pictures [B, h, w]: every pixel of the V views
+    ([V, S, S]), or, where the raster listed the covered pixels (the CPU's exact mode), those only
+    ([1, 1, P]: one picture one row of P pixels tall). The per-pixel maths is the same element by
+    element in both; neighbourhood filters run on whole pictures (:meth:`from_pictures`,
+    :meth:`to_pictures`)."""
+
+    frags: Fragments
+    face: torch.Tensor  # [B, h, w] int64, each pixel's face (0 where empty)
+    bary: torch.Tensor  # [B, h, w, 3] its barycentrics (0 where empty)
+    covered: torch.Tensor | None  # [B, h, w] bool; None: all (the covered pixels only)
+    picture_face: torch.Tensor  # [V, S, S] int64, every pixel's face (0 where empty)
+    view: torch.Tensor | None  # [B, h, w] int64 each pixel's view; None: its picture's (B = V, or one view)
+
+    @staticmethod
+    def of(frags: Fragments) -> "_Pixels":
+        V, S, _ = frags.face_id.shape
+        face = frags.face_id.clamp(min=0)
+        if frags.pixels is None:
+            return _Pixels(frags, face, frags.bary, frags.mask, face, None)
+        P = frags.pixels.shape[0]
+        view = None if V == 1 else (frags.pixels // (S * S)).view(1, 1, P)
+        return _Pixels(frags, frags.face_px.view(1, 1, P), frags.bary_px.view(1, 1, P, 3), None, face, view)
+
+    def interpolate(self, attrs: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """Vertex attributes [N, C] at the pixels: [B, h, w, C]. The covered pixels' are stored
+        attribute-major (each attribute's values contiguous, as the maths reads them)."""
+        rows = interpolate_pixels(attrs, faces, self.frags)  # [P, C]
+        if self.covered is None:
+            rows = rows.t().contiguous().t()
+        return rows.view(*self.face.shape, -1)
+
+    def per_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-view values x [V] at the pixels, broadcastable to [B, 1, h, w]."""
+        return x[:, None, None, None] if self.view is None else x[self.view][:, None]
+
+    def from_pictures(self, x: torch.Tensor) -> torch.Tensor:
+        """Pictures x [V, C, S, S] at the pixels: [B, C, h, w]."""
+        if self.covered is not None:
+            return x
+        V, C = x.shape[:2]
+        return x.transpose(0, 1).reshape(C, -1).index_select(1, self.frags.pixels)[None, :, None]
+
+    def to_pictures(self, x: torch.Tensor) -> torch.Tensor:
+        """Values x [B, C, h, w] at the pixels as pictures [V, C, S, S], 0 where not covered."""
+        if self.covered is not None:
+            return x
+        V, S, W = self.frags.face_id.shape
+        C = x.shape[1]
+        out = x.new_zeros((C, V * S * W)).index_copy_(1, self.frags.pixels, x.reshape(C, -1))
+        return out.view(C, V, S, W).transpose(0, 1)
 
 
 def _unpremultiply(rgba: torch.Tensor) -> torch.Tensor:
@@ -188,14 +251,16 @@ def render_cameras(
     V = viewmats.shape[0]
     pix = project(avatar.verts[None].expand(V, -1, -1), viewmats, Ks)  # [V, N, 3]
     frags = rasterize(pix, avatar.faces, size, size, cull=avatar.cull, skip=avatar.skip, capacity=capacity)
-    vals = interpolate(avatar.vattr, avatar.faces, frags)  # [V, S, S, VATTR.COUNT]
-    covered = frags.mask
+    # Per pixel: [B, h, w] = [V, S, S] (every pixel), or [1, 1, P] (the covered ones: CPU).
+    px = _Pixels.of(frags)
+    vals = px.interpolate(avatar.vattr, avatar.faces)  # [B, h, w, VATTR.COUNT]
     span = avatar.tex_span
-    tex_p, uv = _sample(avatar.texture, vals[..., VATTR.TEX], span)  # [V, 4, S, S] projective texture
+    own_grid, uv = _grid(vals[..., VATTR.TEX], span)
+    tex_p = _lookup(avatar.texture, own_grid)  # [B, 4, h, w] projective texture
     # The fill texture continues past the picture's edge (a head cut by the frame stays whole).
-    tex_f, _ = _sample(avatar.texture_fill, vals[..., VATTR.FILL], span, "border")
-    tex_m, _ = _sample(avatar.texture, vals[..., VATTR.MIRROR], span)
-    part = avatar.part[frags.face_id.clamp(min=0)]  # [V, S, S]
+    tex_f = _lookup(avatar.texture_fill, _grid(vals[..., VATTR.FILL], span)[0], "border")
+    tex_m = _lookup(avatar.texture, _grid(vals[..., VATTR.MIRROR], span)[0])
+    part = avatar.part[px.face]  # [B, h, w]
     head = part <= 1
     seen = seen_fraction(vals[..., 2], avatar.src_depth, avatar.src_depth_K, uv[..., 0], uv[..., 1], pooled=~head)
     # The head is opaque: its own texture where seen, not stretched and on the person, else
@@ -205,24 +270,26 @@ def render_cameras(
     per_face = texture_quality(pix, avatar.vattr[:, VATTR.TEX], avatar.faces).reshape(-1)  # [V * F]
     F_ = avatar.faces.shape[0]
     view = torch.arange(V, device=pix.device)[:, None, None] * F_
-    quality = per_face[view + frags.face_id.clamp(min=0)]  # [V, S, S]
-    quality = box_mean(quality[:, None], 5)[:, 0]
+    face_id = px.picture_face  # [V, S, S]
+    # With the face's detail weight below: one 5x5 box mean of both pictures [V, 2, S, S].
+    smooth = px.from_pictures(box_mean(torch.stack([per_face[view + face_id], avatar.face_detail[face_id]], 1), 5))
+    quality = smooth[:, 0]  # [B, h, w]
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
     w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)
     own = _unpremultiply(tex_p)
     # As the view turns from the source, the face's finest detail fades to a box mean of the texture
     # (per triangle as far as avatar.face_detail says, smoothed over 5x5 pixels) and the shell's detail
     # to the low-pass texture (tex_f: for surface the source saw, the fill texture at the same source pixel).
-    coarse, _ = _sample(F.avg_pool2d(avatar.texture, _FACE_DETAIL_POOL, ceil_mode=True), vals[..., VATTR.TEX], span)
-    weight = box_mean(avatar.face_detail[frags.face_id.clamp(min=0)][:, None], 5)  # [V, 1, S, S]
-    fade = face_detail_fade(avatar.source_dir, avatar.pivot, viewmats)[:, None, None, None] * weight
+    coarse = _lookup(F.avg_pool2d(avatar.texture, _FACE_DETAIL_POOL, ceil_mode=True), own_grid)
+    weight = smooth[:, 1:]  # [B, 1, h, w]
+    fade = px.per_view(face_detail_fade(avatar.source_dir, avatar.pivot, viewmats)) * weight
     own = torch.lerp(own, _unpremultiply(coarse), fade)
-    fade = shell_detail_fade(avatar.source_dir, avatar.pivot, viewmats)[:, None, None, None] * (part == 1)[:, None]
+    fade = px.per_view(shell_detail_fade(avatar.source_dir, avatar.pivot, viewmats)) * (part == 1)[:, None]
     own = torch.lerp(own, tex_f[:, :3], fade)
     mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)
     fill_rgb = vals[..., VATTR.FILL_RGB].permute(0, 3, 1, 2)  # per-vertex colours: smooth, no streaks
     unseen = torch.lerp(fill_rgb, mirrored.clamp(0.0, 1.0), w_mirror[:, None])
-    memory = None if avatar.memory is None else _sample_memory(avatar, frags)  # [V, 6, S, S]
+    memory = None if avatar.memory is None else _memory_at(avatar, px.face, px.bary)  # [B, 6, h, w]
     if memory is not None:  # what earlier frames saw well, before the mirror side and the fill
         unseen = torch.lerp(unseen, memory[:, :3], memory[:, 4:5])
     head_rgb = torch.lerp(unseen, own, w_own[:, None])
@@ -240,15 +307,19 @@ def render_cameras(
     if memory is not None:
         card = torch.lerp(card, torch.cat([memory[:, :3] * memory[:, 3:4], memory[:, 3:4]], 1), memory[:, 4:5])
     card = torch.lerp(card, tex_p, w_own[:, None])
-    card = card * fade[:, None]  # [V, 4, S, S] premultiplied
-    weight = (vals[..., VATTR.OPACITY] * covered)[:, None]
+    card = card * fade[:, None]  # [B, 4, h, w] premultiplied
+    opacity = vals[..., VATTR.OPACITY]
+    weight = (opacity if px.covered is None else opacity * px.covered)[:, None]
     premultiplied = torch.where(head[:, None], head_rgb, card[:, :3]) * weight
     alpha = torch.where(head[:, None], torch.ones_like(weight), card[:, 3:]) * weight
-    premultiplied, alpha = _smooth_edges(premultiplied, alpha.clamp(0, 1), covered)
+    drawn = in_pic if px.covered is None else px.covered & in_pic
+    seen = (seen * drawn.float() * vals[..., VATTR.GRAZING]).clamp(0, 1)[:, None]
+    # Whole pictures again [V, C, S, S] (0 where nothing is drawn) for the silhouettes' 3x3 filters.
+    premultiplied, alpha, seen = (px.to_pictures(x) for x in (premultiplied, alpha.clamp(0, 1), seen))
+    premultiplied, alpha = _smooth_edges(premultiplied, alpha, frags.mask)
     bg = _constant(avatar.config.bg_color, avatar.device)[None, :, None, None]
     rgb = premultiplied + bg * (1 - alpha)
-    seen = (seen * (covered & in_pic).float() * vals[..., VATTR.GRAZING]).clamp(0, 1)
     # Where nothing opaque is drawn the picture shows the flat background: nothing was invented.
-    seen = torch.where(alpha[:, 0] < 0.02, torch.ones_like(seen), seen)
-    return RenderOutput(rgb=rgb.clamp(0, 1), alpha=alpha, depth=frags.depth[:, None], seen=seen[:, None],
+    seen = torch.where(alpha < 0.02, torch.ones_like(seen), seen)
+    return RenderOutput(rgb=rgb.clamp(0, 1), alpha=alpha, depth=frags.depth[:, None], seen=seen,
                         needed=frags.needed)

@@ -22,6 +22,9 @@ def rgba_texture(image_t: torch.Tensor, alpha_t: torch.Tensor, size: tuple[int, 
     return rgba
 
 
+_BOX_COUNTS: dict[tuple, torch.Tensor] = {}  # box_mean's window sizes on the CPU, by (picture size, k, dtype)
+
+
 def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """k x k box mean of [B, C, H, W] (k odd), stride 1, edge pixels averaged over what lies
     inside (avg_pool2d with count_include_pad=False). On the CPU: running sums along each axis,
@@ -37,7 +40,10 @@ def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
         c = F.pad(t, pad).cumsum(dim)
         return c.narrow(dim, k, n) - c.narrow(dim, 0, n)
 
-    count = window_sum(window_sum(x.new_ones((1, 1) + tuple(x.shape[2:])), 3), 2)
+    key = (tuple(x.shape[2:]), k, x.dtype)
+    count = _BOX_COUNTS.get(key)
+    if count is None:  # how many pixels each window holds: the same for every picture of this size
+        count = _BOX_COUNTS[key] = window_sum(window_sum(x.new_ones((1, 1) + key[0]), 3), 2)
     return window_sum(window_sum(x, 3), 2) / count
 
 
@@ -282,7 +288,8 @@ def fill_hidden_card(fill, opacity, visible, card: slice, st: MeshConstants) -> 
     backdrop the source never showed is left out rather than smeared). Returns the new opacity."""
     ids = torch.arange(card.start, card.stop, device=fill.device)  # [G * G] row-major
     vis = visible[ids]
-    d2 = torch.where(vis[None], st.card_d2, torch.full_like(st.card_d2, float("inf")))
+    # Hidden vertices' columns at +inf: d + 0 = d, d + inf = inf (one pass over the [G G, G G] table).
+    d2 = st.card_d2 + torch.full_like(vis, float("inf"), dtype=st.card_d2.dtype).masked_fill_(vis, 0.0)[None]
     nearest, src = d2.min(1)
     src_ids = ids[src]
     move = (~vis & vis.any())[:, None]

@@ -1,19 +1,22 @@
 """A small triangle rasterizer in pure torch (CPU and CUDA, deterministic).
 
-Visibility-buffer design: every triangle enumerates the pixels of its
-screen-space bounding box (one flat list for all triangles of all views, so
-the work is the sum of box areas and the launch count is fixed), an inside test and a perspective-correct depth
-give one 64-bit key per covered pixel, ``(depth << 32) | face id``, and a
-``scatter_reduce(amin)`` keeps the nearest face per pixel. Attributes are then
+Visibility-buffer design: every triangle enumerates candidate pixels (one flat
+list for all triangles of all views, so the launch count is fixed), an inside test
+and a perspective-correct depth give one 64-bit key per covered pixel,
+``(depth << 32) | face id``, and a ``scatter_reduce(amin)`` keeps the nearest face
+per pixel. Attributes are then
 interpolated once per pixel. ``amin`` is order-independent, so the result is
 deterministic on every device.
 
 Pixel (i, j) has its centre at (x, y) = (j + 0.5, i + 0.5); a pixel is covered
 when its centre lies inside the triangle or on its edge.
 
-Two modes. By default the candidate list is exactly as long as needed (one host
-sync to read its length) and only covered pixels are resolved. With
-``capacity=C`` every shape is fixed (C candidates, every pixel resolved) and
+Two modes. By default the candidates are, per row of a triangle's bounding box,
+the columns its edge functions allow (widened past their rounding: the same
+fragments as the whole box), the lists exactly as long as needed (two host syncs
+to read their lengths), and only covered pixels are resolved. With
+``capacity=C`` the candidates are every pixel of every triangle's bounding box
+(the work is the sum of box areas), every shape is fixed (C candidates, every pixel resolved) and
 nothing waits for the device, so the call can be captured in a CUDA graph;
 ``Fragments.needed`` then says how many candidates the frame had, and a frame
 with more than C loses the excess (the caller checks and grows C).
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fragments", "rasterize", "interpolate", "weighted_rows"]
+__all__ = ["Fragments", "rasterize", "interpolate", "interpolate_pixels", "weighted_rows"]
 
 _DEPTH_SCALE = float(2**20)  # depth quantum ~1 micrometre
 _MAX_DEPTH = 2000.0  # metres; keys stay below 2**63
@@ -36,7 +39,6 @@ class Fragments:
     """Per-pixel result of :func:`rasterize` for V views of H x W pixels."""
 
     face_id: torch.Tensor  # [V, H, W] int64, -1 where no triangle covers the pixel
-    bary: torch.Tensor  # [V, H, W, 3] perspective-correct barycentrics (0 where empty)
     depth: torch.Tensor  # [V, H, W] camera depth z (0 where empty)
     pixels: torch.Tensor | None  # [P] flat indices (view, row, col) of the covered pixels; None: all (dense)
     winner: torch.Tensor  # [P] view * F + face of each covered pixel (0 where empty when dense)
@@ -48,6 +50,17 @@ class Fragments:
     def mask(self) -> torch.Tensor:
         """[V, H, W] bool, covered pixels."""
         return self.face_id >= 0
+
+    @property
+    def bary(self) -> torch.Tensor:
+        """[V, H, W, 3] perspective-correct barycentrics (0 where empty); laid out as pictures on
+        each access where only the covered pixels were resolved (a render reads bary_px)."""
+        shape = tuple(self.face_id.shape) + (3,)
+        if self.pixels is None:
+            return self.bary_px.reshape(shape)
+        bary = torch.zeros((self.face_id.numel(), 3), dtype=self.bary_px.dtype, device=self.bary_px.device)
+        bary[self.pixels] = self.bary_px
+        return bary.reshape(shape)
 
 
 def _divmod(a: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +79,60 @@ def _divmod(a: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _edge(ax, ay, bx, by, px, py):
     """Twice the signed area of the triangle (a, b, p)."""
     return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+
+
+def _keys(planes: torch.Tensor, tri_of: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+          valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Depth-test keys [M] int64 of candidates (triangle tri_of [M], pixel centre (cx, cy) [M]):
+    (quantised depth << 32) | triangle where the centre lies inside the triangle (and valid),
+    empty elsewhere. planes [9, T] as in :func:`rasterize`."""
+    pl = planes.index_select(1, tri_of)  # [9, M], rows contiguous
+    w0 = torch.addcmul(pl[2], pl[0], cx).addcmul_(pl[1], cy)
+    w1 = torch.addcmul(pl[5], pl[3], cx).addcmul_(pl[4], cy)
+    inv_z = torch.addcmul(pl[8], pl[6], cx).addcmul_(pl[7], cy)
+    inside = (w0 >= 0) & (w1 >= 0) & (w0 + w1 <= 1.0 + 1e-6)
+    if valid is not None:
+        inside &= valid
+    qdepth = (inv_z.clamp_(min=1.0 / _MAX_DEPTH).reciprocal_().mul_(_DEPTH_SCALE)).to(torch.int64)
+    return torch.where(inside, (qdepth << 32) | tri_of, torch.full_like(tri_of, _EMPTY))
+
+
+def _row_spans(planes, rows, x0, x1, y0, row_base, width: int, height: int):
+    """The exact raster's candidates: per triangle t (planes [9, T] as in :func:`rasterize`) and
+    each of its ``rows[t]`` box rows from y0[t], the columns in [x0[t], x1[t]] whose centres may
+    pass the inside test. Each edge constraint a x + b y + c >= 0 (w0, w1, and 1 + 1e-6 - w0 - w1)
+    bounds x on one side at -(b y + c) / a, widened by far more than the float32 rounding of the
+    test (1e-5 of |c| + |a| W + |b| H over |a|, the third constraint taking the first two's sum, plus
+    1e-3 pixel; no bound where that is wide), so
+    every pixel the whole box would find inside is a candidate: the same fragments from about half
+    the candidates. Returns per candidate its triangle [M] int64, pixel centre (cx, cy) [M] float32
+    and flat pixel id [M] int64 (row_base [T]: the pixel id of column 0 of row y0)."""
+    device = planes.device
+    ends = torch.cumsum(rows, 0)
+    R = int(ends[-1])  # host sync
+    tri_r = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), rows, output_size=R)  # [R]
+    r = torch.arange(R, device=device) - (ends - rows).index_select(0, tri_r)  # [R] row within the box
+    cy = y0.index_select(0, tri_r) + r.to(torch.float32) + 0.5
+    p = planes[:6].index_select(1, tri_r)  # [6, R]: w0 (a, b, c), w1 (a, b, c)
+    scale0 = p[2].abs() + p[0].abs() * width + p[1].abs() * height
+    scale1 = p[5].abs() + p[3].abs() * width + p[4].abs() * height
+    a = torch.stack([p[0], p[3], -(p[0] + p[3])])  # [3, R]
+    b = torch.stack([p[1], p[4], -(p[1] + p[4])])
+    c = torch.stack([p[2], p[5], (1.0 + 1e-6) - (p[2] + p[5])])
+    scale = torch.stack([scale0, scale1, scale0 + scale1 + 1.0])
+    root = -(b * cy + c) / a  # a x + b y + c = 0
+    slack = 1e-5 * scale / a.abs() + 1e-3
+    lo = torch.where(a > 0, root - slack, torch.full_like(root, -float("inf"))).amax(0)
+    hi = torch.where(a < 0, root + slack, torch.full_like(root, float("inf"))).amin(0)
+    first = torch.maximum(x0.index_select(0, tri_r), torch.ceil(lo - 0.5))
+    last = torch.minimum(x1.index_select(0, tri_r), torch.floor(hi - 0.5))
+    n = (last - first + 1).clamp_(min=0).to(torch.int64)  # [R]
+    cends = torch.cumsum(n, 0)
+    M = int(cends[-1]) if R > 0 else 0  # host sync
+    row_of = torch.repeat_interleave(torch.arange(R, device=device), n, output_size=M)  # [M]
+    col = first.index_select(0, row_of) + (torch.arange(M, device=device) - (cends - n).index_select(0, row_of)).to(torch.float32)
+    pixel_ids = (row_base.index_select(0, tri_r) + r * width).index_select(0, row_of) + col.to(torch.int64)
+    return tri_r.index_select(0, row_of), col + 0.5, cy.index_select(0, row_of), pixel_ids
 
 
 def rasterize(
@@ -128,44 +195,38 @@ def rasterize(
     base = ((view_of * height + y0.to(torch.int64)) * width + x0.to(torch.int64)).reshape(-1)  # [V*F]
     box_w = bw.reshape(-1)  # float32 [V*F]
 
-    # Enumerate every pixel of every triangle's bounding box: candidate c belongs to
-    # triangle tri_of[c] and is its local-th box pixel (row-major within the box).
+    # Fixed shapes enumerate every pixel of every triangle's bounding box (needed counts them).
     n_pix = torch.where(ok, bw * bh, torch.zeros_like(bw)).reshape(-1).to(torch.int64)  # [V*F]
     ends = torch.cumsum(n_pix, 0)
     first = ends - n_pix
     needed = ends[-1]
     zbuf = torch.full((V * height * width,), _EMPTY, dtype=torch.int64, device=device)
     if capacity is None:
-        total = int(needed)  # host sync
-        tri_of = torch.repeat_interleave(torch.arange(V * F, device=device), n_pix, output_size=total)  # [M]
-        cand = torch.arange(total, device=device)
-        valid = None
-    else:
+        # Exact: per box row, only the columns the edge functions allow (host syncs).
+        rows = torch.where(ok, bh, torch.zeros_like(bh)).reshape(-1).to(torch.int64)  # [V*F]
+        row_base = (view_of * height + y0.to(torch.int64)).reshape(-1) * width  # [V*F] pixel id of (view, y0, 0)
+        tri_of, cx, cy, pixel_ids = _row_spans(planes, rows, x0.reshape(-1), x1.reshape(-1), y0.reshape(-1),
+                                               row_base, width, height)
+        if tri_of.numel() > 0:
+            zbuf.scatter_reduce_(0, pixel_ids, _keys(planes, tri_of, cx, cy), reduce="amin", include_self=True)
+    elif capacity > 0:
+        # Candidate c belongs to triangle tri_of[c] and is its local-th box pixel (row-major within the box).
         cand = torch.arange(capacity, device=device)
         tri_of = torch.searchsorted(ends, cand, right=True).clamp_(max=V * F - 1)
         valid = cand < needed
-    if cand.numel() > 0:
         local = (cand - first.index_select(0, tri_of)).to(torch.float32)
         # Row and column inside the box; float32 division is exact here (box area < 2**24).
         w_c = box_w.index_select(0, tri_of)
         row = torch.floor((local + 0.5) / w_c)
         col = local - row * w_c
-        pl = planes.index_select(1, tri_of)  # [9, M], rows contiguous
         x0c = x0.reshape(-1).index_select(0, tri_of)
         y0c = y0.reshape(-1).index_select(0, tri_of)
         cx = x0c.add_(col).add_(0.5)
         cy = y0c.add_(row).add_(0.5)
-        w0 = torch.addcmul(pl[2], pl[0], cx).addcmul_(pl[1], cy)
-        w1 = torch.addcmul(pl[5], pl[3], cx).addcmul_(pl[4], cy)
-        inv_z = torch.addcmul(pl[8], pl[6], cx).addcmul_(pl[7], cy)
-        inside = (w0 >= 0) & (w1 >= 0) & (w0 + w1 <= 1.0 + 1e-6)
-        if valid is not None:
-            inside &= valid
-        qdepth = (inv_z.clamp_(min=1.0 / _MAX_DEPTH).reciprocal_().mul_(_DEPTH_SCALE)).to(torch.int64)
-        keys = torch.where(inside, (qdepth << 32) | tri_of, torch.full_like(tri_of, _EMPTY))
+        keys = _keys(planes, tri_of, cx, cy, valid)
         pixel_ids = base.index_select(0, tri_of) + (row * width + col).to(torch.int64)
-        if valid is not None:  # spare candidates carry an empty key (a no-op), spread over all
-            pixel_ids = torch.where(valid, pixel_ids, cand % (V * height * width))  # pixels: no atomic contention
+        # Spare candidates carry an empty key (a no-op), spread over all pixels: no atomic contention.
+        pixel_ids = torch.where(valid, pixel_ids, cand % (V * height * width))
         zbuf.scatter_reduce_(0, pixel_ids, keys, reduce="amin", include_self=True)
 
     # Resolve: barycentrics from the winning face's planes; the covered pixels only, or
@@ -181,8 +242,9 @@ def rasterize(
         hit = zbuf != _EMPTY
         winner = torch.where(hit, zbuf & 0xFFFFFFFF, torch.zeros_like(zbuf))
         flat = torch.arange(n, device=device)
-    view_row, col = _divmod(flat, width)
-    row = view_row - torch.floor(view_row / height) * height
+    row, col = _divmod(flat, width)
+    if V > 1:  # row is view * height + row
+        row = row - torch.floor(row / height) * height
     col = col.to(torch.float32) + 0.5
     row = row.to(torch.float32) + 0.5
     pl = planes.index_select(1, winner)  # [9, P]
@@ -193,22 +255,18 @@ def rasterize(
     persp = torch.stack([b0, b1, b2], -1) * iz.reshape(-1, 3).index_select(0, winner)  # [P, 3]
     inv_zp = persp.sum(-1, keepdim=True).clamp_(min=1e-12)
     bary_p = persp / inv_zp
-    face_px = _divmod(winner, F)[1].to(torch.int64)
+    face_px = winner if V == 1 else _divmod(winner, F)[1].to(torch.int64)  # one view: the winner is the face
     if hit is None:
         face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
         face_id[pixels] = face_px
-        bary = torch.zeros((n, 3), dtype=torch.float32, device=device)
-        bary[pixels] = bary_p
         depth = torch.zeros((n,), dtype=torch.float32, device=device)
         depth[pixels] = 1.0 / inv_zp[:, 0]
     else:
         bary_p = bary_p * hit[:, None]
         face_id = torch.where(hit, face_px, torch.full_like(face_px, -1))
-        bary = bary_p
         depth = torch.where(hit, 1.0 / inv_zp[:, 0], torch.zeros_like(inv_zp[:, 0]))
     return Fragments(
         face_id=face_id.reshape(V, height, width),
-        bary=bary.reshape(V, height, width, 3),
         depth=depth.reshape(V, height, width),
         pixels=pixels,
         winner=winner,
@@ -225,22 +283,34 @@ def interpolate(
 ) -> torch.Tensor:
     """Perspective-correct interpolation of vertex attributes: returns [V, H, W, C] (0 where empty)."""
     V, H, W = frags.face_id.shape
+    C = attrs.shape[-1]
+    px = interpolate_pixels(attrs, faces, frags)
+    if frags.pixels is None:  # dense: every pixel resolved, empty ones with zero weights
+        return px.reshape(V, H, W, C)
+    out = torch.zeros((V * H * W, C), dtype=attrs.dtype, device=attrs.device)
+    out[frags.pixels] = px
+    return out.reshape(V, H, W, C)
+
+
+def interpolate_pixels(
+    attrs: torch.Tensor,  # [V, N, C] per-view vertex attributes, or [N, C] shared by all views
+    faces: torch.Tensor,  # [F, 3]
+    frags: Fragments,
+) -> torch.Tensor:
+    """:func:`interpolate` at the resolved pixels only: [P, C], row p at ``frags.pixels[p]`` (every
+    pixel in view, row, column order when ``frags.pixels`` is None)."""
+    V = frags.face_id.shape[0]
     if attrs.ndim not in (2, 3) or (attrs.ndim == 3 and attrs.shape[0] != V):
         raise ValueError(f"expected attrs [V={V}, N, C] or [N, C], got {tuple(attrs.shape)}")
     N, C = attrs.shape[-2], attrs.shape[-1]
-    # Covered pixels only: each corner's row in the [N, C] table (or the flattened [V * N, C] one).
+    # Each corner's row in the [N, C] table (or the flattened [V * N, C] one).
     corner = faces.index_select(0, frags.face_px)  # [P, 3]
     table = attrs
     if attrs.ndim == 3:
         view = _divmod(frags.winner, faces.shape[0])[0].to(torch.int64)
         corner = corner + (view * N)[:, None]
         table = attrs.reshape(V * N, C)
-    px = weighted_rows(table, corner, frags.bary_px.to(attrs.dtype))
-    if frags.pixels is None:  # dense: every pixel resolved, empty ones with zero weights
-        return px.reshape(V, H, W, C)
-    out = torch.zeros((V * H * W, C), dtype=attrs.dtype, device=attrs.device)
-    out[frags.pixels] = px
-    return out.reshape(V, H, W, C)
+    return weighted_rows(table, corner, frags.bary_px.to(attrs.dtype))
 
 
 def weighted_rows(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

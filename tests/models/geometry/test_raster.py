@@ -63,6 +63,42 @@ def test_matches_the_plain_twin(seed):
     assert (frags.depth[frags.face_id < 0] == 0).all()
 
 
+def _edge_cases(seed, V=2, H=70, W=90):
+    """Triangles that test the exact raster's row spans: corners on pixel centres and pixel edges
+    (edge functions exactly 0 at centres), slivers with near-horizontal and near-vertical edges,
+    huge triangles cut by the picture, and tiny ones."""
+    g = torch.Generator().manual_seed(seed)
+    k = 120
+    # Corners on the half-pixel lattice: many pixel centres exactly on an edge, where the rounding of
+    # the edge functions decides (spans not widened past it lose a few pixels in every such scene).
+    on_grid = torch.randint(-20, 2 * W + 20, (V, 5 * k, 2), generator=g).float() * 0.5
+    sliver = torch.rand(V, k, 2, generator=g) * torch.tensor([W, H])
+    sliver[:, 1::3] = sliver[:, 0::3] + torch.tensor([60.0, 1e-3])  # near-horizontal long edges
+    sliver[:, 2::3] = sliver[:, 0::3] + torch.tensor([2e-3, 45.0])  # near-vertical ones
+    huge = (torch.rand(V, k, 2, generator=g) - 0.5) * 4000 + torch.tensor([W / 2, H / 2])
+    tiny = torch.rand(V, k, 2, generator=g) * torch.tensor([W, H])
+    tiny = tiny + torch.rand(V, k, 2, generator=g) * 1.5 * torch.arange(k).remainder(3)[None, :, None]
+    xy = torch.cat([on_grid, sliver, huge, tiny], 1)
+    z = torch.rand(V, xy.shape[1], 1, generator=g) * 3 + 0.2
+    pix = torch.cat([xy, z], -1)
+    n = xy.shape[1]
+    faces = torch.cat([torch.arange(n).reshape(-1, 3), torch.randint(0, n, (200, 3), generator=g)])
+    return pix, faces, H, W
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_exact_row_spans_find_what_the_whole_boxes_find(seed):
+    """The exact mode's candidates (per row, the columns the edge functions allow) give the same
+    fragments as every pixel of every bounding box (the fixed-shape mode), bit for bit."""
+    pix, faces, H, W = _edge_cases(seed)
+    exact = rasterize(pix, faces, H, W)
+    boxes = rasterize(pix, faces, H, W, capacity=int(rasterize(pix, faces, H, W, capacity=1).needed))
+    assert (exact.face_id >= 0).sum() > 2000
+    assert torch.equal(exact.face_id, boxes.face_id)
+    assert torch.equal(exact.bary, boxes.bary) and torch.equal(exact.depth, boxes.depth)
+    assert torch.equal(exact.needed, boxes.needed)
+
+
 def test_is_deterministic_and_interpolates():
     pix, faces, H, W = random_scene(5, V=3, n_tris=30, H=48, W=40)
     a = rasterize(pix, faces, H, W)
