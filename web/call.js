@@ -5,8 +5,9 @@
 // viewer page does: one tile per sender, room.js) and offers its camera to the server with
 // `publish` (one sendonly video track + the "uplink" data channel, unordered, no retransmits,
 // pinged every second). The answer, `published {sdp, id}`, names this person's own avatar, which
-// the page does not show. The server analyses the camera and sends `head {yaw, pitch, dist}`: the
-// camera offset the participant's own head asks for, added to their orbit of every tile while head
+// the page does not show. The server may send `camera-rate {fps}`: the most frames a second
+// worth sending (its pipeline uses no more), set as the sender's maxFramerate. The server
+// analyses the camera and sends `head {yaw, pitch, dist}`: the camera offset the participant's own head asks for, added to their orbit of every tile while head
 // tracking is on (docs/call.md). The camera picture goes only to the server; the others receive
 // renders of the avatar. Leaving sends `unpublish`, stops the camera and closes every connection.
 
@@ -62,6 +63,18 @@ class Uplink {
     this.timers.push(setTimeout(() => {
       if (this.pc === pc && !pc.remoteDescription) this.call.endCall("The server did not answer the camera.");
     }, PUBLISH_TIMEOUT_MS));
+  }
+
+  // The server's `camera-rate`: the most frames a second its pipeline can use (the rest would be encoded
+  // here and decoded there for nothing).
+  async setFrameRate(fps) {
+    const sender = this.pc?.getSenders().find((s) => s.track?.kind === "video");
+    if (!sender || !Number.isFinite(fps) || fps < 1) return;
+    const params = sender.getParameters();
+    if (!params.encodings?.length) return;
+    params.encodings[0].maxFramerate = fps;
+    await sender.setParameters(params);
+    this.frameRate = fps;
   }
 
   async onPublished(sdp) {
@@ -213,6 +226,9 @@ class Call extends Room {
         this.head = { yaw: message.yaw, pitch: message.pitch, dist: message.dist };
         if (this.tracking !== message.tracking) { this.tracking = Boolean(message.tracking); this.renderSelf(); }
         if (this.headTracking) { this.poseOffset = this.head; this.posesChanged(); }
+        break;
+      case "camera-rate":
+        this.uplink?.setFrameRate(message.fps).catch((error) => console.warn("camera rate not applied:", error));
         break;
       case "unpublished":
         this.endCall(`The server dropped your camera: ${message.reason}.`);

@@ -38,6 +38,7 @@ from telepresence.pipeline import PipelineConfig, PipelineUnavailableError
 
 from .headtrack import HeadTracker, HeadTrackingConfig
 from .messages import (
+    CameraRateMessage,
     ErrorMessage,
     HeadMessage,
     MessageError,
@@ -52,7 +53,7 @@ from .sender import PC_CLOSE_TIMEOUT_S, Sender, SenderConfig
 from .signaling import CallRefusedError, Member, SignalingServer, session_id
 from .signaling_client import SignalingRejectedError
 from .signaling_local import local_clients
-from .uplink import TrackSource, check_uplink_offer
+from .uplink import CameraRate, TrackSource, check_uplink_offer
 from .worker import PipelineProcess, open_pipeline_process
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class CallConfig:
     mps: bool = True
     """On a GPU, the participants' pipeline processes share it through CUDA MPS (telepresence.stream.mps: a
     daemon of the server's own) instead of taking turns; a warning says so when MPS cannot be had."""
+    camera_rate: bool = True
+    """Ask each participant's camera for no more frames a second than a margin over what its pipeline processes
+    (telepresence.stream.uplink.CameraRate; a `camera-rate` message on the uplink channel): a CPU server's pipelines
+    take a few frames a second, and each frame more costs both ends an encode and a decode."""
     pipeline_timeout_s: float = 20.0
     """A participant whose pipeline (its own process) does not answer one frame in this long is dropped
     and the process stopped (a frame takes milliseconds on a GPU, a second on a busy CPU)."""
@@ -112,6 +117,7 @@ class Participant:
         """The room id of this participant's avatar (its sender), known before it joins."""
         config = host.config
         self.source = TrackSource(f"camera of {self.id}", read_stamps=config.sender.stamp_frames)
+        self.camera_rate: Optional[CameraRate] = CameraRate() if config.camera_rate else None
         self.tracker = HeadTracker(config.head, config.sender.pose_limits)
         self.pipeline: Optional[PipelineProcess] = None
         self.pc: Optional[RTCPeerConnection] = None
@@ -227,6 +233,8 @@ class Participant:
 
     def _on_analysis(self, frame: Any, analysis: Any) -> None:
         """On the render loop's analysis thread: this frame's eyes -> the head offset, to the page."""
+        if self.camera_rate is not None:
+            self.camera_rate.frame()
         offset = self.tracker.update(frame.t_capture, getattr(analysis, "eyes_m", None))
         text = HeadMessage(round(frame.t_capture * 1e3, 1), round(offset.yaw_deg, 2), round(offset.pitch_deg, 2),
                            round(offset.dist_scale, 4), offset.tracking).to_json()
@@ -264,10 +272,16 @@ class Participant:
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(0.25)
-            reason = self.fault(time.monotonic())
+            now = time.monotonic()
+            reason = self.fault(now)
             if reason is not None:
                 self.host.drop_soon(self, reason)
                 return
+            if self.camera_rate is not None and self.last_ping is not None:  # the channel is open
+                rate = self.camera_rate.update(now)
+                if rate is not None:
+                    logger.info("%s: asking its camera for at most %g frames a second", self, rate)
+                    self._send(CameraRateMessage(rate).to_json())
 
     # -- close --
 

@@ -562,11 +562,25 @@ class HeadMessage(Outgoing):
     """False: no face in the newest frame (the offset is the last one seen)."""
 
 
+@dataclass(frozen=True)
+class CameraRateMessage(Outgoing):
+    """Server -> participant: the most camera frames a second worth sending. The server's pipeline keeps
+    up with fewer: every frame beyond them would be encoded, sent and decoded for nothing
+    (telepresence.stream.uplink.CameraRate)."""
+
+    type: ClassVar[str] = "camera-rate"
+    fps: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not 1.0 <= self.fps <= 120.0:
+            raise InvalidFieldError(f"camera-rate: expected fps in 1..120, got {self.fps!r}")
+
+
 SIGNALING_TYPES.update({cls.type: cls for cls in (PublishMessage, UnpublishMessage)})
 SERVER_TYPES.update({cls.type: cls for cls in (PublishedMessage, UnpublishedMessage)})
 UPLINK_TYPES: dict[str, type] = {PingMessage.type: PingMessage}
-CALL_TYPES: dict[str, type] = {cls.type: cls for cls in (HeadMessage, PongMessage, StatusMessage, UnpublishedMessage,
-                                                         ErrorMessage)}
+CALL_TYPES: dict[str, type] = {cls.type: cls for cls in (HeadMessage, CameraRateMessage, PongMessage, StatusMessage,
+                                                         UnpublishedMessage, ErrorMessage)}
 
 
 def parse_uplink_message(raw: Union[str, bytes]) -> PingMessage:

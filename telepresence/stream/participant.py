@@ -22,6 +22,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from .capture import FrameSource, SourceError
 from .framecode import WRAP, draw_frame_code
 from .messages import (
+    CameraRateMessage,
     ErrorMessage,
     HeadMessage,
     MessageError,
@@ -46,14 +47,37 @@ from .viewer import Viewer, ViewerError
 logger = logging.getLogger(__name__)
 
 
+class FramePacer:
+    """Which camera frames go when at most `max_fps` may (None: all): `take(t)` for each frame's time, in
+    seconds. On average max_fps go, not fewer: the next one is due a period after the last one was due,
+    not after it came (a 25 fps camera at 10 gives 10, not every third frame's 8.3)."""
+
+    def __init__(self) -> None:
+        self.max_fps: Optional[float] = None
+        self._due: Optional[float] = None
+
+    def take(self, t: float) -> bool:
+        max_fps = self.max_fps
+        if not max_fps:
+            return True
+        period = 1.0 / max_fps
+        if self._due is not None and t < self._due:
+            return False
+        self._due = t + period if self._due is None else max(self._due + period, t - period)
+        return True
+
+
 class CameraTrack(ViewTrack):
     """A FrameSource played as an outgoing video track: a thread grabs its frames at the source's own
-    pace and hands each to the track (newest wins); `stamp` paints the capture time into each."""
+    pace and hands each to the track (newest wins); `stamp` paints the capture time into each;
+    its `pacer` (the server's `camera-rate`, as the page sets its sender's maxFramerate) leaves out the
+    frames that would come sooner than that rate allows."""
 
     def __init__(self, source: FrameSource, stamp: bool = False) -> None:
         super().__init__()
         self.source = source
         self.stamp = stamp
+        self.pacer = FramePacer()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._feed, name="camera", daemon=True)
         self._thread.start()
@@ -64,6 +88,8 @@ class CameraTrack(ViewTrack):
             try:
                 self.source.grab()
                 t_capture = time.time()
+                if not self.pacer.take(t_capture):
+                    continue
                 image = self.source.retrieve()
             except SourceError as error:
                 logger.error("camera %s stopped: %s", self.source.name, error)
@@ -203,6 +229,8 @@ class CallParticipant:
             for viewer in self.viewers.values():
                 if viewer.channel.readyState == "open":
                     viewer.set_pose(message.yaw, message.pitch, message.dist)
+        elif isinstance(message, CameraRateMessage):
+            self.camera.pacer.max_fps = message.fps
         elif isinstance(message, UnpublishedMessage):
             self.unpublished = message.reason
 

@@ -1,5 +1,6 @@
-"""A participant's camera as it reaches the server: the check of its offer, and `TrackSource`, the
-FrameSource a received WebRTC track feeds (so the sender's RenderLoop runs on it as on a webcam).
+"""A participant's camera as it reaches the server: the check of its offer, `TrackSource`, the
+FrameSource a received WebRTC track feeds (so the sender's RenderLoop runs on it as on a webcam), and
+`CameraRate`, the frame rate worth asking of the camera.
 
 aiortc decodes the track on its own thread and queues every decoded frame without bound; the
 drain task here takes each one as it comes and keeps only the newest (newest frame wins, as at
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import threading
 import time
 from typing import Any, Optional
 
@@ -59,6 +62,63 @@ def frame_size_error(width: int, height: int) -> Optional[str]:
     if max(width, height) > MAX_UPLINK_SIDE or width * height > MAX_UPLINK_PIXELS:
         return f"frames of {width}x{height} pixels are too large (expected at most 3840x2160)"
     return None
+
+
+class CameraRate:
+    """The camera frame rate worth asking of a participant: a margin over what its pipeline processes.
+
+    Every camera frame is encoded by the participant and decoded by the server (each depends on the one
+    before), but only the newest is taken when the pipeline is free: on a CPU server the pipeline takes
+    5-7 of 25 frames a second, and the rest cost both ends CPU for nothing (the 2-participant CPU call:
+    5.1-5.9 fps each with the cameras at 25 fps, 6.1-7.0 at 10). `frame()` counts the processed frames (any
+    thread); `update(now)` measures them over `window_s` and returns the rate to ask for when it moved by
+    more than `hysteresis` since the last one asked, else None. The rate is `margin` times the measured one
+    plus a frame, within [min_fps, max_fps]: when the pipeline falls behind it settles at the margin over
+    what it does. A window in which the pipeline took at least `keeping_up` of the frames asked for goes
+    straight back to max_fps (it may do more; at the margin it takes about 0.6 of them), and one with no frame
+    processed (a warm-up, a compile) changes nothing. On a GPU that keeps up the rate stays at max_fps."""
+
+    keeping_up = 0.8
+
+    def __init__(self, min_fps: float = 5.0, max_fps: float = 30.0, margin: float = 1.5, window_s: float = 2.0,
+                 hysteresis: float = 0.15) -> None:
+        if not 1.0 <= min_fps <= max_fps <= 120.0 or margin < 1.0 or window_s <= 0 or hysteresis < 0:
+            raise ValueError(f"expected 1 <= min_fps <= max_fps <= 120, margin >= 1, window_s > 0, hysteresis >= 0, got "
+                             f"{min_fps}, {max_fps}, {margin}, {window_s}, {hysteresis}")
+        self.min_fps, self.max_fps, self.margin = min_fps, max_fps, margin
+        self.window_s, self.hysteresis = window_s, hysteresis
+        self.asked: Optional[float] = None
+        """The rate asked last (None: none yet)."""
+        self._frames = 0
+        self._lock = threading.Lock()
+        self._since: Optional[float] = None
+
+    def frame(self) -> None:
+        """One camera frame processed by the pipeline (any thread)."""
+        with self._lock:
+            self._frames += 1
+
+    def update(self, now: float) -> Optional[float]:
+        """The rate to ask for now (frames a second), or None: no change worth a message."""
+        if self._since is None:
+            self._since = now
+            return None
+        if now - self._since < self.window_s:
+            return None
+        with self._lock:
+            frames, self._frames = self._frames, 0
+        measured = frames / (now - self._since)
+        self._since = now
+        if frames == 0:  # warming up (CUDA graphs, a compile) or no camera frames: nothing learnt
+            return None
+        if measured >= self.keeping_up * (self.asked or self.max_fps):  # it takes (nearly) every frame sent
+            rate = self.max_fps
+        else:
+            rate = float(min(self.max_fps, max(self.min_fps, math.ceil(self.margin * measured + 1.0))))
+        if self.asked is not None and abs(rate - self.asked) <= self.hysteresis * self.asked:
+            return None
+        self.asked = rate
+        return rate
 
 
 class TrackSource(FrameSource):

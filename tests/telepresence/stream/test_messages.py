@@ -6,6 +6,7 @@ import pytest
 
 from telepresence.stream.messages import (
     CHANNEL_MAX_BYTES,
+    CameraRateMessage,
     SIGNALING_MAX_BYTES,
     InvalidFieldError,
     JoinMessage,
@@ -23,6 +24,7 @@ from telepresence.stream.messages import (
     StatsMessage,
     UnknownMessageTypeError,
     encode_message,
+    parse_call_message,
     parse_channel_message,
     parse_sender_message,
     parse_signaling_message,
@@ -165,3 +167,12 @@ def test_hello_and_pong_carry_what_the_page_shows():
 def test_outbound_messages_refuse_nan():
     with pytest.raises(ValueError):
         encode_message("stats", fps=float("nan"))
+
+
+def test_camera_rate_carries_a_frame_rate_in_range():
+    assert parse_call_message(CameraRateMessage(10.0).to_json()) == CameraRateMessage(10.0)
+    for bad in ("10", True, 0.5, 500, float("nan")):
+        with pytest.raises(InvalidFieldError, match="camera-rate: expected fps in 1..120"):
+            CameraRateMessage(bad)
+    with pytest.raises(MessageError):
+        parse_call_message('{"type": "camera-rate", "fps": "fast"}')

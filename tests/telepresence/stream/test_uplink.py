@@ -10,9 +10,9 @@ import pytest
 
 from telepresence.stream.capture import SourceError
 from telepresence.stream.framecode import WRAP, draw_frame_code
-from telepresence.stream.participant import CallParticipant
+from telepresence.stream.participant import CallParticipant, FramePacer
 from telepresence.stream.rtc import InvalidOfferError
-from telepresence.stream.uplink import TrackSource, check_uplink_offer, frame_size_error
+from telepresence.stream.uplink import CameraRate, TrackSource, check_uplink_offer, frame_size_error
 from telepresence.stream.viewer import Viewer
 from tests.fake_camera import head_frame
 from tests.helpers import ScriptedSource, async_test
@@ -85,3 +85,47 @@ async def test_the_track_source_keeps_the_newest_usable_frame_and_reads_capture_
     source.close()
     with pytest.raises(SourceError):
         await loop.run_in_executor(None, source.grab)
+
+
+def _rates(camera_rate, windows):
+    """Feed CameraRate `windows` of (frames processed, seconds): the rates it asks for (None: no message)."""
+    t, asked = 0.0, []
+    camera_rate.update(t)
+    for frames, seconds in windows:
+        for _ in range(frames):
+            camera_rate.frame()
+        t += seconds
+        asked.append(camera_rate.update(t))
+    return asked
+
+
+def test_the_camera_is_asked_for_a_margin_over_what_the_pipeline_processes():
+    # A CPU pipeline taking 6 of the camera's frames a second: 1.5 x 6 + 1 = 10, then no message while it stays.
+    assert _rates(CameraRate(), [(12, 2.0), (12, 2.0), (13, 2.0)]) == [10.0, None, None]
+    # Slower (3 a second): down to 5.5 -> 6; never below min_fps.
+    assert _rates(CameraRate(), [(12, 2.0), (6, 2.0), (1, 2.0)]) == [10.0, 6.0, 5.0]
+    # Within the window nothing is decided; a window with no frame (a warm-up, a compile) changes nothing.
+    assert _rates(CameraRate(), [(5, 1.0), (7, 1.0), (0, 2.0)]) == [None, 10.0, None]
+
+
+def test_a_pipeline_that_keeps_up_gets_the_full_rate_back():
+    # Asked for 10, it then takes 9 of them (at least 0.8): it may do more, so the full rate again; then it
+    # falls behind at 7 (1.5 x 7 + 1).
+    assert _rates(CameraRate(max_fps=30.0), [(12, 2.0), (18, 2.0), (14, 2.0)]) == [10.0, 30.0, 12.0]
+    # A GPU that keeps up with a 30 fps camera: asked once for 30 and left there.
+    assert _rates(CameraRate(max_fps=30.0), [(60, 2.0), (59, 2.0), (60, 2.0)]) == [30.0, None, None]
+
+
+def test_camera_rate_settings_are_checked():
+    with pytest.raises(ValueError, match="min_fps <= max_fps"):
+        CameraRate(min_fps=20.0, max_fps=10.0)
+
+
+def test_the_python_camera_sends_at_most_the_rate_asked():
+    pacer = FramePacer()
+    times = [i / 25.0 for i in range(250)]  # a 25 fps camera for 10 s
+    assert sum(pacer.take(t) for t in times) == 250  # nothing asked: every frame
+    pacer.max_fps = 10.0
+    taken = [t for t in times if pacer.take(t)]
+    assert 99 <= len(taken) <= 101  # 10 a second on average, not every third frame (83)
+    assert min(b - a for a, b in zip(taken, taken[1:])) >= 0.08 - 1e-9  # never two frames of one period
