@@ -162,6 +162,9 @@ class AppearanceMemory:
         self.colour = torch.zeros(K, T, 4, device=self.device)  # [K, T, 4] straight RGBA per pose layer
         self.confidence = torch.zeros(K, T, device=self.device)  # [K, T] observations' weight, capped
         self.best = torch.zeros(K, T, device=self.device)  # [K, T] the best quality seen
+        # Per layer, colour and best quality weighted by the confidence (at most 1): a compose is then one
+        # matrix-vector product over the layers (_compose), not a product and a sum of [K, T, 4].
+        self._held = torch.zeros(K, T, 5, device=self.device)
         self._q_now = torch.zeros(T, device=self.device)  # [T] the newest frame's quality
         self._ratio = torch.ones(1, 3, Ha, Wa, device=self.device)  # lighting now over then
         self._yaw_now = 0.0  # the newest frame's head yaw
@@ -177,13 +180,13 @@ class AppearanceMemory:
         """Bytes the memory holds on its device (fixed once the first frame set the topology)."""
         if self.atlas is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.colour, self.confidence, self.best, self.view,
+        return sum(t.numel() * t.element_size() for t in (self.colour, self.confidence, self.best, self._held, self.view,
                                                           self._texel_view, self._sums, self._q_now, self._ratio))
 
     def reset(self) -> None:
         """Forget everything seen (buffers kept, zeroed in place: graph-safe)."""
         if self.atlas is not None:
-            for t in (self.colour, self.confidence, self.best, self.view, self._q_now):
+            for t in (self.colour, self.confidence, self.best, self._held, self.view, self._q_now):
                 t.zero_()
             self._ratio.fill_(1.0)
         self._frames, self._lost_since, self._descriptor = 0, None, None
@@ -288,8 +291,8 @@ class AppearanceMemory:
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         """Every buffer an update writes."""
-        return (self.colour, self.confidence, self.best, self._q_now, self._ratio, self.view, self._texel_view,
-                self._sums)
+        return (self.colour, self.confidence, self.best, self._held, self._q_now, self._ratio, self.view,
+                self._texel_view, self._sums)
 
     def _layer_centres(self) -> list[float]:
         K, step = self.config.pose_layers, self.config.layer_step_deg
@@ -331,19 +334,22 @@ class AppearanceMemory:
         b, c, colour = self.best.index_select(0, k)[0], self.confidence.index_select(0, k)[0], self.colour.index_select(0, k)[0]
         g = cfg.gate
         w = q.square() * ((q - g * b) / ((1 - g) * b + 1e-3)).clamp(0.0, 1.0)
-        self.colour.index_copy_(0, k, colour.lerp(x, (w / (c + w).clamp(min=1e-6))[:, None])[None])
-        self.confidence.index_copy_(0, k, torch.minimum(c + w, torch.full_like(c, cfg.cap))[None])
-        self.best.index_copy_(0, k, torch.maximum(b, q)[None])
+        colour = colour.lerp(x, (w / (c + w).clamp(min=1e-6))[:, None])
+        c, b = torch.minimum(c + w, torch.full_like(c, cfg.cap)), torch.maximum(b, q)
+        self.colour.index_copy_(0, k, colour[None])
+        self.confidence.index_copy_(0, k, c[None])
+        self.best.index_copy_(0, k, b[None])
+        self._held.index_copy_(0, k, (torch.cat([colour, b[:, None]], -1) * c.clamp(max=1.0)[:, None])[None])
 
     def _compose(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layers seen from a mesh of layer affinity ``a`` [K, 1] (:meth:`_affinity` of its yaw): colour
         [T, 4], its quality [T], the confidence of the layers near that yaw [T] and of any layer [T]."""
         c = self.confidence.clamp(max=1.0)  # [K, T]
-        s = a * c
-        total = s.sum(0).clamp(min=1e-6)
-        colour = (s[..., None] * self.colour).sum(0) / total[:, None]
-        best = (s * self.best).sum(0) / total
-        return colour, best, s.amax(0), c.amax(0)
+        K, T = c.shape
+        w = a[:, 0]  # [K]
+        total = (w @ c).clamp(min=1e-6)  # [T]
+        held = (w @ self._held.view(K, T * 5)).view(T, 5) / total[:, None]  # colour and best quality
+        return held[:, :4], held[:, 4], (a * c).amax(0), c.amax(0)
 
     def _relight(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float) -> None:
         """The lighting ratio (now over then) and quality of the newest frame, against the layers at its yaw."""
