@@ -175,15 +175,17 @@ def observe_texels(atlas: MemoryAtlas, avatar: Avatar) -> tuple[torch.Tensor, to
     table = torch.cat([verts, tex_h], -1)  # [N, 6]
     both = weighted_rows(table, atlas.texel_vid, atlas.texel_bary)  # [T, 6]
     P, th = both[:, :3], both[:, 3:]  # camera frame; (u w, v w, w): linear in position
-    tri = verts[faces]  # [F, 3, 3]
+    # Gathers as index_select (the same values; advanced indexing costs the CPU several times more).
+    corners = faces.reshape(-1)
+    tri = verts.index_select(0, corners).view(-1, 3, 3)  # [F, 3, 3]
     normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    cos = (normal[atlas.texel_face] * P).sum(-1).abs() / P.norm(dim=-1).clamp(min=1e-6)
+    cos = (normal.index_select(0, atlas.texel_face) * P).sum(-1).abs() / P.norm(dim=-1).clamp(min=1e-6)
     # Resolution: source pixels per texel (area ratio of each triangle), at most 1.
-    uv = tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6)
-    s1, s2 = uv[faces[:, 1]] - uv[faces[:, 0]], uv[faces[:, 2]] - uv[faces[:, 0]]
+    uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6)).index_select(0, corners).view(-1, 3, 2)  # [F, 3, 2]
+    s1, s2 = uv[:, 1] - uv[:, 0], uv[:, 2] - uv[:, 0]
     src_area = 0.5 * (s1[:, 0] * s2[:, 1] - s1[:, 1] * s2[:, 0]).abs()
-    res = (src_area / atlas.atlas_area.clamp(min=1e-6)).sqrt().clamp(max=1.0)[atlas.texel_face]
+    res = (src_area / atlas.atlas_area.clamp(min=1e-6)).sqrt().clamp(max=1.0).index_select(0, atlas.texel_face)
     w = th[:, 2].clamp(min=1e-6)
     u, v = th[:, 0] / w, th[:, 1] / w
     card = atlas.texel_card
