@@ -76,7 +76,8 @@ class CameraRate:
     plus a frame, within [min_fps, max_fps]: when the pipeline falls behind it settles at the margin over
     what it does. A window in which the pipeline took at least `keeping_up` of the frames asked for goes
     straight back to max_fps (it may do more; at the margin it takes about 0.6 of them), and one with no frame
-    processed (a warm-up, a compile) changes nothing. On a GPU that keeps up the rate stays at max_fps."""
+    processed (a warm-up, a compile) changes nothing, nor does the next one (it only partly worked). On a
+    GPU that keeps up the rate stays at max_fps."""
 
     keeping_up = 0.8
 
@@ -92,6 +93,7 @@ class CameraRate:
         self._frames = 0
         self._lock = threading.Lock()
         self._since: Optional[float] = None
+        self._steady = False  # the window before had frames processed
 
     def frame(self) -> None:
         """One camera frame processed by the pipeline (any thread)."""
@@ -110,6 +112,10 @@ class CameraRate:
         measured = frames / (now - self._since)
         self._since = now
         if frames == 0:  # warming up (CUDA graphs, a compile) or no camera frames: nothing learnt
+            self._steady = False
+            return None
+        if not self._steady:  # the first frames after none: a window only partly worked, nothing learnt yet
+            self._steady = True
             return None
         if measured >= self.keeping_up * (self.asked or self.max_fps):  # it takes (nearly) every frame sent
             rate = self.max_fps

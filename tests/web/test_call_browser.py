@@ -126,11 +126,11 @@ def test_two_pages_see_each_others_avatar_turn_and_leave(browsers, tmp_path):
         assert alice.locator(".tile").count() == 1 and bob.locator(".tile").count() == 1  # not one's own avatar
         assert "bob joined" in alice.text_content("#toasts")
         # The server asks each camera for no more frames than its pipeline uses, and the page's sender applies it.
-        alice.wait_for_function("() => window.telepresence.uplink?.frameRate > 0", timeout=10000)
+        alice.wait_for_function("() => window.telepresence.uplink?.frameRate > 0", timeout=20000)
         applied = alice.evaluate("""() => window.telepresence.uplink.pc.getSenders()
           .find((s) => s.track?.kind === 'video').getParameters().encodings[0].maxFramerate""")
         assert applied == alice.evaluate("window.telepresence.uplink.frameRate")
-        server.read_until(r"\(alice\): asking its camera for at most \d+ frames a second", timeout_s=10)
+        server.read_until(r"\(alice\): asking its camera for at most \d+ frames a second", timeout_s=20)
 
         # Each page receives the other's avatar: with the fake pipeline, the other's camera picture
         # resized, the pose marker at its centre (left out of the comparison).
