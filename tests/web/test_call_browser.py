@@ -121,10 +121,13 @@ def test_two_pages_see_each_others_avatar_turn_and_leave(browsers, tmp_path):
         alice, bob = browsers(alice_clip), browsers(bob_clip)
         join(alice, url, "alice", head="off")  # head tracking off: the views stay at the orbit's rest
         join(bob, url, "bob", head="off")
+        # The join is shown (a toast lives a few seconds: looked for as it comes, not after the tiles are live,
+        # which a loaded machine took longer than that to see)
+        alice.wait_for_function("() => document.querySelector('#toasts').textContent.includes('bob joined')",
+                                timeout=10000)
         alice.wait_for_function(LIVE_TILE_JS, arg="bob", timeout=20000)
         bob.wait_for_function(LIVE_TILE_JS, arg="alice", timeout=20000)
         assert alice.locator(".tile").count() == 1 and bob.locator(".tile").count() == 1  # not one's own avatar
-        assert "bob joined" in alice.text_content("#toasts")
         # The server asks each camera for no more frames than its pipeline uses, and the page's sender applies it.
         alice.wait_for_function("() => window.telepresence.uplink?.frameRate > 0", timeout=20000)
         applied = alice.evaluate("""() => window.telepresence.uplink.pc.getSenders()
