@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cameras taken at once over all rooms (each is a pipeline)")
     parser.add_argument("--head-gain", type=float, default=HeadTrackingConfig.gain,
                         help="head-tracked parallax: multiple of a true window's angles (0: off for everyone)")
+    parser.add_argument("--camera-rate", action=argparse.BooleanOptionalAction, default=CallConfig.camera_rate,
+                        help="ask each camera for no more frames a second than its pipeline uses (--no-camera-rate: "
+                        "the cameras send at their own rate)")
     parser.add_argument("--mps", action=argparse.BooleanOptionalAction, default=CallConfig.mps,
                         help="on a GPU, run the participants' pipelines side by side through CUDA MPS (a daemon of the "
                         "server's own, stopped with it) instead of by turns")
@@ -47,7 +50,8 @@ def call_config_from_args(args: argparse.Namespace, receiver: ReceiverConfig) ->
     sender = SenderConfig(source="uplink", codec=args.codec, encoder=args.encoder, bitrate=BitrateConfig(args.min_kbps, args.start_kbps, args.max_kbps),
                           ice=receiver.ice, max_viewers=receiver.limits.max_viewers_per_room, stamp_frames=args.stamp_frames)
     return CallConfig(sender=sender, pipeline=pipeline_config_from_args(args), pipeline_factory=args.pipeline,
-                      head=HeadTrackingConfig(gain=args.head_gain), max_participants=args.max_participants, mps=args.mps)
+                      head=HeadTrackingConfig(gain=args.head_gain), max_participants=args.max_participants, mps=args.mps,
+                      camera_rate=args.camera_rate)
 
 
 async def _run(receiver_config: ReceiverConfig, call_config: CallConfig) -> None:
