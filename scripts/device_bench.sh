@@ -21,7 +21,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if has tests; then
   echo "== GPU tests (every test marked gpu)"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/models tests/telepresence 2>&1 | tail -6
+  timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider -m gpu --durations=8 tests/models tests/telepresence 2>&1 | tail -16
 fi
 if has avatar; then
   echo "== avatar"
