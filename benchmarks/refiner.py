@@ -45,6 +45,7 @@ import torch
 
 from benchmarks.common import document, sync, timing_stats, write_json
 from models.refiner import Refiner
+from models.refiner.graphs import COMPILE_OPTIONS
 from models.runinfo import run_metadata
 
 logger = logging.getLogger("benchmarks.refiner")
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="scaled-dot-product attention kernel on CUDA (auto: torch's choice; else only that one)")
     p.add_argument("--compile-dynamic", action="store_true",
                    help="compiled modes: the view count symbolic after the second one (as send --compile-refiner)")
+    p.add_argument("--compile-options", default="default", choices=sorted(COMPILE_OPTIONS),
+                   help="compiled modes: inductor's settings (models.refiner.graphs.COMPILE_OPTIONS)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                             compile=mode.startswith("compiled"),
                             cuda_graphs=mode in ("graphs", "compiled-graphs"),
                             compile_dynamic=None if args.compile_dynamic else False,
+                            compile_options=args.compile_options,
                         )
                     except Exception as exc:  # record and go on with the other cases
                         logger.error("build/prepare failed for %s/%s/%s/%s: %s", config, codec, variant, mode, exc)

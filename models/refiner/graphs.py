@@ -14,6 +14,14 @@ from .attention import REFERENCE_MODES, clear_caches, prepare_caches, self_attn_
 
 logger = logging.getLogger(__name__)
 
+COMPILE_OPTIONS: dict[str, dict[str, bool] | None] = {
+    "default": None,
+    # from PyTorch's recipe for diffusion U-Nets ("Accelerating Generative AI Part III: Diffusion, Fast"): 1x1
+    # convolutions as matrix products, no epilogue fusion. Its coordinate-descent tuning is left out: with it the
+    # SD-Turbo-size step compiled for over 7 minutes on an H200 (2026-11-30), too long for a sender starting a call.
+    "light": {"conv_1x1_as_mm": True, "epilogue_fusion": False},
+}
+
 
 class _CudaGraphStep:
     """fn captured once as a CUDA graph for fixed shapes; calls copy inputs in, replay, clone out."""
@@ -67,6 +75,7 @@ class FastPathMixin:
         fuse_qkv: bool = True,
         compile_mode: str | None = None,
         compile_dynamic: bool | None = False,
+        compile_options: str = "default",
     ):
         """One-time work for refine(): device/dtype, eval, merged LoRA, channels_last,
         cached prompt keys/values, fused self-attention q/k/v, torch.compile and/or
@@ -79,10 +88,16 @@ class FastPathMixin:
         kernels; about 80 s each for the SD-Turbo-size U-Net); None compiles the first view count as it
         is and the second with the view count symbolic, which then serves every other count (two
         compiles in all: a live sender whose viewers come and go).
+        compile_options: a name in COMPILE_OPTIONS, inductor's settings for this compile (not with compile_mode).
         Call again after changing weights (caches hold derived tensors).
         """
         device = torch.device(device) if device is not None else self.device
         dtype = dtype or self.dtype
+        if compile_options not in COMPILE_OPTIONS:
+            raise ValueError(f"expected compile_options in {sorted(COMPILE_OPTIONS)}, got {compile_options!r}")
+        options = COMPILE_OPTIONS[compile_options]
+        if options and compile_mode:
+            raise ValueError(f"expected compile_mode or compile_options, got both ({compile_mode!r}, {compile_options!r})")
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"expected a CUDA device for cuda_graphs, got {device}")
         self.eval()
@@ -103,7 +118,7 @@ class FastPathMixin:
         self._compiled = None
         if compile:  # with cuda_graphs, captured per shape below (as the eager step): not inductor's graph trees,
             # which refused to record beside the avatar's own CUDA graphs in the sender ("already recording to mempool")
-            self._compiled = torch.compile(self._step_fast, mode=compile_mode, dynamic=compile_dynamic)
+            self._compiled = torch.compile(self._step_fast, mode=compile_mode, dynamic=compile_dynamic, options=options)
         self._prepared = _Prepared(device, dtype, compile, cuda_graphs)
         logger.info("refiner prepared: device=%s dtype=%s compile=%s cuda_graphs=%s", device, dtype, compile, cuda_graphs)
         return self

@@ -24,3 +24,12 @@ def test_compiled_step_equals_eager_without_graph_breaks():
     compiled = model.refine(None, views)  # cached reference + 1-token constant cross-attention, compiled
     torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+
+
+def test_compile_options_are_named_and_exclude_a_mode():
+    model = Refiner.tiny()
+    with pytest.raises(ValueError, match="compile_options"):
+        model.prepare("cpu", torch.float32, compile=True, compile_options="fastest")
+    with pytest.raises(ValueError, match="compile_mode or compile_options"):
+        model.prepare("cpu", torch.float32, compile=True, compile_mode="max-autotune", compile_options="light")
+
