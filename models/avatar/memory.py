@@ -88,6 +88,10 @@ class MemoryConfig:
     relight: bool | str = True
     """The lighting ratio, now over then: True (per region: cells of ratio_cell texels), "global" (one
     ratio per channel) or False."""
+    ratio_keep: float = 0.8
+    """Share of the previous lighting ratio kept at each relit update (0: each frame's own ratio; the first
+    ratio after a reset is taken whole): smooths its frame-to-frame noise, which shows as flicker where the
+    memory's texture is used (docs/memory.md: 6.22 -> 6.16 x 1000 on the steady stretches, as the single frame)."""
     own_affinity: bool = True
     """A reenactment (a mesh fitted at another pose than the frame that textures it, models.avatar's
     ``geometry``): the frame's own quality counts only as much as a layer at its pose would there."""
@@ -118,6 +122,8 @@ class MemoryConfig:
         if not 0.0 <= self.gate < 1.0 or self.pose_layers < 1 or self.layer_step_deg <= 0:
             raise ValueError(f"expected gate in [0, 1), pose_layers >= 1 and layer_step_deg > 0, got {self.gate}, "
                              f"{self.pose_layers}, {self.layer_step_deg}")
+        if not 0.0 <= self.ratio_keep < 1.0:
+            raise ValueError(f"expected ratio_keep in [0, 1), got {self.ratio_keep}")
         if self.relight not in (True, False, "global"):
             raise ValueError(f"expected relight True, False or 'global', got {self.relight!r}")
 
@@ -167,6 +173,8 @@ class AppearanceMemory:
         self._held = torch.zeros(K, T, 5, device=self.device)
         self._q_now = torch.zeros(T, device=self.device)  # [T] the newest frame's quality
         self._ratio = torch.ones(1, 3, Ha, Wa, device=self.device)  # lighting now over then
+        self._ratio_now = torch.ones(T, 3, device=self.device)  # the newest frame's, unsmoothed, per texel
+        self._ratio_made = torch.zeros((), device=self.device)  # 1 once a ratio was made since the reset
         self._yaw_now = 0.0  # the newest frame's head yaw
         self._centres = torch.tensor(self._layer_centres(), device=self.device)[:, None]  # [K, 1] layers' yaws, degrees
         self.view = torch.zeros(1, 7, Ha, Wa, device=self.device)  # what renders sample (see look_from)
@@ -181,7 +189,8 @@ class AppearanceMemory:
         if self.atlas is None:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.colour, self.confidence, self.best, self._held, self.view,
-                                                          self._texel_view, self._sums, self._q_now, self._ratio))
+                                                          self._texel_view, self._sums, self._q_now, self._ratio,
+                                                          self._ratio_now))
 
     def reset(self) -> None:
         """Forget everything seen (buffers kept, zeroed in place: graph-safe)."""
@@ -189,6 +198,8 @@ class AppearanceMemory:
             for t in (self.colour, self.confidence, self.best, self._held, self.view, self._q_now):
                 t.zero_()
             self._ratio.fill_(1.0)
+            self._ratio_now.fill_(1.0)
+            self._ratio_made.zero_()
         self._frames, self._lost_since, self._descriptor = 0, None, None
         self.resets += 1
 
@@ -291,8 +302,8 @@ class AppearanceMemory:
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         """Every buffer an update writes."""
-        return (self.colour, self.confidence, self.best, self._held, self._q_now, self._ratio, self.view,
-                self._texel_view, self._sums)
+        return (self.colour, self.confidence, self.best, self._held, self._q_now, self._ratio, self._ratio_now,
+                self._ratio_made, self.view, self._texel_view, self._sums)
 
     def _layer_centres(self) -> list[float]:
         K, step = self.config.pose_layers, self.config.layer_step_deg
@@ -331,6 +342,12 @@ class AppearanceMemory:
     def _blend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         """The observation into pose layer k (a [1] index on the device)."""
         cfg = self.config
+        # The layers keep colours as lit when the memory began: the frame's divided by its own lighting ratio
+        # (now over then; unsmoothed, or a change of light would leak into the layers while the smoothed one
+        # catches up). Stored as seen, a frame would set the layers near its pose to today's light, and the
+        # ratio, made against those layers, would fall back to 1 after one frame, leaving the other layers lit
+        # as they were seen.
+        x = torch.cat([x[:, :3] / self._ratio_now, x[:, 3:]], -1)
         b, c, colour = self.best.index_select(0, k)[0], self.confidence.index_select(0, k)[0], self.colour.index_select(0, k)[0]
         g = cfg.gate
         w = q.square() * ((q - g * b) / ((1 - g) * b + 1e-3)).clamp(0.0, 1.0)
@@ -362,12 +379,13 @@ class AppearanceMemory:
         self._q_now.copy_(q)
         if not cfg.relight:
             self._ratio.fill_(1.0)
+            self._ratio_now.fill_(1.0)
             return
         if cfg.relight == "global":
             colour, _, near, _ = self._compose(a)
             both = (q * near)[:, None]
             glob = (((both * x[:, :3]).sum(0) + 1e-3) / ((both * colour[:, :3]).sum(0) + 1e-3)).clamp(0.5, 2.0)
-            self._ratio.copy_(glob[None, :, None, None].expand_as(self._ratio))
+            self._set_ratio(glob[None, :, None, None].expand_as(self._ratio))
             return
         colour, _, near, _ = self._compose(a)
         # Lighting now against then: low-frequency ratio over texels both see well, on a grid of cells.
@@ -385,7 +403,14 @@ class AppearanceMemory:
         local = ((coarse[:, :3] + 1e-4) / (coarse[:, 3:6] + 1e-4)).clamp(0.5, 2.0)
         ratio = torch.lerp(glob[None, :, None, None].expand_as(local), local, have)  # [1, 3, gh, gw]
         Ha, Wa = atlas.size
-        self._ratio.copy_(F.interpolate(ratio, size=(Ha, Wa), mode="bilinear", align_corners=False))
+        self._set_ratio(F.interpolate(ratio, size=(Ha, Wa), mode="bilinear", align_corners=False))
+
+    def _set_ratio(self, ratio: torch.Tensor) -> None:
+        """The newest frame's lighting ratio, and the one views are lit by: smoothed over updates by ``ratio_keep``,
+        the first since the reset whole (device maths in place: graph-safe)."""
+        self._ratio_now.copy_(ratio.reshape(3, -1).index_select(1, self.atlas.texel_ids).t())
+        self._ratio.lerp_(ratio, 1.0 - self.config.ratio_keep * self._ratio_made)
+        self._ratio_made.fill_(1.0)
 
     def look_from(self, yaw_deg: float) -> None:
         """Remake :attr:`view` for a mesh fitted at head yaw ``yaw_deg`` (the newest frame's, as update does;

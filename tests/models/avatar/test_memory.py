@@ -156,13 +156,32 @@ def test_lighting_drift_is_carried_by_the_ratio():
     atlas = memory.atlas
     before = memory.colours()[0, :3].clone()  # lit as the last darker frame
     avatar, image, obs, _ = avatar_at(0)
-    memory.observe(avatar, image, obs, t_s=0.2)
-    middle = memory.confidence.shape[0] // 2  # the layer of yaw 0, which the brighter frame went to
-    texels = ~atlas.texel_card & (memory.confidence.amax(0) > 0.5) & (memory.confidence[middle] == 0)
-    assert texels.sum() > 50  # the side of the head only the darker, turned frames saw
-    lit = view_colours(memory, texels).mean().item()
+    lit = []
+    for i in range(15):  # the ratio follows over frames (ratio_keep: smoothed against per-frame noise)
+        memory.observe(avatar, image, obs, t_s=0.2 + i / 30)
+        if i == 0:
+            middle = memory.confidence.shape[0] // 2  # the layer of yaw 0, which the brighter frame went to
+            texels = ~atlas.texel_card & (memory.confidence.amax(0) > 0.5) & (memory.confidence[middle] == 0)
+            assert texels.sum() > 50  # the side of the head only the darker, turned frames saw
+        lit.append(view_colours(memory, texels).mean().item())
     stored = before.reshape(3, -1)[:, atlas.texel_ids[texels]].mean().item()
-    assert lit > 1.15 * stored, f"memory {stored:.3f}, lit as now {lit:.3f}"
+    assert stored < lit[0] < lit[-1], f"memory {stored:.3f}, lit as now after 1 and 15 frames {lit[0]:.3f}, {lit[-1]:.3f}"
+    assert lit[-1] > 1.15 * stored, f"memory {stored:.3f}, lit as now {lit[-1]:.3f}"
+
+
+def test_the_ratio_is_smoothed_over_updates_and_starts_whole_after_a_reset():
+    memory = AppearanceMemory(MemoryConfig(texels=32, ratio_keep=0.8))
+    memory.update(avatar_at(0)[0])  # makes a ratio (against an empty memory)
+    memory.reset()
+    ones = torch.ones_like(memory._ratio)
+    memory._set_ratio(2 * ones)  # the first since the reset: whole
+    assert torch.allclose(memory._ratio, 2 * ones)
+    memory._set_ratio(ones)  # then 20 % of each new one
+    assert torch.allclose(memory._ratio, 1.8 * ones)
+    memory.reset()
+    assert torch.equal(memory._ratio, ones)
+    memory._set_ratio(3 * ones)
+    assert torch.allclose(memory._ratio, 3 * ones)
 
 
 def test_atlas_layout_covers_the_head_and_card():
