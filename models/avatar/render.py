@@ -124,14 +124,50 @@ def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor)
     (a mesh edge against the background; the person mask's own edges are soft), the
     premultiplied colour and the alpha become their 3x3 means; a pixel no triangle covers
     stays below 1/2 (its depth is empty). rgb [V, 3, S, S] premultiplied, alpha [V, 1, S, S],
-    covered [V, S, S] bool."""
-    edge = (max_filter3x3(alpha) + max_filter3x3(-alpha)) > 0.5
+    covered [V, S, S] bool. On the CPU the edge pixels only (:func:`_smooth_edge_pixels`, a few
+    percent of the picture); elsewhere every pixel (:func:`_smooth_every_pixel`: fixed shapes)."""
+    edge = _silhouette_edges(alpha)
     both = torch.cat([rgb, alpha], 1)
-    mean = box_mean(both, 3)
-    both = torch.where(edge, mean, both)
-    cap = torch.where(covered[:, None], torch.ones_like(alpha), (0.5 / both[:, 3:].clamp(min=1e-6)).clamp(max=1.0))
-    both = both * cap
+    both = _smooth_edge_pixels(both, edge, covered) if both.device.type == "cpu" else _smooth_every_pixel(both, edge, covered)
     return both[:, :3], both[:, 3:]
+
+
+def _silhouette_edges(alpha: torch.Tensor) -> torch.Tensor:
+    """[V, 1, S, S] bool: where alpha [V, 1, S, S] jumps by more than 1/2 within a 3x3 neighbourhood."""
+    spans = max_filter3x3(torch.cat([alpha, -alpha], 1))  # [V, 2, S, S]: the 3x3 maximum and -minimum
+    return (spans[:, :1] + spans[:, 1:]) > 0.5
+
+
+def _edge_cap(mean: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """The factor [..., 1, ...] that keeps an uncovered pixel's alpha at most 1/2: mean [..., 4, ...]
+    premultiplied RGBA (alpha last), covered bool broadcastable to its alpha."""
+    a = mean[:, 3:]
+    return torch.where(covered, torch.ones_like(a), (0.5 / a.clamp(min=1e-6)).clamp(max=1.0))
+
+
+def _smooth_every_pixel(both: torch.Tensor, edge: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """:func:`_smooth_edges` of premultiplied RGBA both [V, 4, S, S] as whole pictures: the 3x3 mean
+    everywhere, kept at the edge pixels edge [V, 1, S, S] (every pixel off them keeps its cap of 1)."""
+    both = torch.where(edge, box_mean(both, 3), both)
+    return both * _edge_cap(both, covered[:, None])
+
+
+def _smooth_edge_pixels(both: torch.Tensor, edge: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """:func:`_smooth_every_pixel` at the edge pixels only, in place: each one's 3x3 mean summed
+    directly (edge pixels averaged over what lies inside) instead of from the whole picture's running
+    sums (:func:`models.avatar.texture.box_mean`), equal to float rounding. Off the edge the cap is 1:
+    an uncovered pixel there has alpha 0."""
+    V, C, H, W = both.shape
+    v, y, x = edge[:, 0].nonzero().unbind(1)  # [E] each
+    d = torch.arange(-1, 2, device=both.device)
+    yy, xx = (y[:, None] + d)[:, :, None], (x[:, None] + d)[:, None, :]  # [E, 3, 1], [E, 1, 3]
+    inside = ((yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)).view(-1, 9)  # [E, 9]
+    flat = ((v[:, None, None] * H + yy.clamp(0, H - 1)) * W + xx.clamp(0, W - 1)).view(-1)  # [E 9] (view, row, col)
+    pictures = both.transpose(0, 1).reshape(C, V * H * W)  # a view for one view
+    nb = pictures.index_select(1, flat).view(C, -1, 9) * inside  # [C, E, 9], 0 outside the picture
+    mean = (nb.sum(-1) / inside.sum(-1).to(both.dtype)).t()  # [E, C]
+    both.view(V, C, H * W)[v, :, y * W + x] = mean * _edge_cap(mean, covered[v, y, x][:, None])
+    return both
 
 
 def _grid(h: torch.Tensor, span: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
