@@ -84,7 +84,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # What the source camera saw: a depth map of the head, and per vertex.
     src_depth, frags = source_depth_map(tex_verts, st, A @ Kt, plan.vis_size, capacity)
     visible = vertex_visible(tex_h, src_depth, A, st.card_verts)  # [N] bool
-    normals = vertex_normals(tex_verts, st.faces, st.incident)
+    normals = vertex_normals(tex_verts, st.faces, st.incident, st.incident_bags)
     facing, grazing = facing_source(tex_verts, normals)  # [N] each
 
     # Fill texture for what the source did not see (used per pixel where hidden).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.avatar.geometry import area_pool
+from models.avatar.geometry import area_pool, incident_sum
 from models.avatar.plan import BuildPlan, reduction_factor
 from models.avatar.topology import MeshConstants
 
@@ -262,22 +262,30 @@ def diffuse_colours(colour: torch.Tensor, quality: torch.Tensor, st: MeshConstan
     if shade is not None:
         return diffuse_colours(colour / shade, quality, st, n_head_faces, steps) * shade
     faces = st.faces[:n_head_faces]  # head triangles: face mesh, then shell
-    on_face = (st.part[:n_head_faces] == 0)[:, None]
     q = quality[:, None]
     q_shell = q.clone()
     q_shell.index_fill_(0, st.ring0, 0.0)  # not `q_shell[idx] = 0.0`: that copies a host scalar (no CUDA-graph capture can)
     both = torch.cat([colour * q, q, colour * q_shell, q_shell], -1)  # [H, 2C + 2]
     C = colour.shape[-1]
+    on_face = (st.part[:n_head_faces] == 0)[:, None]
+    own = torch.cat([on_face.expand(-1, C + 1), ~on_face.expand(-1, C + 1)], -1)  # [Fh, 2C + 2]: the triangle's half
     for _ in range(steps):
-        per_face = both[faces].mean(1)  # [Fh, 2C + 2]
-        per_face = torch.where(on_face, torch.cat([per_face[:, : C + 1], torch.zeros_like(per_face[:, C + 1 :])], -1),
-                               torch.cat([torch.zeros_like(per_face[:, : C + 1]), per_face[:, C + 1 :]], -1))
-        both = torch.cat([per_face, per_face.new_zeros(1, per_face.shape[-1])])[st.head_incident].sum(1)
+        per_face = torch.where(own, _triangle_means(both, faces), 0.0)  # [Fh, 2C + 2]
+        both = incident_sum(per_face, st.head_incident, st.head_incident_bags)
     face_num, face_den, shell_num, shell_den = both[:, :C], both[:, C : C + 1], both[:, C + 1 : -1], both[:, -1:]
     is_face = st.flags[: colour.shape[0], 0:1] > 0.5
     num, den = torch.where(is_face, face_num, shell_num), torch.where(is_face, face_den, shell_den)
     spread = torch.where(den > 1e-4, num / den.clamp(min=1e-4), colour)
     return torch.lerp(spread, colour, q)
+
+
+def _triangle_means(values: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """[F, C]: the mean of values [N, C] over each triangle's corners (faces [F, 3]), ``values[faces].mean(1)``
+    bit for bit: on the CPU one embedding_bag sum (in corner order, as that mean adds them) over 3, elsewhere
+    the gather and mean themselves."""
+    if values.device.type == "cpu":
+        return F.embedding_bag(faces, values, mode="sum") / 3
+    return values[faces].mean(1)
 
 
 def fill_hidden_card(fill, opacity, visible, card: slice, st: MeshConstants) -> torch.Tensor:
