@@ -66,8 +66,9 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     texture = rgba_texture(image_t, alpha_t, plan.tex_size)
     if plan.alpha_mask:
         texture = decontaminate(texture, plan.fill_size or tuple(texture.shape[-2:]))
-    # Premultiplied: bilinear lookups at the person's edge blend no background colour in.
-    texture = torch.cat([texture[:, :3] * texture[:, 3:], texture[:, 3:]], 1)
+    # Premultiplied: bilinear lookups at the person's edge blend no background colour in. In place: the
+    # texture is this build's own (rgba_texture's, decontaminate's), read nowhere else.
+    texture[:, :3].mul_(texture[:, 3:])
     span_w = float(W)
     if topo.n_far:
         far = t["far"].permute(2, 0, 1).float().div_(255.0)
