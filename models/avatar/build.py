@@ -63,7 +63,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # decontaminate), and the far layer.
     image_t = t["image"].permute(2, 0, 1).float().div_(255.0)
     alpha_t = mask[None] if plan.alpha_mask else torch.ones((1, H, W), device=device)
-    texture = rgba_texture(image_t, alpha_t, plan.tex_size)
+    texture = rgba_texture(t["image"].permute(2, 0, 1), alpha_t, plan.tex_size)  # from the bytes: one pass
     if plan.alpha_mask:
         texture = decontaminate(texture, plan.fill_size or tuple(texture.shape[-2:]))
     # Premultiplied: bilinear lookups at the person's edge blend no background colour in. In place: the
@@ -71,8 +71,8 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     texture[:, :3].mul_(texture[:, 3:])
     span_w = float(W)
     if topo.n_far:
-        far = t["far"].permute(2, 0, 1).float().div_(255.0)
-        texture = torch.cat([texture, rgba_texture(far, torch.ones_like(alpha_t), plan.tex_size)], -1)
+        far = rgba_texture(t["far"].permute(2, 0, 1), torch.ones_like(alpha_t), plan.tex_size)
+        texture = torch.cat([texture, far], -1)
         span_w = 2.0 * W
     texture_fill = fill_texture(texture, plan.fill_size)
 

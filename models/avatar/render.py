@@ -305,7 +305,7 @@ def render_cameras(
     # The fill texture continues past the picture's edge (a head cut by the frame stays whole).
     tex_f = _lookup(avatar.texture_fill, _grid(vals[..., VATTR.FILL], span)[0], "border")
     tex_m = _lookup(avatar.texture, _grid(vals[..., VATTR.MIRROR], span)[0])
-    part = avatar.part[px.face]  # [B, h, w]
+    part = avatar.part.index_select(0, px.face.reshape(-1)).view(px.face.shape)  # [B, h, w]
     head = part <= 1
     seen = seen_fraction(vals[..., 2], avatar.src_depth, avatar.src_depth_K, uv[..., 0], uv[..., 1], pooled=~head)
     # The head is opaque: its own texture where seen, not stretched and on the person, else
@@ -317,7 +317,9 @@ def render_cameras(
     view = torch.arange(V, device=pix.device)[:, None, None] * F_
     face_id = px.picture_face  # [V, S, S]
     # With the face's detail weight below: one 5x5 box mean of both pictures [V, 2, S, S].
-    smooth = px.from_pictures(box_mean(torch.stack([per_face[view + face_id], avatar.face_detail[face_id]], 1), 5))
+    table = torch.stack([per_face, avatar.face_detail.repeat(V)])  # [2, V * F]
+    painted = table.index_select(1, (view + face_id).reshape(-1)).view(2, *face_id.shape).transpose(0, 1)  # [V, 2, S, S]
+    smooth = px.from_pictures(box_mean(painted, 5))
     quality = smooth[:, 0]  # [B, h, w]
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
     w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)

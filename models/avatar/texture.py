@@ -15,8 +15,16 @@ __all__ = ["box_mean", "decontaminate", "fill_hidden_card", "fill_hidden_shell",
 
 def rgba_texture(image_t: torch.Tensor, alpha_t: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     """RGBA texture [1, 4, h, w] in [0, 1] on the device: the picture and its alpha (not
-    premultiplied), downsampled (antialiased) to ``size`` (None: as is). image_t [3, H, W], alpha_t [1, H, W]."""
-    rgba = torch.cat([image_t, alpha_t])[None]
+    premultiplied), downsampled (antialiased) to ``size`` (None: as is). image_t [3, H, W]: float in
+    [0, 1], or the picture's uint8 bytes (any strides: a permuted H x W x 3 picture), divided by 255 as
+    they are copied in (the same numbers as ``image.float() / 255``, one pass); alpha_t [1, H, W]."""
+    C, H, W = image_t.shape
+    rgba = torch.empty((1, C + alpha_t.shape[0], H, W), dtype=alpha_t.dtype, device=alpha_t.device)
+    if image_t.dtype == torch.uint8:
+        torch.div(image_t, 255.0, out=rgba[0, :C])
+    else:
+        rgba[0, :C].copy_(image_t)
+    rgba[0, C:].copy_(alpha_t)
     if size is not None:
         rgba = F.interpolate(rgba, size=size, mode="bilinear", antialias=True, align_corners=False)
     return rgba
