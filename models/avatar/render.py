@@ -120,15 +120,15 @@ def face_detail_fade(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: to
     return ((view_angle_deg(source_dir, pivot, viewmats) - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
-def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _smooth_edges(both: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Anti-aliased silhouettes: where alpha jumps by more than 1/2 within a 3x3 neighbourhood
     (a mesh edge against the background; the person mask's own edges are soft), the
     premultiplied colour and the alpha become their 3x3 means; a pixel no triangle covers
-    stays below 1/2 (its depth is empty). rgb [V, 3, S, S] premultiplied, alpha [V, 1, S, S],
-    covered [V, S, S] bool. On the CPU the edge pixels only (:func:`_smooth_edge_pixels`, a few
-    percent of the picture); elsewhere every pixel (:func:`_smooth_every_pixel`: fixed shapes)."""
-    edge = _silhouette_edges(alpha)
-    both = torch.cat([rgb, alpha], 1)
+    stays below 1/2 (its depth is empty). both [V, 4, S, S] premultiplied RGBA (on the CPU
+    written in place), covered [V, S, S] bool; returns the colour [V, 3, S, S] and alpha [V, 1, S, S].
+    On the CPU the edge pixels only (:func:`_smooth_edge_pixels`, a few percent of the picture);
+    elsewhere every pixel (:func:`_smooth_every_pixel`: fixed shapes)."""
+    edge = _silhouette_edges(both[:, 3:])
     both = _smooth_edge_pixels(both, edge, covered) if both.device.type == "cpu" else _smooth_every_pixel(both, edge, covered)
     return both[:, :3], both[:, 3:]
 
@@ -361,9 +361,11 @@ def render_cameras(
     alpha = torch.where(head[:, None], torch.ones_like(weight), card[:, 3:]) * weight
     drawn = in_pic if px.covered is None else px.covered & in_pic
     seen = (seen * drawn.float() * vals[..., VATTR.GRAZING]).clamp(0, 1)[:, None]
-    # Whole pictures again [V, C, S, S] (0 where nothing is drawn) for the silhouettes' 3x3 filters.
-    premultiplied, alpha, seen = (px.to_pictures(x) for x in (premultiplied, alpha.clamp(0, 1), seen))
-    premultiplied, alpha = _smooth_edges(premultiplied, alpha, frags.mask)
+    # Whole pictures again [V, 5, S, S] (0 where nothing is drawn): the premultiplied RGBA for the
+    # silhouettes' 3x3 filters, and seen.
+    pictures = px.to_pictures(torch.cat([premultiplied, alpha.clamp(0, 1), seen], 1))
+    premultiplied, alpha = _smooth_edges(pictures[:, :4], frags.mask)
+    seen = pictures[:, 4:]
     bg = _constant(avatar.config.bg_color, avatar.device)[None, :, None, None]
     rgb = premultiplied + bg * (1 - alpha)
     # Where nothing opaque is drawn the picture shows the flat background: nothing was invented.

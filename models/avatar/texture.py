@@ -110,7 +110,8 @@ def decontaminate(texture: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     full = texture
     texture = _half_mean(full)
     rgb, m = texture[:, :3], texture[:, 3:]
-    small = F.adaptive_avg_pool2d(torch.cat([texture, rgb.square().sum(1, keepdim=True)], 1), size)  # RGB, mask, |RGB|^2
+    # RGB, mask, |RGB|^2 [1, 5, h', w'] (pooled apart: no copy of the texture to pool it with |RGB|^2)
+    small = torch.cat([F.adaptive_avg_pool2d(texture, size), F.adaptive_avg_pool2d(rgb.square().sum(1, keepdim=True), size)], 1)
     inner = -_max_filter(-small[:, 3:4], 5)  # the mask eroded by two cells
     outer = 1.0 - _max_filter(small[:, 3:4], 5)  # the background eroded by two cells
     deep = -_max_filter(-small[:, 3:4], 9)  # the mask eroded by four cells
@@ -141,8 +142,10 @@ def decontaminate(texture: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     alpha = m - matte_weight * (m - torch.minimum(m, matte))
     along = (rgb * c).sum(1, keepdim=True)
     colour = (rgb - spill_weight * (along - along_fg).clamp(min=0.0) * c).clamp(0.0, 1.0)
-    correction = F.interpolate(torch.cat([colour - rgb, alpha - m], 1), size=full.shape[-2:], mode="bilinear",
-                               align_corners=False)
+    change = torch.empty_like(texture)  # [1, 4, h, w]
+    torch.sub(colour, rgb, out=change[:, :3])
+    torch.sub(alpha, m, out=change[:, 3:])
+    correction = F.interpolate(change, size=full.shape[-2:], mode="bilinear", align_corners=False)
     return correction.add_(full).clamp_(0.0, 1.0)
 
 
