@@ -59,14 +59,19 @@ def mesh_vertices(o: ObservationView, support: torch.Tensor | None, crop: torch.
 def _source_pixels(points: torch.Tensor, plan: BuildPlan) -> torch.Tensor:
     """Source pixels (u, v) [..., 2] of camera-frame points [..., 3]."""
     H, W = plan.image_size
-    f = plan.focal_px
-    return torch.stack([f * points[..., 0] / points[..., 2] + W / 2.0, f * points[..., 1] / points[..., 2] + H / 2.0], -1)
+    uv = plan.focal_px * points[..., :2] / points[..., 2:3]  # both axes at once, f x / z as per axis
+    uv[..., 0] += W / 2.0
+    uv[..., 1] += H / 2.0
+    return uv
 
 
 def _sample_support(support: torch.Tensor, uv: torch.Tensor, plan: BuildPlan) -> torch.Tensor:
     """Bilinear lookups of the support map [h, w] at source pixels uv [..., 2] (0 outside)."""
     H, W = plan.image_size
-    grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], -1).reshape(1, 1, -1, 2)
+    grid = 2 * uv  # 2 u / W - 1, both axes at once
+    grid[..., 0] /= W
+    grid[..., 1] /= H
+    grid = grid.sub_(1).reshape(1, 1, -1, 2)
     val = F.grid_sample(support[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return val.reshape(uv.shape[:-1])
 
@@ -192,7 +197,7 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor, incident: torch.Ten
                    bags: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Area-weighted vertex normals [N, 3]; incident [N, D]: each vertex's faces, padded
     with F, and bags the same lists ragged (:func:`incident_sum`: the same bits on every device)."""
-    tri = verts[faces]
+    tri = verts.index_select(0, faces.reshape(-1)).view(-1, 3, 3)  # [F, 3 corners, 3]
     n = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
     vn = incident_sum(n, incident, bags)
     return vn / vn.norm(dim=-1, keepdim=True).clamp(min=1e-12)

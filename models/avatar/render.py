@@ -64,8 +64,9 @@ def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor)
     pixels stretched across many in one direction only, while the source's own view (or a
     zoom) maps texels to pixels alike in every direction (ratio 1). Quality 1 up to
     _STRETCH[0], 0 from _STRETCH[1]."""
-    x = pix[:, faces, :2]  # [V, F, 3, 2]
-    uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6))[faces]  # [F, 3, 2]
+    corners = faces.reshape(-1)
+    x = pix[..., :2].index_select(1, corners).view(pix.shape[0], -1, 3, 2)  # [V, F, 3, 2]
+    uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6)).index_select(0, corners).view(-1, 3, 2)  # [F, 3, 2]
     e1, e2 = x[:, :, 1] - x[:, :, 0], x[:, :, 2] - x[:, :, 0]  # [V, F, 2]
     f1, f2 = uv[:, 1] - uv[:, 0], uv[:, 2] - uv[:, 0]  # [F, 2]
     det_e = e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0]
