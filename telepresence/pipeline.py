@@ -316,10 +316,13 @@ class Pipeline:
             views = refine_views(self.refiner, self._reference, out.rgb[None], out.seen[None], self.config.noise_level)[0]
             self._sync()
             timings["refine"] = (time.perf_counter() - t0) * 1000.0
-        # Channels last on the device (one kernel on a GPU), so that each view the tracks take is C-contiguous
-        # as it comes: no copy a view a frame on the host.
-        pictures = (views.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        return list(pictures)
+        # Channels last on the device (written so by the conversion to bytes: one kernel on a GPU), so that each
+        # view the tracks take is C-contiguous as it comes: no copy a view a frame on the host.
+        scaled = views.float().clamp(0, 1).mul_(255).add_(0.5)  # [V, 3, S, S]
+        V, C, S, W = scaled.shape
+        pictures = torch.empty((V, S, W, C), dtype=torch.uint8, device=scaled.device)
+        pictures.permute(0, 3, 1, 2).copy_(scaled)  # truncates as .to(torch.uint8) does
+        return list(pictures.cpu().numpy())
 
 
 def cpu_threads(asked: int | None, device: str = "cpu") -> int:

@@ -63,15 +63,16 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # decontaminate), and the far layer.
     image_t = t["image"].permute(2, 0, 1).float().div_(255.0)
     alpha_t = mask[None] if plan.alpha_mask else torch.ones((1, H, W), device=device)
-    texture = rgba_texture(image_t, alpha_t, plan.tex_size)
+    texture = rgba_texture(t["image"].permute(2, 0, 1), alpha_t, plan.tex_size)  # from the bytes: one pass
     if plan.alpha_mask:
         texture = decontaminate(texture, plan.fill_size or tuple(texture.shape[-2:]))
-    # Premultiplied: bilinear lookups at the person's edge blend no background colour in.
-    texture = torch.cat([texture[:, :3] * texture[:, 3:], texture[:, 3:]], 1)
+    # Premultiplied: bilinear lookups at the person's edge blend no background colour in. In place: the
+    # texture is this build's own (rgba_texture's, decontaminate's), read nowhere else.
+    texture[:, :3].mul_(texture[:, 3:])
     span_w = float(W)
     if topo.n_far:
-        far = t["far"].permute(2, 0, 1).float().div_(255.0)
-        texture = torch.cat([texture, rgba_texture(far, torch.ones_like(alpha_t), plan.tex_size)], -1)
+        far = rgba_texture(t["far"].permute(2, 0, 1), torch.ones_like(alpha_t), plan.tex_size)
+        texture = torch.cat([texture, far], -1)
         span_w = 2.0 * W
     texture_fill = fill_texture(texture, plan.fill_size)
 
@@ -84,7 +85,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # What the source camera saw: a depth map of the head, and per vertex.
     src_depth, frags = source_depth_map(tex_verts, st, A @ Kt, plan.vis_size, capacity)
     visible = vertex_visible(tex_h, src_depth, A, st.card_verts)  # [N] bool
-    normals = vertex_normals(tex_verts, st.faces, st.incident)
+    normals = vertex_normals(tex_verts, st.faces, st.incident, st.incident_bags)
     facing, grazing = facing_source(tex_verts, normals)  # [N] each
 
     # Fill texture for what the source did not see (used per pixel where hidden).

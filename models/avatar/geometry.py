@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from models.avatar.plan import BuildPlan, ObservationView, reduction_factor
-from models.avatar.topology import CARD_KNOTS, MeshConstants, sweep_shell
+from models.avatar.topology import CARD_KNOTS, INCIDENT_LANES, MeshConstants, sweep_shell
 
-__all__ = ["area_pool", "mesh_vertices", "shell_support", "vertex_normals"]
+__all__ = ["area_pool", "incident_sum", "mesh_vertices", "shell_support", "vertex_normals"]
 
 
 def area_pool(mask: torch.Tensor, factor: int) -> torch.Tensor:
@@ -59,14 +59,19 @@ def mesh_vertices(o: ObservationView, support: torch.Tensor | None, crop: torch.
 def _source_pixels(points: torch.Tensor, plan: BuildPlan) -> torch.Tensor:
     """Source pixels (u, v) [..., 2] of camera-frame points [..., 3]."""
     H, W = plan.image_size
-    f = plan.focal_px
-    return torch.stack([f * points[..., 0] / points[..., 2] + W / 2.0, f * points[..., 1] / points[..., 2] + H / 2.0], -1)
+    uv = plan.focal_px * points[..., :2] / points[..., 2:3]  # both axes at once, f x / z as per axis
+    uv[..., 0] += W / 2.0
+    uv[..., 1] += H / 2.0
+    return uv
 
 
 def _sample_support(support: torch.Tensor, uv: torch.Tensor, plan: BuildPlan) -> torch.Tensor:
     """Bilinear lookups of the support map [h, w] at source pixels uv [..., 2] (0 outside)."""
     H, W = plan.image_size
-    grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], -1).reshape(1, 1, -1, 2)
+    grid = 2 * uv  # 2 u / W - 1, both axes at once
+    grid[..., 0] /= W
+    grid[..., 1] /= H
+    grid = grid.sub_(1).reshape(1, 1, -1, 2)
     val = F.grid_sample(support[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return val.reshape(uv.shape[:-1])
 
@@ -188,11 +193,28 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, xp_host: Sequen
     return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
 
 
-def vertex_normals(verts: torch.Tensor, faces: torch.Tensor, incident: torch.Tensor) -> torch.Tensor:
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor, incident: torch.Tensor,
+                   bags: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Area-weighted vertex normals [N, 3]; incident [N, D]: each vertex's faces, padded
-    with F (a zero row). A gather and a sum, so the same bits on every device."""
-    tri = verts[faces]
+    with F, and bags the same lists ragged (:func:`incident_sum`: the same bits on every device)."""
+    tri = verts.index_select(0, faces.reshape(-1)).view(-1, 3, 3)  # [F, 3 corners, 3]
     n = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
-    n = torch.cat([n, n.new_zeros(1, 3)])
-    vn = n[incident].sum(1)
+    vn = incident_sum(n, incident, bags)
     return vn / vn.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def incident_sum(table: torch.Tensor, incident: torch.Tensor, bags: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """[N, C]: row i the sum of the rows of table [F, C] listed in incident[i] ([N, D], padded with F),
+    as ``cat([table, zeros]) [incident].sum(1)`` gives it, bit for bit. On the CPU one embedding_bag over
+    the real entries only (bags: models.avatar.topology.incident_bags; a vertex has about 6 faces of
+    D = 36), its lanes added as torch's CPU sum adds them (tests guard the equality); elsewhere the
+    padded gather and sum themselves."""
+    N, C = incident.shape[0], table.shape[1]
+    if table.device.type != "cpu":
+        return torch.cat([table, table.new_zeros(1, C)])[incident].sum(1)
+    indices, offsets = bags
+    lanes = F.embedding_bag(indices, table, offsets, mode="sum").view(INCIDENT_LANES, N, C)
+    total = lanes[0]
+    for lane in range(1, INCIDENT_LANES):
+        total = total + lanes[lane]
+    return total

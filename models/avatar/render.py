@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,8 +64,9 @@ def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor)
     pixels stretched across many in one direction only, while the source's own view (or a
     zoom) maps texels to pixels alike in every direction (ratio 1). Quality 1 up to
     _STRETCH[0], 0 from _STRETCH[1]."""
-    x = pix[:, faces, :2]  # [V, F, 3, 2]
-    uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6))[faces]  # [F, 3, 2]
+    corners = faces.reshape(-1)
+    x = pix[..., :2].index_select(1, corners).view(pix.shape[0], -1, 3, 2)  # [V, F, 3, 2]
+    uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6)).index_select(0, corners).view(-1, 3, 2)  # [F, 3, 2]
     e1, e2 = x[:, :, 1] - x[:, :, 0], x[:, :, 2] - x[:, :, 0]  # [V, F, 2]
     f1, f2 = uv[:, 1] - uv[:, 0], uv[:, 2] - uv[:, 0]  # [F, 2]
     det_e = e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0]
@@ -119,19 +121,55 @@ def face_detail_fade(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: to
     return ((view_angle_deg(source_dir, pivot, viewmats) - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
-def _smooth_edges(rgb: torch.Tensor, alpha: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _smooth_edges(both: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Anti-aliased silhouettes: where alpha jumps by more than 1/2 within a 3x3 neighbourhood
     (a mesh edge against the background; the person mask's own edges are soft), the
     premultiplied colour and the alpha become their 3x3 means; a pixel no triangle covers
-    stays below 1/2 (its depth is empty). rgb [V, 3, S, S] premultiplied, alpha [V, 1, S, S],
-    covered [V, S, S] bool."""
-    edge = (max_filter3x3(alpha) + max_filter3x3(-alpha)) > 0.5
-    both = torch.cat([rgb, alpha], 1)
-    mean = box_mean(both, 3)
-    both = torch.where(edge, mean, both)
-    cap = torch.where(covered[:, None], torch.ones_like(alpha), (0.5 / both[:, 3:].clamp(min=1e-6)).clamp(max=1.0))
-    both = both * cap
+    stays below 1/2 (its depth is empty). both [V, 4, S, S] premultiplied RGBA (on the CPU
+    written in place), covered [V, S, S] bool; returns the colour [V, 3, S, S] and alpha [V, 1, S, S].
+    On the CPU the edge pixels only (:func:`_smooth_edge_pixels`, a few percent of the picture);
+    elsewhere every pixel (:func:`_smooth_every_pixel`: fixed shapes)."""
+    edge = _silhouette_edges(both[:, 3:])
+    both = _smooth_edge_pixels(both, edge, covered) if both.device.type == "cpu" else _smooth_every_pixel(both, edge, covered)
     return both[:, :3], both[:, 3:]
+
+
+def _silhouette_edges(alpha: torch.Tensor) -> torch.Tensor:
+    """[V, 1, S, S] bool: where alpha [V, 1, S, S] jumps by more than 1/2 within a 3x3 neighbourhood."""
+    spans = max_filter3x3(torch.cat([alpha, -alpha], 1))  # [V, 2, S, S]: the 3x3 maximum and -minimum
+    return (spans[:, :1] + spans[:, 1:]) > 0.5
+
+
+def _edge_cap(mean: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """The factor [..., 1, ...] that keeps an uncovered pixel's alpha at most 1/2: mean [..., 4, ...]
+    premultiplied RGBA (alpha last), covered bool broadcastable to its alpha."""
+    a = mean[:, 3:]
+    return torch.where(covered, torch.ones_like(a), (0.5 / a.clamp(min=1e-6)).clamp(max=1.0))
+
+
+def _smooth_every_pixel(both: torch.Tensor, edge: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """:func:`_smooth_edges` of premultiplied RGBA both [V, 4, S, S] as whole pictures: the 3x3 mean
+    everywhere, kept at the edge pixels edge [V, 1, S, S] (every pixel off them keeps its cap of 1)."""
+    both = torch.where(edge, box_mean(both, 3), both)
+    return both * _edge_cap(both, covered[:, None])
+
+
+def _smooth_edge_pixels(both: torch.Tensor, edge: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """:func:`_smooth_every_pixel` at the edge pixels only, in place: each one's 3x3 mean summed
+    directly (edge pixels averaged over what lies inside) instead of from the whole picture's running
+    sums (:func:`models.avatar.texture.box_mean`), equal to float rounding. Off the edge the cap is 1:
+    an uncovered pixel there has alpha 0."""
+    V, C, H, W = both.shape
+    v, y, x = edge[:, 0].nonzero().unbind(1)  # [E] each
+    d = torch.arange(-1, 2, device=both.device)
+    yy, xx = (y[:, None] + d)[:, :, None], (x[:, None] + d)[:, None, :]  # [E, 3, 1], [E, 1, 3]
+    inside = ((yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)).view(-1, 9)  # [E, 9]
+    flat = ((v[:, None, None] * H + yy.clamp(0, H - 1)) * W + xx.clamp(0, W - 1)).view(-1)  # [E 9] (view, row, col)
+    pictures = both.transpose(0, 1).reshape(C, V * H * W)  # a view for one view
+    nb = pictures.index_select(1, flat).view(C, -1, 9) * inside  # [C, E, 9], 0 outside the picture
+    mean = (nb.sum(-1) / inside.sum(-1).to(both.dtype)).t()  # [E, C]
+    both.view(V, C, H * W)[v, :, y * W + x] = mean * _edge_cap(mean, covered[v, y, x][:, None])
+    return both
 
 
 def _grid(h: torch.Tensor, span: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +233,7 @@ class _Pixels:
         attribute-major (each attribute's values contiguous, as the maths reads them)."""
         rows = interpolate_pixels(attrs, faces, self.frags)  # [P, C]
         if self.covered is None:
-            rows = rows.t().contiguous().t()
+            rows = _attribute_major(rows)
         return rows.view(*self.face.shape, -1)
 
     def per_view(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +255,14 @@ class _Pixels:
         C = x.shape[1]
         out = x.new_zeros((C, V * S * W)).index_copy_(1, self.frags.pixels, x.reshape(C, -1))
         return out.view(C, V, S, W).transpose(0, 1)
+
+
+def _attribute_major(rows: torch.Tensor) -> torch.Tensor:
+    """rows [P, C] stored attribute-major (strides (1, P)): the same values. On the CPU numpy's transposing
+    copy (about twice as fast there as torch's strided copy; tensors that need no gradient), elsewhere torch's."""
+    if rows.device.type == "cpu" and not rows.requires_grad:
+        return torch.from_numpy(np.ascontiguousarray(rows.numpy().T)).t()
+    return rows.t().contiguous().t()
 
 
 def _unpremultiply(rgba: torch.Tensor) -> torch.Tensor:
@@ -260,7 +306,7 @@ def render_cameras(
     # The fill texture continues past the picture's edge (a head cut by the frame stays whole).
     tex_f = _lookup(avatar.texture_fill, _grid(vals[..., VATTR.FILL], span)[0], "border")
     tex_m = _lookup(avatar.texture, _grid(vals[..., VATTR.MIRROR], span)[0])
-    part = avatar.part[px.face]  # [B, h, w]
+    part = avatar.part.index_select(0, px.face.reshape(-1)).view(px.face.shape)  # [B, h, w]
     head = part <= 1
     seen = seen_fraction(vals[..., 2], avatar.src_depth, avatar.src_depth_K, uv[..., 0], uv[..., 1], pooled=~head)
     # The head is opaque: its own texture where seen, not stretched and on the person, else
@@ -272,7 +318,9 @@ def render_cameras(
     view = torch.arange(V, device=pix.device)[:, None, None] * F_
     face_id = px.picture_face  # [V, S, S]
     # With the face's detail weight below: one 5x5 box mean of both pictures [V, 2, S, S].
-    smooth = px.from_pictures(box_mean(torch.stack([per_face[view + face_id], avatar.face_detail[face_id]], 1), 5))
+    table = torch.stack([per_face, avatar.face_detail.repeat(V)])  # [2, V * F]
+    painted = table.index_select(1, (view + face_id).reshape(-1)).view(2, *face_id.shape).transpose(0, 1)  # [V, 2, S, S]
+    smooth = px.from_pictures(box_mean(painted, 5))
     quality = smooth[:, 0]  # [B, h, w]
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
     w_mirror = vals[..., VATTR.MIRROR_Q] * ((tex_m[:, 3] - 0.3) / 0.4).clamp(0.0, 1.0)
@@ -314,9 +362,11 @@ def render_cameras(
     alpha = torch.where(head[:, None], torch.ones_like(weight), card[:, 3:]) * weight
     drawn = in_pic if px.covered is None else px.covered & in_pic
     seen = (seen * drawn.float() * vals[..., VATTR.GRAZING]).clamp(0, 1)[:, None]
-    # Whole pictures again [V, C, S, S] (0 where nothing is drawn) for the silhouettes' 3x3 filters.
-    premultiplied, alpha, seen = (px.to_pictures(x) for x in (premultiplied, alpha.clamp(0, 1), seen))
-    premultiplied, alpha = _smooth_edges(premultiplied, alpha, frags.mask)
+    # Whole pictures again [V, 5, S, S] (0 where nothing is drawn): the premultiplied RGBA for the
+    # silhouettes' 3x3 filters, and seen.
+    pictures = px.to_pictures(torch.cat([premultiplied, alpha.clamp(0, 1), seen], 1))
+    premultiplied, alpha = _smooth_edges(pictures[:, :4], frags.mask)
+    seen = pictures[:, 4:]
     bg = _constant(avatar.config.bg_color, avatar.device)[None, :, None, None]
     rgb = premultiplied + bg * (1 - alpha)
     # Where nothing opaque is drawn the picture shows the flat background: nothing was invented.

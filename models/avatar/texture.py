@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.avatar.geometry import area_pool
+from models.avatar.geometry import area_pool, incident_sum
 from models.avatar.plan import BuildPlan, reduction_factor
 from models.avatar.topology import MeshConstants
 
@@ -15,8 +15,16 @@ __all__ = ["box_mean", "decontaminate", "fill_hidden_card", "fill_hidden_shell",
 
 def rgba_texture(image_t: torch.Tensor, alpha_t: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     """RGBA texture [1, 4, h, w] in [0, 1] on the device: the picture and its alpha (not
-    premultiplied), downsampled (antialiased) to ``size`` (None: as is). image_t [3, H, W], alpha_t [1, H, W]."""
-    rgba = torch.cat([image_t, alpha_t])[None]
+    premultiplied), downsampled (antialiased) to ``size`` (None: as is). image_t [3, H, W]: float in
+    [0, 1], or the picture's uint8 bytes (any strides: a permuted H x W x 3 picture), divided by 255 as
+    they are copied in (the same numbers as ``image.float() / 255``, one pass); alpha_t [1, H, W]."""
+    C, H, W = image_t.shape
+    rgba = torch.empty((1, C + alpha_t.shape[0], H, W), dtype=alpha_t.dtype, device=alpha_t.device)
+    if image_t.dtype == torch.uint8:
+        torch.div(image_t, 255.0, out=rgba[0, :C])
+    else:
+        rgba[0, :C].copy_(image_t)
+    rgba[0, C:].copy_(alpha_t)
     if size is not None:
         rgba = F.interpolate(rgba, size=size, mode="bilinear", antialias=True, align_corners=False)
     return rgba
@@ -102,7 +110,8 @@ def decontaminate(texture: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     full = texture
     texture = _half_mean(full)
     rgb, m = texture[:, :3], texture[:, 3:]
-    small = F.adaptive_avg_pool2d(torch.cat([texture, rgb.square().sum(1, keepdim=True)], 1), size)  # RGB, mask, |RGB|^2
+    # RGB, mask, |RGB|^2 [1, 5, h', w'] (pooled apart: no copy of the texture to pool it with |RGB|^2)
+    small = torch.cat([F.adaptive_avg_pool2d(texture, size), F.adaptive_avg_pool2d(rgb.square().sum(1, keepdim=True), size)], 1)
     inner = -_max_filter(-small[:, 3:4], 5)  # the mask eroded by two cells
     outer = 1.0 - _max_filter(small[:, 3:4], 5)  # the background eroded by two cells
     deep = -_max_filter(-small[:, 3:4], 9)  # the mask eroded by four cells
@@ -133,8 +142,10 @@ def decontaminate(texture: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     alpha = m - matte_weight * (m - torch.minimum(m, matte))
     along = (rgb * c).sum(1, keepdim=True)
     colour = (rgb - spill_weight * (along - along_fg).clamp(min=0.0) * c).clamp(0.0, 1.0)
-    correction = F.interpolate(torch.cat([colour - rgb, alpha - m], 1), size=full.shape[-2:], mode="bilinear",
-                               align_corners=False)
+    change = torch.empty_like(texture)  # [1, 4, h, w]
+    torch.sub(colour, rgb, out=change[:, :3])
+    torch.sub(alpha, m, out=change[:, 3:])
+    correction = F.interpolate(change, size=full.shape[-2:], mode="bilinear", align_corners=False)
     return correction.add_(full).clamp_(0.0, 1.0)
 
 
@@ -262,22 +273,30 @@ def diffuse_colours(colour: torch.Tensor, quality: torch.Tensor, st: MeshConstan
     if shade is not None:
         return diffuse_colours(colour / shade, quality, st, n_head_faces, steps) * shade
     faces = st.faces[:n_head_faces]  # head triangles: face mesh, then shell
-    on_face = (st.part[:n_head_faces] == 0)[:, None]
     q = quality[:, None]
     q_shell = q.clone()
     q_shell.index_fill_(0, st.ring0, 0.0)  # not `q_shell[idx] = 0.0`: that copies a host scalar (no CUDA-graph capture can)
     both = torch.cat([colour * q, q, colour * q_shell, q_shell], -1)  # [H, 2C + 2]
     C = colour.shape[-1]
+    on_face = (st.part[:n_head_faces] == 0)[:, None]
+    own = torch.cat([on_face.expand(-1, C + 1), ~on_face.expand(-1, C + 1)], -1)  # [Fh, 2C + 2]: the triangle's half
     for _ in range(steps):
-        per_face = both[faces].mean(1)  # [Fh, 2C + 2]
-        per_face = torch.where(on_face, torch.cat([per_face[:, : C + 1], torch.zeros_like(per_face[:, C + 1 :])], -1),
-                               torch.cat([torch.zeros_like(per_face[:, : C + 1]), per_face[:, C + 1 :]], -1))
-        both = torch.cat([per_face, per_face.new_zeros(1, per_face.shape[-1])])[st.head_incident].sum(1)
+        per_face = torch.where(own, _triangle_means(both, faces), 0.0)  # [Fh, 2C + 2]
+        both = incident_sum(per_face, st.head_incident, st.head_incident_bags)
     face_num, face_den, shell_num, shell_den = both[:, :C], both[:, C : C + 1], both[:, C + 1 : -1], both[:, -1:]
     is_face = st.flags[: colour.shape[0], 0:1] > 0.5
     num, den = torch.where(is_face, face_num, shell_num), torch.where(is_face, face_den, shell_den)
     spread = torch.where(den > 1e-4, num / den.clamp(min=1e-4), colour)
     return torch.lerp(spread, colour, q)
+
+
+def _triangle_means(values: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """[F, C]: the mean of values [N, C] over each triangle's corners (faces [F, 3]), ``values[faces].mean(1)``
+    bit for bit: on the CPU one embedding_bag sum (in corner order, as that mean adds them) over 3, elsewhere
+    the gather and mean themselves."""
+    if values.device.type == "cpu":
+        return F.embedding_bag(faces, values, mode="sum") / 3
+    return values[faces].mean(1)
 
 
 def fill_hidden_card(fill, opacity, visible, card: slice, st: MeshConstants) -> torch.Tensor:

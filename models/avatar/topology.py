@@ -192,11 +192,25 @@ class MeshConstants:
     part: torch.Tensor  # [F] int64 on the device: 0 face mesh, 1 shell, 2 card, 3 far layer
     face_detail: torch.Tensor  # [F] float on the device: how far each triangle's detail fades (FACE_DETAIL_WEIGHTS; 0 off the face)
     head_incident: torch.Tensor  # [n_face + n_shell, D] faces of each head vertex (all head faces), padded with n_head_faces
+    incident_bags: tuple[torch.Tensor, torch.Tensor]  # incident as ragged bags (models.avatar.geometry.incident_sum)
+    head_incident_bags: tuple[torch.Tensor, torch.Tensor]  # head_incident likewise
     card_d2: torch.Tensor  # [G * G, G * G] squared distances between card vertices, in grid cells
     const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots
 
 
 _MESH_CONSTANTS: dict[tuple, MeshConstants] = {}
+# torch's CPU sum over a padded dimension of 36 adds four running sums (entries k, k + 4, k + 8, ...) in order.
+INCIDENT_LANES = 4
+
+
+def incident_bags(incident: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real entries of padded lists incident [N, D] (padding ``pad``) as embedding_bag's ragged bags:
+    (indices [M], offsets [INCIDENT_LANES N]). Bag l N + i holds row i's entries in columns l, l + lanes,
+    ... in order (models.avatar.geometry.incident_sum adds the lanes as torch's CPU sum does)."""
+    lanes = [incident[:, lane::INCIDENT_LANES] for lane in range(INCIDENT_LANES)]
+    lengths = torch.cat([(cols != pad).sum(1) for cols in lanes])  # [lanes N]
+    indices = torch.cat([cols[cols != pad] for cols in lanes])  # row-major: each row's entries in order
+    return indices, torch.cumsum(lengths, 0) - lengths
 
 
 def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshConstants:
@@ -257,7 +271,9 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
     st = MeshConstants(
         faces.to(device), cull.to(device), not_head.to(device), card_faces.to(device), card_verts.to(device),
         flags.to(device), ring_ids.to(device), ring_ids[0].to(device), torch.as_tensor(topo.mirror).to(device),
-        incident.to(device), part.to(device), face_detail.to(device), head_incident.to(device), card_d2.to(device),
+        incident.to(device), part.to(device), face_detail.to(device), head_incident.to(device),
+        tuple(t.to(device) for t in incident_bags(incident, len(faces))),
+        tuple(t.to(device) for t in incident_bags(head_incident, topo.n_head_faces)), card_d2.to(device),
         {name: v.to(device) for name, v in const.items()},
     )
     _MESH_CONSTANTS[k] = st

@@ -50,7 +50,7 @@ def sample_source_depth(
     flat = my.clamp(0, S - 1) * S + mx.clamp(0, S - 1)
     if pooled is not None:
         flat = flat + pooled.long() * (S * S)
-    d = src_depth.reshape(-1)[flat]
+    d = src_depth.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape)
     return torch.where(inside, d, torch.full_like(d, float("inf")))
 
 

@@ -161,7 +161,7 @@ def rasterize(
     V, F = pix.shape[0], faces.shape[0]
     if V * F >= 2**31:
         raise ValueError(f"expected fewer than 2**31 view-faces, got {V} x {F}")
-    tri = pix[:, faces].to(torch.float32)  # [V, F, 3 corners, 3]
+    tri = pix.index_select(1, faces.reshape(-1)).view(V, F, 3, 3).to(torch.float32)  # [V, F, 3 corners, 3]
     x, y, z = tri[..., 0], tri[..., 1], tri[..., 2]  # [V, F, 3]
     area = _edge(x[..., 0], y[..., 0], x[..., 1], y[..., 1], x[..., 2], y[..., 2])  # [V, F]
     ok = (z > near).all(-1) & (area.abs() > 1e-9) & (z < _MAX_DEPTH).all(-1)
@@ -233,18 +233,18 @@ def rasterize(
     # every pixel (fixed shapes) in capacity mode.
     n = V * height * width
     if capacity is None:
-        pixels = (zbuf != _EMPTY).nonzero()[:, 0]  # [P] flat (view, row, col)
+        # Each covered pixel's view, row and column as the search lists them (no division needed).
+        view, row, col = (zbuf != _EMPTY).view(V, height, width).nonzero().unbind(1)  # [P] each
+        pixels = (view * height + row) * width + col  # [P] flat (view, row, col)
         winner = zbuf.index_select(0, pixels) & 0xFFFFFFFF  # [P] view * F + face
-        flat = pixels
         hit = None
     else:
         pixels = None
         hit = zbuf != _EMPTY
         winner = torch.where(hit, zbuf & 0xFFFFFFFF, torch.zeros_like(zbuf))
-        flat = torch.arange(n, device=device)
-    row, col = _divmod(flat, width)
-    if V > 1:  # row is view * height + row
-        row = row - torch.floor(row / height) * height
+        row, col = _divmod(torch.arange(n, device=device), width)
+        if V > 1:  # row is view * height + row
+            row = row - torch.floor(row / height) * height
     col = col.to(torch.float32) + 0.5
     row = row.to(torch.float32) + 0.5
     pl = planes.index_select(1, winner)  # [9, P]
@@ -257,10 +257,8 @@ def rasterize(
     bary_p = persp / inv_zp
     face_px = winner if V == 1 else _divmod(winner, F)[1].to(torch.int64)  # one view: the winner is the face
     if hit is None:
-        face_id = torch.full((n,), -1, dtype=torch.int64, device=device)
-        face_id[pixels] = face_px
-        depth = torch.zeros((n,), dtype=torch.float32, device=device)
-        depth[pixels] = 1.0 / inv_zp[:, 0]
+        face_id = torch.full((n,), -1, dtype=torch.int64, device=device).index_copy_(0, pixels, face_px)
+        depth = torch.zeros((n,), dtype=torch.float32, device=device).index_copy_(0, pixels, 1.0 / inv_zp[:, 0])
     else:
         bary_p = bary_p * hit[:, None]
         face_id = torch.where(hit, face_px, torch.full_like(face_px, -1))

@@ -37,3 +37,23 @@ def test_covered_pixels_render_as_every_pixel_with_the_memory():
         avatar = memory.observe(build_avatar(image, obs, render_size=128), image, obs, t_s=i / 30)
     assert avatar.memory is not None
     _same_renders(avatar, [OrbitPose(yaw_deg=-20), OrbitPose(yaw_deg=40)], 128)
+
+
+def test_edge_pixels_smooth_as_the_whole_picture():
+    """The CPU smooths the silhouettes' pixels only; the whole-picture twin (the GPU's fixed shapes),
+    in float64, gives the same pictures to float rounding, edges on the picture's border included."""
+    from models.avatar.render import _silhouette_edges, _smooth_edge_pixels, _smooth_every_pixel
+
+    g = torch.Generator().manual_seed(0)
+    V, S = 2, 48
+    blobs = torch.nn.functional.interpolate(torch.rand(V, 1, 6, 6, generator=g), size=(S, S), mode="bilinear")
+    covered = blobs[:, 0] > 0.5  # blobs with ragged edges, some cut by the picture's border
+    alpha = torch.where(covered, 0.4 + 0.6 * torch.rand(V, S, S, generator=g), torch.zeros(()))[:, None]
+    both = torch.cat([torch.rand(V, 3, S, S, generator=g) * alpha, alpha], 1)
+    edge = _silhouette_edges(alpha)
+    assert 0.05 < float(edge.float().mean()) < 0.5
+    assert bool(edge[:, 0, 0].any() and edge[:, 0, -1].any() and edge[:, 0, :, 0].any() and edge[:, 0, :, -1].any())
+    fast = _smooth_edge_pixels(both.clone(), edge, covered)
+    twin = _smooth_every_pixel(both.double(), edge, covered)
+    assert (fast.double() - twin).abs().max() <= 1e-6
+    assert torch.equal(fast[~edge.expand_as(fast)], both[~edge.expand_as(both)])

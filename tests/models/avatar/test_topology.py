@@ -28,3 +28,30 @@ def test_culling_and_skipping_do_not_change_the_picture(analyzer, astronaut):
     x, y = tri[..., 0], tri[..., 1]
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
     assert (area < 0).float().mean() > 0.9
+
+
+def test_incident_sums_are_the_padded_gather_and_sum_bit_for_bit():
+    """The CPU sums each vertex's faces over its real entries only (embedding_bag over ragged lanes);
+    the padded gather and sum (every other device's path) give the same bits: vertex normals and the
+    fill colours' diffusion change by nothing."""
+    from models.avatar.geometry import incident_sum
+    from models.avatar.texture import _triangle_means
+    from models.avatar.topology import mesh_constants, mesh_topology
+    from models.avatar.types import AvatarConfig
+
+    config = AvatarConfig()
+    g = torch.Generator().manual_seed(0)
+    for far in (False, True):
+        key = (config.shell_rings, config.card_grid, far)
+        st = mesh_constants(mesh_topology(*key), key, torch.device("cpu"))
+        n_head_faces = int(st.head_incident.max())
+        assert st.incident.shape[1] > 6 * 4  # mostly padding: the pole has a face per sweep
+        for incident, bags, n_faces in ((st.incident, st.incident_bags, st.faces.shape[0]),
+                                        (st.head_incident, st.head_incident_bags, n_head_faces)):
+            for C in (3, 8):  # the normals; the diffusion's colour, weight, colour, weight
+                table = torch.randn(n_faces, C, generator=g)
+                plain = torch.cat([table, table.new_zeros(1, C)])[incident].sum(1)
+                assert torch.equal(incident_sum(table, incident, bags), plain)
+        values = torch.rand(st.head_incident.shape[0], 8, generator=g)
+        faces = st.faces[:n_head_faces]
+        assert torch.equal(_triangle_means(values, faces), values[faces].mean(1))
