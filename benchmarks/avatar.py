@@ -154,7 +154,8 @@ def memory_rows(image, obs, device: torch.device, size: int, V: int, repeats: in
                        "render_with_memory": remembered, "render_extra": extra, "per_frame_ms": per_frame}}
 
 
-def memory_graph_rows(image, obs, size: int, V: int, repeats: int, update_graph: bool = True) -> dict:
+def memory_graph_rows(image, obs, size: int, V: int, repeats: int, update_graph: bool = True,
+                      compile_update: bool = False) -> dict:
     """The sender's path on CUDA: a frame (graph build, the memory's update every update_every frames, graph
     render of V views, as telepresence.pipeline runs them) with and without the memory, in alternating pairs;
     the memory's render lookup is inside the render graph, its update a graph of its own beside them."""
@@ -164,6 +165,7 @@ def memory_graph_rows(image, obs, size: int, V: int, repeats: int, update_graph:
     config = MemoryConfig.for_sender(size, device)
     memory = AppearanceMemory(config, device)
     memory.cuda_graphs = update_graph  # as the sender sets it beside the engine's graphs (False: the update eager)
+    memory.compile_update = update_graph and compile_update  # compiled before its capture (not yet the sender's)
     plain, remembered = AvatarEngine(device=device, render_size=size), AvatarEngine(device=device, render_size=size)
     poses = view_poses(V)
     yaws = iter(YAWS * (8 * repeats + 100))
@@ -185,12 +187,13 @@ def memory_graph_rows(image, obs, size: int, V: int, repeats: int, update_graph:
              for _ in range(2 * repeats)]
     without, with_ = timing_stats([a for a, _ in pairs]), timing_stats([b for _, b in pairs])
     extra = timing_stats([b - a for a, b in pairs])
-    how = "update graph" if memory.cuda_graphs else "update eager" + (": its capture failed" if update_graph else "")
+    how = ("update graph" + (", compiled" if memory.compile_update else "") if memory.cuda_graphs
+           else "update eager" + (": its capture failed" if update_graph else ""))
     print(f"memory, graphs path, {how}, {size:>5} {V:>5}: a frame (build + render) {without['median']:.2f} -> "
           f"{with_['median']:.2f} ms; the memory's extra {extra['median']:.2f} ms (p90 {extra['p90']:.2f}; update every "
           f"{config.update_every} frame(s), {config.texels} texels, {config.pose_layers} layers)")
     return {"memory_graphs": {"size": size, "views": V, "texels": config.texels, "pose_layers": config.pose_layers,
-                              "update_graph": memory.cuda_graphs,
+                              "update_graph": memory.cuda_graphs, "update_compiled": memory.compile_update,
                               "update_every": config.update_every, "frame": without, "frame_with_memory": with_,
                               "extra": extra}}
 
@@ -207,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--breakdown", action="store_true")
     p.add_argument("--memory", action="store_true", help="time the appearance memory's update and its render")
+    p.add_argument("--compile-memory", action="store_true",
+                   help="with --memory on CUDA: also the update compiled before its capture (AppearanceMemory.compile_update)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -247,6 +252,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             rows += [memory_graph_rows(image, obs, size, args.views[-1], args.repeats, graph)
                      for size in args.sizes for graph in (False, True)]
+            if args.compile_memory:
+                rows += [memory_graph_rows(image, obs, size, args.views[-1], args.repeats, True, compile_update=True)
+                         for size in args.sizes]
     if args.profile:
         # The graphs path's maths (fixed shapes) run eagerly, so the profiler sees every kernel.
         size, V = args.sizes[-1], args.views[-1]

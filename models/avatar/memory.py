@@ -156,6 +156,12 @@ class AppearanceMemory:
         """Replay :meth:`update` as a CUDA graph (CUDA only; set by a sender whose avatar comes from graphs, so
         that the avatar's tensors are the same every frame). A failed capture goes back to eager, with a warning."""
         self._graphs: dict[tuple, object] = {}  # models.avatar.engine._Graph per avatar (its tensors' addresses)
+        self.compile_update = False
+        """With :attr:`cuda_graphs`: torch.compile the update before capturing it (fused kernels: the update's replay
+        0.88 -> 0.32 ms at 512 on an H200, a probe), about 16 s of compiling at the first capture. A failed compile
+        goes back to the plain graph, with a warning. Not yet set by the sender: its GPU test and the benchmark's
+        ``--compile-memory`` row have not run (docs/memory.md)."""
+        self._compiled_update: Callable | None = None
 
     # -- buffers --
 
@@ -291,8 +297,21 @@ class AppearanceMemory:
         state = [t.clone() for t in self._state()]
         log.info("appearance memory: capturing its update as a CUDA graph (%d texels, %d layers)",
                  self.atlas.texel_ids.shape[0], self.config.pose_layers)
-        graph = _Graph(lambda t: self._update_at(avatar, t["yaw"]),
-                       {"yaw": torch.tensor(yaw_deg, dtype=torch.float32, device=self.device)})
+        inputs = {"yaw": torch.tensor(yaw_deg, dtype=torch.float32, device=self.device)}
+        if self.compile_update:
+            if self._compiled_update is None:
+                log.info("appearance memory: compiling its update (torch.compile; about 15 s, once)")
+                self._compiled_update = torch.compile(self._update_at, dynamic=False)
+            try:
+                graph = _Graph(lambda t: self._compiled_update(avatar, t["yaw"]), inputs)
+            except Exception as error:  # noqa: BLE001 - any compile failure: the plain graph, said once
+                log.warning("appearance memory: could not compile its update (%s: %s); its plain CUDA graph instead",
+                            type(error).__name__, error)
+                self.compile_update, self._compiled_update = False, None
+                for t, saved in zip(self._state(), state):
+                    t.copy_(saved)
+        if not self.compile_update:
+            graph = _Graph(lambda t: self._update_at(avatar, t["yaw"]), inputs)
         for t, saved in zip(self._state(), state):
             t.copy_(saved)
         while len(self._graphs) >= 4:  # avatars of other build plans (another picture size): the oldest goes

@@ -288,14 +288,16 @@ def test_the_update_a_cuda_graph_holds_is_the_eager_update():
 
 
 @pytest.mark.gpu
-def test_the_update_replays_as_a_cuda_graph_as_it_runs_eagerly():
-    """With cuda_graphs the update is one replay per frame; the capture (which runs it several times) leaves the
-    memory as one update would, and the memory equals the eager one's after every frame."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
+def test_the_update_replays_as_a_cuda_graph_as_it_runs_eagerly(compiled):
+    """With cuda_graphs the update is one replay per frame (compiled first, as a GPU sender does it); the capture
+    (which runs it several times) leaves the memory as one update would, and the memory equals the eager one's
+    after every frame."""
     from models.avatar.engine import AvatarEngine
 
     engine = AvatarEngine(device="cuda", render_size=128)
     eager, graphed = AppearanceMemory(CONFIG, "cuda"), AppearanceMemory(CONFIG, "cuda")
-    graphed.cuda_graphs = True
+    graphed.cuda_graphs, graphed.compile_update = True, compiled
     for yaw in YAWS:
         _, image, obs, _ = avatar_at(yaw)
         avatar = engine.build(image, obs)  # the build graph's tensors: the same every frame
@@ -303,4 +305,5 @@ def test_the_update_replays_as_a_cuda_graph_as_it_runs_eagerly():
         graphed.update(avatar, yaw)
         _same_state(eager, graphed, atol=1e-4)
     assert graphed.cuda_graphs and len(graphed._graphs) >= 1  # no fall back to eager
+    assert graphed.compile_update == compiled  # nor from the compiled update to the plain one
     assert len(graphed._graphs) <= engine.captures  # one per build plan, not one per frame
