@@ -10,7 +10,10 @@ the build and the render replayed as CUDA graphs; its build+render includes the
 host's framing work and the upload of the frame). --check compares CUDA renders
 (both paths) with CPU renders first; --profile prints the top torch-profiler
 rows of one eager build + render; --breakdown splits the graphs path of the last
-size and view count into its host and device parts. --memory adds the appearance memory's rows
+size and view count into its host and device parts. On CUDA the "compiled" rows (the last size only:
+a compile takes minutes) are the graphs path with AvatarEngine(compile=True), what a CUDA sender runs
+once its background compile is done (telepresence.pipeline, compile_avatar); while it compiles, the
+rows' "during" entry times the plain graphs' frames at a 30 fps pace beside it; --no-compile skips them. --memory adds the appearance memory's rows
 (models.avatar.memory, the sender's settings: MemoryConfig.for_sender): its update (a frame's
 observation, the blend into its pose layer, the view for the frame's pose) and the render with the
 memory attached; the sender pays update / update_every + the render's extra a frame.
@@ -68,15 +71,44 @@ def check_cuda(image, obs, size: int = 256) -> None:
               f"pixels off by > 0.05: {100 * frac:.3f} %  -> {'OK' if frac < 0.002 else 'MISMATCH'}")
 
 
-def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
+def compiled_engine(image, obs, size: int, poses) -> tuple[AvatarEngine, dict]:
+    """An engine with compile=True, its compiles done and captured; and the plain graphs' frame times
+    (build + render, ms) at a 30 fps pace while they compiled (what a sender's frames cost then)."""
+    engine = AvatarEngine(device="cuda", render_size=size, compile=True)
+    during, t0 = [], time.perf_counter()
+    engine.build(image, obs)
+    engine.render(poses)
+    while not engine.wait_compiled(0.0) and time.perf_counter() - t0 < 900:
+        t = time.perf_counter()
+        engine.build(image, obs)
+        engine.render(poses)
+        torch.cuda.synchronize()
+        during.append((time.perf_counter() - t) * 1e3)
+        time.sleep(max(0.0, 1 / 30 - (time.perf_counter() - t)))
+    seconds = time.perf_counter() - t0
+    for _ in range(2):  # the swap's captures, then a replay
+        engine.build(image, obs)
+        engine.render(poses)
+    print(f"compiled {size} {len(poses)} view(s): {engine.compile_state} after {seconds:.0f} s "
+          f"({engine.compiler.seconds:.0f} s compiling); meanwhile {len(during) / seconds:.1f} frames/s of 30, "
+          f"build + render median {np.median(during) if during else float('nan'):.2f} ms")
+    return engine, {"state": engine.compile_state, "seconds": seconds, "compiling_s": engine.compiler.seconds,
+                    "during": timing_stats(during) if during else None,
+                    "frames_per_s_during": len(during) / seconds}
+
+
+def breakdown(image, obs, size: int, V: int, repeats: int, compiled: bool = False) -> dict:
     """timing_stats (ms) of each part of a graphs-path build + render (host work, and the
     device time of each replay from CUDA events)."""
     from models.avatar.plan import prepare_build
 
     poses = view_poses(V)
-    engine = AvatarEngine(device="cuda", render_size=size)
-    engine.build(image, obs)
-    engine.render(poses)
+    if compiled:
+        engine = compiled_engine(image, obs, size, poses)[0]
+    else:
+        engine = AvatarEngine(device="cuda", render_size=size)
+        engine.build(image, obs)
+        engine.render(poses)
     parts: dict[str, list[float]] = {}
 
     def add(name, ms):
@@ -118,7 +150,7 @@ def breakdown(image, obs, size: int, V: int, repeats: int) -> dict:
         add("device: render graph", e2.elapsed_time(e3))
         add("total", (t6 - t0) * 1e3)
     stats = {k: timing_stats(v) for k, v in parts.items()}
-    print(f"breakdown, graphs path, {V} views at {size} (median ms):")
+    print(f"breakdown, graphs path{' compiled' if compiled else ''}, {V} views at {size} (median ms):")
     for k, v in stats.items():
         print(f"  {k:<40} {v['median']:7.3f}")
     return stats
@@ -212,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory", action="store_true", help="time the appearance memory's update and its render")
     p.add_argument("--compile-memory", action="store_true",
                    help="with --memory on CUDA: also the update compiled before its capture (AppearanceMemory.compile_update)")
+    p.add_argument("--no-compile", action="store_true", help="on CUDA: skip the compiled rows (minutes of compiling)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -224,19 +257,23 @@ def main(argv=None) -> int:
     if args.check and device.type == "cuda":
         check_cuda(image, obs)
     rows = []
-    paths = ["eager", "graphs"] if device.type == "cuda" else ["eager"]
-    print(f"{'path':>6} {'size':>5} {'views':>5} {'build ms':>10} {'render ms':>10} {'per view':>9} "
+    paths = ["eager", "graphs"] + ([] if args.no_compile else ["compiled"]) if device.type == "cuda" else ["eager"]
+    print(f"{'path':>8} {'size':>5} {'views':>5} {'build ms':>10} {'render ms':>10} {'per view':>9} "
           f"{'build+render':>13} {'p90':>7}")
     for path in paths:
-        for size in args.sizes:
+        for size in args.sizes[-1:] if path == "compiled" else args.sizes:
             for V in args.views:
                 poses = view_poses(V)
+                extra = {}
                 if path == "eager":
                     avatar = build_avatar(image, obs, device=device, render_size=size)
                     build_fn = lambda: build_avatar(image, obs, device=device, render_size=size)  # noqa: E731
                     render_fn = lambda: render_views(avatar, poses, size)  # noqa: E731
                 else:
-                    engine = AvatarEngine(device=device, render_size=size)
+                    if path == "compiled":
+                        engine, extra["compile"] = compiled_engine(image, obs, size, poses)
+                    else:
+                        engine = AvatarEngine(device=device, render_size=size)
                     build_fn = lambda: engine.build(image, obs)  # noqa: E731
                     render_fn = lambda: engine.render(poses)  # noqa: E731
                     build_fn()
@@ -244,8 +281,8 @@ def main(argv=None) -> int:
                 render = time_ms(render_fn, device, repeats=args.repeats)
                 both = time_ms(lambda: (build_fn(), render_fn()), device, repeats=args.repeats)
                 rows.append({"path": path, "size": size, "views": V, "build": build, "render": render,
-                             "build_render": both})
-                print(f"{path:>6} {size:>5} {V:>5} {build['median']:>10.2f} {render['median']:>10.2f} "
+                             "build_render": both, **extra})
+                print(f"{path:>8} {size:>5} {V:>5} {build['median']:>10.2f} {render['median']:>10.2f} "
                       f"{render['median'] / V:>9.2f} {both['median']:>13.2f} {both['p90']:>7.2f}")
     if args.memory:
         rows += [memory_rows(image, obs, device, size, args.views[-1], args.repeats) for size in args.sizes]
@@ -273,6 +310,9 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by=key, row_limit=25))
     if args.breakdown and device.type == "cuda":
         rows.append({"breakdown": breakdown(image, obs, args.sizes[-1], args.views[-1], args.repeats)})
+        if not args.no_compile:
+            rows.append({"breakdown_compiled": breakdown(image, obs, args.sizes[-1], args.views[-1], args.repeats,
+                                                         compiled=True)})
     if args.out:
         config = {**vars(args), "picture": "skimage astronaut 512x512"}
         write_json(args.out, document(run_metadata(device, benchmark="avatar"), config, rows))

@@ -183,7 +183,8 @@ async def run(args: argparse.Namespace, loads: list[float], cpu_percent: dict[st
     n = args.participants
     limits = RoomLimits(max_senders_per_room=max(4, n), max_viewers_per_room=max(8, n), max_viewers_per_ip=max(4, n),
                         max_connections_per_ip=max(16, 3 * n))
-    pipeline = PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner)
+    pipeline = PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner,
+                              compile_avatar=args.compile_avatar)
     host = CallHost(CallConfig(sender=SenderConfig(source="uplink", codec=args.codec, stamp_frames=True, max_viewers=max(8, n)),
                                pipeline=pipeline, pipeline_factory=args.pipeline, max_participants=n, mps=args.mps,
                                camera_rate=args.camera_rate))
@@ -264,6 +265,9 @@ def main() -> int:
                         help="the server asks each camera for the frames its pipeline uses, as `telepresence serve` (the default)")
     parser.add_argument("--pipeline", default=None, help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
+    parser.add_argument("--compile-avatar", default="wait", choices=("wait", "background", "off"),
+                        help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
+                        "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/call_<device>_<size>_<N>p[_fake].json)")
     parser.add_argument("--participant-child", action="store_true", help=argparse.SUPPRESS)

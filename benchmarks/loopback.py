@@ -425,6 +425,9 @@ def main() -> int:
     parser.add_argument("--pipeline", default=None,
                         help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
+    parser.add_argument("--compile-avatar", default="wait", choices=("wait", "background", "off"),
+                        help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
+                        "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")
     parser.add_argument("--compile-refiner", action="store_true", help="torch.compile the refiner (as send --compile-refiner)")
     parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
@@ -455,7 +458,7 @@ def main() -> int:
     try:
         pipeline = open_pipeline(
             PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner,
-                           compile_refiner=args.compile_refiner),
+                           compile_refiner=args.compile_refiner, compile_avatar=args.compile_avatar),
             factory=args.pipeline,
         )
     except Exception as error:

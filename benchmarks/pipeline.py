@@ -72,6 +72,8 @@ class BenchConfig:
     """Untimed frames first (allocations, compilation, caches)."""
     refiner: str = "default"
     """Refiner weights: a folder, "default" (the shipped weights) or "none"."""
+    compile_avatar: str = "wait"
+    """PipelineConfig.compile_avatar: "wait" times the compiled graphs a CUDA sender reaches after its compile."""
     bitrate: int = 1_500_000
     """VP8 target bit rate per view, bit/s."""
 
@@ -134,7 +136,8 @@ def _view_poses(n: int) -> list[Any]:
 def _default_pipeline(config: BenchConfig) -> Any:
     from telepresence.pipeline import PipelineConfig, open_pipeline
 
-    return open_pipeline(PipelineConfig(device=config.device, size=config.size, refiner=config.refiner))
+    return open_pipeline(PipelineConfig(device=config.device, size=config.size, refiner=config.refiner,
+                                        compile_avatar=config.compile_avatar))
 
 
 def run_benchmark(
@@ -287,6 +290,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=30, help="timed frames per viewer count (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed frames first (default 5)")
     p.add_argument("--refiner", default="default", metavar="PATH|default|none")
+    p.add_argument("--compile-avatar", default="wait", choices=("wait", "background", "off"),
+                   help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
+                        "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")
     p.add_argument("--input", default=None, metavar="IMAGE|VIDEO",
                    help="portrait picture or video to feed (default: scikit-image's astronaut)")
     p.add_argument("--out", default=None, metavar="JSON",
@@ -312,6 +318,7 @@ def main(argv: Sequence[str] | None = None, pipeline_factory: Callable[[BenchCon
     else:
         try:
             config = BenchConfig(device=args.device, size=args.size, viewers=tuple(args.viewers), frames=args.frames,
+                                 compile_avatar=args.compile_avatar,
                                  warmup=args.warmup, refiner=args.refiner)
             frames = read_frames(args.input)
         except (ValueError, BenchSetupError, FaceAnalysisError) as exc:

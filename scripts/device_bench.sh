@@ -25,7 +25,7 @@ if has tests; then
 fi
 if has avatar; then
   echo "== avatar"
-  timeout 120 python3 benchmarks/avatar.py --device cuda --sizes 256 512 --views 1 4 --check --breakdown \
+  timeout 480 python3 benchmarks/avatar.py --device cuda --sizes 256 512 --views 1 4 --check --breakdown \
     --out "$OUT/avatar_cuda.json" 2>&1 | grep -v Warning
 fi
 if has loopback; then

@@ -43,6 +43,10 @@ def default_size(device: str) -> int:
     return 512 if str(device).startswith("cuda") else 256
 
 
+COMPILE_AVATAR = ("background", "wait", "off")
+"""PipelineConfig.compile_avatar's choices."""
+
+
 class PipelineUnavailableError(RuntimeError):
     """The pipeline could not be built (no CUDA, weights unreadable, a test double missing)."""
 
@@ -69,6 +73,13 @@ class PipelineConfig:
     """torch.compile the refiner's step (fused kernels: the SD-Turbo-size refiner's reference + 4 views took 21 ms
     compiled against 32 ms in CUDA graphs alone on an H200). Costs a compile at the first two view counts (about
     80 s each for that U-Net); off by default so that a start takes seconds."""
+    compile_avatar: str = "background"
+    """On CUDA, torch.compile the avatar's build and render graphs (models.avatar.compiling): a build + 4 views at 512
+    in 1.3 ms instead of 5.4 ms on an H200. "background": compiled on a worker thread while the plain graphs serve
+    (about 2 minutes the first time on a machine, when the sender's frames slow down; about 10 s once inductor's
+    cache on disk holds them), then swapped in. "wait": compiled at the first frame with a face, before it is
+    served (benchmarks: they time the compiled path from their first frame). "off": the plain graphs. No effect
+    on the CPU."""
     memory: bool = False
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
     fills what the current frame sees badly (the sides of the head when turned). Off by default: it has not
@@ -98,6 +109,8 @@ class PipelineConfig:
             raise ValueError(f"size: expected a multiple of 8 in [{SIZE_MIN}, {SIZE_MAX}], got {self.size}")
         if not 0.0 < self.crop_follow <= 1.0:
             raise ValueError(f"expected crop_follow in (0, 1], got {self.crop_follow}")
+        if self.compile_avatar not in COMPILE_AVATAR:
+            raise ValueError(f"compile_avatar: expected one of {COMPILE_AVATAR}, got {self.compile_avatar!r}")
         if self.warm_views < 0:
             raise ValueError(f"expected warm_views >= 0, got {self.warm_views}")
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
@@ -184,7 +197,14 @@ class Pipeline:
         self.analyzer = FaceAnalyzer(FaceConfig(static_image=False, fov_deg=config.source_fov_deg))
         self.avatar_config = AvatarConfig(background=config.background)
         # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
-        self.engine = AvatarEngine(self.avatar_config, self.device, config.size)
+        compile_avatar = config.compile_avatar != "off" and self.device.type == "cuda"
+        self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar)
+        self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
+        if compile_avatar:
+            log.info("avatar: its CUDA graphs get compiled %s (torch.compile: about 2 minutes the first time on this "
+                     "machine, seconds once cached; --compile-avatar off: the plain graphs only)",
+                     "in the background from the first frame with a face, the plain graphs serving meanwhile"
+                     if config.compile_avatar == "background" else "at the first frame with a face, before it is served")
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True, compile=config.compile_refiner)
         self.size: int = config.size
         self.refiner_name: str | None = None if self.refiner is None else str(config.refiner)
@@ -273,6 +293,8 @@ class Pipeline:
             if self.memory is not None:  # the engine renders the avatar with the memory attached
                 self.memory.cuda_graphs = self.engine.cuda_graphs  # its update a graph beside the engine's (not after a fallback)
                 self._avatar = self.engine.avatar = self.memory.observe(self._avatar, frame_rgb, obs)
+            if self._compile_first:
+                self._avatar = self._compile_now(frame_rgb, obs)
             self._reference = None
             self._sync()
             timings["avatar"] = analysis.avatar_ms + (time.perf_counter() - t0) * 1000.0
@@ -289,6 +311,24 @@ class Pipeline:
         views = self.render(poses, timings)
         fill = None if self.memory is None else float(self.memory.fill_fraction())  # the views are read: no wait
         return FrameResult(views, found, status, timings, fill, fresh=True)
+
+    def _compile_now(self, frame_rgb: np.ndarray, obs):
+        """compile_avatar "wait": render the view counts a sender warms (their compiles asked for with the
+        build's), wait for the compiles, and build this frame again, now through the compiled graphs."""
+        self._compile_first = False
+        t0 = time.perf_counter()
+        for n in range(1, max(1, self.config.warm_views) + 1):
+            self.engine.render([OrbitPose()] * n)
+        log.info("avatar: compiling its CUDA graphs before the first frame is served ...")
+        if not self.engine.wait_compiled(timeout=1800):
+            log.warning("avatar: its compile took more than 30 minutes; serving with the plain graphs meanwhile")
+        avatar = self._build(frame_rgb, obs)
+        if self.memory is not None:  # what it holds is this frame's already
+            avatar = self.engine.avatar = self.memory.attach(avatar)
+        for n in range(1, max(1, self.config.warm_views) + 1):
+            self.engine.render([OrbitPose()] * n)
+        log.info("avatar: graphs %s (%.0f s)", self.engine.compile_state, time.perf_counter() - t0)
+        return avatar
 
     def _warm_up(self) -> None:
         """Capture the graphs of every view count up to warm_views now, while nobody waits

@@ -5,7 +5,7 @@ import argparse
 import logging
 import socket
 
-from telepresence.pipeline import FramePipeline, PipelineConfig, open_pipeline
+from telepresence.pipeline import COMPILE_AVATAR, FramePipeline, PipelineConfig, open_pipeline
 from telepresence.stream.messages import MAX_NAME_CHARS
 from telepresence.stream.rtc import BitrateConfig, IceConfig
 from telepresence.stream.sender import ENCODERS, SenderConfig
@@ -21,6 +21,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-refiner", action="store_true",
                         help="torch.compile the refiner (faster frames for a large refiner, after a compile of minutes "
                         "at the first two viewer counts)")
+    parser.add_argument("--compile-avatar", choices=COMPILE_AVATAR, default=PipelineConfig.compile_avatar,
+                        help="on CUDA, torch.compile the avatar's graphs (4x faster avatar frames; about 2 minutes the "
+                        "first time on a machine, seconds after): in the background while the plain graphs serve "
+                        "(default), or wait for it at the first face, or off")
     # Off by default: on a head-turn clip it gained 0.1 dB head PSNR at 30-45 degrees (issue 20 asks 1.5) at
     # more than the CPU's +10 ms (see the issue's report); --memory turns it on.
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
@@ -58,7 +62,8 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner),
                           memory=getattr(args, "memory", False), cpu_threads=getattr(args, "threads", None),
                           smooth_landmarks=getattr(args, "smooth_landmarks", True),
-                          compile_refiner=getattr(args, "compile_refiner", False))
+                          compile_refiner=getattr(args, "compile_refiner", False),
+                          compile_avatar=getattr(args, "compile_avatar", PipelineConfig.compile_avatar))
 
 
 def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) -> FramePipeline:

@@ -269,6 +269,18 @@ def _same_state(a, b, atol=1e-5):
         assert torch.allclose(x, y, atol=atol), f"{name}: max |diff| {float((x - y).abs().max())}"
 
 
+def _nearly_same_state(a, b):
+    """Compiled kernels sum in another order and inductor's maths differ in the last bits, and an observation
+    that lands within those bits of a texel's gate (0.9 x its best quality) counts in one memory and not in
+    the other: on an H200 the largest colour difference after 8 frames was 1.7e-4 in one run and 1.8e-3 in
+    the next (2026-11-30). So: nearly every value the same, none far off on average."""
+    for name in ("colour", "confidence", "best", "view", "_ratio", "_q_now"):
+        x, y = getattr(a, name).float(), getattr(b, name).float()
+        diff = (x - y).abs()
+        assert float((diff > 1e-3).float().mean()) < 0.005, f"{name}: {100 * float((diff > 1e-3).float().mean()):.2f} % off"
+        assert float(diff.mean()) < 1e-4, f"{name}: mean |diff| {float(diff.mean())}"
+
+
 YAWS = (0.0, 7.5, 22.5, -37.5, 60.0, 31.0, 7.5, -8.0)
 """Head yaws for the update paths: ties between two layers (7.5, 22.5), beyond the outer layers (60)."""
 
@@ -303,7 +315,10 @@ def test_the_update_replays_as_a_cuda_graph_as_it_runs_eagerly(compiled):
         avatar = engine.build(image, obs)  # the build graph's tensors: the same every frame
         eager.update(avatar, yaw)
         graphed.update(avatar, yaw)
-        _same_state(eager, graphed, atol=1e-4)
+        if compiled:
+            _nearly_same_state(eager, graphed)
+        else:
+            _same_state(eager, graphed, atol=1e-4)
     assert graphed.cuda_graphs and len(graphed._graphs) >= 1  # no fall back to eager
     assert graphed.compile_update == compiled  # nor from the compiled update to the plain one
     assert len(graphed._graphs) <= engine.captures  # one per build plan, not one per frame
