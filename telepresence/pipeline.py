@@ -213,6 +213,8 @@ class Pipeline:
         self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
         self._crop: np.ndarray | None = None
         self.memory = _open_memory(config, self.device)
+        if self.memory is not None:  # its update compiles on the avatar's worker (None: no compiling)
+            self.memory.compiler = self.engine.compiler
         self._smoother = LandmarkSmoother() if config.smooth_landmarks else None
         self._reset_memory = False  # asked by a viewer (any thread); done by the next process()
 

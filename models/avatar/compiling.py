@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from typing import Callable, Hashable
@@ -26,6 +27,9 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["BackgroundCompiler", "compile_fixed"]
+
+SWITCH_INTERVAL_S = 0.0005
+"""Python's thread switch interval while a compile runs (its default is 5 ms)."""
 
 
 def compile_fixed(fn: Callable) -> Callable:
@@ -89,8 +93,13 @@ class BackgroundCompiler:
         while True:
             key, job, what = self._queue.get()
             t0 = time.perf_counter()
+            switch = sys.getswitchinterval()
             try:
                 if self.failed is None:
+                    # A compile holds Python's lock most of the time: hand it over more often, so that the threads
+                    # serving frames wait less (a probe on an H200 beside a cached compile: 13-16 -> 19 frames/s of
+                    # 30, p90 frame 131-136 -> 67-73 ms, the compile no slower).
+                    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
                     with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
                         job()
                     if stream is not None:
@@ -106,6 +115,7 @@ class BackgroundCompiler:
                             what, type(error).__name__, error)
                 log.debug("where the compile failed", exc_info=error)
             finally:
+                sys.setswitchinterval(switch)
                 with self._lock:
                     self._pending.discard(key)
                     if not self._pending:

@@ -37,6 +37,7 @@ The memory lives on the device of the avatar and is never written anywhere.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -52,6 +53,10 @@ from models.avatar.texture import box_mean
 from models.avatar.types import Avatar, AvatarConfig
 
 log = logging.getLogger(__name__)
+
+_STATE = ("colour", "confidence", "best", "_held", "_q_now", "_ratio", "_ratio_now", "_ratio_made", "view",
+          "_texel_view", "_sums")
+"""AppearanceMemory's buffers that an update writes."""
 
 __all__ = ["AppearanceMemory", "MemoryConfig"]
 
@@ -159,9 +164,15 @@ class AppearanceMemory:
         self.compile_update = False
         """With :attr:`cuda_graphs`: torch.compile the update before capturing it (fused kernels: the update's replay
         0.88 -> 0.32 ms at 512 on an H200, a probe), about 16 s of compiling at the first capture. A failed compile
-        goes back to the plain graph, with a warning. Not yet set by the sender: its GPU test and the benchmark's
-        ``--compile-memory`` row have not run (docs/memory.md)."""
+        goes back to the plain graph, with a warning. Compiles on the caller's thread: a sender sets
+        :attr:`compiler` instead."""
         self._compiled_update: Callable | None = None
+        self.compiler = None
+        """With :attr:`cuda_graphs`: a models.avatar.compiling.BackgroundCompiler (the avatar engine's, in a sender)
+        that compiles the update on its worker thread, on a twin of this memory, while the plain graph serves; the
+        next update after it captures the compiled one in its place (0.53 against 1.04 ms a frame at 512 with 4
+        views on an H200, docs/memory.md)."""
+        self._swap_failed: set = set()
 
     # -- buffers --
 
@@ -285,10 +296,16 @@ class AppearanceMemory:
     def _replay_update(self, avatar: Avatar, yaw_deg: float) -> None:
         from models.avatar.engine import _Graph
 
-        key = (tuple(t.data_ptr() for t in (avatar.verts, avatar.vattr, avatar.faces, avatar.texture, avatar.src_depth,
-                                            avatar.src_depth_K, avatar.source_image)), avatar.tex_span)
+        tensors = (avatar.verts, avatar.vattr, avatar.faces, avatar.texture, avatar.src_depth, avatar.src_depth_K,
+                   avatar.source_image)
+        key = (tuple(t.data_ptr() for t in tensors), avatar.tex_span)
+        compile_key = ("memory", tuple(tuple(t.shape) for t in tensors), avatar.tex_span, tuple(self.colour.shape))
         self._yaw_now = yaw_deg
         graph = self._graphs.get(key)
+        if graph is not None and self.compiler is not None and not graph.compiled and compile_key not in self._swap_failed \
+                and self.compiler.ready(compile_key) and self.compiler.idle():
+            del self._graphs[key]  # its compiled form is ready: captured below in its place
+            graph = None
         if graph is not None:
             graph({"yaw": torch.tensor(yaw_deg, dtype=torch.float32)})
             return
@@ -298,7 +315,11 @@ class AppearanceMemory:
         log.info("appearance memory: capturing its update as a CUDA graph (%d texels, %d layers)",
                  self.atlas.texel_ids.shape[0], self.config.pose_layers)
         inputs = {"yaw": torch.tensor(yaw_deg, dtype=torch.float32, device=self.device)}
-        if self.compile_update:
+        if self.compiler is not None and compile_key not in self._swap_failed:
+            graph = self._background_graph(avatar, inputs, compile_key)
+            for t, saved in zip(self._state(), state):
+                t.copy_(saved)
+        elif self.compile_update:
             if self._compiled_update is None:
                 log.info("appearance memory: compiling its update (torch.compile; about 15 s, once)")
                 self._compiled_update = torch.compile(self._update_at, dynamic=False)
@@ -310,7 +331,7 @@ class AppearanceMemory:
                 self.compile_update, self._compiled_update = False, None
                 for t, saved in zip(self._state(), state):
                     t.copy_(saved)
-        if not self.compile_update:
+        if graph is None:
             graph = _Graph(lambda t: self._update_at(avatar, t["yaw"]), inputs)
         for t, saved in zip(self._state(), state):
             t.copy_(saved)
@@ -319,10 +340,37 @@ class AppearanceMemory:
         self._graphs[key] = graph
         graph({"yaw": torch.tensor(yaw_deg, dtype=torch.float32)})
 
+    def _background_graph(self, avatar: Avatar, inputs: dict, compile_key: tuple):
+        """With :attr:`compiler`: the compiled update's graph if the worker has compiled it (None: not yet, or it
+        would compile again here: said once); else None, and the compile is asked for, on a twin of this memory
+        (its own copies of every buffer an update writes) so that nothing here changes."""
+        from models.avatar.engine import _end_aborted_capture, _Graph
+
+        update = self.compiler.function("appearance memory update", type(self)._update_at)
+        if not self.compiler.ready(compile_key):
+            twin, yaw = copy.copy(self), inputs["yaw"].clone()
+            for name in _STATE:
+                setattr(twin, name, getattr(self, name).clone())
+            self.compiler.submit(compile_key, lambda: update(twin, avatar, yaw), "appearance memory's update")
+            return None
+        if not self.compiler.idle():
+            return None
+        try:
+            with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+                graph = _Graph(lambda t: update(self, avatar, t["yaw"]), inputs)
+        except Exception as error:  # noqa: BLE001 - the plain graph still works
+            log.warning("appearance memory: could not capture its compiled update (%s: %s); its plain graph stays",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            _end_aborted_capture(self.device)
+            self._swap_failed.add(compile_key)
+            return None
+        graph.compiled = True
+        log.info("appearance memory: the compiled update is in use")
+        return graph
+
     def _state(self) -> tuple[torch.Tensor, ...]:
         """Every buffer an update writes."""
-        return (self.colour, self.confidence, self.best, self._held, self._q_now, self._ratio, self._ratio_now,
-                self._ratio_made, self.view, self._texel_view, self._sums)
+        return tuple(getattr(self, name) for name in _STATE)
 
     def _layer_centres(self) -> list[float]:
         K, step = self.config.pose_layers, self.config.layer_step_deg

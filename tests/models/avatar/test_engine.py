@@ -240,3 +240,19 @@ def test_compiled_cuda_graphs_match_eager_cuda(case):
         diff = (getattr(out, k).float() - getattr(eager, k).float()).abs()
         assert float((diff > 0.05).float().mean()) < 0.002, k
         assert float(diff.mean()) < 1e-3, k
+
+
+def test_the_compile_worker_hands_the_interpreter_over_more_often_while_it_compiles():
+    """While a compile runs the switch interval is short (the frames' threads wait less for the lock), after it
+    the caller's own again."""
+    import sys
+
+    from models.avatar.compiling import SWITCH_INTERVAL_S, BackgroundCompiler
+
+    seen = []
+    compiler = BackgroundCompiler("cpu")
+    before = sys.getswitchinterval()
+    compiler.submit("k", lambda: seen.append(sys.getswitchinterval()), "a job")
+    assert compiler.wait(30) and compiler.ready("k")
+    assert seen == [pytest.approx(min(before, SWITCH_INTERVAL_S))]
+    assert sys.getswitchinterval() == before

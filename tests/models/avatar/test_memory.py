@@ -269,6 +269,30 @@ def _same_state(a, b, atol=1e-5):
         assert torch.allclose(x, y, atol=atol), f"{name}: max |diff| {float((x - y).abs().max())}"
 
 
+@pytest.mark.gpu
+def test_the_update_compiled_in_the_background_takes_over_from_the_plain_graph():
+    """A sender's memory (compiler set): the plain graph serves while the worker compiles the update on a twin
+    (this memory's state untouched), and the next update captures the compiled one in its place."""
+    from models.avatar.compiling import BackgroundCompiler
+    from models.avatar.engine import AvatarEngine
+
+    engine = AvatarEngine(device="cuda", render_size=128)
+    eager, graphed = AppearanceMemory(CONFIG, "cuda"), AppearanceMemory(CONFIG, "cuda")
+    graphed.cuda_graphs, graphed.compiler = True, BackgroundCompiler("cuda")
+    for i, yaw in enumerate(YAWS):
+        _, image, obs, _ = avatar_at(yaw)
+        avatar = engine.build(image, obs)
+        eager.update(avatar, yaw)
+        graphed.update(avatar, yaw)
+        if i == 0:
+            assert graphed.compiler.wait(600) and graphed.compiler.failed is None
+            assert not any(g.compiled for g in graphed._graphs.values())
+            _same_state(eager, graphed, atol=1e-4)  # the twin's compile left this memory as one plain update did
+        else:
+            _nearly_same_state(eager, graphed)
+    assert graphed.cuda_graphs and any(g.compiled for g in graphed._graphs.values())
+
+
 def _nearly_same_state(a, b):
     """Compiled kernels sum in another order and inductor's maths differ in the last bits, and an observation
     that lands within those bits of a texel's gate (0.9 x its best quality) counts in one memory and not in
