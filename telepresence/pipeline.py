@@ -136,6 +136,7 @@ class FrameResult:
     status: str  # STATUS_OK | STATUS_FACE_LOST | STATUS_NO_FACE_YET
     timings_ms: dict[str, float] = field(default_factory=dict)  # landmarks, avatar, render, refine
     memory_fill: float | None = None  # share of the head the appearance memory holds, None: memory off
+    kernels: str | None = None  # the avatar's GPU kernels: "compiling" | "compiled" | "failed" | "off"; None: the CPU
     fresh: bool = False  # the views are new arrays nobody else holds: the caller may write into them
 
 
@@ -306,13 +307,21 @@ class Pipeline:
             self.memory.missed()
         status = STATUS_OK if found else (STATUS_FACE_LOST if self._avatar is not None else STATUS_NO_FACE_YET)
         if not poses:
-            return FrameResult([], found, status, timings, fresh=True)
+            return FrameResult([], found, status, timings, fresh=True, kernels=self.kernels())
         if self._avatar is None:
             blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
-            return FrameResult([blank.copy() for _ in poses], found, status, timings, fresh=True)
+            return FrameResult([blank.copy() for _ in poses], found, status, timings, fresh=True, kernels=self.kernels())
         views = self.render(poses, timings)
         fill = None if self.memory is None else float(self.memory.fill_fraction())  # the views are read: no wait
-        return FrameResult(views, found, status, timings, fill, fresh=True)
+        return FrameResult(views, found, status, timings, fill, fresh=True, kernels=self.kernels())
+
+    def kernels(self) -> str | None:
+        """Where the avatar's torch.compile stands, for viewers ("compiling": frames are slower until it is done;
+        "failed": the plain graphs, the log says why; "off"); None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        state = self.engine.compile_state
+        return "compiling" if state == "swapping" else state
 
     def _compile_now(self, frame_rgb: np.ndarray, obs):
         """compile_avatar "wait": render the view counts a sender warms (their compiles asked for with the

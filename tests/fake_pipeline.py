@@ -70,6 +70,13 @@ def build_pipeline_refusing_mps(config: PipelineConfig) -> "Pipeline":
     return build_pipeline_naming_mps(config)
 
 
+def build_pipeline_compiling(config: PipelineConfig) -> "Pipeline":
+    """Says its GPU kernels are compiling for its first 45 frames (1.5 s at 30 fps), then compiled."""
+    pipeline = Pipeline(config)
+    pipeline.compiling_frames = 45
+    return pipeline
+
+
 def build_failing_pipeline(config: PipelineConfig) -> "Pipeline":
     return FailingPipeline(config)
 
@@ -80,6 +87,7 @@ class Pipeline:
     eyes_dist_m = 0.6
     memory_step = 0.01
     refiner_name: Optional[str] = None
+    compiling_frames: Optional[int] = None  # report FrameResult.kernels: "compiling" this many frames, then "compiled"
 
     def __init__(self, config: PipelineConfig = PipelineConfig()) -> None:
         self.config = config
@@ -126,8 +134,9 @@ class Pipeline:
             status = STATUS_FACE_LOST if self._last is not None else STATUS_NO_FACE_YET
         base = self._last if self._last is not None else np.full((self.size, self.size, 3), 96, np.uint8)
         views = [self._view(base, pose) for pose in poses]
+        kernels = None if self.compiling_frames is None else "compiling" if self.calls <= self.compiling_frames else "compiled"
         return FrameResult(views, face, status, {"landmarks": analysis.landmarks_ms, "avatar": 0.1, "render": 0.2, "refine": 0.3},
-                           self.memory_fill)
+                           self.memory_fill, kernels=kernels)
 
     def reset_memory(self) -> None:
         self._reset_memory = True

@@ -26,6 +26,7 @@ SECTION.innerHTML = `
     <dt>clock offset</dt><dd><span data-stat="offset">–</span> ms</dd>
     <dt class="section">sender</dt><dd class="section"><span data-stat="sender-fps">–</span> fps</dd>
     <dt>refiner</dt><dd><span data-stat="refiner">–</span></dd>
+    <dt class="kernels-row" hidden>GPU kernels</dt><dd class="kernels-row" hidden><span data-stat="kernels">–</span></dd>
     <dt>capture</dt><dd><span data-stage="capture">–</span> ms</dd>
     <dt>landmarks</dt><dd><span data-stage="landmarks">–</span> ms</dd>
     <dt>avatar</dt><dd><span data-stage="avatar">–</span> ms</dd>
@@ -37,6 +38,13 @@ SECTION.innerHTML = `
   </dl>
   <p class="stats-note" data-stat="size-why"></p>
 </section>`;
+
+const KERNELS_TEXT = {
+  compiling: "compiling (frames come slower until done: about 2 minutes the first time on the sender's machine)",
+  compiled: "compiled",
+  failed: "not compiled: the compile failed (the sender's log says why)",
+  off: "not compiled (--compile-avatar off)",
+};
 
 const fmt = (x, digits = 0) => (x === null || x === undefined || !Number.isFinite(x) ? "–" : x.toFixed(digits));
 
@@ -114,6 +122,16 @@ export class TileStats {
     const stages = message.stages_ms || {};
     for (const el of this.section.querySelectorAll("[data-stage]")) el.textContent = fmt(stages[el.dataset.stage], 1);
     this.renderMemory(message.memory);
+    this.renderKernels(message.kernels);
+  }
+
+  // The sender's GPU kernels (its avatar's torch.compile): a note on the badge while they compile, since frames
+  // come slower until then; a row in the panel. Absent: a CPU sender.
+  renderKernels(state) {
+    const known = typeof state === "string" && state !== "";
+    for (const el of this.section.querySelectorAll(".kernels-row")) el.hidden = !known;
+    this.set("kernels", known ? (KERNELS_TEXT[state] || state) : "–");
+    this.badge.querySelector('[data-badge="compiling"]').hidden = state !== "compiling";
   }
 
   // The sender's appearance memory: how much of the head it holds (0..1), or off (null / absent).

@@ -86,6 +86,7 @@ class _Graph:
         self.inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}
         self.fn, self.graph = fn, None
         self.compiled = False  # fn is a torch.compile'd function (AvatarEngine with compile=True)
+        self.compile_key = None  # the key its compiled form goes by (AvatarEngine with compile=True)
         # Host-side inputs go through pinned buffers made once: a copy from pageable memory
         # waits for the device's queue, and pin_memory() per frame sometimes costs 1-4 ms
         # (a new page-locked allocation; measured on the H100 machine).
@@ -267,7 +268,8 @@ class AvatarEngine:
         if not self.compiler.idle():
             return "compiling"
         graphs = [*self._builds.values(), *self._renders.values()]
-        return "compiled" if graphs and all(g.compiled for g in graphs) else "swapping"
+        done = [g.compiled or g.compile_key in self._swap_failed for g in graphs]  # (a failed swap: said in the log)
+        return "compiled" if graphs and all(done) else "swapping"
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait for the compiles asked so far (False: timeout seconds passed first, or no compiling asked). The
@@ -308,6 +310,7 @@ class AvatarEngine:
         except Exception as error:  # noqa: BLE001 - whatever stops a capture, the eager path still works
             self._fall_back(error)
             raise _Fallback from error
+        graph.compile_key = key
         self.captures += 1
         return graph
 
@@ -325,7 +328,7 @@ class AvatarEngine:
                 _end_aborted_capture(self.device)
             self._swap_failed.add(key)
             return None
-        graph.compiled = True
+        graph.compiled, graph.compile_key = True, key
         self.captures += 1
         log.info("avatar: the compiled %s is in use", what)
         return graph

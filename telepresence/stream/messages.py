@@ -429,6 +429,9 @@ class StatsMessage(Outgoing):
     capture_to_encoder_ms: Optional[float] = None
     memory: Optional[float] = None
     """Share of the head the appearance memory holds, 0..1; None: the memory is off."""
+    kernels: Optional[str] = None
+    """The sender's GPU kernels (telepresence.pipeline.FrameResult.kernels): "compiling" (frames slower until
+    done), "compiled", "failed" (the plain ones), "off"; None: a CPU sender."""
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ class RenderLoop:
         self.clock = StageClock()
         self.status = STATUS_STARTING
         self.memory_fill: Optional[float] = None  # the newest frame's appearance-memory fill (None: memory off)
+        self.kernels: Optional[str] = None  # the newest frame's FrameResult.kernels (the avatar's compile)
         self._views: dict[Hashable, tuple[Any, Callable[[RenderedView], None]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -276,6 +277,7 @@ class RenderLoop:
             return
         self._set_status(result.status)
         self.memory_fill = getattr(result, "memory_fill", None)
+        self.kernels = getattr(result, "kernels", None)
         stages = {"capture": frame.capture_ms}
         stages.update({k: float(v) for k, v in result.timings_ms.items()})
         self.clock.record(stages)

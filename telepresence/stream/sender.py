@@ -389,7 +389,8 @@ class Sender:
         latency = peer.track.capture_to_encoder_ms
         fill = self.render_loop.memory_fill
         return StatsMessage(self.render_loop.status, round(fps, 1), stages_ms, len(self.viewers), peer.track.frames_dropped,
-                            None if latency is None else round(latency, 1), None if fill is None else round(fill, 3))
+                            None if latency is None else round(latency, 1), None if fill is None else round(fill, 3),
+                            self.render_loop.kernels)
 
     async def _stats_loop(self) -> None:
         while True:

@@ -162,10 +162,11 @@ class PipelineProcess:
             token = analysis.token if isinstance(analysis, RemoteAnalysis) else None
             frame = None if token is not None else _put_frame(channel.frames, frame_rgb)
             views = channel.views.fit(len(poses) * self.size * self.size * 3)
-            shapes, found, status, timings_ms, memory_fill = self._call(
+            shapes, found, status, timings_ms, memory_fill, kernels = self._call(
                 channel, ("process", token, frame, list(poses), views.name, views.size))
             pictures = _take_views(channel.views, shapes)
-        return FrameResult(pictures, found, status, timings_ms, memory_fill, fresh=True)  # copies out of the block
+        return FrameResult(pictures, found, status, timings_ms, memory_fill, fresh=True,  # copies out of the block
+                           kernels=kernels)
 
     def describe(self) -> dict[str, Any]:
         """What the process runs (telepresence.stream.worker.describe_pipeline): the benchmark's `path`."""
@@ -398,7 +399,8 @@ class _Worker:
                     raise RuntimeError(f"analysis {token} is no longer kept (the last {KEPT_ANALYSES} are)")
                 result = self.pipeline.process(kept[0], poses, analysis=kept[1])
             return "result", (_put_views(views.get(views_name), views_size, self.pipeline.size, result.views),
-                              result.face_found, result.status, dict(result.timings_ms), result.memory_fill)
+                              result.face_found, result.status, dict(result.timings_ms), result.memory_fill,
+                              getattr(result, "kernels", None))
         raise ValueError(f"unknown request {kind!r}")
 
 

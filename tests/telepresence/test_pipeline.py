@@ -21,6 +21,7 @@ def test_views_per_pose_and_pose_changes_the_picture(pipeline, astronaut):
     assert all(v.shape == (128, 128, 3) and v.dtype == np.uint8 for v in result.views)
     assert result.fresh and all(v.flags.c_contiguous for v in result.views)  # the tracks take them without a copy
     assert set(result.timings_ms) >= {"landmarks", "avatar", "render"}
+    assert result.kernels is None  # the CPU compiles nothing: the page shows no kernels row
     diff = np.abs(result.views[0].astype(int) - result.views[2].astype(int)).mean()
     assert diff > 5
 
@@ -163,6 +164,7 @@ def test_compile_avatar_wait_serves_the_first_face_through_compiled_graphs(astro
         try:
             results[mode] = p.process(astronaut, views, p.analyze(astronaut, 0.0))
             assert p.engine.compile_state == ("compiled" if mode == "wait" else "off")
+            assert results[mode].kernels == p.engine.compile_state  # what the viewers' stats say
         finally:
             p.close()
     for a, b in zip(results["wait"].views, results["off"].views):

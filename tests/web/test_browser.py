@@ -295,6 +295,26 @@ def test_memory_fill_shows_on_the_badge_and_the_reset_button_empties_it(page):
         receiver.stop()
 
 
+def test_the_badge_says_while_the_senders_gpu_kernels_compile(page):
+    """A GPU sender compiles its avatar's kernels in the background at first, slower meanwhile: the badge says
+    so while it lasts, and the panel says what came of it."""
+    receiver, url, port = start_receiver()
+    sender = start_sender(port, "--pipeline", "tests.fake_pipeline:build_pipeline_compiling")  # 45 frames
+    try:
+        page.goto(url)
+        wait_live(page)
+        compiling = page.locator('[data-badge="compiling"]')
+        page.wait_for_function("() => !document.querySelector('[data-badge=\"compiling\"]').hidden", timeout=10000)
+        assert compiling.is_visible() and compiling.text_content() == "compiling"
+        page.keyboard.press("s")
+        page.wait_for_function("() => document.querySelector('[data-stat=\"kernels\"]').textContent === 'compiled'",
+                               timeout=15000)
+        assert not compiling.is_visible()
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
 def test_page_shows_every_sender_with_its_own_orbit(page):
     receiver, url, port = start_receiver()
     senders = [start_sender(port, "--pipeline", pipeline, "--name", name)

@@ -153,6 +153,9 @@ def test_a_memory_reset_is_a_bare_request_and_stats_carry_the_fill():
     stats = StatsMessage("ok", 25.0, {"avatar": 4.0}, 1, 0, 80.0, 0.42)
     assert json.loads(stats.to_json())["memory"] == 0.42 and parse_sender_message(stats.to_json()) == stats
     assert "memory" not in json.loads(StatsMessage("ok", 25.0, {}, 1, 0).to_json())  # memory off: no field
+    compiling = StatsMessage("ok", 12.0, {}, 1, 0, kernels="compiling")
+    assert json.loads(compiling.to_json())["kernels"] == "compiling" and parse_sender_message(compiling.to_json()) == compiling
+    assert "kernels" not in json.loads(StatsMessage("ok", 25.0, {}, 1, 0).to_json())  # a CPU sender: no field
 
 
 def test_hello_and_pong_carry_what_the_page_shows():
