@@ -83,6 +83,7 @@ class PretrainedMixin:
         prompt: str = "",
         prompt_embeds: Tensor | None = None,
         local_files_only: bool = False,
+        base_model: str | None = None,
         **config_overrides,
     ) -> "Refiner":
         """Load a refiner folder, or build one on an SD-Turbo-style diffusers folder.
@@ -93,12 +94,16 @@ class PretrainedMixin:
         For an SD folder: codec "vae" or "tiny" (from codec_model, default
         madebyollin/taesd), the prompt embedding from ``prompt`` through its text
         encoder (or given as prompt_embeds [L, D]), RefinerConfig.sd_turbo(**config_overrides).
+        base_model: for a saved adapter (a refiner folder without unet/): the base to load it on, a folder or
+        hub id, instead of the one its refiner.json names.
         """
         root = _resolve(src, local_files_only)
         if (root / CONFIG_NAME).is_file():
             if config_overrides or prompt_embeds is not None:
                 raise ValueError(f"expected no config overrides for a saved refiner, got {sorted(config_overrides)}")
-            model = cls._load_refiner_folder(root, local_files_only)
+            model = cls._load_refiner_folder(root, local_files_only, base_model)
+        elif base_model is not None:
+            raise MissingModelError(str(src), f"{root} is no saved adapter ({CONFIG_NAME}) to load on base {base_model}")
         elif (root / UNET_DIR / "config.json").is_file():
             model = cls._load_sd_folder(root, str(src), codec, codec_model, prompt, prompt_embeds, local_files_only, config_overrides)
         else:
@@ -107,11 +112,18 @@ class PretrainedMixin:
         return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
 
     @classmethod
-    def _load_refiner_folder(cls, root: Path, local_files_only: bool) -> "Refiner":
+    def _load_refiner_folder(cls, root: Path, local_files_only: bool, base_model: str | None = None) -> "Refiner":
+        import dataclasses
+
         from diffusers import UNet2DConditionModel
         from safetensors.torch import load_file
 
         config = RefinerConfig.from_json((root / CONFIG_NAME).read_text())
+        if base_model is not None:
+            if (root / UNET_DIR).is_dir() or not (root / LORA_DIR).is_dir():
+                raise MissingModelError(str(root), f"{root} is no LoRA adapter to load on base {base_model}: it "
+                                        f"{'holds its own ' + UNET_DIR + '/' if (root / UNET_DIR).is_dir() else 'has no ' + LORA_DIR + '/'}")
+            config = dataclasses.replace(config, base_model=base_model)
         base = None
         if not (root / UNET_DIR / "config.json").is_file() or (config.codec == "vae" and not (root / CODEC_DIR).is_dir() and config.codec_model is None):
             if config.base_model is None:

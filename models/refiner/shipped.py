@@ -16,6 +16,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REFINER = "refiner-small"
 
+SD_TURBO_LORA = "sd-turbo-lora:"
+"""--refiner sd-turbo-lora:PATH: our LoRA adapter at PATH on SD-Turbo, the base read through the model hub's cache
+(HF_HUB_CACHE sets that folder; HF_HUB_OFFLINE=1 uses it alone). TELEPRESENCE_SD_TURBO names another base (a local
+copy of stabilityai/sd-turbo, or another hub id)."""
+
+
+def sd_turbo_base() -> str:
+    return os.environ.get("TELEPRESENCE_SD_TURBO") or "stabilityai/sd-turbo"
+
 
 def weights_dir() -> Path:
     env = os.environ.get("TELEPRESENCE_WEIGHTS")
@@ -30,7 +39,8 @@ def load_refiner(
     spec: str | None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, cuda_graphs: bool = False,
     compile: bool = False,
 ):
-    """spec: None/"none" -> None; "default" -> the shipped small refiner; else a folder or hub id.
+    """spec: None/"none" -> None; "default" -> the shipped small refiner; "sd-turbo-lora:PATH" -> our LoRA adapter
+    at PATH on SD-Turbo (:func:`sd_turbo_base`); else a folder or hub id.
 
     Returns a prepared ``models.refiner.Refiner`` (inference mode) or None. cuda_graphs:
     capture one CUDA graph per view count (CUDA only; the eager step is launch-bound). compile:
@@ -50,7 +60,12 @@ def load_refiner(
 
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    refiner = Refiner.from_pretrained(spec, device=device, dtype=dtype)
+    if str(spec).startswith(SD_TURBO_LORA):
+        adapter, base = str(spec)[len(SD_TURBO_LORA):], sd_turbo_base()
+        log.info("refiner: the LoRA adapter %s on %s", adapter, base)
+        refiner = Refiner.from_pretrained(adapter, device=device, dtype=dtype, base_model=base)
+    else:
+        refiner = Refiner.from_pretrained(spec, device=device, dtype=dtype)
     cuda_graphs = cuda_graphs and device.type == "cuda"
     if compile:
         log.info("the refiner is compiled on its first two view counts (torch.compile; minutes for a large U-Net, "

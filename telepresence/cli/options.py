@@ -17,7 +17,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="views are SIZE x SIZE pixels, a multiple of 8 (default: 512 on cuda, 256 on cpu, "
                         "where 512 would run at a few frames per second)")
     parser.add_argument("--refiner", default="default",
-                        help="refiner weights folder, 'default' (the shipped weights) or 'none' (raw avatar renders)")
+                        help="refiner weights folder, 'default' (the shipped weights), 'none' (raw avatar renders) or "
+                        "'sd-turbo-lora:PATH' (our LoRA adapter at PATH on stabilityai/sd-turbo from the model hub's "
+                        "cache: HF_HUB_CACHE; TELEPRESENCE_SD_TURBO names a local copy)")
     parser.add_argument("--compile-refiner", action="store_true",
                         help="torch.compile the refiner (faster frames for a large refiner, after a compile of minutes "
                         "at the first two viewer counts)")

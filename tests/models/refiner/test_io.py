@@ -204,3 +204,29 @@ def test_config_json_round_trip_and_unknown_fields():
     data["unet_size"] = 3
     with pytest.raises(ValueError, match=r"got unknown \['unet_size'\]"):
         RefinerConfig.from_json(json.dumps(data))
+
+
+def test_sd_turbo_lora_spec_loads_our_adapter_on_the_sd_turbo_base(tmp_path, monkeypatch):
+    """--refiner sd-turbo-lora:PATH: the adapter at PATH on SD-Turbo, whatever base its refiner.json names
+    (TELEPRESENCE_SD_TURBO stands in for stabilityai/sd-turbo here: a tiny base the test builds)."""
+    from models.refiner.shipped import load_refiner
+
+    base = _sd_folder(tmp_path / "sd")
+    model = Refiner.from_pretrained(base, prompt_embeds=torch.randn(4, 32), prompt_tokens=4, timestep=199)
+    model.add_lora(rank=4)
+    _perturb_adapters(model)
+    before = _run(model)
+    model.save_pretrained(tmp_path / "adapter", include_base=False)
+    config = json.loads((tmp_path / "adapter" / "refiner.json").read_text())
+    config["base_model"] = str(tmp_path / "where-it-was-trained")  # gone: the spec's base is used instead
+    (tmp_path / "adapter" / "refiner.json").write_text(json.dumps(config))
+    monkeypatch.setenv("TELEPRESENCE_SD_TURBO", str(base))
+    loaded = load_refiner(f"sd-turbo-lora:{tmp_path / 'adapter'}")
+    assert loaded.config.base_model == str(base)
+    assert torch.allclose(_run(loaded), before, atol=1e-5)
+    full = tmp_path / "full"
+    model.save_pretrained(full)  # a whole refiner (its own unet/) is no adapter
+    with pytest.raises(MissingModelError, match="is no LoRA adapter"):
+        load_refiner(f"sd-turbo-lora:{full}")
+    with pytest.raises(MissingModelError, match="nowhere"):
+        load_refiner(f"sd-turbo-lora:{tmp_path / 'nowhere'}")
