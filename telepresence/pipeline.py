@@ -294,7 +294,8 @@ class Pipeline:
             else:
                 self._avatar = self._build(frame_rgb, obs)
             if self.memory is not None:  # the engine renders the avatar with the memory attached
-                self.memory.cuda_graphs = self.engine.cuda_graphs  # its update a graph beside the engine's (not after a fallback)
+                # its update a graph beside the engine's (not after a fallback, nor for an avatar built eagerly)
+                self.memory.cuda_graphs = self.engine.cuda_graphs and not self.engine.eager_frame
                 self._avatar = self.engine.avatar = self.memory.observe(self._avatar, frame_rgb, obs)
             if self._compile_first:
                 self._avatar = self._compile_now(frame_rgb, obs)

@@ -11,6 +11,11 @@ hit: nothing compiles there). If a compile fails, the log says why and the plain
 Keys name what is compiled (a build plan and its raster capacity, a view count...): the engine submits a key
 once, asks whether it is ready, and swaps only while the worker is idle, since the capture runs under
 ``torch.compiler.set_stance("fail_on_recompile")``, which is global.
+
+A CUDA-graph capture on the engine's thread and the worker's first run of a compiled function may meet: an
+allocation or a device-wide sync (inductor's autotuning) in one thread while the other captures makes CUDA
+refuse one or both. Neither is lasting: the worker runs such a job again (:data:`CAPTURE_RETRIES` times), and
+the engine runs that frame eagerly and captures at the next one (:func:`clashed_with_a_capture`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,17 @@ __all__ = ["BackgroundCompiler", "compile_fixed"]
 
 SWITCH_INTERVAL_S = 0.0005
 """Python's thread switch interval while a compile runs (its default is 5 ms)."""
+
+CAPTURE_RETRIES = 3
+"""Runs of a compile job that met a CUDA-graph capture on another thread, after the first."""
+
+
+def clashed_with_a_capture(error: BaseException) -> bool:
+    """Whether a CUDA error says that a stream capture was under way ("operation not permitted when stream is
+    capturing", "operation failed due to a previous error during capture", "capture ... invalidated"...)."""
+    text = str(error).lower()
+    return "captur" in text and ("not permitted" in text or "invalidated" in text or "during capture" in text
+                                 or "unsupported" in text or "unjoined" in text)
 
 
 def compile_fixed(fn: Callable) -> Callable:
@@ -74,7 +90,7 @@ class BackgroundCompiler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="avatar-compile", daemon=True)
             self._thread.start()
-        self._queue.put((key, job, what))
+        self._queue.put((key, job, what, 0))
 
     def ready(self, key: Hashable) -> bool:
         with self._lock:
@@ -91,9 +107,10 @@ class BackgroundCompiler:
     def _work(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
-            key, job, what = self._queue.get()
+            key, job, what, attempt = self._queue.get()
             t0 = time.perf_counter()
             switch = sys.getswitchinterval()
+            again = False
             try:
                 if self.failed is None:
                     # A compile holds Python's lock most of the time: hand it over more often, so that the threads
@@ -110,13 +127,20 @@ class BackgroundCompiler:
                     with self._lock:
                         self._ready.add(key)
             except Exception as error:  # noqa: BLE001 - any compile failure: the plain graphs stay, said once
+                if clashed_with_a_capture(error) and attempt < CAPTURE_RETRIES:
+                    log.info("avatar: the compile of the %s met a CUDA-graph capture; running it again", what)
+                    again = True
+                    time.sleep(0.5)
+                    self._queue.put((key, job, what, attempt + 1))
+                    continue
                 self.failed = error
                 log.warning("avatar: could not compile the %s (%s: %s); its plain CUDA graphs stay",
                             what, type(error).__name__, error)
                 log.debug("where the compile failed", exc_info=error)
             finally:
                 sys.setswitchinterval(switch)
-                with self._lock:
-                    self._pending.discard(key)
-                    if not self._pending:
-                        self._idle.set()
+                if not again:
+                    with self._lock:
+                        self._pending.discard(key)
+                        if not self._pending:
+                            self._idle.set()

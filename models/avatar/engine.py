@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from models.avatar.build import build_on_device
-from models.avatar.compiling import BackgroundCompiler, compile_fixed
+from models.avatar.compiling import CAPTURE_RETRIES, BackgroundCompiler, clashed_with_a_capture, compile_fixed
 from models.avatar.plan import BuildInputs, BuildPlan, prepare_build
 from models.avatar.render import render_cameras
 from models.avatar.types import Avatar, AvatarConfig, RenderOutput
@@ -61,6 +61,10 @@ _ROUND = 1 << 16
 
 class _Fallback(Exception):
     """A graph could not be set up: the engine now runs eagerly."""
+
+
+class _Retry(Exception):
+    """A capture met the background compile's CUDA work: this frame runs eagerly, the next captures again."""
 
 
 def _round_up(n: float) -> int:
@@ -171,6 +175,8 @@ class AvatarEngine:
         self.compiler = BackgroundCompiler(self.device, compile_fn) if compile else None
         self._compile_asked = compile
         self._swap_failed: set = set()  # keys whose compiled capture failed: their plain graph stays
+        self._clashes = 0  # captures that met the background compile so far (CAPTURE_RETRIES are let go)
+        self._eager_frame = False  # this frame's build ran eagerly after such a clash: so does its render
         self.avatar: Avatar | None = None
         self.captures = 0  # graphs captured so far (a steady stream captures a handful)
         self.fell_back = False  # a capture failed: eager from then on
@@ -187,11 +193,14 @@ class AvatarEngine:
         """The avatar of the face in ``image`` (RGB uint8 [H, W, 3]); becomes :attr:`avatar`."""
         inputs = prepare_build(image, obs, self.config, None, crop, self.render_size)
         avatar = None
+        self._eager_frame = False
         if self.fixed_shapes:
             try:
                 avatar = self._replay_build(inputs)
             except _Fallback:
                 pass
+            except _Retry:
+                self._eager_frame = True
         if avatar is None:
             avatar = build_on_device(inputs.plan, inputs.tensors(self.device), self.device)
         avatar = dataclasses.replace(avatar, host=inputs.host)
@@ -230,10 +239,10 @@ class AvatarEngine:
         if self.avatar is None:
             raise RuntimeError("no avatar yet: call build() first")
         viewmats, Ks = self.avatar.cameras(poses, self.render_size)
-        if self.fixed_shapes:
+        if self.fixed_shapes and not self._eager_frame:
             try:
                 return self._render_fixed(viewmats, Ks, len(poses))
-            except _Fallback:
+            except (_Fallback, _Retry):
                 pass
         return render_cameras(self.avatar, viewmats, Ks, self.render_size)
 
@@ -254,6 +263,12 @@ class AvatarEngine:
             if not redo:
                 return out
         raise RuntimeError("avatar raster capacity kept overflowing")
+
+    @property
+    def eager_frame(self) -> bool:
+        """This frame's avatar was built eagerly (a capture met the background compile): it is not in the build
+        graph's buffers, and its render runs eagerly too."""
+        return self._eager_frame
 
     # -- compiling (models.avatar.compiling) --
 
@@ -308,6 +323,13 @@ class AvatarEngine:
         try:
             graph = _Graph(fn, inputs, capture=self.cuda_graphs)
         except Exception as error:  # noqa: BLE001 - whatever stops a capture, the eager path still works
+            if self.compiler is not None and clashed_with_a_capture(error) and self._clashes < CAPTURE_RETRIES:
+                self._clashes += 1
+                log.warning("avatar: a CUDA-graph capture met the background compile (%s); this frame runs eagerly, "
+                            "the next captures again", str(error).splitlines()[0] if str(error) else type(error).__name__)
+                if self.cuda_graphs:
+                    _end_aborted_capture(self.device)
+                raise _Retry from error
             self._fall_back(error)
             raise _Fallback from error
         graph.compile_key = key
@@ -360,7 +382,13 @@ class AvatarEngine:
         log.info("build raster capacity grown to %d", self._build_capacity[plan])
         del self._builds[plan]
         self._drop_renders(plan)
-        self.avatar = dataclasses.replace(self._replay_build(inputs), host=inputs.host)
+        try:
+            self.avatar = dataclasses.replace(self._replay_build(inputs), host=inputs.host)
+        except _Retry:  # this frame's avatar eagerly (with room for all of it), and so its render
+            self.avatar = dataclasses.replace(build_on_device(plan, inputs.tensors(self.device), self.device),
+                                              host=inputs.host)
+            self._eager_frame = True
+            raise
 
     def _replay_render(self, viewmats: torch.Tensor, Ks: torch.Tensor) -> RenderOutput:
         key = (self._plan, viewmats.shape[0])

@@ -173,6 +173,7 @@ class AppearanceMemory:
         next update after it captures the compiled one in its place (0.53 against 1.04 ms a frame at 512 with 4
         views on an H200, docs/memory.md)."""
         self._swap_failed: set = set()
+        self._clashes = 0  # captures that met the background compile (CAPTURE_RETRIES are let go)
 
     # -- buffers --
 
@@ -277,10 +278,19 @@ class AppearanceMemory:
                 self._replay_update(avatar, yaw_deg)
                 return
             except Exception as error:  # noqa: BLE001 - any capture failure: eager from now on, said once
-                log.warning("appearance memory: could not capture its update as a CUDA graph (%s: %s); eager from now "
-                            "on", type(error).__name__, error)
-                self.cuda_graphs = False
-                self._graphs.clear()
+                from models.avatar.compiling import CAPTURE_RETRIES, clashed_with_a_capture
+                from models.avatar.engine import _end_aborted_capture
+
+                _end_aborted_capture(self.device)
+                if self.compiler is not None and clashed_with_a_capture(error) and self._clashes < CAPTURE_RETRIES:
+                    self._clashes += 1  # the avatar's background compile ran CUDA work meanwhile: not lasting
+                    log.warning("appearance memory: the capture of its update met the background compile; this "
+                                "update runs eagerly, the next captures again")
+                else:
+                    log.warning("appearance memory: could not capture its update as a CUDA graph (%s: %s); eager from "
+                                "now on", type(error).__name__, error)
+                    self.cuda_graphs = False
+                    self._graphs.clear()
         self.feed(*observe_texels(self.atlas, avatar), yaw_deg)
 
     def _update_at(self, avatar: Avatar, yaw: torch.Tensor) -> None:
@@ -332,7 +342,12 @@ class AppearanceMemory:
                 for t, saved in zip(self._state(), state):
                     t.copy_(saved)
         if graph is None:
-            graph = _Graph(lambda t: self._update_at(avatar, t["yaw"]), inputs)
+            try:
+                graph = _Graph(lambda t: self._update_at(avatar, t["yaw"]), inputs)
+            except Exception:
+                for t, saved in zip(self._state(), state):  # the warm-up runs before the failure changed it
+                    t.copy_(saved)
+                raise
         for t, saved in zip(self._state(), state):
             t.copy_(saved)
         while len(self._graphs) >= 4:  # avatars of other build plans (another picture size): the oldest goes

@@ -256,3 +256,58 @@ def test_the_compile_worker_hands_the_interpreter_over_more_often_while_it_compi
     assert compiler.wait(30) and compiler.ready("k")
     assert seen == [pytest.approx(min(before, SWITCH_INTERVAL_S))]
     assert sys.getswitchinterval() == before
+
+
+def test_a_capture_that_meets_the_background_compile_is_tried_again(case, monkeypatch, caplog):
+    """A CUDA-graph capture refused while the worker runs compiled CUDA work is no reason to give up the graphs:
+    that frame runs eagerly (the same pictures) and the next one captures."""
+    import threading
+
+    image, obs = case
+    release = threading.Event()
+
+    def slow(fn):  # a compile that takes a while: the worker stays busy until released
+        def compiled(*args, **kwargs):
+            release.wait(60)
+            return fn(*args, **kwargs)
+        return compiled
+
+    real, refused = engine_mod._Graph, []
+
+    def refusing(fn, inputs, capture=True, warmup=2):
+        if not refused:
+            refused.append(True)
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return real(fn, inputs, capture=capture, warmup=warmup)
+
+    monkeypatch.setattr(engine_mod, "_Graph", refusing)
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True, compile=True, compile_fn=slow)
+    engine.compiler.submit("busy", lambda: release.wait(60), "a long compile")
+    try:
+        with caplog.at_level("WARNING", logger="models.avatar.engine"):
+            engine.build(image, obs)
+            out = engine.render(POSES[:2])
+        assert refused and engine.eager_frame and not engine.fell_back and engine.fixed_shapes
+        assert sum("met the background compile" in r.message for r in caplog.records) == 1
+        eager = render_views(build_avatar(image, obs, render_size=128), POSES[:2], 128)
+        assert max_diff(out, eager) == 0.0
+        engine.build(image, obs)  # the next frame captures
+        assert not engine.eager_frame and len(engine._builds) == 1
+        assert max_diff(engine.render(POSES[:2]), eager) == 0.0
+    finally:
+        release.set()
+
+
+def test_a_compile_job_that_meets_a_capture_runs_again():
+    from models.avatar.compiling import BackgroundCompiler
+
+    runs = []
+
+    def job():
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    compiler = BackgroundCompiler("cpu")
+    compiler.submit("k", job, "a job")
+    assert compiler.wait(30) and compiler.ready("k") and compiler.failed is None and len(runs) == 2
