@@ -322,7 +322,7 @@ class Pipeline:
         if self.device.type != "cuda":
             return None
         state = self.engine.compile_state
-        return "compiling" if state == "swapping" else state
+        return None if state == "waiting" else "compiling" if state == "swapping" else state
 
     def _compile_now(self, frame_rgb: np.ndarray, obs):
         """compile_avatar "wait": render the view counts a sender warms (their compiles asked for with the

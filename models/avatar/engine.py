@@ -274,8 +274,9 @@ class AvatarEngine:
 
     @property
     def compile_state(self) -> str:
-        """"off" (not asked), "failed" (a compile failed: plain graphs), "compiling" (the worker is busy),
-        "swapping" (compiled, some graph not yet captured so: at its next use) or "compiled" (every graph in use)."""
+        """"off" (not asked), "failed" (a compile failed: plain graphs), "waiting" (no graph yet: the first build
+        asks for the compiles), "compiling" (the worker is busy), "swapping" (compiled, some graph not yet
+        captured so: at its next use) or "compiled" (every graph in use)."""
         if self.compiler is None:
             return "failed" if self._compile_asked and self.fell_back else "off"
         if self.compiler.failed is not None:
@@ -283,8 +284,10 @@ class AvatarEngine:
         if not self.compiler.idle():
             return "compiling"
         graphs = [*self._builds.values(), *self._renders.values()]
+        if not graphs:
+            return "waiting"
         done = [g.compiled or g.compile_key in self._swap_failed for g in graphs]  # (a failed swap: said in the log)
-        return "compiled" if graphs and all(done) else "swapping"
+        return "compiled" if all(done) else "swapping"
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait for the compiles asked so far (False: timeout seconds passed first, or no compiling asked). The

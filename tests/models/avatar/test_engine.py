@@ -182,6 +182,7 @@ def test_compiled_graphs_are_made_in_the_background_and_swapped_in(case):
     engine = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True, compile=True,
                           compile_fn=recording)
     plain = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True)
+    assert engine.compile_state == "waiting" and plain.compile_state == "off"
     engine.build(image, obs)
     first = engine.render(POSES[:2]).rgb.clone()
     assert engine.wait_compiled(120) and engine.compile_state == "swapping"
