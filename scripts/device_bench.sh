@@ -5,6 +5,9 @@
 #          loopback-sdturbo, encode, curve, call-turns), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
+# The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
+# minutes cold on a fresh machine (inductor's disk cache does not outlive a loan), so their limits allow for it
+# and a call of the device tool (600 s at most) holds one such stage, two at most.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SITE=/tmp/site
@@ -30,7 +33,7 @@ if has avatar; then
 fi
 if has loopback; then
   echo "== loopback"
-  timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
+  timeout 420 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | filter | tail -8
 fi
 if has encode; then
@@ -39,7 +42,7 @@ if has encode; then
 fi
 if has curve; then
   echo "== viewers curve: 1 4 8 16 32 viewers at 512, encoder ${ENCODER:-process}"
-  timeout 540 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 8 16 32 --source-fps "$SOURCE_FPS" \
+  timeout 590 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 8 16 32 --source-fps "$SOURCE_FPS" \
     --encoder "${ENCODER:-process}" --refiner /tmp/refiner-small-arch \
     --out "$OUT/loopback_cuda_512_curve_${ENCODER:-process}.json" 2>&1 | filter | tail -14
 fi
@@ -52,26 +55,26 @@ from models.refiner import Refiner
 with torch.device('cuda'):
     m = Refiner.sd_turbo_random(codec='tiny', view_attention='$VIEWS', prompt_tokens=1)
 m.half().save_pretrained('/tmp/refiner-sdturbo-arch')"
-  timeout 420 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
+  timeout 560 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-sdturbo-arch $([ "$COMPILE" = 1 ] && echo --compile-refiner) \
     --out "$OUT/loopback_cuda_512_sdturbo_${VIEWS}$([ "$COMPILE" = 1 ] && echo _compiled).json" 2>&1 | filter | tail -8
 fi
 if has bench; then
   echo "== per-stage bench"
-  timeout 150 python3 -m benchmarks.pipeline --device cuda --size 512 --viewers 1 4 --refiner /tmp/refiner-small-arch \
+  timeout 420 python3 -m benchmarks.pipeline --device cuda --size 512 --viewers 1 4 --refiner /tmp/refiner-small-arch \
     --out "$OUT/bench_cuda_512.json" -q 2>&1 | filter | tail -12
 fi
 if has call; then
   echo "== call: pipelines in processes of their own on CUDA (forked workers, graphs captured at once)"
   timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/telepresence/stream/test_worker.py 2>&1 | tail -4
   echo "== call: 4 participants at 512, each watching the 3 others, cameras paced at 30 fps (a pipeline process each, MPS as serve)"
-  timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
+  timeout 480 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 \
     --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p.json" 2>&1 | tee "$OUT/call.log" | filter | tail -15
 fi
 if has call-turns; then
   # The same call with --no-mps: the participants' processes take turns on the GPU (no MPS daemon).
   echo "== call by turns (--no-mps): 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
-  timeout 200 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 --no-mps \
+  timeout 480 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 --no-mps \
     --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p_turns.json" 2>&1 | tee "$OUT/call_turns.log" | filter | tail -15
 fi
 if has refiner; then
