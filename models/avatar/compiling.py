@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackgroundCompiler", "compile_fixed"]
+__all__ = ["BackgroundCompiler", "CAPTURE_RETRIES", "SWITCH_INTERVAL_S", "clashed_with_a_capture", "compile_fixed"]
 
 SWITCH_INTERVAL_S = 0.0005
 """Python's thread switch interval while a compile runs (its default is 5 ms)."""
