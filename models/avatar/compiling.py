@@ -25,13 +25,16 @@ import queue
 import sys
 import threading
 import time
-from typing import Callable, Hashable
+from typing import Callable, Hashable, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackgroundCompiler", "CAPTURE_RETRIES", "SWITCH_INTERVAL_S", "clashed_with_a_capture", "compile_fixed"]
+__all__ = ["BackgroundCompiler", "CAPTURE_RETRIES", "SWITCH_INTERVAL_S", "capture_compiled", "clashed_with_a_capture",
+           "compile_fixed"]
+
+G = TypeVar("G")
 
 SWITCH_INTERVAL_S = 0.0005
 """Python's thread switch interval while a compile runs (its default is 5 ms)."""
@@ -46,6 +49,24 @@ def clashed_with_a_capture(error: BaseException) -> bool:
     text = str(error).lower()
     return "captur" in text and ("not permitted" in text or "invalidated" in text or "during capture" in text
                                  or "unsupported" in text or "unjoined" in text)
+
+
+def capture_compiled(capture: Callable[[], G], what: str, on_failure: Callable[[], None]) -> G | None:
+    """capture(): the CUDA graph of a function the worker compiled, made where compiling is forbidden (the guards
+    must hit). Its ``compiled`` set; None if it would compile again or its capture failed (said once, and
+    on_failure() cleans up: the plain graph stays)."""
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+            graph = capture()
+    except Exception as error:  # noqa: BLE001 - the plain graph still works
+        log.warning("%s: could not capture its compiled form (%s: %s); the plain graph stays",
+                    what, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        log.debug("where the compiled capture failed", exc_info=error)
+        on_failure()
+        return None
+    graph.compiled = True
+    log.info("%s: the compiled form is in use", what)
+    return graph
 
 
 def compile_fixed(fn: Callable) -> Callable:

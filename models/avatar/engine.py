@@ -37,7 +37,13 @@ import numpy as np
 import torch
 
 from models.avatar.build import build_on_device
-from models.avatar.compiling import CAPTURE_RETRIES, BackgroundCompiler, clashed_with_a_capture, compile_fixed
+from models.avatar.compiling import (
+    CAPTURE_RETRIES,
+    BackgroundCompiler,
+    capture_compiled,
+    clashed_with_a_capture,
+    compile_fixed,
+)
 from models.avatar.plan import BuildInputs, BuildPlan, prepare_build
 from models.avatar.render import render_cameras
 from models.avatar.types import Avatar, AvatarConfig, RenderOutput
@@ -342,20 +348,15 @@ class AvatarEngine:
     def _compiled_graph(self, key: tuple, compiled: Callable[[dict], object], inputs: dict[str, torch.Tensor | None],
                         what: str) -> _Graph | None:
         """The graph of the compiled function (None: it would compile again, or its capture failed: said once)."""
-        try:
-            with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
-                graph = _Graph(compiled, inputs, capture=self.cuda_graphs)
-        except Exception as error:  # noqa: BLE001 - the plain graph still works
-            log.warning("avatar: could not capture the compiled %s (%s: %s); its plain graph stays",
-                        what, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            log.debug("where the compiled capture failed", exc_info=error)
+        def failed() -> None:
             if self.cuda_graphs:
                 _end_aborted_capture(self.device)
             self._swap_failed.add(key)
-            return None
-        graph.compiled, graph.compile_key = True, key
-        self.captures += 1
-        log.info("avatar: the compiled %s is in use", what)
+
+        graph = capture_compiled(lambda: _Graph(compiled, inputs, capture=self.cuda_graphs), f"avatar {what}", failed)
+        if graph is not None:
+            graph.compile_key = key
+            self.captures += 1
         return graph
 
     def _fall_back(self, error: Exception) -> None:

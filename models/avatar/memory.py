@@ -361,6 +361,7 @@ class AppearanceMemory:
         """With :attr:`compiler`: the compiled update's graph if the worker has compiled it (None: not yet, or it
         would compile again here: said once); else None, and the compile is asked for, on a twin of this memory
         (its own copies of every buffer an update writes) so that nothing here changes."""
+        from models.avatar.compiling import capture_compiled
         from models.avatar.engine import _end_aborted_capture, _Graph
 
         update = self.compiler.function("appearance memory update", type(self)._update_at)
@@ -372,18 +373,13 @@ class AppearanceMemory:
             return None
         if not self.compiler.idle():
             return None
-        try:
-            with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
-                graph = _Graph(lambda t: update(self, avatar, t["yaw"]), inputs)
-        except Exception as error:  # noqa: BLE001 - the plain graph still works
-            log.warning("appearance memory: could not capture its compiled update (%s: %s); its plain graph stays",
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+
+        def failed() -> None:
             _end_aborted_capture(self.device)
             self._swap_failed.add(compile_key)
-            return None
-        graph.compiled = True
-        log.info("appearance memory: the compiled update is in use")
-        return graph
+
+        return capture_compiled(lambda: _Graph(lambda t: update(self, avatar, t["yaw"]), inputs),
+                                "appearance memory's update", failed)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         """Every buffer an update writes."""
