@@ -157,7 +157,7 @@ class Pipeline:
         return view
 
 
-BLUE, GREEN = (0, 0, 255), (0, 255, 0)
+BLUE, GREEN, MAGENTA = (0, 0, 255), (0, 255, 0), (255, 0, 255)
 
 
 def is_colour(frame_rgb: np.ndarray, rgb: tuple[int, int, int], tolerance: float = 40.0) -> bool:
@@ -167,13 +167,24 @@ def is_colour(frame_rgb: np.ndarray, rgb: tuple[int, int, int], tolerance: float
 
 class FailingPipeline(Pipeline):
     """The fake pipeline, but a pure blue frame ends its process (exit code 3) and a pure green one
-    makes process() hang: a call participant's pipeline that crashes or stops answering."""
+    makes process() hang: a call participant's pipeline that crashes or stops answering. A magenta one
+    holds process() up for COMPILE_S while its kernels() says "compiling" (compile_avatar "wait")."""
+
+    COMPILE_S = 5.0
+    compiling = False
+
+    def kernels(self) -> Optional[str]:
+        return "compiling" if self.compiling else None
 
     def process(self, frame_rgb: np.ndarray, poses: Sequence[OrbitPose], analysis: Optional[Analysis] = None) -> FrameResult:
         if is_colour(frame_rgb, BLUE):
             os._exit(3)
         if is_colour(frame_rgb, GREEN):
             time.sleep(3600)
+        if is_colour(frame_rgb, MAGENTA):
+            self.compiling = True
+            time.sleep(self.COMPILE_S)
+            self.compiling = False
         if is_colour(frame_rgb, (255, 0, 0)):
             raise ValueError("a red frame")
         return super().process(frame_rgb, poses, analysis)

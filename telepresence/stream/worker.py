@@ -16,7 +16,9 @@ cannot be broken by another's work.
 The server owns the shared blocks (makes, grows, unlinks them); the worker maps them by name.
 Faults: a worker that exits (a crash, a kill) fails the call in progress and every later one at once;
 one that does not answer a call in `timeout_s` is killed. Either way `error` says why (the call
-drops the participant with it) and the call raises WorkerError.
+drops the participant with it) and the call raises WorkerError. A process() that waits for the avatar's
+GPU kernels to compile (compile_avatar "wait": minutes) says so every BUSY_EVERY_S, and each word restarts
+the wait, up to COMPILE_WAIT_S.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -45,6 +48,12 @@ KEPT_ANALYSES = 4
 """Analysed frames a worker keeps for process() (the RenderLoop processes the newest, one behind at most)."""
 CLOSE_TIMEOUT_S = 10.0
 """How long a worker may take to close its pipeline before it is killed."""
+BUSY_EVERY_S = 2.0
+"""How often a worker whose process() is held up by its GPU kernels' compile says so (the pipeline's
+kernels() is "compiling"); the server's timeout_s restarts at each word."""
+COMPILE_WAIT_S = 1800.0
+"""How long the server waits, word after word, for one process() call held up by a compile (the pipeline
+itself waits as long: FramePipeline._compile_now)."""
 
 
 class WorkerError(RuntimeError):
@@ -220,11 +229,22 @@ class PipelineProcess:
         return value
 
     def _reply(self, channel: _Channel, timeout_s: float) -> tuple[str, Any]:
+        """The next reply on `channel`; "busy" words (a compile holds the call up) restart the wait."""
+        busy_since: Optional[float] = None
         try:
-            if not channel.conn.poll(timeout_s):
-                self._fail(f"its pipeline did not answer in {timeout_s:g} s (its process was stopped)")
-                raise WorkerError(self.error)
-            return channel.conn.recv()
+            while True:
+                if not channel.conn.poll(timeout_s):
+                    self._fail(f"its pipeline did not answer in {timeout_s:g} s (its process was stopped)")
+                    raise WorkerError(self.error)
+                kind, value = channel.conn.recv()
+                if kind != "busy":
+                    return kind, value
+                if busy_since is None:
+                    busy_since = time.monotonic()
+                    logger.info("%s: %s; waiting for it (at most %g s)", self, value, COMPILE_WAIT_S)
+                elif time.monotonic() - busy_since > COMPILE_WAIT_S:
+                    self._fail(f"its pipeline was still {value} after {COMPILE_WAIT_S:g} s (its process was stopped)")
+                    raise WorkerError(self.error)
         except (EOFError, OSError):
             self._fail(self._exit_reason())
             raise WorkerError(self.error) from None
@@ -354,22 +374,45 @@ class _Worker:
     def serve(self, conn: Connection) -> bool:
         """Answer requests until the server closes this pipe (False) or asks to close (True)."""
         frames, views = _Mapped(), _Mapped()
+        sending = threading.Lock()  # the reply and the "busy" words of _say_busy
         while True:
             try:
                 request = conn.recv()
             except (EOFError, OSError):
                 return False
+            done = threading.Event()
+            beat = None
+            if request[0] == "process":
+                beat = threading.Thread(target=self._say_busy, args=(conn, sending, done), name="busy", daemon=True)
+                beat.start()
             try:
                 reply = self.answer(request, frames, views)
             except Exception:
                 reply = ("raised", traceback.format_exc().rstrip())
+            finally:
+                done.set()
+                if beat is not None:
+                    beat.join()
             if request[0] == "close":
                 conn.send(reply)
                 return True
             try:
-                conn.send(reply)
+                with sending:
+                    conn.send(reply)
             except (EOFError, OSError):
                 return False
+
+    def _say_busy(self, conn: Connection, sending: threading.Lock, done: threading.Event) -> None:
+        """While a process() call runs: every BUSY_EVERY_S that the pipeline's GPU kernels are compiling
+        (compile_avatar "wait" holds the first face's call until they are), say so to the server."""
+        kernels = getattr(self.pipeline, "kernels", None)
+        while not done.wait(BUSY_EVERY_S):
+            if kernels is not None and kernels() == "compiling":
+                try:
+                    with sending:
+                        conn.send(("busy", "compiling its GPU kernels"))
+                except (EOFError, OSError):
+                    return
 
     def answer(self, request: tuple, frames: _Mapped, views: _Mapped) -> tuple[str, Any]:
         kind = request[0]

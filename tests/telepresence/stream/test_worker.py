@@ -99,6 +99,20 @@ def test_a_process_that_crashes_hangs_or_is_killed_fails_its_calls_with_the_reas
     assert shared_blocks() <= blocks
 
 
+def test_a_call_held_up_by_a_compile_longer_than_the_timeout_is_waited_for_while_the_process_says_so():
+    worker = open_pipeline_process(CONFIG, FAILING, name="test", timeout_s=3.0)
+    try:
+        t0 = time.monotonic()
+        result = worker.process(solid(fake_pipeline.MAGENTA), POSES)  # 5 s: "busy" every 2 s restarts the 3 s
+        assert time.monotonic() - t0 >= fake_pipeline.FailingPipeline.COMPILE_S - 0.5
+        assert worker.error is None and result.status == "ok" and len(result.views) == len(POSES)
+        assert worker.process(head_frame(0.0), POSES).status == "ok"
+        with pytest.raises(WorkerError, match=r"did not answer in 3 s"):  # a hang without the word still fails
+            worker.process(solid(fake_pipeline.GREEN), POSES)
+    finally:
+        worker.close()
+
+
 def test_an_exception_in_the_pipeline_fails_that_call_only():
     worker = open_pipeline_process(CONFIG, FAILING, name="test")
     try:
