@@ -82,8 +82,9 @@ class PipelineConfig:
     on the CPU."""
     memory: bool = False
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
-    fills what the current frame sees badly (the sides of the head when turned). Off by default: it has not
-    yet shown the gain issue 20 asks for (0.1 dB at 30-45 degrees on one head-turn clip)."""
+    fills what the current frame sees badly (the sides of the head when turned). Off by default: it gains
+    0.84 dB head PSNR at 30-45 degrees on the shared head-turn clips, not yet the 1.5 issue 20 asks, and the
+    whole GPU sender (loopback, call) has not yet run with it, only its parts (docs/memory.md)."""
     cpu_threads: int | None = None
     """Host threads of torch (and on a GPU of OpenCV) in this pipeline's process. None: on "cpu" one less
     than the machine's cores (at least 1): face analysis and the video encoder run beside the avatar work, and on

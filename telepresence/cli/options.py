@@ -27,8 +27,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on CUDA, torch.compile the avatar's graphs (4x faster avatar frames; about 2 minutes the "
                         "first time on a machine, seconds after): in the background while the plain graphs serve "
                         "(default), or wait for it at the first face, or off")
-    # Off by default: on a head-turn clip it gained 0.1 dB head PSNR at 30-45 degrees (issue 20 asks 1.5) at
-    # more than the CPU's +10 ms (see the issue's report); --memory turns it on.
+    # Off by default until the whole GPU sender has run with it (its parts have: docs/memory.md); it gains 0.84 dB
+    # head PSNR at 30-45 degrees on the shared head-turn clips (issue 20 asks 1.5). --memory turns it on.
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
                         help="appearance memory: what the camera saw earlier in the call fills what the current frame "
                         "sees badly (--no-memory: every frame's avatar from that frame alone)")

@@ -52,6 +52,26 @@ def test_on_the_cpu_the_analysis_builds_the_avatar_and_the_render_uses_it(pipeli
     assert pipeline.analyze(np.zeros_like(astronaut)).avatar is None
 
 
+def test_the_real_pipeline_with_the_appearance_memory_fills_it_and_a_reset_empties_it(astronaut):
+    p = Pipeline(PipelineConfig(device="cpu", size=96, refiner=None, memory=True))
+    try:
+        poses = [ViewPose(yaw_deg=-30), ViewPose(yaw_deg=30)]
+        fills = [p.process(astronaut, poses).memory_fill for _ in range(4)]
+        assert all(f is not None and 0.0 <= f <= 1.0 for f in fills)
+        assert fills[-1] > 0.05 and fills == sorted(fills)  # the frames' seen texels kept, never fewer
+        p.reset_memory()
+        after = p.process(astronaut, poses)
+        assert after.status == "ok" and len(after.views) == 2 and after.views[0].shape == (96, 96, 3)
+        assert after.memory_fill < fills[-1]  # emptied, then one frame's worth at most
+    finally:
+        p.close()
+    off = Pipeline(PipelineConfig(device="cpu", size=96, refiner=None, memory=False))
+    try:
+        assert off.process(astronaut, [ViewPose()]).memory_fill is None  # no memory: the page shows no fill
+    finally:
+        off.close()
+
+
 def test_no_face_yet_gives_placeholders():
     p = Pipeline(PipelineConfig(size=64, refiner=None))
     try:
