@@ -183,8 +183,10 @@ async def run(args: argparse.Namespace, loads: list[float], cpu_percent: dict[st
     n = args.participants
     limits = RoomLimits(max_senders_per_room=max(4, n), max_viewers_per_room=max(8, n), max_viewers_per_ip=max(4, n),
                         max_connections_per_ip=max(16, 3 * n))
+    if args.memory is None:
+        args.memory = PipelineConfig.memory  # the product's default, recorded as such
     pipeline = PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner,
-                              compile_avatar=args.compile_avatar)
+                              compile_avatar=args.compile_avatar, memory=args.memory)
     host = CallHost(CallConfig(sender=SenderConfig(source="uplink", codec=args.codec, stamp_frames=True, max_viewers=max(8, n)),
                                pipeline=pipeline, pipeline_factory=args.pipeline, max_participants=n, mps=args.mps,
                                camera_rate=args.camera_rate))
@@ -221,9 +223,11 @@ async def run(args: argparse.Namespace, loads: list[float], cpu_percent: dict[st
         if shared_pool().pid is not None:
             names[shared_pool().pid] = "encoder process"
         cpu = CpuMeter(names).start()
-        for _ in range(int(args.seconds)):
-            await asyncio.sleep(1.0)
+        end = time.monotonic() + args.seconds  # the clients' window: the samples below must not stretch it
+        while (left := end - time.monotonic()) > 0.05:
+            await asyncio.sleep(min(1.0, left))
             loads.append(os.getloadavg()[0])
+            cpu.sample()
             for name, stages in sample_stages(host, received).items():
                 samples[name].append(stages)
             for p in list(host.participants.values()):
@@ -265,6 +269,8 @@ def main() -> int:
                         help="the server asks each camera for the frames its pipeline uses, as `telepresence serve` (the default)")
     parser.add_argument("--pipeline", default=None, help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="the appearance memory on or off (send --memory; default: PipelineConfig.memory's, the product's)")
     parser.add_argument("--compile-avatar", default="wait", choices=("wait", "background", "off"),
                         help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
                         "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")

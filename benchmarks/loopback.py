@@ -425,6 +425,8 @@ def main() -> int:
     parser.add_argument("--pipeline", default=None,
                         help="'module:function' making a stand-in pipeline (default: the product's)")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="the appearance memory on or off (send --memory; default: PipelineConfig.memory's, the product's)")
     parser.add_argument("--compile-avatar", default="wait", choices=("wait", "background", "off"),
                         help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
                         "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")
@@ -455,10 +457,13 @@ def main() -> int:
     from models.runinfo import run_metadata
     from telepresence.pipeline import PipelineConfig, open_pipeline
 
+    if args.memory is None:
+        args.memory = PipelineConfig.memory  # the product's default, recorded as such
     try:
         pipeline = open_pipeline(
             PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner,
-                           compile_refiner=args.compile_refiner, compile_avatar=args.compile_avatar),
+                           compile_refiner=args.compile_refiner, compile_avatar=args.compile_avatar,
+                           memory=args.memory),
             factory=args.pipeline,
         )
     except Exception as error:

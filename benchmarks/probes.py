@@ -43,13 +43,16 @@ def thread_groups() -> dict[int, str]:
 
 
 class CpuMeter:
-    """CPU seconds of this process's threads and of other processes (by pid), between start() and percent()."""
+    """CPU seconds of this process's threads and of other processes (by pid), between start() and percent().
+    sample() (e.g. once a second) keeps each process's latest reading: one that has exited by percent() (a
+    benchmark's client that ended its window first) is counted up to its last sample instead of left out."""
 
     def __init__(self, pids: Iterable[int] = ()) -> None:
         self.pids = list(pids)
         self._start_s = 0.0
         self._threads: dict[int, float] = {}
         self._processes: dict[int, float] = {}
+        self._latest: dict[int, tuple[float, float]] = {}  # pid -> (its CPU seconds, monotonic time read)
 
     def _sample_threads(self) -> dict[int, float]:
         out = {}
@@ -65,7 +68,14 @@ class CpuMeter:
         self._start_s = time.monotonic()
         self._threads = self._sample_threads()
         self._processes = self._sample_processes()
+        self._latest = {}
         return self
+
+    def sample(self) -> None:
+        """Read the other processes now (their latest reading stands in for one that exits before percent())."""
+        now = time.monotonic()
+        for pid, seconds in self._sample_processes().items():
+            self._latest[pid] = (seconds, now)
 
     def percent(self, process_names: Optional[dict[int, str]] = None) -> dict[str, float]:
         """% of one core since start(): this process's thread groups (thread_groups()), "this process"
@@ -83,9 +93,15 @@ class CpuMeter:
             used[name] = used.get(name, 0.0) + delta
         out = {name: round(100 * s / wall, 1) for name, s in sorted(used.items(), key=lambda kv: -kv[1])}
         out["this process"] = round(100 * total / wall, 1)
-        for pid, seconds in self._sample_processes().items():
+        now = time.monotonic()
+        readings = dict(self._latest)
+        readings.update({pid: (seconds, now) for pid, seconds in self._sample_processes().items()})
+        for pid in self.pids:
+            if pid not in readings or pid not in self._processes:
+                continue  # never read (gone before start(), or not yet sampled)
+            seconds, read_at = readings[pid]
             name = (process_names or {}).get(pid, f"pid {pid}")
-            out[name] = round(100 * (seconds - self._processes.get(pid, 0.0)) / wall, 1)
+            out[name] = round(100 * (seconds - self._processes[pid]) / max(read_at - self._start_s, 1e-9), 1)
         return out
 
 
