@@ -7,8 +7,8 @@ every few seconds and, every sixth time, bursts offers at the sender from one so
 memory change after warm-up, descriptor drift, fps, tracebacks in each process's log, as JSON
 beside a PNG of the four series (OpenCV, models.evaluation.figures).
 
-    python benchmarks/soak.py --minutes 60 --size 256 --viewers 2 --churn                   # real pipeline (CPU)
-    python benchmarks/soak.py --minutes 60 --device cuda --size 512 --viewers 4 --churn     # GPU machine
+    python benchmarks/soak.py --minutes 60 --size 256 --viewers 2 --churn --pipeline none   # real pipeline (CPU)
+    python benchmarks/soak.py --minutes 60 --device cuda --size 512 --viewers 4 --churn --pipeline none  # GPU
     python benchmarks/soak.py --minutes 3 --pipeline tests.fake_pipeline --churn            # the streaming path alone
 
 --pipeline tests.fake_pipeline (the default) measures the streaming path alone; --pipeline none
@@ -275,6 +275,8 @@ def run_soak(args: argparse.Namespace) -> int:
     port = free_port()
     signaling = f"ws://127.0.0.1:{port}/ws"
     pipeline = [] if args.pipeline == "none" else ["--pipeline", args.pipeline]
+    if args.memory is not None:  # else the sender's default
+        pipeline.append("--memory" if args.memory else "--no-memory")
     children: dict[str, Child] = {}
     samples: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -356,6 +358,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=None, help="default: 512 on cuda, 256 on cpu")
     parser.add_argument("--source", default="sample")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="the sender's appearance memory on or off (default: the sender's default)")
     parser.add_argument("--pipeline", default="tests.fake_pipeline",
                         help="'module[:function]' making a stand-in pipeline, or 'none' for the product's")
     parser.add_argument("--sample-s", type=float, default=30.0, help="seconds between samples")
