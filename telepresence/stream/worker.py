@@ -53,7 +53,7 @@ BUSY_EVERY_S = 2.0
 kernels() is "compiling"); the server's timeout_s restarts at each word."""
 COMPILE_WAIT_S = 1800.0
 """How long the server waits, word after word, for one process() call held up by a compile (the pipeline
-itself waits as long: FramePipeline._compile_now)."""
+itself waits as long: Pipeline._compile_now)."""
 
 
 class WorkerError(RuntimeError):
@@ -374,7 +374,6 @@ class _Worker:
     def serve(self, conn: Connection) -> bool:
         """Answer requests until the server closes this pipe (False) or asks to close (True)."""
         frames, views = _Mapped(), _Mapped()
-        sending = threading.Lock()  # the reply and the "busy" words of _say_busy
         while True:
             try:
                 request = conn.recv()
@@ -383,7 +382,7 @@ class _Worker:
             done = threading.Event()
             beat = None
             if request[0] == "process":
-                beat = threading.Thread(target=self._say_busy, args=(conn, sending, done), name="busy", daemon=True)
+                beat = threading.Thread(target=self._say_busy, args=(conn, done), name="busy", daemon=True)
                 beat.start()
             try:
                 reply = self.answer(request, frames, views)
@@ -392,25 +391,23 @@ class _Worker:
             finally:
                 done.set()
                 if beat is not None:
-                    beat.join()
+                    beat.join()  # its last word is out before the reply
             if request[0] == "close":
                 conn.send(reply)
                 return True
             try:
-                with sending:
-                    conn.send(reply)
+                conn.send(reply)
             except (EOFError, OSError):
                 return False
 
-    def _say_busy(self, conn: Connection, sending: threading.Lock, done: threading.Event) -> None:
+    def _say_busy(self, conn: Connection, done: threading.Event) -> None:
         """While a process() call runs: every BUSY_EVERY_S that the pipeline's GPU kernels are compiling
         (compile_avatar "wait" holds the first face's call until they are), say so to the server."""
         kernels = getattr(self.pipeline, "kernels", None)
         while not done.wait(BUSY_EVERY_S):
             if kernels is not None and kernels() == "compiling":
                 try:
-                    with sending:
-                        conn.send(("busy", "compiling its GPU kernels"))
+                    conn.send(("busy", "compiling its GPU kernels"))
                 except (EOFError, OSError):
                     return
 
