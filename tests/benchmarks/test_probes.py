@@ -28,4 +28,3 @@ def test_a_process_that_exits_before_the_reading_is_counted_up_to_its_last_sampl
         stays.wait()
     assert set(usage) >= {"quick", "stays", "this process"}
     assert 0 < usage["quick"] <= 110 and 0 < usage["stays"] <= 110  # % of one core, each spinning one at most
-
