@@ -147,7 +147,8 @@ class Child:
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "w")
         self.popen = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                      text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(  # the repo, and whatever the caller's path holds
+                                          filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
         self.lines: collections.deque[str] = collections.deque(maxlen=2000)
         self.reports: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -201,6 +202,17 @@ class Child:
         return self.popen.returncode
 
 
+def gpu_used_mb() -> Optional[float]:
+    """The GPU's memory in use (MB, every process on it: nvidia-smi; a container hides the processes' own
+    figures), None without nvidia-smi."""
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10).stdout
+        return float(sum(float(line) for line in text.split()))
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -237,6 +249,11 @@ def summarise(samples: list[dict[str, Any]], warmup_s: float, logs: dict[str, Pa
         if fps:
             entry["fps"] = {"median": round(float(np.median(fps)), 1), "min": min(fps), "max": max(fps)}
         out[name] = entry
+    gpu = [(s["t_s"], s["gpu_used_mb"]) for s in samples if s.get("gpu_used_mb") is not None]
+    if gpu:
+        after = [v for t, v in gpu if t >= warmup_s] or [v for _, v in gpu]
+        out["gpu"] = {"used_mb": {"after_warmup": after[0], "end": after[-1], "max": max(after),
+                                  "change_pct": round(100 * (after[-1] - after[0]) / after[0], 1)}}
     for name, path in logs.items():
         text = path.read_text(errors="replace") if path.exists() else ""
         out.setdefault(name, {})["log"] = {"tracebacks": text.count("Traceback"),
@@ -245,7 +262,8 @@ def summarise(samples: list[dict[str, Any]], warmup_s: float, logs: dict[str, Pa
 
 
 def plot(samples: list[dict[str, Any]], title: str, path: Path) -> None:
-    """Four panels over time (minutes): RSS, open descriptors, threads, fps; one colour per process."""
+    """Four panels over time (minutes): RSS, open descriptors, threads, fps, one colour per process; a fifth with
+    the GPU's memory in use when it was sampled."""
     import numpy as np
 
     from models.evaluation.figures import Series, save_png, scatter_plot
@@ -261,6 +279,11 @@ def plot(samples: list[dict[str, Any]], title: str, path: Path) -> None:
             series.append(Series(name, x, y))
         if any(np.isfinite(s.y).any() for s in series):
             panels.append(scatter_plot(series, f"{title}: {label}", "minutes", label, size=(900, 320)))
+    gpu = [(s["t_s"] / 60, s["gpu_used_mb"]) for s in samples if s.get("gpu_used_mb") is not None]
+    if gpu:
+        x, y = (np.array(v, np.float64) for v in zip(*gpu))
+        panels.append(scatter_plot([Series("GPU", x, y)], f"{title}: GPU memory in use (MB)", "minutes", "MB",
+                                   size=(900, 320)))
     save_png(path, np.concatenate(panels, axis=0))
 
 
@@ -308,6 +331,8 @@ def run_soak(args: argparse.Namespace) -> int:
                 continue
             next_sample += args.sample_s
             sample = {"t_s": round(time.monotonic() - t0, 1), "processes": {}}
+            if args.device.startswith("cuda"):
+                sample["gpu_used_mb"] = gpu_used_mb()
             for name, child in children.items():
                 entry = child.proc()
                 if name.startswith("viewer"):

@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, soak), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -39,10 +39,18 @@ if has loopback; then
     --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | filter | tail -8
 fi
 if has loopback-memory; then
-  # The sender with the appearance memory (send --memory), end to end: what turning it on by default waits for.
+  # The sender with the appearance memory (on by default since the tenth session, which this run measured first).
   echo "== loopback with the appearance memory"
   timeout 420 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-small-arch --memory --out "$OUT/loopback_cuda_512_memory.json" 2>&1 | filter | tail -8
+fi
+if has soak; then
+  # The product's sender (the memory on, the avatar compiled in the background as `send` does) under 4 viewers and
+  # churn; on a fresh machine the cold compile falls inside it. Logs beside the JSON.
+  echo "== soak: ${SOAK_MINUTES:=7.3} min, 4 viewers + churn at 512, the real pipeline"
+  timeout $(python3 -c "print(int(${SOAK_MINUTES} * 60 + 75))") python3 benchmarks/soak.py --minutes "$SOAK_MINUTES" --sample-s 15 \
+    --device cuda --size 512 --viewers 4 --churn --pipeline none --refiner /tmp/refiner-small-arch \
+    --out "$OUT/soak_cuda_512_real.json" 2>&1 | grep -v "^\[" | tail -12
 fi
 if has encode; then
   echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"
