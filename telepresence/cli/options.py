@@ -27,11 +27,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on CUDA, torch.compile the avatar's graphs (4x faster avatar frames; about 2 minutes the "
                         "first time on a machine, seconds after): in the background while the plain graphs serve "
                         "(default), or wait for it at the first face, or off")
-    # Off by default until the whole GPU sender has run with it (its parts have: docs/memory.md); it gains 0.84 dB
-    # head PSNR at 30-45 degrees on the shared head-turn clips (issue 20 asks 1.5). --memory turns it on.
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
-                        help="appearance memory: what the camera saw earlier in the call fills what the current frame "
-                        "sees badly (--no-memory: every frame's avatar from that frame alone)")
+    # On by default (PipelineConfig.memory says why); --no-memory turns it off.
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=PipelineConfig.memory,
+                        help="appearance memory (on by default): what the camera saw earlier in the call fills what the "
+                        "current frame sees badly (--no-memory: every frame's avatar from that frame alone)")
     parser.add_argument("--smooth-landmarks", action=argparse.BooleanOptionalAction, default=True,
                         help="smooth the face's landmarks over frames: a head at rest does not wobble (about one frame "
                         "of lag in the mouth; --no-smooth-landmarks: each frame's own)")
@@ -62,7 +61,7 @@ def resolve_device(name: str) -> str:
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     args.device = resolve_device(args.device)
     return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner),
-                          memory=getattr(args, "memory", False), cpu_threads=getattr(args, "threads", None),
+                          memory=getattr(args, "memory", PipelineConfig.memory), cpu_threads=getattr(args, "threads", None),
                           smooth_landmarks=getattr(args, "smooth_landmarks", True),
                           compile_refiner=getattr(args, "compile_refiner", False),
                           compile_avatar=getattr(args, "compile_avatar", PipelineConfig.compile_avatar))

@@ -1,14 +1,14 @@
-"""Shared pipeline flags (the appearance memory off unless --memory, the refiner compiled only with --compile-refiner) and
+"""Shared pipeline flags (the appearance memory on unless --no-memory, the refiner compiled only with --compile-refiner) and
 serve's camera rate."""
 import argparse
 
 from telepresence.cli.options import add_pipeline_arguments, pipeline_config_from_args
 
 
-def test_memory_is_off_by_default_and_memory_turns_it_on():
+def test_memory_is_on_by_default_and_no_memory_turns_it_off():
     parser = argparse.ArgumentParser()
     add_pipeline_arguments(parser)
-    assert pipeline_config_from_args(parser.parse_args(["--device", "cpu"])).memory is False
+    assert pipeline_config_from_args(parser.parse_args(["--device", "cpu"])).memory is True
     assert pipeline_config_from_args(parser.parse_args(["--device", "cpu", "--memory"])).memory is True
     assert pipeline_config_from_args(parser.parse_args(["--device", "cpu", "--no-memory"])).memory is False
 
