@@ -76,8 +76,8 @@ class PipelineConfig:
     compile_avatar: str = "background"
     """On CUDA, torch.compile the avatar's build and render graphs (models.avatar.compiling): a build + 4 views at 512
     in 1.3 ms instead of 5.4 ms on an H200. "background": compiled on a worker thread while the plain graphs serve
-    (about 2 minutes the first time on a machine, when the sender's frames slow down; about 10 s once inductor's
-    cache on disk holds them), then swapped in. "wait": compiled at the first frame with a face, before it is
+    (2-6 minutes the first time on a machine: the build about 2, then about 40 s per viewer count, while the
+    sender's frames slow to 3-13 fps in a soak on an H200; about 10 s once inductor's cache on disk holds them), then swapped in. "wait": compiled at the first frame with a face, before it is
     served (benchmarks: they time the compiled path from their first frame). "off": the plain graphs. No effect
     on the CPU."""
     memory: bool = True
@@ -205,8 +205,8 @@ class Pipeline:
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar)
         self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
         if compile_avatar:
-            log.info("avatar: its CUDA graphs get compiled %s (torch.compile: about 2 minutes the first time on this "
-                     "machine, seconds once cached; --compile-avatar off: the plain graphs only)",
+            log.info("avatar: its CUDA graphs get compiled %s (torch.compile: 2-6 minutes the first time on this "
+                     "machine, about 40 s of it for each viewer count, seconds once cached; --compile-avatar off: the plain graphs only)",
                      "in the background from the first frame with a face, the plain graphs serving meanwhile"
                      if config.compile_avatar == "background" else "at the first frame with a face, before it is served")
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True, compile=config.compile_refiner)

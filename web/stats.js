@@ -40,7 +40,7 @@ SECTION.innerHTML = `
 </section>`;
 
 const KERNELS_TEXT = {
-  compiling: "compiling (frames come slower until done: about 2 minutes the first time on the sender's machine)",
+  compiling: "compiling (frames come slower until done: 2-6 minutes the first time on the sender's machine)",
   compiled: "compiled",
   failed: "not compiled: the compile failed (the sender's log says why)",
   off: "not compiled (--compile-avatar off)",
