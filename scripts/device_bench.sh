@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, soak), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, soak, first-frame), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -51,6 +51,12 @@ if has soak; then
   timeout $(python3 -c "print(int(${SOAK_MINUTES} * 60 + 75))") python3 benchmarks/soak.py --minutes "$SOAK_MINUTES" --sample-s 15 \
     --device cuda --size 512 --viewers 4 --churn --pipeline none --refiner /tmp/refiner-small-arch \
     --out "$OUT/soak_cuda_512_real.json" 2>&1 | grep -v "^\[" | tail -12
+fi
+if has first-frame; then
+  # The sender's start on a cold inductor cache: run it on a fresh machine, first among the stages that compile.
+  echo "== first frame: 4 views at 512, compiles held until the first frame is out (the product) vs not (before)"
+  timeout 400 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 30 --modes held unheld \
+    --refiner /tmp/refiner-small-arch --out "$OUT/first_frame_cuda_512.json" 2>&1 | tail -4
 fi
 if has encode; then
   echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"

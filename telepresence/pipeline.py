@@ -202,7 +202,10 @@ class Pipeline:
         self.avatar_config = AvatarConfig(background=config.background)
         # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
         compile_avatar = config.compile_avatar != "off" and self.device.type == "cuda"
-        self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar)
+        # In the background: held until the first frame with a face is out (its captures first, at full speed).
+        background = compile_avatar and config.compile_avatar == "background"
+        self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar,
+                                   compile_held=background)
         self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
         if compile_avatar:
             log.info("avatar: its CUDA graphs get compiled %s (torch.compile: 2-6 minutes the first time on this "
@@ -316,6 +319,8 @@ class Pipeline:
             blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
             return FrameResult([blank.copy() for _ in poses], found, status, timings, fresh=True, kernels=self.kernels())
         views = self.render(poses, timings)
+        if found and self.engine.release_compiles():
+            log.info("avatar: the first frame is out; its background compile starts")
         fill = None if self.memory is None else float(self.memory.fill_fraction())  # the views are read: no wait
         return FrameResult(views, found, status, timings, fill, fresh=True, kernels=self.kernels())
 

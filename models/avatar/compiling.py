@@ -8,6 +8,11 @@ thread, on copies of its inputs and on a stream of its own, while the engine kee
 when a function is ready, the engine captures it in place of the plain graph on its own thread (the guards
 hit: nothing compiles there). If a compile fails, the log says why and the plain graphs stay.
 
+A compiler made ``held`` queues what is submitted and starts compiling at :meth:`BackgroundCompiler.release`: a
+sender holds it until its first frame with a face is out, so that the first frame's captures (the build, the
+render and the refiner at each warmed view count, the memory's update) do not wait on the compile for Python's
+lock (on a fresh H200, beside the compile, viewers got no frame for the first 15-20 s).
+
 Keys name what is compiled (a build plan and its raster capacity, a view count...): the engine submits a key
 once, asks whether it is ready, and swaps only while the worker is idle, since the capture runs under
 ``torch.compiler.set_stance("fail_on_recompile")``, which is global.
@@ -79,8 +84,12 @@ class BackgroundCompiler:
 
     compile_fn turns a function into its compiled form (:func:`compile_fixed`; tests pass their own)."""
 
-    def __init__(self, device: torch.device, compile_fn: Callable[[Callable], Callable] = compile_fixed):
+    def __init__(self, device: torch.device, compile_fn: Callable[[Callable], Callable] = compile_fixed,
+                 held: bool = False):
         self.device = torch.device(device)
+        self._go = threading.Event()  # cleared while held: the worker waits before its first job
+        if not held:
+            self._go.set()
         self._compile_fn = compile_fn
         self._compiled: dict[str, Callable] = {}
         self._queue: queue.Queue = queue.Queue()
@@ -113,6 +122,15 @@ class BackgroundCompiler:
             self._thread.start()
         self._queue.put((key, job, what, 0))
 
+    @property
+    def held(self) -> bool:
+        """Made held and not yet released: submitted jobs wait."""
+        return not self._go.is_set()
+
+    def release(self) -> None:
+        """Let the worker start on what is queued (and on what comes later)."""
+        self._go.set()
+
     def ready(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._ready
@@ -122,11 +140,14 @@ class BackgroundCompiler:
         return self._idle.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until no compile is queued or running; False if timeout seconds passed first."""
+        """Wait until no compile is queued or running (releasing a held compiler first: waiting asks for the
+        compiles); False if timeout seconds passed first."""
+        self.release()
         return self._idle.wait(timeout)
 
     def _work(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._go.wait()
         while True:
             key, job, what, attempt = self._queue.get()
             t0 = time.perf_counter()

@@ -154,7 +154,8 @@ class AvatarEngine:
     ``compile`` (fixed shapes only): torch.compile each graph's function in the background
     and capture it in place of the plain graph once ready (:attr:`compile_state` says where
     that stands; :meth:`wait_compiled` waits for it). ``compile_fn`` stands in for
-    torch.compile in tests.
+    torch.compile in tests. ``compile_held``: the compiles wait for :meth:`release_compiles` (a sender's first
+    frame goes out first; models.avatar.compiling).
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class AvatarEngine:
         max_plans: int = 3,
         compile: bool = False,
         compile_fn: Callable[[Callable], Callable] = compile_fixed,
+        compile_held: bool = False,
     ):
         self.config = config
         self.device = torch.device(device)
@@ -178,7 +180,7 @@ class AvatarEngine:
         self.max_plans = max_plans
         if compile and not self.fixed_shapes:
             raise ValueError("compile needs the fixed-shape path (cuda_graphs or fixed_shapes)")
-        self.compiler = BackgroundCompiler(self.device, compile_fn) if compile else None
+        self.compiler = BackgroundCompiler(self.device, compile_fn, held=compile_held) if compile else None
         self._compile_asked = compile
         self._swap_failed: set = set()  # keys whose compiled capture failed: their plain graph stays
         self._clashes = 0  # captures that met the background compile so far (CAPTURE_RETRIES are let go)
@@ -294,6 +296,13 @@ class AvatarEngine:
             return "waiting"
         done = [g.compiled or g.compile_key in self._swap_failed for g in graphs]  # (a failed swap: said in the log)
         return "compiled" if all(done) else "swapping"
+
+    def release_compiles(self) -> bool:
+        """Start the compiles a ``compile_held`` engine has queued; True if it was holding them."""
+        if self.compiler is None or not self.compiler.held:
+            return False
+        self.compiler.release()
+        return True
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait for the compiles asked so far (False: timeout seconds passed first, or no compiling asked). The

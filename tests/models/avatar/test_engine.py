@@ -2,6 +2,7 @@
 path's pictures, grows its raster room when a frame needs more, and follows new
 frames; on CUDA the captured graphs match eager CUDA renders."""
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -199,6 +200,39 @@ def test_compiled_graphs_are_made_in_the_background_and_swapped_in(case):
     assert engine.compile_state == "compiled"
     assert all(g.compiled for g in [*engine._builds.values(), *engine._renders.values()])
     assert any(thread != "avatar-compile" for _, thread in recording.calls)  # captured on the engine's thread
+
+
+def test_held_compiles_wait_until_released_while_the_plain_graphs_serve(case):
+    """A sender's engine holds its compiles until the first frame is out: the build and render capture and serve
+    with nothing compiled meanwhile; release_compiles() starts them (once) and the swap follows as before."""
+    image, obs = case
+    recording = _Recording()
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True, compile=True,
+                          compile_fn=recording, compile_held=True)
+    plain = AvatarEngine(AvatarConfig(), "cpu", render_size=128, fixed_shapes=True)
+    for _ in range(2):
+        engine.build(image, obs)
+        out = engine.render(POSES[:2])
+    plain.build(image, obs)
+    assert max_diff(out, plain.render(POSES[:2])) == 0.0
+    time.sleep(0.3)  # a worker that did not wait would have run the jobs by now
+    assert recording.calls == [] and engine.compile_state == "compiling" and engine.compiler.held
+    assert engine.release_compiles() and not engine.release_compiles()
+    assert engine.wait_compiled(120) and {n for n, t in recording.calls if t == "avatar-compile"} == {
+        "build_on_device", "render_cameras"}
+    engine.build(image, obs)
+    engine.render(POSES[:2])
+    assert engine.compile_state == "compiled"
+
+
+def test_waiting_for_a_held_compiler_releases_it():
+    from models.avatar.compiling import BackgroundCompiler
+
+    runs = []
+    compiler = BackgroundCompiler("cpu", held=True)
+    compiler.submit("k", lambda: runs.append(1), "a job")
+    assert compiler.held and not compiler.idle()
+    assert compiler.wait(30) and runs == [1] and compiler.ready("k") and not compiler.held
 
 
 def test_a_failed_compile_keeps_the_plain_graphs_and_says_so(case, caplog):

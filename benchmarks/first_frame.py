@@ -1,0 +1,126 @@
+"""The sender's start: from the first camera frame to the first views out, and the frame rate in the
+seconds after, with the product's pipeline and a camera paced at 30 fps (the embedded sample clip).
+
+    python benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 30 --modes held unheld
+    python benchmarks/first_frame.py --device cpu --size 256 --views 1 --seconds 10
+
+On a GPU the avatar's kernels compile in the background (`send --compile-avatar background`, the
+default); on a machine whose inductor cache is cold that takes minutes. Modes (each in a fresh process):
+"held", the product: the compiles wait until the first frame is out (models.avatar.compiling); "unheld",
+the code before: the compile worker starts at the first submitted compile, beside the first frame's
+captures. On the CPU nothing compiles and the one mode is "held". Run the held mode first on a fresh
+machine: a later run finds part of the compile in inductor's disk cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere as `python benchmarks/first_frame.py`
+
+MODES = ("held", "unheld")
+CAMERA_FPS = 30.0
+
+
+def _fps(done_s: list[float], lo: float, hi: float) -> float | None:
+    """Frames finished per second in [lo, hi) seconds after the first frame was handed over."""
+    return None if hi <= lo else round(sum(lo <= t < hi for t in done_s) / (hi - lo), 1)
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    """One mode in this process: the pipeline made, then the sample clip's frames at a camera's pace."""
+    import cv2
+
+    from telepresence.pipeline import Pipeline, PipelineConfig, ViewPose
+
+    cap = cv2.VideoCapture(str(ROOT / "telepresence" / "assets" / "sample.mp4"))
+    frames = []
+    while len(frames) < 100:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    if not frames:
+        raise SystemExit("error: cannot read telepresence/assets/sample.mp4")
+    t_made = time.perf_counter()
+    pipeline = Pipeline(PipelineConfig(device=args.device, size=args.size, refiner=args.refiner,
+                                       compile_avatar=args.compile_avatar))
+    made_s = time.perf_counter() - t_made
+    if args.mode == "unheld" and pipeline.engine.compiler is not None:
+        pipeline.engine.compiler.release()  # the worker starts at the first submitted compile, as before
+    poses = [ViewPose(yaw_deg=y) for y in [-30 + 60 * i / max(1, args.views - 1) for i in range(args.views)]]
+    t0 = time.perf_counter()
+    calls = []
+    i = 0
+    while time.perf_counter() - t0 < args.seconds:
+        t = time.perf_counter()
+        result = pipeline.process(frames[i % len(frames)], poses)
+        calls.append({"start_s": round(t - t0, 3), "done_s": round(time.perf_counter() - t0, 3),
+                      "status": result.status, "kernels": result.kernels})
+        i += 1
+        time.sleep(max(0.0, 1 / CAMERA_FPS - (time.perf_counter() - t)))
+    done = [c["done_s"] for c in calls]
+    first = next((c["done_s"] for c in calls if c["status"] == "ok"), None)
+    edges = [e for e in (0, 5, 10, 20) if e < args.seconds] + [args.seconds]
+    return {"mode": args.mode, "pipeline_made_s": round(made_s, 2), "first_frame_s": first,
+            "fps": {f"{lo:g}-{hi:g} s": _fps(done, lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo},
+            "frames": len(calls), "kernels_at_end": calls[-1]["kernels"] if calls else None, "calls": calls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", type=int, default=None, help="default: 512 on cuda, 256 on cpu")
+    parser.add_argument("--views", type=int, default=4, help="views a frame (viewers watching)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long each mode runs after its pipeline is made")
+    parser.add_argument("--refiner", default="none", help="PATH | default | none (the benchmarks' random small "
+                        "refiner: see scripts/device_bench.sh)")
+    parser.add_argument("--compile-avatar", default="background", choices=("background", "wait", "off"))
+    parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: both on cuda, held on cpu")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
+    args = parser.parse_args(argv)
+    args.size = args.size or (512 if args.device.startswith("cuda") else 256)
+    if args.views < 1 or args.seconds <= 0:
+        parser.error(f"expected --views >= 1 and --seconds > 0, got {args.views} and {args.seconds}")
+    args.refiner = None if args.refiner == "none" else args.refiner
+    if args.mode:
+        print("RESULT " + json.dumps(run_mode(args)), flush=True)
+        os._exit(0)  # a background compile may still run: it is not waited for
+    modes = args.modes or (list(MODES) if args.device.startswith("cuda") else ["held"])
+    from benchmarks.common import document, write_json
+    from models.runinfo import run_metadata
+
+    results = []
+    for mode in modes:
+        argv_child = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--device", args.device,
+                      "--size", str(args.size), "--views", str(args.views), "--seconds", str(args.seconds),
+                      "--refiner", args.refiner or "none", "--compile-avatar", args.compile_avatar]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        child = subprocess.run(argv_child, capture_output=True, text=True, env=env, cwd=ROOT,
+                               timeout=args.seconds + 600)
+        line = next((ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"error: the {mode} run ended without a result (exit {child.returncode}):\n{child.stderr[-2000:]}",
+                  file=sys.stderr)
+            return 1
+        result = json.loads(line[len("RESULT "):])
+        results.append(result)
+        print(f"{mode:7} first frame {result['first_frame_s']} s after the first camera frame "
+              f"(pipeline made in {result['pipeline_made_s']} s); fps {result['fps']}; kernels at the end: "
+              f"{result['kernels_at_end']}", flush=True)
+    if args.out:
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "mode"}
+        write_json(args.out, document(run_metadata(args.device, benchmark="first_frame"), config, results))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
