@@ -38,7 +38,7 @@ _CONFIG_FLAGS = {
     "val_every": "val_every", "val_samples": "val_samples", "identity_metric": "identity_metric",
     "progress": "progress", "export_base": "export_base", "d_scales": "d_scales", "d_channels": "d_channels",
     "d_layers": "d_layers", "max_wall_s": "max_wall_s", "edit_unseen_only": "edit_unseen_only",
-    "keep_best": "keep_best",
+    "keep_best": "keep_best", "identity_weight": "identity_weight", "face_feature_weight": "face_feature_weight",
 }
 # --smoke: a few steps of the tiny model on synthetic 32 x 32 pairs, every feature switched on
 _SMOKE = dict(
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssim", type=float, help="masked SSIM weight")
     g.add_argument("--gan", type=float, help="adversarial weight (0: no discriminator)")
     g.add_argument("--fm", type=float, help="discriminator feature-matching weight")
+    g.add_argument("--identity", dest="identity_weight", type=float,
+                   help="identity loss weight: dlib face-descriptor distance of refined view and target, through the "
+                   "torch port of dlib's network (reads face_recognition_models' .dat file)")
+    g.add_argument("--face-features", dest="face_feature_weight", type=float,
+                   help="feature matching in dlib's face network (a face-specific perceptual loss)")
     g.add_argument("--gan-start", type=int, help="step from which the GAN is on")
     g.add_argument("--d-scales", type=int, help="discriminator image scales")
     g.add_argument("--d-channels", type=int, help="discriminator base width")
@@ -273,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `telepresence train` (argv without the subcommand). Returns the exit status."""
+    from models.face.identity import MissingEvalExtraError
     from models.refiner import MissingModelError
     from models.training.captures import CaptureFormatError
     from models.training.data import PairFormatError
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return _run(args)
-    except (TrainInputError, MissingModelError, PairFormatError, CaptureFormatError, FileNotFoundError, ValueError) as exc:
+    except (TrainInputError, MissingModelError, MissingEvalExtraError, PairFormatError, CaptureFormatError,
+            FileNotFoundError, ValueError) as exc:
         log.debug("training stopped", exc_info=True)
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,29 @@ def test_pair_files_and_resume(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
 
 
+def test_the_face_prior_losses_train_from_the_command_line(tmp_path):
+    """--identity and --face-features: dlib's face network (the torch port) in the loss, logged per step."""
+    run = tmp_path / "run"
+    assert train_main(["--smoke", "--steps", "1", "--stage2-steps", "1", "--identity", "0.1", "--face-features", "0.05",
+                       "--out", str(run), *FAST]) == 0
+    config = json.loads((run / "train_config.json").read_text())
+    assert config["identity_weight"] == 0.1 and config["face_feature_weight"] == 0.05
+    steps = [r for r in _log(run) if "loss" in r]
+    assert steps and all(r["id"] > 0 and r["face_fm"] > 0 for r in steps)
+
+
+def test_the_face_prior_without_dlibs_model_files_is_one_line(tmp_path, capsys, monkeypatch):
+    import models.face.identity as identity
+
+    def missing(models_dir=None):
+        raise identity.MissingEvalExtraError("face_recognition_models is not installed; pip install ...")
+
+    monkeypatch.setattr(identity, "model_dir", missing)
+    assert train_main(["--smoke", "--identity", "0.1", "--out", str(tmp_path / "run"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("telepresence train: face_recognition_models is not installed") and "\n" not in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
