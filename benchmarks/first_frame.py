@@ -5,7 +5,8 @@ seconds after, with the product's pipeline and a camera paced at 30 fps (the emb
     python benchmarks/first_frame.py --device cpu --size 256 --views 1 --seconds 10
 
 On a GPU the avatar's kernels compile in the background (`send --compile-avatar background`, the
-default); on a machine whose inductor cache is cold that takes minutes. Modes (each in a fresh process):
+default; "prefill": a child process compiles first, `--compile-avatar prefill`); on a machine whose inductor
+cache is cold that takes minutes. Modes (each in a fresh process):
 "held", the product: the compiles wait until the first frame is out (models.avatar.compiling); "unheld",
 the code before: the compile worker starts at the first submitted compile, beside the first frame's
 captures. On the CPU nothing compiles and the one mode is "held". Run the held mode first on a fresh
@@ -67,13 +68,16 @@ def run_mode(args: argparse.Namespace) -> dict:
         time.sleep(max(0.0, 1 / CAMERA_FPS - (time.perf_counter() - t)))
     done = [c["done_s"] for c in calls]
     first = next((c["done_s"] for c in calls if c["status"] == "ok"), None)
-    edges = [e for e in (0, 5, 10, 20) if e < args.seconds] + [args.seconds]
-    return {"mode": args.mode, "pipeline_made_s": round(made_s, 2), "first_frame_s": first,
+    edges = [e for e in (0, 5, 10, 20, 40, 80, 160, 320, 640) if e < args.seconds] + [args.seconds]
+    compiled = next((c["done_s"] for c in calls if c["kernels"] == "compiled"), None)
+    return {"mode": args.mode, "pipeline_made_s": round(made_s, 2), "first_frame_s": first, "compiled_s": compiled,
             "fps": {f"{lo:g}-{hi:g} s": _fps(done, lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo},
             "frames": len(calls), "kernels_at_end": calls[-1]["kernels"] if calls else None, "calls": calls}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from telepresence.pipeline import COMPILE_AVATAR
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=None, help="default: 512 on cuda, 256 on cpu")
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long each mode runs after its pipeline is made")
     parser.add_argument("--refiner", default="none", help="PATH | default | none (the benchmarks' random small "
                         "refiner: see scripts/device_bench.sh)")
-    parser.add_argument("--compile-avatar", default="background", choices=("background", "wait", "off"))
+    parser.add_argument("--compile-avatar", default="background", choices=COMPILE_AVATAR,
+                        help="the sender's --compile-avatar (prefill: a child process compiles first)")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: both on cuda, held on cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         result = json.loads(line[len("RESULT "):])
         results.append(result)
-        print(f"{mode:7} first frame {result['first_frame_s']} s after the first camera frame "
+        print(f"{mode:7} first frame {result['first_frame_s']} s after the first camera frame, compiled graphs in use "
+              f"from {result['compiled_s']} s "
               f"(pipeline made in {result['pipeline_made_s']} s); fps {result['fps']}; kernels at the end: "
               f"{result['kernels_at_end']}", flush=True)
     if args.out:

@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, soak, first-frame), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, soak, first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -57,6 +57,12 @@ if has first-frame; then
   echo "== first frame: 4 views at 512, compiles held until the first frame is out (the product) vs not (before)"
   timeout 400 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 30 --modes held unheld \
     --refiner /tmp/refiner-small-arch --out "$OUT/first_frame_cuda_512.json" 2>&1 | tail -4
+fi
+if has first-frame-prefill; then
+  # --compile-avatar prefill on a cold cache, for 7 minutes: the whole curve up to the compiled graphs in use.
+  echo "== first frame with the compile prefilled in a child process: 4 views at 512, 420 s"
+  timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 420 --modes held \
+    --compile-avatar prefill --refiner /tmp/refiner-small-arch --out "$OUT/first_frame_cuda_512_prefill.json" 2>&1 | tail -4
 fi
 if has encode; then
   echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"

@@ -43,7 +43,7 @@ def default_size(device: str) -> int:
     return 512 if str(device).startswith("cuda") else 256
 
 
-COMPILE_AVATAR = ("background", "wait", "off")
+COMPILE_AVATAR = ("background", "prefill", "wait", "off")
 """PipelineConfig.compile_avatar's choices."""
 
 
@@ -77,9 +77,11 @@ class PipelineConfig:
     """On CUDA, torch.compile the avatar's build and render graphs (models.avatar.compiling): a build + 4 views at 512
     in 1.3 ms instead of 5.4 ms on an H200. "background": compiled on a worker thread while the plain graphs serve
     (2-6 minutes the first time on a machine: the build about 2, then about 40 s per viewer count, while the
-    sender's frames slow to 3-13 fps in a soak on an H200; about 10 s once inductor's cache on disk holds them), then swapped in. "wait": compiled at the first frame with a face, before it is
-    served (benchmarks: they time the compiled path from their first frame). "off": the plain graphs. No effect
-    on the CPU."""
+    sender's frames slow to 3-13 fps in a soak on an H200; about 10 s once inductor's cache on disk holds them), then
+    swapped in. "prefill": first a child process compiles the same graphs (models.avatar.prefill), filling inductor's
+    disk cache while the frames keep their pace, then the worker compiles from that cache (not yet measured on a GPU:
+    an option until it is). "wait": compiled at the first frame with a face, before it is served (benchmarks: they
+    time the compiled path from their first frame). "off": the plain graphs. No effect on the CPU."""
     memory: bool = True
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
     fills what the current frame sees badly (the sides of the head when turned). On by default: on the shared
@@ -202,16 +204,20 @@ class Pipeline:
         self.avatar_config = AvatarConfig(background=config.background)
         # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
         compile_avatar = config.compile_avatar != "off" and self.device.type == "cuda"
-        # In the background: held until the first frame with a face is out (its captures first, at full speed).
-        background = compile_avatar and config.compile_avatar == "background"
+        # In the background: held until the first frame with a face is out (its captures first, at full speed);
+        # with a prefill, until the child process has compiled the same graphs (models.avatar.prefill).
+        background = compile_avatar and config.compile_avatar in ("background", "prefill")
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar,
                                    compile_held=background)
         self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
         if compile_avatar:
             log.info("avatar: its CUDA graphs get compiled %s (torch.compile: 2-6 minutes the first time on this "
                      "machine, about 40 s of it for each viewer count, seconds once cached; --compile-avatar off: the plain graphs only)",
-                     "in the background from the first frame with a face, the plain graphs serving meanwhile"
-                     if config.compile_avatar == "background" else "at the first frame with a face, before it is served")
+                     {"background": "in the background once the first frame with a face is out, the plain graphs "
+                                    "serving meanwhile",
+                      "prefill": "in a child process first (it fills inductor's disk cache while the plain graphs "
+                                 "serve), then here from that cache",
+                      "wait": "at the first frame with a face, before it is served"}[config.compile_avatar])
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True, compile=config.compile_refiner)
         self.size: int = config.size
         self.refiner_name: str | None = None if self.refiner is None else str(config.refiner)
@@ -219,6 +225,8 @@ class Pipeline:
         self._reference: torch.Tensor | None = None  # the refiner's reference view of the current avatar
         self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
         self._crop: np.ndarray | None = None
+        self._prefill_asked = compile_avatar and config.compile_avatar == "prefill"
+        self._prefill = None  # models.avatar.prefill.CachePrefill while its child runs
         self.memory = _open_memory(config, self.device)
         if self.memory is not None:  # its update compiles on the avatar's worker (None: no compiling)
             self.memory.compiler = self.engine.compiler
@@ -231,6 +239,8 @@ class Pipeline:
         self._reset_memory = self.memory is not None
 
     def close(self) -> None:
+        if self._prefill is not None:
+            self._prefill.stop()
         self.analyzer.close()
 
     def _sync(self) -> None:
@@ -319,10 +329,41 @@ class Pipeline:
             blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
             return FrameResult([blank.copy() for _ in poses], found, status, timings, fresh=True, kernels=self.kernels())
         views = self.render(poses, timings)
-        if found and self.engine.release_compiles():
+        if found and self._prefill_asked:
+            self._prefill_asked = False
+            self._start_prefill(frame_rgb, obs, len(poses))
+        elif self._prefill is not None:
+            self._end_prefill()
+        elif found and self.engine.release_compiles():
             log.info("avatar: the first frame is out; its background compile starts")
         fill = None if self.memory is None else float(self.memory.fill_fraction())  # the views are read: no wait
         return FrameResult(views, found, status, timings, fill, fresh=True, kernels=self.kernels())
+
+    def _start_prefill(self, frame_rgb: np.ndarray, obs, n_views: int) -> None:
+        """compile_avatar "prefill": a child process compiles this frame's graphs (the same framing, view counts and
+        memory), filling inductor's disk cache; the held compiler here is released once it has ended."""
+        from models.avatar.memory import MemoryConfig
+        from models.avatar.prefill import CachePrefill, PrefillJob, view_counts_to_prefill
+
+        job = PrefillJob(self.avatar_config, str(self.device), self.config.size, np.ascontiguousarray(frame_rgb), obs,
+                         tuple(float(v) for v in self._crop), view_counts_to_prefill(self.config.warm_views, n_views),
+                         None if self.memory is None else MemoryConfig.for_sender(self.config.size, self.device))
+        self._prefill = CachePrefill(job).start()
+        log.info("avatar: the first frame is out; a child process compiles its kernels for %s view(s) into "
+                 "inductor's disk cache (the frames keep their pace), then this process compiles from there",
+                 ", ".join(map(str, job.view_counts)))
+
+    def _end_prefill(self) -> None:
+        if not self._prefill.finished():
+            return
+        prefill, self._prefill = self._prefill, None
+        if prefill.ok:
+            log.info("avatar: the child process compiled the kernels in %.0f s; compiling here from the disk cache",
+                     prefill.seconds)
+        else:
+            log.warning("avatar: the child process's compile ended with exit status %s after %.0f s (its log is above); "
+                        "compiling here from scratch, the frames slower meanwhile", prefill.exitcode, prefill.seconds)
+        self.engine.release_compiles()
 
     def kernels(self) -> str | None:
         """Where the avatar's torch.compile stands, for viewers ("compiling": frames are slower until it is done;

@@ -24,9 +24,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the refiner (faster frames for a large refiner, after a compile of minutes "
                         "at the first two viewer counts)")
     parser.add_argument("--compile-avatar", choices=COMPILE_AVATAR, default=PipelineConfig.compile_avatar,
-                        help="on CUDA, torch.compile the avatar's graphs (4x faster avatar frames; about 2 minutes the "
-                        "first time on a machine, seconds after): in the background while the plain graphs serve "
-                        "(default), or wait for it at the first face, or off")
+                        help="on CUDA, torch.compile the avatar's graphs (4x faster avatar frames; 2-6 minutes the "
+                        "first time on a machine, seconds after): in the background once the first frame is out, the "
+                        "plain graphs serving meanwhile (default); prefill: a child process compiles first, then this "
+                        "one from inductor's disk cache (not yet measured on a GPU); wait: before the first face is "
+                        "served; or off")
     # On by default (PipelineConfig.memory says why); --no-memory turns it off.
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=PipelineConfig.memory,
                         help="appearance memory (on by default): what the camera saw earlier in the call fills what the "

@@ -1,3 +1,5 @@
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -72,6 +74,26 @@ def test_the_real_pipeline_with_the_appearance_memory_fills_it_and_a_reset_empti
         assert off.process(astronaut, [ViewPose()]).memory_fill is None  # no memory: the page shows no fill
     finally:
         off.close()
+
+
+def test_the_prefill_child_starts_after_the_first_frame_and_its_end_is_logged(astronaut, monkeypatch, caplog):
+    """compile_avatar="prefill" is a CUDA path (the CPU compiles nothing); its steps run here with the flag it sets
+    and torch.compile a no-op in the child, so that the child ends in seconds."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    p = Pipeline(PipelineConfig(device="cpu", size=64, refiner=None))
+    p._prefill_asked = True  # what compile_avatar="prefill" sets on CUDA
+    try:
+        with caplog.at_level("INFO", logger="telepresence.pipeline"):
+            assert p.process(astronaut, [ViewPose(), ViewPose(yaw_deg=20)]).status == "ok"
+            assert p._prefill is not None and p._prefill.job.view_counts == (1, 2, 3, 4)
+            deadline = time.monotonic() + 120
+            while p._prefill is not None and time.monotonic() < deadline:
+                assert p.process(astronaut, [ViewPose()]).status == "ok"  # frames go on meanwhile
+                time.sleep(0.2)
+        assert p._prefill is None
+        assert any("the child process compiled the kernels" in r.message for r in caplog.records)
+    finally:
+        p.close()
 
 
 def test_no_face_yet_gives_placeholders():
