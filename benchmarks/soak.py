@@ -146,9 +146,9 @@ class Child:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "w")
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the repo, then the caller's
         self.popen = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(  # the repo, and whatever the caller's path holds
-                                          filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+                                      text=True, env={**os.environ, "PYTHONPATH": path})
         self.lines: collections.deque[str] = collections.deque(maxlen=2000)
         self.reports: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._read, daemon=True)

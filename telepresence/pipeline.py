@@ -212,7 +212,8 @@ class Pipeline:
         self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
         if compile_avatar:
             log.info("avatar: its CUDA graphs get compiled %s (torch.compile: 2-6 minutes the first time on this "
-                     "machine, about 40 s of it for each viewer count, seconds once cached; --compile-avatar off: the plain graphs only)",
+                     "machine, about 40 s of it for each viewer count, seconds once cached; --compile-avatar off: the "
+                     "plain graphs only)",
                      {"background": "in the background once the first frame with a face is out, the plain graphs "
                                     "serving meanwhile",
                       "prefill": "in a child process first (it fills inductor's disk cache while the plain graphs "
