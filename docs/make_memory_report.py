@@ -56,6 +56,8 @@ def memory_configs(size: int, names: list[str] | None = None) -> dict:
         "cap2": MemoryConfig(texels=texels, cap=2.0),
         "gate95": MemoryConfig(texels=texels, gate=0.95),
         "gate75": MemoryConfig(texels=texels, gate=0.75),
+        # 13 layers 7.5 degrees apart, each render pooling them over 15 degrees, cap 32 (tenth session's lead)
+        "memory_fine": MemoryConfig(texels=texels, pose_layers=13, layer_step_deg=7.5, affinity_deg=15.0, cap=32.0),
     }
     return {n: known[n] for n in (names or ["memory_v1", "memory"])}
 

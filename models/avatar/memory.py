@@ -89,7 +89,11 @@ class MemoryConfig:
     the head turned sits on a mesh fitted at that pose, and lands a few pixels off on one fitted at another
     (MediaPipe's mesh slides on the face with the pose), so renders take the layers near their mesh's pose."""
     layer_step_deg: float = 15.0
-    """Head yaw between layer centres, degrees (also the width of the pose affinity, exp(-d^2 / 2 step^2))."""
+    """Head yaw between layer centres, degrees."""
+    affinity_deg: float | None = None
+    """Width of the pose affinity with which a render takes the layers, exp(-d^2 / 2 width^2), degrees; None: the
+    layer step. Layers closer than their affinity's width pool neighbours (13 layers 7.5 degrees apart with a
+    15-degree affinity and cap 32: +0.28 dB at 10-20 degrees over the default on the 7 clips; docs/memory.md)."""
     relight: bool | str = True
     """The lighting ratio, now over then: True (per region: cells of ratio_cell texels), "global" (one
     ratio per channel) or False."""
@@ -126,6 +130,8 @@ class MemoryConfig:
             raise ValueError(f"expected update_every >= 1, got {self.update_every}")
         if self.lost_after_s < 0 or self.identity_every < 0:
             raise ValueError("expected lost_after_s >= 0 and identity_every >= 0")
+        if self.affinity_deg is not None and not self.affinity_deg > 0:
+            raise ValueError(f"expected affinity_deg > 0 or None, got {self.affinity_deg}")
         if not 0.0 <= self.gate < 1.0 or self.pose_layers < 1 or self.layer_step_deg <= 0:
             raise ValueError(f"expected gate in [0, 1), pose_layers >= 1 and layer_step_deg > 0, got {self.gate}, "
                              f"{self.pose_layers}, {self.layer_step_deg}")
@@ -385,6 +391,10 @@ class AppearanceMemory:
         """Every buffer an update writes."""
         return tuple(getattr(self, name) for name in _STATE)
 
+    @property
+    def _affinity_width(self) -> float:
+        return self.config.affinity_deg or self.config.layer_step_deg
+
     def _layer_centres(self) -> list[float]:
         K, step = self.config.pose_layers, self.config.layer_step_deg
         return [(k - (K - 1) / 2) * step for k in range(K)]
@@ -392,13 +402,13 @@ class AppearanceMemory:
     def _affinity(self, yaw_deg: float) -> torch.Tensor:
         """[K, 1] how well each pose layer's texels sit on a mesh fitted at head yaw ``yaw_deg``, 1 for the nearest
         layer (device maths with the yaw as a scalar: no upload, no host sync)."""
-        step = self.config.layer_step_deg
+        step = self._affinity_width
         nearest = min(abs(yaw_deg - c) for c in self._layer_centres())
         return ((self._centres - yaw_deg) / step).square().mul(-0.5).exp() / math.exp(-0.5 * (nearest / step) ** 2)
 
     def _affinity_at(self, yaw: torch.Tensor) -> torch.Tensor:
         """:meth:`_affinity` for a 0-d device tensor yaw (graph-safe)."""
-        d = (self._centres - yaw) / self.config.layer_step_deg  # [K, 1]
+        d = (self._centres - yaw) / self._affinity_width  # [K, 1]
         return (d.square() - d.abs().amin().square()).mul(-0.5).exp()
 
     def feed(self, x: torch.Tensor, q: torch.Tensor, yaw_deg: float = 0.0, view: bool = True,

@@ -208,6 +208,25 @@ def test_update_every_n_frames_skips_the_others():
         MemoryConfig(update_every=0)
 
 
+def test_a_wider_pose_affinity_pools_the_neighbouring_layers():
+    """affinity_deg: None is the layer step; wider, a render 7.5 degrees off a layer takes its neighbours more."""
+    avatar = avatar_at(0)[0]
+
+    def fed(**kw):  # the layers are laid out at the first frame
+        memory = AppearanceMemory(MemoryConfig(texels=32, **kw))
+        memory.observe(avatar, t_s=0.0)
+        return memory
+
+    same, default = fed(affinity_deg=15.0), fed()
+    assert torch.equal(same._affinity(7.5), default._affinity(7.5))  # noqa: SLF001
+    fine = fed(pose_layers=13, layer_step_deg=7.5)
+    pooled = fed(pose_layers=13, layer_step_deg=7.5, affinity_deg=15.0)
+    a, b = fine._affinity(0.0)[:, 0], pooled._affinity(0.0)[:, 0]  # noqa: SLF001 - [K]; layer 6 is at 0
+    assert a[6] == b[6] == 1.0 and b[5] > a[5] and b[4] > a[4]
+    with pytest.raises(ValueError, match="affinity_deg"):
+        MemoryConfig(affinity_deg=0.0)
+
+
 def test_near_its_own_pose_the_frame_keeps_its_texture(turned):
     """Over the frame's own texture only on a mesh fitted over_from_deg or more from the frame's pose."""
     memory = turned[0]
