@@ -44,7 +44,8 @@ def memory_configs(size: int, names: list[str] | None = None) -> dict:
 
     texels = max(32, size // 2)
     known = {
-        "memory_v1": MemoryConfig(texels=texels, pose_layers=1, gate=0.75, better_by=2.0, own_affinity=False),
+        "memory_v1": MemoryConfig(texels=texels, pose_layers=1, layer_step_deg=15.0, affinity_deg=None, cap=8.0, gate=0.75,
+                                   better_by=2.0, own_affinity=False),
         "memory": MemoryConfig(texels=texels),
         "layers_under": MemoryConfig(texels=texels, better_by=2.0),  # pose layers, never over the own texture
         "over_bb20": MemoryConfig(texels=texels, better_by=0.2),
@@ -56,8 +57,8 @@ def memory_configs(size: int, names: list[str] | None = None) -> dict:
         "cap2": MemoryConfig(texels=texels, cap=2.0),
         "gate95": MemoryConfig(texels=texels, gate=0.95),
         "gate75": MemoryConfig(texels=texels, gate=0.75),
-        # 13 layers 7.5 degrees apart, each render pooling them over 15 degrees, cap 32 (tenth session's lead)
-        "memory_fine": MemoryConfig(texels=texels, pose_layers=13, layer_step_deg=7.5, affinity_deg=15.0, cap=32.0),
+        # the defaults before the tenth session: 7 layers 15 degrees apart, affinity the step, cap 8
+        "memory_7layers": MemoryConfig(texels=texels, pose_layers=7, layer_step_deg=15.0, affinity_deg=None, cap=8.0),
     }
     return {n: known[n] for n in (names or ["memory_v1", "memory"])}
 

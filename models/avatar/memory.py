@@ -68,8 +68,9 @@ class MemoryConfig:
     texels: int = 128
     """Side of the atlas's face region in texels (the render density of a 256 px view); the
     shell and card regions scale with it. The whole atlas is about 10 x texels^2 texels."""
-    cap: float = 8.0
-    """Confidence cap, in full-quality observations: the newest good frame keeps a weight of at least 1/cap."""
+    cap: float = 32.0
+    """Confidence cap, in full-quality observations: the newest good frame keeps a weight of at least 1/cap (8 until
+    the tenth session)."""
     ratio_cell: int = 16
     """Cell of the lighting ratio's grid, texels; the ratio is blurred over 5 x 5 cells."""
     update_every: int = 1
@@ -84,16 +85,18 @@ class MemoryConfig:
     gate: float = 0.9
     """An observation below gate x the best quality its texel has had in its layer does not update it (a side
     once seen face-on is not washed out by later slanted looks)."""
-    pose_layers: int = 7
+    pose_layers: int = 13
     """Layers keyed by the observing frame's head yaw, ``layer_step_deg`` apart about 0: a texel seen with
     the head turned sits on a mesh fitted at that pose, and lands a few pixels off on one fitted at another
     (MediaPipe's mesh slides on the face with the pose), so renders take the layers near their mesh's pose."""
-    layer_step_deg: float = 15.0
+    layer_step_deg: float = 7.5
     """Head yaw between layer centres, degrees."""
-    affinity_deg: float | None = None
+    affinity_deg: float | None = 15.0
     """Width of the pose affinity with which a render takes the layers, exp(-d^2 / 2 width^2), degrees; None: the
-    layer step. Layers closer than their affinity's width pool neighbours (13 layers 7.5 degrees apart with a
-    15-degree affinity and cap 32: +0.28 dB at 10-20 degrees over the default on the 7 clips; docs/memory.md)."""
+    layer step. Layers closer than their affinity's width pool their neighbours. Since the tenth session 13 layers
+    7.5 degrees apart pooled over 15 degrees, with cap 32 (before: 7 layers 15 degrees apart, affinity the step,
+    cap 8): on the 7 shared clips +0.28 dB head PSNR at 10-20 degrees, +0.05 at 30-45, -0.04 at 20-30, flicker
+    6.14 against 6.15 (docs/memory.md)."""
     relight: bool | str = True
     """The lighting ratio, now over then: True (per region: cells of ratio_cell texels), "global" (one
     ratio per channel) or False."""
