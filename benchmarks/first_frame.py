@@ -4,9 +4,9 @@ seconds after, with the product's pipeline and a camera paced at 30 fps (the emb
     python benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 30 --modes held unheld
     python benchmarks/first_frame.py --device cpu --size 256 --views 1 --seconds 10
 
-On a GPU the avatar's kernels compile in the background (`send --compile-avatar background`, the
-default; "prefill": a child process compiles first, `--compile-avatar prefill`); on a machine whose inductor
-cache is cold that takes minutes. Modes (each in a fresh process):
+On a GPU the avatar's kernels compile while the plain graphs serve (`send --compile-avatar prefill`, the
+default: a child process compiles first, then the sender from inductor's disk cache; `background`: on the
+sender's own worker thread); on a machine whose inductor cache is cold that takes minutes. Modes (each in a fresh process):
 "held", the product: the compiles wait until the first frame is out (models.avatar.compiling); "unheld",
 the code before: the compile worker starts at the first submitted compile, beside the first frame's
 captures. On the CPU nothing compiles and the one mode is "held". Run the held mode first on a fresh
@@ -76,7 +76,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from telepresence.pipeline import COMPILE_AVATAR
+    from telepresence.pipeline import COMPILE_AVATAR, PipelineConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long each mode runs after its pipeline is made")
     parser.add_argument("--refiner", default="none", help="PATH | default | none (the benchmarks' random small "
                         "refiner: see scripts/device_bench.sh)")
-    parser.add_argument("--compile-avatar", default="background", choices=COMPILE_AVATAR,
-                        help="the sender's --compile-avatar (prefill: a child process compiles first)")
+    parser.add_argument("--compile-avatar", default=PipelineConfig.compile_avatar, choices=COMPILE_AVATAR,
+                        help="the sender's --compile-avatar (default: the sender's; prefill: a child process compiles "
+                        "first, background: the sender's worker thread)")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: both on cuda, held on cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"expected --views >= 1 and --seconds > 0, got {args.views} and {args.seconds}")
     args.refiner = None if args.refiner == "none" else args.refiner
     if args.mode:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         os._exit(0)  # a background compile may still run: it is not waited for
     modes = args.modes or (list(MODES) if args.device.startswith("cuda") else ["held"])
@@ -116,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         result = json.loads(line[len("RESULT "):])
+        # What the log said went wrong (a compile that failed, a prefill child that ended badly): kept beside the figures.
+        result["log_warnings"] = [ln for ln in child.stderr.splitlines()
+                                  if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln][-20:]
         results.append(result)
         print(f"{mode:7} first frame {result['first_frame_s']} s after the first camera frame, compiled graphs in use "
               f"from {result['compiled_s']} s "
               f"(pipeline made in {result['pipeline_made_s']} s); fps {result['fps']}; kernels at the end: "
               f"{result['kernels_at_end']}", flush=True)
+        for warning in result["log_warnings"]:
+            print(f"        log: {warning[:300]}", flush=True)
     if args.out:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "mode"}
         write_json(args.out, document(run_metadata(args.device, benchmark="first_frame"), config, results))

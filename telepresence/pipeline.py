@@ -73,15 +73,17 @@ class PipelineConfig:
     """torch.compile the refiner's step (fused kernels: the SD-Turbo-size refiner's reference + 4 views took 21 ms
     compiled against 32 ms in CUDA graphs alone on an H200). Costs a compile at the first two view counts (about
     80 s each for that U-Net); off by default so that a start takes seconds."""
-    compile_avatar: str = "background"
+    compile_avatar: str = "prefill"
     """On CUDA, torch.compile the avatar's build and render graphs (models.avatar.compiling): a build + 4 views at 512
-    in 1.3 ms instead of 5.4 ms on an H200. "background": compiled on a worker thread while the plain graphs serve
-    (2-6 minutes the first time on a machine: the build about 2, then about 40 s per viewer count, while the
-    sender's frames slow to 3-13 fps in a soak on an H200; about 10 s once inductor's cache on disk holds them), then
-    swapped in. "prefill": first a child process compiles the same graphs (models.avatar.prefill), filling inductor's
-    disk cache while the frames keep their pace, then the worker compiles from that cache (not yet measured on a GPU:
-    an option until it is). "wait": compiled at the first frame with a face, before it is served (benchmarks: they
-    time the compiled path from their first frame). "off": the plain graphs. No effect on the CPU."""
+    in 1.3 ms instead of 5.4 ms on an H200. "prefill" (the default since the eleventh session): once the first frame
+    is out, a child process compiles the same graphs (models.avatar.prefill), filling inductor's disk cache while the
+    plain graphs serve at the camera's pace, then the worker compiles from that cache and swaps them in (a fresh
+    H200, 4 views at 512: 29.6 fps throughout, the compiled graphs in use 4.3 minutes in;
+    benchmarks/results/first_frame_cuda_512_prefill.json). "background": compiled on this process's worker
+    thread while the plain graphs serve (2-6 minutes the first time on a machine, the frames slowed to 3-13 fps
+    meanwhile by the compile's hold on Python's lock; about 10 s once inductor's cache on disk holds them).
+    "wait": compiled at the first frame with a face, before it is served (benchmarks: they time the compiled path
+    from their first frame). "off": the plain graphs. No effect on the CPU."""
     memory: bool = True
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
     fills what the current frame sees badly (the sides of the head when turned). On by default: on the shared

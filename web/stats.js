@@ -40,7 +40,7 @@ SECTION.innerHTML = `
 </section>`;
 
 const KERNELS_TEXT = {
-  compiling: "compiling (frames come slower until done: 2-6 minutes the first time on the sender's machine)",
+  compiling: "compiling (2-6 minutes the first time on the sender's machine; frames may come slower until done)",
   compiled: "compiled",
   failed: "not compiled: the compile failed (the sender's log says why)",
   off: "not compiled (--compile-avatar off)",
@@ -126,7 +126,7 @@ export class TileStats {
   }
 
   // The sender's GPU kernels (its avatar's torch.compile): a note on the badge while they compile, since frames
-  // come slower until then; a row in the panel. Absent: a CPU sender.
+  // cost more until then (and come slower on a busy sender); a row in the panel. Absent: a CPU sender.
   renderKernels(state) {
     const known = typeof state === "string" && state !== "";
     for (const el of this.section.querySelectorAll(".kernels-row")) el.hidden = !known;

@@ -36,7 +36,7 @@ TILE.innerHTML = `
     <span class="badge-fps"><b data-badge="fps">–</b> fps</span>
     <span class="badge-latency" data-kind="none"><b data-badge="latency">–</b> ms</span>
     <span data-badge="refiner">refiner –</span>
-    <span data-badge="compiling" hidden title="The sender is compiling its GPU kernels (2-6 minutes the first time on its machine, the longer the more viewer counts it serves): frames come slower until it is done">compiling</span>
+    <span data-badge="compiling" hidden title="The sender is compiling its GPU kernels (2-6 minutes the first time on its machine, the longer the more viewer counts it serves): until it is done its frames cost more, and may come slower">compiling</span>
     <span data-badge="memory" hidden title="What the sender's appearance memory holds of the head: the sides seen earlier in the call">memory <b>–</b>%</span>
   </button>
   <div class="nameplate"><span class="live-dot" aria-hidden="true"></span><span class="name">sender</span><span class="size-note"></span></div>

@@ -25,10 +25,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         "at the first two viewer counts)")
     parser.add_argument("--compile-avatar", choices=COMPILE_AVATAR, default=PipelineConfig.compile_avatar,
                         help="on CUDA, torch.compile the avatar's graphs (4x faster avatar frames; 2-6 minutes the "
-                        "first time on a machine, seconds after): in the background once the first frame is out, the "
-                        "plain graphs serving meanwhile (default); prefill: a child process compiles first, then this "
-                        "one from inductor's disk cache (not yet measured on a GPU); wait: before the first face is "
-                        "served; or off")
+                        "first time on a machine, seconds after), the plain graphs serving meanwhile: prefill (default): "
+                        "once the first frame is out a child process compiles them into inductor's disk cache, then "
+                        "this one from there, the frames at the camera's pace throughout; background: on a thread of "
+                        "this process (the frames slow to a few a second while a first compile runs); wait: before "
+                        "the first face is served; or off")
     # On by default (PipelineConfig.memory says why); --no-memory turns it off.
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=PipelineConfig.memory,
                         help="appearance memory (on by default): what the camera saw earlier in the call fills what the "

@@ -18,3 +18,4 @@ def test_the_first_frame_and_the_rate_after_it_are_measured_in_a_child_process(t
     assert result["mode"] == "held" and result["kernels_at_end"] is None
     assert 0 < result["first_frame_s"] < 3 and list(result["fps"]) == ["0-3 s"] and result["fps"]["0-3 s"] > 0
     assert result["frames"] == len(result["calls"]) and all(c["status"] == "ok" for c in result["calls"])
+    assert result["log_warnings"] == []  # what the run's log warned of is kept beside the figures: nothing here

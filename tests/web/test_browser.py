@@ -296,7 +296,7 @@ def test_memory_fill_shows_on_the_badge_and_the_reset_button_empties_it(page):
 
 
 def test_the_badge_says_while_the_senders_gpu_kernels_compile(page):
-    """A GPU sender compiles its avatar's kernels in the background at first, slower meanwhile: the badge says
+    """A GPU sender compiles its avatar's kernels at first, its frames costlier meanwhile: the badge says
     so while it lasts, and the panel says what came of it."""
     receiver, url, port = start_receiver()
     sender = start_sender(port, "--pipeline", "tests.fake_pipeline:build_pipeline_compiling")  # 45 frames
