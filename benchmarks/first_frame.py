@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode:
         import logging
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         os._exit(0)  # a background compile may still run: it is not waited for
     modes = args.modes or (list(MODES) if args.device.startswith("cuda") else ["held"])
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         # What the log said went wrong (a compile that failed, a prefill child that ended badly): kept beside the figures.
         result["log_warnings"] = [ln for ln in child.stderr.splitlines()
                                   if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln][-20:]
+        # The start as the log tells it (the captures of the first frame, each with its time): where its seconds go.
+        result["log_head"] = [ln for ln in child.stderr.splitlines() if " INFO " in ln or " WARNING " in ln][:60]
         results.append(result)
         print(f"{mode:7} first frame {result['first_frame_s']} s after the first camera frame, compiled graphs in use "
               f"from {result['compiled_s']} s "
