@@ -89,7 +89,7 @@ class PipelineConfig:
     fills what the current frame sees badly (the sides of the head when turned). On by default: on the shared
     head-turn clips it gains 0.86-0.96 dB head PSNR at 10-45 degrees, with no clip below -0.01 dB at 0-20 and a
     lower identity distance from 10 degrees; the GPU sender serves 4 viewers at 512 at 30 fps with it
-    (benchmarks/results/loopback_cuda_512_memory.json, the 7 pose layers of then), the CPU costs 4-8 ms a frame
+    (benchmarks/results/loopback_cuda_512_memory.json, p50 68 ms), the CPU costs 4-8 ms a frame
     at 256 (docs/memory.md). send --no-memory: every frame's avatar from that frame alone."""
     cpu_threads: int | None = None
     """Host threads of torch (and on a GPU of OpenCV) in this pipeline's process. None: on "cpu" one less
