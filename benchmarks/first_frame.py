@@ -72,7 +72,17 @@ def run_mode(args: argparse.Namespace) -> dict:
     compiled = next((c["done_s"] for c in calls if c["kernels"] == "compiled"), None)
     return {"mode": args.mode, "pipeline_made_s": round(made_s, 2), "first_frame_s": first, "compiled_s": compiled,
             "fps": {f"{lo:g}-{hi:g} s": _fps(done, lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo},
-            "frames": len(calls), "kernels_at_end": calls[-1]["kernels"] if calls else None, "calls": calls}
+            "frames": len(calls), "kernels_at_end": calls[-1]["kernels"] if calls else None, "calls": columns(calls)}
+
+
+def columns(calls: list[dict]) -> dict:
+    """The calls as series (each on one line of the JSON: a 7-minute run makes 12,000 of them): when each began and
+    ended (seconds from the first camera frame), and from which call on each status and kernel state held."""
+    def runs(key: str) -> list:
+        return [[i, c[key]] for i, c in enumerate(calls) if i == 0 or c[key] != calls[i - 1][key]]
+
+    return {"start_s": [c["start_s"] for c in calls], "done_s": [c["done_s"] for c in calls],
+            "status_from": runs("status"), "kernels_from": runs("kernels")}
 
 
 def main(argv: list[str] | None = None) -> int:

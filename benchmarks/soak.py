@@ -284,7 +284,7 @@ def plot(samples: list[dict[str, Any]], title: str, path: Path) -> None:
         x, y = (np.array(v, np.float64) for v in zip(*gpu))
         panels.append(scatter_plot([Series("GPU", x, y)], f"{title}: GPU memory in use (MB)", "minutes", "MB",
                                    size=(900, 320)))
-    save_png(path, np.concatenate(panels, axis=0))
+    save_png(path, np.concatenate(panels, axis=0), palette=True)
 
 
 def run_soak(args: argparse.Namespace) -> int:

@@ -40,3 +40,12 @@ pipelines = ("diffusers/pipelines/", "diffusers/modular_pipelines/")
 trim("diffusers", lambda f: f.startswith(pipelines) and not f.endswith("/__init__.py"))
 PY
 du -sh "$dir"
+# A device call carries the working tree and these wheels, 64 MiB at most (the helper of an earlier session met
+# "the working tree is larger than 64 MiB" when results grew): say how close it is.
+tree_kib=$(git ls-files -z | xargs -0 du -ck | tail -1 | cut -f1)
+wheels_kib=$(du -sk "$dir" | cut -f1)
+total_kib=$((tree_kib + wheels_kib))
+echo "a device call carries the tree (${tree_kib} KiB) and these wheels (${wheels_kib} KiB): ${total_kib} KiB of 65536"
+if [ "$total_kib" -gt 65536 ]; then
+  echo "warning: over the device tool's 64 MiB: make the tree smaller (results as series, plots in 256 colours)" >&2
+fi

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks.common import document, time_ms, timing_stats, write_json
+from benchmarks.common import document, dumps, time_ms, timing_stats, write_json
 from models.runinfo import run_metadata
 
 
@@ -25,6 +25,15 @@ def test_every_benchmark_writes_meta_config_results(tmp_path):
     doc = json.loads(path.read_text())
     assert list(doc) == ["meta", "config", "results"] and doc["results"] == [1] and doc["config"]["a"] == str(tmp_path)
     assert not (tmp_path / "sub" / "x.json.tmp").exists()
+
+
+def test_a_series_takes_one_line_and_the_json_reads_back_the_same():
+    quoted = 'a "quoted" word'
+    doc = {"samples": [1, 2.5, None, "x", True], "nested": {"rows": [[1, 2], (3, quoted)], "empty": []}, "s": "x"}
+    text = dumps(doc)
+    assert '"samples": [1, 2.5, null, "x", true]' in text and json.dumps([3, quoted]) in text
+    assert json.loads(text) == {**doc, "nested": {"rows": [[1, 2], [3, quoted]], "empty": []}}
+    assert len(text.splitlines()) == 11  # the dicts indented, each series on one line
 
 
 def test_committed_results_share_the_layout():

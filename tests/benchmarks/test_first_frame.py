@@ -17,6 +17,8 @@ def test_the_first_frame_and_the_rate_after_it_are_measured_in_a_child_process(t
     (result,) = doc["results"]  # the CPU compiles nothing: one mode
     assert result["mode"] == "held" and result["kernels_at_end"] is None
     assert 0 < result["first_frame_s"] < 3 and list(result["fps"]) == ["0-3 s"] and result["fps"]["0-3 s"] > 0
-    assert result["frames"] == len(result["calls"]) and all(c["status"] == "ok" for c in result["calls"])
+    calls = result["calls"]
+    assert result["frames"] == len(calls["start_s"]) == len(calls["done_s"]) and calls["status_from"] == [[0, "ok"]]
+    assert calls["kernels_from"] == [[0, None]] and all(a < b for a, b in zip(calls["start_s"], calls["done_s"]))
     assert result["log_warnings"] == []  # what the run's log warned of is kept beside the figures: nothing here
     assert any("appearance memory: on" in line for line in result["log_head"])  # and the start as the log told it

@@ -1,4 +1,5 @@
 """Contact sheets: layout with captions and row titles, float or uint8 tiles, size errors."""
+import cv2
 import numpy as np
 import pytest
 
@@ -25,3 +26,15 @@ def test_contact_sheet_rejects_mixed_sizes_and_empty_rows():
         contact_sheet([[np.zeros((8, 8, 3)), np.zeros((9, 8, 3))]])
     with pytest.raises(ValueError, match="at least one row"):
         contact_sheet([])
+
+
+def test_a_plot_saved_in_256_colours_keeps_its_colours_and_is_smaller(tmp_path):
+    from models.evaluation.figures import Series, save_png, scatter_plot
+
+    x = np.linspace(0, 10, 200)
+    img = scatter_plot([Series("a", x, np.sin(x)), Series("b", x, np.cos(x))], "t", "x", "y", size=(600, 300))
+    save_png(tmp_path / "full.png", img)
+    save_png(tmp_path / "palette.png", img, palette=True)
+    back = cv2.cvtColor(cv2.imread(str(tmp_path / "palette.png")), cv2.COLOR_BGR2RGB)
+    assert back.shape == img.shape and np.abs(back.astype(int) - img.astype(int)).mean() < 2.0
+    assert (tmp_path / "palette.png").stat().st_size < (tmp_path / "full.png").stat().st_size
