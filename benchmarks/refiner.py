@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled modes: the view count symbolic after the second one (as send --compile-refiner)")
     p.add_argument("--compile-options", default="default", choices=sorted(COMPILE_OPTIONS),
                    help="compiled modes: inductor's settings (models.refiner.graphs.COMPILE_OPTIONS)")
+    p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                   help="CUDA: cuDNN algorithms each convolution tries when it is first run (torch's default 10; 0: all)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+        if args.cudnn_benchmark_limit is not None:
+            torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
         if args.sdpa != "auto":
             for name in ("cudnn", "flash", "mem_efficient"):
                 getattr(torch.backends.cuda, f"enable_{name}_sdp")(args.sdpa == name.replace("mem_", ""))
