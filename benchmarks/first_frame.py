@@ -6,10 +6,10 @@ seconds after, with the product's pipeline and a camera paced at 30 fps (the emb
 
 On a GPU the avatar's kernels compile while the plain graphs serve (`send --compile-avatar prefill`, the
 default: a child process compiles first, then the sender from inductor's disk cache; `background`: on the
-sender's own worker thread); on a machine whose inductor cache is cold that takes minutes. Modes (each in a fresh process):
-"held", the product: the compiles wait until the first frame is out (models.avatar.compiling); "unheld",
-the code before: the compile worker starts at the first submitted compile, beside the first frame's
-captures. On the CPU nothing compiles and the one mode is "held". Run the held mode first on a fresh
+sender's own worker thread); on a machine whose inductor cache is cold that takes minutes. Modes (each in a fresh
+process): "held", the product: the compiles wait until the first frame is out (models.avatar.compiling); "unheld"
+(for `--compile-avatar background`: the code before the tenth session): the compile worker starts at the first
+submitted compile, beside the first frame's captures. On the CPU nothing compiles and the one mode is "held". Run the held mode first on a fresh
 machine: a later run finds part of the compile in inductor's disk cache.
 """
 from __future__ import annotations
