@@ -29,6 +29,11 @@ _SHELL_DETAIL_DEG = (8.0, 24.0)
 # first angle to the second (face_detail_fade), as far as Avatar.face_detail says.
 _FACE_DETAIL_DEG = (20.0, 45.0)
 _FACE_DETAIL_POOL = 4
+# The appearance memory's weights are eroded softly over a box of 2 r + 1 pixels, r this many a 256-px view (more at
+# more pixels): where it takes over from the frame's own texture is a ramp, not an edge that outlines a patch and
+# follows each frame's shadow map (docs/memory.md: flicker on the steady stretches 6.14 -> 6.04 x 1000, 6.15 for the
+# single frame; head PSNR within 0.03 dB).
+_MEMORY_BAND_PER_256 = 4
 
 
 def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
@@ -193,6 +198,15 @@ def _sample_memory(avatar: Avatar, frags: Fragments) -> torch.Tensor:
     return _memory_at(avatar, frags.face_id.clamp(min=0), frags.bary)
 
 
+def _memory_band(memory: torch.Tensor, px: "_Pixels") -> torch.Tensor:
+    """The memory at the pixels [B, 6, h, w] (:func:`_memory_at`) with its two weights (under and over the frame's own
+    texture) eroded softly: each the least of itself and its box mean over the band round it. Within what the memory
+    saw, its weights ramp up from the edge instead of stepping; beyond it they stay 0 (no colour is there)."""
+    r = max(1, round(_MEMORY_BAND_PER_256 * px.picture_face.shape[-1] / 256))
+    band = px.from_pictures(box_mean(px.to_pictures(memory[:, 4:6]), 2 * r + 1))
+    return torch.cat([memory[:, :4], torch.minimum(memory[:, 4:6], band)], 1)
+
+
 def _memory_at(avatar: Avatar, face: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
     """:func:`_sample_memory` at pixels of any layout: face [B, h, w] (0 where empty), bary [B, h, w, 3];
     returns [B, 6, h, w]."""
@@ -337,7 +351,7 @@ def render_cameras(
     mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)
     fill_rgb = vals[..., VATTR.FILL_RGB].permute(0, 3, 1, 2)  # per-vertex colours: smooth, no streaks
     unseen = torch.lerp(fill_rgb, mirrored.clamp(0.0, 1.0), w_mirror[:, None])
-    memory = None if avatar.memory is None else _memory_at(avatar, px.face, px.bary)  # [B, 6, h, w]
+    memory = None if avatar.memory is None else _memory_band(_memory_at(avatar, px.face, px.bary), px)  # [B, 6, h, w]
     if memory is not None:  # what earlier frames saw well, before the mirror side and the fill
         unseen = torch.lerp(unseen, memory[:, :3], memory[:, 4:5])
     head_rgb = torch.lerp(unseen, own, w_own[:, None])

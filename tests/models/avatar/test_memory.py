@@ -282,6 +282,33 @@ def test_remembered_colour_does_not_darken_where_what_was_seen_ends():
     assert (sampled[:3, used] - 0.6).abs().max() < 0.01
 
 
+def test_where_the_memory_takes_over_is_a_ramp_within_what_it_saw():
+    """Its weights are eroded softly over a band of pixels: where the memory starts (an earlier frame saw the surface,
+    or saw it better) the render ramps into it instead of outlining a patch, and nowhere does it reach past what it saw."""
+    from models.avatar.render import _memory_at, _memory_band, _Pixels
+    from models.geometry.camera import project
+    from models.geometry.raster import rasterize
+
+    avatar = avatar_at(0)[0]
+    memory = AppearanceMemory(CONFIG)
+    memory.allocate(avatar.config)
+    atlas = memory.atlas
+    x = torch.full((atlas.texel_ids.shape[0], 4), 0.6)
+    x[:, 3] = 1.0
+    memory.feed(x, (atlas.texel_ids % atlas.size[1] < CONFIG.texels // 2).float(), 0.0)  # the face's left half
+    viewmats, Ks = avatar.cameras([OrbitPose(yaw_deg=20)], 128)
+    frags = rasterize(project(avatar.verts[None], viewmats, Ks), avatar.faces, 128, 128, cull=avatar.cull,
+                      skip=avatar.skip)
+    px = _Pixels.of(frags)
+    step = _memory_at(memory.attach(avatar), px.face, px.bary)
+    ramp = _memory_band(step, px)
+    assert torch.equal(ramp[:, :4], step[:, :4]) and (ramp[:, 4:] <= step[:, 4:] + 1e-6).all()
+    fill_step, fill_ramp = step[:, 4].reshape(-1), ramp[:, 4].reshape(-1)
+    assert int((fill_step > 0.99).sum()) > 200 and int((fill_ramp > 0.99).sum()) > 50  # well inside: all of it
+    between = lambda w: int(((w > 0.05) & (w < 0.95)).sum())  # noqa: E731
+    assert between(fill_ramp) >= 3 * between(fill_step) > 0  # the edge: a band of pixels, not one or two
+
+
 def _same_state(a, b, atol=1e-5):
     for name in ("colour", "confidence", "best", "view", "_ratio", "_q_now"):
         x, y = getattr(a, name), getattr(b, name)
