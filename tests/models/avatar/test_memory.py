@@ -257,10 +257,9 @@ def test_feed_and_view_on_cuda_never_wait_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_remembered_colour_does_not_darken_where_what_was_seen_ends():
-    """Bilinear lookups beside texels the memory never saw keep the seen texels' colour (only the weights
-    fade): a straight colour next to the zeros of unseen texels drew a dark line across the cheek."""
-    from models.avatar.render import _sample_memory
+def _half_seen(yaw_deg: float = 20.0):
+    """An avatar whose memory saw the face's left half of the atlas (grey 0.6), with the memory attached, and its
+    raster at yaw ``yaw_deg`` (128 px): the edge of what was seen lies in the view."""
     from models.geometry.camera import project
     from models.geometry.raster import rasterize
 
@@ -270,12 +269,20 @@ def test_remembered_colour_does_not_darken_where_what_was_seen_ends():
     atlas = memory.atlas
     x = torch.full((atlas.texel_ids.shape[0], 4), 0.6)
     x[:, 3] = 1.0
-    seen = (atlas.texel_ids % atlas.size[1] < CONFIG.texels // 2).float()  # the face's left half of the atlas
-    memory.feed(x, seen, 0.0)
-    viewmats, Ks = avatar.cameras([OrbitPose(yaw_deg=20)], 128)
-    pix = project(avatar.verts[None], viewmats, Ks)
-    frags = rasterize(pix, avatar.faces, 128, 128, cull=avatar.cull, skip=avatar.skip)
-    sampled = _sample_memory(memory.attach(avatar), frags)[0]  # [6, S, S]
+    memory.feed(x, (atlas.texel_ids % atlas.size[1] < CONFIG.texels // 2).float(), 0.0)
+    viewmats, Ks = avatar.cameras([OrbitPose(yaw_deg=yaw_deg)], 128)
+    frags = rasterize(project(avatar.verts[None], viewmats, Ks), avatar.faces, 128, 128, cull=avatar.cull,
+                      skip=avatar.skip)
+    return memory.attach(avatar), frags
+
+
+def test_remembered_colour_does_not_darken_where_what_was_seen_ends():
+    """Bilinear lookups beside texels the memory never saw keep the seen texels' colour (only the weights
+    fade): a straight colour next to the zeros of unseen texels drew a dark line across the cheek."""
+    from models.avatar.render import _sample_memory
+
+    avatar, frags = _half_seen()
+    sampled = _sample_memory(avatar, frags)[0]  # [6, S, S]
     fill = sampled[4]
     used = frags.mask[0] & (fill > 0.02)
     assert used.sum() > 200 and (used & (fill < 0.5)).sum() > 20  # the edge of what was seen is in the view
@@ -286,21 +293,10 @@ def test_where_the_memory_takes_over_is_a_ramp_within_what_it_saw():
     """Its weights are eroded softly over a band of pixels: where the memory starts (an earlier frame saw the surface,
     or saw it better) the render ramps into it instead of outlining a patch, and nowhere does it reach past what it saw."""
     from models.avatar.render import _memory_at, _memory_band, _Pixels
-    from models.geometry.camera import project
-    from models.geometry.raster import rasterize
 
-    avatar = avatar_at(0)[0]
-    memory = AppearanceMemory(CONFIG)
-    memory.allocate(avatar.config)
-    atlas = memory.atlas
-    x = torch.full((atlas.texel_ids.shape[0], 4), 0.6)
-    x[:, 3] = 1.0
-    memory.feed(x, (atlas.texel_ids % atlas.size[1] < CONFIG.texels // 2).float(), 0.0)  # the face's left half
-    viewmats, Ks = avatar.cameras([OrbitPose(yaw_deg=20)], 128)
-    frags = rasterize(project(avatar.verts[None], viewmats, Ks), avatar.faces, 128, 128, cull=avatar.cull,
-                      skip=avatar.skip)
+    avatar, frags = _half_seen()
     px = _Pixels.of(frags)
-    step = _memory_at(memory.attach(avatar), px.face, px.bary)
+    step = _memory_at(avatar, px.face, px.bary)
     ramp = _memory_band(step, px)
     assert torch.equal(ramp[:, :4], step[:, :4]) and (ramp[:, 4:] <= step[:, 4:] + 1e-6).all()
     fill_step, fill_ramp = step[:, 4].reshape(-1), ramp[:, 4].reshape(-1)
