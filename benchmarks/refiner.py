@@ -109,7 +109,54 @@ def time_case(model: Refiner, variant: str, views: int, size: int, args, device,
         times.append((time.perf_counter() - start) * 1e3)
     if not torch.isfinite(out.float()).all():
         logger.warning("non-finite output (random weights) in this case")
-    return {"ms": timing_stats(times), "first_call_s": first_call_s, "peak_mem_mb": peak_memory_mb(device)}
+    result = {"ms": timing_stats(times), "first_call_s": first_call_s, "peak_mem_mb": peak_memory_mb(device)}
+    if args.profile:
+        result["profile"] = profile_calls(call, args.profile, device)
+    return result
+
+
+def _kernel_class(name: str) -> str:
+    """What a profiled op or kernel is, by its name: attention, convolution, matrix product, fused (Triton) or other."""
+    low = name.lower()
+    for cls, keys in (("attention", ("attention", "sdpa", "flash", "fmha")), ("convolution", ("conv", "fprop", "dgrad")),
+                      ("matmul", ("mm", "gemm", "matmul", "linear", "nvjet")), ("fused", ("triton",))):
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile_calls(call, n: int, device: torch.device, top: int = 25) -> dict:
+    """Where a call's device time goes: n calls under torch.profiler, the ops with their input shapes (a compiled
+    step's convolutions, matrix products and attention are ATen calls from inductor's code, so their shapes tell the
+    codec's from the U-Net's) and the kernels by class. Inside a CUDA graph the profiler sees the replay alone, so
+    profile the "compiled" or "eager" mode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(n):
+            call()
+        sync(device)
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    self_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if getattr(e, attr, 0) > 0]
+    leaf = sorted((e for e in ops if e.key.startswith(("aten::convolution", "aten::mm", "aten::addmm", "aten::bmm",
+                                                        "aten::_scaled_dot_product", "triton_"))),
+                  key=lambda e: -getattr(e, attr))
+    kernels = [e for e in prof.key_averages() if getattr(e, self_attr, 0) > 0 and not e.key.startswith(("aten::", "cuda", "Torch", "Memcpy", "Memset", "## "))]
+    classes: dict[str, float] = {}
+    for e in kernels:
+        classes[_kernel_class(e.key)] = classes.get(_kernel_class(e.key), 0.0) + getattr(e, self_attr) / 1e3 / n
+    total = sum(classes.values())
+    print(f"  profile ({n} calls): device {total:.2f} ms a call; by class " +
+          ", ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items(), key=lambda kv: -kv[1])))
+    rows = []
+    for e in leaf[:top]:
+        rows.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "ms": round(getattr(e, attr) / 1e3 / n, 3),
+                     "count": e.count // n})
+        print(f"    {rows[-1]['ms']:7.3f} ms x{rows[-1]['count']:<3} {e.key[:50]:50} {rows[-1]['shapes']}")
+    return {"calls": n, "device_ms": round(total, 3), "by_class_ms": {k: round(v, 3) for k, v in classes.items()},
+            "top_ops": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled modes: the view count symbolic after the second one (as send --compile-refiner)")
     p.add_argument("--compile-options", default="default", choices=sorted(COMPILE_OPTIONS),
                    help="compiled modes: inductor's settings (models.refiner.graphs.COMPILE_OPTIONS)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timing, N calls under torch.profiler: device time by op (with shapes) and kernel class "
+                        "(in the eager or compiled modes; a CUDA graph's replay hides its kernels)")
     p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                    help="CUDA: cuDNN algorithms each convolution tries when it is first run (torch's default 10; 0: all)")
     args = p.parse_args(argv)
