@@ -271,9 +271,11 @@ def main() -> int:
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="the appearance memory on or off (send --memory; default: PipelineConfig.memory's, the product's)")
-    parser.add_argument("--compile-avatar", default="wait", choices=("wait", "background", "off"),
+    parser.add_argument("--compile-avatar", default="wait", choices=("wait", "prefill", "background", "off"),
                         help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
-                        "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")
+                        "so the timed frames run the compiled graphs a sender reaches after its compile), prefill (the product's: a "
+                        "child process compiles while the plain graphs serve; each participant's \"path\" says where its compile stands), "
+                        "background or off")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/call_<device>_<size>_<N>p[_fake].json)")
     parser.add_argument("--participant-child", action="store_true", help=argparse.SUPPRESS)

@@ -329,7 +329,7 @@ def open_pipeline_process(config: PipelineConfig, factory: Optional[str] = None,
 
 def describe_pipeline(pipeline: Any) -> dict[str, Any]:
     """What a pipeline runs on: its class, device, refiner and dtype, whether the avatar replays CUDA
-    graphs (or fell back to eager after a failed capture)."""
+    graphs (or fell back to eager after a failed capture), and where its avatar's compile stands (kernels)."""
     engine, refiner = getattr(pipeline, "engine", None), getattr(pipeline, "refiner", None)
     return {
         "pipeline": f"{type(pipeline).__module__}.{type(pipeline).__qualname__}",
@@ -338,6 +338,7 @@ def describe_pipeline(pipeline: Any) -> dict[str, Any]:
         "refiner_dtype": None if refiner is None else str(refiner.dtype),
         "avatar_cuda_graphs": getattr(engine, "cuda_graphs", None),
         "avatar_fell_back": getattr(engine, "fell_back", None),
+        "kernels": pipeline.kernels() if callable(getattr(pipeline, "kernels", None)) else None,
     }
 
 

@@ -57,7 +57,8 @@ def test_a_pipeline_in_its_own_process_makes_the_same_views_as_in_this_one():
         assert lost.status == "face_lost" and lost.views[0].shape == (64, 64, 3)
         assert list(there.views_per_call) == [3, 3, 3, 1]
         assert there.describe() == {"pipeline": "tests.fake_pipeline.Pipeline", "device": "cpu", "refiner": None,
-                                    "refiner_dtype": None, "avatar_cuda_graphs": None, "avatar_fell_back": None}
+                                    "refiner_dtype": None, "avatar_cuda_graphs": None, "avatar_fell_back": None,
+                                    "kernels": None}
     finally:
         there.close()
     assert there.closed and there.error == "it was closed"
