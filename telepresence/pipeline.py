@@ -228,8 +228,11 @@ class Pipeline:
         self._reference: torch.Tensor | None = None  # the refiner's reference view of the current avatar
         self._warm = self.device.type != "cuda" or config.warm_views == 0  # graphs to capture ahead?
         self._crop: np.ndarray | None = None
-        self._prefill_asked = compile_avatar and config.compile_avatar == "prefill"
+        self._prefill_mode = compile_avatar and config.compile_avatar == "prefill"
+        self._prefill_asked = self._prefill_mode  # the first child: at the first frame with a face
         self._prefill = None  # models.avatar.prefill.CachePrefill while its child runs
+        self._prefilled: set[int] = set()  # view counts a child has compiled (or compiles now)
+        self._prefill_wanted: set[int] = set()  # view counts served since, waiting for a child of their own
         self.memory = _open_memory(config, self.device)
         if self.memory is not None:  # its update compiles on the avatar's worker (None: no compiling)
             self.memory.compiler = self.engine.compiler
@@ -331,42 +334,73 @@ class Pipeline:
         if self._avatar is None:
             blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
             return FrameResult([blank.copy() for _ in poses], found, status, timings, fresh=True, kernels=self.kernels())
+        if self._prefill_mode and not self._prefill_asked:
+            self._hold_for_prefill(len(poses))
         views = self.render(poses, timings)
         if found and self._prefill_asked:
             self._prefill_asked = False
-            self._start_prefill(frame_rgb, obs, len(poses))
-        elif self._prefill is not None:
-            self._end_prefill()
+            from models.avatar.prefill import view_counts_to_prefill
+
+            self._start_prefill(frame_rgb, obs, view_counts_to_prefill(self.config.warm_views, len(poses)))
+            log.info("avatar: the first frame is out; a child process compiles its kernels for %s view(s) into "
+                     "inductor's disk cache (the frames keep their pace), then this process compiles from there",
+                     ", ".join(map(str, self._prefill.job.view_counts)))
+        elif self._prefill_mode and not self._prefill_asked:
+            self._next_prefill(frame_rgb, obs)
         elif found and self.engine.release_compiles():
             log.info("avatar: the first frame is out; its background compile starts")
         fill = None if self.memory is None else float(self.memory.fill_fraction())  # the views are read: no wait
         return FrameResult(views, found, status, timings, fill, fresh=True, kernels=self.kernels())
 
-    def _start_prefill(self, frame_rgb: np.ndarray, obs, n_views: int) -> None:
-        """compile_avatar "prefill": a child process compiles this frame's graphs (the same framing, view counts and
-        memory), filling inductor's disk cache; the held compiler here is released once it has ended."""
+    def _start_prefill(self, frame_rgb: np.ndarray, obs, view_counts: tuple[int, ...]) -> None:
+        """compile_avatar "prefill": a child process compiles this frame's graphs for these view counts (the same
+        framing, raster capacities and memory), filling inductor's disk cache; the compiler here stays held until
+        it has ended."""
         from models.avatar.memory import MemoryConfig
-        from models.avatar.prefill import CachePrefill, PrefillJob, view_counts_to_prefill
+        from models.avatar.prefill import CachePrefill, PrefillJob
 
         job = PrefillJob(self.avatar_config, str(self.device), self.config.size, np.ascontiguousarray(frame_rgb), obs,
-                         tuple(float(v) for v in self._crop), view_counts_to_prefill(self.config.warm_views, n_views),
-                         None if self.memory is None else MemoryConfig.for_sender(self.config.size, self.device))
+                         tuple(float(v) for v in self._crop), view_counts,
+                         None if self.memory is None else MemoryConfig.for_sender(self.config.size, self.device),
+                         capacities=self.engine.capacities())
         self._prefill = CachePrefill(job).start()
-        log.info("avatar: the first frame is out; a child process compiles its kernels for %s view(s) into "
-                 "inductor's disk cache (the frames keep their pace), then this process compiles from there",
-                 ", ".join(map(str, job.view_counts)))
+        self._prefilled |= set(view_counts)
+        self._prefill_wanted -= set(view_counts)
 
-    def _end_prefill(self) -> None:
-        if not self._prefill.finished():
-            return
-        prefill, self._prefill = self._prefill, None
-        if prefill.ok:
-            log.info("avatar: the child process compiled the kernels in %.0f s; compiling here from the disk cache",
-                     prefill.seconds)
-        else:
-            log.warning("avatar: the child process's compile ended with exit status %s after %.0f s (its log is above); "
-                        "compiling here from scratch, the frames slower meanwhile", prefill.exitcode, prefill.seconds)
-        self.engine.release_compiles()
+    def _hold_for_prefill(self, n_views: int) -> None:
+        """Before a render: a view count no child has compiled yet (a viewer more than the warmed counts) waits for
+        a child of its own instead of compiling cold here, where a compile holds Python's lock for tens of seconds
+        (a fifth viewer in the H200 soak: 3-5 frames a second for a minute)."""
+        if n_views and n_views not in self._prefilled and n_views not in self._prefill_wanted:
+            if self.engine.hold_compiles():
+                self._prefill_wanted.add(n_views)
+            else:  # nothing compiles here any more (failed or fell back): nothing to prefill
+                self._prefill_mode = False
+
+    def _next_prefill(self, frame_rgb: np.ndarray, obs) -> None:
+        """After a render: note a child's end, start one for the view counts waiting (at a frame with a face), or,
+        with none left, let this process compile from the disk cache."""
+        if self._prefill is not None:
+            if not self._prefill.finished():
+                return
+            prefill, self._prefill = self._prefill, None
+            if not prefill.ok:
+                log.warning("avatar: the child process's compile ended with exit status %s after %.0f s (its log is "
+                            "above); compiling here from scratch, the frames slower meanwhile", prefill.exitcode,
+                            prefill.seconds)
+                self._prefill_mode = False
+                self._prefill_wanted.clear()
+                self.engine.release_compiles()
+                return
+            log.info("avatar: the child process compiled the kernels for %s view(s) in %.0f s",
+                     ", ".join(map(str, prefill.job.view_counts)), prefill.seconds)
+        if self._prefill_wanted:
+            if obs is not None:
+                self._start_prefill(frame_rgb, obs, tuple(sorted(self._prefill_wanted)))
+                log.info("avatar: %s view(s) asked for, not compiled yet: a child process compiles them first (the "
+                         "frames keep their pace on the plain graphs)", ", ".join(map(str, self._prefill.job.view_counts)))
+        elif self.engine.release_compiles():
+            log.info("avatar: compiling here from the disk cache")
 
     def kernels(self) -> str | None:
         """Where the avatar's torch.compile stands, for viewers ("compiling": frames are slower until it is done;

@@ -131,6 +131,10 @@ class BackgroundCompiler:
         """Let the worker start on what is queued (and on what comes later)."""
         self._go.set()
 
+    def hold(self) -> None:
+        """Let queued and later jobs wait until :meth:`release` (a job already running ends first)."""
+        self._go.clear()
+
     def ready(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._ready
@@ -147,9 +151,9 @@ class BackgroundCompiler:
 
     def _work(self) -> None:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._go.wait()
         while True:
             key, job, what, attempt = self._queue.get()
+            self._go.wait()
             t0 = time.perf_counter()
             switch = sys.getswitchinterval()
             again = False

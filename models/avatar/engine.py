@@ -194,6 +194,8 @@ class AvatarEngine:
         self._renders: dict[tuple[BuildPlan, int], _Graph] = {}
         self._build_capacity: dict[BuildPlan, int] = {}
         self._render_capacity: dict[tuple[BuildPlan, int], int] = {}
+        self._preset_build: int | None = None  # raster capacities to use instead of sizing them (preset_capacities)
+        self._preset_render: dict[int, int] = {}
 
     # -- build --
 
@@ -223,7 +225,9 @@ class AvatarEngine:
             self._drop_renders(plan)  # they read the plain graph's outputs
             graph = None
         if graph is None:
-            if plan not in self._build_capacity:
+            if plan not in self._build_capacity and self._preset_build is not None:
+                self._build_capacity[plan] = self._preset_build
+            elif plan not in self._build_capacity:
                 first = build_on_device(plan, inputs.tensors(self.device), self.device)  # exact: sizes the raster
                 self._build_capacity[plan] = _round_up(max(_HEADROOM * int(first.needed), _BUILD_PER_PIXEL * plan.vis_size**2))
             capacity = self._build_capacity[plan]
@@ -303,6 +307,25 @@ class AvatarEngine:
             return False
         self.compiler.release()
         return True
+
+    def hold_compiles(self) -> bool:
+        """Let the compiles asked from now on (and those queued) wait until :meth:`release_compiles`; False if
+        nothing compiles here (not asked, failed, or fell back to eager)."""
+        if self.compiler is None or self.compiler.failed is not None:
+            return False
+        self.compiler.hold()
+        return True
+
+    def capacities(self) -> tuple[int | None, dict[int, int]]:
+        """The raster capacities of the current build plan: its build's, and its render's by view count. torch.compile
+        bakes them in, so a process that compiles for this one (models.avatar.prefill) presets them."""
+        plan = self._plan
+        return self._build_capacity.get(plan), {n: c for (p, n), c in self._render_capacity.items() if p == plan}
+
+    def preset_capacities(self, build: int | None, render: dict[int, int]) -> None:
+        """Raster capacities to take (another engine's :meth:`capacities`) where this one would size its own from
+        its first frame of a shape."""
+        self._preset_build, self._preset_render = build, dict(render)
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait for the compiles asked so far (False: timeout seconds passed first, or no compiling asked). The
@@ -411,7 +434,9 @@ class AvatarEngine:
             graph = None
         if graph is None:
             V, S = viewmats.shape[0], self.render_size
-            if key not in self._render_capacity:
+            if key not in self._render_capacity and V in self._preset_render:
+                self._render_capacity[key] = self._preset_render[V]
+            elif key not in self._render_capacity:
                 first = render_cameras(self.avatar, viewmats, Ks, S)  # exact: sizes the raster
                 self._render_capacity[key] = _round_up(max(_HEADROOM * int(first.needed), _RENDER_PER_PIXEL * V * S * S))
             capacity = self._render_capacity[key]

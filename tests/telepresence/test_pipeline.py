@@ -76,22 +76,76 @@ def test_the_real_pipeline_with_the_appearance_memory_fills_it_and_a_reset_empti
         off.close()
 
 
-def test_the_prefill_child_starts_after_the_first_frame_and_its_end_is_logged(astronaut, monkeypatch, caplog):
-    """compile_avatar="prefill" is a CUDA path (the CPU compiles nothing); its steps run here with the flag it sets
-    and torch.compile a no-op in the child, so that the child ends in seconds."""
+def _prefilling_pipeline(monkeypatch) -> tuple[Pipeline, list[tuple[str, int, str]]]:
+    """compile_avatar="prefill" is a CUDA path (the CPU compiles nothing); here its steps run on the CPU with the
+    flags it sets, an engine of fixed shapes whose compiler records which thread runs what (for how many views),
+    and torch.compile a no-op in the children, so that each ends in seconds."""
+    import dataclasses
+    import threading
+
+    from models.avatar import crop_box
+    from models.avatar.engine import AvatarEngine
+
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
-    p = Pipeline(PipelineConfig(device="cpu", size=64, refiner=None))
-    p._prefill_asked = True  # what compile_avatar="prefill" sets on CUDA
+    calls: list[tuple[str, int, str]] = []
+
+    def recording(fn):
+        def compiled(*args, **kwargs):
+            views = args[1].shape[0] if fn.__name__ == "render_cameras" else 0
+            calls.append((fn.__name__, views, threading.current_thread().name))
+            return fn(*args, **kwargs)
+        return compiled
+
+    p = Pipeline(PipelineConfig(device="cpu", size=64, refiner=None, memory=False))
+    p.engine = AvatarEngine(p.avatar_config, "cpu", 64, fixed_shapes=True, compile=True, compile_fn=recording,
+                            compile_held=True)
+    p._prefill_mode = p._prefill_asked = True
+    p.analyze = lambda frame, t_s=None: dataclasses.replace(type(p).analyze(p, frame, t_s), avatar=None)  # the engine builds
+    p._build = lambda frame, obs: p.engine.build(frame, obs, crop=p._follow(crop_box(obs, p.avatar_config)))
+    return p, calls
+
+
+def _until_the_child_ends(p: Pipeline, frame: np.ndarray, poses: list[ViewPose]) -> None:
+    deadline = time.monotonic() + 120
+    while p._prefill is not None:
+        assert time.monotonic() < deadline, "the prefill child did not end"
+        assert p.process(frame, poses).status == "ok"  # frames go on meanwhile
+        time.sleep(0.2)
+
+
+def test_a_child_compiles_first_the_warmed_view_counts_then_each_new_one(astronaut, monkeypatch, caplog):
+    """The first child starts after the first frame; the sender compiles (from the disk cache) once it has ended.
+    A view count no child has compiled (a fifth viewer) waits for a child of its own rather than compiling cold in
+    the sender, and the child bakes in the sender's raster capacities."""
+    p, calls = _prefilling_pipeline(monkeypatch)
+    two, five = [ViewPose(), ViewPose(yaw_deg=20)], [ViewPose(yaw_deg=y) for y in (-30, -15, 0, 15, 30)]
     try:
         with caplog.at_level("INFO", logger="telepresence.pipeline"):
-            assert p.process(astronaut, [ViewPose(), ViewPose(yaw_deg=20)]).status == "ok"
-            assert p._prefill is not None and p._prefill.job.view_counts == (1, 2, 3, 4)
-            deadline = time.monotonic() + 120
-            while p._prefill is not None and time.monotonic() < deadline:
-                assert p.process(astronaut, [ViewPose()]).status == "ok"  # frames go on meanwhile
-                time.sleep(0.2)
-        assert p._prefill is None
-        assert any("the child process compiled the kernels" in r.message for r in caplog.records)
+            assert p.process(astronaut, two).status == "ok"
+            first = p._prefill
+            assert first is not None and first.job.view_counts == (1, 2, 3, 4)
+            build_capacity, render_capacities = first.job.capacities
+            assert build_capacity > 0 and set(render_capacities) == {2}  # what the sender captured so far
+            _until_the_child_ends(p, astronaut, two)
+            assert first.ok
+            assert p.engine.wait_compiled(60)  # released: the sender compiles what it serves
+            assert {(name, n) for name, n, thread in calls if thread == "avatar-compile"} == {
+                ("build_on_device", 0), ("render_cameras", 2)}
+
+            assert p.process(astronaut, five).status == "ok"
+            second = p._prefill
+            assert second is not None and second.job.view_counts == (5,)
+            assert second.job.capacities[1][5] == p.engine.capacities()[1][5]
+            time.sleep(0.3)  # a held compiler that did not wait would have compiled the five views by now
+            assert not any(n == 5 for _, n, thread in calls if thread == "avatar-compile")
+            _until_the_child_ends(p, astronaut, five)
+            assert second.ok and p.engine.wait_compiled(60)
+            assert any(n == 5 for _, n, thread in calls if thread == "avatar-compile")
+            assert p.process(astronaut, five).status == "ok" and p._prefill is None  # no child for a count compiled
+        said = [r.message for r in caplog.records]
+        assert any("a child process compiles its kernels for 1, 2, 3, 4 view(s)" in m for m in said)
+        assert any("5 view(s) asked for, not compiled yet: a child process compiles them first" in m for m in said)
+        assert sum("compiling here from the disk cache" in m for m in said) == 2
     finally:
         p.close()
 

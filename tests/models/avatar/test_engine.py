@@ -346,3 +346,41 @@ def test_a_compile_job_that_meets_a_capture_runs_again():
     compiler = BackgroundCompiler("cpu")
     compiler.submit("k", job, "a job")
     assert compiler.wait(30) and compiler.ready("k") and compiler.failed is None and len(runs) == 2
+
+
+def test_preset_raster_capacities_are_baked_in_whatever_the_first_frame_needs(case):
+    """A child that compiles for a sender (models.avatar.prefill) renders other poses than the sender did, so it
+    takes the sender's raster capacities instead of sizing its own: torch.compile bakes them in, and a different
+    number would miss the disk cache the child fills."""
+    image, obs = case
+    sender = AvatarEngine(AvatarConfig(), "cpu", render_size=96, fixed_shapes=True)
+    sender.build(image, obs)
+    sender.render(POSES[:3])
+    build, render = sender.capacities()
+    assert build > 0 and set(render) == {3}
+    child = AvatarEngine(AvatarConfig(), "cpu", render_size=96, fixed_shapes=True)
+    child.preset_capacities(2 * build, {3: 2 * render[3]})  # unlike anything it would size itself
+    child.build(image, obs)
+    child.render([OrbitPose()] * 3)
+    child.render([OrbitPose()])
+    own = AvatarEngine(AvatarConfig(), "cpu", render_size=96, fixed_shapes=True)
+    own.build(image, obs)
+    own.render([OrbitPose()])
+    assert child.capacities() == (2 * build, {3: 2 * render[3], 1: own.capacities()[1][1]})
+
+
+def test_a_compiler_held_again_lets_later_jobs_wait_until_released():
+    """A sender holds its compiler again while a child compiles a view count it has not seen (telepresence.pipeline):
+    jobs asked for meanwhile wait, and run once it is released."""
+    from models.avatar.compiling import BackgroundCompiler
+
+    runs = []
+    compiler = BackgroundCompiler("cpu")
+    compiler.submit("a", lambda: runs.append("a"), "a job")
+    assert compiler.wait(30) and runs == ["a"]
+    compiler.hold()
+    compiler.submit("b", lambda: runs.append("b"), "a later job")
+    time.sleep(0.3)  # a worker that did not wait would have run it by now
+    assert runs == ["a"] and compiler.held and not compiler.idle() and not compiler.ready("b")
+    compiler.release()
+    assert compiler.wait(30) and runs == ["a", "b"] and compiler.ready("b")
