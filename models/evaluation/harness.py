@@ -173,10 +173,16 @@ class _Scored:
     fields: dict[str, Any]  # the record's head_px, person_px, target_face_found and methods
 
 
+class MethodOutputError(RuntimeError):
+    """A method drew a picture that cannot be scored (values that are not finite): a fault of the method, which
+    would otherwise leave its metrics empty and its bins at n=0 without a word."""
+
+
 def _score_case(case: PairCase, runner: MethodRunner, scorer: Scorer, ref_view: np.ndarray,
                 ref_emb: np.ndarray | None) -> _Scored:
     """Every method's picture of one case, scored against the target in the reference's crop camera,
-    inside the target's head region and person mask. Raises FaceAnalysisError when a method cannot render it."""
+    inside the target's head region and person mask. Raises FaceAnalysisError when a method cannot render it,
+    MethodOutputError when a picture it drew is not finite."""
     framing, obs = case.framing, case.tgt_obs
     target = framing.crop(case.tgt_frame)
     head_full = head_region_mask(obs.landmarks_px, obs.image_size, obs.mask)
@@ -185,6 +191,10 @@ def _score_case(case: PairCase, runner: MethodRunner, scorer: Scorer, ref_view: 
     tgt_lms = scorer.face(target)
     tgt_emb = scorer.embed(target, tgt_lms)
     outputs = {BASELINE: ref_view, **runner.render(case)}
+    for name, picture in outputs.items():
+        if not np.isfinite(picture).all():
+            raise MethodOutputError(f"method '{name}' drew a picture with values that are not finite for "
+                                    f"'{case.clip}' (reference {case.pair.ref}, target {case.pair.tgt}): nothing scored")
     fields = {
         "head_px": int(head.sum()),
         "person_px": int(person.sum()),

@@ -105,6 +105,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     from models.evaluation.clips import ClipIndexConfig, default_cache_dir, find_clips
     from models.evaluation import CallableRunner, EvalConfig, evaluate, write_results
     from models.evaluation.metrics import MissingEvalExtraError
+    from models.evaluation.harness import MethodOutputError
     from models.evaluation.multiview import SetReadError, find_sets
 
     methods = list(dict.fromkeys(m.strip() for arg in args.methods for m in arg.split(",") if m.strip()))
@@ -172,7 +173,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                           meta={"argv": list(argv) if argv is not None else sys.argv[1:],
                                 "refiner": args.refiner if "refined" in methods else None, "notes": notes},
                           sets=sets)
-    except (EvalSetupError, MissingEvalExtraError) as exc:
+    except (EvalSetupError, MissingEvalExtraError, MethodOutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if "raw" not in methods and "raw" in result.methods:

@@ -147,6 +147,20 @@ def test_align_to_reference_puts_the_head_where_the_reference_has_it(analyzer):
 # -- the harness on sets -----------------------------------------------------------------------------------
 
 
+def test_a_method_that_draws_non_finite_values_stops_the_evaluation_with_its_name(set_root):
+    """NaN in a render would leave the method's metrics empty and every bin at n=0 without a word (met while
+    probing a geometry change): the harness says which method and which target instead."""
+    from models.evaluation.harness import MethodOutputError
+
+    def broken(case):
+        picture = oracle(case).copy()
+        picture[0, 0, 0] = np.nan
+        return picture
+
+    with pytest.raises(MethodOutputError, match="method 'raw' drew a picture with values that are not finite"):
+        evaluate([], CallableRunner({"raw": broken}), FAST, sets=[set_root / "astro"], progress=False)
+
+
 def test_oracle_targets_binned_by_the_cameras_angles_and_the_back_view_skipped(set_root):
     res = evaluate([], CallableRunner({"raw": oracle}), FAST, sets=[set_root / "astro"], progress=False)
     assert res.sets == ["astro"] and not res.records and res.set_info["astro"]["reference"] == "view_0.png"
