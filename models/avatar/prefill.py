@@ -144,15 +144,12 @@ def view_counts_to_prefill(warm_views: int, current: int) -> tuple[int, ...]:
     return tuple(sorted(set(range(1, max(1, warm_views) + 1)) | {max(1, current)}))
 
 
-PREFILL_PRIORITY = "idle"
-"""The child's CPU priority, inherited by its compile workers: Linux's SCHED_IDLE (it runs on cores no one else
-wants), else the lowest niceness. In a call every participant's sender starts a child; four of them compiling at
-the senders' priority took the cores the calls needed (H200, 4 participants: 26.6 fps each and p50 189 ms while
-they compiled, against 30 fps and 115 ms), and at niceness 10 still 27.6 fps and 165 ms."""
-
-
 def _lower_priority() -> str:
-    """This process (and what it starts) below the sender's priority; returns the priority it runs at, in words."""
+    """This process (and the compile workers it starts) below the sender's CPU priority: Linux's SCHED_IDLE (it runs
+    on cores no one else wants), else the lowest niceness; returns the priority it runs at, in words. In a call every
+    participant's sender starts a child; four of them compiling at the senders' priority took the cores the calls
+    needed (H200, 4 participants: 26.6 fps each and p50 189 ms while they compiled, against 30 fps and 115 ms once
+    compiled), at niceness 10 still 27.6 fps and 165 ms, under SCHED_IDLE 29.5 fps and 142 ms."""
     if hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
