@@ -189,7 +189,7 @@ async def run(args: argparse.Namespace, loads: list[float], cpu_percent: dict[st
                               compile_avatar=args.compile_avatar, memory=args.memory)
     host = CallHost(CallConfig(sender=SenderConfig(source="uplink", codec=args.codec, stamp_frames=True, max_viewers=max(8, n)),
                                pipeline=pipeline, pipeline_factory=args.pipeline, max_participants=n, mps=args.mps,
-                               camera_rate=args.camera_rate))
+                               camera_rate=args.camera_rate, gpus=args.gpus))
     receiver = Receiver(ReceiverConfig(port=0, room=ROOM, web_dir=Path(__file__).resolve().parents[1] / "web", limits=limits),
                         cameras=host)
     host.attach(receiver.signaling)
@@ -265,6 +265,8 @@ def main() -> int:
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
     parser.add_argument("--mps", action=argparse.BooleanOptionalAction, default=True,
                         help="on a GPU, the pipelines side by side through CUDA MPS, as `telepresence serve` (the default)")
+    parser.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="spread the participants' pipelines over N GPUs, as `telepresence serve --gpus` (default: every GPU)")
     parser.add_argument("--camera-rate", action=argparse.BooleanOptionalAction, default=True,
                         help="the server asks each camera for the frames its pipeline uses, as `telepresence serve` (the default)")
     parser.add_argument("--pipeline", default=None, help="'module:function' making a stand-in pipeline (default: the product's)")

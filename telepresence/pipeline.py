@@ -199,6 +199,11 @@ class Pipeline:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {config.device!r} asked for, but CUDA is not available")
+        if self.device.type == "cuda" and self.device.index is not None:
+            if self.device.index >= torch.cuda.device_count():
+                raise RuntimeError(f"device {config.device!r} asked for, but this machine has "
+                                   f"{torch.cuda.device_count()} GPU(s)")
+            torch.cuda.set_device(self.device)  # CUDA graphs capture, and streams start, on the current device
         _set_host_threads(config.cpu_threads, self.device.type)
         if self.device.type == "cuda":  # the refiner's convolutions: cuDNN times its algorithms once per shape, keeps the fastest
             torch.backends.cudnn.benchmark = True

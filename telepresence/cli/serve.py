@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mps", action=argparse.BooleanOptionalAction, default=CallConfig.mps,
                         help="on a GPU, run the participants' pipelines side by side through CUDA MPS (a daemon of the "
                         "server's own, stopped with it) instead of by turns")
+    parser.add_argument("--gpus", type=int, default=CallConfig.gpus, metavar="N",
+                        help="with --device cuda, spread the participants' pipelines over N GPUs, each new one on the GPU "
+                        "with the fewest (default: every GPU the host has; 1: all on the first; --device cuda:K: all on K)")
     parser.add_argument("--stamp-frames", action="store_true",
                         help="read capture stamps from the cameras and paint them into the avatars (benchmarks/call.py)")
     add_verbosity(parser)
@@ -51,7 +54,7 @@ def call_config_from_args(args: argparse.Namespace, receiver: ReceiverConfig) ->
                           ice=receiver.ice, max_viewers=receiver.limits.max_viewers_per_room, stamp_frames=args.stamp_frames)
     return CallConfig(sender=sender, pipeline=pipeline_config_from_args(args), pipeline_factory=args.pipeline,
                       head=HeadTrackingConfig(gain=args.head_gain), max_participants=args.max_participants, mps=args.mps,
-                      camera_rate=args.camera_rate)
+                      camera_rate=args.camera_rate, gpus=args.gpus)
 
 
 async def _run(receiver_config: ReceiverConfig, call_config: CallConfig) -> None:

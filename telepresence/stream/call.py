@@ -47,6 +47,7 @@ from .messages import (
     UnpublishedMessage,
     parse_uplink_message,
 )
+from .gpus import gpu_count, least_loaded
 from .mps import MpsDaemon, share_gpu
 from .rtc import InvalidOfferError
 from .sender import PC_CLOSE_TIMEOUT_S, Sender, SenderConfig
@@ -91,6 +92,10 @@ class CallConfig:
     pipeline_timeout_s: float = 20.0
     """A participant whose pipeline (its own process) does not answer one frame in this long is dropped
     and the process stopped (a frame takes milliseconds on a GPU, a second on a busy CPU)."""
+    gpus: Optional[int] = None
+    """GPUs the participants' pipelines are spread over, each new one on the GPU with the fewest
+    (telepresence.stream.gpus), when pipeline.device is "cuda": None, every GPU the host has; 1, all on the first.
+    A device with a number ("cuda:1") keeps every pipeline on it."""
 
     def __post_init__(self) -> None:
         if self.max_participants < 1:
@@ -100,6 +105,8 @@ class CallConfig:
                 raise ValueError(f"{name}: expected 0.5..120, got {getattr(self, name)}")
         if self.max_bad_frames < 1:
             raise ValueError(f"max_bad_frames: expected >= 1, got {self.max_bad_frames}")
+        if self.gpus is not None and self.gpus < 1:
+            raise ValueError(f"gpus: expected >= 1 or None (every GPU the host has), got {self.gpus}")
 
 
 class Participant:
@@ -120,6 +127,8 @@ class Participant:
         self.camera_rate: Optional[CameraRate] = CameraRate() if config.camera_rate else None
         self.tracker = HeadTracker(config.head, config.sender.pose_limits)
         self.pipeline: Optional[PipelineProcess] = None
+        self.gpu: Optional[int] = None
+        """The GPU its pipeline runs on when the server spreads them over several (CallHost.device_for)."""
         self.pc: Optional[RTCPeerConnection] = None
         self.channel: Optional[RTCDataChannel] = None
         self.sender: Optional[Sender] = None
@@ -146,14 +155,15 @@ class Participant:
         own avatar before it hears of it. Returns the answer SDP; CallRefusedError when no avatar can be made."""
         config = self.host.config
         env = await self.host.gpu_env()
-        opening = self._open_pipeline(env)
+        device = await self.host.device_for(self)
+        opening = self._open_pipeline(env, device)
         try:
             try:
                 self.pipeline = await asyncio.shield(opening)
             except PipelineUnavailableError as error:
                 if not env:
                     raise
-                opening = self._open_pipeline({})  # without MPS: if that starts, MPS was the cause
+                opening = self._open_pipeline({}, device)  # without MPS: if that starts, MPS was the cause
                 self.pipeline = await asyncio.shield(opening)
                 self.host.mps_failed(error)  # the next ones start without MPS too, by turns
         except PipelineUnavailableError as error:
@@ -194,10 +204,11 @@ class Participant:
         self._spawn(self._watchdog())
         return pc.localDescription.sdp
 
-    def _open_pipeline(self, env: dict[str, str]) -> asyncio.Future:
+    def _open_pipeline(self, env: dict[str, str], device: str) -> asyncio.Future:
         config = self.host.config
+        pipeline = config.pipeline if device == config.pipeline.device else dataclasses.replace(config.pipeline, device=device)
         return self._loop.run_in_executor(None, functools.partial(
-            open_pipeline_process, config.pipeline, config.pipeline_factory, name=repr(self),
+            open_pipeline_process, pipeline, config.pipeline_factory, name=repr(self),
             timeout_s=config.pipeline_timeout_s, env=env))
 
     def _close_unused(self, opening: asyncio.Future) -> None:
@@ -325,6 +336,7 @@ class CallHost:
         self.gpu_sharing: Optional[str] = None
         """How the participants' pipelines share a GPU, in words, once the first one has started on one."""
         self._mps_failed: Optional[str] = None
+        self._gpus: Optional[asyncio.Future] = None  # how many GPUs the pipelines are spread over (asked once)
 
     def mps_failed(self, error: BaseException) -> None:
         """A pipeline process did not start under MPS (its server could not be had: another user's MPS on the GPU,
@@ -351,6 +363,29 @@ class CallHost:
             self._gpu_env = asyncio.get_running_loop().run_in_executor(None, share_gpu, self._mps)
         env, self.gpu_sharing = await asyncio.shield(self._gpu_env)
         return env
+
+    async def device_for(self, participant: Participant) -> str:
+        """The device of `participant`'s pipeline: with several GPUs and pipeline.device "cuda", the GPU with the
+        fewest pipelines now (noted as participant.gpu); else pipeline.device as given."""
+        device = self.config.pipeline.device
+        if device != "cuda":
+            return device
+        if self._gpus is None:
+            loop = asyncio.get_running_loop()
+            self._gpus = loop.run_in_executor(None, gpu_count) if self.config.gpus is None else loop.create_future()
+            if self.config.gpus is not None:
+                self._gpus.set_result(self.config.gpus)
+            count = await asyncio.shield(self._gpus)
+            if count > 1:
+                logger.info("the participants' pipelines are spread over %d GPUs, each new one on the GPU with the "
+                            "fewest%s", count, "" if self.config.gpus else " (--gpus 1: all on the first)")
+        count = await asyncio.shield(self._gpus)
+        if count <= 1:
+            return device
+        participant.gpu = least_loaded(count, [p.gpu for p in self.participants.values()
+                                               if p is not participant and p.gpu is not None])
+        logger.info("%s: its pipeline on cuda:%d", participant, participant.gpu)
+        return f"cuda:{participant.gpu}"
 
     def attach(self, server: SignalingServer) -> None:
         """The server whose rooms the avatars join (the one that hands this host its `publish`es)."""

@@ -251,6 +251,24 @@ def test_the_pipeline_smooths_the_landmarks_unless_asked_not_to(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_a_pipeline_on_the_second_gpu_captures_and_serves_there(astronaut):
+    """serve spreads its participants' pipelines over the GPUs as cuda:N (telepresence.stream.gpus): such a
+    pipeline makes the GPU current, so that its CUDA graphs capture there, and serves as one on the first."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (the device tool's nvidia-h200-x2)")
+    p = Pipeline(PipelineConfig(device="cuda:1", size=128, refiner=None, warm_views=2, compile_avatar="off"))
+    try:
+        result = p.process(astronaut, [ViewPose(yaw_deg=-20), ViewPose(yaw_deg=20)], p.analyze(astronaut, 0.0))
+        assert result.status == "ok" and len(result.views) == 2
+        assert torch.cuda.current_device() == 1 and p.engine.cuda_graphs and not p.engine.fell_back
+        assert p.engine.avatar.verts.device == torch.device("cuda:1")
+    finally:
+        p.close()
+    with pytest.raises(RuntimeError, match="this machine has"):
+        Pipeline(PipelineConfig(device=f"cuda:{torch.cuda.device_count()}", size=128, refiner=None))
+
+
+@pytest.mark.gpu
 def test_compile_avatar_wait_serves_the_first_face_through_compiled_graphs(astronaut):
     """compile_avatar="wait" (the benchmarks'): the first frame with a face comes back through the compiled
     graphs, with the plain graphs' pictures (a compiled kernel may resolve a raster tie the other way: at most

@@ -2,6 +2,8 @@
 serve's camera rate."""
 import argparse
 
+import pytest
+
 from telepresence.cli.options import add_pipeline_arguments, pipeline_config_from_args
 
 
@@ -28,3 +30,16 @@ def test_serve_asks_cameras_for_the_rate_their_pipeline_uses_unless_told_not_to(
     for argv, expected in (([], True), (["--no-camera-rate"], False)):
         args = parser.parse_args(["--device", "cpu", *argv])
         assert call_config_from_args(args, config_from_args(args)).camera_rate is expected
+
+
+def test_serve_spreads_over_every_gpu_unless_told_how_many():
+    from telepresence.cli.receive import config_from_args
+    from telepresence.cli.serve import build_parser, call_config_from_args
+
+    parser = build_parser()
+    for argv, expected in (([], None), (["--gpus", "2"], 2), (["--gpus", "1"], 1)):
+        args = parser.parse_args(["--device", "cuda", *argv])
+        assert call_config_from_args(args, config_from_args(args)).gpus == expected
+    args = parser.parse_args(["--device", "cuda", "--gpus", "0"])
+    with pytest.raises(ValueError, match="gpus"):
+        call_config_from_args(args, config_from_args(args))

@@ -118,6 +118,20 @@ async def test_everyone_sees_everyone_else_in_one_pipeline_call_per_frame():
 
 
 @async_test(timeout_s=120)
+async def test_on_two_gpus_the_participants_pipelines_alternate_and_everyone_still_sees_everyone():
+    """serve spreads the pipelines over the host's GPUs (CallConfig.gpus; here 2 told, the fake pipeline standing in
+    for CUDA): each process gets its cuda:N, and the call is the same call."""
+    async with running_call(device="cuda", gpus=2, mps=False) as receiver, participant(receiver, "alice") as a, \
+            participant(receiver, "bob") as b, participant(receiver, "cleo") as c:
+        for watcher, other in ((a, b), (b, c), (c, a)):
+            await watcher.frames.flowing(other.avatar_id)
+        host = receiver.signaling.cameras
+        devices = sorted(p.pipeline.describe()["device"] for p in host.participants.values())
+        assert devices == ["cuda:0", "cuda:0", "cuda:1"]
+        assert sorted(p.gpu for p in host.participants.values()) == [0, 0, 1]
+
+
+@async_test(timeout_s=120)
 async def test_a_head_that_moves_left_turns_the_camera_on_the_others_to_the_left():
     # The participant's left is the right of their (unmirrored) camera picture; through a window they
     # then see more of the other's right cheek: yaw < 0, which the fake pipeline draws left of centre.
