@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, soak, first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -105,6 +105,13 @@ if has call-turns; then
   echo "== call by turns (--no-mps): 4 participants at 512, each watching the 3 others, cameras paced at 30 fps"
   timeout 480 python3 benchmarks/call.py --device cuda --size 512 --participants 4 --seconds 10 --warmup 5 --no-mps \
     --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_4p_turns.json" 2>&1 | tee "$OUT/call_turns.log" | filter | tail -15
+fi
+if has call-2gpu; then
+  # On nvidia-h200-x2: 8 participants, their pipelines spread over the two GPUs (serve's default on such a host).
+  echo "== call on two GPUs: 8 participants at 512, each watching the 7 others, cameras paced at 30 fps"
+  nvidia-smi -L
+  timeout 540 python3 benchmarks/call.py --device cuda --size 512 --participants 8 --seconds 10 --warmup 5 --gpus 2 \
+    --source-fps 30 --refiner /tmp/refiner-small-arch --out "$OUT/call_cuda_512_8p_2gpus.json" 2>&1 | tee "$OUT/call_2gpu.log" | filter | tail -20
 fi
 if has refiner; then
   echo "== refiner (small)"
