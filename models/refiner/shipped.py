@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,8 @@ def load_refiner(
             log.warning("no shipped refiner weights at %s: showing raw avatar renders", path)
             return None
         spec = str(path)
+    t0 = time.perf_counter()
+    log.info("refiner: loading %s on %s (diffusers' import and the model: seconds)", spec, device)
     from models.refiner.model import Refiner
 
     if dtype is None:
@@ -71,4 +74,5 @@ def load_refiner(
         log.info("the refiner is compiled on its first two view counts (torch.compile; minutes for a large U-Net, "
                  "once per start)")
     refiner.prepare(device, dtype, cuda_graphs=cuda_graphs, compile=compile, compile_dynamic=None if compile else False)
+    log.info("refiner: loaded in %.1f s", time.perf_counter() - t0)
     return refiner
