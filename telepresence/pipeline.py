@@ -203,7 +203,8 @@ class Pipeline:
             if self.device.index >= torch.cuda.device_count():
                 raise RuntimeError(f"device {config.device!r} asked for, but this machine has "
                                    f"{torch.cuda.device_count()} GPU(s)")
-            torch.cuda.set_device(self.device)  # CUDA graphs capture, and streams start, on the current device
+            torch.cuda.set_device(self.device)  # CUDA graphs capture, and streams start, on the current device:
+            # this thread's; process() and render() make it current on theirs (a sender calls them from its own)
         _set_host_threads(config.cpu_threads, self.device.type)
         if self.device.type == "cuda":  # the refiner's convolutions: cuDNN times its algorithms once per shape, keeps the fastest
             torch.backends.cudnn.benchmark = True
@@ -253,6 +254,13 @@ class Pipeline:
         if self._prefill is not None:
             self._prefill.stop()
         self.analyzer.close()
+
+    def _make_current(self) -> None:
+        """On a numbered GPU (cuda:N), make it this thread's current device: CUDA graphs capture, and streams start,
+        on the current device, and each host thread has its own (the sender's worker is not the thread that made
+        the pipeline)."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -306,6 +314,7 @@ class Pipeline:
         """Views of the person in ``frame_rgb`` (RGB uint8 [H, W, 3]) at every pose.
         analysis: this frame's :meth:`analyze` result if already made (else made here)."""
         timings: dict[str, float] = {}
+        self._make_current()
         if analysis is None:
             analysis = self.analyze(frame_rgb)
         if self._reset_memory:
@@ -445,6 +454,7 @@ class Pipeline:
     @torch.no_grad()
     def render(self, poses: Sequence[OrbitPose], timings: dict[str, float] | None = None) -> list[np.ndarray]:
         """Render (and refine) the current avatar at ``poses``: RGB uint8 [S, S, 3] each."""
+        self._make_current()
         timings = {} if timings is None else timings
         size = self.config.size
         t0 = time.perf_counter()

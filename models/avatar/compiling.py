@@ -150,6 +150,8 @@ class BackgroundCompiler:
         return self._idle.wait(timeout)
 
     def _work(self) -> None:
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # this thread's current device: what the jobs' own streams start on
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
             key, job, what, attempt = self._queue.get()

@@ -58,6 +58,9 @@ def compile_like_the_sender(job: PrefillJob) -> float:
     from models.avatar.engine import AvatarEngine
     from models.geometry.camera import OrbitPose
 
+    device = torch.device(job.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the sender's GPU (cuda:N): graphs capture on the current device
     engine = AvatarEngine(job.config, job.device, job.render_size, fixed_shapes=True, compile=True)
     if job.capacities is not None:
         engine.preset_capacities(*job.capacities)
