@@ -371,14 +371,7 @@ class CallHost:
         if device != "cuda":
             return device
         if self._gpus is None:
-            loop = asyncio.get_running_loop()
-            self._gpus = loop.run_in_executor(None, gpu_count) if self.config.gpus is None else loop.create_future()
-            if self.config.gpus is not None:
-                self._gpus.set_result(self.config.gpus)
-            count = await asyncio.shield(self._gpus)
-            if count > 1:
-                logger.info("the participants' pipelines are spread over %d GPUs, each new one on the GPU with the "
-                            "fewest%s", count, "" if self.config.gpus else " (--gpus 1: all on the first)")
+            self._gpus = asyncio.ensure_future(self._count_gpus())
         count = await asyncio.shield(self._gpus)
         if count <= 1:
             return device
@@ -386,6 +379,14 @@ class CallHost:
                                                if p is not participant and p.gpu is not None])
         logger.info("%s: its pipeline on cuda:%d", participant, participant.gpu)
         return f"cuda:{participant.gpu}"
+
+    async def _count_gpus(self) -> int:
+        """config.gpus, else the GPUs this host has (telepresence.stream.gpus.gpu_count); said once when several."""
+        count = self.config.gpus or await asyncio.get_running_loop().run_in_executor(None, gpu_count)
+        if count > 1:
+            logger.info("the participants' pipelines are spread over %d GPUs, each new one on the GPU with the fewest%s",
+                        count, "" if self.config.gpus else " (--gpus 1: all on the first)")
+        return count
 
     def attach(self, server: SignalingServer) -> None:
         """The server whose rooms the avatars join (the one that hands this host its `publish`es)."""
@@ -448,6 +449,8 @@ class CallHost:
         await asyncio.gather(*(self.drop(p, "the server is stopping", fault=False) for p in list(self.participants.values())),
                              return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._gpus is not None:
+            await asyncio.gather(self._gpus, return_exceptions=True)
         if self._gpu_env is not None:
             await asyncio.gather(self._gpu_env, return_exceptions=True)
             await asyncio.get_running_loop().run_in_executor(None, self._mps.stop)
