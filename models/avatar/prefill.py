@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.avatar.compiling import CAPTURE_RETRIES
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CachePrefill", "PrefillJob", "compile_like_the_sender", "view_counts_to_prefill"]
@@ -61,19 +63,30 @@ def compile_like_the_sender(job: PrefillJob) -> float:
     device = torch.device(job.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the sender's GPU (cuda:N): graphs capture on the current device
-    engine = AvatarEngine(job.config, job.device, job.render_size, fixed_shapes=True, compile=True)
+    # Held: the worker starts once this frame's captures are done (wait_compiled releases it), so that none meets it.
+    engine = AvatarEngine(job.config, job.device, job.render_size, fixed_shapes=True, compile=True, compile_held=True)
     if job.capacities is not None:
         engine.preset_capacities(*job.capacities)
-    avatar = engine.build(job.image, job.obs, crop=job.crop)
+    memory = None
     if job.memory is not None:
         from models.avatar.memory import AppearanceMemory
 
         memory = AppearanceMemory(job.memory, job.device)
         memory.compiler = engine.compiler
-        memory.cuda_graphs = engine.cuda_graphs and not engine.eager_frame
-        engine.avatar = memory.observe(avatar, job.image, job.obs)
-    for n in job.view_counts:
-        engine.render([OrbitPose()] * n)
+    # A capture that meets a compile makes its frame eager, and an eager frame captures no render, so asks for no
+    # render's compile (a child for a fifth viewer, before the hold above, compiled the build alone so, and the
+    # sender then compiled that render cold itself): frame again until one captures.
+    for _ in range(CAPTURE_RETRIES + 1):
+        avatar = engine.build(job.image, job.obs, crop=job.crop)
+        if memory is not None:
+            memory.cuda_graphs = engine.cuda_graphs and not engine.eager_frame
+            engine.avatar = memory.observe(avatar, job.image, job.obs)
+        for n in job.view_counts:
+            engine.render([OrbitPose()] * n)
+        if not engine.eager_frame:
+            break
+    else:
+        raise RuntimeError(f"every capture of the build met the compile ({CAPTURE_RETRIES + 1} frames)")
     if not engine.wait_compiled(job.timeout_s):
         raise TimeoutError(f"the compiles took more than {job.timeout_s:.0f} s")
     if engine.compiler.failed is not None:

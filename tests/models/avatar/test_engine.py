@@ -161,12 +161,15 @@ class _Recording:
 
     def __init__(self, fail: bool = False):
         self.calls: list[tuple[str, str]] = []
+        self.made: list[tuple[str, str]] = []  # (function, thread) of each compile_fn call
         self.fail = fail
 
     def __call__(self, fn):
-        def compiled(*args, **kwargs):
-            import threading
+        import threading
 
+        self.made.append((fn.__name__, threading.current_thread().name))
+
+        def compiled(*args, **kwargs):
             self.calls.append((fn.__name__, threading.current_thread().name))
             if self.fail:
                 raise RuntimeError("inductor: no compiler for this machine")
@@ -217,9 +220,12 @@ def test_held_compiles_wait_until_released_while_the_plain_graphs_serve(case):
     assert max_diff(out, plain.render(POSES[:2])) == 0.0
     time.sleep(0.3)  # a worker that did not wait would have run the jobs by now
     assert recording.calls == [] and engine.compile_state == "compiling" and engine.compiler.held
+    # Nor is torch.compile called yet: it imports dynamo and inductor (seconds), which held the first frame.
+    assert recording.made == []
     assert engine.release_compiles() and not engine.release_compiles()
     assert engine.wait_compiled(120) and {n for n, t in recording.calls if t == "avatar-compile"} == {
         "build_on_device", "render_cameras"}
+    assert sorted(recording.made) == [("build_on_device", "avatar-compile"), ("render_cameras", "avatar-compile")]
     engine.build(image, obs)
     engine.render(POSES[:2])
     assert engine.compile_state == "compiled"

@@ -45,6 +45,34 @@ def test_the_child_compiles_the_build_and_the_render_of_each_view_count(case, mo
     assert seconds >= 0 and sorted(compiled) == ["build_on_device", "render_cameras"]  # one compiled function each
 
 
+def test_a_child_whose_first_capture_meets_the_compile_still_compiles_every_render(case, monkeypatch):
+    """The worker starts compiling the build at once; a capture that meets it makes that frame eager, and an eager
+    frame asks for no render. The child frames again, so every view count's render is compiled all the same."""
+    import models.avatar.engine as engine_module
+
+    rendered = set()
+
+    def recording(fn, **kwargs):
+        def compiled(*args, **kw):
+            if fn.__name__ == "render_cameras":
+                rendered.add(int(args[1].shape[0]))  # the view count
+            return fn(*args, **kw)
+        return compiled
+
+    real_graph, graphs = engine_module._Graph, []
+
+    def clashing(*args, **kwargs):
+        graphs.append(1)
+        if len(graphs) == 1:  # the build's capture, as CUDA words it
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return real_graph(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    monkeypatch.setattr(engine_module, "_Graph", clashing)
+    compile_like_the_sender(_job(case, view_counts=(1, 3)))
+    assert rendered == {1, 3}
+
+
 def test_the_view_counts_are_the_warmed_ones_and_the_current_one():
     assert view_counts_to_prefill(4, 2) == (1, 2, 3, 4)
     assert view_counts_to_prefill(4, 6) == (1, 2, 3, 4, 6)
