@@ -145,6 +145,7 @@ class PipelineProcess:
         self._frames = _Channel(frames)
         self._tokens = 0
         self._closing = threading.Lock()
+        self._reset_memory = False  # asked for by a viewer: sent with the next process() call
 
     def __repr__(self) -> str:
         return f"pipeline process of {self.name} (pid {self.pid})"
@@ -171,11 +172,18 @@ class PipelineProcess:
             token = analysis.token if isinstance(analysis, RemoteAnalysis) else None
             frame = None if token is not None else _put_frame(channel.frames, frame_rgb)
             views = channel.views.fit(len(poses) * self.size * self.size * 3)
+            reset, self._reset_memory = self._reset_memory, False
             shapes, found, status, timings_ms, memory_fill, kernels = self._call(
-                channel, ("process", token, frame, list(poses), views.name, views.size))
+                channel, ("process", token, frame, list(poses), views.name, views.size, reset))
             pictures = _take_views(channel.views, shapes)
         return FrameResult(pictures, found, status, timings_ms, memory_fill, fresh=True,  # copies out of the block
                            kernels=kernels)
+
+    def reset_memory(self) -> None:
+        """The pipeline's appearance memory forgets what it has seen (a viewer's reset button): asked with the next
+        process() call, so that the event loop that asks never waits for a call in progress (as in this process, the
+        pipeline's own reset takes effect at its next frame)."""
+        self._reset_memory = True
 
     def describe(self) -> dict[str, Any]:
         """What the process runs (telepresence.stream.worker.describe_pipeline): the benchmark's `path`."""
@@ -430,7 +438,9 @@ class _Worker:
             eyes = None if analysis.eyes_m is None else np.asarray(analysis.eyes_m)
             return "analysis", (analysis.landmarks_ms, eyes, analysis.observation is not None)
         if kind == "process":
-            _, token, frame, poses, views_name, views_size = request
+            _, token, frame, poses, views_name, views_size, reset = request
+            if reset and callable(getattr(self.pipeline, "reset_memory", None)):
+                self.pipeline.reset_memory()
             if token is None:
                 result = self.pipeline.process(_take_frame(frames, frame), poses)
             else:

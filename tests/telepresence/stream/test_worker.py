@@ -125,6 +125,22 @@ def test_an_exception_in_the_pipeline_fails_that_call_only():
     assert worker.closed
 
 
+def test_a_viewers_memory_reset_reaches_the_pipeline_in_its_process():
+    """The reset button of a call's tile: the Sender calls reset_memory() on its pipeline, here a process; the
+    pipeline there forgets at its next frame (before, a pipeline process had no reset_memory and the button did
+    nothing)."""
+    worker = open_pipeline_process(CONFIG, FAKE, name="test")
+    try:
+        frame = head_frame(0.0)
+        fills = [worker.process(frame, POSES[:1]).memory_fill for _ in range(3)]
+        assert fills == pytest.approx([0.01, 0.02, 0.03])
+        worker.reset_memory()  # does not wait for the process: an event loop calls it
+        assert worker.process(frame, POSES[:1]).memory_fill == pytest.approx(0.01)  # forgot, then this frame
+        assert worker.process(frame, POSES[:1]).memory_fill == pytest.approx(0.02)  # once
+    finally:
+        worker.close()
+
+
 def test_a_pipeline_that_cannot_be_made_is_unavailable_with_the_reason():
     with pytest.raises(PipelineUnavailableError, match="cannot load the pipeline factory 'tests.no_such_module:build'"):
         open_pipeline_process(CONFIG, "tests.no_such_module:build", name="test")
