@@ -351,6 +351,9 @@ class Sender:
             if callable(reset):
                 logger.info("viewer %s: asked to reset the appearance memory", peer.id)
                 reset()
+            else:
+                logger.info("viewer %s: asked to reset the appearance memory, which this pipeline does not have",
+                            peer.id)
         elif isinstance(message, PoseMessage):
             if message.seq <= peer.pose_seq:
                 return  # reordered or repeated: an older pose than the one in use
