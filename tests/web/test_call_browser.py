@@ -165,6 +165,12 @@ def test_two_pages_see_each_others_avatar_turn_and_leave(browsers, tmp_path):
                                 timeout=10000)
         panel, self_view = alice.locator("#stats-panel").bounding_box(), alice.locator("#self").bounding_box()
         assert self_view["x"] + self_view["width"] <= panel["x"], (self_view, panel)  # the self view moves clear of it
+        # The panel's memory reset reaches bob's pipeline in its own process (the fake's fill: 1 % a frame)
+        fill = "() => Number(document.querySelector('#stats-panel [data-stat=\"memory\"]').textContent)"
+        alice.wait_for_function(f"() => ({fill})() >= 60", timeout=20000)
+        alice.click("#stats-panel .memory-reset")
+        alice.wait_for_function(f"() => ({fill})() < 30", timeout=5000)
+        server.read_until(r"asked to reset the appearance memory$", timeout_s=5)
         alice.keyboard.press("s")
         assert not alice.locator("#stats-panel").is_visible()
 
