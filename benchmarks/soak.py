@@ -298,6 +298,8 @@ def run_soak(args: argparse.Namespace) -> int:
     port = free_port()
     signaling = f"ws://127.0.0.1:{port}/ws"
     pipeline = [] if args.pipeline == "none" else ["--pipeline", args.pipeline]
+    if args.pipeline_process:
+        pipeline.append("--pipeline-process")
     if args.memory is not None:  # else the sender's default
         pipeline.append("--memory" if args.memory else "--no-memory")
     children: dict[str, Child] = {}
@@ -385,6 +387,8 @@ def main() -> int:
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="the sender's appearance memory on or off (default: the sender's default)")
+    parser.add_argument("--pipeline-process", action="store_true",
+                        help="the sender's pipeline in a process of its own (send --pipeline-process)")
     parser.add_argument("--pipeline", default="tests.fake_pipeline",
                         help="'module[:function]' making a stand-in pipeline, or 'none' for the product's")
     parser.add_argument("--sample-s", type=float, default=30.0, help="seconds between samples")

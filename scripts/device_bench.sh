@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -51,6 +51,14 @@ if has soak; then
   timeout $(python3 -c "print(int(${SOAK_MINUTES} * 60 + 75))") python3 benchmarks/soak.py --minutes "$SOAK_MINUTES" --sample-s 15 \
     --device cuda --size 512 --viewers 4 --churn --pipeline none --refiner /tmp/refiner-small-arch \
     --out "$OUT/soak_cuda_512_real.json" 2>&1 | grep -v "^\[" | tail -12
+fi
+if has soak-process; then
+  # The same with the sender's pipeline in a process of its own (send --pipeline-process), as serve runs each
+  # participant's: the compile from the disk cache then holds that process's lock, not the event loop's.
+  echo "== soak, the pipeline in its own process: ${SOAK_MINUTES:=7.3} min, 4 viewers + churn at 512"
+  timeout $(python3 -c "print(int(${SOAK_MINUTES} * 60 + 75))") python3 benchmarks/soak.py --minutes "$SOAK_MINUTES" --sample-s 15 \
+    --device cuda --size 512 --viewers 4 --churn --pipeline none --refiner /tmp/refiner-small-arch --pipeline-process \
+    --out "$OUT/soak_cuda_512_process.json" 2>&1 | grep -v "^\[" | tail -12
 fi
 if has first-frame; then
   # The sender's start on a cold inductor cache: run it on a fresh machine, first among the stages that compile.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
@@ -16,6 +17,7 @@ from telepresence.pipeline import PipelineUnavailableError
 from telepresence.stream.capture import SourceError, open_source
 from telepresence.stream.sender import Sender, SenderConfig, serve
 from telepresence.stream.signaling_client import SignalingRejectedError
+from telepresence.stream.worker import open_pipeline_process
 
 logger = logging.getLogger("telepresence")
 
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="play a file, image or the sample at this rate (default: a file's own, 30 for images)")
     add_pipeline_arguments(parser)
     add_sender_arguments(parser)
+    parser.add_argument("--pipeline-process", action="store_true",
+                        help="run the pipeline in a process of its own, as serve does for each participant (frames and "
+                             "views through shared memory): its compiles and Python work no longer hold the WebRTC "
+                             "event loop's interpreter lock")
     parser.add_argument("--stamp-frames", action="store_true", help="paint capture time into each view (latency tests)")
     add_verbosity(parser)
     return parser
@@ -49,15 +55,39 @@ async def _run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     source = await loop.run_in_executor(None, open_source, config.source, config.source_fps)  # a bad source fails fast
     try:
-        logger.info("loading the pipeline (device %s, %d px)", pipeline_config.device, pipeline_config.size)
-        pipeline = await loop.run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
+        logger.info("loading the pipeline (device %s, %d px%s)", pipeline_config.device, pipeline_config.size,
+                    ", in a process of its own" if args.pipeline_process else "")
+        if args.pipeline_process:
+            pipeline = await loop.run_in_executor(None, functools.partial(
+                open_pipeline_process, pipeline_config, args.pipeline, name="send"))
+        else:
+            pipeline = await loop.run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
     except BaseException:
         source.close()
         raise
     try:
-        await serve(Sender(config, pipeline, source=source))
+        sending = asyncio.ensure_future(serve(Sender(config, pipeline, source=source)))
+        if args.pipeline_process:  # a pipeline process that dies or stops answering ends the sender, with why
+            watch = asyncio.ensure_future(_watch_process(pipeline))
+            try:
+                await asyncio.wait([sending, watch], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sending, watch):
+                    task.cancel()
+                await asyncio.gather(sending, watch, return_exceptions=True)
+            if watch.done() and not watch.cancelled() and watch.exception() is not None:
+                raise watch.exception()
+        await sending
     finally:
         pipeline.close()
+
+
+async def _watch_process(pipeline) -> None:
+    import asyncio
+
+    while pipeline.poll() is None:
+        await asyncio.sleep(0.5)
+    raise PipelineUnavailableError(f"the pipeline process can no longer be used: {pipeline.error}")
 
 
 def main(argv: list[str] | None = None) -> int:

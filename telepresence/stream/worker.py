@@ -219,6 +219,13 @@ class PipelineProcess:
 
     # -- requests --
 
+    def poll(self) -> Optional[str]:
+        """:attr:`error`, after noticing a process that exited between calls (a sender with no viewer makes none)."""
+        process = self._process
+        if self.error is None and process is not None and process.exitcode is not None:
+            self._fail(self._exit_reason())
+        return self.error
+
     def _check(self) -> None:
         if self.error is not None:
             raise WorkerError(self.error)

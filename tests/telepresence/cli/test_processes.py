@@ -87,3 +87,51 @@ def test_demo_serves_the_sample_and_stops_cleanly_on_ctrl_c():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_send_with_its_pipeline_in_a_process_of_its_own_serves_a_viewer():
+    """`send --pipeline-process`: the pipeline runs as a call participant's does (telepresence.stream.worker)."""
+    from tests.web.test_browser import Process, start_receiver
+
+    receiver, _, port = start_receiver()
+    sender = Process("run_sender.py", "--signaling", f"ws://127.0.0.1:{port}/ws", "--source", "sample",
+                     "--pipeline", "tests.fake_pipeline", "--pipeline-process")
+    try:
+        sender.read_until(r"loading the pipeline \(device cpu, \d+ px, in a process of its own\)", timeout_s=30)
+        sender.read_until(r"joined room 'demo'", timeout_s=60)
+
+        async def watch():
+            viewer = Viewer()
+            await viewer.join(f"ws://127.0.0.1:{port}/ws", "demo")
+            image = await viewer.next_frame(timeout_s=15)
+            await viewer.close()
+            return image
+
+        image = asyncio.run(asyncio.wait_for(watch(), 30))
+        assert image.shape[2] == 3 and image.std() > 20  # the sample's picture, through the pipeline process
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def test_a_send_whose_pipeline_process_is_gone_stops_with_the_reason():
+    from telepresence.cli.send import _watch_process
+    from telepresence.pipeline import PipelineUnavailableError
+
+    class Gone:
+        error = None
+
+        def poll(self):
+            return self.error
+
+    pipeline = Gone()
+
+    async def run():
+        watch = asyncio.ensure_future(_watch_process(pipeline))
+        await asyncio.sleep(0.1)
+        assert not watch.done()  # nothing wrong yet: it keeps watching
+        pipeline.error = "it exited with code -9"
+        return await asyncio.wait_for(watch, 5)
+
+    with pytest.raises(PipelineUnavailableError, match="can no longer be used: it exited with code -9"):
+        asyncio.run(run())
