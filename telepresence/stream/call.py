@@ -276,8 +276,8 @@ class Participant:
         capture = self.sender.render_loop.capture if self.sender and self.sender.render_loop else None
         if capture is not None and capture.error is not None:
             return f"its camera's frames cannot be used: {capture.error}"
-        if self.pipeline is not None and self.pipeline.error is not None:
-            return self.pipeline.error  # its process exited, was killed, or stopped answering
+        if self.pipeline is not None and self.pipeline.poll() is not None:
+            return self.pipeline.error  # its process exited (noticed between calls too), was killed, or stopped answering
         return None
 
     async def _watchdog(self) -> None:
