@@ -424,6 +424,8 @@ def main() -> int:
                         help="the viewers' frames encoded in the encoder process (the sender's default) or by aiortc here")
     parser.add_argument("--pipeline", default=None,
                         help="'module:function' making a stand-in pipeline (default: the product's)")
+    parser.add_argument("--pipeline-process", action="store_true",
+                        help="the pipeline in a process of its own, as `send --pipeline-process` and serve run it")
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="the appearance memory on or off (send --memory; default: PipelineConfig.memory's, the product's)")
@@ -460,12 +462,17 @@ def main() -> int:
     if args.memory is None:
         args.memory = PipelineConfig.memory  # the product's default, recorded as such
     try:
-        pipeline = open_pipeline(
-            PipelineConfig(device=args.device, size=args.size, refiner=None if args.refiner == "none" else args.refiner,
-                           compile_refiner=args.compile_refiner, compile_avatar=args.compile_avatar,
-                           memory=args.memory),
-            factory=args.pipeline,
-        )
+        pipeline_config = PipelineConfig(device=args.device, size=args.size,
+                                         refiner=None if args.refiner == "none" else args.refiner,
+                                         compile_refiner=args.compile_refiner, compile_avatar=args.compile_avatar,
+                                         memory=args.memory)
+        if args.pipeline_process:
+            from telepresence.stream.worker import open_pipeline_process
+
+            # --compile-avatar wait compiles at its first frame there, saying "busy" meanwhile (worker.py)
+            pipeline = open_pipeline_process(pipeline_config, args.pipeline, name="loopback", start_timeout_s=900)
+        else:
+            pipeline = open_pipeline(pipeline_config, factory=args.pipeline)
     except Exception as error:
         print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline:build_pipeline)", file=sys.stderr)
         return 1
@@ -478,6 +485,8 @@ def main() -> int:
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline)))
+    if args.pipeline_process:
+        pipeline.close()  # its process ends with it
 
     config = {k: v for k, v in vars(args).items() if k not in ("out", "viewer_child", "signaling", "room", "first_viewer")}
     out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"

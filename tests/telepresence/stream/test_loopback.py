@@ -4,6 +4,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from telepresence.stream.framecode import read_frame_code
 from telepresence.stream.messages import ResetMemoryMessage
@@ -238,9 +239,11 @@ async def test_a_failing_offer_closes_that_viewer_only():
             await viewer.close()
 
 
-def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path):
+@pytest.mark.parametrize("pipeline_process", [False, True])
+def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path, pipeline_process):
     """benchmarks/loopback.py end to end (fake pipeline): the viewers run in a child process,
-    join through the receiver's signaling and read the capture stamps back."""
+    join through the receiver's signaling and read the capture stamps back; with --pipeline-process the
+    sender's pipeline runs in a process of its own (send --pipeline-process)."""
     import json
     import subprocess
     import sys
@@ -250,11 +253,14 @@ def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path):
     out = tmp_path / "loopback.json"
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "loopback.py"), "--pipeline", "tests.fake_pipeline", "--device", "cpu",
-         "--size", "256", "--viewers", "2", "--seconds", "2", "--warmup", "1", "--refiner", "none", "--out", str(out)],
+         "--size", "256", "--viewers", "2", "--seconds", "2", "--warmup", "1", "--refiner", "none", "--out", str(out),
+         *(["--pipeline-process"] if pipeline_process else [])],
         cwd=root, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (result,) = json.loads(out.read_text())["results"]
+    doc = json.loads(out.read_text())
+    assert doc["config"]["pipeline_process"] is pipeline_process
+    (result,) = doc["results"]
     assert result["receiver"] == "aiortc (own process)" and result["viewers"] == 2
     assert result["frames"] > 10 and result["fps_per_viewer"]["min"] > 2
     assert result["latency_ms"]["n"] > 10 and 0 < result["latency_ms"]["median"] < 2000
