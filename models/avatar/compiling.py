@@ -91,10 +91,6 @@ class _CompiledOnFirstCall:
         self._compiled: Callable | None = None
         self._lock = threading.Lock()
 
-    @property
-    def made(self) -> bool:
-        return self._compiled is not None
-
     def __call__(self, *args, **kwargs):
         if self._compiled is None:
             with self._lock:
