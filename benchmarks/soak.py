@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere as `python benchmarks/soak.py
 
 ROOM = "soak"
 READY = re.compile(r"Open (http://\S+)")
+PIPELINE_PID = re.compile(r"the pipeline runs in process (\d+)")  # send --pipeline-process says so
 
 
 # -- child processes: a viewer, and the churn --------------------------------------------------------
@@ -139,6 +140,18 @@ async def churn_child(args: argparse.Namespace) -> None:
 # -- the parent: start, sample, stop, summarise ------------------------------------------------------
 
 
+def proc_stats(pid: int) -> dict[str, Optional[float]]:
+    """RSS (MB), open descriptors and threads of process PID, from /proc (None each once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+        threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, AttributeError):
+        return {"rss_mb": None, "fds": None, "threads": None}
+    return {"rss_mb": round(rss_kb / 1024, 1), "fds": fds, "threads": threads}
+
+
 class Child:
     """A process of the soak, its log file, and its last JSON report line."""
 
@@ -179,15 +192,7 @@ class Child:
 
     def proc(self) -> dict[str, Optional[float]]:
         """RSS (MB), open descriptors and threads, from /proc/PID."""
-        pid = self.popen.pid
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-            threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))
-            fds = len(os.listdir(f"/proc/{pid}/fd"))
-        except (OSError, AttributeError):
-            return {"rss_mb": None, "fds": None, "threads": None}
-        return {"rss_mb": round(rss_kb / 1024, 1), "fds": fds, "threads": threads}
+        return proc_stats(self.popen.pid)
 
     def stop(self) -> Optional[int]:
         if self.popen.poll() is None:
@@ -314,6 +319,9 @@ def run_soak(args: argparse.Namespace) -> int:
             "run_sender.py", "--signaling", signaling, "--room", ROOM, "--name", "soak", "--source", args.source,
             "--device", args.device, "--size", str(args.size), "--refiner", args.refiner, *pipeline], log_dir)
         children["sender"].wait_for(re.compile(r"joined room"), 600)
+        pipeline_pid = None  # send --pipeline-process: that process is sampled too, as "pipeline"
+        if args.pipeline_process:
+            pipeline_pid = int(children["sender"].wait_for(PIPELINE_PID, 10).group(1))
         for i in range(args.viewers):
             children[f"viewer{i}"] = Child(f"viewer{i}", [
                 str(Path(__file__).resolve()), "--viewer-child", "--signaling", signaling,
@@ -341,6 +349,8 @@ def run_soak(args: argparse.Namespace) -> int:
                     entry["fps"] = window_fps(child.reports)
                     entry["reconnects"] = child.reports[-1]["reconnects"] if child.reports else None
                 sample["processes"][name] = entry
+            if pipeline_pid is not None:
+                sample["processes"]["pipeline"] = proc_stats(pipeline_pid)
             sender_fps = [c.reports[-1].get("sender_fps") for n, c in children.items() if n.startswith("viewer") and c.reports]
             sender_fps = [f for f in sender_fps if f is not None]
             sample["processes"]["sender"]["fps"] = max(sender_fps) if sender_fps else None

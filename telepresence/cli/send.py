@@ -60,6 +60,7 @@ async def _run(args: argparse.Namespace) -> None:
         if args.pipeline_process:
             pipeline = await loop.run_in_executor(None, functools.partial(
                 open_pipeline_process, pipeline_config, args.pipeline, name="send"))
+            logger.info("the pipeline runs in process %d", pipeline.pid)
         else:
             pipeline = await loop.run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
     except BaseException:

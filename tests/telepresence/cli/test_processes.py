@@ -2,6 +2,7 @@
 restart: tests/telepresence/stream/test_sender.py)."""
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -98,6 +99,9 @@ def test_send_with_its_pipeline_in_a_process_of_its_own_serves_a_viewer():
                      "--pipeline", "tests.fake_pipeline", "--pipeline-process")
     try:
         sender.read_until(r"loading the pipeline \(device cpu, \d+ px, in a process of its own\)", timeout_s=30)
+        pid = int(sender.read_until(r"the pipeline runs in process (\d+)", timeout_s=60).group(1))  # soak.py samples it
+        assert pid != sender.popen.pid
+        os.kill(pid, 0)  # alive
         sender.read_until(r"joined room 'demo'", timeout_s=60)
 
         async def watch():
