@@ -333,6 +333,7 @@ def open_pipeline_process(config: PipelineConfig, factory: Optional[str] = None,
         worker.close()
         raise PipelineUnavailableError(f"the pipeline process did not start: {error}") from None
     if kind != "ready":
+        worker._fail("it was closed")  # it said why and ends itself: nothing more to ask it, nothing to warn of
         worker.close()
         raise PipelineUnavailableError(value)
     worker.size, worker.device, worker.refiner_name = value

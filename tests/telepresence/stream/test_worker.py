@@ -2,6 +2,7 @@
 as in this process (the fake pipeline and the real one), its faults (a crash, a hang, a kill, a raise),
 and on CUDA two processes capturing their graphs at once."""
 
+import logging
 import os
 import signal
 import time
@@ -141,9 +142,11 @@ def test_a_viewers_memory_reset_reaches_the_pipeline_in_its_process():
         worker.close()
 
 
-def test_a_pipeline_that_cannot_be_made_is_unavailable_with_the_reason():
+def test_a_pipeline_that_cannot_be_made_is_unavailable_with_the_reason(caplog):
     with pytest.raises(PipelineUnavailableError, match="cannot load the pipeline factory 'tests.no_such_module:build'"):
         open_pipeline_process(CONFIG, "tests.no_such_module:build", name="test")
+    # the reason is the one line: no warnings before it about the process that gave it and ended
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_the_real_pipeline_in_its_own_process_makes_the_same_pictures(astronaut):
