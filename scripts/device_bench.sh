@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -65,6 +65,37 @@ if has soak-process; then
   timeout $(python3 -c "print(int(${SOAK_MINUTES} * 60 + 75))") python3 benchmarks/soak.py --minutes "$SOAK_MINUTES" --sample-s 15 \
     --device cuda --size 512 --viewers 4 --churn --pipeline none --refiner /tmp/refiner-small-arch --pipeline-process \
     --out "$OUT/soak_cuda_512_process.json" 2>&1 | grep -v "^\[" | tail -12
+fi
+if has cache-start; then
+  # The start of a sender whose inductor cache is warm (every start after the first on a machine): the avatar
+  # compiles from the disk cache on the sender's worker (--compile-avatar background) while 4 viewers watch; the
+  # first case holds that compile, the second is the steady state after it. CACHE_MODES picks the runs:
+  #   warm      fill the cache (a cold compile, --compile-avatar wait; its case is the in-process steady state)
+  #   old       in process, the compile's switch interval 0.5 ms (the code before the thirteenth session)
+  #   new       in process, 0.05 ms (models.avatar.compiling.SWITCH_INTERVAL_S)
+  #   process   the pipeline in a process of its own (send --pipeline-process)
+  # The cache lives in .cache/ in the working tree, so a second call on the same warm machine finds it.
+  export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
+  lb() { timeout "$1" python3 benchmarks/loopback.py --device cuda --size 512 --source-fps "$SOURCE_FPS" \
+           --refiner /tmp/refiner-small-arch "${@:2}" 2>&1 | filter | tail -5; }
+  for mode in ${CACHE_MODES:-warm old new process}; do
+    echo "== cache start: $mode ($(du -sh .cache 2>/dev/null | cut -f1) cached)"
+    case $mode in
+      warm) lb 420 --viewers 4 --seconds 8 --compile-avatar wait --out "$OUT/loopback_cuda_512_warm.json" ;;
+      old) timeout 200 python3 -c "
+import runpy, sys
+import models.avatar.compiling as compiling
+compiling.SWITCH_INTERVAL_S = 0.0005  # the interval before the thirteenth session
+sys.argv = ['benchmarks/loopback.py', '--device', 'cuda', '--size', '512', '--source-fps', '$SOURCE_FPS',
+            '--refiner', '/tmp/refiner-small-arch', '--viewers', '4', '4', '--warmup', '2', '--seconds', '25',
+            '--compile-avatar', 'background', '--out', '$OUT/loopback_cuda_512_cachestart_old.json']
+runpy.run_path('benchmarks/loopback.py', run_name='__main__')" 2>&1 | filter | tail -5 ;;
+      new) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background \
+             --out "$OUT/loopback_cuda_512_cachestart_inprocess.json" ;;
+      process) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background --pipeline-process \
+                 --out "$OUT/loopback_cuda_512_cachestart_process.json" ;;
+    esac
+  done
 fi
 if has first-frame; then
   # The sender's start on a cold inductor cache: run it on a fresh machine, first among the stages that compile.
