@@ -77,7 +77,13 @@ def read_image(path: str | Path, min_side: int | None = None, max_side: int | No
         raise ImageReadError(f"cannot read image '{path}': it is a directory")
     data = np.fromfile(str(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None and bytes(data[:6]) in (b"GIF87a", b"GIF89a"):
+        image = _first_gif_frame(path)  # OpenCV's image decoders leave GIF out; its video reader takes it
     if image is None:
+        unsupported = _unsupported_format(bytes(data[:16]))
+        if unsupported:
+            raise ImageReadError(f"cannot read image '{path}': {unsupported} pictures are not supported "
+                                 "(convert it to JPEG or PNG)")
         raise ImageReadError(f"cannot read image '{path}': not an image file, or corrupt")
     H, W = image.shape[:2]
     if min_side is not None and min(H, W) < min_side:
@@ -89,6 +95,29 @@ def read_image(path: str | Path, min_side: int | None = None, max_side: int | No
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         log.info("downscaled %s from %dx%d to %dx%d (longer side capped at %d px)", path.name, W, H, *size, max_side)
     return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def _first_gif_frame(path: Path) -> np.ndarray | None:
+    """A GIF's first frame (BGR), through OpenCV's video reader; None if it cannot be read."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        ok, frame = capture.read()
+        if ok and capture.read()[0]:
+            log.info("%s is an animated GIF: its first frame is used", path.name)
+    finally:
+        capture.release()
+    return frame if ok else None
+
+
+def _unsupported_format(head: bytes) -> str | None:
+    """The name of a picture format OpenCV does not read, from a file's first bytes (ISO media brands: HEIC, AVIF)."""
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIC"
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+    return None
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,21 @@ def test_unreadable_files_are_clear_errors(tmp_path):
         read_image(tmp_path)
 
 
+def test_a_gif_gives_its_first_frame_and_heic_says_what_it_is(tmp_path, astronaut):
+    from PIL import Image
+
+    first, second = astronaut, np.ascontiguousarray(astronaut[::-1])
+    Image.fromarray(first).save(tmp_path / "face.gif", save_all=True, append_images=[Image.fromarray(second)])
+    image = read_image(tmp_path / "face.gif")  # OpenCV's imdecode returns None for any GIF
+    assert image.shape == astronaut.shape and image.dtype == np.uint8
+    # GIF keeps 256 colours: the frame is near the first picture, far from the second (upside down)
+    assert np.abs(image.astype(int) - first).mean() < 12 < np.abs(image.astype(int) - second).mean()
+    heic = tmp_path / "phone.heic"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    with pytest.raises(ImageReadError, match="HEIC pictures are not supported .convert it to JPEG or PNG."):
+        read_image(heic)
+
+
 def test_bad_arrays_are_rejected(analyzer):
     with pytest.raises(ValueError, match="expected an RGB uint8 image"):
         analyzer.analyze(np.zeros((64, 64), np.uint8))
