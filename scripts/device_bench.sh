@@ -74,6 +74,8 @@ if has cache-start; then
   #   old       in process, the compile's switch interval 0.5 ms (the code before the thirteenth session)
   #   new       in process, 0.05 ms (models.avatar.compiling.SWITCH_INTERVAL_S)
   #   process   the pipeline in a process of its own (send --pipeline-process)
+  #   precompiled-warm  fill the store of whole compiled functions (--precompiled-avatar, a cold compile, wait)
+  #   precompiled       in process, --precompiled-avatar: the compiled functions loaded, not traced again
   # The cache lives in .cache/ in the working tree, so a second call on the same warm machine finds it.
   export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
   lb() { timeout "$1" python3 benchmarks/loopback.py --device cuda --size 512 --source-fps "$SOURCE_FPS" \
@@ -92,6 +94,10 @@ sys.argv = ['benchmarks/loopback.py', '--device', 'cuda', '--size', '512', '--so
 runpy.run_path('benchmarks/loopback.py', run_name='__main__')" 2>&1 | filter | tail -5 ;;
       new) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background \
              --out "$OUT/loopback_cuda_512_cachestart_inprocess.json" ;;
+      precompiled-warm) lb 480 --viewers 4 --seconds 8 --compile-avatar wait --precompiled-avatar \
+                          --out "$OUT/loopback_cuda_512_precompiled_warm.json" ;;
+      precompiled) lb 200 --viewers 4 4 4 --warmup 2 --seconds 15 --compile-avatar background --precompiled-avatar \
+                     --out "$OUT/loopback_cuda_512_cachestart_precompiled.json" ;;
       process) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background --pipeline-process \
                  --out "$OUT/loopback_cuda_512_cachestart_process.json" ;;
     esac

@@ -84,6 +84,12 @@ class PipelineConfig:
     meanwhile by the compile's hold on Python's lock; about 10 s once inductor's cache on disk holds them).
     "wait": compiled at the first frame with a face, before it is served (benchmarks: they time the compiled path
     from their first frame). "off": the plain graphs. No effect on the CPU."""
+    precompiled_avatar: bool = False
+    """With compile_avatar: keep the avatar's compiled functions whole on disk (models.avatar.precompiled, beside
+    inductor's cache) and load them at later starts instead of tracing them again. The compile from inductor's cache
+    traces them at every start, and on a GPU that held the frames to 14.5 fps for 20-30 s (4 viewers at 512, H200;
+    docs/avatar.md); loading the build and one view took 3.0 s against 8.4 s on this project's CPU. Off by default
+    until measured on a GPU (`STAGES=cache-start CACHE_MODES="precompiled-warm precompiled"`)."""
     memory: bool = True
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
     fills what the current frame sees badly (the sides of the head when turned). On by default: on the shared
@@ -216,7 +222,8 @@ class Pipeline:
         # with a prefill, until the child process has compiled the same graphs (models.avatar.prefill).
         background = compile_avatar and config.compile_avatar in ("background", "prefill")
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar,
-                                   compile_held=background)
+                                   compile_held=background,
+                                   compile_fn=_compile_fn(compile_avatar and config.precompiled_avatar))
         self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
         if compile_avatar:
             log.info("avatar: its CUDA graphs get compiled %s (torch.compile: 2-6 minutes the first time on this "
@@ -376,7 +383,7 @@ class Pipeline:
         job = PrefillJob(self.avatar_config, str(self.device), self.config.size, np.ascontiguousarray(frame_rgb), obs,
                          tuple(float(v) for v in self._crop), view_counts,
                          None if self.memory is None else MemoryConfig.for_sender(self.config.size, self.device),
-                         capacities=self.engine.capacities())
+                         capacities=self.engine.capacities(), precompiled=self.config.precompiled_avatar)
         self._prefill = CachePrefill(job).start()
         self._prefilled |= set(view_counts)
         self._prefill_wanted -= set(view_counts)
@@ -488,6 +495,23 @@ def cpu_threads(asked: int | None, device: str = "cpu") -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset, cgroups
     spare = max(1, (cores or 1) - 1)
     return spare if device == "cpu" else min(2, spare)
+
+
+def _compile_fn(precompiled: bool):
+    """How the avatar's engine compiles: torch.compile, or through the store of whole compiled functions (logged)."""
+    from models.avatar.compiling import compile_fixed
+
+    if not precompiled:
+        return compile_fixed
+    from models.avatar.precompiled import PrecompiledStore, supported
+
+    if not supported():
+        log.warning("avatar: --precompiled-avatar needs torch 2.9 or later (torch.compiler.load_compiled_function); "
+                    "this is torch %s: compiled from inductor's cache instead", torch.__version__)
+        return compile_fixed
+    store = PrecompiledStore()
+    log.info("avatar: its compiled functions are kept whole in %s and loaded from there at later starts", store.folder)
+    return store
 
 
 def _set_host_threads(asked: int | None, device: str) -> None:

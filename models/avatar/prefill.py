@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.avatar.compiling import CAPTURE_RETRIES
+from models.avatar.compiling import CAPTURE_RETRIES, compile_fixed
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class PrefillJob:
     capacities: tuple[int | None, dict[int, int]] | None = None
     """The sender engine's raster capacities (AvatarEngine.capacities): the child's graphs then bake in the same
     numbers, whatever poses it renders (None: sized from the child's own first frame of each shape)."""
+    precompiled: bool = False
+    """Compile through models.avatar.precompiled's store, as the sender does with --precompiled-avatar: the sender
+    then loads what the child saved instead of tracing it again."""
 
 
 def compile_like_the_sender(job: PrefillJob) -> float:
@@ -64,7 +67,13 @@ def compile_like_the_sender(job: PrefillJob) -> float:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the sender's GPU (cuda:N): graphs capture on the current device
     # Held: the worker starts once this frame's captures are done (wait_compiled releases it), so that none meets it.
-    engine = AvatarEngine(job.config, job.device, job.render_size, fixed_shapes=True, compile=True, compile_held=True)
+    compile_fn = compile_fixed
+    if job.precompiled:
+        from models.avatar.precompiled import PrecompiledStore
+
+        compile_fn = PrecompiledStore()
+    engine = AvatarEngine(job.config, job.device, job.render_size, fixed_shapes=True, compile=True, compile_held=True,
+                          compile_fn=compile_fn)
     if job.capacities is not None:
         engine.preset_capacities(*job.capacities)
     memory = None

@@ -30,6 +30,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         "this one from there, the frames at the camera's pace throughout; background: on a thread of "
                         "this process (the frames slow to a few a second while a first compile runs); wait: before "
                         "the first face is served; or off")
+    parser.add_argument("--precompiled-avatar", action=argparse.BooleanOptionalAction,
+                        default=PipelineConfig.precompiled_avatar,
+                        help="with --compile-avatar: keep the avatar's compiled functions whole on disk, beside "
+                        "inductor's cache, and load them at later starts instead of tracing them again (a compile from "
+                        "the cache slows a GPU sender's frames for 20-30 s at every start); off by default until "
+                        "measured on a GPU")
     # On by default (PipelineConfig.memory says why); --no-memory turns it off.
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=PipelineConfig.memory,
                         help="appearance memory (on by default): what the camera saw earlier in the call fills what the "
@@ -67,7 +73,8 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
                           memory=getattr(args, "memory", PipelineConfig.memory), cpu_threads=getattr(args, "threads", None),
                           smooth_landmarks=getattr(args, "smooth_landmarks", True),
                           compile_refiner=getattr(args, "compile_refiner", False),
-                          compile_avatar=getattr(args, "compile_avatar", PipelineConfig.compile_avatar))
+                          compile_avatar=getattr(args, "compile_avatar", PipelineConfig.compile_avatar),
+                          precompiled_avatar=getattr(args, "precompiled_avatar", PipelineConfig.precompiled_avatar))
 
 
 def open_pipeline_from_args(args: argparse.Namespace, config: PipelineConfig) -> FramePipeline:

@@ -113,6 +113,31 @@ def _until_the_child_ends(p: Pipeline, frame: np.ndarray, poses: list[ViewPose])
         time.sleep(0.2)
 
 
+def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, monkeypatch):
+    """--precompiled-avatar: the engine compiles through the store of whole compiled functions (beside inductor's
+    cache), and so does the prefill child, whose saved functions the sender then loads."""
+    import dataclasses
+
+    from models.avatar.compiling import compile_fixed
+    from models.avatar.precompiled import PrecompiledStore
+    from telepresence.pipeline import _compile_fn
+
+    assert _compile_fn(False) is compile_fixed
+    store = _compile_fn(True)
+    assert isinstance(store, PrecompiledStore) and store.folder.name == "telepresence-precompiled"
+    p, _ = _prefilling_pipeline(monkeypatch)
+    try:
+        assert p.process(astronaut, [ViewPose()]).status == "ok"
+        assert p._prefill is not None and p._prefill.job.precompiled is False
+        p._prefill.stop()
+        p._prefill, p._prefill_asked = None, True
+        p.config = dataclasses.replace(p.config, precompiled_avatar=True)
+        assert p.process(astronaut, [ViewPose()]).status == "ok"
+        assert p._prefill is not None and p._prefill.job.precompiled is True
+    finally:
+        p.close()
+
+
 def test_a_child_compiles_first_the_warmed_view_counts_then_each_new_one(astronaut, monkeypatch, caplog):
     """The first child starts after the first frame; the sender compiles (from the disk cache) once it has ended.
     A view count no child has compiled (a fifth viewer) waits for a child of its own rather than compiling cold in

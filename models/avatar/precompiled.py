@@ -1,0 +1,204 @@
+"""Compiled functions kept on disk whole, so that a later process loads them instead of tracing them again.
+
+Inductor's disk cache spares a later process inductor's work, not dynamo's: tracing the avatar's functions again
+took 12.4 of the 16 s of a compile from that cache on this project's CPU, and on a GPU sender those seconds hold
+Python's lock against its frames (14.5 fps each for 20-30 s at every start; docs/avatar.md).
+``torch.compile(fn).aot_compile(...)`` keeps the whole compiled function (its guards, its bytecode, inductor's
+output) and ``torch.compiler.load_compiled_function`` loads it without tracing: the avatar's build and one view at
+128 px on the CPU in 3.0 s against 8.4 s from inductor's cache (1.3 s against 6.7 once torch's compiler modules
+are imported; `abtest/aot_probe.py`, not in the repo).
+
+:class:`PrecompiledStore` is a ``compile_fn`` for :class:`models.avatar.compiling.BackgroundCompiler`: one file
+per function and per :func:`signature` of its arguments (tensors by shape, dtype and device; everything else by
+value), named with a :func:`source_fingerprint` of this package's code and of torch, so that a changed function
+is never served by its old compiled code. A loaded function checks its guards on its arguments at each call; where
+one fails, or where a function cannot be compiled whole, it is compiled the usual way (``torch.compile``), and the
+log says so. Unlike ``torch.compile``, a function compiled whole keeps the module globals it read as they were then,
+unguarded (torch 2.13): the fingerprint covers every edit of them in the code, but a value a process writes into a
+module's globals at run time (a test's monkeypatch) is not seen by a loaded function, so such code must not be
+compiled through a store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PrecompiledStore", "default_folder", "signature", "source_fingerprint", "supported"]
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # models/: what a compiled function of ours can trace into
+
+
+def supported() -> bool:
+    """This torch can load a compiled function saved whole (torch 2.9 and later; checked without importing dynamo)."""
+    return hasattr(torch.compiler, "load_compiled_function")
+
+
+def default_folder() -> Path:
+    """Beside inductor's own cache (``TORCHINDUCTOR_CACHE_DIR``, else torch's default): they live and go together."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "telepresence-precompiled"
+
+
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """A hash of every Python file of this package (models/) and of torch's version and build: any edit to code a
+    compiled function may have traced gives other file names."""
+    digest = hashlib.sha256(f"{torch.__version__} {torch.version.cuda} {torch.version.git_version}".encode())
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(_PACKAGE)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+_PRIMITIVES = (bool, int, float, str, bytes, type(None), torch.device, torch.dtype)
+
+
+def _pure(value: Any) -> bool:
+    """A settings object: a dataclass of plain values, tuples of them and such dataclasses (a build plan, a config)."""
+    if isinstance(value, _PRIMITIVES):
+        return True
+    if isinstance(value, tuple):
+        return all(_pure(v) for v in value)
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)
+            and all(_pure(getattr(value, f.name)) for f in dataclasses.fields(value)))
+
+
+def _tensor(value: torch.Tensor) -> Hashable:
+    return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device), value.requires_grad)
+
+
+def signature(value: Any) -> Hashable:
+    """What a compiled function's arguments are, for the file it is kept in: tensors by shape, stride, dtype, device
+    and whether they need gradients (never their values); settings objects (:func:`_pure`: build plans, configs) and
+    plain values other than floats by value; a float by its type alone (torch.compile does not specialize on a float
+    argument); other dataclasses and objects by their tensors and settings objects alone, one level deep (a frame's
+    avatar carries per-frame numbers, which the function is not compiled for). What this leaves out and a compiled function
+    still guards on fails its guards at the call, and the function is compiled the usual way (said in the log)."""
+    if isinstance(value, torch.Tensor):
+        return _tensor(value)
+    if isinstance(value, float):
+        return ("float",)
+    if _pure(value):
+        return (type(value).__qualname__, repr(value))
+    if isinstance(value, dict):
+        return ("dict", tuple((repr(k), signature(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(signature(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        parts = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif hasattr(value, "__dict__"):
+        parts = sorted(vars(value).items())
+    else:
+        return (type(value).__qualname__,)
+    return (type(value).__qualname__, tuple((name, _tensor(v) if isinstance(v, torch.Tensor) else repr(v))
+                                            for name, v in parts
+                                            if isinstance(v, torch.Tensor) or (dataclasses.is_dataclass(v) and _pure(v))))
+
+
+class PrecompiledStore:
+    """``compile_fn``: ``store(fn)`` is fn compiled, loaded from ``folder`` where an earlier process saved it."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder is not None else default_folder()
+        self.loaded = 0  # functions loaded from disk so far (one per signature)
+        self.saved = 0  # functions compiled whole and saved
+        self.fell_back: list[str] = []  # what was compiled the usual way instead, and why
+
+    def __call__(self, fn: Callable) -> Callable:
+        return _Precompiled(self, fn)
+
+    def path(self, fn: Callable, key: Hashable) -> Path:
+        """The file of fn compiled for arguments of signature ``key``."""
+        digest = hashlib.sha256(repr((fn.__module__, fn.__qualname__, key)).encode()).hexdigest()[:24]
+        return self.folder / f"{fn.__qualname__.replace('.', '-')}-{source_fingerprint()}-{digest}.bin"
+
+
+class _Precompiled:
+    """fn compiled once per signature of its arguments: loaded from the store, else compiled whole and saved there."""
+
+    def __init__(self, store: PrecompiledStore, fn: Callable):
+        self.store, self.fn = store, fn
+        self._by_key: dict[Hashable, Callable] = {}
+        self._lock = threading.Lock()
+        self._plain: Callable | None = None  # torch.compile(fn), where the store cannot serve
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = signature((args, kwargs))
+        compiled = self._by_key.get(key)
+        if compiled is None:
+            with self._lock:
+                compiled = self._by_key.get(key) or self._make(key, args, kwargs)
+                self._by_key[key] = compiled
+        try:
+            return compiled(*args, **kwargs)
+        except RuntimeError as error:
+            if "GuardManager check failed" not in str(error) or compiled is self._plain:
+                raise
+            # The saved function guards on something the signature does not see (a global, a setting): compile it
+            # the usual way; its first call runs here (a compile on the worker, before any capture uses it).
+            self._fall_back(f"its saved guards failed ({_first_reason(error)})")
+            self._by_key[key] = self._plain
+            return self._plain(*args, **kwargs)
+
+    def _make(self, key: Hashable, args: tuple, kwargs: dict) -> Callable:
+        name, path = self.fn.__qualname__, self.store.path(self.fn, key)
+        if path.exists():
+            t0 = time.perf_counter()
+            try:
+                with open(path, "rb") as f:
+                    loaded = torch.compiler.load_compiled_function(f, f_globals=self.fn.__globals__)
+            except Exception as error:  # noqa: BLE001 - a file another torch or a killed process left: compile again
+                log.warning("precompiled %s: could not load %s (%s: %s); compiling it again", name, path.name,
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            else:
+                self.store.loaded += 1
+                log.info("precompiled %s: loaded in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
+                return loaded
+        t0 = time.perf_counter()
+        try:
+            compiled = torch.compile(self.fn, dynamic=False, fullgraph=True).aot_compile((args, kwargs))
+            self.store.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.store.folder, prefix=".saving-", delete=False) as tmp:
+                pass
+            try:
+                compiled.save_compiled_function(tmp.name)
+                os.replace(tmp.name, path)  # whole or not at all: a reader never sees half a file
+            finally:
+                if os.path.exists(tmp.name):
+                    os.unlink(tmp.name)
+        except Exception as error:  # noqa: BLE001 - a graph break, an unpicklable guard...: torch.compile as before
+            self._fall_back(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            return self._plain
+        self.store.saved += 1
+        log.info("precompiled %s: compiled whole and saved in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
+        return compiled
+
+    def _fall_back(self, why: str) -> None:
+        if self._plain is None:
+            self._plain = torch.compile(self.fn, dynamic=False)
+        self.store.fell_back.append(f"{self.fn.__qualname__}: {why}")
+        log.warning("precompiled %s: %s; compiled the usual way instead (from inductor's cache where it can)",
+                    self.fn.__qualname__, why)
+
+
+def _first_reason(error: BaseException) -> str:
+    """The first failed guard of a GuardManager error, else its first line."""
+    text = str(error)
+    found = re.search(r"verbose_code_parts=\[(['\"])(.*?)\1", text, re.S)
+    if found:
+        return " ".join(found.group(2).split("#", 1)[0].split())[:160]
+    return text.splitlines()[0][:160] if text else type(error).__name__

@@ -1,0 +1,107 @@
+"""The store of whole compiled functions (models.avatar.precompiled): saved by one store, loaded by the next without
+tracing, never served for other arguments or other code. Each case compiles small functions with inductor on the CPU
+(seconds each)."""
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import models.avatar.precompiled as precompiled
+from models.avatar.precompiled import PrecompiledStore, signature
+
+pytestmark = pytest.mark.skipif(not precompiled.supported(), reason="needs torch.compiler.load_compiled_function (torch 2.9+)")
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    steps: int
+    gain: float
+
+
+def stepped(plan: Plan, t: dict) -> torch.Tensor:
+    x = t["x"]
+    for _ in range(plan.steps):
+        x = torch.tanh(x * plan.gain) + t["bias"]
+    return x.sum(-1)
+
+
+class Holder:
+    def __init__(self, k: int):
+        self.k, self.w = k, torch.ones(6)
+
+
+def held(holder: Holder, x: torch.Tensor) -> torch.Tensor:
+    return x * holder.k + holder.w  # holder.k: a number its compiled code guards on, and the signature leaves out
+
+
+def broken(x: torch.Tensor) -> torch.Tensor:
+    if x.sum().item() > 0:  # a data-dependent branch: no whole graph
+        return x + 1
+    return x - 1
+
+
+def inputs(n: int = 8) -> dict:
+    return {"x": torch.linspace(-1, 1, n * 4).reshape(n, 4), "bias": torch.full((4,), 0.1)}
+
+
+def test_a_second_store_loads_what_the_first_saved_without_compiling(tmp_path, monkeypatch, caplog):
+    plan, t = Plan(steps=3, gain=1.5), inputs()
+    first = PrecompiledStore(tmp_path)(stepped)
+    expected = stepped(plan, t)
+    torch.testing.assert_close(first(plan, t), expected)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".bin"]  # one file, written whole (no temporary left)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called: the saved function was not loaded")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    store = PrecompiledStore(tmp_path)
+    with caplog.at_level(logging.INFO, logger="models.avatar.precompiled"):
+        again = store(stepped)
+        torch.testing.assert_close(again(plan, inputs()), expected)
+    assert store.loaded == 1 and store.saved == 0 and not store.fell_back
+    assert "loaded in" in caplog.text
+    other = {"x": t["x"] * 0.5, "bias": t["bias"]}  # new values, same shapes: the same compiled function
+    torch.testing.assert_close(again(plan, other), stepped(plan, other))
+    assert store.loaded == 1
+
+
+def test_other_arguments_or_other_code_get_files_of_their_own(tmp_path, monkeypatch):
+    store = PrecompiledStore(tmp_path)
+    compiled = store(stepped)
+    for plan, t in [(Plan(3, 1.5), inputs(8)), (Plan(2, 1.5), inputs(8)), (Plan(3, 1.5), inputs(5))]:
+        torch.testing.assert_close(compiled(plan, t), stepped(plan, t))
+    assert store.saved == 3 and len(list(tmp_path.iterdir())) == 3
+    # Tensors count by shape and dtype, never by value; a plan (settings) by value; a float argument by its type.
+    assert signature(inputs(8)) == signature({k: v + 1 for k, v in inputs(8).items()})
+    assert signature(Plan(3, 1.5)) != signature(Plan(3, 1.25))
+    assert signature((torch.zeros(2), 0.5)) == signature((torch.ones(2), 0.75))
+    assert signature(torch.zeros(2)) != signature(torch.zeros(2, dtype=torch.float64))
+    # Edited code (another fingerprint of models/) never loads the old file.
+    name = store.path(stepped, signature(((Plan(3, 1.5), inputs(8)), {}))).name
+    monkeypatch.setattr(precompiled, "source_fingerprint", lambda: "0" * 16)
+    assert store.path(stepped, signature(((Plan(3, 1.5), inputs(8)), {}))).name != name
+
+
+def test_a_failed_guard_or_a_graph_break_compiles_the_usual_way_and_says_so(tmp_path, caplog):
+    x = torch.linspace(0, 1, 6)
+    PrecompiledStore(tmp_path)(held)(Holder(2), x)
+    store = PrecompiledStore(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="models.avatar.precompiled"):
+        torch.testing.assert_close(store(held)(Holder(3), x), x * 3 + 1)  # the file of k == 2: its guard fails
+        torch.testing.assert_close(store(broken)(x), x + 1)
+    assert store.loaded == 1 and len(store.fell_back) == 2
+    assert "saved guards failed (L['holder'].k == 2)" in store.fell_back[0]
+    assert caplog.text.count("compiled the usual way instead") == 2
+
+
+def test_a_corrupt_file_is_compiled_again(tmp_path, caplog):
+    plan, t = Plan(2, 1.0), inputs()
+    PrecompiledStore(tmp_path)(stepped)(plan, t)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"not a compiled function")
+    store = PrecompiledStore(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="models.avatar.precompiled"):
+        torch.testing.assert_close(store(stepped)(plan, t), stepped(plan, t))
+    assert "could not load" in caplog.text and store.saved == 1 and store.loaded == 0
+    assert path.read_bytes() != b"not a compiled function"
