@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import re
@@ -160,7 +161,7 @@ class _Precompiled:
             t0 = time.perf_counter()
             try:
                 with open(path, "rb") as f:
-                    loaded = torch.compiler.load_compiled_function(f, f_globals=self.fn.__globals__)
+                    loaded = _load(f, self.fn)
             except Exception as error:  # noqa: BLE001 - a file another torch or a killed process left: compile again
                 log.warning("precompiled %s: could not load %s (%s: %s); compiling it again", name, path.name,
                             type(error).__name__, str(error).splitlines()[0] if str(error) else "")
@@ -193,6 +194,15 @@ class _Precompiled:
         self.store.fell_back.append(f"{self.fn.__qualname__}: {why}")
         log.warning("precompiled %s: %s; compiled the usual way instead (from inductor's cache where it can)",
                     self.fn.__qualname__, why)
+
+
+def _load(file: Any, fn: Callable) -> Callable:
+    """torch.compiler.load_compiled_function, given fn's module globals where this torch takes them (2.13 asks for
+    them when the function refers to a module-level name; 2.9's took the file alone)."""
+    load = torch.compiler.load_compiled_function
+    if "f_globals" in inspect.signature(load).parameters:
+        return load(file, f_globals=fn.__globals__)
+    return load(file)
 
 
 def _first_reason(error: BaseException) -> str:
