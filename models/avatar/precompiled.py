@@ -122,6 +122,22 @@ class PrecompiledStore:
     def __call__(self, fn: Callable) -> Callable:
         return _Precompiled(self, fn)
 
+    def prune(self) -> list[Path]:
+        """Delete the files of other code (another fingerprint: an earlier version of models/ or of torch), which no
+        process of this code loads; each is megabytes. Returns what went."""
+        mark = f"-{source_fingerprint()}-"
+        gone = []
+        for path in self.folder.glob("*.bin"):
+            if mark not in path.name:
+                try:
+                    path.unlink()
+                    gone.append(path)
+                except OSError:  # another process's prune came first
+                    pass
+        if gone:
+            log.info("precompiled: deleted %d file(s) of other code from %s", len(gone), self.folder)
+        return gone
+
     def path(self, fn: Callable, key: Hashable) -> Path:
         """The file of fn compiled for arguments of signature ``key``."""
         digest = hashlib.sha256(repr((fn.__module__, fn.__qualname__, key)).encode()).hexdigest()[:24]
@@ -186,6 +202,7 @@ class _Precompiled:
             return self._plain
         self.store.saved += 1
         log.info("precompiled %s: compiled whole and saved in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
+        self.store.prune()
         return compiled
 
     def _fall_back(self, why: str) -> None:
