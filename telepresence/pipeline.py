@@ -224,6 +224,9 @@ class Pipeline:
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar,
                                    compile_held=background,
                                    compile_fn=_compile_fn(compile_avatar and config.precompiled_avatar))
+        if config.precompiled_avatar and not compile_avatar:
+            log.warning("avatar: --precompiled-avatar has no effect here: %s", "nothing compiles on the CPU"
+                        if self.device.type != "cuda" else "--compile-avatar off")
         self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
         if compile_avatar:
             log.info("avatar: its CUDA graphs get compiled %s (torch.compile: 2-6 minutes the first time on this "

@@ -113,7 +113,7 @@ def _until_the_child_ends(p: Pipeline, frame: np.ndarray, poses: list[ViewPose])
         time.sleep(0.2)
 
 
-def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, monkeypatch):
+def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, monkeypatch, caplog):
     """--precompiled-avatar: the engine compiles through the store of whole compiled functions (beside inductor's
     cache), and so does the prefill child, whose saved functions the sender then loads."""
     import dataclasses
@@ -125,6 +125,9 @@ def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, 
     assert _compile_fn(False) is compile_fixed
     store = _compile_fn(True)
     assert isinstance(store, PrecompiledStore) and store.folder.name == "telepresence-precompiled"
+    with caplog.at_level("WARNING", logger="telepresence.pipeline"):
+        Pipeline(PipelineConfig(device="cpu", size=64, refiner=None, memory=False, precompiled_avatar=True)).close()
+    assert "--precompiled-avatar has no effect here: nothing compiles on the CPU" in caplog.text
     p, _ = _prefilling_pipeline(monkeypatch)
     try:
         assert p.process(astronaut, [ViewPose()]).status == "ok"
