@@ -93,9 +93,15 @@ def _clip_frame(args: argparse.Namespace, timer: StageTimer, device: torch.devic
                            progress=False)
     fps = index.fps or 30.0
     frame = int(round(args.at * fps))
-    if frame not in set(index.frame_ids.tolist()) or not index.found[index.position(frame)]:
-        raise SystemExit(f"--at {args.at:g}: expected a frame with a face in '{args.video}', "
-                         f"got frame {frame} of {len(index)} (no face there, or past the end)")
+    ids = index.frame_ids.tolist()
+    if not ids or frame > max(ids):
+        end = (max(ids) + 1) / fps if ids else 0.0
+        raise SystemExit(f"--at {args.at:g}: past the end of '{args.video}' ({end:.1f} s at {fps:g} fps)")
+    if frame not in set(ids) or not index.found[index.position(frame)]:
+        faces = [i for i, found in zip(ids, index.found) if found]
+        nearest = (f"; the nearest frame with a face is at {min(faces, key=lambda i: abs(i - frame)) / fps:.2f} s"
+                   if faces else "; none of its frames has one")
+        raise SystemExit(f"--at {args.at:g}: no face found in frame {frame} of '{args.video}'{nearest}")
     with timer.stage("read"):
         image = index.read_frames([frame])[frame]
     obs = index.observation(frame)

@@ -51,3 +51,21 @@ def test_memory_exclude_spans_are_checked(capsys):
     assert "START <= END" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["render", "--video", "clip.mp4", "--image", "a.jpg", "--out", "x"])
+
+
+def test_a_video_time_past_the_end_or_without_a_face_says_which(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("TELEPRESENCE_CACHE_DIR", str(tmp_path / "cache"))  # the clip's index is cached: keep it here
+    clip = tmp_path / "grey.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (64, 64))
+    for _ in range(10):  # one second of grey: no face anywhere
+        writer.write(np.full((64, 64, 3), 128, np.uint8))
+    writer.release()
+    with pytest.raises(SystemExit) as past:
+        main(["render", "--video", str(clip), "--at", "5", "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")])
+    assert str(past.value) == f"--at 5: past the end of '{clip}' (1.0 s at 10 fps)"
+    with pytest.raises(SystemExit) as faceless:
+        main(["render", "--video", str(clip), "--at", "0.5", "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")])
+    assert str(faceless.value) == f"--at 0.5: no face found in frame 5 of '{clip}'; none of its frames has one"
+    assert not (tmp_path / "o").exists()
