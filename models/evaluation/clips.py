@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -321,7 +321,8 @@ def index_clip(
             index = ClipIndex.load(cache)
             cap.release()
             log.debug("clip index of '%s' from cache %s", path, cache)
-            return index
+            # The cache is keyed by the absolute path; the file it read may have been named from another folder.
+            return replace(index, path=str(path))
         except (ValueError, KeyError, OSError) as exc:
             log.warning("ignoring unreadable clip cache %s: %s", cache, exc)
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)

@@ -1,4 +1,6 @@
 """Clip index on tiny clips the test writes itself, and pair selection on hand-made poses."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,6 +73,15 @@ def test_index_clip_cache_is_reused_and_keyed_by_settings(face_clip, tmp_path, m
     assert again.config == first.config and again.image_size == first.image_size
     with pytest.raises(AssertionError, match="cache"):
         index_clip(face_clip, ClipIndexConfig(stride=2), cache_dir=tmp_path, progress=False)
+    # The same file named from another folder (a relative path): the cached index reads it through that name.
+    monkeypatch.chdir(Path(face_clip).parent)
+    relative = index_clip(Path(face_clip).name, cache_dir=tmp_path, progress=False)
+    assert relative.path == Path(face_clip).name
+    monkeypatch.chdir(tmp_path)
+    moved = index_clip(face_clip, cache_dir=tmp_path, progress=False)
+    assert moved.path == str(face_clip)
+    frame = int(moved.frame_ids[0])
+    np.testing.assert_array_equal(moved.read_frames([frame])[frame], first.read_frames([frame])[frame])
 
 
 def test_faceless_clip_records_missing_frames(faceless_clip):
