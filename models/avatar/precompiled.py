@@ -124,11 +124,13 @@ class PrecompiledStore:
 
     def prune(self) -> list[Path]:
         """Delete the files of other code (another fingerprint: an earlier version of models/ or of torch), which no
-        process of this code loads; each is megabytes. Returns what went."""
+        process of this code loads (each is megabytes), and what a killed save left an hour ago. Returns what went."""
         mark = f"-{source_fingerprint()}-"
         gone = []
-        for path in self.folder.glob("*.bin"):
-            if mark not in path.name:
+        stale = time.time() - 3600.0  # a save that old was killed half-way (a save takes seconds to minutes)
+        for path in self.folder.iterdir():
+            if (path.suffix == ".bin" and mark not in path.name) or (
+                    path.name.startswith(".saving-") and path.stat().st_mtime < stale):
                 try:
                     path.unlink()
                     gone.append(path)

@@ -3,6 +3,8 @@ tracing, never served for other arguments or other code. Each case compiles smal
 (seconds each)."""
 import dataclasses
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -79,12 +81,16 @@ def test_other_arguments_or_other_code_get_files_of_their_own(tmp_path, monkeypa
     assert signature(torch.zeros(2)) != signature(torch.zeros(2, dtype=torch.float64))
     # Edited code (another fingerprint of models/) never loads the old files, and its first save deletes them.
     old = set(tmp_path.iterdir())
+    killed, saving = tmp_path / ".saving-killed", tmp_path / ".saving-now"  # a save killed half-way, one under way
+    killed.write_bytes(b"half"), saving.write_bytes(b"half")
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
     monkeypatch.setattr(precompiled, "source_fingerprint", lambda: "0" * 16)
     assert store.path(stepped, signature(((Plan(3, 1.5), inputs(8)), {}))) not in old
     edited = PrecompiledStore(tmp_path)
     torch.testing.assert_close(edited(stepped)(Plan(3, 1.5), inputs(8)), stepped(Plan(3, 1.5), inputs(8)))
     assert edited.loaded == 0 and edited.saved == 1
-    assert not old & set(tmp_path.iterdir()) and len(list(tmp_path.iterdir())) == 1
+    assert not old & set(tmp_path.iterdir()) and not killed.exists() and saving.exists()
+    assert len(list(tmp_path.glob("*.bin"))) == 1
 
 
 def test_a_failed_guard_or_a_graph_break_compiles_the_usual_way_and_says_so(tmp_path, caplog):
