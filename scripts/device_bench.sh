@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -102,6 +102,13 @@ runpy.run_path('benchmarks/loopback.py', run_name='__main__')" 2>&1 | filter | t
                  --out "$OUT/loopback_cuda_512_cachestart_process.json" ;;
     esac
   done
+fi
+if has precompiled; then
+  # The avatar's compile at a start with warm caches: traced again from inductor's cache, or loaded whole from the
+  # store of --precompiled-avatar. PRECOMPILED_STEPS splits it over two calls on one warm machine (the caches in .cache/).
+  echo "== precompiled: the avatar's compile at a warm start, 4 views at 512 (${PRECOMPILED_STEPS:=fill-inductor fill-store inductor store})"
+  timeout 590 python3 benchmarks/precompiled.py --device cuda --size 512 --views 4 --steps $PRECOMPILED_STEPS \
+    --cache-dir "$PWD/.cache/precompiled-bench" --out "$OUT/precompiled_cuda_512.json" 2>&1 | tail -6
 fi
 if has first-frame; then
   # The sender's start on a cold inductor cache: run it on a fresh machine, first among the stages that compile.

@@ -88,7 +88,8 @@ class PipelineConfig:
     """With compile_avatar: keep the avatar's compiled functions whole on disk (models.avatar.precompiled, beside
     inductor's cache) and load them at later starts instead of tracing them again. The compile from inductor's cache
     traces them at every start, and on a GPU that held the frames to 14.5 fps for 20-30 s (4 viewers at 512, H200;
-    docs/avatar.md); loading the build and one view took 3.0 s against 8.4 s on this project's CPU. Off by default
+    docs/avatar.md); loading the build and one view took 2.2-3.0 s against 8.8-12.0 s on this project's CPU
+    (benchmarks/precompiled.py). Off by default
     until measured on a GPU (`STAGES=cache-start CACHE_MODES="precompiled-warm precompiled"`)."""
     memory: bool = True
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call

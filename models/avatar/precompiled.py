@@ -5,8 +5,7 @@ took 12.4 of the 16 s of a compile from that cache on this project's CPU, and on
 Python's lock against its frames (14.5 fps each for 20-30 s at every start; docs/avatar.md).
 ``torch.compile(fn).aot_compile(...)`` keeps the whole compiled function (its guards, its bytecode, inductor's
 output) and ``torch.compiler.load_compiled_function`` loads it without tracing: the avatar's build and one view at
-128 px on the CPU in 3.0 s against 8.4 s from inductor's cache (1.3 s against 6.7 once torch's compiler modules
-are imported; `abtest/aot_probe.py`, not in the repo).
+128 px on the CPU in 2.2-3.0 s against 8.8-12.0 s from inductor's cache (benchmarks/precompiled.py).
 
 :class:`PrecompiledStore` is a ``compile_fn`` for :class:`models.avatar.compiling.BackgroundCompiler`: one file
 per function and per :func:`signature` of its arguments (tensors by shape, dtype and device; everything else by
