@@ -19,6 +19,7 @@ import torch
 
 from models.geometry.camera import OrbitPose
 from models.face.analysis import LEFT_IRIS, RIGHT_IRIS, FaceAnalyzer, FaceConfig, NoFaceError
+from models.avatar.precompiled import compile_fn_for
 from models.face.smoothing import LandmarkSmoother
 from models.refiner import refine_views
 
@@ -224,7 +225,7 @@ class Pipeline:
         background = compile_avatar and config.compile_avatar in ("background", "prefill")
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar,
                                    compile_held=background,
-                                   compile_fn=_compile_fn(compile_avatar and config.precompiled_avatar))
+                                   compile_fn=compile_fn_for(compile_avatar and config.precompiled_avatar))
         if config.precompiled_avatar and not compile_avatar:
             log.warning("avatar: --precompiled-avatar has no effect here: %s", "nothing compiles on the CPU"
                         if self.device.type != "cuda" else "--compile-avatar off")
@@ -499,23 +500,6 @@ def cpu_threads(asked: int | None, device: str = "cpu") -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset, cgroups
     spare = max(1, (cores or 1) - 1)
     return spare if device == "cpu" else min(2, spare)
-
-
-def _compile_fn(precompiled: bool):
-    """How the avatar's engine compiles: torch.compile, or through the store of whole compiled functions (logged)."""
-    from models.avatar.compiling import compile_fixed
-
-    if not precompiled:
-        return compile_fixed
-    from models.avatar.precompiled import PrecompiledStore, supported
-
-    if not supported():
-        log.warning("avatar: --precompiled-avatar needs torch 2.9 or later (torch.compiler.load_compiled_function); "
-                    "this is torch %s: compiled from inductor's cache instead", torch.__version__)
-        return compile_fixed
-    store = PrecompiledStore()
-    log.info("avatar: its compiled functions are kept whole in %s and loaded from there at later starts", store.folder)
-    return store
 
 
 def _set_host_threads(asked: int | None, device: str) -> None:

@@ -36,7 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrecompiledStore", "default_folder", "signature", "source_fingerprint", "supported"]
+__all__ = ["PrecompiledStore", "compile_fn_for", "default_folder", "signature", "source_fingerprint", "supported"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # models/: what a compiled function of ours can trace into
 
@@ -44,6 +44,21 @@ _PACKAGE = Path(__file__).resolve().parents[1]  # models/: what a compiled funct
 def supported() -> bool:
     """This torch can load a compiled function saved whole (torch 2.9 and later; checked without importing dynamo)."""
     return hasattr(torch.compiler, "load_compiled_function")
+
+
+def compile_fn_for(precompiled: bool) -> Callable[[Callable], Callable]:
+    """The avatar engine's compile_fn: torch.compile (models.avatar.compiling.compile_fixed), or a store where
+    ``precompiled`` is asked and this torch has what it needs (else torch.compile, and a warning says why)."""
+    from models.avatar.compiling import compile_fixed
+
+    if not precompiled:
+        return compile_fixed
+    if not supported():
+        log.warning("avatar: --precompiled-avatar needs torch 2.9 or later (torch.compiler.load_compiled_function); "
+                    "this is torch %s: compiled from inductor's cache instead", torch.__version__)
+        return compile_fixed
+    log.info("avatar: its compiled functions are kept whole beside inductor's cache and loaded from there at later starts")
+    return PrecompiledStore()
 
 
 def default_folder() -> Path:
@@ -113,10 +128,18 @@ class PrecompiledStore:
     """``compile_fn``: ``store(fn)`` is fn compiled, loaded from ``folder`` where an earlier process saved it."""
 
     def __init__(self, folder: str | Path | None = None):
-        self.folder = Path(folder) if folder is not None else default_folder()
+        self._folder = Path(folder) if folder is not None else None
         self.loaded = 0  # functions loaded from disk so far (one per signature)
         self.saved = 0  # functions compiled whole and saved
         self.fell_back: list[str] = []  # what was compiled the usual way instead, and why
+
+    @property
+    def folder(self) -> Path:
+        """Where the files are: the folder given, else :func:`default_folder`, found at first use (it imports inductor,
+        a second or more: on the compile worker, not on a sender's thread when its pipeline is made)."""
+        if self._folder is None:
+            self._folder = default_folder()
+        return self._folder
 
     def __call__(self, fn: Callable) -> Callable:
         return _Precompiled(self, fn)

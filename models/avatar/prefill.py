@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.avatar.compiling import CAPTURE_RETRIES, compile_fixed
+from models.avatar.compiling import CAPTURE_RETRIES
+from models.avatar.precompiled import compile_fn_for
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,8 @@ def compile_like_the_sender(job: PrefillJob) -> float:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the sender's GPU (cuda:N): graphs capture on the current device
     # Held: the worker starts once this frame's captures are done (wait_compiled releases it), so that none meets it.
-    compile_fn = compile_fixed
-    if job.precompiled:
-        from models.avatar.precompiled import PrecompiledStore
-
-        compile_fn = PrecompiledStore()
     engine = AvatarEngine(job.config, job.device, job.render_size, fixed_shapes=True, compile=True, compile_held=True,
-                          compile_fn=compile_fn)
+                          compile_fn=compile_fn_for(job.precompiled))
     if job.capacities is not None:
         engine.preset_capacities(*job.capacities)
     memory = None

@@ -119,11 +119,10 @@ def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, 
     import dataclasses
 
     from models.avatar.compiling import compile_fixed
-    from models.avatar.precompiled import PrecompiledStore
-    from telepresence.pipeline import _compile_fn
+    from models.avatar.precompiled import PrecompiledStore, compile_fn_for
 
-    assert _compile_fn(False) is compile_fixed
-    store = _compile_fn(True)
+    assert compile_fn_for(False) is compile_fixed
+    store = compile_fn_for(True)
     assert isinstance(store, PrecompiledStore) and store.folder.name == "telepresence-precompiled"
     with caplog.at_level("WARNING", logger="telepresence.pipeline"):
         Pipeline(PipelineConfig(device="cpu", size=64, refiner=None, memory=False, precompiled_avatar=True)).close()
