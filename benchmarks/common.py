@@ -91,3 +91,18 @@ def write_json(path: str | Path, doc: Mapping[str, Any]) -> Path:
     tmp.write_text(dumps(doc) + "\n")
     tmp.replace(path)
     return path
+
+
+def child_result(argv: list[str], what: str, **run: Any) -> tuple[dict | None, Any]:
+    """Run a benchmark's child process (subprocess.run keywords in ``run``: env, cwd, timeout) and read the JSON of
+    its "RESULT " line. Returns (result, the finished process); result None after saying on stderr why there is none."""
+    import subprocess
+    import sys
+
+    child = subprocess.run(argv, capture_output=True, text=True, **run)
+    line = next((ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"error: the {what} ended without a result (exit {child.returncode}):\n{child.stderr[-2000:]}",
+              file=sys.stderr)
+        return None, child
+    return json.loads(line[len("RESULT "):]), child

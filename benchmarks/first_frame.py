@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         os._exit(0)  # a background compile may still run: it is not waited for
     modes = args.modes or (list(MODES) if args.device.startswith("cuda") else ["held"])
-    from benchmarks.common import document, write_json
+    from benchmarks.common import child_result, document, write_json
     from models.runinfo import run_metadata
 
     results = []
@@ -123,14 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                       "--size", str(args.size), "--views", str(args.views), "--seconds", str(args.seconds),
                       "--refiner", args.refiner or "none", "--compile-avatar", args.compile_avatar]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        child = subprocess.run(argv_child, capture_output=True, text=True, env=env, cwd=ROOT,
-                               timeout=args.seconds + 600)
-        line = next((ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"error: the {mode} run ended without a result (exit {child.returncode}):\n{child.stderr[-2000:]}",
-                  file=sys.stderr)
+        result, child = child_result(argv_child, f"{mode} run", env=env, cwd=ROOT, timeout=args.seconds + 600)
+        if result is None:
             return 1
-        result = json.loads(line[len("RESULT "):])
         # What the log said went wrong (a compile that failed, a prefill child that ended badly): kept beside the figures.
         result["log_warnings"] = [ln for ln in child.stderr.splitlines()
                                   if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln][-20:]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         print("RESULT " + json.dumps(run_step(args)), flush=True)
         return 0
-    from benchmarks.common import document, write_json
+    from benchmarks.common import child_result, document, write_json
     from models.runinfo import run_metadata
 
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="precompiled-bench-"))
@@ -93,15 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for step in args.steps:
         print(f"{step}: ...", end=" ", flush=True)
-        child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--step", step, "--device", args.device,
-                                "--size", str(args.size), "--views", str(args.views)],
-                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=4000)
-        line = next((ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"\nerror: the {step} step ended without a result (exit {child.returncode}):\n{child.stderr[-2000:]}",
-                  file=sys.stderr)
+        result, child = child_result([sys.executable, str(Path(__file__).resolve()), "--step", step, "--device",
+                                      args.device, "--size", str(args.size), "--views", str(args.views)],
+                                     f"{step} step", env=env, cwd=ROOT, timeout=4000)
+        if result is None:
             return 1
-        result = json.loads(line[len("RESULT "):])
         log = child.stderr.splitlines()
         result["log_warnings"] = [ln for ln in log if ln.startswith(("WARNING", "ERROR")) or "Traceback" in ln][-10:]
         result["log_precompiled"] = [ln for ln in log if "models.avatar.precompiled" in ln][:20]
