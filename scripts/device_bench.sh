@@ -105,10 +105,11 @@ runpy.run_path('benchmarks/loopback.py', run_name='__main__')" 2>&1 | filter | t
 fi
 if has precompiled; then
   # The avatar's compile at a start with warm caches: traced again from inductor's cache, or loaded whole from the
-  # store of --precompiled-avatar. PRECOMPILED_STEPS splits it over two calls on one warm machine (the caches in .cache/).
+  # store of --precompiled-avatar. PRECOMPILED_STEPS splits it over two calls on one warm machine. The caches are in
+  # .cache/, shared with cache-start: its precompiled-warm then finds inductor warm and mostly fills the store.
   echo "== precompiled: the avatar's compile at a warm start, 4 views at 512 (${PRECOMPILED_STEPS:=fill-inductor fill-store inductor store})"
   timeout 590 python3 benchmarks/precompiled.py --device cuda --size 512 --views 4 --steps $PRECOMPILED_STEPS \
-    --cache-dir "$PWD/.cache/precompiled-bench" --out "$OUT/precompiled_cuda_512.json" 2>&1 | tail -6
+    --cache-dir "$PWD/.cache" --out "$OUT/precompiled_cuda_512.json" 2>&1 | tail -6
 fi
 if has first-frame; then
   # The sender's start on a cold inductor cache: run it on a fresh machine, first among the stages that compile.

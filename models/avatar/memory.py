@@ -186,6 +186,18 @@ class AppearanceMemory:
         self._swap_failed: set = set()
         self._clashes = 0  # captures that met the background compile (CAPTURE_RETRIES are let go)
 
+    _MACHINERY = ("identity", "clock", "compiler", "_graphs", "_compiled_update")
+
+    def __getstate__(self) -> dict:
+        """What a pickle of the memory holds: its settings and buffers, never the machinery around them (the
+        compiler and its lock, CUDA graphs, the identity model). models.avatar.precompiled pickles the update's
+        arguments, this memory among them, for the guards it saves with the compiled update."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._MACHINERY}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.identity, self.clock, self.compiler, self._graphs, self._compiled_update = None, time.monotonic, None, {}, None
+
     # -- buffers --
 
     def _allocate(self, key: tuple) -> None:

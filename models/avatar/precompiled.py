@@ -19,6 +19,7 @@ compiled through a store.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -211,7 +212,8 @@ class _Precompiled:
                 return loaded
         t0 = time.perf_counter()
         try:
-            compiled = torch.compile(self.fn, dynamic=False, fullgraph=True).aot_compile((args, kwargs))
+            with _aot_enabled():
+                compiled = torch.compile(self.fn, dynamic=False, fullgraph=True).aot_compile((args, kwargs))
             self.store.folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.store.folder, prefix=".saving-", delete=False) as tmp:
                 pass
@@ -235,6 +237,16 @@ class _Precompiled:
         self.store.fell_back.append(f"{self.fn.__qualname__}: {why}")
         log.warning("precompiled %s: %s; compiled the usual way instead (from inductor's cache where it can)",
                     self.fn.__qualname__, why)
+
+
+def _aot_enabled() -> contextlib.AbstractContextManager:
+    """Dynamo's switch for compiling whole (torch.compile(...).aot_compile exists only while it is on): on by default
+    from torch 2.12, off in 2.9-2.11."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return torch._dynamo.config.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
 
 
 def _load(file: Any, fn: Callable) -> Callable:

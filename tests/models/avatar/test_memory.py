@@ -388,3 +388,52 @@ def test_the_update_replays_as_a_cuda_graph_as_it_runs_eagerly(compiled):
     assert graphed.cuda_graphs and len(graphed._graphs) >= 1  # no fall back to eager
     assert graphed.compile_update == compiled  # nor from the compiled update to the plain one
     assert len(graphed._graphs) <= engine.captures  # one per build plan, not one per frame
+
+
+def test_a_sender_s_memory_pickles_without_its_machinery():
+    """models.avatar.precompiled pickles the update's arguments for the guards it saves: a sender's memory (its
+    compiler holds a lock, its identity a model) pickles as settings and buffers alone; its copies (the twin
+    the background compile updates) share the buffers until replaced."""
+    import copy
+    import pickle
+
+    from models.avatar.compiling import BackgroundCompiler
+
+    memory = AppearanceMemory(CONFIG, identity=lambda image, obs: None)
+    memory.compiler = BackgroundCompiler(torch.device("cpu"))
+    avatar = avatar_at(30)[0]
+    memory.update(avatar, 30.0)
+    again = pickle.loads(pickle.dumps(memory))
+    assert again.compiler is None and again.identity is None and again._graphs == {}
+    _same_state(memory, again, atol=0)
+    twin = copy.copy(memory)
+    assert twin.colour is memory.colour and twin.compiler is None and memory.compiler is not None
+
+
+@pytest.mark.skipif(not __import__("models.avatar.precompiled", fromlist=["supported"]).supported(),
+                    reason="needs torch.compiler.load_compiled_function (torch 2.9+)")
+def test_the_update_is_saved_whole_and_a_later_sender_loads_it(tmp_path):
+    """--precompiled-avatar's store serves the memory's update (a method of an object with a lock among its
+    members: it fell back to torch.compile on an H200, 2026-12-01): saved by one store, loaded by the next, and
+    the loaded update writes the live memory's buffers as the eager update does."""
+    from models.avatar.compiling import BackgroundCompiler
+    from models.avatar.precompiled import PrecompiledStore
+
+    def sender_memory():
+        memory = AppearanceMemory(CONFIG)
+        memory.compiler = BackgroundCompiler(torch.device("cpu"))
+        return memory
+
+    avatars = [(avatar_at(yaw)[0], yaw) for yaw in (0.0, 22.5, -37.5)]
+    eager, first, second = AppearanceMemory(CONFIG), sender_memory(), sender_memory()
+    saving, loading = PrecompiledStore(tmp_path), PrecompiledStore(tmp_path)
+    updates = ((first, saving(AppearanceMemory._update_at)), (second, loading(AppearanceMemory._update_at)))
+    for avatar, yaw in avatars:
+        eager.update(avatar, yaw)
+        for memory, update in updates:
+            memory.allocate(avatar.config)
+            memory._yaw_now = yaw
+            update(memory, avatar, torch.tensor(yaw))
+        _same_state(eager, second, atol=1e-4)  # inductor's kernels sum in another order
+    assert saving.saved == 1 and not saving.fell_back
+    assert loading.loaded == 1 and loading.saved == 0 and not loading.fell_back

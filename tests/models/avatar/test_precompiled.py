@@ -115,3 +115,18 @@ def test_a_corrupt_file_is_compiled_again(tmp_path, caplog):
         torch.testing.assert_close(store(stepped)(plan, t), stepped(plan, t))
     assert "could not load" in caplog.text and store.saved == 1 and store.loaded == 0
     assert path.read_bytes() != b"not a compiled function"
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "enable_aot_compile"), reason="this torch has no such switch")
+def test_dynamo_s_whole_compile_switch_off_as_in_torch_2_11_still_saves(tmp_path):
+    """torch 2.9-2.11 turn dynamo's enable_aot_compile off by default, and with it off torch.compile(fn) has no
+    aot_compile: every function fell back on an H200 with torch 2.11 (2026-12-01). The store turns it on for its
+    compile."""
+    plan, t = Plan(steps=2, gain=1.0), inputs()
+    with torch._dynamo.config.patch(enable_aot_compile=False):
+        first = PrecompiledStore(tmp_path)
+        torch.testing.assert_close(first(stepped)(plan, t), stepped(plan, t))
+        second = PrecompiledStore(tmp_path)
+        torch.testing.assert_close(second(stepped)(plan, t), stepped(plan, t))
+        assert not torch._dynamo.config.enable_aot_compile
+    assert first.saved == 1 and not first.fell_back and second.loaded == 1
