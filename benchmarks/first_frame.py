@@ -50,7 +50,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         raise SystemExit("error: cannot read telepresence/assets/sample.mp4")
     t_made = time.perf_counter()
     pipeline = Pipeline(PipelineConfig(device=args.device, size=args.size, refiner=args.refiner,
-                                       compile_avatar=args.compile_avatar))
+                                       compile_avatar=args.compile_avatar, precompiled_avatar=args.precompiled_avatar))
     made_s = time.perf_counter() - t_made
     if args.mode == "unheld" and pipeline.engine.compiler is not None:
         pipeline.engine.compiler.release()  # the worker starts at the first submitted compile, as before
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-avatar", default=PipelineConfig.compile_avatar, choices=COMPILE_AVATAR,
                         help="the sender's --compile-avatar (default: the sender's; prefill: a child process compiles "
                         "first, background: the sender's worker thread)")
+    parser.add_argument("--precompiled-avatar", action=argparse.BooleanOptionalAction,
+                        default=PipelineConfig.precompiled_avatar,
+                        help="the sender's --precompiled-avatar (default: the sender's)")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: both on cuda, held on cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         argv_child = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--device", args.device,
                       "--size", str(args.size), "--views", str(args.views), "--seconds", str(args.seconds),
-                      "--refiner", args.refiner or "none", "--compile-avatar", args.compile_avatar]
+                      "--refiner", args.refiner or "none", "--compile-avatar", args.compile_avatar,
+                      "--precompiled-avatar" if args.precompiled_avatar else "--no-precompiled-avatar"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         result, child = child_result(argv_child, f"{mode} run", env=env, cwd=ROOT, timeout=args.seconds + 600)
         if result is None:

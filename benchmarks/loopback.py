@@ -433,8 +433,9 @@ def main() -> int:
                         help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
                         "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")
     parser.add_argument("--compile-refiner", action="store_true", help="torch.compile the refiner (as send --compile-refiner)")
-    parser.add_argument("--precompiled-avatar", action="store_true",
-                        help="keep the avatar's compiled functions whole and load them (as send --precompiled-avatar)")
+    parser.add_argument("--precompiled-avatar", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the avatar's compiled functions whole and load them (send --precompiled-avatar; "
+                        "default: PipelineConfig.precompiled_avatar's, the product's)")
     parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/loopback_<device>_<size>.json)")
@@ -463,6 +464,8 @@ def main() -> int:
 
     if args.memory is None:
         args.memory = PipelineConfig.memory  # the product's default, recorded as such
+    if args.precompiled_avatar is None:
+        args.precompiled_avatar = PipelineConfig.precompiled_avatar
     try:
         pipeline_config = PipelineConfig(device=args.device, size=args.size,
                                          refiner=None if args.refiner == "none" else args.refiner,

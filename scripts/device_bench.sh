@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -70,11 +70,14 @@ if has cache-start; then
   # The start of a sender whose inductor cache is warm (every start after the first on a machine): the avatar
   # compiles from the disk cache on the sender's worker (--compile-avatar background) while 4 viewers watch; the
   # first case holds that compile, the second is the steady state after it. CACHE_MODES picks the runs:
+  # Modes other than the precompiled ones trace the compile from inductor's cache (--no-precompiled-avatar: the
+  # product's path before the fifteenth session made --precompiled-avatar the default):
   #   warm      fill the cache (a cold compile, --compile-avatar wait; its case is the in-process steady state)
   #   old       in process, the compile's switch interval 0.5 ms (the code before the thirteenth session)
   #   new       in process, 0.05 ms (models.avatar.compiling.SWITCH_INTERVAL_S)
   #   process   the pipeline in a process of its own (send --pipeline-process)
-  #   precompiled-warm  fill the store of whole compiled functions (--precompiled-avatar, a cold compile, wait)
+  #   precompiled-warm  fill the store of whole compiled functions (--precompiled-avatar, a cold compile, wait);
+  #                     the memory's update, compiled in the background, is saved by the first precompiled run
   #   precompiled       in process, --precompiled-avatar: the compiled functions loaded, not traced again
   # The cache lives in .cache/ in the working tree, so a second call on the same warm machine finds it.
   export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
@@ -83,22 +86,22 @@ if has cache-start; then
   for mode in ${CACHE_MODES:-warm old new process}; do
     echo "== cache start: $mode ($(du -sh .cache 2>/dev/null | cut -f1) cached)"
     case $mode in
-      warm) lb 420 --viewers 4 --seconds 8 --compile-avatar wait --out "$OUT/loopback_cuda_512_warm.json" ;;
+      warm) lb 420 --viewers 4 --seconds 8 --compile-avatar wait --no-precompiled-avatar --out "$OUT/loopback_cuda_512_warm.json" ;;
       old) timeout 200 python3 -c "
 import runpy, sys
 import models.avatar.compiling as compiling
 compiling.SWITCH_INTERVAL_S = 0.0005  # the interval before the thirteenth session
 sys.argv = ['benchmarks/loopback.py', '--device', 'cuda', '--size', '512', '--source-fps', '$SOURCE_FPS',
             '--refiner', '/tmp/refiner-small-arch', '--viewers', '4', '4', '--warmup', '2', '--seconds', '25',
-            '--compile-avatar', 'background', '--out', '$OUT/loopback_cuda_512_cachestart_old.json']
+            '--compile-avatar', 'background', '--no-precompiled-avatar', '--out', '$OUT/loopback_cuda_512_cachestart_old.json']
 runpy.run_path('benchmarks/loopback.py', run_name='__main__')" 2>&1 | filter | tail -5 ;;
-      new) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background \
+      new) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background --no-precompiled-avatar \
              --out "$OUT/loopback_cuda_512_cachestart_inprocess.json" ;;
       precompiled-warm) lb 480 --viewers 4 --seconds 8 --compile-avatar wait --precompiled-avatar \
                           --out "$OUT/loopback_cuda_512_precompiled_warm.json" ;;
       precompiled) lb 200 --viewers 4 4 4 --warmup 2 --seconds 15 --compile-avatar background --precompiled-avatar \
                      --out "$OUT/loopback_cuda_512_cachestart_precompiled.json" ;;
-      process) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background --pipeline-process \
+      process) lb 200 --viewers 4 4 --warmup 2 --seconds 25 --compile-avatar background --no-precompiled-avatar --pipeline-process \
                  --out "$OUT/loopback_cuda_512_cachestart_process.json" ;;
     esac
   done
@@ -123,6 +126,13 @@ if has first-frame-prefill; then
   echo "== first frame with the compile prefilled in a child process: 4 views at 512, 420 s"
   timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 420 --modes held \
     --compile-avatar prefill --refiner /tmp/refiner-small-arch --out "$OUT/first_frame_cuda_512_prefill.json" 2>&1 | tail -4
+fi
+if has first-frame-precompiled; then
+  # The same with --precompiled-avatar, on a fresh machine: the child compiles whole and saves, the sender loads.
+  echo "== first frame with the compile prefilled, --precompiled-avatar: 4 views at 512, 420 s"
+  timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 420 --modes held \
+    --compile-avatar prefill --precompiled-avatar --refiner /tmp/refiner-small-arch \
+    --out "$OUT/first_frame_cuda_512_prefill_precompiled.json" 2>&1 | tail -6
 fi
 if has encode; then
   echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"

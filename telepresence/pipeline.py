@@ -87,11 +87,14 @@ class PipelineConfig:
     from their first frame). "off": the plain graphs. No effect on the CPU."""
     precompiled_avatar: bool = False
     """With compile_avatar: keep the avatar's compiled functions whole on disk (models.avatar.precompiled, beside
-    inductor's cache) and load them at later starts instead of tracing them again. The compile from inductor's cache
-    traces them at every start, and on a GPU that held the frames to 14.5 fps for 20-30 s (4 viewers at 512, H200;
-    docs/avatar.md); loading the build and one view took 2.2-3.0 s against 8.8-12.0 s on this project's CPU
-    (benchmarks/precompiled.py). Off by default
-    until measured on a GPU (`STAGES=cache-start CACHE_MODES="precompiled-warm precompiled"`)."""
+    inductor's cache) and load them at later starts instead of tracing them again. At a start with warm caches on
+    an H200 (4 viewers at 512, --compile-avatar background) the traced compile held the frames to 13.1 and 17.4 fps
+    for the first 50 s, still compiling at the end; loaded, 25.7, 29.1 and 30.0 fps in three 15 s cases, p50 67 ms
+    (benchmarks/results/loopback_cuda_512_cachestart_*.json). Off by default until the first start on a fresh GPU
+    machine (the default --compile-avatar prefill, a child compiling whole) is measured again: its one run, before
+    the child took the sender's thread count, saved functions the sender could not load, and the sender traced them
+    cold, its frames down to 16-20 fps from minute 3 (benchmarks/results/first_frame_cuda_512_prefill_precompiled.json;
+    `STAGES=first-frame-precompiled bash scripts/device_bench.sh`)."""
     memory: bool = True
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
     fills what the current frame sees badly (the sides of the head when turned). On by default: on the shared
@@ -388,7 +391,8 @@ class Pipeline:
         job = PrefillJob(self.avatar_config, str(self.device), self.config.size, np.ascontiguousarray(frame_rgb), obs,
                          tuple(float(v) for v in self._crop), view_counts,
                          None if self.memory is None else MemoryConfig.for_sender(self.config.size, self.device),
-                         capacities=self.engine.capacities(), precompiled=self.config.precompiled_avatar)
+                         capacities=self.engine.capacities(),
+                         precompiled=self.config.precompiled_avatar, host_threads=torch.get_num_threads())
         self._prefill = CachePrefill(job).start()
         self._prefilled |= set(view_counts)
         self._prefill_wanted -= set(view_counts)

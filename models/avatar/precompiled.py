@@ -97,6 +97,14 @@ def _tensor(value: torch.Tensor) -> Hashable:
     return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device), value.requires_grad)
 
 
+def global_state() -> Hashable:
+    """What of torch's process-wide state a compiled function guards on (dynamo's GLOBAL_STATE) and may differ
+    between processes that run the same code: in the key, so that each gets a file it can use. A prefill child
+    with one thread saved functions its sender, with two, could not load (H200, 2026-12-01)."""
+    return ("global", torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            str(torch.get_default_dtype()))
+
+
 def signature(value: Any) -> Hashable:
     """What a compiled function's arguments are, for the file it is kept in: tensors by shape, stride, dtype, device
     and whether they need gradients (never their values); settings objects (:func:`_pure`: build plans, configs) and
@@ -179,7 +187,7 @@ class _Precompiled:
         self._plain: Callable | None = None  # torch.compile(fn), where the store cannot serve
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = signature((args, kwargs))
+        key = (signature((args, kwargs)), global_state())
         compiled = self._by_key.get(key)
         if compiled is None:
             with self._lock:

@@ -56,6 +56,9 @@ class PrefillJob:
     precompiled: bool = False
     """Compile through models.avatar.precompiled's store, as the sender does with --precompiled-avatar: the sender
     then loads what the child saved instead of tracing it again."""
+    host_threads: int | None = None
+    """The sender's torch threads (None: 1): the child runs with as many, since compiled code guards on the count
+    (a store's file saved by a child with one thread failed its guards in a sender with two)."""
 
 
 def compile_like_the_sender(job: PrefillJob) -> float:
@@ -202,7 +205,8 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=_watch_parent, args=(int(parent),), daemon=True).start()
     with open(path, "rb") as f:
         job = pickle.load(f)
-    torch.set_num_threads(1)
+    torch.set_num_threads(job.host_threads or 1)  # at the idle priority: its threads take no core the frames want
+    log.info("torch threads: %d, as the sender's (compiled code guards on the count)", torch.get_num_threads())
     try:
         seconds = compile_like_the_sender(job)
     except Exception as error:  # noqa: BLE001 - said in one line; the sender compiles from scratch

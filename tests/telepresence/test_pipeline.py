@@ -136,6 +136,7 @@ def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, 
         p.config = dataclasses.replace(p.config, precompiled_avatar=True)
         assert p.process(astronaut, [ViewPose()]).status == "ok"
         assert p._prefill is not None and p._prefill.job.precompiled is True
+        assert p._prefill.job.host_threads == torch.get_num_threads()  # the child's compiled code guards on it
     finally:
         p.close()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models.avatar.precompiled as precompiled
-from models.avatar.precompiled import PrecompiledStore, signature
+from models.avatar.precompiled import PrecompiledStore, global_state, signature
 
 pytestmark = pytest.mark.skipif(not precompiled.supported(), reason="needs torch.compiler.load_compiled_function (torch 2.9+)")
 
@@ -85,7 +85,7 @@ def test_other_arguments_or_other_code_get_files_of_their_own(tmp_path, monkeypa
     killed.write_bytes(b"half"), saving.write_bytes(b"half")
     os.utime(killed, (time.time() - 7200, time.time() - 7200))
     monkeypatch.setattr(precompiled, "source_fingerprint", lambda: "0" * 16)
-    assert store.path(stepped, signature(((Plan(3, 1.5), inputs(8)), {}))) not in old
+    assert store.path(stepped, (signature(((Plan(3, 1.5), inputs(8)), {})), global_state())) not in old
     edited = PrecompiledStore(tmp_path)
     torch.testing.assert_close(edited(stepped)(Plan(3, 1.5), inputs(8)), stepped(Plan(3, 1.5), inputs(8)))
     assert edited.loaded == 0 and edited.saved == 1
@@ -130,3 +130,24 @@ def test_dynamo_s_whole_compile_switch_off_as_in_torch_2_11_still_saves(tmp_path
         torch.testing.assert_close(second(stepped)(plan, t), stepped(plan, t))
         assert not torch._dynamo.config.enable_aot_compile
     assert first.saved == 1 and not first.fell_back and second.loaded == 1
+
+
+def test_another_thread_count_gets_a_file_of_its_own(tmp_path, caplog):
+    """Compiled code guards on torch's thread count: a sender with two threads failed the guards of every file its
+    prefill child (one thread) had saved, and traced them again for minutes (H200, 2026-12-01). The count is in
+    the key: each count compiles once, then loads."""
+    plan, t = Plan(steps=2, gain=1.0), inputs()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        PrecompiledStore(tmp_path)(stepped)(plan, t)
+        torch.set_num_threads(2)
+        with caplog.at_level(logging.WARNING, logger="models.avatar.precompiled"):
+            two = PrecompiledStore(tmp_path)
+            torch.testing.assert_close(two(stepped)(plan, t), stepped(plan, t))
+        assert two.saved == 1 and two.loaded == 0 and not two.fell_back and "guards failed" not in caplog.text
+        again = PrecompiledStore(tmp_path)
+        again(stepped)(plan, t)
+        assert again.loaded == 1 and not again.fell_back and len(list(tmp_path.glob("*.bin"))) == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -95,16 +95,18 @@ def test_a_child_that_fails_says_so(case, monkeypatch):
 
 
 def test_the_child_compiles_below_the_senders_cpu_priority(case, tmp_path):
-    """Each participant's sender in a call starts a child: they compile on the cores the calls are left, not theirs."""
+    """Each participant's sender in a call starts a child: they compile on the cores the calls are left, not theirs,
+    with the sender's torch thread count (compiled code guards on it: a store's files would not load otherwise)."""
     import pickle
 
     job = tmp_path / "job.pickle"
-    job.write_bytes(pickle.dumps(_job(case)))
+    job.write_bytes(pickle.dumps(_job(case, host_threads=2)))
     out = subprocess.run([sys.executable, "-m", "models.avatar.prefill", str(job), str(os.getpid())], capture_output=True,
                          text=True, cwd=REPO, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO), "TORCHDYNAMO_DISABLE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compiling at CPU priority idle:" in out.stderr or "compiling at CPU priority niceness 19:" in out.stderr, \
         out.stderr[-2000:]
+    assert "torch threads: 2, as the sender's" in out.stderr
 
 
 def test_the_child_ends_when_the_sender_is_gone(case, tmp_path):
