@@ -2,7 +2,8 @@
 
 import sys
 
+from models.avatar.compiling import leave
 from telepresence.cli.send import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave(main()))

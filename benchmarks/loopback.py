@@ -519,4 +519,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from models.avatar.compiling import leave
+
+    sys.exit(leave(main()))  # a case may end during the avatar's background compile

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sys
 import threading
@@ -37,7 +38,34 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["BackgroundCompiler", "CAPTURE_RETRIES", "SWITCH_INTERVAL_S", "capture_compiled", "clashed_with_a_capture",
-           "compile_fixed"]
+           "compile_fixed", "compiling_now", "leave"]
+
+_running = 0  # jobs running on the workers of this process (under _running_lock)
+_running_lock = threading.Lock()
+
+
+def compiling_now() -> bool:
+    """Whether a worker of this process is running a compile job now."""
+    return _running > 0
+
+
+def leave(code: int) -> int:
+    """A program's exit status, for ``sys.exit(leave(main()))``: returned as it is, unless a worker is inside a
+    compile; then the process ends here with it (``os._exit``, after the logs and the standard streams are
+    flushed). A daemon thread inside torch.compile's C++ when the interpreter finalizes takes the process down:
+    "terminate called without an active exception" (rc 134) on the CPU, a segmentation fault (rc 139) when a GPU
+    loopback benchmark ended during a compile (H200, 2026-12-01). Nothing a compile was writing is lost: inductor's
+    and the store's files are written whole or not at all."""
+    if not compiling_now():
+        return code
+    log.info("exiting while the avatar's compile runs: not waited for")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a pipe whose reader is gone
+            pass
+    os._exit(code)
 
 G = TypeVar("G")
 
@@ -97,6 +125,19 @@ class _CompiledOnFirstCall:
                 if self._compiled is None:
                     self._compiled = self._compile_fn(self._fn)
         return self._compiled(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _counted():
+    """A job running (:func:`compiling_now`)."""
+    global _running
+    with _running_lock:
+        _running += 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running -= 1
 
 
 class BackgroundCompiler:
@@ -187,7 +228,8 @@ class BackgroundCompiler:
                     # serving frames wait less (a probe on an H200 beside a cached compile: 13-16 -> 19 frames/s of
                     # 30, p90 frame 131-136 -> 67-73 ms, the compile no slower).
                     sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
-                    with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+                    with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), \
+                            _counted():
                         job()
                     if stream is not None:
                         stream.synchronize()

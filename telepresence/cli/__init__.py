@@ -64,5 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `telepresence` program: main(), and its exit at once if the avatar's compile is still running
+    (models.avatar.compiling.leave: a finalizing interpreter would crash on the compile's thread)."""
+    from models.avatar.compiling import leave
+
+    sys.exit(leave(main()))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
