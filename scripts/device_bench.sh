@@ -129,8 +129,10 @@ if has first-frame-prefill; then
 fi
 if has first-frame-precompiled; then
   # The same with --precompiled-avatar, on a fresh machine: the child compiles whole and saves, the sender loads.
+  # Its caches in .cache/ as cache-start's: a next call on the warm machine, STAGES=cache-start
+  # CACHE_MODES=precompiled, measures the start after it.
   echo "== first frame with the compile prefilled, --precompiled-avatar: 4 views at 512, 420 s"
-  timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 420 --modes held \
+  TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton" timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 420 --modes held \
     --compile-avatar prefill --precompiled-avatar --refiner /tmp/refiner-small-arch \
     --out "$OUT/first_frame_cuda_512_prefill_precompiled.json" 2>&1 | tail -6
 fi
