@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.avatar import build_avatar, render_views
+from models.avatar import build_avatar, precompiled, render_views
 from models.avatar.atlas import memory_atlas, observe_texels
 from models.avatar.memory import AppearanceMemory, MemoryConfig
 from models.geometry.camera import OrbitPose
@@ -410,8 +410,7 @@ def test_a_sender_s_memory_pickles_without_its_machinery():
     assert twin.colour is memory.colour and twin.compiler is None and memory.compiler is not None
 
 
-@pytest.mark.skipif(not __import__("models.avatar.precompiled", fromlist=["supported"]).supported(),
-                    reason="needs torch.compiler.load_compiled_function (torch 2.9+)")
+@pytest.mark.skipif(not precompiled.supported(), reason="needs torch.compiler.load_compiled_function (torch 2.9+)")
 def test_the_update_is_saved_whole_and_a_later_sender_loads_it(tmp_path):
     """--precompiled-avatar's store serves the memory's update (a method of an object with a lock among its
     members: it fell back to torch.compile on an H200, 2026-12-01): saved by one store, loaded by the next, and
