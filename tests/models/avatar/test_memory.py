@@ -411,7 +411,8 @@ def test_a_sender_s_memory_pickles_without_its_machinery():
 
 
 @pytest.mark.skipif(not precompiled.supported(), reason="needs torch.compiler.load_compiled_function (torch 2.9+)")
-def test_the_update_is_saved_whole_and_a_later_sender_loads_it(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_update_is_saved_whole_and_a_later_sender_loads_it(tmp_path, device):
     """--precompiled-avatar's store serves the memory's update (a method of an object with a lock among its
     members: it fell back to torch.compile on an H200, 2026-12-01): saved by one store, loaded by the next, and
     the loaded update writes the live memory's buffers as the eager update does."""
@@ -419,12 +420,16 @@ def test_the_update_is_saved_whole_and_a_later_sender_loads_it(tmp_path):
     from models.avatar.precompiled import PrecompiledStore
 
     def sender_memory():
-        memory = AppearanceMemory(CONFIG)
-        memory.compiler = BackgroundCompiler(torch.device("cpu"))
+        memory = AppearanceMemory(CONFIG, device)
+        memory.compiler = BackgroundCompiler(torch.device(device))
         return memory
 
-    avatars = [(avatar_at(yaw)[0], yaw) for yaw in (0.0, 22.5, -37.5)]
-    eager, first, second = AppearanceMemory(CONFIG), sender_memory(), sender_memory()
+    def built(yaw):
+        image, obs, _ = turning_head_frame(yaw)
+        return build_avatar(image, obs, device=device, render_size=128)
+
+    avatars = [(built(yaw), yaw) for yaw in (0.0, 22.5, -37.5)]
+    eager, first, second = AppearanceMemory(CONFIG, device), sender_memory(), sender_memory()
     saving, loading = PrecompiledStore(tmp_path), PrecompiledStore(tmp_path)
     updates = ((first, saving(AppearanceMemory._update_at)), (second, loading(AppearanceMemory._update_at)))
     for avatar, yaw in avatars:
@@ -432,7 +437,7 @@ def test_the_update_is_saved_whole_and_a_later_sender_loads_it(tmp_path):
         for memory, update in updates:
             memory.allocate(avatar.config)
             memory._yaw_now = yaw
-            update(memory, avatar, torch.tensor(yaw))
+            update(memory, avatar, torch.tensor(yaw, device=device))
         _same_state(eager, second, atol=1e-4)  # inductor's kernels sum in another order
     assert saving.saved == 1 and not saving.fell_back
     assert loading.loaded == 1 and loading.saved == 0 and not loading.fell_back
