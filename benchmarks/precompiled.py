@@ -68,7 +68,7 @@ def run_step(args: argparse.Namespace) -> dict:
             "plain_graphs": {"max_abs_diff_from_eager": float(plain_diff.max()),
                              "share_off_from_eager": float((plain_diff > 2 / 255).float().mean())},
             "store": None if store is None else {"loaded": store.loaded, "saved": store.saved,
-                                                 "fell_back": store.fell_back}}
+                                                 "fell_back": store.fell_back, "unsaved": store.unsaved}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,7 @@ class PrecompiledStore:
         self.loaded = 0  # functions loaded from disk so far (one per signature)
         self.saved = 0  # functions compiled whole and saved
         self.fell_back: list[str] = []  # what was compiled the usual way instead, and why
+        self.unsaved: list[str] = []  # compiled whole but not saved (a full or read-only disk...), and why
 
     @property
     def folder(self) -> Path:
@@ -212,8 +213,8 @@ class _Precompiled:
                 with open(path, "rb") as f:
                     loaded = _load(f, self.fn)
             except Exception as error:  # noqa: BLE001 - a file another torch or a killed process left: compile again
-                log.warning("precompiled %s: could not load %s (%s: %s); compiling it again", name, path.name,
-                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                log.warning("precompiled %s: could not load %s (%s); compiling it again", name, path.name,
+                            _first_line(error))
             else:
                 self.store.loaded += 1
                 log.info("precompiled %s: loaded in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
@@ -222,6 +223,10 @@ class _Precompiled:
         try:
             with _aot_enabled():
                 compiled = torch.compile(self.fn, dynamic=False, fullgraph=True).aot_compile((args, kwargs))
+        except Exception as error:  # noqa: BLE001 - a graph break, an unpicklable guard...: torch.compile as before
+            self._fall_back(_first_line(error))
+            return self._plain
+        try:
             self.store.folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.store.folder, prefix=".saving-", delete=False) as tmp:
                 pass
@@ -231,9 +236,11 @@ class _Precompiled:
             finally:
                 if os.path.exists(tmp.name):
                     os.unlink(tmp.name)
-        except Exception as error:  # noqa: BLE001 - a graph break, an unpicklable guard...: torch.compile as before
-            self._fall_back(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-            return self._plain
+        except Exception as error:  # noqa: BLE001 - a full or read-only disk...: this process keeps what it compiled
+            self.store.unsaved.append(f"{name}: {_first_line(error)}")
+            log.warning("precompiled %s: compiled whole in %.1f s but not saved (%s): in use here, compiled again at "
+                        "the next start", name, time.perf_counter() - t0, _first_line(error))
+            return compiled
         self.store.saved += 1
         log.info("precompiled %s: compiled whole and saved in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
         self.store.prune()
@@ -245,6 +252,11 @@ class _Precompiled:
         self.store.fell_back.append(f"{self.fn.__qualname__}: {why}")
         log.warning("precompiled %s: %s; compiled the usual way instead (from inductor's cache where it can)",
                     self.fn.__qualname__, why)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _aot_enabled() -> contextlib.AbstractContextManager:

@@ -151,3 +151,27 @@ def test_another_thread_count_gets_a_file_of_its_own(tmp_path, caplog):
         assert again.loaded == 1 and not again.fell_back and len(list(tmp_path.glob("*.bin"))) == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_store_that_cannot_save_keeps_what_it_compiled(tmp_path, monkeypatch, caplog):
+    """A full or read-only disk: the function compiled whole runs in this process (no second compile) and the log
+    says it was not saved; the next store compiles it again."""
+    plan, t = Plan(steps=2, gain=1.0), inputs()
+    folder = tmp_path / "store"
+    folder.write_text("a file where the folder should be")  # mkdir fails, as on a read-only disk
+    store = PrecompiledStore(folder)
+    compiled = store(stepped)
+    plain_compiles = []
+    real_compile = torch.compile
+
+    def counting(fn, **kwargs):
+        plain_compiles.append(kwargs)
+        return real_compile(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    with caplog.at_level(logging.WARNING, logger="models.avatar.precompiled"):
+        torch.testing.assert_close(compiled(plan, t), stepped(plan, t))
+        torch.testing.assert_close(compiled(plan, inputs()), stepped(plan, inputs()))
+    assert [k.get("fullgraph") for k in plain_compiles] == [True]  # the whole compile alone, never a second one
+    assert store.saved == 0 and not store.fell_back and len(store.unsaved) == 1
+    assert "compiled whole" in caplog.text and "but not saved" in caplog.text
