@@ -488,6 +488,10 @@ def main() -> int:
         print(f"running {n} viewer(s): {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         case = run_case_process if args.viewers_in == "process" else run_case
         results.append(asyncio.run(case(args, n, pipeline)))
+        # --precompiled-avatar: what the store loaded, saved or compiled the usual way during this case (in process)
+        events = pipeline.precompiled_events() if hasattr(pipeline, "precompiled_events") else None
+        if events is not None:
+            results[-1]["precompiled"] = events[sum(len(r.get("precompiled", [])) for r in results[:-1]):]
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline)))

@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420)), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -131,8 +131,8 @@ if has first-frame-precompiled; then
   # The same with --precompiled-avatar, on a fresh machine: the child compiles whole and saves, the sender loads.
   # Its caches in .cache/ as cache-start's: a next call on the warm machine, STAGES=cache-start
   # CACHE_MODES=precompiled, measures the start after it.
-  echo "== first frame with the compile prefilled, --precompiled-avatar: 4 views at 512, 420 s"
-  TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton" timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds 420 --modes held \
+  echo "== first frame with the compile prefilled, --precompiled-avatar: 4 views at 512, ${FIRST_FRAME_SECONDS:=420} s"
+  TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton" timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds "$FIRST_FRAME_SECONDS" --modes held \
     --compile-avatar prefill --precompiled-avatar --refiner /tmp/refiner-small-arch \
     --out "$OUT/first_frame_cuda_512_prefill_precompiled.json" 2>&1 | tail -6
 fi

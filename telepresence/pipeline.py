@@ -440,6 +440,12 @@ class Pipeline:
         state = self.engine.compile_state
         return None if state == "waiting" else "compiling" if state == "swapping" else state
 
+    def precompiled_events(self) -> list[dict] | None:
+        """With --precompiled-avatar: what the store did so far (models.avatar.precompiled.PrecompiledStore.events:
+        each function loaded, compiled whole and saved, or compiled the usual way); None without a store."""
+        compiler = self.engine.compiler
+        return None if compiler is None else getattr(compiler.compile_fn, "events", None)
+
     def _compile_now(self, frame_rgb: np.ndarray, obs):
         """compile_avatar "wait": render the view counts a sender warms (their compiles asked for with the
         build's), wait for the compiles, and build this frame again, now through the compiled graphs."""

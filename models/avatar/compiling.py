@@ -165,6 +165,11 @@ class BackgroundCompiler:
         self.seconds = 0.0
         """Time spent compiling so far."""
 
+    @property
+    def compile_fn(self) -> Callable[[Callable], Callable]:
+        """What turns a function into its compiled form (torch.compile, or a models.avatar.precompiled store)."""
+        return self._compile_fn
+
     def function(self, name: str, fn: Callable) -> Callable:
         """The compiled form of fn, made once per name: one cache of compiled code per function. It is made at its
         first call, on the worker: ``torch.compile`` imports dynamo and inductor (4-12 s), which on the engine's

@@ -142,6 +142,14 @@ class PrecompiledStore:
         self.saved = 0  # functions compiled whole and saved
         self.fell_back: list[str] = []  # what was compiled the usual way instead, and why
         self.unsaved: list[str] = []  # compiled whole but not saved (a full or read-only disk...), and why
+        self.events: list[dict] = []
+        """What happened to each function and signature, in order: {"function", "what" (loaded, saved, unsaved,
+        fell back), "s", "file", "thread"}: a benchmark keeps it beside its figures (which start loaded what)."""
+
+    def _event(self, fn: Callable, what: str, seconds: float | None, path: Path | None) -> None:
+        self.events.append({"function": fn.__qualname__, "what": what,
+                            "s": None if seconds is None else round(seconds, 1),
+                            "file": None if path is None else path.name, "thread": threading.current_thread().name})
 
     @property
     def folder(self) -> Path:
@@ -217,6 +225,7 @@ class _Precompiled:
                             _first_line(error))
             else:
                 self.store.loaded += 1
+                self.store._event(self.fn, "loaded", time.perf_counter() - t0, path)
                 log.info("precompiled %s: loaded in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
                 return loaded
         t0 = time.perf_counter()
@@ -238,10 +247,12 @@ class _Precompiled:
                     os.unlink(tmp.name)
         except Exception as error:  # noqa: BLE001 - a full or read-only disk...: this process keeps what it compiled
             self.store.unsaved.append(f"{name}: {_first_line(error)}")
+            self.store._event(self.fn, "unsaved", time.perf_counter() - t0, path)
             log.warning("precompiled %s: compiled whole in %.1f s but not saved (%s): in use here, compiled again at "
                         "the next start", name, time.perf_counter() - t0, _first_line(error))
             return compiled
         self.store.saved += 1
+        self.store._event(self.fn, "saved", time.perf_counter() - t0, path)
         log.info("precompiled %s: compiled whole and saved in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
         self.store.prune()
         return compiled
@@ -250,6 +261,7 @@ class _Precompiled:
         if self._plain is None:
             self._plain = torch.compile(self.fn, dynamic=False)
         self.store.fell_back.append(f"{self.fn.__qualname__}: {why}")
+        self.store._event(self.fn, "fell back", None, None)
         log.warning("precompiled %s: %s; compiled the usual way instead (from inductor's cache where it can)",
                     self.fn.__qualname__, why)
 

@@ -4,6 +4,7 @@ tracing, never served for other arguments or other code. Each case compiles smal
 import dataclasses
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -48,10 +49,13 @@ def inputs(n: int = 8) -> dict:
 
 def test_a_second_store_loads_what_the_first_saved_without_compiling(tmp_path, monkeypatch, caplog):
     plan, t = Plan(steps=3, gain=1.5), inputs()
-    first = PrecompiledStore(tmp_path)(stepped)
+    saving = PrecompiledStore(tmp_path)
+    first = saving(stepped)
     expected = stepped(plan, t)
     torch.testing.assert_close(first(plan, t), expected)
-    assert [p.suffix for p in tmp_path.iterdir()] == [".bin"]  # one file, written whole (no temporary left)
+    (path,) = tmp_path.iterdir()
+    assert path.suffix == ".bin"  # one file, written whole (no temporary left)
+    assert [(e["function"], e["what"], e["file"]) for e in saving.events] == [("stepped", "saved", path.name)]
 
     def no_compile(*args, **kwargs):
         raise AssertionError("torch.compile called: the saved function was not loaded")
@@ -63,6 +67,9 @@ def test_a_second_store_loads_what_the_first_saved_without_compiling(tmp_path, m
         torch.testing.assert_close(again(plan, inputs()), expected)
     assert store.loaded == 1 and store.saved == 0 and not store.fell_back
     assert "loaded in" in caplog.text
+    (event,) = store.events  # what a benchmark records: which function, loaded from which file, on which thread
+    assert event["function"] == "stepped" and event["what"] == "loaded" and event["file"] == path.name
+    assert event["thread"] == threading.current_thread().name
     other = {"x": t["x"] * 0.5, "bias": t["bias"]}  # new values, same shapes: the same compiled function
     torch.testing.assert_close(again(plan, other), stepped(plan, other))
     assert store.loaded == 1
@@ -101,6 +108,8 @@ def test_a_failed_guard_or_a_graph_break_compiles_the_usual_way_and_says_so(tmp_
         torch.testing.assert_close(store(held)(Holder(3), x), x * 3 + 1)  # the file of k == 2: its guard fails
         torch.testing.assert_close(store(broken)(x), x + 1)
     assert store.loaded == 1 and len(store.fell_back) == 2
+    assert [(e["function"], e["what"]) for e in store.events] == [("held", "loaded"), ("held", "fell back"),
+                                                                    ("broken", "fell back")]
     assert "saved guards failed (L['holder'].k == 2)" in store.fell_back[0]
     assert caplog.text.count("compiled the usual way instead") == 2
 
