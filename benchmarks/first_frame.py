@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         "first, background: the sender's worker thread)")
     parser.add_argument("--precompiled-avatar", action=argparse.BooleanOptionalAction,
                         default=PipelineConfig.precompiled_avatar,
-                        help="the sender's --precompiled-avatar (default: the sender's)")
+                        help="the sender's --precompiled-avatar (default: the sender's, on where the avatar compiles)")
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES, help="default: both on cuda, held on cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         argv_child = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--device", args.device,
                       "--size", str(args.size), "--views", str(args.views), "--seconds", str(args.seconds),
                       "--refiner", args.refiner or "none", "--compile-avatar", args.compile_avatar,
-                      "--precompiled-avatar" if args.precompiled_avatar else "--no-precompiled-avatar"]
+                      *([] if args.precompiled_avatar is None else
+                        ["--precompiled-avatar" if args.precompiled_avatar else "--no-precompiled-avatar"])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         result, child = child_result(argv_child, f"{mode} run", env=env, cwd=ROOT, timeout=args.seconds + 600)
         if result is None:

@@ -464,7 +464,7 @@ def main() -> int:
 
     if args.memory is None:
         args.memory = PipelineConfig.memory  # the product's default, recorded as such
-    if args.precompiled_avatar is None:
+    if args.precompiled_avatar is None:  # the product's default (None: on where the avatar compiles), recorded as such
         args.precompiled_avatar = PipelineConfig.precompiled_avatar
     try:
         pipeline_config = PipelineConfig(device=args.device, size=args.size,

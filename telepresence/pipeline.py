@@ -85,16 +85,17 @@ class PipelineConfig:
     meanwhile by the compile's hold on Python's lock; about 10 s once inductor's cache on disk holds them).
     "wait": compiled at the first frame with a face, before it is served (benchmarks: they time the compiled path
     from their first frame). "off": the plain graphs. No effect on the CPU."""
-    precompiled_avatar: bool = False
+    precompiled_avatar: bool | None = None
     """With compile_avatar: keep the avatar's compiled functions whole on disk (models.avatar.precompiled, beside
-    inductor's cache) and load them at later starts instead of tracing them again. At a start with warm caches on
-    an H200 (4 viewers at 512, --compile-avatar background) the traced compile held the frames to 13.1 and 17.4 fps
-    for the first 50 s, still compiling at the end; loaded, 25.7, 29.1 and 30.0 fps in three 15 s cases, p50 67 ms
-    (benchmarks/results/loopback_cuda_512_cachestart_*.json). Off by default until the first start on a fresh GPU
-    machine (the default --compile-avatar prefill, a child compiling whole) is measured again: its one run, before
-    the child took the sender's thread count, saved functions the sender could not load, and the sender traced them
-    cold, its frames down to 16-20 fps from minute 3 (benchmarks/results/first_frame_cuda_512_prefill_precompiled.json;
-    `STAGES=first-frame-precompiled bash scripts/device_bench.sh`)."""
+    inductor's cache) and load them at later starts instead of tracing them again. None (the default): on wherever
+    the avatar compiles (CUDA); True asks for it (a warning where nothing compiles); False: off. Measured on H200s
+    (4 viewers at 512, benchmarks/results/): at a start with warm caches (--compile-avatar background) the traced
+    compile held the frames to 13.1 and 17.4 fps for the first 50 s, still compiling at the end; loaded, 24.4-25.7,
+    29.1-30.0 and 30.0 fps in three 15 s cases, p50 67-69 ms (loopback_cuda_512_cachestart_*.json). The first start
+    on a fresh machine (the default --compile-avatar prefill, whose child compiles whole and saves): the sender loaded
+    all six functions in 5 s, the compiled graphs in use 230 s in, 29.1-29.9 fps throughout
+    (first_frame_cuda_512_prefill_precompiled.json; another loan 290 s and 23-27 fps while the child compiled,
+    _loan1.json); the plain prefill's 258 s and 27.9-29.6 fps."""
     memory: bool = True
     """Appearance memory (models.avatar.memory): what the camera saw of the person earlier in the call
     fills what the current frame sees badly (the sides of the head when turned). On by default: on the shared
@@ -226,10 +227,10 @@ class Pipeline:
         # In the background: held until the first frame with a face is out (its captures first, at full speed);
         # with a prefill, until the child process has compiled the same graphs (models.avatar.prefill).
         background = compile_avatar and config.compile_avatar in ("background", "prefill")
+        self._precompiled = compile_avatar and config.precompiled_avatar is not False  # None: on where it compiles
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar,
-                                   compile_held=background,
-                                   compile_fn=compile_fn_for(compile_avatar and config.precompiled_avatar))
-        if config.precompiled_avatar and not compile_avatar:
+                                   compile_held=background, compile_fn=compile_fn_for(self._precompiled))
+        if config.precompiled_avatar and not compile_avatar:  # asked for, where nothing compiles
             log.warning("avatar: --precompiled-avatar has no effect here: %s", "nothing compiles on the CPU"
                         if self.device.type != "cuda" else "--compile-avatar off")
         self._compile_first = compile_avatar and config.compile_avatar == "wait"  # compile at the first face
@@ -392,7 +393,7 @@ class Pipeline:
                          tuple(float(v) for v in self._crop), view_counts,
                          None if self.memory is None else MemoryConfig.for_sender(self.config.size, self.device),
                          capacities=self.engine.capacities(),
-                         precompiled=self.config.precompiled_avatar, host_threads=torch.get_num_threads())
+                         precompiled=self._precompiled, host_threads=torch.get_num_threads())
         self._prefill = CachePrefill(job).start()
         self._prefilled |= set(view_counts)
         self._prefill_wanted -= set(view_counts)

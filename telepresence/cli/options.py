@@ -34,8 +34,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         default=PipelineConfig.precompiled_avatar,
                         help="keep the avatar's compiled functions whole on disk, beside inductor's cache, and load "
                         "them at later starts instead of tracing them again (a GPU sender's frames then keep their pace "
-                        "within seconds of a start, not after a minute); off by default until its first start on a "
-                        "fresh GPU machine is measured")
+                        "within seconds of a start, not after a minute); on by default wherever the avatar compiles "
+                        "(CUDA)")
     # On by default (PipelineConfig.memory says why); --no-memory turns it off.
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=PipelineConfig.memory,
                         help="appearance memory (on by default): what the camera saw earlier in the call fills what the "

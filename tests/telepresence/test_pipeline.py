@@ -116,8 +116,6 @@ def _until_the_child_ends(p: Pipeline, frame: np.ndarray, poses: list[ViewPose])
 def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, monkeypatch, caplog):
     """--precompiled-avatar: the engine compiles through the store of whole compiled functions (beside inductor's
     cache), and so does the prefill child, whose saved functions the sender then loads."""
-    import dataclasses
-
     from models.avatar.compiling import compile_fixed
     from models.avatar.precompiled import PrecompiledStore, compile_fn_for
 
@@ -125,6 +123,10 @@ def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, 
     store = compile_fn_for(True)
     assert isinstance(store, PrecompiledStore) and store.folder.name == "telepresence-precompiled"
     with caplog.at_level("WARNING", logger="telepresence.pipeline"):
+        default = Pipeline(PipelineConfig(device="cpu", size=64, refiner=None, memory=False))
+        default.close()
+        assert PipelineConfig.precompiled_avatar is None and not default._precompiled  # on where it compiles: not here
+        assert "--precompiled-avatar" not in caplog.text  # the default says nothing where it does not apply
         Pipeline(PipelineConfig(device="cpu", size=64, refiner=None, memory=False, precompiled_avatar=True)).close()
     assert "--precompiled-avatar has no effect here: nothing compiles on the CPU" in caplog.text
     p, _ = _prefilling_pipeline(monkeypatch)
@@ -133,7 +135,7 @@ def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, 
         assert p._prefill is not None and p._prefill.job.precompiled is False
         p._prefill.stop()
         p._prefill, p._prefill_asked = None, True
-        p.config = dataclasses.replace(p.config, precompiled_avatar=True)
+        p._precompiled = True  # as a CUDA pipeline's, whose default compiles through the store
         assert p.process(astronaut, [ViewPose()]).status == "ok"
         assert p._prefill is not None and p._prefill.job.precompiled is True
         assert p._prefill.job.host_threads == torch.get_num_threads()  # the child's compiled code guards on it
