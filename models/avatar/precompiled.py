@@ -136,8 +136,14 @@ def signature(value: Any) -> Hashable:
 class PrecompiledStore:
     """``compile_fn``: ``store(fn)`` is fn compiled, loaded from ``folder`` where an earlier process saved it."""
 
-    def __init__(self, folder: str | Path | None = None):
+    MAX_BYTES = 4 << 30
+    """What the store keeps on disk at most (4 GiB): a GPU sender's functions for 4 views at 512 take 140 MB, each
+    further view count about 20 MB, each other picture size or setting as much again; past this, the files loaded
+    or saved longest ago go first (a later start that wants one compiles it again)."""
+
+    def __init__(self, folder: str | Path | None = None, max_bytes: int | None = None):
         self._folder = Path(folder) if folder is not None else None
+        self.max_bytes = self.MAX_BYTES if max_bytes is None else max_bytes
         self.loaded = 0  # functions loaded from disk so far (one per signature)
         self.saved = 0  # functions compiled whole and saved
         self.fell_back: list[str] = []  # what was compiled the usual way instead, and why
@@ -162,22 +168,37 @@ class PrecompiledStore:
     def __call__(self, fn: Callable) -> Callable:
         return _Precompiled(self, fn)
 
-    def prune(self) -> list[Path]:
+    def prune(self, keep: Path | None = None) -> list[Path]:
         """Delete the files of other code (another fingerprint: an earlier version of models/ or of torch), which no
-        process of this code loads (each is megabytes), and what a killed save left an hour ago. Returns what went."""
+        process of this code loads (each is megabytes), what a killed save left an hour ago, and, while the rest
+        holds more than :attr:`max_bytes`, the files used longest ago (a load or a save marks a file used), never
+        ``keep`` (the file just saved). Returns what went."""
         mark = f"-{source_fingerprint()}-"
-        gone = []
+        gone, old, over = [], 0, 0
         stale = time.time() - 3600.0  # a save that old was killed half-way (a save takes seconds to minutes)
+        kept: list[tuple[float, int, Path]] = []
         for path in self.folder.iterdir():
+            try:
+                st = path.stat()
+            except OSError:  # another process's prune came first
+                continue
             if (path.suffix == ".bin" and mark not in path.name) or (
-                    path.name.startswith(".saving-") and path.stat().st_mtime < stale):
-                try:
-                    path.unlink()
-                    gone.append(path)
-                except OSError:  # another process's prune came first
-                    pass
-        if gone:
-            log.info("precompiled: deleted %d file(s) of other code from %s", len(gone), self.folder)
+                    path.name.startswith(".saving-") and st.st_mtime < stale):
+                old += _unlink(path, gone)
+            elif path.suffix == ".bin":
+                kept.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in kept)
+        for _, size, path in sorted(kept, key=lambda k: k[0]):  # used longest ago first
+            if total <= self.max_bytes:
+                break
+            if path != keep and _unlink(path, gone):
+                total -= size
+                over += 1
+        if old:
+            log.info("precompiled: deleted %d file(s) of other code from %s", old, self.folder)
+        if over:
+            log.info("precompiled: deleted the %d file(s) used longest ago from %s: it holds at most %.1f GB",
+                     over, self.folder, self.max_bytes / 1e9)
         return gone
 
     def path(self, fn: Callable, key: Hashable) -> Path:
@@ -225,6 +246,7 @@ class _Precompiled:
                             _first_line(error))
             else:
                 self.store.loaded += 1
+                _touch(path)  # used now: the last to go when the store is full
                 self.store._event(self.fn, "loaded", time.perf_counter() - t0, path)
                 log.info("precompiled %s: loaded in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
                 return loaded
@@ -254,7 +276,7 @@ class _Precompiled:
         self.store.saved += 1
         self.store._event(self.fn, "saved", time.perf_counter() - t0, path)
         log.info("precompiled %s: compiled whole and saved in %.1f s (%s)", name, time.perf_counter() - t0, path.name)
-        self.store.prune()
+        self.store.prune(keep=path)
         return compiled
 
     def _fall_back(self, why: str) -> None:
@@ -264,6 +286,22 @@ class _Precompiled:
         self.store._event(self.fn, "fell back", None, None)
         log.warning("precompiled %s: %s; compiled the usual way instead (from inductor's cache where it can)",
                     self.fn.__qualname__, why)
+
+
+def _unlink(path: Path, gone: list[Path]) -> bool:
+    try:
+        path.unlink()
+    except OSError:  # another process's prune came first
+        return False
+    gone.append(path)
+    return True
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only store: it is only pruned less well
+        pass
 
 
 def _first_line(error: BaseException) -> str:

@@ -184,3 +184,27 @@ def test_a_store_that_cannot_save_keeps_what_it_compiled(tmp_path, monkeypatch, 
     assert [k.get("fullgraph") for k in plain_compiles] == [True]  # the whole compile alone, never a second one
     assert store.saved == 0 and not store.fell_back and len(store.unsaved) == 1
     assert "compiled whole" in caplog.text and "but not saved" in caplog.text
+
+
+def test_a_full_store_deletes_the_files_used_longest_ago(tmp_path, caplog):
+    """The store holds at most max_bytes: a save past it deletes the files loaded or saved longest ago, never the
+    one just saved (a sender's files for 4 views at 512 are 140 MB; each other size or view count adds more)."""
+    plans = [Plan(3, 1.0), Plan(3, 1.25), Plan(3, 1.5)]  # files of about one size: two fit, three do not
+    filling = PrecompiledStore(tmp_path)
+    for plan in plans[:2]:
+        filling(stepped)(plan, inputs())
+    first, second = (filling.path(stepped, (signature(((plan, inputs()), {})), global_state())) for plan in plans[:2])
+    now = time.time()
+    os.utime(first, (now - 200, now - 200))
+    os.utime(second, (now - 100, now - 100))
+    store = PrecompiledStore(tmp_path, max_bytes=int(2.5 * first.stat().st_size))
+    torch.testing.assert_close(store(stepped)(plans[0], inputs()), stepped(plans[0], inputs()))  # loaded: used now
+    with caplog.at_level(logging.INFO, logger="models.avatar.precompiled"):
+        store(stepped)(plans[2], inputs())  # a third file: over the limit
+    third = store.path(stepped, (signature(((plans[2], inputs()), {})), global_state()))
+    assert store.loaded == 1 and store.saved == 1
+    assert first.exists() and third.exists() and not second.exists()
+    assert "deleted the 1 file(s) used longest ago" in caplog.text
+    tiny = PrecompiledStore(tmp_path, max_bytes=1)  # smaller than any file: the one just saved stays all the same
+    tiny(stepped)(plans[1], inputs())
+    assert [p.name for p in tmp_path.glob("*.bin")] == [second.name]
