@@ -28,6 +28,7 @@ on an H200 (docs/avatar.md).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from collections import OrderedDict
@@ -229,7 +230,8 @@ class AvatarEngine:
                 self._build_capacity[plan] = self._preset_build
             elif plan not in self._build_capacity:
                 first = build_on_device(plan, inputs.tensors(self.device), self.device)  # exact: sizes the raster
-                self._build_capacity[plan] = _round_up(max(_HEADROOM * int(first.needed), _BUILD_PER_PIXEL * plan.vis_size**2))
+                self._build_capacity[plan] = self._sized(
+                    ("build", plan), _round_up(max(_HEADROOM * int(first.needed), _BUILD_PER_PIXEL * plan.vis_size**2)))
             capacity = self._build_capacity[plan]
             log.info("capturing the avatar build for %s (raster capacity %d)", _describe(plan), capacity)
             device, build = self.device, self._compiled("build", build_on_device)
@@ -268,7 +270,8 @@ class AvatarEngine:
                 self._grow_build(build_needed)
                 redo = True
             if render_needed > self._render_capacity[key]:
-                self._render_capacity[key] = _round_up(_GROWTH * render_needed)
+                self._render_capacity[key] = self._sized(("render", key, self.render_size),
+                                                         _round_up(_GROWTH * render_needed))
                 log.info("render raster capacity for %d views grown to %d", n_views, self._render_capacity[key])
                 self._renders.pop(key, None)
                 redo = True
@@ -331,6 +334,24 @@ class AvatarEngine:
         """Wait for the compiles asked so far (False: timeout seconds passed first, or no compiling asked). The
         next build and render capture what is ready."""
         return self.compiler is not None and self.compiler.wait(timeout)
+
+    def _sized(self, what: tuple, proposed: int) -> int:
+        """The raster capacity for ``what`` (a build plan, or a plan and view count): ``proposed``, or where the
+        compiler keeps its compiled functions on disk (models.avatar.precompiled) the smallest capacity an earlier
+        start compiled for that holds as much, up to half as much again (at most that much more raster work a frame),
+        so that this start loads that function instead of compiling one for its own first frame's size."""
+        store = None if self.compiler is None else self.compiler.compile_fn
+        if not hasattr(store, "known_sizes"):
+            return proposed
+        name = hashlib.sha256(repr(what).encode()).hexdigest()[:24]
+        known = [c for c in store.known_sizes(name) if proposed <= c <= 1.5 * proposed]
+        if known:
+            if known[0] != proposed:
+                log.info("%s raster capacity %d, compiled at an earlier start (this frame's own size: %d)", what[0],
+                         known[0], proposed)
+            return known[0]
+        store.add_size(name, proposed)
+        return proposed
 
     def _compiled(self, name: str, fn: Callable) -> Callable | None:
         return None if self.compiler is None else self.compiler.function(name, fn)
@@ -414,7 +435,7 @@ class AvatarEngine:
     def _grow_build(self, needed: int) -> None:
         """Capture the build again with more raster room and rebuild the current frame."""
         plan, inputs = self._plan, self._inputs
-        self._build_capacity[plan] = _round_up(_GROWTH * needed)
+        self._build_capacity[plan] = self._sized(("build", plan), _round_up(_GROWTH * needed))
         log.info("build raster capacity grown to %d", self._build_capacity[plan])
         del self._builds[plan]
         self._drop_renders(plan)
@@ -438,7 +459,8 @@ class AvatarEngine:
                 self._render_capacity[key] = self._preset_render[V]
             elif key not in self._render_capacity:
                 first = render_cameras(self.avatar, viewmats, Ks, S)  # exact: sizes the raster
-                self._render_capacity[key] = _round_up(max(_HEADROOM * int(first.needed), _RENDER_PER_PIXEL * V * S * S))
+                self._render_capacity[key] = self._sized(
+                    ("render", key, S), _round_up(max(_HEADROOM * int(first.needed), _RENDER_PER_PIXEL * V * S * S)))
             capacity = self._render_capacity[key]
             log.info("capturing the avatar render for %d views at %d (raster capacity %d)", V, S, capacity)
             # The avatar's tensors are the build graph's outputs: the same for every build of this plan.

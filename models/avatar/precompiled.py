@@ -22,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import getpass
 import hashlib
 import inspect
+import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -63,10 +66,20 @@ def compile_fn_for(precompiled: bool) -> Callable[[Callable], Callable]:
 
 
 def default_folder() -> Path:
-    """Beside inductor's own cache (``TORCHINDUCTOR_CACHE_DIR``, else torch's default): they live and go together."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir()) / "telepresence-precompiled"
+    """Beside inductor's own cache (``TORCHINDUCTOR_CACHE_DIR``, else torch's default): they live and go together.
+    Found without importing inductor where it is not imported yet (1.3 s on this project's CPU: the engine asks at
+    its first frame's capture, on the sender's thread): torch's default, ``torchinductor_<user>`` in the temporary
+    folder (torch._inductor.runtime.cache_dir_utils.default_cache_dir)."""
+    if "torch._inductor.runtime.cache_dir_utils" in sys.modules:
+        return Path(sys.modules["torch._inductor.runtime.cache_dir_utils"].cache_dir()) / "telepresence-precompiled"
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder is None:
+        try:
+            user = getpass.getuser()
+        except (KeyError, ModuleNotFoundError, OSError):
+            user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+        folder = os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    return Path(os.path.abspath(folder)) / "telepresence-precompiled"
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,6 +181,43 @@ class PrecompiledStore:
     def __call__(self, fn: Callable) -> Callable:
         return _Precompiled(self, fn)
 
+    def _sizes_path(self) -> Path:
+        return self.folder / f"sizes-{source_fingerprint()}.json"
+
+    def known_sizes(self, name: str) -> list[int]:
+        """The sizes that processes of this code compiled for under ``name`` (an engine's raster capacities by plan
+        and view count), smallest first. A capacity is baked into compiled code and is sized from a start's first
+        frame, so two starts of one sender differ by a rung now and then (on the shared clips, 3 of 16 starts for
+        some view count): a size known here is a compiled function a start can load instead of compiling again."""
+        try:
+            with open(self._sizes_path()) as f:
+                sizes = json.load(f).get(name, [])
+            return sorted(int(v) for v in sizes)
+        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or a file another version left
+            return []
+
+    def add_size(self, name: str, size: int) -> None:
+        """Remember that ``size`` is used under ``name`` (see :meth:`known_sizes`). Two processes adding at once
+        may lose one of the two: it is only compiled again at a later start."""
+        path = self._sizes_path()
+        try:
+            with open(path) as f:
+                table = json.load(f)
+            if not isinstance(table, dict):
+                table = {}
+        except (OSError, ValueError):
+            table = {}
+        if int(size) in table.get(name, []):
+            return
+        table[name] = sorted(set(table.get(name, [])) | {int(size)})
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".saving-", delete=False) as tmp:
+                json.dump(table, tmp)
+            os.replace(tmp.name, path)
+        except OSError as error:  # a read-only or full disk: later starts size their own
+            log.debug("precompiled: cannot remember size %d for %s: %s", size, name, error)
+
     def prune(self, keep: Path | None = None) -> list[Path]:
         """Delete the files of other code (another fingerprint: an earlier version of models/ or of torch), which no
         process of this code loads (each is megabytes), what a killed save left an hour ago, and, while the rest
@@ -182,7 +232,7 @@ class PrecompiledStore:
                 st = path.stat()
             except OSError:  # another process's prune came first
                 continue
-            if (path.suffix == ".bin" and mark not in path.name) or (
+            if (path.suffix in (".bin", ".json") and mark not in path.name) or (
                     path.name.startswith(".saving-") and st.st_mtime < stale):
                 old += _unlink(path, gone)
             elif path.suffix == ".bin":

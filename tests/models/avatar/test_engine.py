@@ -390,3 +390,38 @@ def test_a_compiler_held_again_lets_later_jobs_wait_until_released():
     assert runs == ["a"] and compiler.held and not compiler.idle() and not compiler.ready("b")
     compiler.release()
     assert compiler.wait(30) and runs == ["a", "b"] and compiler.ready("b")
+
+
+def test_a_start_takes_the_raster_capacity_an_earlier_start_compiled_for(case, tmp_path, caplog):
+    """With its compiled functions kept on disk (models.avatar.precompiled), an engine sizes a capacity as the
+    smallest one an earlier start compiled for that holds as much as its own first frame asks, up to 1.5 times: a
+    capacity is baked into the compiled code, and a start whose first frame asked one rung more or less would
+    otherwise compile again instead of loading."""
+    import json
+
+    from models.avatar.precompiled import PrecompiledStore
+
+    image, obs = case
+
+    def start(compile_fn=None):
+        engine = AvatarEngine(AvatarConfig(), "cpu", render_size=96, fixed_shapes=True, compile=compile_fn is not None,
+                              compile_held=True, compile_fn=compile_fn)  # held: nothing compiles here
+        engine.build(image, obs)
+        engine.render(POSES[:3])
+        return engine.capacities()
+
+    first = start(PrecompiledStore(tmp_path))
+    sizes = tmp_path.glob("sizes-*.json")
+    (path,) = sizes
+    table = json.loads(path.read_text())
+    assert sorted(v for vs in table.values() for v in vs) == sorted([first[0], first[1][3]])
+    # An earlier start compiled the render for a larger capacity (its first frame asked for more): this one takes
+    # it; the build keeps its own, which that start also had.
+    (render_name,) = [name for name, vs in table.items() if vs == [first[1][3]]]
+    more = first[1][3] * 5 // 4
+    path.write_text(json.dumps({**table, render_name: [more, 2 * first[1][3]]}))  # the second: too much more
+    with caplog.at_level("INFO", logger="models.avatar.engine"):
+        second = start(PrecompiledStore(tmp_path))
+    assert second == (first[0], {3: more})
+    assert f"render raster capacity {more}, compiled at an earlier start (this frame's own size: {first[1][3]})" in caplog.text
+    assert start() == first  # compiled the usual way (or not at all): its own sizes, as before

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +209,37 @@ def test_a_full_store_deletes_the_files_used_longest_ago(tmp_path, caplog):
     tiny = PrecompiledStore(tmp_path, max_bytes=1)  # smaller than any file: the one just saved stays all the same
     tiny(stepped)(plans[1], inputs())
     assert [p.name for p in tmp_path.glob("*.bin")] == [second.name]
+
+
+def test_sizes_are_remembered_per_code_and_a_broken_table_is_no_table(tmp_path, monkeypatch):
+    store = PrecompiledStore(tmp_path)
+    assert store.known_sizes("render") == []
+    store.add_size("render", 3 << 16)
+    store.add_size("render", 2 << 16)
+    store.add_size("render", 3 << 16)
+    store.add_size("build", 1 << 16)
+    later = PrecompiledStore(tmp_path)
+    assert later.known_sizes("render") == [2 << 16, 3 << 16] and later.known_sizes("build") == [1 << 16]
+    (path,) = tmp_path.glob("sizes-*.json")
+    path.write_text("{not json")
+    assert later.known_sizes("render") == []  # as if none: sized afresh and written again
+    later.add_size("render", 5 << 16)
+    assert later.known_sizes("render") == [5 << 16]
+    monkeypatch.setattr(precompiled, "source_fingerprint", lambda: "0" * 16)  # edited code: its own table
+    edited = PrecompiledStore(tmp_path)
+    assert edited.known_sizes("render") == []
+    edited.prune()
+    assert not path.exists()
+
+
+def test_the_default_folder_is_inductor_s_cache_found_without_importing_inductor(monkeypatch, tmp_path):
+    import sys
+
+    from torch._inductor.runtime import cache_dir_utils
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    expected = os.path.abspath(cache_dir_utils.default_cache_dir())
+    monkeypatch.delitem(sys.modules, "torch._inductor.runtime.cache_dir_utils")
+    assert precompiled.default_folder() == Path(expected) / "telepresence-precompiled"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert precompiled.default_folder() == tmp_path / "telepresence-precompiled"
