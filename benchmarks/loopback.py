@@ -49,7 +49,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -518,6 +518,10 @@ def main() -> int:
             print(f"{'':>22} cpu % of a core: " + ", ".join(f"{k} {v:g}" for k, v in cpu.items())
                   + (f"; viewer processes' event loops max {max(loops):g}" if loops else "")
                   + f"; sender loop lag p90 {r['sender_loop_lag_ms']['p90']} ms")
+        if r.get("precompiled"):  # --precompiled-avatar: what this case loaded or compiled
+            print(f"{'':>22} precompiled: " + ", ".join(
+                f"{e['function']} {e['what']}" + (f" ({e['s']:g} s)" if e["s"] is not None else "")
+                for e in r["precompiled"]))
     print(f"\nwrote {out}")
     return 0
 
