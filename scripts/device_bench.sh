@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420)), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420), precompiled-starts), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
@@ -135,6 +135,26 @@ if has first-frame-precompiled; then
   TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton" timeout 590 python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 --seconds "$FIRST_FRAME_SECONDS" --modes held \
     --compile-avatar prefill --precompiled-avatar --refiner /tmp/refiner-small-arch \
     --out "$OUT/first_frame_cuda_512_prefill_precompiled.json" 2>&1 | tail -6
+fi
+if has precompiled-starts; then
+  # A fresh machine's first two starts in one call (a later call may find the machine given back, its caches gone):
+  # the first, as first-frame-precompiled (the product's prefill: the child compiles whole and saves, the sender
+  # loads), FIRST_FRAME_SECONDS (default 300) long; then another program's start on those caches, the loopback with
+  # 4 viewers in three 15 s cases, whose viewers' poses differ from the first start's (so its raster capacities are
+  # sized differently: the store now hands it those compiled before where they hold its frames). Each JSON keeps what
+  # the store did (log_precompiled; per case, "precompiled"). About 8 minutes.
+  export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
+  echo "== precompiled starts: the first, ${FIRST_FRAME_SECONDS:=300} s"
+  timeout $((FIRST_FRAME_SECONDS + 150)) python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 \
+    --seconds "$FIRST_FRAME_SECONDS" --modes held --compile-avatar prefill --precompiled-avatar \
+    --refiner /tmp/refiner-small-arch --out "$OUT/first_frame_cuda_512_precompiled_first_start.json" 2>&1 | tail -3
+  python3 -c "import json, sys; [print('  ', l[:200]) for l in json.load(open(sys.argv[1]))['results'][0]['log_precompiled']]" \
+    "$OUT/first_frame_cuda_512_precompiled_first_start.json"
+  echo "== precompiled starts: the next ($(du -sh .cache 2>/dev/null | cut -f1) cached)"
+  timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --source-fps "$SOURCE_FPS" \
+    --refiner /tmp/refiner-small-arch --viewers 4 4 4 --warmup 2 --seconds 15 --compile-avatar background \
+    --precompiled-avatar --out "$OUT/loopback_cuda_512_precompiled_next_start.json" 2>&1 | filter \
+    | grep -E "aiortc|precompiled:|wrote"
 fi
 if has encode; then
   echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"
