@@ -187,8 +187,8 @@ class PrecompiledStore:
     def known_sizes(self, name: str) -> list[int]:
         """The sizes that processes of this code compiled for under ``name`` (an engine's raster capacities by plan
         and view count), smallest first. A capacity is baked into compiled code and is sized from a start's first
-        frame, so two starts of one sender differ by a rung now and then (on the shared clips, 3 of 16 starts for
-        some view count): a size known here is a compiled function a start can load instead of compiling again."""
+        frame, so two starts of one sender differ by a rung now and then (the two starts of 3 of 8 shared clips, 0 s
+        and 2 s in, for some view count): a size known here is a compiled function a start can load instead of compiling again."""
         try:
             with open(self._sizes_path()) as f:
                 sizes = json.load(f).get(name, [])
