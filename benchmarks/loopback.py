@@ -429,9 +429,10 @@ def main() -> int:
     parser.add_argument("--refiner", default="default", help="PATH | default | none")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="the appearance memory on or off (send --memory; default: PipelineConfig.memory's, the product's)")
-    parser.add_argument("--compile-avatar", default="wait", choices=("wait", "background", "off"),
+    parser.add_argument("--compile-avatar", default="wait", choices=("wait", "prefill", "background", "off"),
                         help="the avatar's torch.compile on CUDA (PipelineConfig.compile_avatar): wait (default: compiled at the first face, "
-                        "so the timed frames run the compiled graphs a sender reaches after its compile), background or off")
+                        "so the timed frames run the compiled graphs a sender reaches after its compile), prefill (the "
+                        "product's: a child process first), background or off")
     parser.add_argument("--compile-refiner", action="store_true", help="torch.compile the refiner (as send --compile-refiner)")
     parser.add_argument("--precompiled-avatar", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the avatar's compiled functions whole and load them (send --precompiled-avatar; "

@@ -140,9 +140,10 @@ if has precompiled-starts; then
   # A fresh machine's first two starts in one call (a later call may find the machine given back, its caches gone):
   # the first, as first-frame-precompiled (the product's prefill: the child compiles whole and saves, the sender
   # loads), FIRST_FRAME_SECONDS (default 300) long; then another program's start on those caches, the loopback with
-  # 4 viewers in three 15 s cases, whose viewers' poses differ from the first start's (so its raster capacities are
-  # sized differently: the store now hands it those compiled before where they hold its frames). Each JSON keeps what
-  # the store did (log_precompiled; per case, "precompiled"). About 8 minutes.
+  # 4 viewers in three 15 s cases, also with the product's prefill (its child loads what the first start saved, then
+  # the sender), whose viewers' poses differ from the first start's (so its raster capacities are sized differently:
+  # the store now hands it those compiled before where they hold its frames). Each JSON keeps what the store did
+  # (log_precompiled; per case, "precompiled": the sender's own loads). About 8 minutes.
   export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
   echo "== precompiled starts: the first, ${FIRST_FRAME_SECONDS:=300} s"
   timeout $((FIRST_FRAME_SECONDS + 150)) python3 benchmarks/first_frame.py --device cuda --size 512 --views 4 \
@@ -152,7 +153,7 @@ if has precompiled-starts; then
     "$OUT/first_frame_cuda_512_precompiled_first_start.json"
   echo "== precompiled starts: the next ($(du -sh .cache 2>/dev/null | cut -f1) cached)"
   timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --source-fps "$SOURCE_FPS" \
-    --refiner /tmp/refiner-small-arch --viewers 4 4 4 --warmup 2 --seconds 15 --compile-avatar background \
+    --refiner /tmp/refiner-small-arch --viewers 4 4 4 --warmup 2 --seconds 15 --compile-avatar prefill \
     --precompiled-avatar --out "$OUT/loopback_cuda_512_precompiled_next_start.json" 2>&1 | filter \
     | grep -E "aiortc|precompiled:|wrote"
 fi
