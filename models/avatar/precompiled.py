@@ -192,7 +192,7 @@ class PrecompiledStore:
         try:
             with open(self._sizes_path()) as f:
                 sizes = json.load(f).get(name, [])
-            return sorted(int(v) for v in sizes)
+            return sorted(v for v in sizes if isinstance(v, int))
         except (OSError, ValueError, AttributeError, TypeError):  # none yet, or a file another version left
             return []
 
@@ -207,9 +207,10 @@ class PrecompiledStore:
                 table = {}
         except (OSError, ValueError):
             table = {}
-        if int(size) in table.get(name, []):
+        known = [v for v in table.get(name, []) if isinstance(v, int)] if isinstance(table.get(name), list) else []
+        if int(size) in known:
             return
-        table[name] = sorted(set(table.get(name, [])) | {int(size)})
+        table[name] = sorted(set(known) | {int(size)})
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".saving-", delete=False) as tmp:

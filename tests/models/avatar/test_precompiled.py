@@ -225,6 +225,10 @@ def test_sizes_are_remembered_per_code_and_a_broken_table_is_no_table(tmp_path, 
     assert later.known_sizes("render") == []  # as if none: sized afresh and written again
     later.add_size("render", 5 << 16)
     assert later.known_sizes("render") == [5 << 16]
+    path.write_text('{"render": 7, "build": ["x", 65536]}')  # JSON, but not a table of sizes
+    assert later.known_sizes("render") == [] and later.known_sizes("build") == [65536]
+    later.add_size("render", 5 << 16)
+    assert later.known_sizes("render") == [5 << 16]
     monkeypatch.setattr(precompiled, "source_fingerprint", lambda: "0" * 16)  # edited code: its own table
     edited = PrecompiledStore(tmp_path)
     assert edited.known_sizes("render") == []
