@@ -248,8 +248,8 @@ class PrecompiledStore:
         if old:
             log.info("precompiled: deleted %d file(s) of other code from %s", old, self.folder)
         if over:
-            log.info("precompiled: deleted the %d file(s) used longest ago from %s: it holds at most %.1f GB",
-                     over, self.folder, self.max_bytes / 1e9)
+            log.info("precompiled: deleted the %d file(s) used longest ago from %s: it holds at most %.1f GiB",
+                     over, self.folder, self.max_bytes / 2**30)
         return gone
 
     def path(self, fn: Callable, key: Hashable) -> Path:
