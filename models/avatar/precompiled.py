@@ -224,7 +224,7 @@ class PrecompiledStore:
         process of this code loads (each is megabytes), what a killed save left an hour ago, and, while the rest
         holds more than :attr:`max_bytes`, the files used longest ago (a load or a save marks a file used), never
         ``keep`` (the file just saved). Returns what went."""
-        mark = f"-{source_fingerprint()}-"
+        mark, table = f"-{source_fingerprint()}-", self._sizes_path().name
         gone, old, over = [], 0, 0
         stale = time.time() - 3600.0  # a save that old was killed half-way (a save takes seconds to minutes)
         kept: list[tuple[float, int, Path]] = []
@@ -233,7 +233,7 @@ class PrecompiledStore:
                 st = path.stat()
             except OSError:  # another process's prune came first
                 continue
-            if (path.suffix in (".bin", ".json") and mark not in path.name) or (
+            if (path.suffix in (".bin", ".json") and mark not in path.name and path.name != table) or (
                     path.name.startswith(".saving-") and st.st_mtime < stale):
                 old += _unlink(path, gone)
             elif path.suffix == ".bin":

@@ -229,6 +229,8 @@ def test_sizes_are_remembered_per_code_and_a_broken_table_is_no_table(tmp_path, 
     assert later.known_sizes("render") == [] and later.known_sizes("build") == [65536]
     later.add_size("render", 5 << 16)
     assert later.known_sizes("render") == [5 << 16]
+    later.prune()  # this code's own table is not "other code" (it was, and every save's prune deleted it)
+    assert PrecompiledStore(tmp_path).known_sizes("render") == [5 << 16]
     monkeypatch.setattr(precompiled, "source_fingerprint", lambda: "0" * 16)  # edited code: its own table
     edited = PrecompiledStore(tmp_path)
     assert edited.known_sizes("render") == []
