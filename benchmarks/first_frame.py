@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         # The start as the log tells it (the captures of the first frame, each with its time): where its seconds go.
         result["log_head"] = [ln for ln in child.stderr.splitlines() if " INFO " in ln or " WARNING " in ln][:60]
         # --precompiled-avatar: each function loaded, compiled whole and saved, or not, in the child or the sender
-        result["log_precompiled"] = [ln for ln in child.stderr.splitlines() if "precompiled" in ln][:40]
+        result["log_precompiled"] = [ln for ln in child.stderr.splitlines()
+                                     if "precompiled" in ln or "raster capacity" in ln][:60]
         results.append(result)
         print(f"{mode:7} first frame {result['first_frame_s']} s after the first camera frame, compiled graphs in use "
               f"from {result['compiled_s']} s "

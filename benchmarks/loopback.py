@@ -493,6 +493,10 @@ def main() -> int:
         events = pipeline.precompiled_events() if hasattr(pipeline, "precompiled_events") else None
         if events is not None:
             results[-1]["precompiled"] = events[sum(len(r.get("precompiled", [])) for r in results[:-1]):]
+        engine = getattr(pipeline, "engine", None)  # in process: the raster capacities compiled in (build, by views)
+        if engine is not None:
+            build, render = engine.capacities()
+            results[-1]["raster_capacities"] = {"build": build, "render": {str(n): c for n, c in sorted(render.items())}}
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline)))

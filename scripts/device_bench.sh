@@ -155,7 +155,7 @@ if has precompiled-starts; then
   timeout 150 python3 benchmarks/loopback.py --device cuda --size 512 --source-fps "$SOURCE_FPS" \
     --refiner /tmp/refiner-small-arch --viewers 4 4 4 --warmup 2 --seconds 15 --compile-avatar prefill \
     --precompiled-avatar --out "$OUT/loopback_cuda_512_precompiled_next_start.json" 2>&1 | filter \
-    | grep -E "aiortc|precompiled:|wrote"
+    | grep -E "aiortc|precompiled:|wrote|raster capacity"
 fi
 if has encode; then
   echo "== encode: VP8 512, 1-16 streams, aiortc's threads vs the encoder process, beside a busy thread or process"
