@@ -527,6 +527,10 @@ def main() -> int:
             print(f"{'':>22} precompiled: " + ", ".join(
                 f"{e['function']} {e['what']}" + (f" ({e['s']:g} s)" if e["s"] is not None else "")
                 for e in r["precompiled"]))
+        caps = r.get("raster_capacities")
+        if caps and caps["build"] is not None:  # fixed shapes (CUDA): the capacities compiled in
+            print(f"{'':>22} raster capacity: build {caps['build']}, render " +
+                  ", ".join(f"{n} views {c}" for n, c in caps["render"].items()))
     print(f"\nwrote {out}")
     return 0
 
