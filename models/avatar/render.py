@@ -29,6 +29,11 @@ _SHELL_DETAIL_DEG = (8.0, 24.0)
 # first angle to the second (face_detail_fade), as far as Avatar.face_detail says.
 _FACE_DETAIL_DEG = (20.0, 45.0)
 _FACE_DETAIL_POOL = 4
+# Card the head hid in the source, revealed beside the turned shell, takes the colour of the shell's hair within a
+# box of this many cells of 2 x 2 pixels a 512-px view (18 pixels; 5 cells, 10 pixels, a 256-px view), as far as the
+# shell fills the box: none below the first share, all of it from the second (_continue_hair).
+_REVEALED_BOX = 9
+_REVEALED_SHARE = (0.05, 0.25)
 # The appearance memory's weights are eroded softly over a box of 2 r + 1 pixels, r this many a 256-px view (more at
 # more pixels): where it takes over from the frame's own texture is a ramp, not an edge that outlines a patch and
 # follows each frame's shadow map (docs/memory.md: flicker on the steady stretches 6.14 -> 6.04 x 1000, 6.15 for the
@@ -124,6 +129,52 @@ def face_detail_fade(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: to
     0 up to _FACE_DETAIL_DEG[0], 1 from _FACE_DETAIL_DEG[1]."""
     lo, hi = _FACE_DETAIL_DEG
     return ((view_angle_deg(source_dir, pivot, viewmats) - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def _continue_hair(pictures: torch.Tensor, size: int) -> torch.Tensor:
+    """The hair the turned head reveals behind its outline: the card there is what the head hid in the source, drawn
+    from the low-pass fill of the nearest card the source saw (the hair's lighter fringe, or the background beside
+    it), which beside the shell's own hair made a light line along the head's outline over the hair. Each such pixel
+    takes the mean colour of the shell's pixels within a box of _REVEALED_BOX (a screen-space continuation of the hair), in
+    proportion to the shell's share of that box (_REVEALED_SHARE) and to how little of the pixel the source saw. The
+    box means are taken at half the resolution (a smooth colour; a quarter of the work) and read at each pixel's
+    half-resolution cell. pictures [V, 7, S, S] (S even): premultiplied RGB, alpha, seen, and the shell's and the
+    card's coverage of each pixel; returns the premultiplied RGB [V, 3, S, S] (the face and the shell unchanged).
+    On the CPU the card pixels the source did not fully see only (about a tenth of the picture); elsewhere every
+    pixel (fixed shapes)."""
+    k = max(int(_REVEALED_BOX * size / 512) // 2 * 2 + 1, 3)  # the box at half the resolution
+    x = pictures[:, :4] * pictures[:, 5:6]  # the shell's premultiplied RGBA
+    half = (x[..., ::2, ::2] + x[..., 1::2, ::2] + x[..., ::2, 1::2] + x[..., 1::2, 1::2]) * 0.25  # [V, 4, S/2, S/2]
+    near = box_mean(half, k)
+    return (_continue_hair_pixels if pictures.device.type == "cpu" else _continue_hair_everywhere)(pictures, near)
+
+
+def _continue_hair_everywhere(pictures: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+    """:func:`_continue_hair` of whole pictures [V, 7, S, S], the shell's box means near [V, 4, S/2, S/2]."""
+    rgb, alpha, seen, card = pictures[:, :3], pictures[:, 3:4], pictures[:, 4:5], pictures[:, 6:7]
+    near = F.interpolate(near, scale_factor=2, mode="nearest")  # each pixel's cell
+    return torch.lerp(rgb, near[:, :3] / near[:, 3:].clamp(min=1e-4) * alpha, _hair_weight(near[:, 3:], seen, card))
+
+
+def _continue_hair_pixels(pictures: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+    """:func:`_continue_hair_everywhere` gathered and written at the pixels that may change (card the source did not
+    fully see), channel-major like the pictures: the same numbers."""
+    rgb, alpha, seen, card = pictures[:, :3], pictures[:, 3:4], pictures[:, 4:5], pictures[:, 6:7]
+    V, _, H, W = pictures.shape
+    flat = ((card > 0) & (seen < 1)).view(-1).nonzero()[:, 0]  # [E]: (view, row, column) flattened
+    v, y, x = flat // (H * W), flat // W % H, flat % W
+    at = near.transpose(0, 1).reshape(4, -1).index_select(1, (v * (H // 2) + y // 2) * (W // 2) + x // 2)  # [4, E]
+    a, s, c = (t.reshape(-1).index_select(0, flat) for t in (alpha, seen, card))
+    hair = at[:3] / at[3:].clamp(min=1e-4) * a
+    out = rgb.transpose(0, 1).reshape(3, -1).clone()  # [3, V H W]
+    out.index_copy_(1, flat, torch.lerp(out.index_select(1, flat), hair, _hair_weight(at[3], s, c)))
+    return out.view(3, V, H, W).transpose(0, 1)
+
+
+def _hair_weight(share: torch.Tensor, seen: torch.Tensor, card: torch.Tensor) -> torch.Tensor:
+    """How much of the shell's nearby hair a pixel takes (:func:`_continue_hair`)."""
+    lo, hi = _REVEALED_SHARE
+    return ((share - lo) / (hi - lo)).clamp(0.0, 1.0) * (1.0 - seen) * card
 
 
 def _smooth_edges(both: torch.Tensor, covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,9 +429,11 @@ def render_cameras(
     seen = (seen * drawn.float() * vals[..., VATTR.GRAZING]).clamp(0, 1)[:, None]
     # Whole pictures again [V, 5, S, S] (0 where nothing is drawn): the premultiplied RGBA for the
     # silhouettes' 3x3 filters, and seen.
-    pictures = px.to_pictures(torch.cat([premultiplied, alpha.clamp(0, 1), seen], 1))
+    parts = torch.stack([part == 1, part == 2], 1)  # the shell, the card
+    pictures = px.to_pictures(torch.cat([premultiplied, alpha.clamp(0, 1), seen, parts.float() * weight], 1))
+    pictures = torch.cat([_continue_hair(pictures, size), pictures[:, 3:]], 1)
     premultiplied, alpha = _smooth_edges(pictures[:, :4], frags.mask)
-    seen = pictures[:, 4:]
+    seen = pictures[:, 4:5]
     bg = _constant(avatar.config.bg_color, avatar.device)[None, :, None, None]
     rgb = premultiplied + bg * (1 - alpha)
     # Where nothing opaque is drawn the picture shows the flat background: nothing was invented.
