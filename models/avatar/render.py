@@ -138,12 +138,13 @@ def _continue_hair(pictures: torch.Tensor, size: int) -> torch.Tensor:
     takes the mean colour of the shell's pixels within a box of _REVEALED_BOX (a screen-space continuation of the hair), in
     proportion to the shell's share of that box (_REVEALED_SHARE) and to how little of the pixel the source saw. The
     box means are taken at half the resolution (a smooth colour; a quarter of the work) and read at each pixel's
-    half-resolution cell. pictures [V, 7, S, S] (S even): premultiplied RGB, alpha, seen, and the shell's and the
+    half-resolution cell. pictures [V, 7, S, S]: premultiplied RGB, alpha, seen, and the shell's and the
     card's coverage of each pixel; returns the premultiplied RGB [V, 3, S, S] (the face and the shell unchanged).
     On the CPU the card pixels the source did not fully see only (about a tenth of the picture); elsewhere every
     pixel (fixed shapes)."""
     k = max(int(_REVEALED_BOX * size / 512) // 2 * 2 + 1, 3)  # the box at half the resolution
     x = pictures[:, :4] * pictures[:, 5:6]  # the shell's premultiplied RGBA
+    x = F.pad(x, (0, x.shape[3] % 2, 0, x.shape[2] % 2))  # an odd side: one empty row or column more
     half = (x[..., ::2, ::2] + x[..., 1::2, ::2] + x[..., ::2, 1::2] + x[..., 1::2, 1::2]) * 0.25  # [V, 4, S/2, S/2]
     near = box_mean(half, k)
     return (_continue_hair_pixels if pictures.device.type == "cpu" else _continue_hair_everywhere)(pictures, near)
@@ -152,7 +153,8 @@ def _continue_hair(pictures: torch.Tensor, size: int) -> torch.Tensor:
 def _continue_hair_everywhere(pictures: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
     """:func:`_continue_hair` of whole pictures [V, 7, S, S], the shell's box means near [V, 4, S/2, S/2]."""
     rgb, alpha, seen, card = pictures[:, :3], pictures[:, 3:4], pictures[:, 4:5], pictures[:, 6:7]
-    near = F.interpolate(near, scale_factor=2, mode="nearest")  # each pixel's cell
+    H, W = pictures.shape[2:]
+    near = F.interpolate(near, scale_factor=2, mode="nearest")[:, :, :H, :W]  # each pixel's cell
     return torch.lerp(rgb, near[:, :3] / near[:, 3:].clamp(min=1e-4) * alpha, _hair_weight(near[:, 3:], seen, card))
 
 
@@ -163,7 +165,8 @@ def _continue_hair_pixels(pictures: torch.Tensor, near: torch.Tensor) -> torch.T
     V, _, H, W = pictures.shape
     flat = ((card > 0) & (seen < 1)).view(-1).nonzero()[:, 0]  # [E]: (view, row, column) flattened
     v, y, x = flat // (H * W), flat // W % H, flat % W
-    at = near.transpose(0, 1).reshape(4, -1).index_select(1, (v * (H // 2) + y // 2) * (W // 2) + x // 2)  # [4, E]
+    h, w = near.shape[2:]
+    at = near.transpose(0, 1).reshape(4, -1).index_select(1, (v * h + y // 2) * w + x // 2)  # [4, E]
     a, s, c = (t.reshape(-1).index_select(0, flat) for t in (alpha, seen, card))
     hair = at[:3] / at[3:].clamp(min=1e-4) * a
     out = rgb.transpose(0, 1).reshape(3, -1).clone()  # [3, V H W]
@@ -427,8 +430,8 @@ def render_cameras(
     alpha = torch.where(head[:, None], torch.ones_like(weight), card[:, 3:]) * weight
     drawn = in_pic if px.covered is None else px.covered & in_pic
     seen = (seen * drawn.float() * vals[..., VATTR.GRAZING]).clamp(0, 1)[:, None]
-    # Whole pictures again [V, 5, S, S] (0 where nothing is drawn): the premultiplied RGBA for the
-    # silhouettes' 3x3 filters, and seen.
+    # Whole pictures again [V, 7, S, S] (0 where nothing is drawn): the premultiplied RGBA for the
+    # silhouettes' 3x3 filters, seen, and the shell's and the card's coverage for the hair's continuation.
     parts = torch.stack([part == 1, part == 2], 1)  # the shell, the card
     pictures = px.to_pictures(torch.cat([premultiplied, alpha.clamp(0, 1), seen, parts.float() * weight], 1))
     pictures = torch.cat([_continue_hair(pictures, size), pictures[:, 3:]], 1)

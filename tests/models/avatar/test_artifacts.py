@@ -284,3 +284,5 @@ def test_the_hair_s_continuation_is_the_same_at_the_changed_pixels_as_everywhere
     p[:, 4] = (torch.rand(2, 64, 64, generator=g) > 0.5) * torch.rand(2, 64, 64, generator=g)  # seen
     near = box_mean(torch.rand(2, 4, 32, 32, generator=g), 3)
     torch.testing.assert_close(_continue_hair_pixels(p, near), _continue_hair_everywhere(p, near))
+    odd = p[:, :, :63, :61].contiguous()  # an odd side: the last row or column has a cell of its own
+    torch.testing.assert_close(_continue_hair_pixels(odd, near), _continue_hair_everywhere(odd, near))
