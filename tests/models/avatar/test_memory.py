@@ -438,6 +438,7 @@ def test_the_update_is_saved_whole_and_a_later_sender_loads_it(tmp_path, device)
             memory.allocate(avatar.config)
             memory._yaw_now = yaw
             update(memory, avatar, torch.tensor(yaw, device=device))
-        _same_state(eager, second, atol=1e-4)  # inductor's kernels sum in another order
+        _same_state(first, second, atol=0)  # the saved kernels, loaded: the same sums in the same order
+        _nearly_same_state(eager, second)  # inductor's kernels sum in another order than the eager ops
     assert saving.saved == 1 and not saving.fell_back
     assert loading.loaded == 1 and loading.saved == 0 and not loading.fell_back
