@@ -38,6 +38,17 @@ trim("mediapipe", lambda f: f in unused_models)
 # attention processors are. Their package __init__ files stay, for diffusers' lazy imports.
 pipelines = ("diffusers/pipelines/", "diffusers/modular_pipelines/")
 trim("diffusers", lambda f: f.startswith(pipelines) and not f.endswith("/__init__.py"))
+# The large wheels again with LZMA instead of deflate (pip reads any method Python's zipfile reads): about a
+# quarter smaller (av 34 -> 25 MB), so that the set and a grown repository still fit in one carry.
+for name in sorted(os.listdir(d)):
+    path = os.path.join(d, name)
+    if os.path.getsize(path) < 1 << 20:
+        continue
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_LZMA) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename), compress_type=zipfile.ZIP_LZMA)
+    os.replace(tmp, path)
 PY
 du -sh "$dir"
 # A device call carries the working tree and these wheels, 64 MiB at most (the helper of an earlier session met
