@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.face.analysis import NUM_MESH_VERTICES
-from models.geometry.camera import OrbitPose, orbit_viewmats, project
+from models.geometry.camera import OrbitPose, orbit_viewmats_np, project
 
 __all__ = ["Avatar", "AvatarConfig", "HostCameras", "RenderOutput", "VATTR"]
 
@@ -125,38 +125,33 @@ class Avatar:
 
     def intrinsics(self, size: int, fov_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Crop-camera intrinsics for an S x S picture (CPU): [3, 3], or [V, 3, 3] with fov_scale [V]."""
-        base = self.host.crop_K if self.host is not None else self.crop_K.cpu()
-        K = base.clone()
+        return torch.from_numpy(self._intrinsics_np(size, None if fov_scale is None else np.asarray(fov_scale)))
+
+    def _intrinsics_np(self, size: int, fov_scale: np.ndarray | None = None) -> np.ndarray:
+        base = (self.host.crop_K if self.host is not None else self.crop_K.cpu()).numpy()
+        K = base.copy()
         K[:2] *= size
         if fov_scale is None:
             return K
-        Ks = K[None].repeat(fov_scale.shape[0], 1, 1)
+        Ks = np.repeat(K[None], len(fov_scale), 0)
         Ks[:, 0, 0] = K[0, 0] / fov_scale
         Ks[:, 1, 1] = K[1, 1] / fov_scale
         return Ks
 
     def cameras(self, poses: Sequence[OrbitPose], size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(viewmats [V, 4, 4], Ks [V, 3, 3]) of orbit views about the pivot, on the avatar's device.
-        Computed on the CPU (a handful of numbers) and uploaded in one go."""
+        Worked out on the host in numpy (a handful of numbers: torch's cost per operation was most of the time)
+        and uploaded in one go."""
         if len(poses) == 0:
             raise ValueError("expected at least one pose, got none")
-        t = lambda vals: torch.tensor(vals, dtype=torch.float32)  # noqa: E731
-        pivot = self.host.pivot if self.host is not None else self.pivot.cpu()
-        viewmats = orbit_viewmats(
-            pivot,
-            t([p.yaw_deg for p in poses]),
-            t([p.pitch_deg for p in poses]),
-            t([p.roll_deg for p in poses]),
-            t([p.dist_scale for p in poses]),
-        )
-        K = self.intrinsics(1)
-        base_fov = 2.0 * math.atan(0.5 / float(K[1, 1]))
-        scale = [
-            1.0 if p.fov_deg is None else math.tan(math.radians(p.fov_deg) / 2) / math.tan(base_fov / 2)
-            for p in poses
-        ]
-        Ks = self.intrinsics(size, t(scale))
-        both = torch.cat([viewmats.reshape(-1), Ks.reshape(-1)])
+        pivot = (self.host.pivot if self.host is not None else self.pivot.cpu()).numpy()
+        angles = np.array([(p.yaw_deg, p.pitch_deg, p.roll_deg, p.dist_scale) for p in poses], dtype=np.float64)
+        viewmats = orbit_viewmats_np(pivot, angles[:, 0], angles[:, 1], angles[:, 2], angles[:, 3])
+        f1 = float(self._intrinsics_np(1)[1, 1])
+        half_tan = 0.5 / f1  # tan(base fov / 2)
+        scale = np.array([1.0 if p.fov_deg is None else math.tan(math.radians(p.fov_deg) / 2) / half_tan for p in poses])
+        Ks = self._intrinsics_np(size, scale)
+        both = torch.from_numpy(np.concatenate([viewmats.reshape(-1), Ks.reshape(-1)]).astype(np.float32))
         if self.device.type == "cuda":  # pinned: the upload need not wait for the device's queue
             both = both.pin_memory()
         both = both.to(self.device, non_blocking=True)

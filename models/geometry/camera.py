@@ -1,4 +1,4 @@
-"""Camera maths: intrinsics, orbit cameras, projection. Pure torch, any device.
+"""Camera maths: intrinsics, orbit cameras, projection. Torch on any device (the orbit cameras on the host, in numpy).
 
 Convention (used everywhere in the project, written down once here):
 
@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
     "OrbitPose",
     "intrinsics_from_fov",
     "orbit_viewmats",
+    "orbit_viewmats_np",
     "project",
     "unproject",
     "rotation_to_euler_deg",
@@ -89,7 +91,7 @@ def orbit_viewmats(
     roll_deg: torch.Tensor | None = None,  # [V]
     dist_scale: torch.Tensor | None = None,  # [V]
 ) -> torch.Tensor:
-    """World->camera matrices [V, 4, 4] of the source camera orbited about ``pivot``.
+    """World->camera matrices [V, 4, 4] of the source camera orbited about ``pivot`` (float32, on pivot's device).
 
     The source camera (centre 0, R = I) is rotated rigidly about the pivot by
     R_orbit = Ry(-yaw) Rx(-pitch), then moved along the pivot ray by
@@ -100,28 +102,45 @@ def orbit_viewmats(
     so yaw = pitch = roll = 0, dist_scale = 1 is exactly the source camera, and
     the pivot keeps its pixel in every view (the head stays where it was framed).
     For a pivot on the optical axis, C = pivot + d (sin y cos p, -sin p, -cos y cos p).
+    Worked out on the host (``orbit_viewmats_np``): a handful of numbers.
     """
-    yaw = torch.deg2rad(yaw_deg)
-    pitch = torch.deg2rad(pitch_deg)
-    cy, sy, cp, sp = torch.cos(yaw), torch.sin(yaw), torch.cos(pitch), torch.sin(pitch)
-    zero, one = torch.zeros_like(cy), torch.ones_like(cy)
+    host = lambda x: None if x is None else np.asarray(x.detach().cpu() if torch.is_tensor(x) else x)  # noqa: E731
+    vm = orbit_viewmats_np(host(pivot), host(yaw_deg), host(pitch_deg), host(roll_deg), host(dist_scale))
+    device = pivot.device if torch.is_tensor(pivot) else None
+    return torch.from_numpy(vm.astype(np.float32)).to(device)
+
+
+def orbit_viewmats_np(
+    pivot: np.ndarray,
+    yaw_deg: np.ndarray,
+    pitch_deg: np.ndarray,
+    roll_deg: np.ndarray | None = None,
+    dist_scale: np.ndarray | None = None,
+) -> np.ndarray:
+    """``orbit_viewmats`` in numpy (float64 [V, 4, 4]): the sender's cameras every frame, where torch's cost per
+    operation on a few numbers (about 30 of them) was the avatar's largest host cost."""
+    pivot = np.asarray(pivot, dtype=np.float64).reshape(3)
+    yaw, pitch = np.deg2rad(np.asarray(yaw_deg, np.float64).reshape(-1)), np.deg2rad(np.asarray(pitch_deg, np.float64).reshape(-1))
+    V = yaw.shape[0]
+    cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
     # R_w2c = Rx(pitch) Ry(yaw): rows are the camera axes in world coordinates.
-    Ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
-    Rx = torch.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).reshape(-1, 3, 3)
-    R = Rx @ Ry  # [V, 3, 3]
-    centre = pivot[None, :] + (R.transpose(-1, -2) @ (-pivot)[None, :, None])[..., 0]  # [V, 3]
+    R = np.zeros((V, 3, 3))
+    R[:, 0, 0], R[:, 0, 2] = cy, sy
+    R[:, 1, 0], R[:, 1, 1], R[:, 1, 2] = sp * sy, cp, -sp * cy
+    R[:, 2, 0], R[:, 2, 1], R[:, 2, 2] = -cp * sy, sp, cp * cy
+    centre = pivot - np.einsum("vji,j->vi", R, pivot)  # pivot + R^T (-pivot)
     if dist_scale is not None:
-        centre = pivot[None, :] + dist_scale[:, None] * (centre - pivot[None, :])
+        centre = pivot + np.asarray(dist_scale, np.float64).reshape(-1, 1) * (centre - pivot)
     if roll_deg is not None:
-        roll = torch.deg2rad(roll_deg)
-        cr, sr = torch.cos(roll), torch.sin(roll)
-        Rz = torch.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+        roll = np.deg2rad(np.asarray(roll_deg, np.float64).reshape(-1))
+        cr, sr = np.cos(roll), np.sin(roll)
+        Rz = np.zeros((V, 3, 3))
+        Rz[:, 0, 0], Rz[:, 0, 1], Rz[:, 1, 0], Rz[:, 1, 1], Rz[:, 2, 2] = cr, -sr, sr, cr, 1.0
         R = Rz @ R
-    t = -(R @ centre[..., None])[..., 0]
-    viewmats = torch.zeros(R.shape[:-2] + (4, 4), dtype=R.dtype, device=R.device)
-    viewmats[..., :3, :3] = R
-    viewmats[..., :3, 3] = t
-    viewmats[..., 3, 3] = 1.0
+    viewmats = np.zeros((V, 4, 4))
+    viewmats[:, :3, :3] = R
+    viewmats[:, :3, 3] = -np.einsum("vij,vj->vi", R, centre)
+    viewmats[:, 3, 3] = 1.0
     return viewmats
 
 
