@@ -90,6 +90,20 @@ def masked_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = 
     return float(10.0 * math.log10(1.0 / max(mse, 1e-10)))
 
 
+def gain_matched(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """pred [H, W, C] with each channel scaled by the gain that matches target best inside the mask (least
+    squares: g_c = sum_p m_p x_pc y_pc / sum_p m_p x_pc^2), clipped to [0, 1]. Two cameras of one moment differ by
+    about such a gain (their colour balance and exposure), which no avatar built from one of them can know: the
+    PSNR of this picture is the error left without it (a diagnostic beside the plain score, never instead of it)."""
+    _check_pictures(pred, target)
+    if pred.ndim != 3:
+        raise ValueError(f"expected colour pictures [H, W, C], got {pred.shape}")
+    w = _weights(mask, pred.shape)[..., None]
+    x, y = pred.astype(np.float64), target.astype(np.float64)
+    gain = (w * x * y).sum(axis=(0, 1)) / np.maximum((w * x * x).sum(axis=(0, 1)), 1e-12)
+    return np.clip(x * gain, 0.0, 1.0)
+
+
 def ssim_map(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per-pixel SSIM [H, W] (mean over channels), data range 1.
 

@@ -41,7 +41,7 @@ def _cell(stat: Mapping[str, Any] | None, digits: int) -> str:
     return f"{stat['mean']:.{digits}f}"
 
 
-_DIGITS = {"psnr_head": 2, "psnr_person": 2, "ssim_head": 3, "ssim_person": 3, "id_dist_target": 3,
+_DIGITS = {"psnr_head": 2, "psnr_head_gain": 2, "psnr_person": 2, "ssim_head": 3, "ssim_person": 3, "id_dist_target": 3,
            "id_dist_ref": 3, "lmk_err_pct": 1}
 
 
@@ -65,6 +65,8 @@ def _metric_tables(L: list[str], summary: Mapping[str, Any], labels: list[str], 
 
     table("psnr_head", "PSNR (dB), HEAD mask (primary)")
     table("ssim_head", "SSIM, HEAD mask (primary)")
+    table("psnr_head_gain", "PSNR (dB), HEAD mask, each colour channel's gain fitted to the target (a diagnostic: "
+          "the error left without the cameras' colour balance; not the score)")
     table("psnr_person", "PSNR (dB), PERSON mask")
     table("ssim_person", "SSIM, PERSON mask")
     if config.identity:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from models.evaluation.metrics import (
+    gain_matched,
     masked_psnr,
     masked_ssim,
     output_landmark_error,
@@ -20,6 +21,8 @@ __all__ = ["METRICS", "Scorer", "score"]
 METRICS: dict[str, str] = {
     "psnr_head": "PSNR (dB) inside the target's head region",
     "ssim_head": "SSIM inside the target's head region",
+    "psnr_head_gain": "PSNR (dB) inside the target's head region with each colour channel's gain fitted to the target "
+                      "there (a diagnostic: the error left without the cameras' colour balance, which no avatar can know)",
     "psnr_person": "PSNR (dB) inside the target's person mask",
     "ssim_person": "SSIM inside the target's person mask",
     "id_dist_target": "dlib identity distance to the target (lower = same person; < 0.6 same by dlib's rule)",
@@ -77,6 +80,7 @@ def score(
     if head.sum() > 0:
         rec["psnr_head"] = masked_psnr(out, target, head)
         rec["ssim_head"] = masked_ssim(out, target, head)
+        rec["psnr_head_gain"] = masked_psnr(gain_matched(out, target, head), target, head)
     if person.sum() > 0:
         rec["psnr_person"] = masked_psnr(out, target, person)
         rec["ssim_person"] = masked_ssim(out, target, person)

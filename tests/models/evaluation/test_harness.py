@@ -85,6 +85,8 @@ def test_pairs_are_scored_with_hand_checkable_values(result):
         assert r["methods"]["refined"]["psnr_person"] == pytest.approx(10 * math.log10(400.0), abs=1e-4)
         base = r["methods"]["baseline"]
         assert 8.0 < base["psnr_head"] < 40.0 and -1.0 < base["ssim_head"] < 1.0
+        # the gains that fit best include 1 (no change): the diagnostic is never below the score
+        assert base["psnr_head_gain"] >= base["psnr_head"] - 1e-9
         assert r["methods"]["raw"]["lmk_err_pct"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -107,6 +109,7 @@ def test_written_results(result):
     assert doc["overall"]["raw"]["psnr_head"]["mean"] == PSNR_MAX_DB
     md = paths["md"].read_text()
     assert "HEAD mask" in md and "PERSON mask" in md and "gradients: no face" in md
+    assert "gain fitted to the target" in md
     assert (out / "sheets" / "astronaut_turn.png").exists()
     assert (out / "plots" / "psnr_head.png").exists()
 

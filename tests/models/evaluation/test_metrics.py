@@ -9,6 +9,7 @@ from skimage.metrics import structural_similarity
 
 from models.evaluation.metrics import (
     PSNR_MAX_DB,
+    gain_matched,
     landmark_error_pct,
     masked_psnr,
     masked_ssim,
@@ -47,6 +48,30 @@ def test_psnr_soft_mask_weights_pixels():
     mask = np.array([[0.5, 1.0], [1.0, 0.5]])
     # MSE = 0.5 * 0.04 / 3 = 0.00666..., PSNR = 10 log10(150) = 21.7609 dB
     assert masked_psnr(pred, target, mask) == pytest.approx(10 * math.log10(150.0), abs=1e-9)
+
+
+def test_a_colour_balance_between_cameras_is_taken_out_and_detail_is_not():
+    rng = np.random.default_rng(0)
+    picture = rng.uniform(0.1, 0.8, (24, 24, 3))
+    target = picture * np.array([1.2, 0.9, 1.0])  # another camera's colour balance
+    assert masked_psnr(picture, target) < 25.0
+    assert masked_psnr(gain_matched(picture, target), target) == pytest.approx(PSNR_MAX_DB)
+    # a difference of detail (noise) stays: the gain cannot fit it
+    noisy = np.clip(target + rng.normal(0.0, 0.05, target.shape), 0.0, 1.0)
+    assert masked_psnr(gain_matched(picture, noisy), noisy) == pytest.approx(masked_psnr(target, noisy), abs=0.2)
+
+
+def test_the_gain_is_fitted_inside_the_mask_only():
+    picture = const(0.5)
+    target = const(0.5)
+    target[:16] = 0.6  # inside the mask the target is 1.2 times brighter; outside equal
+    mask = np.zeros((32, 32))
+    mask[:16] = 1.0
+    matched = gain_matched(picture, target, mask)
+    assert matched[:16] == pytest.approx(np.full((16, 32, 3), 0.6))
+    assert masked_psnr(matched, target, mask) == pytest.approx(PSNR_MAX_DB)
+    with pytest.raises(ValueError, match="colour"):
+        gain_matched(picture[..., 0], target[..., 0])
 
 
 def test_ssim_of_constant_pictures_is_the_luminance_term():
