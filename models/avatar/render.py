@@ -34,6 +34,9 @@ _FACE_DETAIL_POOL = 4
 # shell fills the box: none below the first share, all of it from the second (_continue_hair).
 _REVEALED_BOX = 9
 _REVEALED_SHARE = (0.05, 0.25)
+# Where the source picture cuts the head (the top of the hair out of frame, a tile cut close round it), the shell
+# fades out over this share of the crop's side past the cut: beyond it the camera saw nothing to continue.
+_BEYOND_PICTURE_RAMP = 0.03
 # The appearance memory's weights are eroded softly over a box of 2 r + 1 pixels, r this many a 256-px view (more at
 # more pixels): where it takes over from the frame's own texture is a ramp, not an edge that outlines a patch and
 # follows each frame's shadow map (docs/memory.md: flicker on the steady stretches 6.14 -> 6.04 x 1000, 6.15 for the
@@ -346,6 +349,15 @@ def _picture_fade(uv: torch.Tensor, span: tuple[float, float], ramp: torch.Tenso
     return (inside / ramp).clamp(0.0, 1.0)
 
 
+def _beyond_picture_fade(uv: torch.Tensor, span: tuple[float, float], ramp: torch.Tensor) -> torch.Tensor:
+    """[V, S, S]: 1 inside the source picture, falling to 0 at ``ramp`` pixels outside its border (a head cut by the
+    frame: its shell fades out past the cut instead of closing in a flat dome the camera never saw). The fall starts
+    a pixel inside the border, where the picture's last texels already blend with nothing."""
+    H, W = span
+    inside = torch.minimum(torch.minimum(uv[..., 0], W - uv[..., 0]), torch.minimum(uv[..., 1], H - uv[..., 1]))
+    return (1.0 + (inside - 1.0) / ramp).clamp(0.0, 1.0)
+
+
 def render_cameras(
     avatar: Avatar,
     viewmats: torch.Tensor,  # [V, 4, 4] world (= source camera frame) -> camera
@@ -427,7 +439,11 @@ def render_cameras(
     opacity = vals[..., VATTR.OPACITY]
     weight = (opacity if px.covered is None else opacity * px.covered)[:, None]
     premultiplied = torch.where(head[:, None], head_rgb, card[:, :3]) * weight
-    alpha = torch.where(head[:, None], torch.ones_like(weight), card[:, 3:]) * weight
+    # The face mesh is opaque; the shell too, up to a little past the picture's edge (BEYOND_PICTURE_RAMP).
+    shell_alpha = torch.where(part == 1, _beyond_picture_fade(uv, span, _BEYOND_PICTURE_RAMP * ramp / 0.04),
+                              torch.ones_like(part, dtype=weight.dtype))
+    alpha = torch.where(head[:, None], shell_alpha[:, None], card[:, 3:]) * weight
+    premultiplied = premultiplied * torch.where(head[:, None], shell_alpha[:, None], torch.ones_like(weight))
     drawn = in_pic if px.covered is None else px.covered & in_pic
     seen = (seen * drawn.float() * vals[..., VATTR.GRAZING]).clamp(0, 1)[:, None]
     # Whole pictures again [V, 7, S, S] (0 where nothing is drawn): the premultiplied RGBA for the

@@ -169,6 +169,25 @@ def test_the_head_reaches_the_top_of_the_hair(analyzer, test_data, astronaut, na
     assert gap > -0.07, f"{name}: the head ends {-gap:.2f} face heights below the hair's top"
 
 
+def test_a_head_cut_by_the_frame_is_not_closed_in_a_dome(analyzer, astronaut):
+    """Sitting close to a webcam puts the top of the hair out of frame. The shell closed the head over the cut in
+    one flat colour, a faceted helmet in every view, the camera's own too. Now it fades out within 3 % of the crop
+    past the cut: in the source view, above the cut (beyond that ramp) nothing opaque is drawn over the head.
+    Before: mean alpha 0.27 there (the dome), now under 0.05."""
+    image = np.ascontiguousarray(astronaut[60:400, 60:380])  # the hair's top cut by the picture's edge
+    analysis = analyzer.analyze(image)
+    avatar = build_avatar(image, analysis, render_size=S)
+    out = render_views(avatar, [OrbitPose()], S)
+    src = analysis.landmarks_px[:, :2]
+    view = avatar.project_landmarks([OrbitPose()], S)[0].numpy()
+    scale = (view[152, 1] - view[10, 1]) / (src[152, 1] - src[10, 1])  # the crop: source pixels to view pixels
+    cut = view[10, 1] - src[10, 1] * scale  # the picture's top edge in the view
+    x0, x1 = view[234, 0], view[454, 0]
+    columns = slice(int(x0 + 0.25 * (x1 - x0)), int(x1 - 0.25 * (x1 - x0)))
+    above = out.alpha[0, 0].numpy()[: int(cut - 0.03 * S - 2), columns]
+    assert above.size > 0 and float(above.mean()) < 0.05, f"mean alpha above the cut {float(above.mean()):.2f}"
+
+
 def _hull(points: np.ndarray, grow: int = 0) -> np.ndarray:
     m = np.zeros((S, S), np.uint8)
     cv2.fillConvexPoly(m, cv2.convexHull(np.round(points).astype(np.int32)), 1)
