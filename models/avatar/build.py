@@ -115,7 +115,7 @@ def build_on_device(plan: BuildPlan, t: dict[str, torch.Tensor | None], device: 
     # Per-vertex fill colours: the low-pass texture where the source saw the head well, spread
     # over the mesh to where it saw it badly (the underside of the chin, the edge-on sides), shaded
     # as the face shows the light falling off with the surface's angle to the source camera.
-    fill_rgb = sample_vertices(texture_fill, fill, span)[:, :3]
+    fill_rgb = sample_vertices(texture_fill, fill, span, "border")[:, :3]  # past the picture's edge: its edge's colour
     n_head = topo.n_face + topo.n_shell
     toward = -(normals * tex_verts).sum(-1) / tex_verts.norm(dim=-1).clamp(min=1e-9)  # [N] signed cosine
     shade = shading(low, on_person * (facing > 0.05).float(), toward, st)[:n_head]

@@ -185,12 +185,14 @@ def _push_pull(weighted: torch.Tensor) -> torch.Tensor:
     return torch.lerp(filled, weighted[:, :-1] / a.clamp(min=1e-6), (a / 0.5).clamp(max=1.0))
 
 
-def sample_vertices(texture: torch.Tensor, tex_h: torch.Tensor, span: tuple[float, float]) -> torch.Tensor:
+def sample_vertices(texture: torch.Tensor, tex_h: torch.Tensor, span: tuple[float, float],
+                    padding: str = "zeros") -> torch.Tensor:
     """Bilinear texture lookups [N, C] at homogeneous source pixels tex_h [N, 3] (u w, v w, w);
-    texture [1, C, h, w] spans ``span`` = (H, W) source pixels; 0 outside."""
+    texture [1, C, h, w] spans ``span`` = (H, W) source pixels; outside it 0 (``padding`` "zeros") or the
+    nearest edge texel ("border")."""
     w = tex_h[:, 2].clamp(min=1e-6)
     grid = torch.stack([2 * tex_h[:, 0] / w / span[1] - 1, 2 * tex_h[:, 1] / w / span[0] - 1], -1)
-    out = F.grid_sample(texture, grid[None, None], mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(texture, grid[None, None], mode="bilinear", padding_mode=padding, align_corners=False)
     return out[0, :, 0].t()
 
 
