@@ -438,12 +438,11 @@ def render_cameras(
     card = card * fade[:, None]  # [B, 4, h, w] premultiplied
     opacity = vals[..., VATTR.OPACITY]
     weight = (opacity if px.covered is None else opacity * px.covered)[:, None]
-    premultiplied = torch.where(head[:, None], head_rgb, card[:, :3]) * weight
-    # The face mesh is opaque; the shell too, up to a little past the picture's edge (BEYOND_PICTURE_RAMP).
-    shell_alpha = torch.where(part == 1, _beyond_picture_fade(uv, span, _BEYOND_PICTURE_RAMP * ramp / 0.04),
-                              torch.ones_like(part, dtype=weight.dtype))
-    alpha = torch.where(head[:, None], shell_alpha[:, None], card[:, 3:]) * weight
-    premultiplied = premultiplied * torch.where(head[:, None], shell_alpha[:, None], torch.ones_like(weight))
+    # The face mesh is opaque; the shell too, up to a little past the picture's edge (_BEYOND_PICTURE_RAMP).
+    beyond = _BEYOND_PICTURE_RAMP * avatar.source_focal_px / avatar.crop_K[0, 0]  # source pixels
+    solid = torch.where(part == 1, _beyond_picture_fade(uv, span, beyond), 1.0)[:, None]  # [B, 1, h, w]
+    premultiplied = torch.where(head[:, None], head_rgb * solid, card[:, :3]) * weight
+    alpha = torch.where(head[:, None], solid, card[:, 3:]) * weight
     drawn = in_pic if px.covered is None else px.covered & in_pic
     seen = (seen * drawn.float() * vals[..., VATTR.GRAZING]).clamp(0, 1)[:, None]
     # Whole pictures again [V, 7, S, S] (0 where nothing is drawn): the premultiplied RGBA for the
