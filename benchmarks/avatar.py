@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default on the CPU: the sender's, the cores less one; elsewhere torch's)")
+                   help="torch CPU threads (default: the sender's, the cores less one on the CPU, 2 with a GPU)")
     p.add_argument("--check", action="store_true")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--breakdown", action="store_true")
@@ -248,11 +248,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.threads or device.type == "cpu":
-        # The sender's setting (telepresence.pipeline.cpu_threads): with torch's default of one thread a core,
-        # a core shared with face analysis and the encoder makes its threads wait on each other.
-        torch.set_num_threads(args.threads or cpu_threads(None))
-        print(f"torch threads: {torch.get_num_threads()}")
+    # The sender's setting (telepresence.pipeline.cpu_threads: on the CPU the cores less one, on a GPU 2): with torch's
+    # default of one thread a core, a core shared with face analysis, the encoder or a compile makes its threads wait
+    # on each other.
+    torch.set_num_threads(args.threads or cpu_threads(None, device.type))
+    print(f"torch threads: {torch.get_num_threads()}")
     image, obs = load_case()
     if args.check and device.type == "cuda":
         check_cuda(image, obs)

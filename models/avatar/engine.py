@@ -126,7 +126,11 @@ class _Graph:
             if self.graph is not None and v.device.type == "cpu":
                 if k not in self._staging:
                     self._staging[k] = torch.empty_like(self.inputs[k], device="cpu").pin_memory()
-                v = self._staging[k].copy_(v)
+                # One memcpy on this thread, not torch's CPU copy: that splits a frame's picture over the intra-op
+                # pool, whose threads wait on each other whenever any core is busy (8 ms a copy, 16 a build, while
+                # inductor's compile workers started on an H200 with 16 threads: docs/avatar.md).
+                np.copyto(self._staging[k].numpy(), v.numpy())
+                v = self._staging[k]
             self.inputs[k].copy_(v, non_blocking=True)
         if self.graph is not None and self._staging:
             self._uploaded = torch.cuda.Event()
