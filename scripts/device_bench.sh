@@ -5,6 +5,7 @@
 #          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420), precompiled-starts), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
+# The loopback stages keep their whole log beside their JSON (a warning above the table's tail is the reason).
 # The sender's benchmarks compile the avatar's graphs before they time it (--compile-avatar wait): about 2-3
 # minutes cold on a fresh machine (inductor's disk cache does not outlive a loan), so their limits allow for it
 # and a call of the device tool (600 s at most) holds one such stage, two at most. The GPU tests take about
@@ -36,19 +37,19 @@ fi
 if has loopback; then
   echo "== loopback"
   timeout 420 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
-    --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | filter | tail -8
+    --refiner /tmp/refiner-small-arch --out "$OUT/loopback_cuda_512.json" 2>&1 | tee "$OUT/loopback_cuda_512.log" | filter | tail -8
 fi
 if has loopback-process; then
   # The same sender with its pipeline in a process of its own (send --pipeline-process), against "loopback".
   echo "== loopback, the pipeline in its own process"
   timeout 420 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
-    --refiner /tmp/refiner-small-arch --pipeline-process --out "$OUT/loopback_cuda_512_process.json" 2>&1 | filter | tail -8
+    --refiner /tmp/refiner-small-arch --pipeline-process --out "$OUT/loopback_cuda_512_process.json" 2>&1 | tee "$OUT/loopback_cuda_512_process.log" | filter | tail -8
 fi
 if has loopback-memory; then
   # The sender with the appearance memory (on by default since the tenth session, which this run measured first).
   echo "== loopback with the appearance memory"
   timeout 420 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 --seconds 8 --source-fps "$SOURCE_FPS" \
-    --refiner /tmp/refiner-small-arch --memory --out "$OUT/loopback_cuda_512_memory.json" 2>&1 | filter | tail -8
+    --refiner /tmp/refiner-small-arch --memory --out "$OUT/loopback_cuda_512_memory.json" 2>&1 | tee "$OUT/loopback_cuda_512_memory.log" | filter | tail -8
 fi
 if has soak; then
   # The product's sender (the memory on, the avatar compiled in the background as `send` does) under 4 viewers and

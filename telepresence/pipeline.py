@@ -224,12 +224,14 @@ class Pipeline:
         self.avatar_config = AvatarConfig(background=config.background)
         # On CUDA the avatar build and render replay CUDA graphs (models.avatar.engine).
         compile_avatar = config.compile_avatar != "off" and self.device.type == "cuda"
-        # In the background: held until the first frame with a face is out (its captures first, at full speed);
-        # with a prefill, until the child process has compiled the same graphs (models.avatar.prefill).
-        background = compile_avatar and config.compile_avatar in ("background", "prefill")
+        # The compiles are held until the first frame's captures are done: in the background until that frame is out
+        # (its captures first, at full speed); with a prefill, until the child process has compiled the same graphs
+        # (models.avatar.prefill); with "wait", until every warmed view count is captured (_compile_now). A capture
+        # that meets the worker's CUDA work fails, and its frame runs eagerly and captures no render, so asks for no
+        # render's compile: unheld, a GPU loopback's "wait" compiled the build alone and the renders while measured.
         self._precompiled = compile_avatar and config.precompiled_avatar is not False  # None: on where it compiles
         self.engine = AvatarEngine(self.avatar_config, self.device, config.size, compile=compile_avatar,
-                                   compile_held=background, compile_fn=compile_fn_for(self._precompiled))
+                                   compile_held=compile_avatar, compile_fn=compile_fn_for(self._precompiled))
         if config.precompiled_avatar and not compile_avatar:  # asked for, where nothing compiles
             log.warning("avatar: --precompiled-avatar has no effect here: %s", "nothing compiles on the CPU"
                         if self.device.type != "cuda" else "--compile-avatar off")

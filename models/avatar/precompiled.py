@@ -38,6 +38,8 @@ from typing import Any, Callable, Hashable
 
 import torch
 
+from models.avatar.compiling import clashed_with_a_capture, compile_fixed
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PrecompiledStore", "compile_fn_for", "default_folder", "signature", "source_fingerprint", "supported"]
@@ -53,8 +55,6 @@ def supported() -> bool:
 def compile_fn_for(precompiled: bool) -> Callable[[Callable], Callable]:
     """The avatar engine's compile_fn: torch.compile (models.avatar.compiling.compile_fixed), or a store where
     ``precompiled`` is asked and this torch has what it needs (else torch.compile, and a warning says why)."""
-    from models.avatar.compiling import compile_fixed
-
     if not precompiled:
         return compile_fixed
     if not supported():
@@ -293,6 +293,8 @@ class _Precompiled:
                 with open(path, "rb") as f:
                     loaded = _load(f, self.fn)
             except Exception as error:  # noqa: BLE001 - a file another torch or a killed process left: compile again
+                if clashed_with_a_capture(error):
+                    raise  # a CUDA-graph capture on another thread, not the file: the compile worker runs this again
                 log.warning("precompiled %s: could not load %s (%s); compiling it again", name, path.name,
                             _first_line(error))
             else:
@@ -306,6 +308,11 @@ class _Precompiled:
             with _aot_enabled():
                 compiled = torch.compile(self.fn, dynamic=False, fullgraph=True).aot_compile((args, kwargs))
         except Exception as error:  # noqa: BLE001 - a graph break, an unpicklable guard...: torch.compile as before
+            if clashed_with_a_capture(error):
+                # The sender's thread captured a CUDA graph meanwhile (the compile's CUDA work is forbidden then):
+                # nothing wrong with the function, so no fall back (which compiled the usual way and saved nothing:
+                # a GPU loopback, twentieth session); the compile worker runs the job again.
+                raise
             self._fall_back(_first_line(error))
             return self._plain
         try:

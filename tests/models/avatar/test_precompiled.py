@@ -115,6 +115,34 @@ def test_a_failed_guard_or_a_graph_break_compiles_the_usual_way_and_says_so(tmp_
     assert caplog.text.count("compiled the usual way instead") == 2
 
 
+def test_a_compile_that_met_a_cuda_graph_capture_is_run_again_not_fallen_back(tmp_path, monkeypatch):
+    """The compile worker's CUDA work fails while the sender's thread captures a graph: the store lets the error out
+    (the worker runs the job again, models.avatar.compiling) instead of compiling the usual way and saving nothing,
+    which a GPU loopback did (twentieth session)."""
+    plan, t = Plan(2, 1.0), inputs()
+    real_compile, clashes = torch.compile, []
+
+    def clashing_once(fn, **kwargs):
+        compiled = real_compile(fn, **kwargs)
+        if clashes:
+            return compiled
+
+        class Clash:
+            def aot_compile(self, example):
+                clashes.append(1)
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return Clash()
+
+    monkeypatch.setattr(torch, "compile", clashing_once)
+    store = PrecompiledStore(tmp_path)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        store(stepped)(plan, t)
+    assert not store.fell_back and not list(tmp_path.glob("*.bin"))
+    torch.testing.assert_close(store(stepped)(plan, t), stepped(plan, t))  # the worker's second run
+    assert clashes == [1] and store.saved == 1 and not store.fell_back
+    assert [e["what"] for e in store.events] == ["saved"]
+
+
 def test_a_corrupt_file_is_compiled_again(tmp_path, caplog):
     plan, t = Plan(2, 1.0), inputs()
     PrecompiledStore(tmp_path)(stepped)(plan, t)
