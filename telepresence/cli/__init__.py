@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "serve": "a call: pages, signaling and an avatar per participant, who joins from a browser with a camera",
     "render": "build the 3D avatar from one picture and render it at other cameras",
     "eval": "score raw and refined novel views on real clips and multi-camera sets",
+    "compare": "compare two eval runs (or two methods of one) per bin, with a bootstrap interval on each change",
     "pairs": "make stage-1 (synthetic) and stage-2 (real) training pairs from indexed clips",
     "train": "train the refiner (two stages, variable noise, LoRA or from scratch, GAN)",
 }
