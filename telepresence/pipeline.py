@@ -19,6 +19,7 @@ import torch
 
 from models.geometry.camera import OrbitPose
 from models.face.analysis import LEFT_IRIS, RIGHT_IRIS, FaceAnalyzer, FaceConfig, NoFaceError
+from models.avatar.engine import graph_views
 from models.avatar.precompiled import compile_fn_for
 from models.face.smoothing import LandmarkSmoother
 from models.refiner import refine_views
@@ -367,13 +368,13 @@ class Pipeline:
             blank = np.full((self.config.size, self.config.size, 3), 128, np.uint8)
             return FrameResult([blank.copy() for _ in poses], found, status, timings, fresh=True, kernels=self.kernels())
         if self._prefill_mode and not self._prefill_asked:
-            self._hold_for_prefill(len(poses))
+            self._hold_for_prefill(graph_views(len(poses)))  # the view count whose graph serves them
         views = self.render(poses, timings)
         if found and self._prefill_asked:
             self._prefill_asked = False
             from models.avatar.prefill import view_counts_to_prefill
 
-            self._start_prefill(frame_rgb, obs, view_counts_to_prefill(self.config.warm_views, len(poses)))
+            self._start_prefill(frame_rgb, obs, view_counts_to_prefill(self.config.warm_views, graph_views(len(poses))))
             log.info("avatar: the first frame is out; a child process compiles its kernels for %s view(s) into "
                      "inductor's disk cache (the frames keep their pace), then this process compiles from there",
                      ", ".join(map(str, self._prefill.job.view_counts)))
@@ -430,8 +431,8 @@ class Pipeline:
         if self._prefill_wanted:
             if obs is not None:
                 self._start_prefill(frame_rgb, obs, tuple(sorted(self._prefill_wanted)))
-                log.info("avatar: %s view(s) asked for, not compiled yet: a child process compiles them first (the "
-                         "frames keep their pace on the plain graphs)", ", ".join(map(str, self._prefill.job.view_counts)))
+                log.info("avatar: the render graph of %s view(s) is not compiled yet: a child process compiles it first "
+                         "(the frames keep their pace on the plain graphs)", ", ".join(map(str, self._prefill.job.view_counts)))
         elif self.engine.release_compiles():
             log.info("avatar: compiling here from the disk cache")
 

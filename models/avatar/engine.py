@@ -53,7 +53,7 @@ from models.face.analysis import FaceObservation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AvatarEngine"]
+__all__ = ["AvatarEngine", "graph_views"]
 
 # Raster room: the first frame of a shape is rasterized exactly, and the captured graph
 # gets _HEADROOM times what it needed (new poses draw different amounts), at least
@@ -64,6 +64,20 @@ _BUILD_PER_PIXEL = 0.25
 _RENDER_PER_PIXEL = 1.5
 _GROWTH = 1.5  # capacity after an overflow: this times what the frame needed
 _ROUND = 1 << 16
+# View counts up to this many get a render graph of their own; above it a render runs the graph of the next power
+# of two (graph_views). Each graph is a capture and, compiled, a compile of tens of seconds: 16 viewers joining one by
+# one asked for 16 of them, and the GPU loopback measured 10.8 fps each while the sender compiled the 5th to 16th
+# counts on its own thread (H200, twenty-second session).
+_EXACT_VIEWS = 4
+
+
+def graph_views(n_views: int) -> int:
+    """The view count of the render graph that serves ``n_views`` on the fixed-shape path: itself up to _EXACT_VIEWS,
+    else the next power of two (5-8 -> 8, 9-16 -> 16, ...). The poses are padded with the last one and the extra views
+    dropped: a render of up to twice the views asked, for at most 2 + log2(n / 4) graphs above 4 views."""
+    if n_views <= _EXACT_VIEWS:
+        return n_views
+    return 1 << (n_views - 1).bit_length()
 
 
 class _Fallback(Exception):
@@ -256,12 +270,17 @@ class AvatarEngine:
         """Render the current avatar at ``poses`` (size x size pixels each)."""
         if self.avatar is None:
             raise RuntimeError("no avatar yet: call build() first")
-        viewmats, Ks = self.avatar.cameras(poses, self.render_size)
         if self.fixed_shapes and not self._eager_frame:
+            n, m = len(poses), graph_views(len(poses))
+            padded = list(poses) + [poses[-1]] * (m - n)  # the graph of m views; the extra ones dropped below
+            viewmats, Ks = self.avatar.cameras(padded, self.render_size)
             try:
-                return self._render_fixed(viewmats, Ks, len(poses))
+                out = self._render_fixed(viewmats, Ks, m)
             except (_Fallback, _Retry):
-                pass
+                return render_cameras(self.avatar, viewmats[:n], Ks[:n], self.render_size)
+            return out if m == n else dataclasses.replace(out, rgb=out.rgb[:n], alpha=out.alpha[:n], depth=out.depth[:n],
+                                                          seen=out.seen[:n])
+        viewmats, Ks = self.avatar.cameras(poses, self.render_size)
         return render_cameras(self.avatar, viewmats, Ks, self.render_size)
 
     def _render_fixed(self, viewmats: torch.Tensor, Ks: torch.Tensor, n_views: int) -> RenderOutput:

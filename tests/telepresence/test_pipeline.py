@@ -145,10 +145,12 @@ def test_precompiled_avatar_reaches_the_engine_and_the_prefill_child(astronaut, 
 
 def test_a_child_compiles_first_the_warmed_view_counts_then_each_new_one(astronaut, monkeypatch, caplog):
     """The first child starts after the first frame; the sender compiles (from the disk cache) once it has ended.
-    A view count no child has compiled (a fifth viewer) waits for a child of its own rather than compiling cold in
-    the sender, and the child bakes in the sender's raster capacities."""
+    A view count no child has compiled (a fifth viewer: the graph of 8 views, models.avatar.engine.graph_views)
+    waits for a child of its own rather than compiling cold in the sender, and the child bakes in the sender's raster
+    capacities; a sixth viewer uses the same graph, no child and no compile."""
     p, calls = _prefilling_pipeline(monkeypatch)
     two, five = [ViewPose(), ViewPose(yaw_deg=20)], [ViewPose(yaw_deg=y) for y in (-30, -15, 0, 15, 30)]
+    six = five + [ViewPose(yaw_deg=45)]
     try:
         with caplog.at_level("INFO", logger="telepresence.pipeline"):
             assert p.process(astronaut, two).status == "ok"
@@ -164,17 +166,21 @@ def test_a_child_compiles_first_the_warmed_view_counts_then_each_new_one(astrona
 
             assert p.process(astronaut, five).status == "ok"
             second = p._prefill
-            assert second is not None and second.job.view_counts == (5,)
-            assert second.job.capacities[1][5] == p.engine.capacities()[1][5]
-            time.sleep(0.3)  # a held compiler that did not wait would have compiled the five views by now
-            assert not any(n == 5 for _, n, thread in calls if thread == "avatar-compile")
+            assert second is not None and second.job.view_counts == (8,)
+            assert second.job.capacities[1][8] == p.engine.capacities()[1][8]
+            time.sleep(0.3)  # a held compiler that did not wait would have compiled the eight views by now
+            assert not any(n == 8 for _, n, thread in calls if thread == "avatar-compile")
             _until_the_child_ends(p, astronaut, five)
             assert second.ok and p.engine.wait_compiled(60)
-            assert any(n == 5 for _, n, thread in calls if thread == "avatar-compile")
+            assert any(n == 8 for _, n, thread in calls if thread == "avatar-compile")
             assert p.process(astronaut, five).status == "ok" and p._prefill is None  # no child for a count compiled
+            result = p.process(astronaut, six)
+            assert result.status == "ok" and len(result.views) == 6 and p._prefill is None  # the same graph
+            assert {n for _, n, thread in calls if thread == "avatar-compile"} == {0, 2, 8}
         said = [r.message for r in caplog.records]
         assert any("a child process compiles its kernels for 1, 2, 3, 4 view(s)" in m for m in said)
-        assert any("5 view(s) asked for, not compiled yet: a child process compiles them first" in m for m in said)
+        assert any("the render graph of 8 view(s) is not compiled yet: a child process compiles it first" in m
+                   for m in said)
         assert sum("compiling here from the disk cache" in m for m in said) == 2
     finally:
         p.close()

@@ -10,7 +10,7 @@ import torch
 
 import models.avatar.engine as engine_mod
 from models.avatar import AvatarConfig, build_avatar, crop_box, render_views
-from models.avatar.engine import AvatarEngine
+from models.avatar.engine import AvatarEngine, graph_views
 from models.geometry.raster import rasterize
 from models.geometry.camera import OrbitPose
 
@@ -51,6 +51,22 @@ def test_fixed_shapes_give_the_eager_pictures(case, background):
     engine.build(image, obs)
     assert max_diff(engine.render(POSES), eager) == 0.0
     assert max_diff(engine.render(POSES[:1]), render_views(engine.avatar, POSES[:1], 256)) == 0.0
+
+
+def test_view_counts_above_four_share_the_graph_of_the_next_power_of_two(case):
+    """5-8 viewers are served by one graph of 8 views (the poses padded with the last, the extra views dropped),
+    each view the eager path's picture: one capture (and on CUDA one compile) instead of four."""
+    assert [graph_views(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33)] == [1, 2, 3, 4, 8, 8, 16, 16, 32, 64]
+    image, obs = case
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=96, fixed_shapes=True)
+    engine.build(image, obs)
+    poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y, p in [(-40, 0), (-25, 5), (-10, 0), (5, -5), (20, 0), (35, 10), (50, 0)]]
+    for n in (5, 7, 6):
+        out = engine.render(poses[:n])
+        assert out.rgb.shape[0] == out.alpha.shape[0] == out.depth.shape[0] == out.seen.shape[0] == n
+        assert max_diff(out, render_views(engine.avatar, poses[:n], 96)) == 0.0
+    assert sorted(n for _, n in engine._renders) == [8]
+    assert engine.captures == 2  # the build, and the render of 8 views once
 
 
 def test_overflowing_raster_room_grows_and_the_frame_is_redone(case, monkeypatch):
