@@ -16,6 +16,9 @@ camera's exposure-to-grab time). aiortc's receive jitter buffer releases a
 frame only when the next frame's first packet arrives, so these in-process
 viewers add about one frame interval that a browser does not.
 
+Before it measures, a case waits (--settle-s) while the avatar's kernels compile for its view count (on a GPU a
+new count's graph compiles while it is first served); its record says how long and in which state it measured.
+
 Where the curve bends: each case also reports, over its measured seconds,
 - the sender's frame-loop rate and the frames it handed aiortc per viewer per second ("sent");
 - how late the sender's event loop runs (lateness of a 10 ms sleep, p50 / p90 / max);
@@ -48,6 +51,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,6 +221,7 @@ async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: A
         for child in children:  # one after another: a child's first frame may wait for the pipeline's start
             await read_line(child, "its viewers connected", timeout_s=600)
         await asyncio.sleep(args.warmup)
+        settled = await settle(sender, args.settle_s)
         processes = {child.pid: f"viewers {i + 1}" for i, child in enumerate(children)}
         if args.encoder == "process" and shared_pool().pid is not None:
             processes[shared_pool().pid] = "encoder process"
@@ -241,6 +246,7 @@ async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: A
         **viewer_summary([fps for m in measured for fps in m["fps"]], [ms for m in measured for ms in m["latencies_ms"]],
                          sum(m["unreadable"] for m in measured), sum(m["frames"] for m in measured)),
         **window,
+        **settled,
     }
     result["cpu_percent"]["viewer processes"] = [m["cpu_percent"] for m in measured]
     result["wall"] = wall_of(result, args.source_fps or sender_source_fps(args))
@@ -274,6 +280,16 @@ async def measure_window(sender: "Sender", seconds: float, processes: dict[int, 
         "sender_loop_lag_ms": loop_lag,
         "cpu_percent": usage,
     }
+
+
+async def settle(sender: "Sender", limit_s: float, poll_s: float = 1.0) -> dict[str, Any]:
+    """Wait, at most ``limit_s``, while the sender's frames say the avatar's kernels are compiling (FrameResult.kernels:
+    a view count this case's viewers asked for, compiled after it was first served); its seconds and the state it
+    ended in, for the case's record. A case that measured during such a compile measured the compile."""
+    start = time.perf_counter()
+    while sender.render_loop.kernels == "compiling" and time.perf_counter() - start < limit_s:
+        await asyncio.sleep(poll_s)
+    return {"settle_s": round(time.perf_counter() - start, 1), "kernels_at_measure": sender.render_loop.kernels}
 
 
 def wall_of(result: dict[str, Any], source_fps: float) -> str:
@@ -313,6 +329,7 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> d
         recorders, viewers = await start_viewers(n_viewers, args.size,
                                                  lambda viewer, i: viewer.connect(sender, f"bench{i}"))
         await asyncio.sleep(args.warmup)
+        settled = await settle(sender, args.settle_s)
         for recorder in recorders:
             recorder.recording = True
         pid = shared_pool().pid if args.encoder == "process" else None
@@ -323,7 +340,7 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> d
         for viewer in viewers:
             await viewer.close()
         await sender.stop()
-    result = {"viewers": n_viewers, "receiver": "aiortc (same process)", **recorders_summary(recorders), **window}
+    result = {"viewers": n_viewers, "receiver": "aiortc (same process)", **recorders_summary(recorders), **window, **settled}
     result["wall"] = wall_of(result, args.source_fps or sender_source_fps(args))
     return result
 
@@ -437,6 +454,10 @@ def main() -> int:
     parser.add_argument("--precompiled-avatar", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the avatar's compiled functions whole and load them (send --precompiled-avatar; "
                         "default: PipelineConfig.precompiled_avatar's, the product's)")
+    parser.add_argument("--settle-s", type=float, default=300.0,
+                        help="after the warm-up, wait up to this long while the avatar's kernels compile (a view count this "
+                             "case's viewers asked for: models.avatar.engine.graph_views) before measuring; 0 measures "
+                             "during such a compile, what viewers see right after they join")
     parser.add_argument("--browser", action="store_true", help="add a case with headless Chromium on the real page")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/loopback_<device>_<size>.json)")

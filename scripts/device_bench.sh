@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve, call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420), precompiled-starts), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve (CURVE_VIEWERS), call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420), precompiled-starts), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The loopback stages keep their whole log beside their JSON (a warning above the table's tail is the reason).
@@ -163,8 +163,10 @@ if has encode; then
   timeout 300 python3 benchmarks/encode.py --size 512 --out "$OUT/encode_512.json" 2>&1 | tail -34
 fi
 if has curve; then
-  echo "== viewers curve: 1 4 8 16 32 viewers at 512, encoder ${ENCODER:-process}"
-  timeout 590 python3 benchmarks/loopback.py --device cuda --size 512 --viewers 1 4 8 16 32 --source-fps "$SOURCE_FPS" \
+  # Each case waits (--settle-s, 300 s at most) while its view count's graph compiles (8, 16 and 32 views: a compile
+  # each, models.avatar.engine.graph_views): the whole curve does not fit one call cold; CURVE_VIEWERS splits it.
+  echo "== viewers curve: ${CURVE_VIEWERS:=1 4 8 16 32} viewers at 512, encoder ${ENCODER:-process}"
+  timeout 590 python3 benchmarks/loopback.py --device cuda --size 512 --viewers $CURVE_VIEWERS --source-fps "$SOURCE_FPS" \
     --encoder "${ENCODER:-process}" --refiner /tmp/refiner-small-arch \
     --out "$OUT/loopback_cuda_512_curve_${ENCODER:-process}.json" 2>&1 | filter | tail -14
 fi

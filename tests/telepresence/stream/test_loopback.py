@@ -265,6 +265,24 @@ def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path, pipeline
     assert result["frames"] > 10 and result["fps_per_viewer"]["min"] > 2
     assert result["latency_ms"]["n"] > 10 and 0 < result["latency_ms"]["median"] < 2000
     assert result["stages_ms_median"]  # the sender's per-stage record was sampled while the viewers recorded
+    assert result["kernels_at_measure"] is None and result["settle_s"] < 1  # nothing compiles on the CPU: no wait
+
+
+@async_test(timeout_s=20)
+async def test_the_loopback_waits_for_a_compile_its_viewers_started_before_it_measures():
+    """benchmarks.loopback.settle: a case's new view count compiles while it is first served (a graph of its own,
+    models.avatar.engine.graph_views); measured then, a case measures the compile."""
+    import types
+
+    from benchmarks.loopback import settle
+
+    loop = types.SimpleNamespace(kernels="compiling")
+    sender = types.SimpleNamespace(render_loop=loop)
+    asyncio.get_running_loop().call_later(0.3, setattr, loop, "kernels", "compiled")
+    done = await settle(sender, limit_s=5.0, poll_s=0.05)
+    assert done["kernels_at_measure"] == "compiled" and 0.25 <= done["settle_s"] < 2.0
+    loop.kernels = "compiling"  # a compile that outlasts the limit: measured anyway, and said
+    assert (await settle(sender, limit_s=0.2, poll_s=0.05))["kernels_at_measure"] == "compiling"
 
 
 def test_soak_benchmark_samples_every_process_and_finds_no_traceback(tmp_path):
