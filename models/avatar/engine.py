@@ -74,7 +74,7 @@ _EXACT_VIEWS = 4
 def graph_views(n_views: int) -> int:
     """The view count of the render graph that serves ``n_views`` on the fixed-shape path: itself up to _EXACT_VIEWS,
     else the next power of two (5-8 -> 8, 9-16 -> 16, ...). The poses are padded with the last one and the extra views
-    dropped: a render of up to twice the views asked, for at most 2 + log2(n / 4) graphs above 4 views."""
+    dropped: a render of up to twice the views asked, for ceil(log2(n / 4)) graphs above 4 views."""
     if n_views <= _EXACT_VIEWS:
         return n_views
     return 1 << (n_views - 1).bit_length()
