@@ -213,6 +213,7 @@ class AvatarEngine:
         self._renders: dict[tuple[BuildPlan, int], _Graph] = {}
         self._build_capacity: dict[BuildPlan, int] = {}
         self._render_capacity: dict[tuple[BuildPlan, int], int] = {}
+        self._render_in_use: tuple[BuildPlan, int] | None = None  # the latest render's graph (compile_state)
         self._preset_build: int | None = None  # raster capacities to use instead of sizing them (preset_capacities)
         self._preset_render: dict[int, int] = {}
 
@@ -313,8 +314,10 @@ class AvatarEngine:
     @property
     def compile_state(self) -> str:
         """"off" (not asked), "failed" (a compile failed: plain graphs), "waiting" (no graph yet: the first build
-        asks for the compiles), "compiling" (the worker is busy), "swapping" (compiled, some graph not yet
-        captured so: at its next use) or "compiled" (every graph in use)."""
+        asks for the compiles), "compiling" (the worker is busy), "swapping" (compiled, a graph in use not yet
+        captured so: at its next use) or "compiled" (every graph in use). In use: the latest frame's build and
+        render; a graph of a view count no longer served (viewers left) swaps when it serves again, and until
+        then does not hold the state at "swapping" (it did: a "compiling" badge forever on the viewers' page)."""
         if self.compiler is None:
             return "failed" if self._compile_asked and self.fell_back else "off"
         if self.compiler.failed is not None:
@@ -324,7 +327,9 @@ class AvatarEngine:
         graphs = [*self._builds.values(), *self._renders.values()]
         if not graphs:
             return "waiting"
-        done = [g.compiled or g.compile_key in self._swap_failed for g in graphs]  # (a failed swap: said in the log)
+        in_use = [g for g in (self._builds.get(self._plan), self._renders.get(self._render_in_use)) if g is not None]
+        done = [g.compiled or g.compile_key in self._swap_failed  # (a failed swap: said in the log)
+                for g in in_use or graphs]
         return "compiled" if all(done) else "swapping"
 
     def release_compiles(self) -> bool:
@@ -472,6 +477,7 @@ class AvatarEngine:
 
     def _replay_render(self, viewmats: torch.Tensor, Ks: torch.Tensor) -> RenderOutput:
         key = (self._plan, viewmats.shape[0])
+        self._render_in_use = key
         graph = self._renders.get(key)
         if graph is not None and self._swap_due(graph, self._render_key(key)):
             del self._renders[key]  # its compiled form is ready: captured below in its place

@@ -247,6 +247,31 @@ def test_held_compiles_wait_until_released_while_the_plain_graphs_serve(case):
     assert engine.compile_state == "compiled"
 
 
+def test_a_graph_no_longer_served_does_not_hold_the_state_at_swapping(case):
+    """Viewers joined (5: the 8-view graph, compiled in the background) and left (2 again): the state is
+    "compiled" once the graphs in use are swapped; the 8-view graph swaps when 5 views are rendered again.
+    Before, it held the state at "swapping" for good: the page's "compiling" badge and a benchmark's settle
+    waited on a compile that was done."""
+    image, obs = case
+    engine = AvatarEngine(AvatarConfig(), "cpu", render_size=64, fixed_shapes=True, compile=True,
+                          compile_fn=_Recording())
+    many = [*POSES, OrbitPose(yaw_deg=10, pitch_deg=5)]
+    engine.build(image, obs)
+    engine.render(POSES[:2])
+    assert engine.wait_compiled(120)
+    engine.build(image, obs)
+    engine.render(POSES[:2])  # build and the 2-view render swapped in
+    engine.render(many)  # the 8-view graph: plain, its compile asked for
+    assert engine.wait_compiled(120) and engine.compile_state == "swapping"  # in use, not yet swapped
+    engine.build(image, obs)
+    engine.render(POSES[:2])
+    eight = engine._renders[(engine._plan, 8)]
+    assert not eight.compiled and engine.compile_state == "compiled"
+    engine.build(image, obs)
+    engine.render(many)
+    assert engine._renders[(engine._plan, 8)].compiled and engine.compile_state == "compiled"
+
+
 def test_waiting_for_a_held_compiler_releases_it():
     from models.avatar.compiling import BackgroundCompiler
 
