@@ -505,6 +505,9 @@ def main() -> int:
         print(f"error: {error}\n(to measure the streaming path alone: --pipeline tests.fake_pipeline:build_pipeline)", file=sys.stderr)
         return 1
 
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "viewer_child", "signaling", "room", "first_viewer")}
+    out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"
+    meta = run_metadata(args.device, benchmark="loopback")
     results = []
     for n in args.viewers:
         print(f"running {n} viewer(s): {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
@@ -518,15 +521,17 @@ def main() -> int:
         if engine is not None:
             build, render = engine.capacities()
             results[-1]["raster_capacities"] = {"build": build, "render": {str(n): c for n, c in sorted(render.items())}}
+        r = results[-1]  # written after every case: a run stopped by a time limit keeps the cases it finished
+        write_json(out, document(meta, config, results))
+        print(f"  {n} viewer(s): {r['fps_per_viewer']['median']:.1f} fps each, p50 {r['latency_ms']['median']} ms"
+              + (f" (settled {r['settle_s']} s, {r['kernels_at_measure']})" if "settle_s" in r else ""), flush=True)
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline)))
     if args.pipeline_process:
         pipeline.close()  # its process ends with it
 
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "viewer_child", "signaling", "room", "first_viewer")}
-    out = args.out or Path(__file__).resolve().parent / "results" / f"loopback_{args.device.split(':')[0]}_{args.size}.json"
-    write_json(out, document(run_metadata(args.device, benchmark="loopback"), config, results))
+    write_json(out, document(meta, config, results))
 
     print(f"\nloopback, {args.pipeline}, {args.device}, {args.size}x{args.size}, {args.codec}, encoder: {args.encoder}")
     print(f"{'receiver':>22} {'viewers':>7} {'fps/viewer':>10} {'sent':>5} {'loop':>5} {'latency p50':>11} {'p90':>7}"
