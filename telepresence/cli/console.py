@@ -50,6 +50,10 @@ def configure_logging(verbose: bool = False) -> None:
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
+_STOPPED = object()
+"""What _cancel_on_sigterm returns when SIGTERM stopped the coroutine."""
+
+
 async def _cancel_on_sigterm(coro: Coroutine[Any, Any, Any]) -> Any:
     task = asyncio.ensure_future(coro)
     loop = asyncio.get_running_loop()
@@ -61,7 +65,7 @@ async def _cancel_on_sigterm(coro: Coroutine[Any, Any, Any]) -> Any:
         return await task
     except asyncio.CancelledError:
         if task.cancelled() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-            return None  # stopped by SIGTERM
+            return _STOPPED
         raise
 
 
@@ -76,7 +80,8 @@ def run_until_stopped(coro: Coroutine[Any, Any, Any], expected: tuple[type[BaseE
     """Run `coro` to the end; Ctrl-C and SIGTERM stop it cleanly (exit 0); `expected` errors log one
     line (exit EXIT_FAILED), `bad_input` errors too (exit EXIT_BAD_INPUT)."""
     try:
-        asyncio.run(_cancel_on_sigterm(coro))
+        if asyncio.run(_cancel_on_sigterm(coro)) is _STOPPED:
+            logger.info("stopped (SIGTERM)")  # as after Ctrl-C: a service manager's stop reads the same
     except KeyboardInterrupt:
         logger.info("stopped")
         return 0

@@ -50,7 +50,8 @@ def test_receiver_port_in_use_is_one_clear_line():
 
 
 @pytest.mark.slow
-def test_demo_serves_the_sample_and_stops_cleanly_on_ctrl_c():
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_serves_the_sample_and_stops_cleanly_on_ctrl_c_or_sigterm(stop):
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys, telepresence.cli.demo as d; sys.exit(d.main(sys.argv[1:]))",
          "--port", "0", "--pipeline", "tests.fake_pipeline"],
@@ -75,13 +76,13 @@ def test_demo_serves_the_sample_and_stops_cleanly_on_ctrl_c():
 
         image = asyncio.run(asyncio.wait_for(watch(), 30))
         assert image.std() > 20
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         try:  # communicate() drains both pipes: a chatty child cannot block on a full pipe
             _, stderr = process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
             _, stderr = process.communicate()
-            pytest.fail(f"the demo did not stop within 20 s of Ctrl-C; its log:\n{stderr[-3000:]}")
+            pytest.fail(f"the demo did not stop within 20 s of {stop.name}; its log:\n{stderr[-3000:]}")
         assert process.returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr and "stopped" in stderr
     finally:
