@@ -268,6 +268,39 @@ def test_loopback_benchmark_with_viewers_in_their_own_process(tmp_path, pipeline
     assert result["kernels_at_measure"] is None and result["settle_s"] < 1  # nothing compiles on the CPU: no wait
 
 
+def test_a_loopback_run_stopped_by_a_time_limit_keeps_the_cases_it_finished(tmp_path):
+    """The JSON is written after every case: a run killed during its second case (a device call's time limit) keeps
+    the first (the twenty-third session's first curve call came back with nothing)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO as root
+    out = tmp_path / "loopback.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "benchmarks" / "loopback.py"), "--pipeline", "tests.fake_pipeline", "--device", "cpu",
+         "--size", "256", "--viewers", "1", "2", "--seconds", "1", "--warmup", "0.5", "--refiner", "none", "--out", str(out)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # the second case's start: the first case's line and JSON are out
+            lines.append(line)
+            if line.startswith("running 2 viewer(s)"):
+                break
+        assert any(line.startswith("  1 viewer(s):") for line in lines), lines
+        proc.send_signal(signal.SIGKILL)  # as `timeout` or the device tool's limit would
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["meta", "config", "results"]
+    assert [r["viewers"] for r in doc["results"]] == [1] and doc["results"][0]["frames"] > 0
+
+
 @async_test(timeout_s=20)
 async def test_the_loopback_waits_for_a_compile_its_viewers_started_before_it_measures():
     """benchmarks.loopback.settle: a case's new view count compiles while it is first served (a graph of its own,
