@@ -35,6 +35,8 @@ from typing import Callable, Hashable, TypeVar
 
 import torch
 
+from models.compile_threads import allow_compiles_beside_traces
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BackgroundCompiler", "CAPTURE_RETRIES", "SWITCH_INTERVAL_S", "capture_compiled", "clashed_with_a_capture",
@@ -148,6 +150,7 @@ class BackgroundCompiler:
     def __init__(self, device: torch.device, compile_fn: Callable[[Callable], Callable] = compile_fixed,
                  held: bool = False):
         self.device = torch.device(device)
+        allow_compiles_beside_traces()  # the engine's thread runs compiled code while this worker compiles
         self._go = threading.Event()  # cleared while held: the worker waits before its first job
         if not held:
             self._go.set()

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from models.avatar.atlas import MemoryAtlas, memory_atlas, observe_texels
 from models.avatar.texture import box_mean
 from models.avatar.types import Avatar, AvatarConfig
+from models.compile_threads import allow_compiles_beside_traces
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +356,7 @@ class AppearanceMemory:
         elif self.compile_update:
             if self._compiled_update is None:
                 log.info("appearance memory: compiling its update (torch.compile; about 15 s, once)")
+                allow_compiles_beside_traces()
                 self._compiled_update = torch.compile(self._update_at, dynamic=False)
             try:
                 graph = _Graph(lambda t: self._compiled_update(avatar, t["yaw"]), inputs)

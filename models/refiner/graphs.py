@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models.compile_threads import allow_compiles_beside_traces
 from . import lora
 from .attention import REFERENCE_MODES, clear_caches, prepare_caches, self_attn_processors
 
@@ -118,6 +119,7 @@ class FastPathMixin:
         self._compiled = None
         if compile:  # with cuda_graphs, captured per shape below (as the eager step): not inductor's graph trees,
             # which refused to record beside the avatar's own CUDA graphs in the sender ("already recording to mempool")
+            allow_compiles_beside_traces()  # the avatar's worker may compile while this step compiles or runs
             self._compiled = torch.compile(self._step_fast, mode=compile_mode, dynamic=compile_dynamic, options=options)
         self._prepared = _Prepared(device, dtype, compile, cuda_graphs)
         logger.info("refiner prepared: device=%s dtype=%s compile=%s cuda_graphs=%s", device, dtype, compile, cuda_graphs)
