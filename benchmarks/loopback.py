@@ -60,7 +60,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as `python benchmarks/loopback.py`
 
 from benchmarks.common import document, timing_stats, write_json  # noqa: E402
-from benchmarks.probes import CpuMeter, LoopLag  # noqa: E402
+from benchmarks.probes import CpuMeter, LoopLag, StackSampler  # noqa: E402
 from telepresence.stream.framecode import WRAP, read_frame_code  # noqa: E402
 from telepresence.stream.viewer import Viewer  # noqa: E402
 
@@ -226,7 +226,7 @@ async def run_case_process(args: argparse.Namespace, n_viewers: int, pipeline: A
         if args.encoder == "process" and shared_pool().pid is not None:
             processes[shared_pool().pid] = "encoder process"
         await tell(children, "record")
-        window = await measure_window(sender, args.seconds, processes)
+        window = await measure_window(sender, args.seconds, processes, tuple(args.stacks))
         await tell(children, "stop")
         measured = [json.loads(await read_line(child, "its results", timeout_s=60)) for child in children]
         for child in children:
@@ -260,17 +260,21 @@ def sender_source_fps(args: argparse.Namespace) -> float:
         return source.fps
 
 
-async def measure_window(sender: "Sender", seconds: float, processes: dict[int, str]) -> dict[str, Any]:
+async def measure_window(sender: "Sender", seconds: float, processes: dict[int, str],
+                         stacks: tuple[str, ...] = ()) -> dict[str, Any]:
     """Over `seconds`: the sender's stages and frame-loop rate, the frames it handed aiortc per viewer per
-    second, its event loop's lateness and the CPU of its threads and of `processes` ({pid: name})."""
+    second, its event loop's lateness and the CPU of its threads and of `processes` ({pid: name}); with `stacks`
+    (thread names), where each of those threads spent the window (benchmarks.probes.StackSampler)."""
     stage_samples: list[dict[str, float]] = []
     sender_fps: list[float] = []
     sent_before = {viewer_id: peer.track.frames_sent for viewer_id, peer in sender.viewers.items()}
     cpu = CpuMeter(processes).start()
     lag = LoopLag().start()
+    samplers = [StackSampler(name).start() for name in stacks]
     await sample_loop(sender, seconds, stage_samples, sender_fps)
     loop_lag = await lag.stop()
     usage = cpu.percent(processes)
+    sampled = [sampler.stop() for sampler in samplers]
     sent = [(peer.track.frames_sent - sent_before[viewer_id]) / seconds
             for viewer_id, peer in sender.viewers.items() if viewer_id in sent_before]
     return {
@@ -279,6 +283,7 @@ async def measure_window(sender: "Sender", seconds: float, processes: dict[int, 
         "stages_ms_median": median_stages(stage_samples),
         "sender_loop_lag_ms": loop_lag,
         "cpu_percent": usage,
+        **({"stacks": sampled} if sampled else {}),
     }
 
 
@@ -333,7 +338,8 @@ async def run_case(args: argparse.Namespace, n_viewers: int, pipeline: Any) -> d
         for recorder in recorders:
             recorder.recording = True
         pid = shared_pool().pid if args.encoder == "process" else None
-        window = await measure_window(sender, args.seconds, {} if pid is None else {pid: "encoder process"})
+        window = await measure_window(sender, args.seconds, {} if pid is None else {pid: "encoder process"},
+                                      tuple(args.stacks))
         for recorder in recorders:
             recorder.recording = False
     finally:
@@ -451,6 +457,9 @@ def main() -> int:
                         "so the timed frames run the compiled graphs a sender reaches after its compile), prefill (the "
                         "product's: a child process first), background or off")
     parser.add_argument("--compile-refiner", action="store_true", help="torch.compile the refiner (as send --compile-refiner)")
+    parser.add_argument("--stacks", nargs="*", default=[], metavar="THREAD",
+                        help="sample these sender threads' Python stacks while measuring (e.g. pipeline analysis): "
+                             "where their wall time goes, in the JSON and printed")
     parser.add_argument("--precompiled-avatar", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the avatar's compiled functions whole and load them (send --precompiled-avatar; "
                         "default: PipelineConfig.precompiled_avatar's, the product's)")
@@ -525,6 +534,9 @@ def main() -> int:
         write_json(out, document(meta, config, results))
         print(f"  {n} viewer(s): {r['fps_per_viewer']['median']:.1f} fps each, p50 {r['latency_ms']['median']} ms"
               + (f" (settled {r['settle_s']} s, {r['kernels_at_measure']})" if "settle_s" in r else ""), flush=True)
+        for sampled in r.get("stacks", []):
+            print(f"    {sampled['thread']} thread, {sampled['samples']} samples: "
+                  + "; ".join(f"{where} {share}%" for where, share in sampled["mine"].items()), flush=True)
     if args.browser:
         print(f"running 1 Chromium viewer: {args.warmup:.0f} s warm-up + {args.seconds:.0f} s ...", flush=True)
         results.append(asyncio.run(run_browser_case(args, pipeline)))
