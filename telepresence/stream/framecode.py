@@ -20,6 +20,7 @@ significant bit first, white = 1:
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from typing import Optional
 
@@ -91,15 +92,24 @@ class ClockOffset:
 
 
 def draw_frame_code(image: np.ndarray, stamp: int) -> None:
-    """Paint `stamp` (0 <= stamp < 2**24) into the top-left corner of image [H, W, 3] uint8, in place."""
+    """Paint `stamp` (0 <= stamp < 2**24) into the top-left corner of image [H, W, 3] (or [H, W]) uint8, in place."""
     if not 0 <= stamp < WRAP:
         raise ValueError(f"expected 0 <= stamp < {WRAP}, got {stamp}")
-    cell = cell_px(min(image.shape[:2]))
-    word = (stamp << CHECK_BITS) | _checksum(stamp)
-    for i in range(COLS * ROWS):
-        bit = (word >> (COLS * ROWS - 1 - i)) & 1
-        r, c = divmod(i, COLS)
-        image[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = 255 if bit else 0
+    block = _code_block((stamp << CHECK_BITS) | _checksum(stamp), cell_px(min(image.shape[:2])), image.shape[2:])
+    image[: block.shape[0], : block.shape[1]] = block
+
+
+@functools.lru_cache(maxsize=4)
+def _code_block(word: int, cell: int, channels: tuple[int, ...]) -> np.ndarray:
+    """The painted cells of `word`, [ROWS * cell, COLS * cell, *channels] uint8, made once for all the views of a
+    frame and copied whole into each (2 us a view at 512 here; cell by cell, 28 assignments, 61 us, and the stamp
+    took 37 % of the pipeline thread's wall time at 32 viewers on an H200 host: benchmarks/loopback.py --stacks)."""
+    bits = (word >> np.arange(COLS * ROWS - 1, -1, -1)) & 1
+    block = np.kron(bits.reshape(ROWS, COLS) * 255, np.ones((cell, cell), dtype=np.int64)).astype(np.uint8)
+    block = np.ascontiguousarray(np.broadcast_to(block.reshape(block.shape + (1,) * len(channels)),
+                                                 block.shape + channels))
+    block.flags.writeable = False  # shared by the calls that hit the cache
+    return block
 
 
 def read_frame_code(image: np.ndarray, size: Optional[int] = None) -> Optional[int]:

@@ -172,6 +172,29 @@ def test_frame_code_round_trips_through_vp8(size):
     assert [read_frame_code(y[:64, :128], size=size) for y in luma] == stamps
 
 
+@pytest.mark.parametrize("size", [128, 512, 300])
+def test_frame_code_paints_each_cell_of_the_word(size):
+    from telepresence.stream.framecode import CHECK_BITS, COLS, ROWS, _checksum, cell_px
+
+    cell = cell_px(size)
+    for stamp in (0, 1, 0xABCDEF, (1 << 24) - 1):
+        image = card_image(size) if size != 300 else np.full((300, 400, 3), 77, np.uint8)
+        before = image.copy()
+        draw_frame_code(image, stamp)
+        draw_frame_code(again := before.copy(), stamp)  # a second picture of the same frame: the same cells
+        word = (stamp << CHECK_BITS) | _checksum(stamp)
+        for i in range(COLS * ROWS):  # cell i holds bit i of the word, most significant first, row by row
+            r, c = divmod(i, COLS)
+            painted = image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+            assert (painted == (255 if (word >> (COLS * ROWS - 1 - i)) & 1 else 0)).all()
+        rest = np.ones(image.shape[:2], bool)
+        rest[: ROWS * cell, : COLS * cell] = False
+        assert (image[rest] == before[rest]).all() and (again == image).all()
+    gray = np.zeros((256, 256), np.uint8)  # a luma plane
+    draw_frame_code(gray, 0xABCDEF)
+    assert read_frame_code(gray) == 0xABCDEF
+
+
 def test_plain_pictures_do_not_decode_as_stamps():
     for value in (0, 255, 128):
         assert read_frame_code(np.full((256, 256, 3), value, np.uint8)) is None
