@@ -501,6 +501,12 @@ class Pipeline:
         V, C, S, W = scaled.shape
         pictures = torch.empty((V, S, W, C), dtype=torch.uint8, device=scaled.device)
         pictures.permute(0, 3, 1, 2).copy_(scaled)  # truncates as .to(torch.uint8) does
+        if pictures.device.type == "cuda":  # into page-locked memory (torch's cache of it: a block comes back once the
+            # frame's pictures are freed): 32 views at 512 in 0.48 ms instead of 1.99 from pageable memory, 4 in 0.08
+            # instead of 0.30 (an H200 host, alone); in the sender at 32 viewers that copy held 12 % of its thread
+            host = torch.empty(pictures.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pictures)
+            pictures = host
         return list(pictures.cpu().numpy())
 
 
