@@ -20,7 +20,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from models.face.native_log import native_logs_to_debug
 from models.geometry.camera import rotation_to_euler_deg
@@ -252,7 +251,7 @@ def metric_landmarks(
     t = t / s
     fitted = (R @ model.vertices[ids].T).T + t
     rmse = float(np.sqrt(((fitted - points[ids]) ** 2).sum(1).mean()))
-    yaw, pitch, roll = rotation_to_euler_deg(torch.from_numpy(R)).tolist()
+    yaw, pitch, roll = rotation_to_euler_deg(R).tolist()
     pose = HeadPose(R.astype(np.float32), t.astype(np.float32), yaw, pitch, roll, rmse)
     return points, pose
 

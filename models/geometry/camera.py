@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 __all__ = [
     "OrbitPose",
@@ -183,19 +186,22 @@ def unproject(
     return (R.transpose(-1, -2) @ (cam - t)[..., None])[..., 0]
 
 
-def rotation_to_euler_deg(R: torch.Tensor) -> torch.Tensor:
+def rotation_to_euler_deg(R: ArrayT) -> ArrayT:
     """Head rotation [..., 3, 3] (head frame -> camera frame, both x right, y down,
-    z away from the camera) to (yaw, pitch, roll) degrees [..., 3].
+    z away from the camera) to (yaw, pitch, roll) degrees [..., 3], a torch tensor or a numpy array as given.
 
     The yaw/pitch signs match :class:`OrbitPose`: a head with yaw +20 looks
     like a frontal head seen by an orbit camera at yaw +20 (it shows its left
     cheek). The orbit camera's rotation is exactly R = Rz(roll) Rx(pitch) Ry(yaw),
-    so that is the decomposition used. The one Euler-angle code of the project:
-    numpy callers pass ``torch.from_numpy(R)`` (float64) and take ``.tolist()``.
+    so that is the decomposition used. The one Euler-angle code of the project.
+    A host thread with one head's rotation passes numpy: each of torch's small ops lets go of Python's lock and
+    waits to take it back, so beside a busy Python thread the torch form took 26 ms a call here and numpy's 0.06
+    (at 32 viewers on an H200 host, 12 % of the face analysis thread's time went to it).
     """
+    xp = np if isinstance(R, np.ndarray) else torch
     # Rz(c) Rx(b) Ry(a): last row = (-cos b sin a, sin b, cos b cos a),
     # R[0,1] = -sin c cos b, R[1,1] = cos c cos b.
-    pitch = torch.asin(R[..., 2, 1].clamp(-1.0, 1.0))
-    yaw = torch.atan2(-R[..., 2, 0], R[..., 2, 2])
-    roll = torch.atan2(-R[..., 0, 1], R[..., 1, 1])
-    return torch.rad2deg(torch.stack([yaw, pitch, roll], dim=-1))
+    pitch = xp.arcsin(xp.clip(R[..., 2, 1], -1.0, 1.0))
+    yaw = xp.arctan2(-R[..., 2, 0], R[..., 2, 2])
+    roll = xp.arctan2(-R[..., 0, 1], R[..., 1, 1])
+    return xp.rad2deg(xp.stack([yaw, pitch, roll], -1))

@@ -100,7 +100,7 @@ def synthetic_observation(
     rel = (z / z0 - 1.0) * focal_px  # MediaPipe-style relative depth in pixels
     rot = R @ obs.pose.rotation.astype(np.float64)
     trans = R @ obs.pose.translation.astype(np.float64) + t
-    yaw, pitch, roll = rotation_to_euler_deg(torch.from_numpy(rot)).tolist()
+    yaw, pitch, roll = rotation_to_euler_deg(rot).tolist()
     pose = HeadPose(rot.astype(np.float32), trans.astype(np.float32), yaw, pitch, roll, obs.pose.fit_rmse_m)
     fov = math.degrees(2.0 * math.atan((size / 2.0) / focal_px))
     return FaceObservation(

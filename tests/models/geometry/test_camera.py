@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,8 @@ def test_euler_matches_orbit_angles(yaw, pitch, roll):
     vm = _orbit([0.0, 0.0, 0.5], yaw, pitch, roll)
     got = rotation_to_euler_deg(vm[:3, :3])
     assert torch.allclose(got, torch.tensor([yaw, pitch, roll], dtype=torch.float32), atol=1e-3)
+    host = rotation_to_euler_deg(vm[:3, :3].double().numpy())  # the face analysis's form: numpy in, numpy out
+    assert isinstance(host, np.ndarray) and np.allclose(host, [yaw, pitch, roll], atol=1e-4)
 
 
 def test_orbit_pose_validates():
