@@ -361,7 +361,7 @@ class SignalingServer:
         """cameras: takes `publish` (participants' cameras, `telepresence serve`); None: refused."""
         self.registry = RoomRegistry(limits)
         self.cameras = cameras
-        self._publishing: set[str] = set()
+        self._publishing: dict[str, asyncio.Task] = {}  # member id -> its publish being answered
         self._tasks: set[asyncio.Task] = set()
         self.limits = limits
         self.token = token
@@ -459,8 +459,7 @@ class SignalingServer:
         elif member.id in self._publishing:
             raise CallRefusedError("an earlier publish from you is still being answered")
         else:
-            self._publishing.add(member.id)
-            task = asyncio.ensure_future(self._publish(member, message.sdp))
+            task = self._publishing[member.id] = asyncio.ensure_future(self._publish(member, message.sdp))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -475,7 +474,8 @@ class SignalingServer:
             logger.exception("viewer %s: publish failed", member.id)
             reply = UnpublishedMessage(f"the server could not take the camera ({type(error).__name__})")
         finally:
-            self._publishing.discard(member.id)
+            if self._publishing.get(member.id) is asyncio.current_task():
+                del self._publishing[member.id]
         current = self.registry.members.get(member.id, member)  # it may have rejoined meanwhile
         current.called = current.called or isinstance(reply, PublishedMessage)  # in the call: never idle
         current.send(reply.to_json())
@@ -515,6 +515,11 @@ class SignalingServer:
         logger.info("%s %s left room %r", member.role, member.id, member.room)
         if self.closing:
             return  # the server is stopping, not the member leaving: calls go on
+        if (publishing := self._publishing.pop(member.id, None)) is not None:
+            # Its answer has nowhere to go (a page that comes back publishes again): the avatar it was starting
+            # would hold a place in the call, and in its room, until its uplink timed out.
+            logger.info("viewer %s left while its camera was being answered: not started", member.id)
+            publishing.cancel()
         text = PeerLeftMessage(member.id, member.role).to_json()
         for peer in self.registry.peers(member):
             peer.send(text)

@@ -5,6 +5,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -312,6 +313,30 @@ async def test_cameras_the_server_cannot_take_are_refused_with_the_reason():
             async with participant(receiver, "bob"):
                 pass
         assert len(receiver.signaling.cameras.participants) == 1
+
+
+@async_test(timeout_s=120)
+async def test_a_page_that_leaves_while_its_camera_is_answered_takes_no_place_in_the_call():
+    from aiortc import RTCPeerConnection, VideoStreamTrack
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
+    pc.createDataChannel("uplink")
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        async with running_call(max_participants=2) as receiver:
+            host = receiver.signaling.cameras
+            for _ in range(3):  # more than the call holds: each one's place must come back
+                ws, _ = await join(receiver, "viewer")
+                await ws.send(json.dumps({"type": "publish", "sdp": pc.localDescription.sdp}))
+                await wait_until(lambda: len(host.participants) == 1, timeout_s=10, interval_s=0.01)  # being started
+                await ws.close()  # gone before its answer
+                await wait_until(lambda: not host.participants, timeout_s=3)  # before: until its uplink timed out (10 s)
+            await wait_until(lambda: not receiver.signaling.registry.members, timeout_s=5)  # no avatar left in a room
+            async with participant(receiver, "alice") as a:  # a real participant gets in and is served
+                assert list(host.participants) == [a.id]
+    finally:
+        await pc.close()
 
 
 @pytest.mark.parametrize("fault, colour, reason", [
