@@ -194,6 +194,10 @@ class Call extends Room {
   onSignalingMessage(message) {
     const tile = message.type === "peer-left" ? this.tiles.get(message.id) : null;
     super.onSignalingMessage(message);
+    if (this.fatal && (this.state === "joining" || this.state === "in-call")) {  // refused the room (its name, a token)
+      this.endCall(this.fatal);
+      return;
+    }
     if (message.type === "joined" && this.stream && !this.uplink) {
       this.uplink = new Uplink(this, this.stream);
       this.uplink.start().catch((error) => this.endCall(`Could not offer the camera: ${error.message || error}`));

@@ -112,7 +112,8 @@ export class Room {
         if (message.code === "bad-token") {
           this.fatal = TOKEN ? "Wrong room token." : "This room needs a token: open the URL the receiver printed (…?token=…).";
           this.signaling.stop();
-        } else if (["room-full", "too-many-connections", "address-limit"].includes(message.code)) {
+        } else if (["room-full", "too-many-connections", "address-limit"].includes(message.code)
+                   || (message.code === "bad-field" && !this.signaling.inRoom)) {  // the join itself: a bad room name
           this.fatal = `Cannot join: ${message.message}.`;
           this.signaling.stop();
         } else {

@@ -17,11 +17,13 @@ export class Signaling {
     this.backoffMs = 500;
     this.stopped = false;
     this.resume = null;  // the last `joined`'s token: rejoin under the same id
+    this.inRoom = false;  // this socket's join answered (an error before it answers the join itself)
   }
 
   connect() {
     const ws = new WebSocket(SIGNALING_URL);
     this.ws = ws;
+    this.inRoom = false;
     ws.onopen = () => {
       const join = { type: "join", room: ROOM, role: "viewer", name: this.app.joinName() };
       if (TOKEN) join.token = TOKEN;
@@ -43,7 +45,7 @@ export class Signaling {
     };
   }
 
-  joined(resume) { this.backoffMs = 500; if (typeof resume === "string") this.resume = resume; }
+  joined(resume) { this.backoffMs = 500; this.inRoom = true; if (typeof resume === "string") this.resume = resume; }
 
   stop() { this.stopped = true; this.ws?.close(); }
 

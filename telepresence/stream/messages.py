@@ -41,6 +41,8 @@ CHANNEL_MAX_BYTES = 1024
 """Largest accepted pose-channel message."""
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ROOM_RULE = "1-64 letters, digits, '_', '.' or '-', the first a letter or digit"
+"""ROOM_PATTERN in words, for the people who type a room's name."""
 PEER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
 RESUME_PATTERN = re.compile(r"[0-9a-f]{32}")
 MAX_NAME_CHARS = 40
@@ -110,7 +112,8 @@ def encode_message(type_: str, **fields_: Any) -> str:
 # -- field checks (used in __post_init__) -----------------------------------------------------
 
 
-def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pattern] = None) -> None:
+def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pattern] = None,
+               rule: Optional[str] = None) -> None:
     if not isinstance(value, str):
         raise InvalidFieldError(f"{name}: expected a string, got {type(value).__name__}")
     if len(value) > max_chars:
@@ -120,7 +123,7 @@ def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pa
     except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not valid text
         raise InvalidFieldError(f"{name}: expected valid Unicode text, got a lone surrogate") from None
     if pattern is not None and not pattern.fullmatch(value):
-        raise InvalidFieldError(f"{name}: expected {pattern.pattern}, got {value[:40]!r}")
+        raise InvalidFieldError(f"{name}: expected {rule or pattern.pattern}, got {value[:40]!r}")
 
 
 def _check_number(name: str, value: Any) -> float:
@@ -174,7 +177,7 @@ class JoinMessage(Outgoing):
     """The `resume` token of this client's earlier `joined`: rejoin under the same id."""
 
     def __post_init__(self) -> None:
-        _check_str("room", self.room, max_chars=64, pattern=ROOM_PATTERN)
+        _check_str("room", self.room, max_chars=64, pattern=ROOM_PATTERN, rule=ROOM_RULE)
         if self.role not in ("viewer", "sender"):
             raise InvalidFieldError(f"role: expected 'viewer' or 'sender', got {str(self.role)[:20]!r}")
         if self.token is not None:

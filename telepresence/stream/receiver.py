@@ -27,7 +27,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .messages import ROOM_PATTERN
+from .messages import ROOM_PATTERN, ROOM_RULE
 from .rtc import IceConfig
 from .signaling import CameraHost, RoomLimits, SignalingServer, remote_ip
 
@@ -107,7 +107,7 @@ class ReceiverConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: expected 0..65535, got {self.port}")
         if not ROOM_PATTERN.fullmatch(self.room):
-            raise ValueError(f"room: expected {ROOM_PATTERN.pattern}, got {self.room!r}")
+            raise ValueError(f"room: expected {ROOM_RULE}, got {self.room!r}")
         object.__setattr__(self, "allowed_origins", tuple(parse_origin(o) for o in self.allowed_origins))
 
 

@@ -375,6 +375,17 @@ def test_page_reconnects_when_the_sender_restarts_and_keeps_its_call_when_the_re
         receiver.stop()
 
 
+def test_a_room_name_the_server_refuses_is_said_on_the_page(page):
+    receiver, url, port = start_receiver()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/?room=bad%20room")
+        page.wait_for_function("() => document.querySelector('#connection').dataset.state === 'error'", timeout=10000)
+        said = page.text_content("#empty-title")
+        assert said.startswith("Cannot join: room: expected 1-64 letters, digits") and "'bad room'" in said, said
+    finally:
+        receiver.stop()
+
+
 def test_page_with_the_real_pipeline(page):
     receiver, url, port = start_receiver()
     sender = start_sender(port)

@@ -112,6 +112,22 @@ def marker_x(rgb):
     return float((np.nonzero(red)[1].mean() + 0.5) / 32.0 - 1.0)
 
 
+def test_joining_a_room_the_server_refuses_ends_with_the_reason(browsers, tmp_path):
+    clip = tmp_path / "still.y4m"
+    write_y4m(clip, sample_frames(128, step=10), FPS)
+    server, url, port = start_server()
+    try:
+        page = browsers(clip)
+        page.goto(f"http://127.0.0.1:{port}/call?room=bad%20room&name=ann")
+        page.click("#join")
+        page.wait_for_function("() => document.body.dataset.call === 'ended'", timeout=15000)
+        said = page.text_content("#lobby-message")
+        assert said.startswith("Cannot join: room: expected 1-64 letters") and "'bad room'" in said, said
+        assert page.evaluate("!!document.querySelector('#self-video').srcObject") is False  # the camera is off again
+    finally:
+        server.stop()
+
+
 def test_two_pages_see_each_others_avatar_turn_and_leave(browsers, tmp_path):
     alice_clip = write_y4m(tmp_path / "sample.y4m", sample_frames(), FPS)
     first, last = turn_pictures()
