@@ -84,6 +84,7 @@ def read_image(path: str | Path, min_side: int | None = None, max_side: int | No
             raise ImageReadError(f"cannot read image '{path}': {unsupported} pictures are not supported "
                                  "(convert it to JPEG or PNG)")
         raise ImageReadError(f"cannot read image '{path}': not an image file, or corrupt")
+    image = _over_white(image, data, path)
     H, W = image.shape[:2]
     if min_side is not None and min(H, W) < min_side:
         raise ImageReadError(f"cannot read image '{path}': {W}x{H} pixels is too small "
@@ -91,9 +92,30 @@ def read_image(path: str | Path, min_side: int | None = None, max_side: int | No
     if max_side is not None and max(H, W) > max_side:
         scale = max_side / max(H, W)
         size = (max(1, round(W * scale)), max(1, round(H * scale)))
+        if min_side is not None and min(size) < min_side:
+            raise ImageReadError(f"cannot read image '{path}': {W}x{H} pixels is too narrow (its longer side is "
+                                 f"brought to {max_side} px, which leaves {min(size)} px on the shorter, under "
+                                 f"{min_side}: crop it nearer the face)")
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         log.info("downscaled %s from %dx%d to %dx%d (longer side capped at %d px)", path.name, W, H, *size, max_side)
     return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def _over_white(image: np.ndarray, data: np.ndarray, path: Path) -> np.ndarray:
+    """`image` (BGR, as OpenCV's colour decode gives it) laid over white where the file says it is transparent (PNG,
+    WebP, TIFF with alpha), said in one log line: the colour decode drops the alpha and keeps whatever colour the
+    transparent pixels hold (a green screen's, in one picture tried), which the person's edge then carries."""
+    if bytes(data[:8]) != b"\x89PNG\r\n\x1a\n" and bytes(data[8:12]) != b"WEBP" and bytes(data[:2]) not in (b"II", b"MM"):
+        return image
+    full = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if full is None or full.ndim != 3 or full.shape[2] not in (2, 4) or full.shape[:2] != image.shape[:2]:
+        return image
+    alpha = full[:, :, -1].astype(np.float32) / float(np.iinfo(full.dtype).max if full.dtype.kind == "u" else 1.0)
+    if alpha.min() >= 1.0:
+        return image
+    log.info("%s has transparent pixels (%.0f %%): laid over white", path.name, 100.0 * float((alpha < 1.0).mean()))
+    a = alpha[:, :, None]
+    return np.clip(image.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
 
 
 def _first_gif_frame(path: Path) -> np.ndarray | None:

@@ -23,6 +23,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False:
             return action.help
+        if isinstance(action, argparse._StoreFalseAction):  # --no-X: "(default: True)" would read as X off
+            return action.help
         return super()._get_help_string(action)
 
 

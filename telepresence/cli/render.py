@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +78,8 @@ def _parse_span(text: str) -> tuple[float, float]:
         start, end = (float(x) for x in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected START:END in seconds, got '{text}'") from None
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise argparse.ArgumentTypeError(f"expected finite seconds, got '{text}'")
     if end < start:
         raise argparse.ArgumentTypeError(f"expected START <= END, got '{text}'")
     return start, end
@@ -200,7 +203,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+VIDEO_ONLY = {"at": 0.0, "memory_exclude": [], "memory_every": 1, "memory": True}
+"""The options that go with --video, at their defaults."""
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every option's value checked before any work (parser.error: one line, exit status 2): a bad number used to
+    surface as a traceback from deep in the avatar, some only after the face analysis had run."""
+    def finite(flag: str, values) -> None:
+        for v in values if isinstance(values, list) else [values]:
+            if not math.isfinite(v):
+                parser.error(f"{flag}: expected a finite number, got {v}")
+
+    finite("--yaw", args.yaw)
+    finite("--pitch", args.pitch)
+    finite("--roll", args.roll)
+    finite("--at", args.at)
+    if any(not -89.0 <= p <= 89.0 for p in args.pitch):
+        parser.error(f"--pitch: expected degrees in [-89, 89], got {' '.join(f'{p:g}' for p in args.pitch)}")
+    if not (math.isfinite(args.dist) and args.dist > 0.05):
+        parser.error(f"--dist: expected a multiple of the source's distance above 0.05, got {args.dist:g}")
+    for flag, fov in (("--fov", args.fov), ("--source-fov", args.source_fov)):
+        if fov is not None and not (math.isfinite(fov) and 1.0 <= fov <= 150.0):
+            parser.error(f"{flag}: expected degrees in [1, 150], got {fov:g}")
+    if not 16 <= args.size <= 4096:
+        parser.error(f"--size: expected pixels in [16, 4096], got {args.size}")
+    if args.video is None:
+        given = [f"--{name.replace('_', '-')}" if name != "memory" else "--no-memory"
+                 for name, default in VIDEO_ONLY.items() if getattr(args, name) != default]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --video")
+    elif args.at < 0:
+        parser.error(f"--at: expected seconds from the start of the clip (0 or more), got {args.at:g}")
+    if args.memory_every < 1:
+        parser.error(f"--memory-every: expected 1 or more, got {args.memory_every}")
+    if not args.out.strip():
+        parser.error("--out: expected a folder")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
     configure_logging(args.verbose)
     return render_command(args)

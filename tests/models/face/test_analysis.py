@@ -84,6 +84,24 @@ def test_a_gif_gives_its_first_frame_and_heic_says_what_it_is(tmp_path, astronau
         read_image(heic)
 
 
+def test_transparent_pixels_are_laid_over_white_and_a_strip_too_narrow_to_fit_is_refused(tmp_path):
+    import cv2
+
+    bgra = np.zeros((40, 40, 4), np.uint8)
+    bgra[..., 1] = 255  # a green screen's colour under the transparent pixels
+    bgra[10:30, 10:30] = (0, 0, 255, 255)  # an opaque red square
+    bgra[0, 20, 3] = 128  # half transparent
+    cv2.imwrite(str(tmp_path / "cut_out.png"), bgra)
+    rgb = read_image(tmp_path / "cut_out.png")
+    assert (rgb[0, 0] == 255).all() and (rgb[20, 20] == (255, 0, 0)).all()
+    assert np.abs(rgb[0, 20].astype(int) - (128, 255, 128)).max() <= 1  # green at half over white
+    cv2.imwrite(str(tmp_path / "opaque.png"), np.dstack([np.full((40, 40, 3), 90, np.uint8), np.full((40, 40), 255, np.uint8)]))
+    assert (read_image(tmp_path / "opaque.png") == 90).all()
+    cv2.imwrite(str(tmp_path / "strip.png"), np.zeros((20, 4000, 3), np.uint8))  # 16 px and more before the cap
+    with pytest.raises(ImageReadError, match=r"4000x20 pixels is too narrow .* leaves 10 px"):
+        read_image(tmp_path / "strip.png", min_side=16, max_side=1920)
+
+
 def test_bad_arrays_are_rejected(analyzer):
     with pytest.raises(ValueError, match="expected an RGB uint8 image"):
         analyzer.analyze(np.zeros((64, 64), np.uint8))

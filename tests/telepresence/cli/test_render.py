@@ -45,6 +45,45 @@ def test_a_user_sees_only_the_projects_lines(tmp_path, test_data):
     assert verbose.returncode == 2 and len(verbose.stderr.splitlines()) > 1  # the native lines are there with -v
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--size", "0"], "--size: expected pixels in [16, 4096], got 0"),
+    (["--size", "100000"], "--size: expected pixels in [16, 4096]"),
+    (["--yaw", "nan"], "--yaw: expected a finite number, got nan"),
+    (["--roll", "inf"], "--roll: expected a finite number"),
+    (["--pitch", "0", "90"], "--pitch: expected degrees in [-89, 89], got 0 90"),
+    (["--dist", "0"], "--dist: expected a multiple of the source's distance above 0.05"),
+    (["--fov", "180"], "--fov: expected degrees in [1, 150], got 180"),
+    (["--source-fov", "nan"], "--source-fov: expected degrees in [1, 150], got nan"),
+    (["--device", "foo"], "--device foo: expected cpu, cuda or cuda:N"),
+    (["--device", "mps"], "--device mps: expected cpu, cuda or cuda:N"),
+    (["--at", "3"], "--at: only with --video"),
+    (["--no-memory", "--memory-every", "2"], "--memory-every, --no-memory: only with --video"),
+    (["--out", " "], "--out: expected a folder"),
+])
+def test_every_option_is_checked_before_any_work(flags, said, tmp_path, capsys):
+    argv = ["render", "--image", str(tmp_path / "not-read.jpg"), "--out", str(tmp_path / "views"), *flags]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)  # the picture does not exist: an error about it would mean the options were not checked first
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("telepresence render: error: ") and said in err[-1], err
+    assert not (tmp_path / "views").exists()
+
+
+def test_video_options_are_checked_before_the_clip_is_read(tmp_path, capsys):
+    for flags, said in ((["--at", "-1"], "--at: expected seconds from the start of the clip (0 or more), got -1"),
+                        (["--at", "nan"], "--at: expected a finite number"),
+                        (["--memory-every", "0"], "--memory-every: expected 1 or more, got 0"),
+                        (["--memory-exclude", "nan:nan"], "expected finite seconds, got 'nan:nan'")):
+        with pytest.raises(SystemExit):
+            main(["render", "--video", str(tmp_path / "none.mp4"), "--out", str(tmp_path / "v"), *flags])
+        assert said in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        main(["render", "--video", str(tmp_path / "none.mp4"), "--out", str(tmp_path / "a_file")])
+    assert "--out " + str(tmp_path / "a_file") + ": exists and is not a folder" in capsys.readouterr().err
+
+
 def test_memory_exclude_spans_are_checked(capsys):
     with pytest.raises(SystemExit):
         main(["render", "--video", "clip.mp4", "--out", "x", "--memory-exclude", "3:1"])
