@@ -112,6 +112,21 @@ def encode_message(type_: str, **fields_: Any) -> str:
 # -- field checks (used in __post_init__) -----------------------------------------------------
 
 
+def check_room(room: Any) -> None:
+    """A room's name as `join` takes it (InvalidFieldError, a ValueError, otherwise): configs check theirs at
+    start, so that a bad --room is one line before anything loads, not a refused join after."""
+    _check_str("room", room, max_chars=64, pattern=ROOM_PATTERN, rule=ROOM_RULE)
+
+
+def check_token(token: Any) -> None:
+    """A room token as `join` carries it; an empty one is refused (an unset shell variable would otherwise open a
+    server that meant to be closed: an empty token matches an empty answer)."""
+    _check_str("token", token, max_chars=MAX_TOKEN_CHARS)
+    if not token:
+        raise InvalidFieldError("token: expected a non-empty string (leave the option out for an open server)")
+
+
+
 def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pattern] = None,
                rule: Optional[str] = None) -> None:
     if not isinstance(value, str):
@@ -177,7 +192,7 @@ class JoinMessage(Outgoing):
     """The `resume` token of this client's earlier `joined`: rejoin under the same id."""
 
     def __post_init__(self) -> None:
-        _check_str("room", self.room, max_chars=64, pattern=ROOM_PATTERN, rule=ROOM_RULE)
+        check_room(self.room)
         if self.role not in ("viewer", "sender"):
             raise InvalidFieldError(f"role: expected 'viewer' or 'sender', got {str(self.role)[:20]!r}")
         if self.token is not None:

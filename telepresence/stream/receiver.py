@@ -27,7 +27,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .messages import ROOM_PATTERN, ROOM_RULE
+from .messages import check_room, check_token
 from .rtc import IceConfig
 from .signaling import CameraHost, RoomLimits, SignalingServer, remote_ip
 
@@ -106,8 +106,9 @@ class ReceiverConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: expected 0..65535, got {self.port}")
-        if not ROOM_PATTERN.fullmatch(self.room):
-            raise ValueError(f"room: expected {ROOM_RULE}, got {self.room!r}")
+        check_room(self.room)
+        if self.token is not None:
+            check_token(self.token)
         object.__setattr__(self, "allowed_origins", tuple(parse_origin(o) for o in self.allowed_origins))
 
 

@@ -54,6 +54,8 @@ from .messages import (
     StampsMessage,
     StatsMessage,
     StatusMessage,
+    check_room,
+    check_token,
     parse_channel_message,
 )
 from .renderloop import PIPELINE_STAGES, RenderLoop
@@ -120,6 +122,9 @@ class SenderConfig:
     """Paint the capture time into each view's corner (benchmarks/loopback.py reads it)."""
 
     def __post_init__(self) -> None:
+        check_room(self.room)
+        if self.token is not None:
+            check_token(self.token)
         if self.codec not in ("vp8", "h264"):
             raise ValueError(f"codec: expected vp8 or h264, got {self.codec!r}")
         if self.encoder not in ENCODERS:

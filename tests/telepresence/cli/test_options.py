@@ -1,5 +1,5 @@
-"""Shared pipeline flags (the appearance memory on unless --no-memory, the refiner compiled only with --compile-refiner) and
-serve's camera rate."""
+"""Shared pipeline flags (the appearance memory on unless --no-memory, the refiner compiled only with --compile-refiner),
+serve's camera rate, and the room and token every command checks at its start."""
 import argparse
 
 import pytest
@@ -43,3 +43,21 @@ def test_serve_spreads_over_every_gpu_unless_told_how_many():
     args = parser.parse_args(["--device", "cuda", "--gpus", "0"])
     with pytest.raises(ValueError, match="gpus"):
         call_config_from_args(args, config_from_args(args))
+
+
+@pytest.mark.parametrize("command, flags, said", [
+    ("send", ["--room", "bad room"], "room: expected 1-64 letters, digits, '_', '.' or '-', the first a letter or digit, got 'bad room'"),
+    ("send", ["--token", ""], "token: expected a non-empty string"),
+    ("send", ["--token", "x" * 300], "token: expected at most 256 characters, got 300"),
+    ("receive", ["--token", ""], "token: expected a non-empty string"),
+    ("receive", ["--token", "x" * 300], "token: expected at most 256 characters"),
+    ("demo", ["--token", "x" * 300], "token: expected at most 256 characters"),
+    ("serve", ["--room", "../x"], "room: expected 1-64 letters"),
+])
+def test_a_room_or_token_no_join_would_take_is_one_line_before_anything_loads(command, flags, said, caplog):
+    from telepresence.cli import main
+
+    with caplog.at_level("ERROR", logger="telepresence"):
+        code = main([command, "--port", "0", *flags] if command != "send" else [command, "--source", "sample", *flags])
+    assert code == 2
+    assert said in caplog.text, caplog.text
