@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -74,6 +75,9 @@ from .track import ViewTrack
 logger = logging.getLogger(__name__)
 
 PC_CLOSE_TIMEOUT_S = 5.0
+RESET_MEMORY_EVERY_S = 5.0
+"""The appearance memory is reset at most once in this many seconds, whoever asks: it is every viewer's (one viewer's
+flood of resets had wiped it for all, 100 times in 5 s, with two log lines each)."""
 """Longest wait for one peer connection to close (viewer gone, sender stopping)."""
 ENCODERS = ("process", "aiortc")
 
@@ -185,6 +189,7 @@ class Sender:
         self._closing_pcs: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._encoder_unavailable_logged = False
+        self._memory_reset_at = -math.inf  # monotonic time of the last reset done
 
     # -- lifecycle --
 
@@ -353,7 +358,12 @@ class Sender:
             peer.track.stamp_frames = message.on
         elif isinstance(message, ResetMemoryMessage):
             reset = getattr(self.pipeline, "reset_memory", None)
-            if callable(reset):
+            since = time.monotonic() - self._memory_reset_at
+            if callable(reset) and since < RESET_MEMORY_EVERY_S:
+                peer.send(ErrorMessage("rate-limited", f"the appearance memory was reset {since:.1f} s ago; "
+                                       f"again in {RESET_MEMORY_EVERY_S - since:.1f} s").to_json())
+            elif callable(reset):
+                self._memory_reset_at = time.monotonic()
                 logger.info("viewer %s: asked to reset the appearance memory", peer.id)
                 reset()
             else:

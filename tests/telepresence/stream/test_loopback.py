@@ -75,6 +75,12 @@ async def test_viewers_see_the_memory_fill_and_a_reset_empties_it():
         viewer.send_raw(ResetMemoryMessage().to_json())
         await wait_until(lambda: sender.pipeline.memory_resets == 1, timeout_s=3)
         await wait_until(lambda: viewer.stats.memory < 0.5, timeout_s=3)  # the next stats: filling again from 0
+        for _ in range(20):  # a flood: the memory is every viewer's, reset at most once in RESET_MEMORY_EVERY_S
+            viewer.send_raw(ResetMemoryMessage().to_json())
+        await wait_until(lambda: len(viewer.errors) == 20, timeout_s=3)
+        assert {e.code for e in viewer.errors} == {"rate-limited"} and "reset" in viewer.errors[0].message
+        await asyncio.sleep(0.5)
+        assert sender.pipeline.memory_resets == 1
         await viewer.close()
 
 
