@@ -111,7 +111,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     methods = list(dict.fromkeys(m.strip() for arg in args.methods for m in arg.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "baseline" not in methods:
-        print(f"error: expected --methods among {' '.join(METHODS)} including baseline, got {' '.join(args.methods)}",
+        print(f"error: expected --methods among {' '.join(METHODS)}, baseline among them (the score's floor), got "
+              f"{' '.join(args.methods)}",
               file=sys.stderr)
         return 2
     if args.memory and methods == ["baseline"]:
@@ -120,6 +121,15 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.clips and not args.multiview:
         print("error: expected --clips PATH ... and/or --multiview DIR ..., got neither", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and methods != ["baseline"]:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda: CUDA is not available on this machine (use --device cpu)", file=sys.stderr)
+            return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out}: exists and is not a folder", file=sys.stderr)
         return 2
     try:
         config = EvalConfig(

@@ -101,3 +101,17 @@ def test_eval_multiview_argument_errors(tmp_path, capsys):
     assert eval_main(["--multiview", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no multi-camera sets" in capsys.readouterr().err
     assert eval_main(["--multiview", str(tmp_path), "--out", str(tmp_path / "o"), "--methods", "raw", "magic"]) == 2
+
+
+def test_cuda_without_a_gpu_and_an_out_that_is_a_file_are_one_line_each(tmp_path, capsys):
+    import torch
+
+    from telepresence.cli.eval import eval_main
+
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    (tmp_path / "a_file").write_text("")
+    assert eval_main(["--clips", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "a_file")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'a_file'}: exists and is not a folder"
+    if not torch.cuda.is_available():  # on a GPU machine the device is fine: only the --out check above applies
+        assert eval_main(["--clips", str(tmp_path / "clip.mp4"), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
