@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(text)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        except OSError as exc:  # a folder named so, no room, no right to write: the table is printed above
+            print(f"telepresence compare: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0

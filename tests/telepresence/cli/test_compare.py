@@ -64,3 +64,12 @@ def test_runs_without_a_picture_in_common_say_so(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "share no picture" in captured.err
     assert "4 only in a:raw" in captured.out and "2 only in b:raw" in captured.out
+
+
+def test_an_out_that_cannot_be_written_is_one_line_after_the_table(tmp_path, capsys):
+    before, after = _write(tmp_path / "main"), _write(tmp_path / "probe", gain_raw=0.25)
+    (tmp_path / "taken").mkdir()
+    assert compare_main([str(before), str(after), "--out", str(tmp_path / "taken")]) == 2
+    captured = capsys.readouterr()
+    assert "# probe:raw against main:raw" in captured.out  # the table was printed all the same
+    assert captured.err.strip().splitlines() == [f"telepresence compare: --out {tmp_path / 'taken'}: Is a directory"]
