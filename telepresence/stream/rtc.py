@@ -151,7 +151,8 @@ def check_offer(sdp: str) -> None:
     try:
         description = SessionDescription.parse(sdp)
     except Exception as error:  # aiortc's parser asserts, or raises ValueError/IndexError/KeyError on odd lines
-        raise InvalidOfferError(f"malformed session description ({type(error).__name__}: {str(error)[:80]})") from None
+        detail = " ".join(str(error).split())[:80]  # an assertion's is often empty: no class name in its place
+        raise InvalidOfferError("malformed session description" + (f": {detail}" if detail else "")) from None
     for media in description.media:
         if not media.ice.usernameFragment or not media.ice.password:
             raise InvalidOfferError(f"media section {media.kind!r} has no ICE credentials (ice-ufrag, ice-pwd)")

@@ -50,3 +50,14 @@ def test_preferred_codec_comes_first_and_the_other_stays():
     assert video_codec_preferences("h264")[0].mimeType == "video/H264"
     mimes = [c.mimeType for c in video_codec_preferences("vp8")]
     assert mimes[0] == "video/VP8" and "video/H264" in mimes
+
+
+def test_a_malformed_offer_is_named_without_the_parsers_exception_class():
+    from telepresence.stream.rtc import InvalidOfferError, check_offer
+
+    for sdp, said in (("v=0\r\nm=video\r\n", "malformed session description"),  # aiortc asserts, with no text
+                      ("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:x\r\n",
+                       "malformed session description: not enough values to unpack (expected 2, got 1)")):
+        with pytest.raises(InvalidOfferError) as refused:
+            check_offer(sdp)
+        assert str(refused.value) == said
