@@ -65,9 +65,21 @@ class SignalingClient:
                 raise RuntimeError(text)
 
     async def _open(self) -> Any:
-        """The connection: something with send(text), recv() and close(), as a websockets client has."""
-        return await websockets.connect(self.url, open_timeout=self.open_timeout_s, max_size=2**20, compression=None,
-                                        ping_interval=self.keepalive_s, ping_timeout=self.keepalive_s, close_timeout=2.0)
+        """The connection: something with send(text), recv() and close(), as a websockets client has. A server that
+        answers the handshake with an HTTP error of the request's own (404: no such path; 401, 403...) is
+        SignalingRejectedError: asking again cannot cure it (a 408, 429 or a 5xx may pass: raised as it is)."""
+        try:
+            return await websockets.connect(self.url, open_timeout=self.open_timeout_s, max_size=2**20,
+                                            compression=None, ping_interval=self.keepalive_s,
+                                            ping_timeout=self.keepalive_s, close_timeout=2.0)
+        except websockets.exceptions.InvalidHandshake as error:
+            status = getattr(getattr(error, "response", None), "status_code", None) or getattr(error, "status_code", None)
+            if status is not None and 400 <= int(status) < 500 and int(status) not in (408, 429):
+                raise SignalingRejectedError(
+                    f"{self.url}: the server answered HTTP {int(status)}"
+                    + (": nothing to join at that path (a receiver's signaling is at /ws)" if int(status) == 404 else "")
+                ) from None
+            raise
 
     async def send(self, message: Outgoing) -> None:
         await self._ws.send(message.to_json())

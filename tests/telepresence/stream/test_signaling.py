@@ -322,3 +322,16 @@ async def test_an_outbox_closes_whenever_it_is_closed():
         for _ in range(ticks):
             await asyncio.sleep(0)
         await asyncio.wait_for(asyncio.shield(outbox.close()), 1.0)
+
+
+@async_test(timeout_s=30)
+async def test_a_client_at_a_path_with_no_signaling_is_refused_for_good_with_the_path_named():
+    from telepresence.stream.signaling_client import SignalingClient, SignalingRejectedError
+
+    async with running_receiver() as receiver:
+        url = receiver.signaling_url.replace("/ws", "/nope")
+        with pytest.raises(SignalingRejectedError, match=r"/nope: the server answered HTTP 404: nothing to join at that path"):
+            await SignalingClient(url, "demo", "sender", "sam").connect()
+        client = SignalingClient(receiver.signaling_url, "demo", "sender", "sam")  # the right path joins
+        assert (await client.connect()).room == "demo"
+        await client.close()
