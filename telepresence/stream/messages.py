@@ -41,8 +41,7 @@ CHANNEL_MAX_BYTES = 1024
 """Largest accepted pose-channel message."""
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-ROOM_RULE = "1-64 letters, digits, '_', '.' or '-', the first a letter or digit"
-"""ROOM_PATTERN in words, for the people who type a room's name."""
+ROOM_RULE = "1-64 letters, digits, '_', '.' or '-', the first a letter or digit"  # ROOM_PATTERN in words
 PEER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
 RESUME_PATTERN = re.compile(r"[0-9a-f]{32}")
 MAX_NAME_CHARS = 40
@@ -113,18 +112,15 @@ def encode_message(type_: str, **fields_: Any) -> str:
 
 
 def check_room(room: Any) -> None:
-    """A room's name as `join` takes it (InvalidFieldError, a ValueError, otherwise): configs check theirs at
-    start, so that a bad --room is one line before anything loads, not a refused join after."""
+    """A room's name as `join` takes it, else InvalidFieldError (configs check theirs at their start)."""
     _check_str("room", room, max_chars=64, pattern=ROOM_PATTERN, rule=ROOM_RULE)
 
 
 def check_token(token: Any) -> None:
-    """A room token as `join` carries it; an empty one is refused (an unset shell variable would otherwise open a
-    server that meant to be closed: an empty token matches an empty answer)."""
+    """A room token as `join` carries it, and not empty (an unset shell variable would open a closed server)."""
     _check_str("token", token, max_chars=MAX_TOKEN_CHARS)
     if not token:
         raise InvalidFieldError("token: expected a non-empty string (leave the option out for an open server)")
-
 
 
 def _check_str(name: str, value: Any, *, max_chars: int, pattern: Optional[re.Pattern] = None,
