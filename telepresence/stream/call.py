@@ -37,15 +37,17 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from telepresence.pipeline import PipelineConfig, PipelineUnavailableError
 
 from .headtrack import HeadTracker, HeadTrackingConfig
-from .messages import (
+from .call_messages import (
     CameraRateMessage,
-    ErrorMessage,
     HeadMessage,
+    UnpublishedMessage,
+    parse_uplink_message,
+)
+from .messages import (
+    ErrorMessage,
     MessageError,
     PingMessage,
     PongMessage,
-    UnpublishedMessage,
-    parse_uplink_message,
 )
 from .gpus import gpu_count, least_loaded
 from .mps import MpsDaemon, share_gpu

@@ -21,22 +21,24 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from .capture import FrameSource, SourceError
 from .framecode import WRAP, draw_frame_code
-from .messages import (
+from .call_messages import (
     CameraRateMessage,
-    ErrorMessage,
     HeadMessage,
+    PublishedMessage,
+    PublishMessage,
+    UnpublishedMessage,
+    UnpublishMessage,
+    parse_call_message,
+)
+from .messages import (
+    ErrorMessage,
     MessageError,
     OfferMessage,
     PeerJoinedMessage,
     PeerLeftMessage,
     PingMessage,
-    PublishedMessage,
-    PublishMessage,
     RelayedAnswerMessage,
     RelayedDeclineMessage,
-    UnpublishedMessage,
-    UnpublishMessage,
-    parse_call_message,
 )
 from .renderloop import RenderedView
 from .rtc import IceConfig

@@ -38,6 +38,12 @@ from typing import Any, Optional, Protocol
 
 from websockets.exceptions import ConnectionClosed
 
+from .call_messages import (
+    PublishedMessage,
+    PublishMessage,
+    UnpublishedMessage,
+    UnpublishMessage,
+)
 from .messages import (
     AnswerMessage,
     DeclineMessage,
@@ -48,14 +54,10 @@ from .messages import (
     OfferMessage,
     PeerJoinedMessage,
     PeerLeftMessage,
-    PublishedMessage,
-    PublishMessage,
     RelayedAnswerMessage,
     RelayedDeclineMessage,
     RelayedOfferMessage,
     SignalingMessage,
-    UnpublishedMessage,
-    UnpublishMessage,
     parse_signaling_message,
 )
 from .rtc import IceConfig

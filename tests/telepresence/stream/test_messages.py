@@ -4,9 +4,12 @@ import json
 
 import pytest
 
+from telepresence.stream.call_messages import (
+    CameraRateMessage,
+    parse_call_message,
+)
 from telepresence.stream.messages import (
     CHANNEL_MAX_BYTES,
-    CameraRateMessage,
     SIGNALING_MAX_BYTES,
     InvalidFieldError,
     JoinMessage,
@@ -24,7 +27,6 @@ from telepresence.stream.messages import (
     StatsMessage,
     UnknownMessageTypeError,
     encode_message,
-    parse_call_message,
     parse_channel_message,
     parse_sender_message,
     parse_signaling_message,
