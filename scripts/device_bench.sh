@@ -2,7 +2,7 @@
 # One GPU-machine call for the GPU tests and the performance tables. Results (JSON, logs) in $OUT.
 #   carry: .whl_all (scripts/device_wheels.sh)
 #   env:   STAGES (default "tests avatar loopback bench call refiner"; also: refiner-sdturbo, refiner-views,
-#          loopback-sdturbo, loopback-memory, encode, curve (CURVE_VIEWERS, CURVE_TIMEOUT, COMPILE_REFINER: send --compile-refiner, CURVE_REFINER: a path or none, default the small stand-in; CURVE_STACKS: threads to sample, e.g. "pipeline analysis"), call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420), precompiled-starts), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
+#          loopback-sdturbo, loopback-memory, encode, curve (CURVE_VIEWERS, CURVE_TIMEOUT, COMPILE_REFINER: send --compile-refiner, CURVE_REFINER: a path or none, default the small stand-in; CURVE_STACKS: threads to sample, e.g. "pipeline analysis"; CURVE_SWITCH_MS: the interpreter's switch interval in ms), call-turns, call-2gpu (on nvidia-h200-x2), soak, soak-process, loopback-process, cache-start (CACHE_MODES), precompiled (PRECOMPILED_STEPS), first-frame, first-frame-prefill, first-frame-precompiled (FIRST_FRAME_SECONDS, default 420), precompiled-starts), SOAK_MINUTES (default 7.3), SOURCE_FPS (the loopback's pacing, default 30: a webcam's rate),
 #          ENCODER (curve: process, the default, or aiortc)
 # Every stage has its own time limit, so a slow one cannot take the others' results with it.
 # The loopback stages keep their whole log beside their JSON (a warning above the table's tail is the reason).
@@ -169,7 +169,7 @@ if has curve; then
   # included, hence CURVE_TIMEOUT 540) keeps the cases done. The twenty-third session's first curve call lost all.
   echo "== viewers curve: ${CURVE_VIEWERS:=1 4 8 16 32} viewers at 512, encoder ${ENCODER:-process}"
   timeout ${CURVE_TIMEOUT:-540} python3 benchmarks/loopback.py --device cuda --size 512 --viewers $CURVE_VIEWERS --source-fps "$SOURCE_FPS" \
-    --encoder "${ENCODER:-process}" --refiner "${CURVE_REFINER:-/tmp/refiner-small-arch}" ${COMPILE_REFINER:+--compile-refiner} ${CURVE_STACKS:+--stacks $CURVE_STACKS} \
+    --encoder "${ENCODER:-process}" --refiner "${CURVE_REFINER:-/tmp/refiner-small-arch}" ${COMPILE_REFINER:+--compile-refiner} ${CURVE_STACKS:+--stacks $CURVE_STACKS} ${CURVE_SWITCH_MS:+--switch-interval-ms $CURVE_SWITCH_MS} \
     --out "$OUT/loopback_cuda_512_curve_${ENCODER:-process}${CURVE_TAG:-}.json" 2>&1 | tee "$OUT/loopback_cuda_512_curve${CURVE_TAG:-}.log" | filter | tail -20
 fi
 if has loopback-sdturbo; then
