@@ -22,7 +22,7 @@ from models.face.analysis import LEFT_IRIS, RIGHT_IRIS, FaceAnalyzer, FaceConfig
 from models.avatar.engine import graph_views
 from models.avatar.precompiled import compile_fn_for
 from models.face.smoothing import LandmarkSmoother
-from models.refiner import refine_views
+from models.refiner import compile_views, refine_views
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class PipelineConfig:
     """Refiner noise level (None: the value the refiner was trained with)."""
     compile_refiner: bool = False
     """torch.compile the refiner's step (fused kernels: the SD-Turbo-size refiner's reference + 4 views took 21 ms
-    compiled against 32 ms in CUDA graphs alone on an H200). Costs a compile at the first two view counts (about
-    80 s each for that U-Net); off by default so that a start takes seconds."""
+    compiled against 32 ms in CUDA graphs alone on an H200). Costs a compile for one and two views when the pipeline
+    opens, before a sender joins a room (about 80 s each for that U-Net, 35 + 52 s for the small refiner on an H200;
+    seconds once inductor's cache holds them); off by default so that a start takes seconds."""
     compile_avatar: str = "prefill"
     """On CUDA, torch.compile the avatar's build and render graphs (models.avatar.compiling): a build + 4 views at 512
     in 1.3 ms instead of 5.4 ms on an H200. "prefill" (the default since the eleventh session): once the first frame
@@ -247,6 +248,8 @@ class Pipeline:
                                  "serve), then here from that cache",
                       "wait": "at the first frame with a face, before it is served"}[config.compile_avatar])
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True, compile=config.compile_refiner)
+        if self.refiner is not None and config.compile_refiner:
+            self._compile_refiner_now()
         self.size: int = config.size
         self.refiner_name: str | None = None if self.refiner is None else str(config.refiner)
         self._avatar = None
@@ -467,6 +470,18 @@ class Pipeline:
             self.engine.render([OrbitPose()] * n)
         log.info("avatar: graphs %s (%.0f s)", self.engine.compile_state, time.perf_counter() - t0)
         return avatar
+
+    def _compile_refiner_now(self) -> None:
+        """compile_refiner: compile the refiner's step for 1 and 2 views (the view count symbolic from the second:
+        models.refiner.shipped) now, before the sender joins a room. Compiled at the first frame instead, in front
+        of viewers, the compile's hold on Python's lock starved the event loop: a cold compile of the small refiner
+        (87 s on an H200) dropped 30 of 32 viewers of a loopback for "no heartbeat". A later view count is a CUDA
+        graph's capture (0.3-0.4 s there)."""
+        t0 = time.perf_counter()
+        log.info("refiner: compiling its step for 1 and 2 views before going live (torch.compile: about 90 s for the "
+                 "small refiner on an H200, minutes for an SD-Turbo-size U-Net, seconds once inductor's cache holds it)")
+        compile_views(self.refiner, self.config.size, (1, 2), self.config.noise_level)
+        log.info("refiner: compiled in %.0f s", time.perf_counter() - t0)
 
     def _warm_up(self) -> None:
         """Capture the graphs of every view count up to warm_views now, while nobody waits

@@ -27,6 +27,7 @@ path (graphs.FastPathMixin) and saving/loading (io.PretrainedMixin).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -359,3 +360,20 @@ def _refine_chunk(refiner, reference, views, seen, dtype, kwargs) -> Tensor:
     if reference.ndim == 3:
         reference = reference[None].expand(views.shape[0], -1, -1, -1)
     return refiner.refine(reference.to(dtype), views.to(dtype), None if seen is None else seen.to(dtype), **kwargs)
+
+
+def compile_views(
+    refiner: Refiner,
+    size: int,
+    view_counts: Sequence[int] = (1, 2),
+    noise_level: float | Tensor | None = None,
+) -> None:
+    """refine_views once at each of ``view_counts`` on blank inputs shaped as a live sender's (one sample, a
+    [1, 3, size, size] reference, V views with their seen masks), so that a refiner prepared with compile=True
+    compiles, and captures its CUDA graph for, those view counts now rather than in front of viewers."""
+    if size < 1 or not view_counts or min(view_counts) < 1:
+        raise ValueError(f"expected size >= 1 and view counts >= 1, got {size} and {tuple(view_counts)}")
+    reference = torch.zeros(1, 3, size, size, device=refiner.device)
+    for v in view_counts:
+        views = torch.zeros(1, v, 3, size, size, device=refiner.device)
+        refine_views(refiner, reference, views, torch.ones(1, v, 1, size, size, device=refiner.device), noise_level)

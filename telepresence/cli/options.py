@@ -22,7 +22,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         "cache: HF_HUB_CACHE; TELEPRESENCE_SD_TURBO names a local copy)")
     parser.add_argument("--compile-refiner", action="store_true",
                         help="torch.compile the refiner (faster frames for a large refiner, after a compile of minutes "
-                        "at the first two viewer counts)")
+                        "at the start, before the sender goes live)")
     parser.add_argument("--compile-avatar", choices=COMPILE_AVATAR, default=PipelineConfig.compile_avatar,
                         help="on CUDA, torch.compile the avatar's graphs (4x faster avatar frames; 2-6 minutes the "
                         "first time on a machine, seconds after), the plain graphs serving meanwhile: prefill (default): "

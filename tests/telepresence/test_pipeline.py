@@ -339,3 +339,40 @@ def test_compile_avatar_wait_serves_the_first_face_through_compiled_graphs(astro
             p.close()
     for a, b in zip(results["wait"].views, results["off"].views):
         assert np.mean(np.abs(a.astype(int) - b.astype(int)) > 12) < 0.002
+
+
+def test_compile_refiner_compiles_the_live_frames_shapes_when_the_pipeline_opens(astronaut, monkeypatch):
+    """--compile-refiner: the refiner compiles for 1 and 2 views when the pipeline opens, before a sender joins a
+    room (compiled at the first frame, the compile starved the event loop and viewers were dropped), on inputs
+    shaped and typed as the live frames' (so that the same compiled step and CUDA graph serve them)."""
+    import models.refiner.shipped as shipped
+    from models.refiner import Refiner
+
+    refiner = Refiner.tiny(seen_mask=True).prepare("cpu", torch.float32)
+    calls, asked = [], {}
+    real_refine = refiner.refine
+
+    def spy(ref, views, seen=None, **kwargs):
+        calls.append((tuple(ref.shape), tuple(views.shape), None if seen is None else tuple(seen.shape),
+                      ref.dtype, views.dtype, sorted(kwargs)))
+        return real_refine(ref, views, seen, **kwargs)
+
+    def load(spec, device, cuda_graphs=False, compile=False):
+        asked.update(spec=spec, compile=compile)
+        return refiner
+
+    monkeypatch.setattr(refiner, "refine", spy)
+    monkeypatch.setattr(shipped, "load_refiner", load)
+    p = Pipeline(PipelineConfig(device="cpu", size=64, refiner="stand-in", compile_refiner=True, memory=False))
+    try:
+        assert asked == {"spec": "stand-in", "compile": True}
+        assert [call[1] for call in calls] == [(1, 1, 3, 64, 64), (1, 2, 3, 64, 64)]
+        opened = calls[-1]
+        assert p.process(astronaut, [ViewPose(yaw_deg=-20), ViewPose(yaw_deg=20)]).status == "ok"
+        assert calls[-1] == opened  # the live call at 2 views: what the pipeline compiled at its opening
+    finally:
+        p.close()
+    calls.clear()
+    plain = Pipeline(PipelineConfig(device="cpu", size=64, refiner="stand-in", memory=False))
+    plain.close()
+    assert asked["compile"] is False and calls == []  # without the flag nothing runs ahead

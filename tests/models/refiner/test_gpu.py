@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.refiner import Refiner
+from models.refiner import Refiner, compile_views, refine_views
 
 pytestmark = pytest.mark.gpu
 H = W = 64
@@ -72,6 +72,21 @@ def test_compiled_with_a_symbolic_view_count_equals_eager():
     for v in (1, 2, 4, 3):
         ref, views = _inputs(v, seed=v)
         _assert_fp16_close(compiled.refine(ref, views), eager.refine(ref, views))
+
+
+@pytest.mark.slow
+def test_compile_views_compiles_what_the_live_frames_replay():
+    """Pipeline(compile_refiner=True) compiles 1 and 2 views at its opening: a live frame at 2 views replays that
+    graph (no new compile or capture) and matches eager; a third view count is a capture of the symbolic step."""
+    compiled = _model(view_attention="ref_pairs", prompt_tokens=1, seen_mask=True).prepare(
+        "cuda", torch.float16, compile=True, cuda_graphs=True, compile_dynamic=None)
+    eager = _model(view_attention="ref_pairs", prompt_tokens=1, seen_mask=True).prepare("cuda", torch.float16)
+    compile_views(compiled, H, (1, 2))
+    assert len(compiled._runners) == 2
+    ref, views = _inputs(2, seed=5)
+    seen = torch.ones(1, 2, 1, H, W, device="cuda")
+    _assert_fp16_close(refine_views(compiled, ref, views, seen), refine_views(eager, ref, views, seen))
+    assert len(compiled._runners) == 2
 
 
 def test_fp16_agrees_with_fp32_on_cuda():
