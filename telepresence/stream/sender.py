@@ -75,6 +75,10 @@ from .track import ViewTrack
 logger = logging.getLogger(__name__)
 
 PC_CLOSE_TIMEOUT_S = 5.0
+WATCHDOG_TICK_S = 0.25
+STALL_LOG_S = 1.0
+"""A stall of this process's event loop this long or longer is logged (the viewers' silence during it is excused
+whatever its length)."""
 RESET_MEMORY_EVERY_S = 5.0
 """The appearance memory is reset at most once in this many seconds, whoever asks: it is every viewer's (one viewer's
 flood of resets had wiped it for all, 100 times in 5 s, with two log lines each)."""
@@ -155,6 +159,13 @@ class ViewerPeer:
         self.pose_seq = -1
         self.bad_messages = 0
         self.closing: Optional[asyncio.Future] = None
+
+    def excuse(self, seconds: float) -> None:
+        """Do not count `seconds` of silence against this viewer: the sender's own event loop was stalled then
+        (its messages waited in our sockets, unread)."""
+        self.created_at += seconds
+        if self.last_seen is not None:
+            self.last_seen += seconds
 
     def send(self, text: str) -> None:
         """Send on the pose channel if it is open; a closed channel is not an error here."""
@@ -417,9 +428,21 @@ class Sender:
                 peer.send(self.stats_record(peer).to_json())
 
     async def _watchdog(self) -> None:
+        """Drop viewers silent too long, counting only the time this event loop ran: a thread holding Python's lock
+        (a cold torch.compile on the frame thread held a 32-viewer sender's loop off for up to 18 s on an H200) delays
+        our reading of the viewers' pings, and those viewers are not gone."""
+        tick = time.monotonic()
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(WATCHDOG_TICK_S)
             now = time.monotonic()
+            stalled, tick = max(0.0, now - tick - WATCHDOG_TICK_S), now
+            if stalled > 0.0:
+                for peer in self.viewers.values():
+                    peer.excuse(stalled)
+                if stalled >= STALL_LOG_S:
+                    logger.warning("the event loop stalled %.1f s (another thread held Python's lock: a compile?); the "
+                                   "viewers' silence meanwhile is not counted against them", stalled)
+                    continue  # their messages, read now, get a tick to arrive before anyone is judged
             for peer in list(self.viewers.values()):
                 if peer.last_seen is None:
                     if now - peer.created_at > self.config.connect_timeout_s:
