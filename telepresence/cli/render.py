@@ -6,6 +6,7 @@ import argparse
 import itertools
 import logging
 import math
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,10 @@ from telepresence.cli.console import HelpFormatter, add_verbosity, configure_log
 from telepresence.stream.capture import read_still
 
 log = logging.getLogger(__name__)
+
+VIEW_NAME = re.compile(r"view_yaw[+-][0-9.e+-]+_pitch[+-][0-9.e+-]+\.png")
+"""The names the views are written under (view_yaw{yaw:+g}_pitch{pitch:+g}.png): an earlier run's, left in --out, are
+removed so that only this run's views are there; no other file is touched."""
 
 
 class StageTimer:
@@ -156,8 +161,13 @@ def render_command(args: argparse.Namespace) -> int:
             views = refine_views(refiner, reference, out.rgb[None], out.seen[None])[0]
     with timer.stage("write"):
         out_dir.mkdir(parents=True, exist_ok=True)
-        for pose, view in zip(poses, views):
-            name = f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png"
+        names = [f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png" for pose in poses]
+        stale = [f for f in out_dir.iterdir() if VIEW_NAME.fullmatch(f.name) and f.name not in names and f.is_file()]
+        for f in stale:
+            f.unlink()
+        if stale:
+            log.info("removed %d view(s) of an earlier run from %s", len(stale), out_dir)
+        for name, view in zip(names, views):
             cv2.imwrite(str(out_dir / name), to_rgb_uint8(view)[:, :, ::-1])
         sheet = contact_sheet(*_sheet_rows(to_rgb_uint8(reference), poses, [to_rgb_uint8(v) for v in views],
                                            None if refiner is None else [to_rgb_uint8(v) for v in out.rgb],

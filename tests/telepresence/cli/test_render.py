@@ -1,4 +1,5 @@
-"""`telepresence render`: views, a contact sheet laid out one row per pitch, and nothing left behind on failure."""
+"""`telepresence render`: views, a contact sheet laid out one row per pitch, no stale views from an earlier run, and
+nothing left behind on failure."""
 
 import cv2
 import pytest
@@ -18,6 +19,26 @@ def test_views_and_one_sheet_row_per_pitch(tmp_path, test_data):
     assert sheet.shape[0] == gap + 2 * (caption + 64 + gap)  # two rows: one per pitch
     assert sheet.shape[1] == gap + 4 * (64 + gap)  # the source, then three yaws
 
+
+
+@pytest.mark.slow
+def test_a_reused_folder_keeps_only_this_runs_views(tmp_path, test_data, caplog):
+    """An earlier run's views at other angles are removed (and said so in one line); other files are left alone."""
+    out = tmp_path / "views"
+    out.mkdir()
+    for name in ("view_yaw+45_pitch+0.png", "view_yaw-7.5_pitch-10.png", "view_yaw+0_pitch+0.png",
+                 "notes.png", "view_yaw+45_pitch+0 (copy).png", "view_front.png"):
+        (out / name).write_bytes(b"old")
+    with caplog.at_level("INFO", logger="telepresence.cli.render"):
+        code = main(["render", "--image", str(test_data / "lp_s42.jpg"), "--yaw", "0", "20", "--size", "64",
+                     "--refiner", "none", "--out", str(out)])
+    assert code == 0
+    assert sorted(f.name for f in out.glob("view_yaw*_pitch*.png")) == [
+        "view_yaw+0_pitch+0.png", "view_yaw+20_pitch+0.png", "view_yaw+45_pitch+0 (copy).png"]
+    assert (out / "view_yaw+0_pitch+0.png").read_bytes() != b"old"  # rewritten, not counted as removed
+    assert (out / "notes.png").exists() and (out / "view_front.png").exists()
+    assert [r.getMessage() for r in caplog.records if "removed" in r.getMessage()] == [
+        f"removed 2 view(s) of an earlier run from {out}"]
 
 def test_a_failed_render_leaves_no_output_folder(tmp_path, test_data, capsys):
     out = tmp_path / "never"
