@@ -7,6 +7,7 @@
 import { ClockOffset, LatencyMeter, pageClockMs } from "./latency.js";
 
 const STAMPS_OFF_REPEATS = 3;  // "stamps off" rides on this many pings: the channel may lose one
+const MEMORY_NOTE_MS = 4000;   // how long a refused memory reset is said under the memory row
 
 // A sender's section of the stats panel, the same on every page.
 const SECTION = document.createElement("template");
@@ -36,6 +37,7 @@ SECTION.innerHTML = `
     <dt>encode</dt><dd><span data-stage="encode">–</span> ms</dd>
     <dt class="section memory-row" hidden>memory</dt><dd class="section memory-row" hidden><span data-stat="memory">–</span> % <button class="memory-reset" type="button" title="Forget what the sender's appearance memory has seen of this person (the sides of the head are invented again until the camera sees them)">reset</button></dd>
   </dl>
+  <p class="stats-note memory-note" role="status" aria-live="polite"></p>
   <p class="stats-note" data-stat="size-why"></p>
 </section>`;
 
@@ -87,6 +89,7 @@ export class TileStats {
     this.pingRttMs = null;
     this.sender = null;       // the sender's last `stats` message
     this.estimateMs = null;
+    this.memoryNoteTimer = null;
   }
 
   setName(name) { this.section.querySelector(".tile-stats-name").textContent = name; }
@@ -174,10 +177,19 @@ export class TileStats {
       if (el.dataset.stat !== "size-why" && el.dataset.stat !== "refiner") el.textContent = "–";  // no stale numbers
     }
     this.renderMemory(null);
+    this.sayMemoryNote("");
   }
 
   // fn(): called when the reset button of the memory row is pressed (the tile sends reset_memory).
   onResetMemory(fn) { this.section.querySelector(".memory-reset").addEventListener("click", fn); }
+
+  // `text` under the memory row for MEMORY_NOTE_MS (the sender refused a reset: see the tile's `error`); "" clears it.
+  sayMemoryNote(text) {
+    clearTimeout(this.memoryNoteTimer);
+    const note = this.section.querySelector(".memory-note");
+    note.textContent = text;
+    this.memoryNoteTimer = text ? setTimeout(() => { note.textContent = ""; }, MEMORY_NOTE_MS) : null;
+  }
 
   remove() {
     this.meter.stop();

@@ -173,6 +173,8 @@ export class Tile {
         break;
       case "error":
         console.warn("sender rejected a message:", message.code, message.message);
+        // the pose channel's one limited request is reset_memory (at most once in 5 s, whoever asks: sender.py)
+        if (message.code === "rate-limited") this.stats.sayMemoryNote("Memory reset refused: wait a few seconds");
         break;
     }
   }

@@ -295,6 +295,29 @@ def test_memory_fill_shows_on_the_badge_and_the_reset_button_empties_it(page):
         receiver.stop()
 
 
+
+def test_a_refused_memory_reset_is_said_under_the_memory_row_for_a_few_seconds(page):
+    """The sender resets its memory at most once in 5 s (sender.RESET_MEMORY_EVERY_S): a second press sooner gets a
+    `rate-limited` reply, which the page says to whoever pressed, then clears."""
+    receiver, url, port = start_receiver()
+    sender = start_sender(port, "--pipeline", "tests.fake_pipeline")
+    try:
+        page.goto(url)
+        wait_live(page)
+        page.keyboard.press("s")
+        page.wait_for_selector(".memory-reset", state="visible", timeout=10000)
+        note = page.locator(".memory-note")
+        assert not note.is_visible()
+        page.click(".memory-reset")  # taken
+        page.click(".memory-reset")  # refused: too soon
+        page.wait_for_function("() => document.querySelector('.memory-note').textContent !== ''", timeout=5000)
+        assert note.is_visible() and note.text_content() == "Memory reset refused: wait a few seconds"
+        page.wait_for_function("() => document.querySelector('.memory-note').textContent === ''", timeout=8000)
+        assert not note.is_visible()
+    finally:
+        sender.stop()
+        receiver.stop()
+
 def test_the_badge_says_while_the_senders_gpu_kernels_compile(page):
     """A GPU sender compiles its avatar's kernels at first, its frames costlier meanwhile: the badge says
     so while it lasts, and the panel says what came of it."""
