@@ -117,6 +117,10 @@ class Call extends Room {
     this.headTracking = params.get("head") !== "off";
     this.name = $("#name");
     this.name.value = params.get("name") || localStorage.getItem("telepresence-name") || "";
+    // who gives no name gets one of their own (two are not both "Guest"), kept while the page lives: a rejoin after a
+    // lost socket is under the same name, which is how room.js knows a returning sender
+    this.defaultName = `guest-${crypto.getRandomValues(new Uint16Array(1))[0].toString(16).padStart(4, "0")}`;
+    this.name.placeholder = this.defaultName;
     $("#lobby-room").textContent = ROOM;
     document.title = `${ROOM} · ${this.texts.title}`;
     $("#join").addEventListener("click", () => this.joinCall());
@@ -128,7 +132,7 @@ class Call extends Room {
     this.setCallState("lobby");
   }
 
-  joinName() { return this.name.value.trim().replace(/[^\P{C}]/gu, "").slice(0, 40) || "Guest"; }
+  joinName() { return this.name.value.trim().replace(/[^\P{C}]/gu, "").slice(0, 40) || this.defaultName; }
 
   acceptsSender(peer) { return peer.id !== this.avatarId; }
 

@@ -128,6 +128,28 @@ def test_joining_a_room_the_server_refuses_ends_with_the_reason(browsers, tmp_pa
         server.stop()
 
 
+
+def test_who_gives_no_name_gets_one_of_their_own_that_the_server_takes(browsers, tmp_path):
+    from telepresence.stream.messages import JoinMessage
+
+    clip = tmp_path / "still.y4m"
+    write_y4m(clip, sample_frames(128, step=10), FPS)
+    server, url, port = start_server()
+    try:
+        names = []
+        for page in (browsers(clip), browsers(clip)):
+            page.goto(url)  # no &name=, nothing remembered
+            assert page.input_value("#name") == ""
+            name = page.evaluate("window.telepresence.joinName()")
+            assert re.fullmatch(r"guest-[0-9a-f]{4}", name), name
+            assert page.evaluate("window.telepresence.joinName()") == name  # the same on every (re)join
+            assert page.get_attribute("#name", "placeholder") == name  # the lobby shows it
+            JoinMessage(room="demo", role="viewer", name=name)  # within the server's rule for names
+            names.append(name)
+        assert names[0] != names[1]  # (one chance in 65536 that two pages draw the same)
+    finally:
+        server.stop()
+
 def test_two_pages_see_each_others_avatar_turn_and_leave(browsers, tmp_path):
     alice_clip = write_y4m(tmp_path / "sample.y4m", sample_frames(), FPS)
     first, last = turn_pictures()
