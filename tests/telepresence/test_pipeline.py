@@ -372,7 +372,3 @@ def test_compile_refiner_compiles_the_live_frames_shapes_when_the_pipeline_opens
         assert calls[-1] == opened  # the live call at 2 views: what the pipeline compiled at its opening
     finally:
         p.close()
-    calls.clear()
-    plain = Pipeline(PipelineConfig(device="cpu", size=64, refiner="stand-in", memory=False))
-    plain.close()
-    assert asked["compile"] is False and calls == []  # without the flag nothing runs ahead
