@@ -197,9 +197,9 @@ async def test_a_stall_of_the_senders_own_event_loop_drops_no_viewer():
     """A thread holding Python's lock (a compile on the frame thread) starves the sender's event loop: the viewers'
     pings wait unread in its sockets, a silence that is the sender's own (a cold refiner compile at 32 viewers on an
     H200 had dropped 30 of them for "no heartbeat")."""
-    async with running_sender(source=still_source()) as sender:
+    async with running_sender(source=still_source(), heartbeat_timeout_s=1.0) as sender:
         viewer = await ready_viewer(sender)
-        time.sleep(sender.config.heartbeat_timeout_s + 2.0)  # the loop blocked (the viewer's with it: one process)
+        time.sleep(3.0)  # the loop blocked (the viewer's with it: one process), 3 times the heartbeat's timeout
         count = viewer.frames_received
         await wait_until(lambda: viewer.frames_received > count + 5, timeout_s=5)
         await asyncio.sleep(1.0)  # the watchdog judged again since
