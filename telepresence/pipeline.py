@@ -250,6 +250,9 @@ class Pipeline:
         self.refiner = load_refiner(config.refiner, self.device, cuda_graphs=True, compile=config.compile_refiner)
         if self.refiner is not None and config.compile_refiner:
             self._compile_refiner_now()
+        elif config.compile_refiner:  # asked for, with nothing to compile: said, as --precompiled-avatar's is
+            log.warning("refiner: --compile-refiner has no effect here: %s", "--refiner none (raw avatar renders)"
+                        if config.refiner is None else "no refiner weights loaded (raw avatar renders)")
         self.size: int = config.size
         self.refiner_name: str | None = None if self.refiner is None else str(config.refiner)
         self._avatar = None

@@ -186,6 +186,17 @@ def test_a_child_compiles_first_the_warmed_view_counts_then_each_new_one(astrona
         p.close()
 
 
+def test_compile_refiner_without_a_refiner_says_it_has_nothing_to_compile(caplog, monkeypatch, tmp_path):
+    """--compile-refiner with no weights shipped (the default) or --refiner none: one warning, not silence."""
+    monkeypatch.setenv("TELEPRESENCE_WEIGHTS", str(tmp_path))  # an empty weights folder: nothing shipped
+    with caplog.at_level("WARNING", logger="telepresence.pipeline"):
+        Pipeline(PipelineConfig(device="cpu", size=64, refiner="default", memory=False, compile_refiner=True)).close()
+        Pipeline(PipelineConfig(device="cpu", size=64, refiner=None, memory=False, compile_refiner=True)).close()
+    said = [r.getMessage() for r in caplog.records if "--compile-refiner" in r.getMessage()]
+    assert said == ["refiner: --compile-refiner has no effect here: no refiner weights loaded (raw avatar renders)",
+                    "refiner: --compile-refiner has no effect here: --refiner none (raw avatar renders)"]
+
+
 def test_no_face_yet_gives_placeholders():
     p = Pipeline(PipelineConfig(size=64, refiner=None))
     try:
