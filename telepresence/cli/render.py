@@ -6,7 +6,9 @@ import argparse
 import itertools
 import logging
 import math
+import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from models.geometry.camera import OrbitPose
 from models.face.analysis import FaceAnalyzer, FaceConfig
 from models.evaluation.figures import contact_sheet
 from models.pictures import to_rgb_uint8
-from telepresence.cli.console import HelpFormatter, add_verbosity, configure_logging
+from telepresence.cli.console import EXIT_BAD_INPUT, HelpFormatter, add_verbosity, configure_logging
 from telepresence.stream.capture import read_still
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,29 @@ def _clip_frame(args: argparse.Namespace, timer: StageTimer, device: torch.devic
     return image, obs, memory
 
 
+def _write(out_dir: Path, poses: list[OrbitPose], views, reference, raw, per_row: int, timer: StageTimer) -> None:
+    """One PNG per view (an earlier run's other views removed) and contact_sheet.png into out_dir, made here.
+    views, raw: [V, 3, S, S] in [0, 1] (raw: the unrefined renders, None without a refiner); reference: [3, S, S].
+    Raises OSError when a file cannot be written (cv2.imwrite only returns False)."""
+    def imwrite(path: Path, rgb: np.ndarray) -> None:
+        if not cv2.imwrite(str(path), rgb[:, :, ::-1]):
+            raise OSError(f"cannot write {path.name}")
+
+    with timer.stage("write"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = [f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png" for pose in poses]
+        stale = [f for f in out_dir.iterdir() if VIEW_NAME.fullmatch(f.name) and f.name not in names and f.is_file()]
+        for f in stale:
+            f.unlink()
+        if stale:
+            log.info("removed %d view(s) of an earlier run from %s", len(stale), out_dir)
+        for name, view in zip(names, views):
+            imwrite(out_dir / name, to_rgb_uint8(view))
+        sheet = contact_sheet(*_sheet_rows(to_rgb_uint8(reference), poses, [to_rgb_uint8(v) for v in views],
+                                           None if raw is None else [to_rgb_uint8(v) for v in raw], per_row))
+        imwrite(out_dir / "contact_sheet.png", sheet)
+
+
 def render_command(args: argparse.Namespace) -> int:
     from models.avatar import AvatarConfig, build_avatar, render_views
     from models.refiner import refine_views
@@ -141,7 +166,11 @@ def render_command(args: argparse.Namespace) -> int:
         with timer.stage("landmarks"):
             with FaceAnalyzer(FaceConfig(static_image=True, fov_deg=args.source_fov)) as analyzer:
                 obs = analyzer.analyze(image)
-    refiner = load_refiner(args.refiner, device)
+    try:
+        refiner = load_refiner(args.refiner, device)
+    except (OSError, ValueError) as error:  # models.refiner.MissingModelError is a FileNotFoundError
+        print(f"telepresence render: --refiner {args.refiner}: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     poses = [
         OrbitPose(yaw_deg=y, pitch_deg=p, roll_deg=args.roll, dist_scale=args.dist, fov_deg=args.fov)
         for p, y in itertools.product(args.pitch, args.yaw)
@@ -159,20 +188,11 @@ def render_command(args: argparse.Namespace) -> int:
     if refiner is not None:
         with timer.stage("refine"):
             views = refine_views(refiner, reference, out.rgb[None], out.seen[None])[0]
-    with timer.stage("write"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        names = [f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png" for pose in poses]
-        stale = [f for f in out_dir.iterdir() if VIEW_NAME.fullmatch(f.name) and f.name not in names and f.is_file()]
-        for f in stale:
-            f.unlink()
-        if stale:
-            log.info("removed %d view(s) of an earlier run from %s", len(stale), out_dir)
-        for name, view in zip(names, views):
-            cv2.imwrite(str(out_dir / name), to_rgb_uint8(view)[:, :, ::-1])
-        sheet = contact_sheet(*_sheet_rows(to_rgb_uint8(reference), poses, [to_rgb_uint8(v) for v in views],
-                                           None if refiner is None else [to_rgb_uint8(v) for v in out.rgb],
-                                           len(args.yaw)))
-        cv2.imwrite(str(out_dir / "contact_sheet.png"), sheet[:, :, ::-1])
+    try:
+        _write(out_dir, poses, views, reference, None if refiner is None else out.rgb, len(args.yaw), timer)
+    except OSError as error:  # checked before the work (check_args), but the folder can change meanwhile
+        print(f"telepresence render: --out {out_dir}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"{len(poses)} views of {args.size}x{args.size} written to {out_dir} (contact_sheet.png)")
     print(f"head pose yaw {obs.pose.yaw_deg:+.1f}  pitch {obs.pose.pitch_deg:+.1f}  roll {obs.pose.roll_deg:+.1f}")
     print(f"timings ({device.type}): {timer.summary()}")
@@ -249,8 +269,14 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--memory-every: expected 1 or more, got {args.memory_every}")
     if not args.out.strip():
         parser.error("--out: expected a folder")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
         parser.error(f"--out {args.out}: exists and is not a folder")
+    made_in = out if out.exists() else next(p for p in out.absolute().parents if p.exists())  # the folder, or its maker's
+    if not made_in.is_dir():
+        parser.error(f"--out {args.out}: {made_in} is not a folder")
+    if not os.access(made_in, os.W_OK):
+        parser.error(f"--out {args.out}: no permission to write in {made_in}")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -129,3 +129,62 @@ def test_a_video_time_past_the_end_or_without_a_face_says_which(tmp_path, capsys
         main(["render", "--video", str(clip), "--at", "0.5", "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")])
     assert str(faceless.value) == f"--at 0.5: no face found in frame 5 of '{clip}'; none of its frames has one"
     assert not (tmp_path / "o").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_or_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out under a file, or in a folder without write permission: one line at once, not a traceback (or a run that
+    writes nothing) after the face analysis and the avatar."""
+    (tmp_path / "a_file").write_text("")
+    argv = ["render", "--image", str(tmp_path / "not-read.jpg"), "--size", "64", "--refiner", "none"]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(tmp_path / "a_file" / "views")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"telepresence render: error: --out {tmp_path / 'a_file' / 'views'}: {tmp_path / 'a_file'} is not a folder")
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder is to a user who is not root
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "ro" / "views")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"telepresence render: error: --out {tmp_path / 'ro' / 'views'}: no permission to write in {tmp_path}")
+
+
+def test_a_view_that_cannot_be_written_is_an_error_not_a_silent_success(tmp_path):
+    """cv2.imwrite returns False where it cannot write (it raises nothing): the run said it had written the views."""
+    import torch
+
+    from models.geometry.camera import OrbitPose
+    from telepresence.cli.render import StageTimer, _write
+
+    (tmp_path / "contact_sheet.png").mkdir()  # in the way of the sheet
+    views, reference = torch.rand(1, 3, 16, 16), torch.rand(3, 16, 16)
+    with pytest.raises(OSError, match="cannot write contact_sheet.png"):
+        _write(tmp_path, [OrbitPose()], views, reference, None, 1, StageTimer())
+    assert (tmp_path / "view_yaw+0_pitch+0.png").is_file()
+
+
+def test_a_refiner_that_cannot_be_loaded_is_one_line(tmp_path, test_data, capsys, monkeypatch):
+    """--refiner PATH with no refiner there: one line and exit 2, not MissingModelError's traceback."""
+    import telepresence.cli.render as render
+
+    class Analyzer:  # the face analysis is not what this is about (and takes a second)
+        def __init__(self, config):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def analyze(self, image):
+            return object()
+
+    monkeypatch.setattr(render, "FaceAnalyzer", Analyzer)
+    code = main(["render", "--image", str(test_data / "lp_s42.jpg"), "--size", "64", "--refiner",
+                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "views")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"telepresence render: --refiner {tmp_path / 'nowhere'}: refiner model")
+    assert not (tmp_path / "views").exists()
