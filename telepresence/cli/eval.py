@@ -188,11 +188,15 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if "raw" not in methods and "raw" in result.methods:
         result.methods = tuple(m for m in result.methods if m != "raw")
-    paths = write_results(result, args.out)
     for s in result.skipped:
         print(f"skipped {s['clip']}: {s['reason']}", file=sys.stderr)
     for s in result.set_skipped:
         print(f"skipped set {s['set']}: {s['reason']}", file=sys.stderr)
+    if not result.records and not result.set_records:  # nothing written: an earlier run's results in --out stay
+        print(f"error: no {'clip' if clips else 'set'}{' or set' if clips and sets else ''} could be evaluated "
+              f"(nothing written to {args.out})", file=sys.stderr)
+        return 1
+    paths = write_results(result, args.out)
     print(f"-> {paths['md']}")
     if clips:
         _print_summary("reenactment (other frame of a clip)", len(result.clips), f"clip(s), {len(result.records)} pairs",
@@ -200,10 +204,6 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if sets:
         _print_summary("multi-camera (same moment)", len(result.sets), f"set(s), {len(result.set_records)} targets",
                        result.methods, result.set_summary())
-    if not result.records and not result.set_records:
-        print(f"error: no {'clip' if clips else 'set'}{' or set' if clips and sets else ''} could be evaluated",
-              file=sys.stderr)
-        return 1
     return 0
 
 

@@ -40,6 +40,23 @@ def test_eval_with_only_faceless_clips_fails_cleanly(tmp_path, capsys):
     assert "no clip could be evaluated" in capsys.readouterr().err
 
 
+def test_a_run_that_evaluates_nothing_keeps_an_earlier_runs_results(tmp_path, capsys):
+    """A corrupt clip (bad input) used to overwrite --out's results.json and results.md with empty tables."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text('{"pairs": ["an earlier run"]}')
+    (out / "results.md").write_text("an earlier run")
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video")
+    code = eval_main(["--clips", str(tmp_path / "corrupt.mp4"), "--out", str(out), "--methods", "baseline",
+                      "--no-identity", "--no-cache", "-q"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"error: no clip could be evaluated (nothing written to {out})" in err and "skipped corrupt: " in err
+    assert (out / "results.json").read_text() == '{"pairs": ["an earlier run"]}'
+    assert (out / "results.md").read_text() == "an earlier run" and sorted(p.name for p in out.iterdir()) == [
+        "results.json", "results.md"]
+
+
 def test_eval_names_the_missing_avatar(clip_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "models.avatar", None)  # as if the avatar were not installed
     code = eval_main(["--clips", str(clip_dir), "--out", str(tmp_path), "--refiner", "none", "--no-cache", "-q"])
