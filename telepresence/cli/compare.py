@@ -84,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     text = comparison_markdown(comp, name(b_path, b_method), name(a_path, a_method))
     if not comp.rows:
         print(text)
-        print("telepresence compare: the two sides share no picture (other clips, sets or pair choices?)",
-              file=sys.stderr)
+        shared = len(before.keys() & after.keys())
+        why = (f"none of the {shared} picture(s) both sides scored has {' or '.join(args.metrics)} on both sides "
+               "(eval run with --no-identity or --no-landmarks?)" if shared else
+               "the two sides share no picture (other clips, sets or pair choices?)")
+        print(f"telepresence compare: {why}", file=sys.stderr)
         return 1
     print(text)
     if args.out is not None:
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text + "\n")
         except OSError as exc:  # a folder named so, no room, no right to write: the table is printed above
-            print(f"telepresence compare: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            reason = exc.strerror or exc
+            if isinstance(exc, (FileExistsError, NotADirectoryError)):  # a file where a folder of the path should be
+                reason = f"{next(p for p in args.out.absolute().parents if p.exists())} is not a folder"
+            print(f"telepresence compare: --out {args.out}: {reason}", file=sys.stderr)
             return 2
     return 0

@@ -73,3 +73,21 @@ def test_an_out_that_cannot_be_written_is_one_line_after_the_table(tmp_path, cap
     captured = capsys.readouterr()
     assert "# probe:raw against main:raw" in captured.out  # the table was printed all the same
     assert captured.err.strip().splitlines() == [f"telepresence compare: --out {tmp_path / 'taken'}: Is a directory"]
+
+
+def test_metrics_neither_side_scored_are_named_not_called_pictures_in_common(tmp_path, capsys):
+    """eval --no-landmarks scores no lmk_err_pct: comparing on it said the sides "share no picture", which they do."""
+    a, b = _write(tmp_path / "a"), _write(tmp_path / "b", gain_raw=0.25)
+    assert compare_main([str(a), str(b), "--metrics", "lmk_err_pct"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "telepresence compare: none of the 4 picture(s) both sides scored has lmk_err_pct on both sides "
+        "(eval run with --no-identity or --no-landmarks?)"]
+
+
+def test_an_out_under_a_file_names_the_file(tmp_path, capsys):
+    """mkdir's "File exists" said nothing of which file was in the way."""
+    before, after = _write(tmp_path / "main"), _write(tmp_path / "probe", gain_raw=0.25)
+    (tmp_path / "a_file").write_text("")
+    assert compare_main([str(before), str(after), "--out", str(tmp_path / "a_file" / "sub" / "compare.md")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"telepresence compare: --out {tmp_path / 'a_file' / 'sub' / 'compare.md'}: {tmp_path / 'a_file'} is not a folder"]
