@@ -16,7 +16,7 @@ from telepresence.cli.options import (
     sender_config_from_args,
 )
 from telepresence.pipeline import PipelineUnavailableError
-from telepresence.stream.capture import SourceError
+from telepresence.stream.capture import SourceError, open_source
 from telepresence.stream.receiver import Receiver, ReceiverConfig, ReceiverError
 from telepresence.stream.sender import Sender
 from telepresence.stream.signaling_client import SignalingRejectedError
@@ -44,14 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace, receiver_config: ReceiverConfig) -> None:
     pipeline_config = pipeline_config_from_args(args)
+    loop = asyncio.get_running_loop()
+    # a bad --source fails fast, as send's: opened after the URL was printed, it said "Demo running" first
+    source = await loop.run_in_executor(None, open_source, args.source, args.source_fps)
     receiver = Receiver(receiver_config)
-    await receiver.start()
+    try:
+        await receiver.start()
+    except BaseException:
+        source.close()
+        raise
     try:
         logger.info("loading the pipeline (device %s, %d px)", pipeline_config.device, pipeline_config.size)
-        pipeline = await asyncio.get_running_loop().run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
+        try:
+            pipeline = await loop.run_in_executor(None, open_pipeline_from_args, args, pipeline_config)
+        except BaseException:
+            source.close()
+            raise
         try:
             sender = Sender(sender_config_from_args(args, name="demo", signaling_url=receiver.signaling_url,
-                                                    room=receiver_config.room, token=receiver_config.token), pipeline)
+                                                    room=receiver_config.room, token=receiver_config.token), pipeline,
+                            source=source)
             print(f"Demo running. Open {receiver.url}   (Ctrl-C to stop)", flush=True)
             await sender.start()
             try:

@@ -31,6 +31,18 @@ def test_sender_bad_source_is_one_clear_line(source, message):
     assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
 
 
+def test_demo_with_a_bad_source_says_so_before_it_says_it_is_running(tmp_path, capsys, caplog):
+    """The demo opened --source only after printing "Demo running. Open URL": the user was sent to a page that
+    would never show anything, and the error came after."""
+    from telepresence.cli import demo
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    code = demo.main(["--port", "0", "--source", str(tmp_path / "empty.jpg"), "--pipeline", "tests.fake_pipeline"])
+    assert code == 2 and "Demo running" not in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"cannot read image '{tmp_path / 'empty.jpg'}': not an image file, or corrupt"]
+
+
 def test_sender_missing_pipeline_is_one_clear_line():
     result = run_cli("run_sender.py", "--source", "sample", "--pipeline", "no_such_pipeline_module")
     assert result.returncode == 1 and "Traceback" not in result.stderr
