@@ -281,6 +281,8 @@ def find_clips(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 def _open_video(path: str | Path) -> cv2.VideoCapture:
     path = Path(path)
+    if path.is_dir():  # as read_image says of one (render --video DIR said "no such file")
+        raise VideoReadError(f"cannot read video '{path}': it is a directory")
     if not path.is_file():
         raise VideoReadError(f"cannot read video '{path}': no such file")
     cap = cv2.VideoCapture(str(path))

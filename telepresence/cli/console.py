@@ -35,7 +35,7 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 def configure_logging(verbose: bool = False) -> None:
     """One line per event. By default only the project's own lines (INFO and up) and other libraries'
-    warnings; the native libraries' chatter (TFLite/absl `W0000` lines) and Python warnings are quiet."""
+    warnings; the native libraries' chatter (TFLite/absl `W0000` lines, FFmpeg's) and Python warnings are quiet."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -48,6 +48,9 @@ def configure_logging(verbose: bool = False) -> None:
     # glog / TFLite inside MediaPipe read these before their first line (set before mediapipe is imported)
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # FFmpeg inside OpenCV reads this at its first VideoCapture (a corrupt clip: "[mov,mp4,...] moov atom not found"
+    # above the one clear line); -8 is AV_LOG_QUIET
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 

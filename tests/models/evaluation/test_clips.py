@@ -101,6 +101,8 @@ def test_unreadable_video_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a video")
     with pytest.raises(VideoReadError, match="bad.mp4"):
         index_clip(bad, progress=False)
+    with pytest.raises(VideoReadError, match="it is a directory"):
+        index_clip(tmp_path, progress=False)
 
 
 def synthetic_index(yaw, pitch=None, found=None):
