@@ -15,13 +15,22 @@ from models.avatar.visibility import max_filter3x3, seen_fraction
 from models.geometry.camera import OrbitPose, project
 from models.geometry.raster import Fragments, interpolate_pixels, rasterize, weighted_rows
 
-__all__ = ["face_detail_fade", "render_cameras", "render_views", "shell_detail_fade", "texture_quality", "view_angle_deg"]
+__all__ = ["face_detail_fade", "render_cameras", "render_views", "shell_detail_fade", "stretch_ratio", "texture_quality",
+           "view_angle_deg"]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 # The source's texture is worth its detail up to this stretch of one direction against the
 # other (texture_quality), and nothing from the second (a streak of a few source pixels).
 _STRETCH = (1.5, 3.0)
+# Past that limit, up to this one, the source's texture still gives its low-pass colour (a box mean of _STRETCHED_POOL
+# texels: no streak survives it) to views within _STRETCHED_DEG of the source's direction (all of it up to the first
+# angle, none from the second), before the mirror side and the fill: the near side of a head turned 10-30 degrees shows
+# the hair and skin the source saw at a grazing angle instead of the fill colour (on the validation clips identity
+# distance 0.391 -> 0.387, landmark error 1.68 -> 1.59 % IOD; docs/results/eval_multiview.md, twenty-sixth session).
+_STRETCHED = (3.0, 6.0)
+_STRETCHED_POOL = 2
+_STRETCHED_DEG = (20.0, 35.0)
 # The shell's texture keeps its detail up to this angle between the source's and the view's
 # directions from the head, degrees, and none from the second (shell_detail_fade).
 _SHELL_DETAIL_DEG = (8.0, 24.0)
@@ -60,14 +69,16 @@ def render_views(avatar: Avatar, poses: Sequence[OrbitPose], size: int) -> Rende
     source saw this surface point, and the stretch of the source's texture in this view
     (:func:`texture_quality`) how much its detail is worth: seen, unstretched points take
     their projective texture; the rest blend to the mirror side's texture (face and head) or
-    the fill colour, across a band rather than at a switch (and count as unseen in ``seen``).
+    the fill colour, across a band rather than at a switch (and count as unseen in ``seen``);
+    in views near the source's, seen points stretched a little more take its low-pass colour first.
     """
     viewmats, Ks = avatar.cameras(poses, size)
     return render_cameras(avatar, viewmats, Ks, size)
 
 
-def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Per view and triangle [V, F] in [0, 1]: how much the source's texture is worth there.
+def stretch_ratio(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Per view and triangle [V, F], at least 1: how much the source's texture is stretched in one direction
+    more than in the other (:func:`texture_quality` says what that is worth).
 
     pix [V, N, 3] screen positions (models.geometry.camera.project), tex_h [N, 3] homogeneous
     source pixels (u w, v w, w), faces [F, 3]. Each triangle maps screen to source affinely,
@@ -75,8 +86,7 @@ def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor)
     sigma = sqrt((T -+ sqrt(T^2 - 4 D^2)) / 2), T = |J|_F^2, D = det J. Their ratio is the
     streak factor: a cheek the source saw edge-on and the view sees face-on is a few source
     pixels stretched across many in one direction only, while the source's own view (or a
-    zoom) maps texels to pixels alike in every direction (ratio 1). Quality 1 up to
-    _STRETCH[0], 0 from _STRETCH[1]."""
+    zoom) maps texels to pixels alike in every direction (ratio 1)."""
     corners = faces.reshape(-1)
     x = pix[..., :2].index_select(1, corners).view(pix.shape[0], -1, 3, 2)  # [V, F, 3, 2]
     uv = (tex_h[:, :2] / tex_h[:, 2:3].clamp(min=1e-6)).index_select(0, corners).view(-1, 3, 2)  # [F, 3, 2]
@@ -92,8 +102,23 @@ def texture_quality(pix: torch.Tensor, tex_h: torch.Tensor, faces: torch.Tensor)
     T = j00.square() + j01.square() + j10.square() + j11.square()
     D = j00 * j11 - j01 * j10
     root = (T.square() - 4 * D.square()).clamp(min=0).sqrt()
-    ratio = ((T + root) / (T - root).clamp(min=1e-12)).sqrt()  # sigma_max / sigma_min
-    return ((_STRETCH[1] - ratio) / (_STRETCH[1] - _STRETCH[0])).clamp(0.0, 1.0)
+    return ((T + root) / (T - root).clamp(min=1e-12)).sqrt()  # sigma_max / sigma_min
+
+
+def texture_quality(ratio: torch.Tensor, limits: tuple[float, float] | None = None) -> torch.Tensor:
+    """How much the source's texture is worth, in [0, 1], at a :func:`stretch_ratio`: 1 up to limits[0], 0 from
+    limits[1] (default _STRETCH)."""
+    lo, hi = _STRETCH if limits is None else limits
+    return ((hi - ratio) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def stretched_colour_weight(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+    """Per view [V] in [0, 1]: how far surface stretched past _STRETCH (up to _STRETCHED) takes the source's low-pass
+    colour. Streaks, and detail that lands off the turned face's own, grow with the view's angle; near the source's
+    view the colour the source saw at a grazing angle (hair at the temple, the side of the cheek) is a better guess
+    than the fill. 1 up to _STRETCHED_DEG[0], 0 from _STRETCHED_DEG[1]."""
+    lo, hi = _STRETCHED_DEG
+    return ((hi - view_angle_deg(source_dir, pivot, viewmats)) / (hi - lo)).clamp(0.0, 1.0)
 
 
 def view_angle_deg(source_dir: torch.Tensor, pivot: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
@@ -393,13 +418,13 @@ def render_cameras(
     # the mirror side's (lit as this side: the low-frequency ratio), else the fill texture.
     on_person = ((tex_p[:, 3] - 0.45) / 0.4).clamp(0.0, 1.0)
     # Per pixel from its triangle, smoothed over 5x5 pixels (a band, not a switch at triangle edges).
-    per_face = texture_quality(pix, avatar.vattr[:, VATTR.TEX], avatar.faces).reshape(-1)  # [V * F]
+    ratio = stretch_ratio(pix, avatar.vattr[:, VATTR.TEX], avatar.faces).reshape(-1)  # [V * F]
     F_ = avatar.faces.shape[0]
     view = torch.arange(V, device=pix.device)[:, None, None] * F_
     face_id = px.picture_face  # [V, S, S]
-    # With the face's detail weight below: one 5x5 box mean of both pictures [V, 2, S, S].
-    table = torch.stack([per_face, avatar.face_detail.repeat(V)])  # [2, V * F]
-    painted = table.index_select(1, (view + face_id).reshape(-1)).view(2, *face_id.shape).transpose(0, 1)  # [V, 2, S, S]
+    # With the stretched texture's weight and the face's detail weight below: one 5x5 box mean of three pictures.
+    table = torch.stack([texture_quality(ratio), texture_quality(ratio, _STRETCHED), avatar.face_detail.repeat(V)])
+    painted = table.index_select(1, (view + face_id).reshape(-1)).view(3, *face_id.shape).transpose(0, 1)  # [V, 3, S, S]
     smooth = px.from_pictures(box_mean(painted, 5))
     quality = smooth[:, 0]  # [B, h, w]
     w_own = seen * quality * torch.where(head, on_person, torch.ones_like(on_person))
@@ -409,7 +434,7 @@ def render_cameras(
     # (per triangle as far as avatar.face_detail says, smoothed over 5x5 pixels) and the shell's detail
     # to the low-pass texture (tex_f: for surface the source saw, the fill texture at the same source pixel).
     coarse = _lookup(F.avg_pool2d(avatar.texture, _FACE_DETAIL_POOL, ceil_mode=True), own_grid)
-    weight = smooth[:, 1:]  # [B, 1, h, w]
+    weight = smooth[:, 2:]  # [B, 1, h, w]
     fade = px.per_view(face_detail_fade(avatar.source_dir, avatar.pivot, viewmats)) * weight
     own = torch.lerp(own, _unpremultiply(coarse), fade)
     fade = px.per_view(shell_detail_fade(avatar.source_dir, avatar.pivot, viewmats)) * (part == 1)[:, None]
@@ -417,6 +442,11 @@ def render_cameras(
     mirrored = _unpremultiply(tex_m) * vals[..., VATTR.RATIO].permute(0, 3, 1, 2)
     fill_rgb = vals[..., VATTR.FILL_RGB].permute(0, 3, 1, 2)  # per-vertex colours: smooth, no streaks
     unseen = torch.lerp(fill_rgb, mirrored.clamp(0.0, 1.0), w_mirror[:, None])
+    # Seen surface a little too stretched for its detail: near the source's view, its low-pass colour before the rest.
+    w_stretched = seen * smooth[:, 1] * torch.where(head, on_person, torch.ones_like(on_person))  # [B, h, w]
+    w_stretched = w_stretched[:, None] * px.per_view(stretched_colour_weight(avatar.source_dir, avatar.pivot, viewmats))
+    stretched = _lookup(F.avg_pool2d(avatar.texture, _STRETCHED_POOL, ceil_mode=True), own_grid)
+    unseen = torch.lerp(unseen, _unpremultiply(stretched), w_stretched)
     memory = None if avatar.memory is None else _memory_band(_memory_at(avatar, px.face, px.bary), px)  # [B, 6, h, w]
     if memory is not None:  # what earlier frames saw well, before the mirror side and the fill
         unseen = torch.lerp(unseen, memory[:, :3], memory[:, 4:5])
