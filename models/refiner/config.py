@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import presets
 from .attention import VIEW_ATTENTION_MODES
@@ -40,18 +42,31 @@ HUB_FILES = (
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "residual")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A model hub id, "owner/name": never absolute, never ./ or ../, exactly one separator."""
+LOCAL_EXPECTED = (f"expected a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a diffusers model with "
+                  f"{UNET_DIR}/config.json")
+"""What a local refiner folder holds, for the errors about one that holds nothing we can load."""
+
+
+def is_hub_id(src: str | Path) -> bool:
+    """True for "owner/name" that is no folder here: a name the model hub may know."""
+    return bool(HUB_ID.fullmatch(str(src))) and not Path(src).expanduser().exists()
+
+
 class MissingModelError(FileNotFoundError):
-    """Refiner weights are neither in a local folder nor reachable on the hub."""
+    """Refiner weights are neither in a local folder nor reachable on the hub. One line: for a hub id, the
+    `hf download` that fetches it; for a local path, only what is wrong with that folder."""
 
     def __init__(self, src: str, reason: str, files: tuple[str, ...] = HUB_FILES):
-        name = str(src).rstrip("/").split("/")[-1] or "model"
-        include = " ".join(f"--include '{f}'" for f in files)
-        super().__init__(
-            f"refiner model {src!r} not found: {reason}. "
-            f"On a machine with internet run `hf download {src} {include} --local-dir WEIGHTS_DIR/{name}` "
-            f"(patterns that do not exist in the repo are skipped), copy WEIGHTS_DIR/{name} here "
-            f"and pass that folder: Refiner.from_pretrained('WEIGHTS_DIR/{name}')."
-        )
+        if is_hub_id(src):
+            name = str(src).split("/")[-1]
+            include = " ".join(f"--include '{f}'" for f in files)
+            message = (f"refiner model {src!r} not found: {reason}; on a machine with internet run `hf download {src} "
+                       f"{include} --local-dir WEIGHTS_DIR/{name}`, copy that folder here and pass it instead")
+        else:
+            message = f"no refiner at {str(src)!r}: {reason}"
+        super().__init__(message)
         self.src = str(src)
 
 @dataclass(frozen=True)

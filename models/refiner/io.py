@@ -17,7 +17,6 @@ hub id), e.g. stabilityai/sd-turbo + our adapter.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -31,6 +30,8 @@ from .config import (
     DEFAULT_TINY_AE,
     DIFFUSERS_WEIGHTS_NAME,
     HUB_FILES,
+    HUB_ID,
+    LOCAL_EXPECTED,
     LORA_DIR,
     UNET_DIR,
     WEIGHTS_NAME,
@@ -193,17 +194,14 @@ def _save_diffusers(model, directory: Path) -> None:
     save_file(state, directory / DIFFUSERS_WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 def _resolve(src: str | Path, local_files_only: bool = False) -> Path:
     """A local folder, or a hub snapshot of the files the refiner may need."""
     path = Path(src).expanduser()
     if path.is_dir():
         return path
     text = str(src)
-    if not _HUB_ID.fullmatch(text):
-        raise MissingModelError(text, f"no folder at {path}")
+    if not HUB_ID.fullmatch(text):
+        raise MissingModelError(text, f"no such folder ({LOCAL_EXPECTED})")
     try:
         from huggingface_hub import snapshot_download
 

@@ -1,6 +1,7 @@
 """Saving and loading: refiner folders, LoRA adapters, SD-style base folders, missing models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -166,17 +167,23 @@ def test_sd_folder_prompt_embedding_from_its_text_encoder(tmp_path):
     assert torch.equal(_run(Refiner.from_pretrained(tmp_path / "refiner")), before)
 
 
-def test_missing_local_folder_error_says_what_to_download(tmp_path):
+@pytest.mark.parametrize("where", ["/nowhere/sd-turbo", "./nowhere", "../nowhere/sd-turbo", "nowhere"])
+def test_a_missing_local_folder_is_said_to_be_missing_not_downloaded(where):
+    """A local path is no hub id: `hf download /nowhere/sd-turbo` was suggested for it, in a paragraph."""
     with pytest.raises(MissingModelError) as info:
-        Refiner.from_pretrained(tmp_path / "nowhere" / "sd-turbo")
+        Refiner.from_pretrained(where)
     message = str(info.value)
-    assert "not found" in message and "hf download" in message and "--local-dir WEIGHTS_DIR/sd-turbo" in message
-    assert "unet/diffusion_pytorch_model.safetensors" in message
+    assert message.startswith(f"no refiner at '{where}': no such folder (expected a folder holding refiner.json")
+    assert "hf download" not in message and "\n" not in message
 
 
-def test_missing_hub_model_offline_is_a_clear_error():
-    with pytest.raises(MissingModelError, match=r"refiner model 'stabilityai/sd-turbo' not found: .*hub did not provide it"):
+def test_missing_hub_model_offline_is_a_clear_error_that_says_what_to_download():
+    with pytest.raises(MissingModelError) as info:
         Refiner.from_pretrained("stabilityai/sd-turbo", local_files_only=True)
+    message = str(info.value)
+    assert re.match(r"refiner model 'stabilityai/sd-turbo' not found: .*hub did not provide it", message), message
+    assert "`hf download stabilityai/sd-turbo " in message and "--local-dir WEIGHTS_DIR/sd-turbo`" in message
+    assert "--include 'unet/diffusion_pytorch_model.safetensors'" in message and "\n" not in message
 
 
 def test_folder_without_a_model_is_a_clear_error(tmp_path):
