@@ -84,9 +84,9 @@ class ClipIndexConfig:
 
     def __post_init__(self) -> None:
         if self.stride < 1:
-            raise ValueError(f"expected stride >= 1, got {self.stride}")
+            raise ValueError(f"stride: expected >= 1, got {self.stride}")
         if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"expected max_frames >= 1 or None, got {self.max_frames}")
+            raise ValueError(f"max_frames: expected >= 1 or None (every frame), got {self.max_frames}")
         if not 16 <= self.mask_size <= 4096:
             raise ValueError(f"expected mask_size in [16, 4096], got {self.mask_size}")
         if not 1.0 <= self.fov_deg <= 150.0:

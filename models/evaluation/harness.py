@@ -117,9 +117,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not 32 <= self.size <= 2048:
-            raise ValueError(f"expected size in [32, 2048], got {self.size}")
+            raise ValueError(f"size: expected pixels in [32, 2048], got {self.size}")
         if self.max_pairs_per_bin < 1:
-            raise ValueError(f"expected max_pairs_per_bin >= 1, got {self.max_pairs_per_bin}")
+            raise ValueError(f"max_pairs_per_bin: expected >= 1, got {self.max_pairs_per_bin}")
         if not self.bins:
             raise ValueError("expected at least one yaw bin, got none")
         if self.flicker_step_deg <= 0 or self.flicker_yaw_deg <= 0:

@@ -1,5 +1,6 @@
-"""Process plumbing shared by every command: the one --help style, the one logging setup, and running one coroutine
-until it ends, Ctrl-C or SIGTERM, with the expected failures turned into one line and an exit status.
+"""Process plumbing shared by every command: the one --help style, the one logging setup, running one coroutine
+until it ends, Ctrl-C or SIGTERM, with the expected failures turned into one line and an exit status, and the one
+place that turns a config's complaint about a field into one about the flag the user typed.
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ import argparse
 import asyncio
 import logging
 import os
+import re
+import shlex
 import signal
+import sys
 from typing import Any, Coroutine
 
 logger = logging.getLogger("telepresence")
@@ -97,3 +101,57 @@ def run_until_stopped(coro: Coroutine[Any, Any, Any], expected: tuple[type[BaseE
         logger.error("%s", error)
         return EXIT_FAILED
     return 0
+
+
+FLAGS: dict[str, str] = {
+    # telepresence.pipeline.PipelineConfig
+    "size": "--size", "cpu_threads": "--threads", "refiner": "--refiner",
+    # telepresence.stream.sender.SenderConfig, its BitrateConfig and IceConfig
+    "signaling_url": "--signaling", "room": "--room", "token": "--token", "source_fps": "--source-fps",
+    "max_viewers": "--max-viewers", "min_kbps": "--min-kbps", "start_kbps": "--start-kbps", "max_kbps": "--max-kbps",
+    "urls": "--ice-server",
+    # telepresence.stream.receiver.ReceiverConfig and its RoomLimits
+    "port": "--port", "web_dir": "--web-dir", "allowed_origins": "--allow-origin",
+    "max_viewers_per_room": "--max-viewers", "max_senders_per_room": "--max-senders",
+    "max_connections_per_ip": "--max-per-ip", "max_viewers_per_ip": "--max-viewers-per-ip",
+    "max_rooms_per_ip": "--max-rooms-per-ip",
+    # telepresence.stream.call.CallConfig and its HeadTrackingConfig
+    "max_participants": "--max-participants", "gpus": "--gpus", "gain": "--head-gain",
+    # models.evaluation: EvalConfig and its ClipIndexConfig
+    "max_pairs_per_bin": "--max-pairs", "stride": "--stride", "max_frames": "--max-frames",
+}
+"""Config field -> the command-line flag that sets it: a config's ValueError names its field ("size: expected ..."),
+the user is told about the flag they typed (flag_message)."""
+SECRET_FLAGS = ("--token", "--ice-credential")
+"""Flags whose value is never repeated back (it would land in terminals and logs)."""
+
+
+def flag_message(error: Exception, args: argparse.Namespace) -> str:
+    """A config's "FIELD[, FIELD...]: expected X, got Y" -> "--FLAG VALUE: expected X, got Y", naming the flag and
+    value the user typed (where several fields are named, their names in X become their flags too). A message that
+    names no known field is returned as it is."""
+    text = str(error)
+    head, sep, rest = text.partition(": ")
+    fields = [name.strip() for name in head.split(",")]
+    if not sep or not all(name in FLAGS for name in fields):
+        return text
+    if len(fields) > 1:  # "a, b: expected a <= b": the names in what is expected too (not in the value got)
+        expected, got, value = rest.rpartition(", got ") if ", got " in rest else (rest, "", "")
+        for name in fields:
+            expected = re.sub(rf"(?<![\w.-]){name}(?![\w.-])", FLAGS[name], expected)
+        rest = expected + got + value
+    return f"{', '.join(_typed(FLAGS[name], args) for name in fields)}: {rest}"
+
+
+def _typed(flag: str, args: argparse.Namespace) -> str:
+    """"--flag VALUE" as the user would type it again; the flag alone for a secret, a repeatable flag or no value."""
+    value = getattr(args, flag[2:].replace("-", "_"), None)
+    if flag in SECRET_FLAGS or value is None or isinstance(value, (bool, list, tuple)):
+        return flag
+    return f"{flag} {shlex.quote(format(value, 'g') if isinstance(value, float) else str(value))}"
+
+
+def refuse(parser: argparse.ArgumentParser, error: Exception, args: argparse.Namespace) -> int:
+    """A flag no config takes: one line naming it ("telepresence send: --size 63: expected ..."), EXIT_BAD_INPUT."""
+    print(f"{parser.prog}: {flag_message(error, args)}", file=sys.stderr)
+    return EXIT_BAD_INPUT

@@ -7,16 +7,18 @@ import argparse
 import asyncio
 import logging
 
-from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import HelpFormatter, add_verbosity, configure_logging, refuse, run_until_stopped
 from telepresence.cli.options import (
     add_pipeline_arguments,
     add_sender_arguments,
     open_pipeline_from_args,
+    open_source_from_args,
     pipeline_config_from_args,
+    say_device,
     sender_config_from_args,
 )
-from telepresence.pipeline import PipelineUnavailableError
-from telepresence.stream.capture import SourceError, open_source
+from telepresence.pipeline import PipelineConfig, PipelineUnavailableError
+from telepresence.stream.capture import SourceError
 from telepresence.stream.receiver import Receiver, ReceiverConfig, ReceiverError
 from telepresence.stream.sender import Sender
 from telepresence.stream.signaling_client import SignalingRejectedError
@@ -42,11 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args: argparse.Namespace, receiver_config: ReceiverConfig) -> None:
-    pipeline_config = pipeline_config_from_args(args)
+async def _run(args: argparse.Namespace, receiver_config: ReceiverConfig, pipeline_config: PipelineConfig) -> None:
     loop = asyncio.get_running_loop()
     # a bad --source fails fast, as send's: opened after the URL was printed, it said "Demo running" first
-    source = await loop.run_in_executor(None, open_source, args.source, args.source_fps)
+    source = await loop.run_in_executor(None, open_source_from_args, args.source, args.source_fps)
     receiver = Receiver(receiver_config)
     try:
         await receiver.start()
@@ -77,17 +78,18 @@ async def _run(args: argparse.Namespace, receiver_config: ReceiverConfig) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
         receiver_config = ReceiverConfig(host=args.host, port=args.port, room=args.room, token=args.token)
         sender_config_from_args(args, name="demo")
-        pipeline_config_from_args(args)
+        pipeline_config = pipeline_config_from_args(args)
     except ValueError as error:
-        logger.error("%s", error)
-        return EXIT_BAD_INPUT
+        return refuse(parser, error, args)
+    say_device(args, pipeline_config)
     return run_until_stopped(
-        _run(args, receiver_config),
+        _run(args, receiver_config, pipeline_config),
         expected=(ReceiverError, PipelineUnavailableError, SignalingRejectedError),
         bad_input=(SourceError,),
     )

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from telepresence.cli.console import add_verbosity, configure_logging
+from telepresence.cli.console import EXIT_BAD_INPUT, add_verbosity, configure_logging, flag_message
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,10 @@ def _print_summary(title: str, n: int, unit: str, methods: Sequence[str], summar
         print(f"  {method:9s} PSNR head [dB]  " + "  ".join(cells))
 
 
+def _error(message: str) -> None:
+    print(f"telepresence eval: {message}", file=sys.stderr)
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """`telepresence eval ...`; returns the exit status."""
     args = _eval_parser().parse_args(argv)
@@ -111,25 +115,23 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     methods = list(dict.fromkeys(m.strip() for arg in args.methods for m in arg.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "baseline" not in methods:
-        print(f"error: expected --methods among {' '.join(METHODS)}, baseline among them (the score's floor), got "
-              f"{' '.join(args.methods)}",
-              file=sys.stderr)
+        _error(f"--methods {' '.join(args.methods)}: expected some of {' '.join(METHODS)}, baseline among them (the "
+               "score's floor)")
         return 2
     if args.memory and methods == ["baseline"]:
-        print("error: expected --memory with the avatar (raw or refined among --methods), got --methods baseline",
-              file=sys.stderr)
+        _error("--memory: expected with the avatar (raw or refined among --methods), got --methods baseline")
         return 2
     if not args.clips and not args.multiview:
-        print("error: expected --clips PATH ... and/or --multiview DIR ..., got neither", file=sys.stderr)
+        _error("expected --clips PATH ... and/or --multiview DIR ..., got neither")
         return 2
     if args.device == "cuda" and methods != ["baseline"]:
         import torch
 
         if not torch.cuda.is_available():
-            print("error: --device cuda: CUDA is not available on this machine (use --device cpu)", file=sys.stderr)
+            _error("--device cuda: CUDA is not available on this machine (use --device cpu)")
             return 2
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"error: --out {args.out}: exists and is not a folder", file=sys.stderr)
+        _error(f"--out {args.out}: exists and is not a folder")
         return 2
     try:
         config = EvalConfig(
@@ -142,16 +144,20 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             landmarks=not args.no_landmarks,
             flicker=not args.no_flicker,
         )
+    except ValueError as exc:  # "size: expected ..." -> "--size 10: expected ..."
+        _error(flag_message(exc, args))
+        return EXIT_BAD_INPUT
+    try:
         clips = find_clips(args.clips) if args.clips else []
         sets = find_sets(args.multiview) if args.multiview else []
     except (ValueError, OSError, SetReadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     if args.clips and not clips:
-        print(f"error: no video files found in {' '.join(args.clips)}", file=sys.stderr)
+        _error(f"no video files found in {' '.join(args.clips)}")
         return 2
     if args.multiview and not sets:
-        print(f"error: no multi-camera sets (folders of pictures) found in {' '.join(args.multiview)}", file=sys.stderr)
+        _error(f"no multi-camera sets (folders of pictures) found in {' '.join(args.multiview)}")
         return 2
 
     notes = []
@@ -184,7 +190,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                 "refiner": args.refiner if "refined" in methods else None, "notes": notes},
                           sets=sets)
     except (EvalSetupError, MissingEvalExtraError, MethodOutputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(f"{exc}")
         return 2
     if "raw" not in methods and "raw" in result.methods:
         result.methods = tuple(m for m in result.methods if m != "raw")
@@ -193,8 +199,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     for s in result.set_skipped:
         print(f"skipped set {s['set']}: {s['reason']}", file=sys.stderr)
     if not result.records and not result.set_records:  # nothing written: an earlier run's results in --out stay
-        print(f"error: no {'clip' if clips else 'set'}{' or set' if clips and sets else ''} could be evaluated "
-              f"(nothing written to {args.out})", file=sys.stderr)
+        _error(f"no {'clip' if clips else 'set'}{' or set' if clips and sets else ''} could be evaluated "
+               f"(nothing written to {args.out})")
         return 1
     paths = write_results(result, args.out)
     print(f"-> {paths['md']}")

@@ -4,12 +4,17 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+from pathlib import Path
 
+from models.refiner.config import LOCAL_EXPECTED, is_hub_id
+from models.refiner.shipped import SD_TURBO_LORA
 from telepresence.pipeline import COMPILE_AVATAR, FramePipeline, PipelineConfig, open_pipeline
+from telepresence.stream.capture import FrameSource, ImageSource, SourceError, open_source
 from telepresence.stream.messages import MAX_NAME_CHARS
 from telepresence.stream.rtc import BitrateConfig, IceConfig
 from telepresence.stream.sender import ENCODERS, SenderConfig
 
+logger = logging.getLogger("telepresence")
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when this machine has it, else cpu) | cpu | cuda | cuda:N")
@@ -51,25 +56,36 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_refiner(text: str) -> str | None:
-    """--refiner PATH|default|none -> PipelineConfig.refiner (None: no refinement)."""
-    return None if text.lower() == "none" else text
+    """--refiner PATH|default|none -> PipelineConfig.refiner (None: no refinement); ValueError for a local folder
+    that is not there (checked with the other flags, before the pipeline loads; a hub id is the loader's to find)."""
+    if text.lower() == "none":
+        return None
+    if text == "default" or text.startswith(SD_TURBO_LORA) or is_hub_id(text) or Path(text).expanduser().is_dir():
+        return text
+    problem = "is a file, not a folder" if Path(text).expanduser().exists() else "no such folder"
+    raise ValueError(f"refiner: {problem} ({LOCAL_EXPECTED})")
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (logged: the user sees which and why)."""
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (said by say_device, once the flags are checked)."""
     if name != "auto":
         return name
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    logging.getLogger("telepresence").info("device: %s (%s)", device,
-                                           "CUDA available" if device == "cuda" else "no CUDA device: the CPU path")
-    return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def say_device(args: argparse.Namespace, config: PipelineConfig) -> None:
+    """The device --device auto chose, and why: one line, after every flag was checked (a bad flag is refused
+    with nothing said before it)."""
+    if args.device == "auto":
+        logger.info("device: %s (%s)", config.device,
+                    "CUDA available" if config.device == "cuda" else "no CUDA device: the CPU path")
 
 
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    args.device = resolve_device(args.device)
-    return PipelineConfig(device=args.device, size=args.size, refiner=parse_refiner(args.refiner),
+    """The pipeline's flags -> its config; ValueError naming the field (refuse turns it into the flag)."""
+    return PipelineConfig(device=resolve_device(args.device), size=args.size, refiner=parse_refiner(args.refiner),
                           memory=getattr(args, "memory", PipelineConfig.memory), cpu_threads=getattr(args, "threads", None),
                           smooth_landmarks=getattr(args, "smooth_landmarks", True),
                           compile_refiner=getattr(args, "compile_refiner", False),
@@ -113,3 +129,25 @@ def sender_config_from_args(args: argparse.Namespace, **overrides) -> SenderConf
     )
     values.update(overrides)
     return SenderConfig(**values)
+
+
+def open_source_from_args(spec: str, fps: float | None = None) -> FrameSource:
+    """--source opened (SourceError: one line, exit 2), a still picture checked for a face once here, as
+    `render --image` checks it: a still never shows a face later, and a sender without one would sit in its room
+    with nothing for its viewers to see. Blocking (a second: the face detector's start): run it off the event loop."""
+    from models.face.analysis import FaceAnalyzer, FaceConfig, NoFaceError
+
+    source = open_source(spec, fps)
+    if not isinstance(source, ImageSource):
+        return source
+    try:
+        with FaceAnalyzer(FaceConfig(static_image=True, segmentation=False)) as analyzer:
+            analyzer.analyze(source.retrieve(), with_mask=False)
+    except NoFaceError as error:
+        source.close()
+        raise SourceError(f"--source {spec}: {error} (a still never shows one later: the viewers would see "
+                          "nothing)") from None
+    except BaseException:
+        source.close()
+        raise
+    return source

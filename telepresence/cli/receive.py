@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
-from telepresence.stream.receiver import ReceiverConfig, ReceiverError, default_web_dir, run
+from telepresence.cli.console import HelpFormatter, add_verbosity, configure_logging, refuse, run_until_stopped
+from telepresence.stream.receiver import ReceiverConfig, ReceiverError, default_web_dir, run, web_dir_problem
 from telepresence.stream.rtc import IceConfig
 from telepresence.stream.signaling import RoomLimits
 
-logger = logging.getLogger("telepresence")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +43,9 @@ def add_receiver_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
+    """The receiver's flags -> its config; ValueError naming the field (console.refuse turns it into the flag)."""
+    if args.web_dir is not None and web_dir_problem(args.web_dir) is not None:
+        raise ValueError(f"web_dir: {web_dir_problem(args.web_dir)}")
     return ReceiverConfig(
         host=args.host,
         port=args.port,
@@ -64,13 +65,13 @@ def config_from_args(args: argparse.Namespace) -> ReceiverConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
         config = config_from_args(args)
     except ValueError as error:
-        logger.error("%s", error)
-        return EXIT_BAD_INPUT
+        return refuse(parser, error, args)
     return run_until_stopped(
         run(config, on_ready=lambda receiver: print(f"Receiver ready. Open {receiver.url}", flush=True)),
         expected=(ReceiverError,),

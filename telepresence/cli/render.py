@@ -56,10 +56,15 @@ class StageTimer:
         return "  ".join(f"{k} {v:.1f} ms" for k, v in self.ms.items())
 
 
+class RenderInputError(Exception):
+    """What the user asked for cannot be rendered on this machine or from this clip, found once the work began (no
+    CUDA for --device cuda, --at past the clip's end or on a frame without a face): one line, EXIT_BAD_INPUT."""
+
+
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise RenderInputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device
 
 
@@ -106,12 +111,12 @@ def _clip_frame(args: argparse.Namespace, timer: StageTimer, device: torch.devic
     ids = index.frame_ids.tolist()
     if not ids or frame > max(ids):
         end = (max(ids) + 1) / fps if ids else 0.0
-        raise SystemExit(f"--at {args.at:g}: past the end of '{args.video}' ({end:.1f} s at {fps:g} fps)")
+        raise RenderInputError(f"--at {args.at:g}: past the end of '{args.video}' ({end:.1f} s at {fps:g} fps)")
     if frame not in set(ids) or not index.found[index.position(frame)]:
         faces = [i for i, found in zip(ids, index.found) if found]
         nearest = (f"; the nearest frame with a face is at {min(faces, key=lambda i: abs(i - frame)) / fps:.2f} s"
                    if faces else "; none of its frames has one")
-        raise SystemExit(f"--at {args.at:g}: no face found in frame {frame} of '{args.video}'{nearest}")
+        raise RenderInputError(f"--at {args.at:g}: no face found in frame {frame} of '{args.video}'{nearest}")
     with timer.stage("read"):
         image = index.read_frames([frame])[frame]
     obs = index.observation(frame)
@@ -290,4 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(args, parser)
     configure_logging(args.verbose)
-    return render_command(args)
+    try:
+        return render_command(args)
+    except RenderInputError as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT

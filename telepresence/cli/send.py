@@ -5,16 +5,18 @@ import argparse
 import functools
 import logging
 
-from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
+from telepresence.cli.console import HelpFormatter, add_verbosity, configure_logging, refuse, run_until_stopped
 from telepresence.cli.options import (
     add_pipeline_arguments,
     add_sender_arguments,
     open_pipeline_from_args,
+    open_source_from_args,
     pipeline_config_from_args,
+    say_device,
     sender_config_from_args,
 )
-from telepresence.pipeline import PipelineUnavailableError
-from telepresence.stream.capture import SourceError, open_source
+from telepresence.pipeline import PipelineConfig, PipelineUnavailableError
+from telepresence.stream.capture import SourceError
 from telepresence.stream.sender import Sender, SenderConfig, serve
 from telepresence.stream.signaling_client import SignalingRejectedError
 from telepresence.stream.worker import open_pipeline_process
@@ -46,14 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args: argparse.Namespace) -> None:
+async def _run(args: argparse.Namespace, config: SenderConfig, pipeline_config: PipelineConfig) -> None:
     import asyncio
 
-    config = sender_config_from_args(args, signaling_url=args.signaling, room=args.room, token=args.token,
-                                     stamp_frames=args.stamp_frames)
-    pipeline_config = pipeline_config_from_args(args)
     loop = asyncio.get_running_loop()
-    source = await loop.run_in_executor(None, open_source, config.source, config.source_fps)  # a bad source fails fast
+    # a bad source (a still without a face too) fails fast, before the pipeline loads and the sender joins
+    source = await loop.run_in_executor(None, open_source_from_args, config.source, config.source_fps)
     try:
         logger.info("loading the pipeline (device %s, %d px%s)", pipeline_config.device, pipeline_config.size,
                     ", in a process of its own" if args.pipeline_process else "")
@@ -92,13 +92,16 @@ async def _watch_process(pipeline) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
-        sender_config_from_args(args, signaling_url=args.signaling, room=args.room, token=args.token)
-        pipeline_config_from_args(args)
+        config = sender_config_from_args(args, signaling_url=args.signaling, room=args.room, token=args.token,
+                                         stamp_frames=args.stamp_frames)
+        pipeline_config = pipeline_config_from_args(args)
     except ValueError as error:
-        logger.error("%s", error)
-        return EXIT_BAD_INPUT
-    return run_until_stopped(_run(args), expected=(PipelineUnavailableError, SignalingRejectedError),
+        return refuse(parser, error, args)
+    say_device(args, pipeline_config)
+    return run_until_stopped(_run(args, config, pipeline_config),
+                             expected=(PipelineUnavailableError, SignalingRejectedError),
                              bad_input=(SourceError,))

@@ -7,8 +7,15 @@ import asyncio
 import logging
 from pathlib import Path
 
-from telepresence.cli.console import HelpFormatter, EXIT_BAD_INPUT, add_verbosity, configure_logging, run_until_stopped
-from telepresence.cli.options import add_codec_arguments, add_pipeline_arguments, pipeline_config_from_args
+from telepresence.cli.console import (
+    EXIT_BAD_INPUT,
+    HelpFormatter,
+    add_verbosity,
+    configure_logging,
+    refuse,
+    run_until_stopped,
+)
+from telepresence.cli.options import add_codec_arguments, add_pipeline_arguments, pipeline_config_from_args, say_device
 from telepresence.cli.receive import add_receiver_arguments, config_from_args
 from telepresence.stream.call import CallConfig, CallHost
 from telepresence.stream.headtrack import HeadTrackingConfig
@@ -75,15 +82,16 @@ async def _run(receiver_config: ReceiverConfig, call_config: CallConfig) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
         receiver_config = config_from_args(args)
         call_config = call_config_from_args(args, receiver_config)
     except ValueError as error:
-        logger.error("%s", error)
-        return EXIT_BAD_INPUT
+        return refuse(parser, error, args)
     if not (Path(receiver_config.web_dir) / "call.html").is_file():
         logger.error("the call page is missing: %s", Path(receiver_config.web_dir) / "call.html")
         return EXIT_BAD_INPUT
+    say_device(args, call_config.pipeline)
     return run_until_stopped(_run(receiver_config, call_config), expected=(ReceiverError,))

@@ -166,7 +166,7 @@ class VideoFileSource(FrameSource):
     """A video file played at its own frame rate (or ``fps``), looping at the end."""
 
     def __init__(self, path: str | os.PathLike, loop: bool = True, fps: float | None = None) -> None:
-        fps = None if fps is None else _check_fps(fps)
+        fps = None if fps is None else check_fps(fps)
         self.path = Path(path)
         self.name = self.path.name
         self.loop = loop
@@ -223,7 +223,7 @@ class ImageSource(FrameSource):
     def __init__(self, path: str | os.PathLike, fps: float = 30.0) -> None:
         self.path = Path(path)
         self.name = self.path.name
-        self.fps = fps = _check_fps(fps)
+        self.fps = fps = check_fps(fps)
         try:
             self._image = read_still(self.path)
         except ImageReadError as error:
@@ -253,7 +253,8 @@ class SampleSource(VideoFileSource):
         self._resources.close()
 
 
-def _check_fps(fps: float) -> float:
+def check_fps(fps: float) -> float:
+    """A rate to play a file, a picture or the sample at, frames a second; SourceError outside [1, 240] (or NaN)."""
     if not 1.0 <= fps <= 240.0:
         raise SourceError(f"expected a frame rate in [1, 240], got {fps}")
     return float(fps)
@@ -269,7 +270,7 @@ def open_source(spec: str, fps: float | None = None) -> FrameSource:
     rate, 30 for images); a camera paces itself.
     """
     if fps is not None:
-        _check_fps(fps)
+        check_fps(fps)
     if spec == "sample":
         return SampleSource(fps)
     if spec == "webcam":

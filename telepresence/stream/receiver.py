@@ -67,8 +67,18 @@ def parse_origin(url: str) -> str:
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
             or parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"allowed origin: expected http(s)://HOST[:PORT], got {url!r}")
+        raise ValueError(f"allowed_origins: expected http(s)://HOST[:PORT], got {url!r}")
     return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def web_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be the pages' folder ("no such folder", "is a file, not a folder", "holds no index.html"),
+    or None."""
+    if (path / "index.html").is_file():
+        return None
+    if not path.exists():
+        return "no such folder"
+    return "is a file, not a folder" if not path.is_dir() else "holds no index.html"
 
 
 def default_web_dir() -> Path:
@@ -150,7 +160,8 @@ class Receiver:
 
     async def start(self) -> None:
         if not (self.web_root / "index.html").is_file():
-            raise ReceiverError(f"web directory not found: {self.web_root} (run from the repository root or pass --web-dir)")
+            raise ReceiverError(f"web directory {self.web_root}: {web_dir_problem(self.web_root)} (run from the "
+                                "repository root or pass --web-dir)")
         keepalive_s = self.config.limits.keepalive_s
         try:
             self.server = await serve(

@@ -57,7 +57,7 @@ class IceConfig:
     def __post_init__(self) -> None:
         for url in self.urls:
             if not url.startswith(ICE_URL_SCHEMES):
-                raise ValueError(f"expected an ICE server URL starting with {'/'.join(ICE_URL_SCHEMES)}, got {url!r}")
+                raise ValueError(f"urls: expected an ICE server URL starting with {'/'.join(ICE_URL_SCHEMES)}, got {url!r}")
 
     def _servers(self) -> list[tuple[str, Optional[str], Optional[str]]]:
         out = []
@@ -99,7 +99,7 @@ class BitrateConfig:
     def __post_init__(self) -> None:
         if not 50 <= self.min_kbps <= self.start_kbps <= self.max_kbps <= 100_000:
             raise ValueError(
-                f"expected 50 <= min_kbps <= start_kbps <= max_kbps <= 100000, "
+                f"min_kbps, start_kbps, max_kbps: expected 50 <= min_kbps <= start_kbps <= max_kbps <= 100000, "
                 f"got {self.min_kbps}, {self.start_kbps}, {self.max_kbps}"
             )
 

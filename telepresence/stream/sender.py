@@ -37,7 +37,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from models.geometry.camera import OrbitPose
 from telepresence.pipeline import FramePipeline
 
-from .capture import FrameSource, open_source
+from .capture import FrameSource, SourceError, check_fps, open_source
 from .encoding import EncoderPool, EncoderUnavailableError, follow_rtp_sender, shared_pool
 from .messages import (
     AnswerMessage,
@@ -141,6 +141,11 @@ class SenderConfig:
             raise ValueError(f"signaling_url: expected ws:// or wss://, got {self.signaling_url!r}")
         if self.max_viewers < 1:
             raise ValueError(f"max_viewers: expected >= 1, got {self.max_viewers}")
+        if self.source_fps is not None:
+            try:
+                check_fps(self.source_fps)
+            except SourceError as error:
+                raise ValueError(f"source_fps: {error}") from None
         if not 0.5 <= self.heartbeat_timeout_s <= 60.0:
             raise ValueError(f"heartbeat_timeout_s: expected 0.5..60, got {self.heartbeat_timeout_s}")
 

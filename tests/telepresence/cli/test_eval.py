@@ -51,7 +51,7 @@ def test_a_run_that_evaluates_nothing_keeps_an_earlier_runs_results(tmp_path, ca
                       "--no-identity", "--no-cache", "-q"])
     assert code == 1
     err = capsys.readouterr().err
-    assert f"error: no clip could be evaluated (nothing written to {out})" in err and "skipped corrupt: " in err
+    assert f"telepresence eval: no clip could be evaluated (nothing written to {out})" in err and "skipped corrupt: " in err
     assert (out / "results.json").read_text() == '{"pairs": ["an earlier run"]}'
     assert (out / "results.md").read_text() == "an earlier run" and sorted(p.name for p in out.iterdir()) == [
         "results.json", "results.md"]
@@ -128,7 +128,18 @@ def test_cuda_without_a_gpu_and_an_out_that_is_a_file_are_one_line_each(tmp_path
     (tmp_path / "clip.mp4").write_bytes(b"")
     (tmp_path / "a_file").write_text("")
     assert eval_main(["--clips", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "a_file")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'a_file'}: exists and is not a folder"
+    assert capsys.readouterr().err.strip() == f"telepresence eval: --out {tmp_path / 'a_file'}: exists and is not a folder"
     if not torch.cuda.is_available():  # on a GPU machine the device is fine: only the --out check above applies
         assert eval_main(["--clips", str(tmp_path / "clip.mp4"), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
         assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--size", "10"], "--size 10: expected pixels in [32, 2048], got 10"),
+    (["--max-pairs", "0"], "--max-pairs 0: expected >= 1, got 0"),
+    (["--stride", "0"], "--stride 0: expected >= 1, got 0"),
+])
+def test_a_bad_number_names_its_flag_not_the_config_field(flags, said, tmp_path, capsys):
+    """EvalConfig's "expected size in [32, 2048]" and "expected max_pairs_per_bin >= 1" named no flag the user typed."""
+    assert eval_main(["--clips", str(tmp_path), "--out", str(tmp_path / "o"), "--methods", "baseline", *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"telepresence eval: {said}"]

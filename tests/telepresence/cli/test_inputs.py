@@ -102,3 +102,70 @@ def test_a_huge_still_renders_in_about_the_memory_of_a_capped_one(huge_picture, 
         if name == "huge":
             assert len(re.findall(r"downscaled .*10000x10000 to 1920x1920", result.stderr)) == 1, result.stderr[-2000:]
     assert peaks["huge"] < peaks["capped"] + 450, peaks
+
+
+class _Analyzer:
+    """models.face.analysis.FaceAnalyzer as the still's check uses it, without MediaPipe's second of start-up."""
+
+    face = False
+    configs = []
+
+    def __init__(self, config):
+        self.configs.append(config)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def analyze(self, image, with_mask=None):
+        from models.face.analysis import NoFaceError
+
+        if not self.face:
+            raise NoFaceError("no face found in the picture")
+        return object()
+
+
+@pytest.fixture
+def analyzer(monkeypatch):
+    import models.face.analysis
+
+    monkeypatch.setattr(_Analyzer, "configs", [])
+    monkeypatch.setattr(models.face.analysis, "FaceAnalyzer", _Analyzer)
+    return _Analyzer
+
+
+def test_a_still_without_a_face_is_refused_before_the_sender_loads_or_joins(analyzer, tmp_path, caplog, monkeypatch):
+    """`send --source noface.png` joined its room and sat silent: its user heard nothing, and its viewers would
+    have waited for a face a still never shows. Now one line and exit 2, as for an unreadable picture."""
+    from telepresence.cli import main, send
+
+    async def join(sender):  # were the check gone, the sender would retry its join forever: fail at once instead
+        raise AssertionError("the sender went on to join its room")
+
+    monkeypatch.setattr(send, "serve", join)
+
+    still = tmp_path / "noface.png"
+    cv2.imwrite(str(still), np.full((64, 64, 3), 128, np.uint8))
+    with caplog.at_level(logging.INFO, logger="telepresence"):
+        code = main(["send", "--source", str(still), "--signaling", "ws://127.0.0.1:9/ws", "--pipeline",
+                     "tests.fake_pipeline"])
+    assert code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"--source {still}: no face found in the picture (a still never shows one later: the viewers would see nothing)"]
+    assert not any("loading the pipeline" in r.getMessage() for r in caplog.records)
+    assert [c.static_image for c in analyzer.configs] == [True]
+
+
+def test_a_still_with_a_face_is_checked_once_and_a_clip_not_at_all(analyzer, tmp_path):
+    from telepresence.cli.options import open_source_from_args
+
+    analyzer.face = True
+    still = tmp_path / "face.png"
+    cv2.imwrite(str(still), np.full((64, 64, 3), 128, np.uint8))
+    source = open_source_from_args(str(still))
+    source.grab()
+    assert source.retrieve().shape == (64, 64, 3) and len(analyzer.configs) == 1
+    open_source_from_args("sample").close()
+    assert len(analyzer.configs) == 1

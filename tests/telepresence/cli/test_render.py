@@ -113,6 +113,18 @@ def test_memory_exclude_spans_are_checked(capsys):
         main(["render", "--video", "clip.mp4", "--image", "a.jpg", "--out", "x"])
 
 
+def test_cuda_without_a_gpu_is_one_prefixed_line_and_bad_input(tmp_path, capsys):
+    """It was a bare "--device cuda: ..." and exit status 1, where eval says the same with its name and 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is fine")
+    code = main(["render", "--image", str(tmp_path / "not-read.jpg"), "--device", "cuda", "--out", str(tmp_path / "v")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "telepresence render: --device cuda: CUDA is not available on this machine (use --device cpu)"]
+
+
 def test_a_video_time_past_the_end_or_without_a_face_says_which(tmp_path, capsys, monkeypatch):
     import numpy as np
 
@@ -122,12 +134,15 @@ def test_a_video_time_past_the_end_or_without_a_face_says_which(tmp_path, capsys
     for _ in range(10):  # one second of grey: no face anywhere
         writer.write(np.full((64, 64, 3), 128, np.uint8))
     writer.release()
-    with pytest.raises(SystemExit) as past:
-        main(["render", "--video", str(clip), "--at", "5", "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")])
-    assert str(past.value) == f"--at 5: past the end of '{clip}' (1.0 s at 10 fps)"
-    with pytest.raises(SystemExit) as faceless:
-        main(["render", "--video", str(clip), "--at", "0.5", "--size", "64", "--refiner", "none", "--out", str(tmp_path / "o")])
-    assert str(faceless.value) == f"--at 0.5: no face found in frame 5 of '{clip}'; none of its frames has one"
+    capsys.readouterr()
+    assert main(["render", "--video", str(clip), "--at", "5", "--size", "64", "--refiner", "none",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"telepresence render: --at 5: past the end of '{clip}' (1.0 s at 10 fps)")
+    assert main(["render", "--video", str(clip), "--at", "0.5", "--size", "64", "--refiner", "none",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"telepresence render: --at 0.5: no face found in frame 5 of '{clip}'; none of its frames has one")
     assert not (tmp_path / "o").exists()
 
 
@@ -186,5 +201,6 @@ def test_a_refiner_that_cannot_be_loaded_is_one_line(tmp_path, test_data, capsys
                  str(tmp_path / "nowhere"), "--out", str(tmp_path / "views")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"telepresence render: --refiner {tmp_path / 'nowhere'}: refiner model")
+    assert len(err) == 1 and err[0].startswith(f"telepresence render: --refiner {tmp_path / 'nowhere'}: no refiner at ")
+    assert "no such folder" in err[0] and "hf download" not in err[0]
     assert not (tmp_path / "views").exists()
