@@ -25,7 +25,7 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _STRETCH = (1.5, 3.0)
 # Past that limit, up to this one, the source's texture still gives its low-pass colour (a box mean of _STRETCHED_POOL
 # texels: no streak survives it) to views within _STRETCHED_DEG of the source's direction (all of it up to the first
-# angle, none from the second), before the mirror side and the fill: the near side of a head turned 10-30 degrees shows
+# angle, none from the second), before the mirror side and the fill: the near side of a head turned up to 20-35 degrees shows
 # the hair and skin the source saw at a grazing angle instead of the fill colour (on the validation clips identity
 # distance 0.391 -> 0.387, landmark error 1.68 -> 1.59 % IOD; docs/results/eval_multiview.md, twenty-sixth session).
 _STRETCHED = (3.0, 6.0)
