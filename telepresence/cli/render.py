@@ -22,6 +22,7 @@ from models.face.analysis import FaceAnalyzer, FaceConfig
 from models.evaluation.figures import contact_sheet
 from models.pictures import to_rgb_uint8
 from telepresence.cli.console import EXIT_BAD_INPUT, HelpFormatter, add_verbosity, configure_logging
+from telepresence.cli.options import parse_refiner
 from telepresence.stream.capture import read_still
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--at: expected seconds from the start of the clip (0 or more), got {args.at:g}")
     if args.memory_every < 1:
         parser.error(f"--memory-every: expected 1 or more, got {args.memory_every}")
+    try:
+        parse_refiner(args.refiner)  # a local folder that is not there: said now, not after the face analysis
+    except ValueError as error:
+        parser.error(f"--refiner {args.refiner}: {str(error).removeprefix('refiner: ')}")
     if not args.out.strip():
         parser.error("--out: expected a folder")
     out = Path(args.out)

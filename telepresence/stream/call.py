@@ -108,7 +108,7 @@ class CallConfig:
         if self.max_bad_frames < 1:
             raise ValueError(f"max_bad_frames: expected >= 1, got {self.max_bad_frames}")
         if self.gpus is not None and self.gpus < 1:
-            raise ValueError(f"gpus: expected >= 1 or None (every GPU the host has), got {self.gpus}")
+            raise ValueError(f"gpus: expected >= 1 (left out: every GPU the host has), got {self.gpus}")
 
 
 class Participant:

@@ -179,8 +179,22 @@ def test_a_view_that_cannot_be_written_is_an_error_not_a_silent_success(tmp_path
     assert (tmp_path / "view_yaw+0_pitch+0.png").is_file()
 
 
+def test_a_refiner_folder_that_is_not_there_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--refiner PATH with nothing there: refused with the other flags (it was said only after the face analysis)."""
+    import telepresence.cli.render as render
+
+    monkeypatch.setattr(render, "read_still", lambda path: pytest.fail("read the image before refusing --refiner"))
+    with pytest.raises(SystemExit) as stop:
+        main(["render", "--image", str(tmp_path / "not-read.jpg"), "--size", "64", "--refiner",
+              str(tmp_path / "nowhere"), "--out", str(tmp_path / "views")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"telepresence render: error: --refiner {tmp_path / 'nowhere'}: no such folder (expected ")
+    assert not (tmp_path / "views").exists()
+
+
 def test_a_refiner_that_cannot_be_loaded_is_one_line(tmp_path, test_data, capsys, monkeypatch):
-    """--refiner PATH with no refiner there: one line and exit 2, not MissingModelError's traceback."""
+    """--refiner FOLDER holding no refiner: one line and exit 2, not MissingModelError's traceback."""
     import telepresence.cli.render as render
 
     class Analyzer:  # the face analysis is not what this is about (and takes a second)
@@ -197,10 +211,11 @@ def test_a_refiner_that_cannot_be_loaded_is_one_line(tmp_path, test_data, capsys
             return object()
 
     monkeypatch.setattr(render, "FaceAnalyzer", Analyzer)
+    (tmp_path / "empty").mkdir()
     code = main(["render", "--image", str(test_data / "lp_s42.jpg"), "--size", "64", "--refiner",
-                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "views")])
+                 str(tmp_path / "empty"), "--out", str(tmp_path / "views")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"telepresence render: --refiner {tmp_path / 'nowhere'}: no refiner at ")
-    assert "no such folder" in err[0] and "hf download" not in err[0]
+    assert len(err) == 1 and err[0].startswith(f"telepresence render: --refiner {tmp_path / 'empty'}: no refiner at ")
+    assert "hf download" not in err[0]
     assert not (tmp_path / "views").exists()
