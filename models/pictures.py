@@ -8,17 +8,25 @@ import torch
 __all__ = ["to_uint8", "to_rgb_uint8"]
 
 
-def to_uint8(image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+def to_uint8(image: torch.Tensor | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor | np.ndarray:
     """Quantise values in [0, 1] to 8 bits: round(clip(x, 0, 1) * 255), ties to even (np.round, torch.round).
 
     image: a numpy array or a torch tensor of any shape. Returns the same kind, shape and device,
     dtype uint8; a uint8 input comes back unchanged. A tensor is multiplied in float32 (x.float()),
     an array in its own float dtype.
+    out: for a tensor, a uint8 tensor of its shape (any strides, e.g. a channels-last view) written and
+    returned instead of a new one.
     """
     if isinstance(image, torch.Tensor):
+        if out is not None:
+            if out.dtype != torch.uint8 or out.shape != image.shape:
+                raise ValueError(f"expected out as uint8 {tuple(image.shape)}, got {out.dtype} {tuple(out.shape)}")
+            return out.copy_(image if image.dtype == torch.uint8 else image.detach().float().clamp(0, 1).mul(255).round_())
         if image.dtype == torch.uint8:
             return image
         return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    if out is not None:
+        raise ValueError("expected out only with a tensor")
     image = np.asarray(image)
     if image.dtype == np.uint8:
         return image

@@ -43,3 +43,19 @@ def test_to_rgb_uint8_layouts():
 def test_to_rgb_uint8_names_the_wrong_shape(bad):
     with pytest.raises(ValueError, match="expected a picture"):
         to_rgb_uint8(bad)
+
+
+def test_to_uint8_writes_into_a_channels_last_view_by_the_same_rule():
+    """The pipeline writes its views' bytes channels-last in place (telepresence.pipeline.Pipeline.render): the
+    same rounding as everywhere else, ties to even (it truncated x * 255 + 0.5 before: 0.5 / 255 became 1)."""
+    x = torch.tensor([0.5 / 255, 1.5 / 255, 126.5 / 255, -1.0, 2.0], dtype=torch.float32)
+    views = x.repeat(2, 3, 1, 1)  # [V, C, S, W] = [2, 3, 1, 5]
+    pictures = torch.empty((2, 1, 5, 3), dtype=torch.uint8)  # [V, S, W, C]
+    got = to_uint8(views, out=pictures.permute(0, 3, 1, 2))
+    assert got.data_ptr() == pictures.data_ptr() and pictures.is_contiguous()
+    np.testing.assert_array_equal(pictures[0, 0, :, 0].numpy(), [0, 2, 126, 0, 255])
+    np.testing.assert_array_equal(pictures.permute(0, 3, 1, 2).numpy(), to_uint8(views.numpy()))
+    with pytest.raises(ValueError, match="out"):
+        to_uint8(views, out=torch.empty((2, 3, 1, 4), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="tensor"):
+        to_uint8(views.numpy(), out=pictures)
