@@ -27,7 +27,7 @@ from models.avatar import build_avatar, render_views  # noqa: E402
 from models.face.analysis import FaceAnalyzer, read_image  # noqa: E402
 from models.geometry.camera import OrbitPose  # noqa: E402
 from models.evaluation.figures import contact_sheet  # noqa: E402
-from models.pictures import to_rgb_uint8  # noqa: E402
+from models.pictures import to_rgb_uint8, write_rgb  # noqa: E402
 
 YAWS = (-40, -20, 0, 20, 40)
 PITCHES = (-20, 0, 20)
@@ -45,6 +45,7 @@ def pictures() -> list[tuple[str, np.ndarray]]:
     if ok:
         out.append(("sample clip", np.ascontiguousarray(frame[:, :, ::-1])))
     return out
+
 
 
 def main(argv=None) -> int:
@@ -67,7 +68,12 @@ def main(argv=None) -> int:
                 rows.append([source if i == 1 else blank] + views[i * len(YAWS) : (i + 1) * len(YAWS)])
                 labels.append([name if i == 1 else ""] + [f"y{y:+d} p{pitch:+d}" for y in YAWS])
     sheet = contact_sheet(rows, labels)
-    cv2.imwrite(str(args.out), sheet[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, args.quality])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_rgb(args.out, sheet, jpeg_quality=args.quality)
+    except OSError as error:
+        print(f"make_artifact_sheets: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
     return 0
 

@@ -23,7 +23,7 @@ from models.refiner.shipped import load_refiner  # noqa: E402
 from models.geometry.camera import OrbitPose  # noqa: E402
 from models.face.analysis import FaceAnalyzer, read_image  # noqa: E402
 from models.evaluation.figures import contact_sheet  # noqa: E402
-from models.pictures import to_rgb_uint8  # noqa: E402
+from models.pictures import to_rgb_uint8, write_rgb  # noqa: E402
 
 
 def pictures(data: Path) -> list[tuple[str, np.ndarray]]:
@@ -41,6 +41,7 @@ def pictures(data: Path) -> list[tuple[str, np.ndarray]]:
         if ok:
             out.append(("lp_d12", frame[:, :, ::-1].copy()))
     return out
+
 
 
 def main(argv=None) -> int:
@@ -66,7 +67,12 @@ def main(argv=None) -> int:
             rows.append([to_rgb_uint8(ref)] + [to_rgb_uint8(v) for v in views])
             labels.append([f"{name}: source"] + [f"yaw {y:+d}" for y in yaws])
     sheet = contact_sheet(rows, labels)
-    cv2.imwrite(str(args.out), sheet[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_rgb(args.out, sheet, jpeg_quality=92)
+    except OSError as error:
+        print(f"make_avatar_figure: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
     return 0
 

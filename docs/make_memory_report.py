@@ -148,7 +148,7 @@ def run_figure(args: argparse.Namespace) -> None:
     from models.evaluation.figures import contact_sheet, label_tile
     from models.face.analysis import FaceAnalyzer, FaceConfig, NoFaceError
     from models.geometry.camera import OrbitPose
-    from models.pictures import to_uint8
+    from models.pictures import to_uint8, write_rgb
 
     cap = cv2.VideoCapture(str(Path(__file__).resolve().parents[1] / "telepresence" / "assets" / "sample.mp4"))
     frames = []
@@ -186,8 +186,13 @@ def run_figure(args: argparse.Namespace) -> None:
                                for v, p in enumerate(poses)])
                 titles.append(when)
     sheet = to_uint8(contact_sheet(rows, row_titles=titles))
-    cv2.imwrite(str(args.out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_rgb(args.out, sheet, jpeg_quality=90)
+    except OSError as error:
+        raise SystemExit(f"make_memory_report: {error}")
     print(f"-> {args.out}")
+
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
-"""8-bit pictures from [0, 1] floats: the one quantisation rule (to_uint8) and the one change
-to the RGB [H, W, 3] layout that OpenCV, PyAV and PNG writers take (to_rgb_uint8). Any layer may import it."""
+"""8-bit pictures from [0, 1] floats: the one quantisation rule (to_uint8), the one change
+to the RGB [H, W, 3] layout that OpenCV, PyAV and PNG writers take (to_rgb_uint8), and writing one to a
+file (write_rgb). Any layer may import it."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "to_rgb_uint8"]
+__all__ = ["to_uint8", "to_rgb_uint8", "write_rgb"]
 
 
 def to_uint8(image: torch.Tensor | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor | np.ndarray:
@@ -53,3 +54,18 @@ def to_rgb_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     return np.ascontiguousarray(arr)
+
+
+def write_rgb(path, rgb: np.ndarray, jpeg_quality: int | None = None) -> None:
+    """Write an RGB uint8 [H, W, 3] picture to ``path`` (the format from its extension). OSError where it
+    cannot: cv2.imwrite only returns False for a folder it cannot write, and raises its own error for an
+    extension it has no writer for."""
+    import cv2
+
+    params = [] if jpeg_quality is None else [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
+    try:
+        ok = cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]), params)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"cannot write {path}")

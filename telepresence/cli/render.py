@@ -20,7 +20,7 @@ import torch
 from models.geometry.camera import OrbitPose
 from models.face.analysis import FaceAnalyzer, FaceConfig
 from models.evaluation.figures import contact_sheet
-from models.pictures import to_rgb_uint8
+from models.pictures import to_rgb_uint8, write_rgb
 from telepresence.cli.console import EXIT_BAD_INPUT, HelpFormatter, add_verbosity, configure_logging
 from telepresence.cli.options import parse_refiner
 from telepresence.stream.capture import read_still
@@ -136,10 +136,6 @@ def _write(out_dir: Path, poses: list[OrbitPose], views, reference, raw, per_row
     """One PNG per view (an earlier run's other views removed) and contact_sheet.png into out_dir, made here.
     views, raw: [V, 3, S, S] in [0, 1] (raw: the unrefined renders, None without a refiner); reference: [3, S, S].
     Raises OSError when a file cannot be written (cv2.imwrite only returns False)."""
-    def imwrite(path: Path, rgb: np.ndarray) -> None:
-        if not cv2.imwrite(str(path), rgb[:, :, ::-1]):
-            raise OSError(f"cannot write {path.name}")
-
     with timer.stage("write"):
         out_dir.mkdir(parents=True, exist_ok=True)
         names = [f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png" for pose in poses]
@@ -149,10 +145,10 @@ def _write(out_dir: Path, poses: list[OrbitPose], views, reference, raw, per_row
         if stale:
             log.info("removed %d view(s) of an earlier run from %s", len(stale), out_dir)
         for name, view in zip(names, views):
-            imwrite(out_dir / name, to_rgb_uint8(view))
+            write_rgb(out_dir / name, to_rgb_uint8(view))
         sheet = contact_sheet(*_sheet_rows(to_rgb_uint8(reference), poses, [to_rgb_uint8(v) for v in views],
                                            None if raw is None else [to_rgb_uint8(v) for v in raw], per_row))
-        imwrite(out_dir / "contact_sheet.png", sheet)
+        write_rgb(out_dir / "contact_sheet.png", sheet)
 
 
 def render_command(args: argparse.Namespace) -> int:

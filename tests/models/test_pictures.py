@@ -59,3 +59,21 @@ def test_to_uint8_writes_into_a_channels_last_view_by_the_same_rule():
         to_uint8(views, out=torch.empty((2, 3, 1, 4), dtype=torch.uint8))
     with pytest.raises(ValueError, match="tensor"):
         to_uint8(views.numpy(), out=pictures)
+
+
+def test_write_rgb_writes_the_colours_and_says_when_it_cannot(tmp_path):
+    """cv2.imwrite returns False for a folder it cannot write and raises its own error for an unknown extension:
+    both are one OSError naming the file (a docs figure said "wrote" for a file it had not written)."""
+    import cv2
+
+    from models.pictures import write_rgb
+
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    write_rgb(tmp_path / "red.png", rgb)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "red.png"))[..., ::-1], rgb)
+    write_rgb(tmp_path / "red.jpg", rgb, jpeg_quality=95)
+    assert abs(int(cv2.imread(str(tmp_path / "red.jpg"))[..., 2].mean()) - 200) <= 3
+    for path in (tmp_path / "missing" / "x.png", tmp_path / "x.unknown"):
+        with pytest.raises(OSError, match=f"cannot write {path}"):
+            write_rgb(path, rgb)

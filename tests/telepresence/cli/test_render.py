@@ -174,7 +174,7 @@ def test_a_view_that_cannot_be_written_is_an_error_not_a_silent_success(tmp_path
 
     (tmp_path / "contact_sheet.png").mkdir()  # in the way of the sheet
     views, reference = torch.rand(1, 3, 16, 16), torch.rand(3, 16, 16)
-    with pytest.raises(OSError, match="cannot write contact_sheet.png"):
+    with pytest.raises(OSError, match="cannot write .*contact_sheet.png"):
         _write(tmp_path, [OrbitPose()], views, reference, None, 1, StageTimer())
     assert (tmp_path / "view_yaw+0_pitch+0.png").is_file()
 
