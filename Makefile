@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Options for the demo or the call, e.g. `make demo ARGS="--port 9000"` (see `.venv/bin/telepresence demo --help`).
 ARGS ?=
 # The suite runs its files on this many processes (pytest-xdist): most of its time is spent waiting on the
-# pipelines, browsers and servers it starts, so two share 2 cores well (15 min -> about 6 on this project's CI).
+# pipelines, browsers and servers it starts, so two share 2 cores well (15-17 min -> 6-7.5 on a 2-core machine).
 TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 # (PYTHONWARNINGS below: setuptools warns about editable installs of a flat layout, noise to a newcomer)

@@ -135,7 +135,7 @@ def _clip_frame(args: argparse.Namespace, timer: StageTimer, device: torch.devic
 def _write(out_dir: Path, poses: list[OrbitPose], views, reference, raw, per_row: int, timer: StageTimer) -> None:
     """One PNG per view (an earlier run's other views removed) and contact_sheet.png into out_dir, made here.
     views, raw: [V, 3, S, S] in [0, 1] (raw: the unrefined renders, None without a refiner); reference: [3, S, S].
-    Raises OSError when a file cannot be written (cv2.imwrite only returns False)."""
+    Raises OSError when a file cannot be written (models.pictures.write_rgb)."""
     with timer.stage("write"):
         out_dir.mkdir(parents=True, exist_ok=True)
         names = [f"view_yaw{pose.yaw_deg:+g}_pitch{pose.pitch_deg:+g}.png" for pose in poses]
