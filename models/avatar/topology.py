@@ -43,7 +43,7 @@ class Topology:
     then the pole), card (row-major), far layer."""
 
     faces: np.ndarray  # [F, 3]; head triangles (the first n_head_faces) wound outward
-    n_head_faces: int  # face-mesh and shell triangles: a closed surface, so back faces can be culled
+    n_head_faces: int  # face-mesh and shell triangles: a closed surface (the shell's back faces are culled)
     n_face: int  # face-mesh vertices
     n_shell: int  # shell vertices (rings 1..K and the pole)
     n_card: int
@@ -180,7 +180,7 @@ class MeshConstants:
     process shares them (Avatar.cull, .faces): read only, never written into."""
 
     faces: torch.Tensor  # [F, 3] on the device
-    cull: torch.Tensor  # [F] bool on the device
+    cull: torch.Tensor  # [F] bool on the device: the shell past its first two rings (culled when facing away)
     not_head: torch.Tensor  # [F] bool on the device (source depth draws the head only)
     card_faces: torch.Tensor  # [F] bool on the device
     card_verts: torch.Tensor  # [N] bool on the device
@@ -220,10 +220,14 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
         return _MESH_CONSTANTS[k]
     faces = torch.as_tensor(topo.faces)
     cull = torch.zeros(len(faces), dtype=torch.bool)
-    cull[: topo.n_head_faces] = True
-    # The first shell rings may fold under the face outline (the cranium is narrower than
-    # the cheeks): draw them from both sides so a turned head shows no seam.
     n_tri = len(face_model().triangles)
+    # The shell is culled where it faces away. The face mesh is drawn from both sides: it folds where MediaPipe's
+    # landmarks cross in a turned view (an open mouth's inner lips, the nostrils), and through a culled fold the view
+    # saw the shell's inside and the card behind the head, a jagged black line along the lips at yaw +-25..40 (on the
+    # validation clips landmark error 1.59 -> 1.55 % IOD; docs/results/eval_validation.md). The first shell rings may
+    # fold under the face outline (the cranium is narrower than the cheeks): drawn from both sides as well, so a
+    # turned head shows no seam.
+    cull[n_tri : topo.n_head_faces] = True
     J = topo.ring_ids.shape[1]
     cull[n_tri : n_tri + 2 * 2 * J] = False
     not_head = torch.ones(len(faces), dtype=torch.bool)

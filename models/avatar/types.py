@@ -97,7 +97,7 @@ class Avatar:
 
     verts: torch.Tensor  # [N, 3] metres, source camera frame
     faces: torch.Tensor  # [F, 3] int64
-    cull: torch.Tensor  # [F] bool: closed head surface, culled when facing away
+    cull: torch.Tensor  # [F] bool: the head's shell, culled when facing away (not the face mesh: it folds)
     skip: torch.Tensor  # [F] bool: card triangles with nothing opaque on them (not drawn)
     part: torch.Tensor  # [F] int64: 0 face mesh, 1 shell (the head: opaque), 2 card (matte alpha, fades at the picture's edge), 3 far layer
     face_detail: torch.Tensor  # [F] float: how far each triangle's detail fades at large angles (0 off the face)

@@ -9,17 +9,18 @@ from models.geometry.camera import OrbitPose, project
 
 
 def test_culling_and_skipping_do_not_change_the_picture(analyzer, astronaut):
-    """Back-face culling of the (outward-wound, closed) head and skipping fully
-    transparent card cells are pure speed-ups: the plain twin draws everything."""
+    """Back-face culling of the (outward-wound, closed) head's shell and skipping fully
+    transparent card cells are pure speed-ups: the plain twin draws everything. The face mesh is
+    drawn from both sides (it folds at an open mouth: test_artifacts' test_no_view_sees_through_the_face)."""
     avatar = build_avatar(astronaut, analyzer.analyze(astronaut), render_size=128)
-    assert avatar.cull.sum() > 1000 and avatar.skip.sum() > 0
+    assert avatar.cull.sum() > 500 and not avatar.cull[:898].any() and avatar.skip.sum() > 0
     poses = [OrbitPose(yaw_deg=y, pitch_deg=p) for y, p in ((-35, 0), (0, 0), (30, 10))]
     fast = render_views(avatar, poses, 128)
     # A new avatar, not writes into this one's masks: cull is the topology's constant, shared by every avatar
     # of the process (writing into it changed later tests' pictures).
     plain = render_views(dataclasses.replace(avatar, cull=torch.zeros_like(avatar.cull),
                                              skip=torch.zeros_like(avatar.skip)), poses, 128)
-    assert avatar.cull.sum() > 1000  # the shared constant is untouched
+    assert avatar.cull.sum() > 500  # the shared constant is untouched
     assert (fast.rgb - plain.rgb).abs().mean() < 1e-3
     assert ((fast.rgb - plain.rgb).abs() > 0.1).float().mean() < 0.002
     # Outward winding: the face seen from the front has negative screen area everywhere but the edges.
