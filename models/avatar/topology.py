@@ -9,8 +9,8 @@ import torch
 
 from models.face.analysis import NUM_MESH_VERTICES, face_model
 
-__all__ = ["CARD_KNOTS", "CRANIUM_CENTRE", "CRANIUM_RADII", "EXPRESSION_LANDMARKS", "FACE_DETAIL_WEIGHTS", "MeshConstants",
-           "Topology", "mesh_constants", "mesh_topology", "sweep_shell"]
+__all__ = ["CARD_KNOTS", "CRANIUM_CENTRE", "CRANIUM_RADII", "EXPRESSION_LANDMARKS", "FACE_DETAIL_WEIGHTS", "JAW_FLOOR",
+           "MOUTH_CORNERS", "MeshConstants", "Topology", "mesh_constants", "mesh_topology", "sweep_shell"]
 
 
 # Cranium ellipsoid in the head frame (x right, y down, z into the head; metres),
@@ -33,6 +33,15 @@ EXPRESSION_LANDMARKS = (
 # fully on the skin, half as far on the expression regions (eyes, brows, lips: what a person is
 # recognised by keeps some of its detail).
 FACE_DETAIL_WEIGHTS = (1.0, 0.5)
+# The shell's floor under the jaw's sides. The sweeps from the face outline between the mouth's corners' height and the
+# chin (head frame, y down: from JAW_FLOOR[1] to JAW_FLOOR[2] below the corners, faded in over 0.5 cm above and out by
+# JAW_FLOOR[3]) keep every ring at most JAW_FLOOR[0] below the outline vertex they start from. The cranium ellipsoid
+# alone put that floor up to 1.2 cm below the jaw line out to the ears: turned and seen from below, a dark swollen band
+# along the jaw (the hair's colour diffused onto surface the source never saw). The chin's own sweeps keep it: in near-frontal views that shell carries
+# the source's shadow under the chin, which the face-mesh detector finds the chin by (raised too, the validation clips'
+# landmark error +0.05 % IOD; docs/results/eval_multiview.md, twenty-eighth and twenty-ninth sessions).
+JAW_FLOOR = (0.005, -0.005, 0.03, 0.04)
+MOUTH_CORNERS = (61, 291)
 # Card depth offset (metres) against height below the chin (face heights).
 CARD_KNOTS = ((-0.3, 0.05, 0.35, 1.2), (0.02, -0.015, -0.03, -0.05))
 
@@ -134,7 +143,7 @@ def _orient_outward(faces: np.ndarray, n_face: int, ring_ids: np.ndarray, pole: 
     model = face_model()
     face_head = torch.from_numpy(model.vertices).double()
     const = {"centre": torch.tensor(CRANIUM_CENTRE).double(), "radii": torch.tensor(CRANIUM_RADII).double(),
-             "back": torch.tensor([0.0, 0.0, 1.0]).double()}
+             "back": torch.tensor([0.0, 0.0, 1.0]).double(), "corners": torch.tensor(MOUTH_CORNERS)}
     shell = sweep_shell(face_head, torch.as_tensor(ring_ids[0]), rings, 1.0, const)
     verts = torch.cat([face_head, shell]).numpy().astype(np.float64)
     tri = verts[faces]
@@ -150,7 +159,8 @@ def sweep_shell(face_head: torch.Tensor, ring0: torch.Tensor, rings: int, craniu
                  const: dict[str, torch.Tensor]) -> torch.Tensor:
     """Shell vertices [rings * J + 1, 3] in the head frame: each face-outline vertex is
     swept along a great circle about the cranium centre to the back of the head, its
-    radius blending from the outline's to the cranium ellipsoid's within ~2.5 rings."""
+    radius blending from the outline's to the cranium ellipsoid's within ~2.5 rings; under the jaw's sides no lower than
+    JAW_FLOOR allows."""
     dt, device = face_head.dtype, face_head.device
     c, back = const["centre"], const["back"]
     radii = const["radii"] * cranium_scale
@@ -169,9 +179,30 @@ def sweep_shell(face_head: torch.Tensor, ring0: torch.Tensor, rings: int, craniu
     blend = (s * (K + 1) / 2.5).clamp(max=1.0)
     blend = blend * blend * (3 - 2 * blend)
     r = r0 * (1 - blend) + r_ell * blend
-    shell = (c + u * r[..., None]).transpose(0, 1).reshape(-1, 3)  # ring-major, matching mesh_topology
+    shell = c + u * r[..., None]  # [J, K, 3]
+    shell = _lift_jaw_floor(shell, face_head, ring0, const["corners"])
+    shell = shell.transpose(0, 1).reshape(-1, 3)  # ring-major, matching mesh_topology
     pole = c + back * (1.0 / (back / radii).pow(2).sum().sqrt())
     return torch.cat([shell, pole[None]])
+
+
+def _smoothstep(t: torch.Tensor) -> torch.Tensor:
+    t = t.clamp(0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _lift_jaw_floor(sweeps: torch.Tensor, face_head: torch.Tensor, ring0: torch.Tensor,
+                    corners: torch.Tensor) -> torch.Tensor:
+    """Sweeps [J, K, 3] (head frame) with the floor under the jaw's sides raised to JAW_FLOOR: ring points more than
+    JAW_FLOOR[0] below their sweep's outline vertex move up to that height, on the sweeps that start between the mouth's
+    corners' height and the chin (weights ramped over 0.5 cm above and 1 cm below, so a sweep never jumps between
+    frames as the expression moves the corners)."""
+    margin, top, bottom, gone = JAW_FLOOR
+    y0 = face_head.index_select(0, ring0)[:, 1]  # [J]
+    below = y0 - face_head.index_select(0, corners)[:, 1].amax()  # [J] how far below the mouth's corners
+    weight = _smoothstep((below - (top - 0.005)) / 0.005) * (1 - _smoothstep((below - bottom) / (gone - bottom)))
+    excess = (sweeps[..., 1] - (y0 + margin)[:, None]).clamp(min=0.0)  # [J, K]
+    return torch.cat([sweeps[..., :1], (sweeps[..., 1] - weight[:, None] * excess)[..., None], sweeps[..., 2:]], -1)
 
 
 @dataclass(frozen=True)
@@ -195,7 +226,7 @@ class MeshConstants:
     incident_bags: tuple[torch.Tensor, torch.Tensor]  # incident as ragged bags (models.avatar.geometry.incident_sum)
     head_incident_bags: tuple[torch.Tensor, torch.Tensor]  # head_incident likewise
     card_d2: torch.Tensor  # [G * G, G * G] squared distances between card vertices, in grid cells
-    const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots
+    const: dict[str, torch.Tensor]  # cranium centre, radii, back direction, card knots, the mouth's corners' ids
 
 
 _MESH_CONSTANTS: dict[tuple, MeshConstants] = {}
@@ -253,6 +284,7 @@ def mesh_constants(topo: Topology, key: tuple, device: torch.device) -> MeshCons
         "back": torch.tensor([0.0, 0.0, 1.0]),
         "knots_x": torch.tensor(CARD_KNOTS[0]),
         "knots_y": torch.tensor(CARD_KNOTS[1]),
+        "corners": torch.tensor(MOUTH_CORNERS),
     }
     n_head = topo.n_face + topo.n_shell
     head_incident = incident[:n_head].clone()
